@@ -1,0 +1,3 @@
+"""patchsweep: activation-patching sweeps that localise refusal in transformers."""
+
+__version__ = "0.1.0"
