@@ -1,0 +1,185 @@
+"""Arrow I/O for every file the pipeline writes.
+
+- Tables are Arrow IPC files, uncompressed, so readers memory-map them (`pa.memory_map`) and tensor
+  columns come back as zero-copy numpy views.
+- Activations are fixed-shape tensor columns (`pa.FixedShapeTensorArray`), one row per pair.
+- Every file carries provenance in its schema metadata and is published atomically: written to
+  `.name.tmp` beside its final path, then `os.replace`d, so a reader never sees half a file.
+- Shards are named by a content key (the hash of everything that determines them); a stage's manifest
+  lists its shards with sha256 checksums, so a re-run reuses finished shards and a truncated or
+  corrupted shard is detected and recomputed, never read silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from pipeline import __version__
+
+PRODUCER = f"patchsweep {__version__}"
+MANIFEST = "manifest.json"
+
+
+# ---- hashing -------------------------------------------------------------------------------------
+
+def content_key(*parts) -> str:
+    """A short stable key for anything JSON-serialisable (used as a shard's file name)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- atomic publish ------------------------------------------------------------------------------
+
+def tmp_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def publish_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (tmp file beside it, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def publish_json(path: str | Path, obj) -> None:
+    publish_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def publish_file(path: str | Path, write) -> None:
+    """Atomic publish for writers that want a file name: `write(tmp_path)` fills it, then it is moved."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+def with_provenance(table: pa.Table, provenance: dict) -> pa.Table:
+    """Attach provenance (config hash, model id, weights hash, pairs hash, ...) as schema metadata."""
+    meta = dict(table.schema.metadata or {})
+    meta.update({b"patchsweep.producer": PRODUCER.encode()})
+    meta.update({f"patchsweep.{k}".encode(): str(v).encode() for k, v in provenance.items()})
+    return table.replace_schema_metadata(meta)
+
+
+def provenance(table_or_schema) -> dict:
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    meta = schema.metadata or {}
+    return {k.decode()[len("patchsweep."):]: v.decode()
+            for k, v in meta.items() if k.startswith(b"patchsweep.")}
+
+
+def write_table(path: str | Path, table: pa.Table, provenance: dict | None = None) -> Path:
+    """Publish `table` as an uncompressed Arrow IPC file, atomically, with provenance metadata."""
+    table = with_provenance(table, provenance or {})
+
+    def write(tmp):
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+    publish_file(path, write)
+    return Path(path)
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """Read an Arrow IPC file memory-mapped: buffers stay in the page cache, nothing is copied."""
+    source = pa.memory_map(str(path), "r")
+    return ipc.open_file(source).read_all()
+
+
+def read_schema(path: str | Path) -> pa.Schema:
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).schema
+
+
+# ---- tensor columns ------------------------------------------------------------------------------
+
+def tensor_column(array: np.ndarray) -> pa.FixedShapeTensorArray:
+    """[rows, *shape] numpy array -> a fixed-shape tensor column with one tensor per row."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+
+
+def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-shape tensor column -> [rows, *shape] numpy array (zero-copy for a single chunk)."""
+    if isinstance(column, pa.ChunkedArray):
+        chunks = [c.to_numpy_ndarray() for c in column.chunks]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    return column.to_numpy_ndarray()
+
+
+# ---- manifests -----------------------------------------------------------------------------------
+
+class Manifest:
+    """What a stage has produced in one folder: shard name -> {sha256, rows, ...}.
+
+    Rewritten atomically after each finished shard (so a crashed run knows what it finished) and once
+    more at the end with `complete: true`. A shard counts as finished only if it is listed here and its
+    bytes still hash to the listed checksum.
+    """
+
+    def __init__(self, folder: str | Path, stage: str, provenance: dict | None = None):
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST
+        self.stage = stage
+        self.provenance = provenance or {}
+        self.shards: dict[str, dict] = {}
+        self.complete = False
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                self.shards = dict(saved.get("shards", {}))
+            except (json.JSONDecodeError, OSError):
+                self.shards = {}  # an unreadable manifest vouches for nothing: shards get recomputed
+
+    def is_valid(self, name: str, key: str | None = None) -> bool:
+        """True if `name` is listed (under content key `key`, when given) and its bytes still hash to the
+        listed checksum. A listed file that fails the check is dropped from the list."""
+        entry = self.shards.get(name)
+        path = self.folder / name
+        if entry is None or not path.is_file() or (key is not None and entry.get("key") != key):
+            return False
+        if sha256_file(path) != entry["sha256"]:
+            del self.shards[name]
+            return False
+        return True
+
+    def add(self, name: str, sha256: str | None = None, **info) -> None:
+        """Record a finished file (hashing it unless its checksum is given) and save the manifest."""
+        self.shards[name] = {"sha256": sha256 or sha256_file(self.folder / name), **info}
+        self.save()
+
+    def save(self, complete: bool = False) -> None:
+        self.complete = complete
+        publish_json(self.path, {
+            "stage": self.stage, "producer": PRODUCER, "complete": complete,
+            "provenance": self.provenance, "shards": self.shards,
+        })
+
+    def finish(self, keep: list[str]) -> None:
+        """The final write: exactly the shards of this run, marked complete."""
+        self.shards = {name: self.shards[name] for name in keep}
+        self.save(complete=True)
