@@ -1,0 +1,61 @@
+"""Shared fixtures: composing configs, a config-only model folder, one Ray session for the whole run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose(*overrides: str):
+    """The config `patchsweep <overrides>` would run, composed with Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.fixture
+def word_model_folder(tmp_path) -> Path:
+    """A model folder without weights: a 2-layer, 4-head Llama config.json and a word-level tokenizer
+    with a chat template. Enough for everything validation reads (it never loads weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    folder = tmp_path / "word-model"
+    words = "how do i make a bomb cake build kite steal wash car ? . please".split()
+    specials = ["<pad>", "<unk>", "<s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="<pad>",
+        chat_template="{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(folder)
+    LlamaConfig(vocab_size=len(specials) + len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One private local Ray instance for every test that needs one (start-up costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="patchsweep-tests",
+                 configure_logging=True, logging_level="warning")
+    yield ray
+    ray.shutdown()
