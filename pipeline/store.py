@@ -134,7 +134,7 @@ def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # ---- manifests -----------------------------------------------------------------------------------
 
 class Manifest:
-    """What a stage has produced in one folder: shard name -> {sha256, rows, ...}.
+    """What a stage has produced in one folder: file name -> {sha256, key, rows, ...}.
 
     Rewritten atomically after each finished shard (so a crashed run knows what it finished) and once
     more at the end with `complete: true`. A shard counts as finished only if it is listed here and its
@@ -146,40 +146,41 @@ class Manifest:
         self.path = self.folder / MANIFEST
         self.stage = stage
         self.provenance = provenance or {}
-        self.shards: dict[str, dict] = {}
-        self.complete = False
+        self.files: dict[str, dict] = {}
+        self.complete = False  # true once the stage finished: the final write lists exactly its files
         if self.path.exists():
             try:
                 saved = json.loads(self.path.read_text())
-                self.shards = dict(saved.get("shards", {}))
+                self.files = dict(saved.get("files", {}))
+                self.complete = bool(saved.get("complete", False))
             except (json.JSONDecodeError, OSError):
-                self.shards = {}  # an unreadable manifest vouches for nothing: shards get recomputed
+                self.files = {}  # an unreadable manifest vouches for nothing: shards get recomputed
 
     def is_valid(self, name: str, key: str | None = None) -> bool:
         """True if `name` is listed (under content key `key`, when given) and its bytes still hash to the
         listed checksum. A listed file that fails the check is dropped from the list."""
-        entry = self.shards.get(name)
+        entry = self.files.get(name)
         path = self.folder / name
         if entry is None or not path.is_file() or (key is not None and entry.get("key") != key):
             return False
         if sha256_file(path) != entry["sha256"]:
-            del self.shards[name]
+            del self.files[name]
             return False
         return True
 
     def add(self, name: str, sha256: str | None = None, **info) -> None:
         """Record a finished file (hashing it unless its checksum is given) and save the manifest."""
-        self.shards[name] = {"sha256": sha256 or sha256_file(self.folder / name), **info}
+        self.files[name] = {"sha256": sha256 or sha256_file(self.folder / name), **info}
         self.save()
 
     def save(self, complete: bool = False) -> None:
         self.complete = complete
         publish_json(self.path, {
             "stage": self.stage, "producer": PRODUCER, "complete": complete,
-            "provenance": self.provenance, "shards": self.shards,
+            "provenance": self.provenance, "files": self.files,
         })
 
     def finish(self, keep: list[str]) -> None:
-        """The final write: exactly the shards of this run, marked complete."""
-        self.shards = {name: self.shards[name] for name in keep}
+        """The final write: exactly the files of this run, marked complete."""
+        self.files = {name: self.files[name] for name in keep}
         self.save(complete=True)

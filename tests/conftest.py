@@ -59,3 +59,28 @@ def ray_session():
                  configure_logging=True, logging_level="warning")
     yield ray
     ray.shutdown()
+
+
+# The integration sweep: refusal-tiny through the real pipeline (local Ray, SQLite MLflow store).
+TINY_SWEEP = ["experiment=refusal_tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(ray_session, tmp_path_factory):
+    """Run `patchsweep experiment=refusal_tiny` once per test session, in-process (sharing the Ray
+    session) through the same functions the command calls; returns what the tests inspect."""
+    import time
+
+    from pipeline.cli import metrics_for_mlflow
+    from pipeline.config import validate
+    from pipeline.orchestration import run_sweep
+    from pipeline.tracking import log_model_run
+
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = validate(compose(*TINY_SWEEP, f"output_root={root}"))
+    start = time.perf_counter()
+    outcome = run_sweep(cfg)
+    curves, scalars = metrics_for_mlflow(outcome)
+    tracking = log_model_run(cfg, outcome.run_dir, "test-session", curves, scalars, outcome.provenance)
+    return {"cfg": cfg, "outcome": outcome, "tracking": tracking, "root": root,
+            "seconds": time.perf_counter() - start}

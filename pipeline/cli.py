@@ -1,0 +1,108 @@
+"""The `patchsweep` command (also `python -m pipeline`): compose -> validate -> run -> print a summary.
+
+    patchsweep [key=value ...]                      a sweep (Hydra overrides; --multirun for several)
+    patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
+
+Errors in the config or the input are printed as one line naming the problem and the key to fix,
+before any compute starts.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import CONF_DIR, ConfigError, validate, validate_screen
+
+SWEEP_ENV = "PATCHSWEEP_SWEEP_ID"
+
+
+def _fail(err: BaseException) -> None:
+    print(f"patchsweep: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def sweep_command(cfg: DictConfig) -> None:
+    from pipeline.orchestration import WorkFailed, run_sweep
+    from pipeline.report import console_summary
+    from pipeline.tracking import log_model_run
+
+    try:
+        plain = validate(cfg)
+        outcome = run_sweep(plain)
+    except (ConfigError, ValueError, FileNotFoundError, WorkFailed) as err:
+        _fail(err)
+    tracking = None
+    if plain["tracking"]["enabled"]:
+        curves, scalars = metrics_for_mlflow(outcome)
+        tracking = log_model_run(plain, outcome.run_dir, os.environ[SWEEP_ENV], curves, scalars, outcome.provenance)
+    print("\n" + console_summary(plain, outcome.run_dir, outcome.pairs_report, outcome.stats, outcome.curves,
+                                 outcome.summary, outcome.circuit, tracking), flush=True)
+
+
+def metrics_for_mlflow(outcome) -> tuple[dict, dict]:
+    """Per-layer curves (step = layer) and scalars: fraction of pairs kept, stage times, faithfulness."""
+    curves = {}
+    for (direction, component), points in outcome.curves.items():
+        curves[f"{direction}/{component}"] = [(p.layer, p.mean) for p in points]
+        curves[f"{direction}_ci/{component}_low"] = [(p.layer, p.ci_low) for p in points]
+        curves[f"{direction}_ci/{component}_high"] = [(p.layer, p.ci_high) for p in points]
+    scalars = {f"time/{s.stage}_s": s.seconds for s in outcome.stats}
+    scalars.update({f"work/{s.stage}_computed": s.computed for s in outcome.stats})
+    scalars.update({f"work/{s.stage}_reused": s.reused for s in outcome.stats})
+    report = outcome.pairs_report
+    if report:
+        scalars.update({"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]})
+    if outcome.circuit and isinstance(outcome.circuit.get("faithfulness"), (int, float)):
+        scalars["circuit/faithfulness"] = outcome.circuit["faithfulness"]
+    return curves, scalars
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def screen_command(cfg: DictConfig) -> None:
+    """Greedy generation and the first-token metric on a file of prompts -> screen.arrow."""
+    from pathlib import Path
+
+    from pipeline.stages.screen import format_summary, load_screen_prompts, screen
+    from pipeline.store import write_table
+
+    try:
+        plain = validate_screen(cfg)
+        prompts = load_screen_prompts(plain["prompts"]["path"])
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+    import torch
+
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
+
+    torch.set_num_threads(plain["resources"]["torch_threads"])
+    model, tokenizer = load_model(resolve(plain["model"]["path"]), dtype=plain["model"]["dtype"],
+                                  device=plain["resources"]["device"],
+                                  trust_remote_code=plain["model"]["trust_remote_code"])
+    result = screen(model, tokenizer, prompts, max_new_tokens=plain["prompts"]["max_new_tokens"],
+                    refusal_tokens=plain["prompts"]["refusal_tokens"],
+                    compliance_tokens=plain["prompts"]["compliance_tokens"])
+    path = write_table(Path(plain["output_dir"]) / "screen.arrow", result.table,
+                       {"model_id": plain["model"]["path"], "prompts": plain["prompts"]["path"]})
+    print(f"screen of {plain['model']['name']} on {plain['prompts']['path']}:\n{format_summary(result.summary)}\n"
+          f"per-prompt results: {path.resolve()}", flush=True)
+
+
+def main() -> None:
+    # One id per command: the jobs of a --multirun share it, so they become children of one parent run.
+    os.environ.setdefault(SWEEP_ENV, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    if len(sys.argv) > 1 and sys.argv[1] == "screen":
+        del sys.argv[1]
+        screen_command()
+    else:
+        sweep_command()
+
+
+if __name__ == "__main__":
+    main()

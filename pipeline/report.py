@@ -1,0 +1,162 @@
+"""report.md (what a person reads first) and the summary the command prints.
+
+Both say: how many pairs the behaviour screen kept, the layers that matter most with their 95%
+bootstrap confidence intervals, the strongest single components, the circuit and its faithfulness
+(once the circuit step has written circuit.json), where the files are and how to open the MLflow UI.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.stages.aggregate import LayerPoint
+
+FILES = {
+    "config.yaml": "the resolved config",
+    "pairs.arrow": "the screened prompt pairs: texts, token ids, answer tokens, spans",
+    "activations/": "cached residuals (resid_pre per layer x position), Arrow tensor shards",
+    "effects.arrow": "one row per (model, pair, direction, component, layer, head, position)",
+    "summary.arrow": "mean effect, 95% bootstrap CI and n per site",
+    "layers.png": "layer x position / head heatmaps",
+    "circuit.json": "the minimal circuit: nodes, edges, faithfulness",
+    "circuit.svg": "the circuit diagram",
+    "circuit.png": "the circuit diagram",
+    "report.md": "this report",
+}
+DIRECTION_MEANING = {
+    "denoise": "clean (harmful) activation patched into the harmless run: is it enough to cause refusal?",
+    "noise": "harmless activation patched into the harmful run: is it needed for refusal?",
+}
+
+
+def _site(point_or_row) -> str:
+    head, position, token = point_or_row.head, point_or_row.position, point_or_row.token
+    parts = []
+    if head is not None and not pd.isna(head):
+        parts.append(f"head {int(head)}")
+    if position is None or pd.isna(position):
+        parts.append("all positions")
+    else:
+        parts.append(f"position {int(position)}" + (f" {token!r}" if isinstance(token, str) else ""))
+    return ", ".join(parts)
+
+
+def top_layers(curves: dict[tuple[str, str], list[LayerPoint]], k: int) -> list[tuple[str, str, LayerPoint]]:
+    """Per direction, the k strongest layers of the residual stream's curve (resid_pre; else the first
+    component swept), strongest first."""
+    out = []
+    for direction in sorted({d for d, _ in curves}):
+        components = [c for d, c in curves if d == direction]
+        component = "resid_pre" if "resid_pre" in components else components[0]
+        for point in sorted(curves[(direction, component)], key=lambda p: p.mean, reverse=True)[:k]:
+            out.append((direction, component, point))
+    return out
+
+
+def strongest_components(summary: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k strongest heads / attention / MLP outputs (per layer, over all positions) per direction."""
+    rows = summary[summary["component"].isin(["head", "attn_out", "mlp_out"]) & summary["position"].isna()]
+    return rows.sort_values("mean", ascending=False).groupby("direction", sort=True).head(k)
+
+
+def _ci(mean: float, low: float, high: float) -> str:
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _pairs_line(report: dict) -> str:
+    if not report:
+        return ""
+    return (f"{report['n_kept']} of {report['n_pairs']} pairs kept by the behaviour screen "
+            f"({100 * report['fraction_kept']:.0f}%): refuses harmful, complies with its harmless twin; "
+            f"answer tokens {report.get('refusal_tokens')} vs {report.get('compliance_tokens')}.")
+
+
+def _circuit_lines(circuit: dict | None) -> list[str]:
+    if not circuit:
+        return ["No circuit in this run (circuit.json absent)."]
+    nodes = circuit.get("nodes", [])
+    lines = [f"{len(nodes)} nodes, {len(circuit.get('edges', []))} edges"
+             + (f"; faithfulness {circuit['faithfulness']:.3f}" if isinstance(circuit.get("faithfulness"), (int, float))
+                else "")]
+    return lines
+
+
+def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, stats: list,
+                 summary: pd.DataFrame, curves: dict, circuit: dict | None) -> Path:
+    from pipeline.store import publish_bytes
+
+    run_dir = path.parent
+    k = cfg["circuit"]["top_k"]
+    lines = [
+        f"# patchsweep: {cfg['name']} on {cfg['model']['name']}",
+        "",
+        f"Model `{cfg['model']['path']}` ({model_info.get('family')}, {model_info.get('n_layers')} layers x "
+        f"{model_info.get('n_heads')} heads, weights sha256 `{model_info.get('weights_hash', '')[:16]}`); "
+        f"metric `{cfg['patching']['metric']}` at the final position.",
+        "",
+        _pairs_line(pairs_report),
+        "",
+        "Effect = (patched - base) / (source - base): 0 = no change, 1 = the patch fully restores the source "
+        f"run. Intervals: {100 * cfg['circuit']['ci']:.0f}% percentile bootstrap over pairs "
+        f"({cfg['circuit']['n_bootstrap']} resamples). Positions count from the end (-1 = the final token).",
+        "",
+        "## Layers that matter most",
+        "",
+        "The residual stream's strongest site per layer, strongest layers first (the full per-layer curves "
+        "of every component are MLflow metrics with step = layer, and heatmaps in layers.png).",
+        "",
+    ]
+    for direction, meaning in DIRECTION_MEANING.items():
+        if direction in cfg["patching"]["directions"]:
+            lines.append(f"- `{direction}`: {meaning}")
+    lines += ["", "| direction | component | layer | site | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
+    for direction, component, p in top_layers(curves, k):
+        lines.append(f"| {direction} | {component} | {p.layer} | {_site(p)} | {_ci(p.mean, p.ci_low, p.ci_high)} | {p.n} |")
+    strongest = strongest_components(summary, k)
+    if not strongest.empty:
+        lines += ["", "## Strongest components (over all positions)", "",
+                  "| direction | component | layer | head | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
+        for r in strongest.itertuples():
+            head = "" if pd.isna(r.head) else int(r.head)
+            lines.append(f"| {r.direction} | {r.component} | {r.layer} | {head} | {_ci(r.mean, r.ci_low, r.ci_high)} | {r.n} |")
+    lines += ["", "## Circuit", ""] + _circuit_lines(circuit)
+    if circuit and (run_dir / "circuit.svg").is_file():
+        lines += ["", "![circuit](circuit.svg)"]
+    lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
+    for name, what in FILES.items():
+        if (run_dir / name.rstrip("/")).exists():
+            lines.append(f"| `{name}` | {what} |")
+    lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
+    for s in stats:
+        lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
+    lines += ["", "## MLflow", "", "`make ui` (or `python -m pipeline.tracking ui --output-root "
+              f"{cfg['output_root']}`), then open http://127.0.0.1:5000: experiment `{cfg['tracking']['experiment']}`, "
+              f"run `{cfg['model']['name']}`.", ""]
+    publish_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, curves: dict,
+                    summary: pd.DataFrame, circuit: dict | None, tracking: dict | None) -> str:
+    k = cfg["circuit"]["top_k"]
+    lines = [f"patchsweep {cfg['name']}: {cfg['model']['name']}", "  " + _pairs_line(pairs_report), "",
+             f"Layers that matter most (effect [{100 * cfg['circuit']['ci']:.0f}% CI], n pairs):"]
+    for direction, component, p in top_layers(curves, k):
+        lines.append(f"  {direction:<8} {component:<9} layer {p.layer:>2}  {_ci(p.mean, p.ci_low, p.ci_high)}  "
+                     f"n={p.n}  ({_site(p)})")
+    strongest = strongest_components(summary, k)
+    if not strongest.empty:
+        lines.append("Strongest components:")
+        for r in strongest.itertuples():
+            name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
+            lines.append(f"  {r.direction:<8} {name:<14} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
+    lines += ["Circuit: " + "; ".join(_circuit_lines(circuit)), ""]
+    work = ", ".join(f"{s.stage} {s.computed} computed/{s.reused} reused" + (f"/{s.retried} retried" if s.retried else "")
+                     + f" {s.seconds:.1f}s" for s in stats)
+    lines += [f"Work: {work}", f"Files: {run_dir.resolve()}  (report.md first)"]
+    if tracking:
+        lines.append(f"MLflow: {tracking['uri']}  run {tracking['run_id']}")
+        lines.append(f"  open the UI with `make ui` (or python -m pipeline.tracking ui --output-root "
+                     f"{cfg['output_root']}), then http://127.0.0.1:5000/{tracking['ui_path']}")
+    return "\n".join(lines)

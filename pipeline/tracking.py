@@ -1,0 +1,165 @@
+"""MLflow: one parent run per sweep, one child run per model. Only the driver talks to MLflow.
+
+The default store is an SQLite file under the output root with artifacts beside it (no server);
+`tracking.uri` points elsewhere (a team's server). Params are the flattened config; per-layer curves are
+metrics with step = layer, so the UI draws them as line charts; artifacts are the run folder's
+diagrams, tables, report and config; tags carry the lineage (git commit, weights and pairs hashes,
+library versions); the pairs are logged as a dataset input.
+
+`python -m pipeline.tracking ui [--output-root outputs]` (`make ui`) serves the UI on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import flatten, tracking_uri
+
+SWEEP_TAG = "patchsweep.sweep"
+ARTIFACTS = ("config.yaml", "report.md", "summary.arrow", "effects.arrow", "pairs.arrow", "layers.png",
+             "circuit.json", "circuit.svg", "circuit.png", "circuit.dot", "manifest.json")
+
+
+def _client(cfg: dict):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri(cfg))
+
+
+def _experiment_id(client, cfg: dict) -> str:
+    name = cfg["tracking"]["experiment"]
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if not cfg["tracking"]["uri"]:  # the default SQLite store keeps its artifacts beside the database
+        artifact_location = (Path(cfg["output_root"]).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _parent_run(client, experiment_id: str, cfg: dict, sweep_key: str) -> str:
+    """The sweep's parent run: found by its tag (a multirun's jobs share it) or created."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"{cfg['name']} sweep", tags={SWEEP_TAG: sweep_key})
+    return run.info.run_id
+
+
+def lineage_tags(cfg: dict, provenance: dict) -> dict[str, str]:
+    import mlflow
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "git.commit": git_commit(),
+        "model.id": cfg["model"]["path"],
+        "model.weights_sha256": provenance.get("weights_hash", ""),
+        "pairs.sha256": provenance.get("pairs_hash", ""),
+        "config.hash": provenance.get("config_hash", ""),
+        "versions": " ".join(f"{m.__name__}={m.__version__}"
+                             for m in (torch, transformers, ray, pyarrow, mlflow)),
+        "mlflow.source.git.commit": git_commit(),
+    }
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_model_run(cfg: dict, run_dir: Path, sweep_key: str, curves: dict[str, list[tuple[int, float]]],
+                  scalars: dict[str, float], provenance: dict) -> dict[str, str]:
+    """Log one model's results as a child of the sweep's parent run; returns the ids and the UI path."""
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+
+    client = _client(cfg)
+    experiment_id = _experiment_id(client, cfg)
+    parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
+    tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **lineage_tags(cfg, provenance)}
+    run = client.create_run(experiment_id, run_name=cfg["model"]["name"], tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        params = [Param(k, v[:6000]) for k, v in flatten({k: v for k, v in cfg.items() if k != "hydra"}).items()]
+        metrics = [Metric(key, float(value), now, int(layer)) for key, points in curves.items() for layer, value in points]
+        metrics += [Metric(key, float(value), now, 0) for key, value in scalars.items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
+            client.log_batch(run_id, params=params[start:start + 100])
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        _log_pairs_dataset(client, run_id, run_dir / "pairs.arrow", DatasetInput, InputTag)
+        for name in ARTIFACTS:
+            if (run_dir / name).is_file():
+                client.log_artifact(run_id, str(run_dir / name))
+        client.log_batch(run_id, tags=[RunTag("patchsweep.output_dir", str(run_dir.resolve()))])
+        client.set_terminated(run_id)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    finally:
+        client.set_terminated(parent_id)  # the parent's end time follows its latest child
+    return {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id,
+            "uri": tracking_uri(cfg), "ui_path": f"#/experiments/{experiment_id}/runs/{run_id}"}
+
+
+def _log_pairs_dataset(client, run_id: str, pairs_path: Path, DatasetInput, InputTag) -> None:
+    """The pairs as an MLflow dataset input: name, digest, schema, and the file as its source."""
+    import warnings
+
+    import mlflow.data
+    import pyarrow as pa
+
+    from pipeline.store import read_table
+
+    if not pairs_path.is_file():
+        return
+    table = read_table(pairs_path)
+    text_columns = [f.name for f in table.schema if not pa.types.is_list(f.type)
+                    and not isinstance(f.type, pa.ExtensionType)]
+    frame = table.select(text_columns).to_pandas()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # schema inference hints about integer columns
+        dataset = mlflow.data.from_pandas(frame, source=pairs_path.resolve().as_uri(), name="pairs")
+        entity = dataset._to_mlflow_entity()
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "pairs")])])
+
+
+# ---- the UI --------------------------------------------------------------------------------------
+
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if artifacts:
+        command += ["--artifacts-destination", artifacts]
+    return command
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ui = sub.add_parser("ui", help="serve the MLflow UI for a patchsweep store (bound to 127.0.0.1)")
+    ui.add_argument("--output-root", default="outputs", help="the output_root whose mlflow.db to open")
+    ui.add_argument("--uri", default=None, help="an MLflow store URI instead (sqlite:///... or http://...)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    uri = args.uri or f"sqlite:///{Path(args.output_root).resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        sys.exit(f"no MLflow store at {uri}: run a sweep first (make run), or pass --output-root/--uri")
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execv(sys.executable, ui_command(uri, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
