@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run run-tiny test test-fast bench ui clean
+.PHONY: setup run run-tiny test test-fast bench ui clean chromium
 
 setup: $(STAMP)
 
@@ -24,14 +24,22 @@ run: $(STAMP)
 run-tiny: $(STAMP)
 	$(VENV)/bin/patchsweep experiment=refusal_tiny
 
-test: $(STAMP)
+# The browser test drives Debian's headless chromium: installed here when missing (as root, as in CI).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -x --timeout=1200
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 
+# The MLflow UI for the runs under OUTPUT_ROOT (the default store of `make run`), on 127.0.0.1:$(UI_PORT).
+OUTPUT_ROOT ?= outputs
+UI_PORT     ?= 5000
 ui: $(STAMP)
-	$(PY) -m pipeline.tracking ui
+	$(PY) -m pipeline.tracking ui --output-root $(OUTPUT_ROOT) --port $(UI_PORT)
 
 clean:
 	rm -rf $(VENV) outputs multirun

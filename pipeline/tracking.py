@@ -39,7 +39,9 @@ def _experiment_id(client, cfg: dict) -> str:
     artifact_location = None
     if not cfg["tracking"]["uri"]:  # the default SQLite store keeps its artifacts beside the database
         artifact_location = (Path(cfg["output_root"]).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    # A training-style experiment: the UI opens on runs, metrics and artifacts (not GenAI traces).
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def _parent_run(client, experiment_id: str, cfg: dict, sweep_key: str) -> str:
@@ -138,11 +140,10 @@ def _log_pairs_dataset(client, run_id: str, pairs_path: Path, DatasetInput, Inpu
 
 # ---- the UI --------------------------------------------------------------------------------------
 
-def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if artifacts:
-        command += ["--artifacts-destination", artifacts]
-    return command
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    # One worker: a single user's browser, and a light footprint on a small machine.
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
 
 
 def main(argv: list[str] | None = None) -> None:

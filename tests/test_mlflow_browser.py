@@ -1,0 +1,99 @@
+"""The MLflow UI, served on 127.0.0.1 for the sweep's SQLite store, opened in headless Debian chromium:
+the per-layer metric chart and the diagrams are on the run's pages. Screenshots go to test-artifacts/.
+
+`make test` installs chromium (Debian package) when it is missing.
+"""
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"]
+
+
+def chromium_binary() -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("headless chromium is missing: `make test` installs it (apt-get install -y chromium)")
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tiny_sweep):
+    """`python -m pipeline.tracking ui` for the sweep's output root, on a free port of 127.0.0.1."""
+    port = free_port()
+    log = open(tiny_sweep["root"] / "ui.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "ui", "--output-root", str(tiny_sweep["root"]),
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            pytest.fail(f"the MLflow UI did not come up: {(tiny_sweep['root'] / 'ui.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield base
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def open_page(url: str, expect: list[str], screenshot: Path, tmp_path: Path, attempts: int = 4) -> str:
+    """Load `url` in headless chromium and return its DOM once it shows every string in `expect`, with a
+    screenshot of that same load. The UI fetches and draws asynchronously, so each retry grants more
+    virtual time (virtual time runs ahead of the clock while the page is idle)."""
+    binary = chromium_binary()
+    ARTIFACTS.mkdir(exist_ok=True)
+    dom = ""
+    for attempt in range(attempts):
+        profile = tmp_path / f"profile-{screenshot.stem}-{attempt}"
+        dom = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                              f"--virtual-time-budget={60000 * (attempt + 1)}", "--dump-dom",
+                              f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=240).stdout
+        if all(s in dom for s in expect):
+            break
+    return dom
+
+
+def test_run_page_shows_layer_metric_and_diagrams(ui, tiny_sweep, tmp_path):
+    tracking = tiny_sweep["tracking"]
+    run_url = f"{ui}/#/experiments/{tracking['experiment_id']}/runs/{tracking['run_id']}"
+    run_name = tiny_sweep["cfg"]["model"]["name"]
+
+    # The per-layer curve: a chart whose legend names the run and the metric, with step = layer.
+    dom = open_page(f"{run_url}/model-metrics", [f"{run_name} (denoise/resid_pre)", "Step"],
+                    ARTIFACTS / "mlflow-layer-metric.png", tmp_path)
+    assert f"{run_name} (denoise/resid_pre)" in dom, "the denoise/resid_pre chart did not render"
+    assert "main-svg" in dom  # the plotted chart itself
+    assert (ARTIFACTS / "mlflow-layer-metric.png").stat().st_size > 10_000
+
+    # The diagrams, previewed from the run's artifacts (the circuit diagram once the circuit step writes it).
+    diagrams = ["layers.png"] + [name for name in ("circuit.png",) if (tiny_sweep["outcome"].run_dir / name).is_file()]
+    for name in diagrams:
+        marker = f'alt="{name}" src="blob:'
+        dom = open_page(f"{run_url}/artifacts/{name}", [marker], ARTIFACTS / f"mlflow-{name}", tmp_path)
+        assert marker in dom, f"{name} is not shown on the run's artifact page"
+        assert (ARTIFACTS / f"mlflow-{name}").stat().st_size > 10_000
