@@ -1,0 +1,527 @@
+"""Exact activation patching, packed: many patch variants per forward pass.
+
+Each batch row is one (pair, variant); a variant is (component, layer, head, position). The three
+ideas that make it fast, each exact:
+
+1. Packing: all rows of a batch are patched by one vectorised `torch.where` per hook point, so there
+   is no Python loop, hook registration or device sync per patch.
+2. Layer skip: a patch at layer l leaves layers < l unchanged, so a row starts from the base run's
+   cached residual entering layer l and only layers l..L-1 are computed.
+3. Answer-only unembedding: the metric needs the final position and a few answer tokens, so only
+   those rows of the unembedding are multiplied.
+
+`reference_sweep` is the plain method (one full forward and one hook per patch) that the packed
+sweep must match to float tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .metrics import METRICS, Answers, answer_metric, kl_to_source, normalised_effect
+
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "head")
+DIRECTIONS = ("denoise", "noise")
+ALL = -1  # head or position: the variant covers all heads / all positions
+
+
+@dataclass
+class Variants:
+    """Patch variants as parallel int64 tensors (CPU); component indexes COMPONENTS."""
+
+    component: torch.Tensor
+    layer: torch.Tensor
+    head: torch.Tensor
+    position: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.component)
+
+    def select(self, idx: torch.Tensor) -> "Variants":
+        return Variants(self.component[idx], self.layer[idx], self.head[idx], self.position[idx])
+
+    @staticmethod
+    def concat(parts: list["Variants"]) -> "Variants":
+        return Variants(*(torch.cat([getattr(p, f) for p in parts]) for f in ("component", "layer", "head", "position")))
+
+    def names(self) -> list[str]:
+        return [COMPONENTS[c] for c in self.component.tolist()]
+
+
+def variants_for(
+    adapter: Adapter,
+    component: str,
+    seq_len: int,
+    per_position: bool = True,
+    layers: list[int] | None = None,
+    heads: list[int] | None = None,
+) -> Variants:
+    """Every (layer[, head][, position]) variant of one component, layer-major."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; choose from {list(COMPONENTS)}")
+    layers = list(range(adapter.n_layers)) if layers is None else layers
+    for layer in layers:
+        if not 0 <= layer < adapter.n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has layers 0..{adapter.n_layers - 1}")
+    if component == "head":
+        heads = list(range(adapter.n_heads)) if heads is None else heads
+        for head in heads:
+            if not 0 <= head < adapter.n_heads:
+                raise ValueError(f"head {head} out of range: the model has heads 0..{adapter.n_heads - 1}")
+    else:
+        heads = [ALL]
+    positions = list(range(seq_len)) if per_position else [ALL]
+    grid = torch.cartesian_prod(torch.tensor(layers), torch.tensor(heads), torch.tensor(positions)).reshape(-1, 3)
+    code = torch.full((len(grid),), COMPONENTS.index(component), dtype=torch.long)
+    return Variants(code, grid[:, 0].long(), grid[:, 1].long(), grid[:, 2].long())
+
+
+@dataclass
+class RunCache:
+    """What one forward pass over a set of pairs leaves behind for patching."""
+
+    acts: dict[str, torch.Tensor]  # component -> [P, L, T, width]; resid_pre always present
+    final_resid: torch.Tensor  # [P, d]: the final position's residual after the last layer
+    layer_inputs: list[tuple[tuple, dict]]  # per layer: the extra args and kwargs the model passes it
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: keys, values [P, kv_heads, T, d_head]
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+_CACHE = object()  # stands for "this row batch's KV cache" in recorded layer inputs
+
+
+@torch.no_grad()
+def record_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cache=None) -> list[tuple[tuple, dict]]:
+    """The extra arguments the model passes each decoder layer (rotary embeddings, causal masks,
+    per-layer attention types) for one row of this length, so layers can be replayed on any batch.
+    With a prefix `cache`, they are those of a suffix attending to the cached prefix."""
+    recorded: list[tuple[tuple, dict]] = [((), {})] * adapter.n_layers
+    swap = lambda v: _CACHE if cache is not None and v is cache else v  # noqa: E731
+
+    def record(args, kwargs, layer):
+        kwargs = {k: swap(v) for k, v in kwargs.items() if k != "hidden_states"}
+        recorded[layer] = (tuple(swap(a) for a in args[1:]), kwargs)
+
+    handles = [adapter.layers[layer].register_forward_pre_hook(
+        lambda m, a, k, layer=layer: record(a, k, layer), with_kwargs=True) for layer in range(adapter.n_layers)]
+    try:
+        model.base_model(input_ids=ids, cache=cache, use_cache=cache is not None)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+def bind_cache(layer_inputs, cache):
+    swap = lambda v: cache if v is _CACHE else v  # noqa: E731
+    return [(tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}) for args, kwargs in layer_inputs]
+
+
+def prefix_cache(model: nn.Module, kv, rows: torch.Tensor, prefix_len: int, first_layer: int = 0):
+    """A KV cache holding the base run's keys/values of positions < prefix_len, for layers >= first_layer."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(first_layer, len(kv)):
+        keys, values = kv[layer]
+        cache.layers[layer].update(keys[rows, :, :prefix_len], values[rows, :, :prefix_len])
+    return cache
+
+
+@torch.no_grad()
+def run_with_cache(
+    model: nn.Module, adapter: Adapter, ids: torch.Tensor, components=("resid_pre",), keep_kv: bool = False
+) -> RunCache:
+    """Forward `ids` [P, T] through the model body, caching `components` at every layer (and the
+    keys/values, when `keep_kv`, so that patched rows can reuse the unchanged prefix)."""
+    wanted = set(components) | {"resid_pre"}
+    per_layer: dict[str, list[torch.Tensor | None]] = {c: [None] * adapter.n_layers for c in wanted}
+    handles, final = [], {}
+
+    def store(component, layer, tensor):
+        per_layer[component][layer] = tensor.detach()
+
+    for layer in range(adapter.n_layers):
+        handles.append(adapter.layers[layer].register_forward_pre_hook(
+            lambda m, a, k, layer=layer: store("resid_pre", layer, _hidden_arg(a, k)), with_kwargs=True))
+        if "attn_out" in wanted:
+            handles.append(adapter.attn[layer].register_forward_hook(
+                lambda m, a, o, layer=layer: store("attn_out", layer, _first(o))))
+        if "mlp_out" in wanted:
+            handles.append(adapter.mlp[layer].register_forward_hook(
+                lambda m, a, o, layer=layer: store("mlp_out", layer, _first(o))))
+        if "head" in wanted:
+            handles.append(adapter.out_proj[layer].register_forward_pre_hook(
+                lambda m, a, layer=layer: store("head", layer, a[0])))
+    handles.append(adapter.layers[-1].register_forward_hook(
+        lambda m, a, o: final.__setitem__("resid", _first(o)[:, -1])))
+    try:
+        out = model.base_model(input_ids=ids, use_cache=keep_kv)
+    finally:
+        for h in handles:
+            h.remove()
+    kv = None
+    if keep_kv:
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        # Sliding-window caches keep only the last window of positions: no full prefix to reuse.
+        if any(k is None or k.shape[-2] != ids.shape[1] for k, _ in kv):
+            kv = None
+    acts = {c: torch.stack(per_layer[c], dim=1) for c in wanted}
+    return RunCache(acts=acts, final_resid=final["resid"], layer_inputs=record_layer_inputs(model, adapter, ids[:1]), kv=kv)
+
+
+def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs) -> torch.Tensor:
+    """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d]."""
+    for layer in range(start, adapter.n_layers):
+        args, kwargs = layer_inputs[layer]
+        resid = _first(adapter.layers[layer](resid, *args, **kwargs))
+    return resid[:, -1]
+
+
+def _position_mask(position: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[R] positions (ALL = every position) -> [R, T] bool."""
+    return (position[:, None] == ALL) | (position[:, None] == torch.arange(seq_len))
+
+
+def _replace_output(mask: torch.Tensor, source: torch.Tensor):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.where(mask, source, output[0]),) + output[1:]
+        return torch.where(mask, source, output)
+
+    return hook
+
+
+def _replace_heads(mask: torch.Tensor, source: torch.Tensor, n_heads: int):
+    """Pre-hook on the attention output projection: its input is the heads' outputs side by side."""
+
+    def hook(module, args):
+        z = args[0]
+        shape = z.shape
+        z = z.reshape(*shape[:-1], n_heads, -1)
+        patched = torch.where(mask, source.reshape(z.shape), z)
+        return (patched.reshape(shape),) + tuple(args[1:])
+
+    return hook
+
+
+@torch.no_grad()
+def patched_final_resid(
+    model: nn.Module,
+    adapter: Adapter,
+    base: RunCache,
+    source: RunCache,
+    layer: int,
+    pair_idx: torch.Tensor,
+    variants: Variants,
+    suffix_inputs: dict[int, list] | None = None,
+) -> torch.Tensor:
+    """Final residuals [R, d] of base rows `pair_idx` with `variants` (all at `layer`) patched from source.
+
+    Causal attention: a patch at position p leaves positions < p unchanged at every layer, so when the
+    base run's keys/values are cached, only positions >= the earliest patched position are computed,
+    attending to the cached prefix. `suffix_inputs` memoises the layer inputs per prefix length.
+    """
+    device = base.final_resid.device
+    seq_len = base.acts["resid_pre"].shape[2]
+    first = int(variants.position.min()) if base.kv is not None and suffix_inputs is not None else ALL
+    first = max(first, 0)
+    rows = pair_idx.to(device)
+    if first == 0:
+        layer_inputs = base.layer_inputs
+    else:
+        if first not in suffix_inputs:
+            one_row = prefix_cache(model, base.kv, torch.tensor([0]), first)
+            suffix_inputs[first] = record_layer_inputs(model, adapter, _suffix_ids(base, first), one_row)
+        layer_inputs = bind_cache(suffix_inputs[first], prefix_cache(model, base.kv, rows, first, layer))
+    pos_mask = _position_mask(variants.position, seq_len)[:, first:]  # [R, T - first], built on CPU
+    resid = base.acts["resid_pre"][rows, layer, first:]
+    handles = []
+    try:
+        for code, component in enumerate(COMPONENTS):
+            is_component = variants.component == code
+            if not bool(is_component.any()):
+                continue
+            mask = pos_mask & is_component[:, None]
+            src = source.acts[component][rows, layer, first:]
+            if component == "resid_pre":
+                resid = torch.where(mask[..., None].to(device), src, resid)
+            elif component == "head":
+                head_mask = (variants.head[:, None] == ALL) | (variants.head[:, None] == torch.arange(adapter.n_heads))
+                mask = (mask[:, :, None] & head_mask[:, None, :])[..., None].to(device)  # [R, T', H, 1]
+                handles.append(adapter.out_proj[layer].register_forward_pre_hook(
+                    _replace_heads(mask, src, adapter.n_heads)))
+            else:
+                module = adapter.hook_module(component, layer)
+                handles.append(module.register_forward_hook(_replace_output(mask[..., None].to(device), src)))
+        return run_layers(adapter, resid, layer, layer_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _suffix_ids(base: RunCache, first: int) -> torch.Tensor:
+    """Token ids are only needed for their shape when recording suffix layer inputs."""
+    seq_len = base.acts["resid_pre"].shape[2]
+    return torch.zeros(1, seq_len - first, dtype=torch.long, device=base.final_resid.device)
+
+
+def rows_that_fit(model: nn.Module, adapter: Adapter, seq_len: int, budget_fraction: float | None = None) -> int:
+    """How many patch rows one forward can hold, from the memory free on the model's device."""
+    device = next(model.parameters()).device
+    elem = next(model.parameters()).element_size()
+    mlp_width = getattr(model.config, "intermediate_size", None) or 4 * adapter.d_model
+    # One layer's live activations per row: residuals, gathered sources, q/k/v, the attention scores, MLP.
+    per_row = elem * seq_len * (12 * adapter.d_model + 3 * mlp_width + 2 * adapter.n_heads * seq_len)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        budget_fraction = budget_fraction or 0.6
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+        budget_fraction = budget_fraction or 0.1  # shared machines: take a modest slice of host memory
+    return int(max(1, min(8192, free * budget_fraction // per_row)))
+
+
+@dataclass
+class SweepResult:
+    direction: str
+    metric: str
+    variants: Variants
+    metric_clean: torch.Tensor  # [P]
+    metric_corrupted: torch.Tensor  # [P]
+    metric_patched: torch.Tensor  # [P, V]
+
+    @property
+    def metric_base(self) -> torch.Tensor:
+        return self.metric_corrupted if self.direction == "denoise" else self.metric_clean
+
+    @property
+    def metric_source(self) -> torch.Tensor:
+        return self.metric_clean if self.direction == "denoise" else self.metric_corrupted
+
+    def effects(self) -> torch.Tensor:
+        return normalised_effect(self.metric_patched, self.metric_base[:, None], self.metric_source[:, None])
+
+    def to_columns(self, pair_ids) -> dict[str, np.ndarray]:
+        """Long format, one row per (pair, variant): the columns of effects.arrow."""
+        n_pairs, n_variants = self.metric_patched.shape
+        pair_ids = np.asarray(pair_ids)
+        tile = lambda t: np.tile(t.numpy(), n_pairs)  # noqa: E731
+        rep = lambda t: np.repeat(t.float().cpu().numpy(), n_variants)  # noqa: E731
+        return {
+            "pair_id": np.repeat(pair_ids, n_variants),
+            "direction": np.full(n_pairs * n_variants, self.direction),
+            "component": np.array(COMPONENTS)[tile(self.variants.component)],
+            "layer": tile(self.variants.layer).astype(np.int32),
+            "head": tile(self.variants.head).astype(np.int32),
+            "position": tile(self.variants.position).astype(np.int32),
+            "metric_clean": rep(self.metric_clean),
+            "metric_corrupted": rep(self.metric_corrupted),
+            "metric_patched": self.metric_patched.float().cpu().numpy().reshape(-1),
+            "effect": self.effects().float().cpu().numpy().reshape(-1),
+        }
+
+
+def _check_inputs(clean_ids, corrupted_ids, answers: Answers, direction: str, metric: str):
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose from {list(DIRECTIONS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
+    if clean_ids.shape != corrupted_ids.shape:
+        raise ValueError(
+            f"clean {tuple(clean_ids.shape)} and corrupted {tuple(corrupted_ids.shape)} token ids differ in shape; "
+            "pairs must have equal token counts (or use prompts.align=end)"
+        )
+    if answers.refusal.shape[0] != clean_ids.shape[0]:
+        raise ValueError(f"{answers.refusal.shape[0]} answer rows for {clean_ids.shape[0]} pairs")
+
+
+class _Metric:
+    """metric(final residuals of rows) for one sweep: answer-token metrics, or KL to the source run."""
+
+    def __init__(self, name: str, adapter: Adapter, answers: Answers, source: RunCache):
+        self.name, self.adapter, self.answers = name, adapter, answers
+        if name == "kl":
+            self.source_logits = adapter.logits(source.final_resid)
+
+    def __call__(self, final_resid: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
+        rows = pair_idx.to(final_resid.device)
+        if self.name == "kl":
+            return kl_to_source(self.source_logits[rows], self.adapter.logits(final_resid))
+        answers = self.answers.index(pair_idx)
+        token_ids = answers.token_ids().to(final_resid.device)
+        answers = Answers(answers.refusal.to(final_resid.device), answers.compliance.to(final_resid.device))
+        return answer_metric(self.name, self.adapter.logits(final_resid, token_ids), answers).float()
+
+
+@torch.no_grad()
+def sweep(
+    model: nn.Module,
+    clean_ids: torch.Tensor,
+    corrupted_ids: torch.Tensor,
+    answers: Answers,
+    variants: Variants,
+    direction: str = "denoise",
+    metric: str = "logit_diff",
+    max_batch_rows: int | None = None,
+    reuse_prefix: bool = True,
+) -> SweepResult:
+    """Patch every variant into every pair, packed; exact (equal to `reference_sweep` to float tolerance)."""
+    _check_inputs(clean_ids, corrupted_ids, answers, direction, metric)
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    clean_ids, corrupted_ids = clean_ids.to(device), corrupted_ids.to(device)
+    components = {COMPONENTS[c] for c in variants.component.unique().tolist()}
+    base_ids, source_ids = (corrupted_ids, clean_ids) if direction == "denoise" else (clean_ids, corrupted_ids)
+    base = run_with_cache(model, adapter, base_ids, components, keep_kv=reuse_prefix)
+    source = run_with_cache(model, adapter, source_ids, components)
+    clean, corrupted = (source, base) if direction == "denoise" else (base, source)
+    measure = _Metric(metric, adapter, answers, source)
+    all_pairs = torch.arange(clean_ids.shape[0])
+    n_pairs, seq_len = clean_ids.shape
+    batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
+
+    # Rows are (variant, pair), variant-major, variants sorted by layer then position: a batch then
+    # shares one layer (layer skip) and a narrow range of positions (prefix reuse).
+    patched = torch.empty(n_pairs, len(variants), dtype=torch.float32, device=device)
+    suffix_inputs: dict[int, list] = {}
+    for layer in variants.layer.unique().tolist():
+        at_layer = (variants.layer == layer).nonzero().squeeze(1)
+        at_layer = at_layer[variants.position[at_layer].argsort(stable=True)]
+        n_rows = n_pairs * len(at_layer)
+        for start in range(0, n_rows, batch_rows):
+            flat = torch.arange(start, min(start + batch_rows, n_rows))
+            pair_idx, variant_idx = flat % n_pairs, at_layer[flat // n_pairs]
+            final = patched_final_resid(
+                model, adapter, base, source, layer, pair_idx, variants.select(variant_idx),
+                suffix_inputs if reuse_prefix else None)
+            patched[pair_idx.to(device), variant_idx.to(device)] = measure(final, pair_idx)
+    return SweepResult(
+        direction=direction,
+        metric=metric,
+        variants=variants,
+        metric_clean=measure(clean.final_resid, all_pairs).cpu(),
+        metric_corrupted=measure(corrupted.final_resid, all_pairs).cpu(),
+        metric_patched=patched.cpu(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference: one full forward pass with one hook per patch, as the classic experiment does it.
+
+
+def _final_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits[:, -1].float()
+
+
+def _reference_metric(metric, logits, source_logits, answers: Answers):
+    if metric == "kl":
+        return kl_to_source(source_logits, logits)
+    return answer_metric(metric, logits.gather(1, answers.token_ids().clamp(min=0)), answers)
+
+
+@torch.no_grad()
+def reference_sweep(
+    model: nn.Module,
+    clean_ids: torch.Tensor,
+    corrupted_ids: torch.Tensor,
+    answers: Answers,
+    variants: Variants,
+    direction: str = "denoise",
+    metric: str = "logit_diff",
+) -> SweepResult:
+    _check_inputs(clean_ids, corrupted_ids, answers, direction, metric)
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    n_pairs = clean_ids.shape[0]
+    patched = torch.empty(n_pairs, len(variants))
+    metric_clean, metric_corrupted = torch.empty(n_pairs), torch.empty(n_pairs)
+    for p in range(n_pairs):
+        clean, corrupted = clean_ids[p : p + 1].to(device), corrupted_ids[p : p + 1].to(device)
+        base_ids, source_ids = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+        answer = answers.index(torch.tensor([p]))
+        answer = Answers(answer.refusal.to(device), answer.compliance.to(device))
+        source_acts = _capture_all(model, adapter, source_ids)
+        source_logits = _final_logits(model, source_ids)
+        metric_clean[p] = _reference_metric(metric, _final_logits(model, clean), source_logits, answer)[0]
+        metric_corrupted[p] = _reference_metric(metric, _final_logits(model, corrupted), source_logits, answer)[0]
+        for v in range(len(variants)):
+            component = COMPONENTS[int(variants.component[v])]
+            layer, head, position = int(variants.layer[v]), int(variants.head[v]), int(variants.position[v])
+            source = source_acts[component][layer]
+            handle = _reference_hook(adapter, component, layer, head, position, source)
+            try:
+                logits = _final_logits(model, base_ids)
+            finally:
+                handle.remove()
+            patched[p, v] = _reference_metric(metric, logits, source_logits, answer)[0]
+    return SweepResult(direction, metric, variants, metric_clean, metric_corrupted, patched)
+
+
+def _capture_all(model, adapter: Adapter, ids) -> dict[str, list[torch.Tensor]]:
+    acts = {c: [None] * adapter.n_layers for c in COMPONENTS}
+    handles = []
+    for layer in range(adapter.n_layers):
+        def keep(component, layer, tensor):
+            acts[component][layer] = tensor.clone()
+
+        handles += [
+            adapter.layers[layer].register_forward_pre_hook(
+                lambda m, a, k, layer=layer: keep("resid_pre", layer, _hidden_arg(a, k)), with_kwargs=True),
+            adapter.attn[layer].register_forward_hook(lambda m, a, o, layer=layer: keep("attn_out", layer, _first(o))),
+            adapter.mlp[layer].register_forward_hook(lambda m, a, o, layer=layer: keep("mlp_out", layer, _first(o))),
+            adapter.out_proj[layer].register_forward_pre_hook(lambda m, a, layer=layer: keep("head", layer, a[0])),
+        ]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def _reference_hook(adapter: Adapter, component, layer, head, position, source):
+    """One hook that overwrites one activation (at one position / head, or all) with the source's."""
+    where = slice(None) if position == ALL else slice(position, position + 1)
+
+    def overwrite(tensor):
+        tensor = tensor.clone()
+        if component == "head":
+            z = tensor.view(*tensor.shape[:-1], adapter.n_heads, adapter.d_head)
+            src = source.view_as(z)
+            h = slice(None) if head == ALL else slice(head, head + 1)
+            z[:, where, h] = src[:, where, h]
+        else:
+            tensor[:, where] = source[:, where]
+        return tensor
+
+    if component == "resid_pre":
+        def pre(m, args, kwargs):
+            if args:
+                return (overwrite(args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": overwrite(kwargs["hidden_states"])}
+
+        return adapter.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+    if component == "head":
+        return adapter.out_proj[layer].register_forward_pre_hook(lambda m, args: (overwrite(args[0]),) + tuple(args[1:]))
+
+    def post(m, args, output):
+        if isinstance(output, tuple):
+            return (overwrite(output[0]),) + tuple(output[1:])
+        return overwrite(output)
+
+    return adapter.hook_module(component, layer).register_forward_hook(post)
