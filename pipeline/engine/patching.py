@@ -15,6 +15,7 @@ sweep must match to float tolerance.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,6 +218,16 @@ def _replace_heads(mask: torch.Tensor, source: torch.Tensor, n_heads: int):
     return hook
 
 
+_SUFFIX_INPUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _suffix_memo(model: nn.Module, seq_len: int) -> dict[int, list]:
+    """Per model, sequence length, device and dtype: prefix length -> recorded suffix layer inputs. They depend on
+    positions only (rotary angles, causal masks), never on token values, so sweeps share them."""
+    weight = next(model.parameters())
+    return _SUFFIX_INPUTS.setdefault(model, {}).setdefault((seq_len, weight.device, weight.dtype), {})
+
+
 @torch.no_grad()
 def patched_final_resid(
     model: nn.Module,
@@ -379,6 +390,7 @@ def sweep(
     metric: str = "logit_diff",
     max_batch_rows: int | None = None,
     reuse_prefix: bool = True,
+    batch_tokens: int | None = None,
 ) -> SweepResult:
     """Patch every variant into every pair, packed; exact (equal to `reference_sweep` to float tolerance)."""
     _check_inputs(clean_ids, corrupted_ids, answers, direction, metric)
@@ -396,20 +408,26 @@ def sweep(
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
 
     # Rows are (variant, pair), variant-major, variants sorted by layer then position: a batch then
-    # shares one layer (layer skip) and a narrow range of positions (prefix reuse).
+    # shares one layer (layer skip) and a narrow range of positions (prefix reuse). A batch computes
+    # positions from its earliest patched one, so batches are cut at about `batch_tokens` computed
+    # tokens: big enough to keep the matrix units busy, small enough that few positions are recomputed.
+    token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
     patched = torch.empty(n_pairs, len(variants), dtype=torch.float32, device=device)
-    suffix_inputs: dict[int, list] = {}
+    suffix_inputs = _suffix_memo(model, seq_len) if reuse_prefix else None
     for layer in variants.layer.unique().tolist():
         at_layer = (variants.layer == layer).nonzero().squeeze(1)
         at_layer = at_layer[variants.position[at_layer].argsort(stable=True)]
-        n_rows = n_pairs * len(at_layer)
-        for start in range(0, n_rows, batch_rows):
-            flat = torch.arange(start, min(start + batch_rows, n_rows))
+        first_position = variants.position[at_layer].clamp(min=0).repeat_interleave(n_pairs)
+        n_rows, start = n_pairs * len(at_layer), 0
+        while start < n_rows:
+            computed = seq_len - int(first_position[start]) if reuse_prefix else seq_len
+            stop = min(n_rows, start + min(batch_rows, max(1, token_budget // computed)))
+            flat = torch.arange(start, stop)
             pair_idx, variant_idx = flat % n_pairs, at_layer[flat // n_pairs]
             final = patched_final_resid(
-                model, adapter, base, source, layer, pair_idx, variants.select(variant_idx),
-                suffix_inputs if reuse_prefix else None)
+                model, adapter, base, source, layer, pair_idx, variants.select(variant_idx), suffix_inputs)
             patched[pair_idx.to(device), variant_idx.to(device)] = measure(final, pair_idx)
+            start = stop
     return SweepResult(
         direction=direction,
         metric=metric,
