@@ -184,11 +184,29 @@ def run_with_cache(
 
 
 def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs) -> torch.Tensor:
-    """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d]."""
-    for layer in range(start, adapter.n_layers):
-        args, kwargs = layer_inputs[layer]
-        resid = _first(adapter.layers[layer](resid, *args, **kwargs))
+    """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d].
+
+    Only the final position's output is read, so the last layer's attention output projection and MLP
+    see that position alone (the residual add broadcasts it back); its keys and values still cover
+    every position the final query attends to.
+    """
+    last = adapter.n_layers - 1
+    handles = []
+    if start <= last and resid.shape[1] > 1:
+        handles = [adapter.out_proj[last].register_forward_pre_hook(_final_position_only),
+                   adapter.mlp[last].register_forward_pre_hook(_final_position_only)]
+    try:
+        for layer in range(start, adapter.n_layers):
+            args, kwargs = layer_inputs[layer]
+            resid = _first(adapter.layers[layer](resid, *args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
     return resid[:, -1]
+
+
+def _final_position_only(module, args):
+    return (args[0][:, -1:],) + tuple(args[1:])
 
 
 def _position_mask(position: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -228,6 +246,21 @@ def _suffix_memo(model: nn.Module, seq_len: int) -> dict[int, list]:
     return _SUFFIX_INPUTS.setdefault(model, {}).setdefault((seq_len, weight.device, weight.dtype), {})
 
 
+def _is_local(variants: Variants) -> torch.Tensor:
+    """Single-position patches of a layer's attention, heads or MLP: they change one position of one layer."""
+    return (variants.component != COMPONENTS.index("resid_pre")) & (variants.position != ALL)
+
+
+def _layer_inputs(model, adapter, base: RunCache, rows, first: int, first_layer: int, suffix_inputs):
+    """Layer inputs for rows computing positions >= first, attending to the base run's cached prefix."""
+    if first == 0:
+        return base.layer_inputs
+    if first not in suffix_inputs:
+        one_row = prefix_cache(model, base.kv, torch.tensor([0]), first)
+        suffix_inputs[first] = record_layer_inputs(model, adapter, _suffix_ids(base, first), one_row)
+    return bind_cache(suffix_inputs[first], prefix_cache(model, base.kv, rows, first, first_layer))
+
+
 @torch.no_grad()
 def patched_final_resid(
     model: nn.Module,
@@ -247,16 +280,12 @@ def patched_final_resid(
     """
     device = base.final_resid.device
     seq_len = base.acts["resid_pre"].shape[2]
+    rows = pair_idx.to(device)
+    if bool(_is_local(variants).all()) and "head" in base.acts:
+        return _patched_final_resid_local(model, adapter, base, source, layer, rows, variants, suffix_inputs)
     first = int(variants.position.min()) if base.kv is not None and suffix_inputs is not None else ALL
     first = max(first, 0)
-    rows = pair_idx.to(device)
-    if first == 0:
-        layer_inputs = base.layer_inputs
-    else:
-        if first not in suffix_inputs:
-            one_row = prefix_cache(model, base.kv, torch.tensor([0]), first)
-            suffix_inputs[first] = record_layer_inputs(model, adapter, _suffix_ids(base, first), one_row)
-        layer_inputs = bind_cache(suffix_inputs[first], prefix_cache(model, base.kv, rows, first, layer))
+    layer_inputs = _layer_inputs(model, adapter, base, rows, first, layer, suffix_inputs)
     pos_mask = _position_mask(variants.position, seq_len)[:, first:]  # [R, T - first], built on CPU
     resid = base.acts["resid_pre"][rows, layer, first:]
     handles = []
@@ -270,8 +299,7 @@ def patched_final_resid(
             if component == "resid_pre":
                 resid = torch.where(mask[..., None].to(device), src, resid)
             elif component == "head":
-                head_mask = (variants.head[:, None] == ALL) | (variants.head[:, None] == torch.arange(adapter.n_heads))
-                mask = (mask[:, :, None] & head_mask[:, None, :])[..., None].to(device)  # [R, T', H, 1]
+                mask = (mask[:, :, None] & _head_mask(variants, adapter.n_heads)[:, None, :])[..., None].to(device)
                 handles.append(adapter.out_proj[layer].register_forward_pre_hook(
                     _replace_heads(mask, src, adapter.n_heads)))
             else:
@@ -281,6 +309,56 @@ def patched_final_resid(
     finally:
         for h in handles:
             h.remove()
+
+
+def _head_mask(variants: Variants, n_heads: int) -> torch.Tensor:
+    return (variants.head[:, None] == ALL) | (variants.head[:, None] == torch.arange(n_heads))  # [R, H]
+
+
+def _patched_final_resid_local(model, adapter, base, source, layer, rows, variants, suffix_inputs):
+    """Single-position attention / head / MLP patches at (layer, p).
+
+    At `layer` only position p changes: later positions attend to p's keys and values, which come from
+    the unchanged resid_pre. So the layer runs on that one token with its attention output set outright
+    (the heads' outputs from the caches, one head or the whole output from the source), and the rest of
+    the model starts at layer + 1 from the base residual with position p replaced.
+    """
+    device = rows.device
+    seq_len = base.acts["resid_pre"].shape[2]
+    position = variants.position.to(device)
+    at_p = lambda run, component: run.acts[component][rows, layer, position][:, None]  # noqa: E731  [R, 1, width]
+    code = {c: (variants.component == COMPONENTS.index(c)).to(device)[:, None, None] for c in COMPONENTS}
+    head_mask = _head_mask(variants, adapter.n_heads)[:, None, :, None].to(device) & code["head"][..., None]
+    z = at_p(base, "head")
+    if bool(code["head"].any()):
+        z = _replace_heads(head_mask, at_p(source, "head"), adapter.n_heads)(None, (z,))[0]
+    handles = [adapter.out_proj[layer].register_forward_pre_hook(lambda m, args: (z,) + tuple(args[1:]))]
+    for component in ("attn_out", "mlp_out"):
+        if bool(code[component].any()):
+            module = adapter.hook_module(component, layer)
+            handles.append(module.register_forward_hook(_replace_output(code[component], at_p(source, component))))
+    try:
+        args, kwargs = _one_token_inputs(model, adapter)
+        new = _first(adapter.layers[layer](at_p(base, "resid_pre"), *args, **kwargs))[:, 0]  # [R, d]
+    finally:
+        for h in handles:
+            h.remove()
+    if layer == adapter.n_layers - 1:
+        return torch.where((position == seq_len - 1)[:, None], new, base.final_resid[rows])
+    first = int(variants.position.min()) if base.kv is not None and suffix_inputs is not None else 0
+    resid = base.acts["resid_pre"][rows, layer + 1, first:].clone()
+    resid[torch.arange(len(rows), device=device), position - first] = new
+    layer_inputs = _layer_inputs(model, adapter, base, rows, first, layer + 1, suffix_inputs)
+    return run_layers(adapter, resid, layer + 1, layer_inputs)
+
+
+def _one_token_inputs(model, adapter):
+    """Layer inputs for a one-token sequence (its attention output is always set outright by the caller)."""
+    memo = _suffix_memo(model, 1)
+    if "layer" not in memo:
+        weight = next(model.parameters())
+        memo["layer"] = record_layer_inputs(model, adapter, torch.zeros(1, 1, dtype=torch.long, device=weight.device))[0]
+    return memo["layer"]
 
 
 def _suffix_ids(base: RunCache, first: int) -> torch.Tensor:
@@ -399,7 +477,9 @@ def sweep(
     clean_ids, corrupted_ids = clean_ids.to(device), corrupted_ids.to(device)
     components = {COMPONENTS[c] for c in variants.component.unique().tolist()}
     base_ids, source_ids = (corrupted_ids, clean_ids) if direction == "denoise" else (clean_ids, corrupted_ids)
-    base = run_with_cache(model, adapter, base_ids, components, keep_kv=reuse_prefix)
+    local = _is_local(variants)
+    base_components = components | ({"head"} if bool(local.any()) else set())
+    base = run_with_cache(model, adapter, base_ids, base_components, keep_kv=reuse_prefix)
     source = run_with_cache(model, adapter, source_ids, components)
     clean, corrupted = (source, base) if direction == "denoise" else (base, source)
     measure = _Metric(metric, adapter, answers, source)
@@ -417,11 +497,15 @@ def sweep(
     for layer in variants.layer.unique().tolist():
         at_layer = (variants.layer == layer).nonzero().squeeze(1)
         at_layer = at_layer[variants.position[at_layer].argsort(stable=True)]
+        at_layer = at_layer[local[at_layer].int().argsort(stable=True)]  # whole-layer kinds first, then local
         first_position = variants.position[at_layer].clamp(min=0).repeat_interleave(n_pairs)
         n_rows, start = n_pairs * len(at_layer), 0
+        local_from = n_pairs * int((~local[at_layer]).sum())
         while start < n_rows:
             computed = seq_len - int(first_position[start]) if reuse_prefix else seq_len
             stop = min(n_rows, start + min(batch_rows, max(1, token_budget // computed)))
+            if start < local_from:
+                stop = min(stop, local_from)
             flat = torch.arange(start, stop)
             pair_idx, variant_idx = flat % n_pairs, at_layer[flat // n_pairs]
             final = patched_final_resid(

@@ -1,0 +1,122 @@
+"""patchsweep against TransformerLens and the plain loop, side by side on one sweep in one process.
+
+The sweep: an organism's full exact sweep, `resid_pre`, `attn_out`, `mlp_out` at every layer x position
+and every head at every layer x position, denoising (clean into corrupted), logit difference at the final
+position, over N screened pairs of one length. Every method runs on the same model object and the same
+inputs; their per-pair patched metrics are checked to agree before any time is printed.
+
+  plain             one full forward per (pair, patch) with one hook (pipeline.engine.patching.reference_sweep)
+  transformer_lens  TransformerLens 4.x `get_act_patch_*` on a TransformerBridge booted from the same weights
+                    (one forward per patch over the batch of pairs: TransformerLens's own batching)
+  patchsweep        pipeline.engine.patching.sweep
+
+    make bench-compare            # refusal-tiny, 32 pairs (needs the optional bench extras: .venv-bench)
+    python bench/bench_compare.py --model refusal-tiny --pairs 32 --methods plain,transformer_lens,patchsweep
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import time
+from collections import Counter
+
+import torch
+
+from pipeline.engine.adapters import get_adapter
+from pipeline.engine.loading import load_model
+from pipeline.engine.metrics import Answers
+from pipeline.engine.patching import COMPONENTS, Variants, reference_sweep, sweep, variants_for
+from pipeline.organisms import resolve
+from pipeline.stages.pairs import build_pairs, grammar_pairs
+
+
+def screened_pairs(model, tokenizer, n_pairs: int):
+    """n screened refusal-tiny pairs of the most common length, as tensors."""
+    table = build_pairs(model, tokenizer, grammar_pairs(8 * n_pairs, seed=0)).table.to_pylist()
+    length = Counter(r["seq_len"] for r in table).most_common(1)[0][0]
+    rows = [r for r in table if r["seq_len"] == length][:n_pairs]
+    clean = torch.tensor([r["clean_ids"] for r in rows])
+    corrupted = torch.tensor([r["corrupted_ids"] for r in rows])
+    answers = Answers(torch.tensor([r["refusal_ids"] for r in rows]), torch.tensor([r["compliance_ids"] for r in rows]))
+    return clean, corrupted, answers
+
+
+def full_variants(adapter, seq_len) -> Variants:
+    return Variants.concat([variants_for(adapter, c, seq_len) for c in COMPONENTS])
+
+
+def transformer_lens_sweep(model, path, clean, corrupted, answers, adapter) -> torch.Tensor:
+    """TransformerLens's per-component patching functions -> [P, V] in `full_variants` order."""
+    from transformer_lens import patching
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(path, hf_model=model, device=str(clean.device))
+    bridge.enable_compatibility_mode()
+    bridge.eval()
+    refusal, compliance = answers.refusal, answers.compliance
+
+    def logit_diff(logits):  # per pair, as patchsweep's logit_diff (answer sets here have no padding)
+        final = logits[:, -1]
+        return final.gather(1, refusal).mean(-1) - final.gather(1, compliance).mean(-1)
+
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(clean)
+    quiet = contextlib.redirect_stderr(io.StringIO())  # its progress bars
+    with quiet, torch.no_grad():
+        by_position = [
+            getattr(patching, f"get_act_patch_{name}")(bridge, corrupted, clean_cache, logit_diff, reduce="none").values
+            for name in ("resid_pre", "attn_out", "mlp_out")
+        ]  # each [layer, pos, pair]
+        heads = patching.get_act_patch_attn_head_out_by_pos(
+            bridge, corrupted, clean_cache, logit_diff, reduce="none").values  # [layer, pos, head, pair]
+    n_pairs = clean.shape[0]
+    parts = [v.reshape(-1, n_pairs) for v in by_position]  # layer-major, then position: as variants_for
+    parts.append(heads.permute(0, 2, 1, 3).reshape(-1, n_pairs))  # -> layer, head, position
+    return torch.cat(parts).T.float()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="refusal-tiny")
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--methods", default="plain,transformer_lens,patchsweep")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+
+    path = resolve(args.model)
+    model, tokenizer = load_model(path)
+    adapter = get_adapter(model)
+    clean, corrupted, answers = screened_pairs(model, tokenizer, args.pairs)
+    variants = full_variants(adapter, clean.shape[1])
+    n_patches = clean.shape[0] * len(variants)
+    print(f"{args.model}: {adapter.n_layers} layers, {adapter.n_heads} heads, {clean.shape[1]} tokens, "
+          f"{clean.shape[0]} pairs; resid_pre + attn_out + mlp_out + head at every position = {n_patches} patches")
+
+    runners = {
+        "patchsweep": lambda: sweep(model, clean, corrupted, answers, variants).metric_patched,
+        "plain": lambda: reference_sweep(model, clean, corrupted, answers, variants).metric_patched,
+        "transformer_lens": lambda: transformer_lens_sweep(model, path, clean, corrupted, answers, adapter),
+    }
+    results, seconds = {}, {}
+    for name in methods:
+        start = time.perf_counter()
+        results[name] = runners[name]()
+        seconds[name] = time.perf_counter() - start
+    reference = results[methods[0]]
+    for name in methods:
+        diff = (results[name] - reference).abs().max().item()
+        print(f"{name:>17}: {seconds[name]:8.2f} s  {n_patches / seconds[name]:10.0f} patches/s  "
+              f"max |diff| vs {methods[0]}: {diff:.1e}")
+        if diff > 1e-4:
+            raise SystemExit(f"{name} disagrees with {methods[0]}")
+    if "patchsweep" in seconds:
+        for name in methods:
+            if name != "patchsweep":
+                print(f"patchsweep is {seconds[name] / seconds['patchsweep']:.1f}x faster than {name}")
+
+
+if __name__ == "__main__":
+    main()
