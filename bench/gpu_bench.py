@@ -27,6 +27,9 @@ SHAPES = {
                          num_key_value_heads=2, vocab_size=151936),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936),
+    # a smoke-test shape for checking the script on a CPU
+    "qwen-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000),
 }
 
 
@@ -94,6 +97,8 @@ def run_shape(name, args, rate):
                          patchsweep_s=t_fast, floor_s=t_floor, vs_plain=t_plain / t_fast,
                          vs_floor=t_fast / t_floor, max_abs_diff=diff, metric_scale=scale))
         print(json.dumps(rows[-1]), flush=True)
+        if diff > 5e-2 * scale:
+            raise SystemExit(f"patchsweep and the plain loop disagree on {name} {sweep_name}: {diff} (scale {scale})")
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
@@ -104,7 +109,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
     parser.add_argument("--plain-fraction", type=int, default=8, help="run the plain loop on pairs/this many pairs")
     parser.add_argument("--out", default=None, help="write the results table here as JSON")
     args = parser.parse_args()
