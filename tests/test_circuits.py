@@ -1,0 +1,310 @@
+"""Circuits: masked patching and path patching against their plain references, path patching on a model
+whose wiring is known, faithfulness bounds, bootstrap coverage, and the whole circuit step on refusal-tiny."""
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
+from pipeline.engine.circuits import (CircuitRunner, Nodes, ablate_direction_metrics, add_direction_metrics,
+                                      faithfulness, path_patch, reference_circuit_metrics, reference_path_patch)
+from pipeline.engine.metrics import Answers
+
+torch.set_num_threads(1)
+VOCAB = 64
+ARCHITECTURES = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),  # GQA
+    "gpt2": dict(n_embd=32, n_head=4, n_positions=32),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),  # parallel residual
+}
+
+
+def tiny_model(model_type: str, **extra):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=3, initializer_range=0.2,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0, **{**ARCHITECTURES[model_type], **extra})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def pairs(n_pairs=3, seq_len=7, seed=1):
+    """Minimal pairs differing at positions 2 and 4, with classes: 2 -> 0, 3-4 -> 1, 5 -> 2, 6 -> 3; 0-1 none."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(1, VOCAB, (n_pairs, seq_len), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
+    corrupted[:, 4] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
+    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1]])[:n_pairs], torch.tensor([[6, 7], [8, -1], [2, -1]])[:n_pairs])
+    classes = torch.full((n_pairs, seq_len), -1)
+    classes[:, 2], classes[:, 3:5], classes[:, 5], classes[:, 6] = 0, 1, 2, 3
+    return clean, corrupted, answers, classes
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_masked_circuits_match_the_hook_per_node_reference(model_type):
+    """Many circuits packed into one batch (rows split across batches) equal one full forward per pair and
+    circuit with one hook per node; the full circuit is the clean run (f = 1), the empty one the corrupted (f = 0)."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    masks = torch.rand(5, len(nodes), generator=torch.Generator().manual_seed(2)) < 0.5
+    masks[0], masks[1] = True, False
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=4)
+    assert runner.first == 2  # rows start at the first differing token, attending to the cached prefix
+    fast = runner.metrics(nodes, masks)
+    reference = reference_circuit_metrics(model, clean, corrupted, answers, classes, nodes, masks)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-5)
+    f = faithfulness(fast, runner.metric_full, runner.metric_empty)
+    assert abs(float(f[0]) - 1) < 1e-5 and abs(float(f[1])) < 1e-5
+    torch.testing.assert_close(fast[0], runner.metric_full, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], runner.metric_empty, atol=2e-5, rtol=1e-5)
+    # Float masks interpolate: all-ones and all-zeros as floats equal the bool circuits.
+    torch.testing.assert_close(runner.metrics(nodes, masks[:2].float()), fast[:2], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_path_patching_matches_the_freeze_everything_reference(model_type):
+    """Adding the sender's output difference at the receiver's input norm (one layer, then layer skip)
+    equals the classic two-pass path patching that freezes every other head and MLP, for heads, MLPs and
+    the token embeddings as senders, heads and MLPs and the logits as receivers."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])  # per layer: 16 heads, then 4 MLPs
+    senders = Nodes.concat([Nodes.embeddings([0]), nodes.select([0, 5, 16, 21, 26, 36])])
+    receivers = nodes.select([23, 27, 38, 40, 59, 44])
+    fast = path_patch(model, clean, corrupted, answers, classes, senders, receivers, max_batch_rows=5).metric_path
+    reference = reference_path_patch(model, clean, corrupted, answers, classes, senders, receivers)
+    assert torch.equal(fast.isnan(), reference.isnan())  # the same paths exist (receivers after senders)
+    assert (~fast.isnan()).sum() > 30
+    torch.testing.assert_close(fast.nan_to_num(0), reference.nan_to_num(0), atol=2e-5, rtol=1e-5)
+
+
+def hand_built_model():
+    """A 3-layer, 2-head Llama whose wiring is set by hand. Head A = L0.H0 copies "token 1 is present"
+    into dimension 8; head B = L1.H1 reads dimension 8 and writes dimension 9, which the refusal answer
+    (token 3) reads. Distractors: L1.H0 reads token 2 into dimension 10 (the compliance answer, token 4),
+    L2.H0 reads dimension 9 into dimension 11, which nothing reads. Every other head and every MLP
+    writes nothing. Queries and keys are zero, so each head averages the positions up to its own. A large
+    constant dimension keeps every RMS normalisation nearly fixed, so nothing else couples."""
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=4, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        embed = model.model.embed_tokens.weight
+        embed[torch.arange(8), torch.arange(8)] = 1.0
+        embed[:, 15] = 100.0
+
+        def wire(layer, head, read, write):
+            attention = model.model.layers[layer].self_attn
+            attention.v_proj.weight[head * 4, read] = 1.0
+            attention.o_proj.weight[write, head * 4] = 50.0
+
+        wire(0, 0, 1, 8)  # A
+        wire(1, 1, 8, 9)  # B
+        wire(1, 0, 2, 10)
+        wire(2, 0, 9, 11)
+        model.lm_head.weight[3, 9] = 25.0
+        model.lm_head.weight[4, 10] = 25.0
+    return model
+
+
+def test_path_patching_recovers_hand_built_wiring():
+    model = hand_built_model()
+    clean = torch.tensor([[0, 2, 1, 6, 7, 6], [0, 1, 2, 6, 6, 7]])  # token 1 present: refuses
+    corrupted = clean.clone()
+    corrupted[0, 2], corrupted[1, 1] = 5, 5  # the harmless twins
+    answers = Answers(torch.tensor([[3], [3]]), torch.tensor([[4], [4]]))
+    classes = torch.zeros_like(clean)  # one class: every position
+    nodes = Nodes.grid(get_adapter(model), [0])  # L0.H0 L0.H1 L0.MLP L1.H0 L1.H1 L1.MLP L2.H0 L2.H1 L2.MLP
+    names = ["L0.H0", "L0.H1", "L0.MLP", "L1.H0", "L1.H1", "L1.MLP", "L2.H0", "L2.H1", "L2.MLP"]
+    senders = Nodes.concat([Nodes.embeddings([0]), nodes])
+    result = path_patch(model, clean, corrupted, answers, classes, senders, nodes)
+    assert (result.metric_base > 0).all() and (result.metric_source < 0).all()
+    effects = result.effects().mean(-1)  # [sender, receiver + logits]
+    expected = {("tokens", "L0.H0"): 1.0, ("L0.H0", "L1.H1"): 1.0, ("L1.H1", "logits"): 1.0}
+    for s, sender in enumerate(["tokens"] + names):
+        for r, receiver in enumerate(names + ["logits"]):
+            if torch.isnan(effects[s, r]):
+                continue
+            assert float(effects[s, r]) == pytest.approx(expected.get((sender, receiver), 0.0), abs=0.01), (sender, receiver)
+    # The circuit {A, B} is the whole mechanism; either alone carries nothing.
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 1)
+    masks = torch.zeros(3, len(nodes), dtype=torch.bool)
+    masks[0, [0, 4]], masks[1, 0], masks[2, 4] = True, True, True
+    f = faithfulness(runner.metrics(nodes, masks), runner.metric_full, runner.metric_empty)
+    torch.testing.assert_close(f, torch.tensor([1.0, 0.0, 0.0]), atol=0.01, rtol=0)
+
+
+def test_path_patching_refuses_non_additive_architectures():
+    model = tiny_model("llama")
+    model.config.model_type = "gemma2"  # stands for any family that normalises sublayer outputs
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0])
+    with pytest.raises(UnsupportedArchitecture, match="residual stream"):
+        path_patch(model, clean, corrupted, answers, classes, nodes.select([0]), nodes.select([10]))
+
+
+def test_circuit_masks_reject_embedding_nodes_and_bad_classes():
+    model = tiny_model("llama")
+    clean, corrupted, answers, classes = pairs()
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4)
+    with pytest.raises(ValueError, match="inputs"):
+        runner.metrics(Nodes.embeddings([0]), torch.ones(1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="node classes"):
+        runner.metrics(Nodes.grid(get_adapter(model), [4]), torch.ones(1, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="answer-token metric"):
+        CircuitRunner(model, clean, corrupted, answers, classes, 4, metric="kl")
+
+
+def test_direction_ablation_and_addition():
+    """Projecting the unembedding's refusal-minus-compliance direction out of the stream leaves a
+    logit difference of exactly 0 (the final norm only rescales); adding a vector at a layer equals a
+    plain forward with a hook adding it there."""
+    model = tiny_model("llama")
+    clean, corrupted, answers, _ = pairs()
+    answers = Answers(answers.refusal[:, :1], answers.compliance[:, :1])
+    weight = model.lm_head.weight
+    readout = weight[answers.refusal[:, 0]] - weight[answers.compliance[:, 0]]  # [P, d]
+    for p in range(len(clean)):
+        ablated = ablate_direction_metrics(model, clean[p:p + 1], answers.index(torch.tensor([p])), readout[p:p + 1])
+        assert abs(float(ablated[0, 0])) < 1e-4
+    vector = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+    added = add_direction_metrics(model, corrupted, answers, vector, [1])
+    handle = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a, k: ((a[0] + vector,) + a[1:], k) if a else (a, {**k, "hidden_states": k["hidden_states"] + vector}),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=corrupted, use_cache=False).logits[:, -1]
+    finally:
+        handle.remove()
+    expected = logits.gather(1, answers.refusal) - logits.gather(1, answers.compliance)
+    torch.testing.assert_close(added[0], expected[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_bootstrap_intervals_cover_the_true_mean_at_the_nominal_rate():
+    """aggregate.summarise's 95% percentile-bootstrap intervals over pairs, on 400 synthetic sites whose
+    true mean is known, cover it about 95% of the time; so does the circuit step's ratio interval."""
+    from pipeline.circuit import bootstrap_ratio_ci
+    from pipeline.stages.aggregate import summarise
+
+    rng = np.random.default_rng(0)
+    n_sites, n_pairs, true_mean = 400, 60, 0.3
+    values = rng.normal(true_mean, 1.0, size=(n_sites, n_pairs))
+    effects = pd.DataFrame({
+        "model": "m", "direction": "denoise", "component": "head", "layer": np.repeat(np.arange(n_sites), n_pairs),
+        "head": pd.array(np.zeros(n_sites * n_pairs, dtype=int), dtype="Int32"),
+        "position": pd.array([None] * (n_sites * n_pairs), dtype="Int32"),
+        "pair_id": np.tile(np.arange(n_pairs), n_sites), "effect": values.reshape(-1),
+    })
+    summary = summarise(effects, n_bootstrap=1000, ci=0.95, seed=1)
+    covered = ((summary["ci_low"] <= true_mean) & (true_mean <= summary["ci_high"])).mean()
+    assert 0.91 <= covered <= 0.98, covered
+    hits = 0
+    for _ in range(200):  # ratio of means, as faithfulness: numerator ~ 0.8 x denominator
+        denominator = rng.normal(2.0, 0.5, n_pairs)
+        numerator = 0.8 * denominator + rng.normal(0, 0.3, n_pairs)
+        low, high = bootstrap_ratio_ci(numerator, denominator, 1000, 0.95, rng)
+        hits += low <= 0.8 <= high
+    assert 0.90 <= hits / 200 <= 0.99, hits
+
+
+def pairs_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows)
+
+
+def test_position_classes_line_up_pairs_of_different_lengths():
+    from pipeline.circuit import position_classes
+
+    table = pairs_table([
+        # prefix 0-3, instruction 4-8 (harmful word at 5), template 9-10
+        {"seq_len": 11, "instruction_end": 9, "harmful_positions": [5],
+         "clean_tokens": ["s"] * 9 + ["<|end|>", "<|assistant|>"]},
+        # a longer instruction with a two-token harmful span
+        {"seq_len": 14, "instruction_end": 12, "harmful_positions": [6, 8],
+         "clean_tokens": ["s"] * 12 + ["<|end|>", "<|assistant|>"]},
+    ])
+    names, labels, maps = position_classes(table)
+    assert names == ["harm", "after", "end-2", "end-1"]
+    assert labels[2:] == ["<|end|>", "<|assistant|>"]
+    assert maps[0] == [-1] * 5 + [0, 1, 1, 1, 2, 3]
+    assert maps[1] == [-1] * 6 + [0, 1, 0, 1, 1, 1, 2, 3]
+
+
+def test_flip_fractions_and_category_means():
+    from pipeline.circuit import category_means, flip_fractions
+
+    effects = pd.DataFrame({
+        "model": "m", "direction": ["denoise"] * 4 + ["noise"] * 4, "component": "mlp_out", "layer": 0,
+        "head": pd.array([None] * 8, dtype="Int32"), "position": pd.array([None] * 8, dtype="Int32"),
+        "pair_id": [0, 1, 2, 3] * 2,
+        "metric_clean": [2.0] * 8, "metric_corrupted": [-2.0] * 8,
+        "metric_patched": [1.0, -1.0, 0.5, -3.0, -1.0, 1.0, 1.5, 2.0],
+        "effect": [0.75, 0.25, 0.625, -0.25, 0.75, 0.25, 0.125, 0.0],
+    })
+    flips = flip_fractions(effects).set_index("direction")["flip_fraction"]
+    assert flips["denoise"] == 0.5  # harmless runs that now refuse: pairs 0 and 2
+    assert flips["noise"] == 0.25  # harmful runs that now comply: pair 0
+    categories = pa.table({"pair_id": [0, 1, 2, 3], "category": ["a", "a", "b", "b"]})
+    means = category_means(effects, categories)
+    row = means[(means["direction"] == "denoise") & (means["category"] == "a")].iloc[0]
+    assert row["mean"] == pytest.approx(0.5) and row["n"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_circuit(tmp_path_factory):
+    """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
+    from pipeline.circuit import build_circuit
+    from pipeline.diagram import render_circuit
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
+    from pipeline.stages.pairs import build_pairs, source_pairs
+
+    model, tokenizer = load_model(resolve("refusal-tiny"))
+    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
+                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in table.column("clean_ids").to_pylist()]
+    table = table.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+    circuit = build_circuit(model, table, {"model": "refusal-tiny", "n_random": 16, "n_bootstrap": 200})
+    out = tmp_path_factory.mktemp("circuit")
+    paths = render_circuit(json.loads(json.dumps(circuit)), out)
+    return circuit, paths
+
+
+def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
+    circuit, _ = tiny_circuit
+    assert circuit["n_pairs"] >= 15
+    assert circuit["size"] <= 0.1 * circuit["candidates"]
+    assert circuit["faithfulness"] >= 0.8 and circuit["faithfulness_ci"][0] <= circuit["faithfulness"]
+    assert circuit["random_control"]["mean"] <= 0.2
+    assert circuit["baselines"]["metric_empty_measured"] == pytest.approx(circuit["baselines"]["metric_empty"], abs=1e-4)
+    assert circuit["growth_curve"]["faithfulness"][0] == pytest.approx(0.0, abs=1e-5)  # size 0: the empty circuit
+    assert circuit["growth_curve"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)  # every node: the model
+    assert 0 <= circuit["mib"]["cmd"] <= 1 and circuit["mib"]["cpr"] > 0.5
+    assert circuit["attribution"]["spearman"] > 0.5 and circuit["attribution"]["exhaustive"]
+    direction = circuit["refusal_direction"]
+    best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
+    assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5  # removing it lowers refusal, adding it causes it
+    ids = {n["id"] for n in circuit["nodes"]}
+    assert all(e["from"] in ids | {"EMB@harm"} and e["to"] in ids | {"logits"} for e in circuit["edges"])
+    assert any(e["to"] == "logits" and e["drawn"] for e in circuit["edges"])
+
+
+def test_circuit_diagram_files(tiny_circuit):
+    circuit, paths = tiny_circuit
+    svg = paths["svg"].read_text()
+    assert svg.lstrip().startswith("<?xml") and "refusal" in svg
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dot = paths["dot"].read_text()
+    assert dot.startswith("digraph circuit") and all(f'"{n["id"]}"' in dot for n in circuit["nodes"])
+    assert sum("->" in line for line in dot.splitlines()) == sum(e["drawn"] for e in circuit["edges"])
