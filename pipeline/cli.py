@@ -71,6 +71,13 @@ def screen_command(cfg: DictConfig) -> None:
     from pipeline.stages.screen import format_summary, load_screen_prompts, screen
     from pipeline.store import write_table
 
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not any(o.startswith("output_dir=") for o in HydraConfig.get().overrides.task):
+        cfg.output_dir = "${output_root}/screen/${model.name}-${prompts.name}"  # not a sweep's folder
+        if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()  # the sweep folder Hydra made for this command stays unused
     try:
         plain = validate_screen(cfg)
         prompts = load_screen_prompts(plain["prompts"]["path"])

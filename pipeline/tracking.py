@@ -81,6 +81,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_name(cfg: dict) -> str:
+    """The child run's name: the model, and the prompt set when it is not the generated one."""
+    prompts = cfg["prompts"]["name"]
+    return cfg["model"]["name"] if prompts == "generated" else f"{cfg['model']['name']} / {prompts}"
+
+
 def log_model_run(cfg: dict, run_dir: Path, sweep_key: str, curves: dict[str, list[tuple[int, float]]],
                   scalars: dict[str, float], provenance: dict) -> dict[str, str]:
     """Log one model's results as a child of the sweep's parent run; returns the ids and the UI path."""
@@ -90,7 +96,7 @@ def log_model_run(cfg: dict, run_dir: Path, sweep_key: str, curves: dict[str, li
     experiment_id = _experiment_id(client, cfg)
     parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
     tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **lineage_tags(cfg, provenance)}
-    run = client.create_run(experiment_id, run_name=cfg["model"]["name"], tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -159,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         sys.exit(f"no MLflow store at {uri}: run a sweep first (make run), or pass --output-root/--uri")
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    # The server's background job runner (GenAI scorers, prompt optimisation) is not needed to browse runs.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, ui_command(uri, args.host, args.port))
 
 

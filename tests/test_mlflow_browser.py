@@ -3,7 +3,9 @@ the per-layer metric chart and the diagrams are on the run's pages. Screenshots 
 
 `make test` installs chromium (Debian package) when it is missing.
 """
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from pipeline.tracking import run_name as tracking_run_name
 
 pytestmark = pytest.mark.browser
 
@@ -41,7 +44,8 @@ def ui(tiny_sweep):
     port = free_port()
     log = open(tiny_sweep["root"] / "ui.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "ui", "--output-root", str(tiny_sweep["root"]),
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                              start_new_session=True)  # its own process group: teardown stops all of it
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -52,12 +56,15 @@ def ui(tiny_sweep):
         except OSError:
             pass
         if server.poll() is not None or time.time() > deadline:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             pytest.fail(f"the MLflow UI did not come up: {(tiny_sweep['root'] / 'ui.log').read_text()[-2000:]}")
         time.sleep(1)
     yield base
-    server.terminate()
-    server.wait(timeout=30)
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
     log.close()
 
 
@@ -81,7 +88,7 @@ def open_page(url: str, expect: list[str], screenshot: Path, tmp_path: Path, att
 def test_run_page_shows_layer_metric_and_diagrams(ui, tiny_sweep, tmp_path):
     tracking = tiny_sweep["tracking"]
     run_url = f"{ui}/#/experiments/{tracking['experiment_id']}/runs/{tracking['run_id']}"
-    run_name = tiny_sweep["cfg"]["model"]["name"]
+    run_name = tracking_run_name(tiny_sweep["cfg"])
 
     # The per-layer curve: a chart whose legend names the run and the metric, with step = layer.
     dom = open_page(f"{run_url}/model-metrics", [f"{run_name} (denoise/resid_pre)", "Step"],

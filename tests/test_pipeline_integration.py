@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import REPO, TINY_SWEEP
+from conftest import REPO, TINY_SWEEP, write_jsonl
 from pipeline import store
 from pipeline.orchestration import run_sweep
 
@@ -189,3 +189,20 @@ def test_command_line_reuses_the_finished_run(run):
     assert "Layers that matter most" in out and "make ui" in out
     assert "patch 0 computed" in out and "cache 0 computed" in out
     assert str(run["outcome"].run_dir) in out
+
+
+def test_screen_command(tmp_path):
+    """`patchsweep screen model=refusal_tiny prompts.path=<file>` writes screen.arrow and prints rates."""
+    from pipeline.organisms.refusal_tiny import grammar
+
+    rows = [row for p in grammar.pairs(6, 3, "heldout")
+            for row in ({"prompt": p.clean, "harmful": True}, {"prompt": p.corrupted, "harmful": False})]
+    prompts = write_jsonl(tmp_path / "screen.jsonl", rows)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "screen", *TINY_SWEEP, f"prompts.path={prompts}",
+                             f"output_root={tmp_path / 'out'}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "harmful  (n=6)" in result.stdout and "harmless (n=6)" in result.stdout
+    [path] = list((tmp_path / "out").rglob("screen.arrow"))
+    table = store.read_table(path)
+    assert table.num_rows == 12
+    assert {"prompt", "harmful", "generated", "refused", "metric"} <= set(table.column_names)
