@@ -487,27 +487,37 @@ def sweep(
     n_pairs, seq_len = clean_ids.shape
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
 
-    # Rows are (variant, pair), variant-major, variants sorted by layer then position: a batch then
-    # shares one layer (layer skip) and a narrow range of positions (prefix reuse). A batch computes
-    # positions from its earliest patched one, so batches are cut at about `batch_tokens` computed
-    # tokens: big enough to keep the matrix units busy, small enough that few positions are recomputed.
+    metric_clean, metric_corrupted = measure(clean.final_resid, all_pairs), measure(corrupted.final_resid, all_pairs)
+    metric_base = metric_corrupted if direction == "denoise" else metric_clean
+
+    # Rows are (variant, pair), variants sorted by layer then position: a batch then shares one layer
+    # (layer skip) and a narrow range of positions (prefix reuse). A batch computes positions from its
+    # earliest patched one, so batches are cut at about `batch_tokens` computed tokens: big enough to
+    # keep the matrix units busy, small enough that few positions are recomputed.
+    # Before the first position where a pair's clean and corrupted tokens differ, every activation is
+    # the same in both runs (causal attention), so a patch there changes nothing: such rows take the
+    # base metric without a forward pass. Chat templates put a long shared prefix first.
     token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
-    patched = torch.empty(n_pairs, len(variants), dtype=torch.float32, device=device)
+    first_difference = _first_difference(clean_ids, corrupted_ids).cpu()
+    patched = metric_base[:, None].repeat(1, len(variants))
     suffix_inputs = _suffix_memo(model, seq_len) if reuse_prefix else None
     for layer in variants.layer.unique().tolist():
         at_layer = (variants.layer == layer).nonzero().squeeze(1)
         at_layer = at_layer[variants.position[at_layer].argsort(stable=True)]
         at_layer = at_layer[local[at_layer].int().argsort(stable=True)]  # whole-layer kinds first, then local
-        first_position = variants.position[at_layer].clamp(min=0).repeat_interleave(n_pairs)
-        n_rows, start = n_pairs * len(at_layer), 0
-        local_from = n_pairs * int((~local[at_layer]).sum())
+        variant_rows = at_layer.repeat_interleave(n_pairs)
+        pair_rows = all_pairs.repeat(len(at_layer))
+        position = variants.position[variant_rows]
+        changes = (position == ALL) | (position >= first_difference[pair_rows])
+        variant_rows, pair_rows, position = variant_rows[changes], pair_rows[changes], position[changes]
+        n_rows, start = len(variant_rows), 0
+        local_from = int((~local[variant_rows]).sum())
         while start < n_rows:
-            computed = seq_len - int(first_position[start]) if reuse_prefix else seq_len
+            computed = seq_len - max(int(position[start]), 0) if reuse_prefix else seq_len
             stop = min(n_rows, start + min(batch_rows, max(1, token_budget // computed)))
             if start < local_from:
                 stop = min(stop, local_from)
-            flat = torch.arange(start, stop)
-            pair_idx, variant_idx = flat % n_pairs, at_layer[flat // n_pairs]
+            pair_idx, variant_idx = pair_rows[start:stop], variant_rows[start:stop]
             final = patched_final_resid(
                 model, adapter, base, source, layer, pair_idx, variants.select(variant_idx), suffix_inputs)
             patched[pair_idx.to(device), variant_idx.to(device)] = measure(final, pair_idx)
@@ -516,10 +526,17 @@ def sweep(
         direction=direction,
         metric=metric,
         variants=variants,
-        metric_clean=measure(clean.final_resid, all_pairs).cpu(),
-        metric_corrupted=measure(corrupted.final_resid, all_pairs).cpu(),
+        metric_clean=metric_clean.cpu(),
+        metric_corrupted=metric_corrupted.cpu(),
         metric_patched=patched.cpu(),
     )
+
+
+def _first_difference(clean_ids: torch.Tensor, corrupted_ids: torch.Tensor) -> torch.Tensor:
+    """[P]: each pair's first position whose tokens differ (the sequence length when none does)."""
+    differs = clean_ids != corrupted_ids
+    seq_len = clean_ids.shape[1]
+    return torch.where(differs.any(1), differs.int().argmax(1), torch.full_like(differs[:, 0], seq_len, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,10 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-import torch
-
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.patching import ALL, SweepResult, sweep, variants_for
+from pipeline.engine.patching import ALL, sweep, variants_for
 from pipeline.stages.cache import pair_batch
 from pipeline.store import sha256_file, write_table
 
@@ -46,33 +44,6 @@ def effects_table(model_name: str, columns: dict[str, np.ndarray], seq_len: int)
     }, schema=EFFECTS_SCHEMA)
 
 
-def first_difference(clean_ids: torch.Tensor, corrupted_ids: torch.Tensor) -> int:
-    """The first position at which any pair's clean and corrupted tokens differ."""
-    differs = (clean_ids != corrupted_ids).any(dim=0)
-    return int(differs.nonzero()[0]) if bool(differs.any()) else clean_ids.shape[1]
-
-
-def sweep_skipping_shared_prefix(model, batch: dict, variants, direction: str, metric: str,
-                                 batch_size: int | None) -> SweepResult:
-    """The engine's exact sweep, minus the variants that provably change nothing.
-
-    Before the first position where clean and corrupted differ, both runs see the same tokens, and under
-    causal attention every activation there is the same in both runs: patching it leaves the base run as
-    it is (effect exactly 0). Chat templates put a long shared system prompt first, and those early
-    positions are the costliest to patch (everything after them is recomputed), so skipping them is
-    most of the work of a per-position sweep. Their rows are still reported, with the base metric.
-    """
-    shared = first_difference(batch["clean_ids"], batch["corrupted_ids"])
-    unchanged = (variants.position != ALL) & (variants.position < shared)
-    computed = (~unchanged).nonzero().squeeze(1)
-    result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants.select(computed),
-                   direction=direction, metric=metric, max_batch_rows=batch_size)
-    base = result.metric_base
-    patched = base[:, None].expand(len(base), len(variants)).clone()
-    patched[:, computed] = result.metric_patched
-    return SweepResult(direction, metric, variants, result.metric_clean, result.metric_corrupted, patched)
-
-
 def run_item(model, tokenizer, item: dict) -> dict:
     """`item`: pairs, rows, out, model, component, per_position, direction, layers, heads, metric,
     batch_size, provenance."""
@@ -80,7 +51,8 @@ def run_item(model, tokenizer, item: dict) -> dict:
     seq_len = batch["clean_ids"].shape[1]
     variants = variants_for(get_adapter(model), item["component"], seq_len, per_position=item["per_position"],
                             layers=item["layers"], heads=item["heads"])
-    result = sweep_skipping_shared_prefix(model, batch, variants, item["direction"], item["metric"], item["batch_size"])
+    result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
+                   direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"])
     table = effects_table(item["model"], result.to_columns(batch["pair_id"]), seq_len)
     write_table(item["out"], table, item["provenance"])
     return {"path": item["out"], "sha256": sha256_file(item["out"]), "rows": table.num_rows}
