@@ -333,6 +333,26 @@ def merge_effects(sweep: Sweep, shards: list[Path], manifest: Manifest) -> Path:
     return path
 
 
+CIRCUIT_FILES = ("circuit.json", "circuit.svg", "circuit.png", "circuit.dot")
+
+
+def stage_circuit(sweep: Sweep, manifest: Manifest) -> None:
+    """The circuit step (pipeline.circuit) on a model actor: it needs forward passes (faithfulness,
+    path patching), so it runs while the actors are up; skipped when its inputs are unchanged."""
+    cfg = sweep.cfg
+    options = {**cfg["circuit"], "metric": cfg["patching"]["metric"]}
+    key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"], options)
+    with timed(sweep.stage("circuit")) as stats:
+        if all(manifest.is_valid(name, key) for name in CIRCUIT_FILES):
+            stats.reused += 1
+            return
+        item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"], "cfg": options,
+                "provenance": sweep.provenance}
+        sweep.pool.map("pipeline.circuit:run_item", [item], stats=stats, label="circuit")
+        for name in CIRCUIT_FILES:
+            manifest.add(name, key=key)
+
+
 @dataclass
 class SweepOutcome:
     run_dir: Path
@@ -383,8 +403,7 @@ def run_sweep(cfg: dict) -> SweepOutcome:
             summary = aggregate.run(run_dir, cfg["circuit"], sweep.provenance, tokens)
             curves = aggregate.layer_curves(summary)
             manifest.add("summary.arrow")
-        # The circuit step (issue 5) slots in here: build_circuit(sweep, summary) with the model actors
-        # still up (faithfulness and path patching need forward passes), writing circuit.json/svg/png.
+        stage_circuit(sweep, manifest)
         circuit = aggregate.load_circuit(run_dir)
     finally:
         pool.close()

@@ -130,7 +130,10 @@ def _dense_keep(nodes: Nodes, masks: torch.Tensor, n_layers: int, n_classes: int
 
 
 def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Kept entries from the live run, the rest from the source; float masks interpolate."""
+    """Kept entries from the live run, the rest from the source; float masks interpolate. When the live
+    tensor holds only the last positions (run_layers feeds the last layer the final position alone),
+    the mask and source are cut to match."""
+    keep, source = keep[:, keep.shape[1] - live.shape[1]:], source[:, source.shape[1] - live.shape[1]:]
     if keep.dtype == torch.bool:
         return torch.where(keep, live, source)
     return source + keep.to(live.dtype) * (live - source)
@@ -189,8 +192,9 @@ class CircuitRunner:
         def heads_hook(layer, keep):
             def hook(module, args):
                 z = args[0]
-                source = self.source.acts["head"][rows, layer, first:].reshape(*z.shape[:-1], n_heads, -1)
-                mixed = _mix(keep, z.reshape(source.shape), source)
+                source = self.source.acts["head"][rows, layer, first:]
+                source = source.reshape(*source.shape[:-1], n_heads, -1)
+                mixed = _mix(keep, z.reshape(*z.shape[:-1], n_heads, -1), source)
                 return (mixed.reshape(z.shape),) + tuple(args[1:])
             return hook
 
@@ -400,16 +404,21 @@ def _with_receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r:
                                                receivers.cls[r]))
     where = (classes[rows] == cls)[..., None]  # [R, T, 1]
 
+    def last(x, n):  # the last n positions (the last layer sees the final position alone)
+        return x[:, x.shape[1] - n:]
+
     def patch_head(module, args):
         z = args[0].clone()
         d_head = adapter.d_head
+        n = z.shape[1]
         part = z[..., head * d_head:(head + 1) * d_head]
-        z[..., head * d_head:(head + 1) * d_head] = torch.where(where, received, part)
+        z[..., head * d_head:(head + 1) * d_head] = torch.where(last(where, n), last(received, n), part)
         return (z,) + tuple(args[1:])
 
     def patch_mlp(module, args, output):
         live = output[0] if isinstance(output, tuple) else output
-        mixed = torch.where(where, received, live)
+        n = live.shape[1]
+        mixed = torch.where(last(where, n), last(received, n), live)
         return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 
     handle = (adapter.out_proj[layer].register_forward_pre_hook(patch_head) if kind == HEAD
