@@ -14,14 +14,14 @@ Output: a pyarrow Table, one row per pair that passed the screen (the pairs.arro
 | pair_id | index of the pair in the input list (before screening) |
 | category, clean, corrupted | the pair's category and instruction texts |
 | clean_ids, corrupted_ids | list<int32> token ids of the chat-templated prompts |
-| refusal_ids, compliance_ids | list<int32> answer tokens (the same for every pair of one run) |
+| refusal_ids, compliance_ids | list<int32> answer tokens, the same for every pair of one run (up to answer_top_k each) |
 | seq_len | len(clean_ids) |
 | align_offset | len(clean_ids) - len(corrupted_ids) (0 unless align="end"); clean position p pairs with corrupted position p - align_offset, and only positions valid in both are patched |
 | instruction_start, instruction_end | the user instruction's tokens, [start, end) in clean positions |
 | harmful_positions | list<int32> clean positions whose token differs from the corrupted twin (the harmful span; for an end-aligned pair of unequal length, the clean tokens between the common prefix and suffix) |
 | template_positions | list<int32> clean positions outside the instruction (chat template tokens) |
 | final_pos | seq_len - 1, where the answer is read |
-| metric_clean, metric_corrupted | logit_diff (refusal minus compliance answer-token logit) at the final position |
+| metric_clean, metric_corrupted | refusal_logodds (log P(refusal tokens) - log P(compliance tokens)) at the final position; with one token each, the logit difference |
 | clean_generation, corrupted_generation | the short greedy replies (null when generation is off) |
 
 All positions are 0-based clean-sequence positions. No Ray, MLflow or Hydra here: plain functions.
@@ -37,7 +37,7 @@ from typing import Iterable, Literal, NamedTuple, Sequence
 import pyarrow as pa
 
 from pipeline.engine.metrics import answer_metric
-from pipeline.stages.screen import (chat_text, decode, derive_answer_tokens, final_answer_logits,
+from pipeline.stages.screen import (SCREEN_METRIC, chat_text, decode, derive_answer_tokens, final_answer_logits,
                                     greedy_generate, is_refusal, read_user_file)
 
 Align = Literal["none", "end"]
@@ -186,14 +186,15 @@ class PairsResult(NamedTuple):
 def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Align = "none",
                 refusal_tokens: Sequence[int | str] | None = None,
                 compliance_tokens: Sequence[int | str] | None = None,
-                generate: bool = True, max_new_tokens: int = 8, batch_size: int = 64) -> PairsResult:
+                answer_top_k: int = 1, generate: bool = True, max_new_tokens: int = 8,
+                batch_size: int = 64) -> PairsResult:
     """Tokenize, derive answer tokens, screen, and tabulate `pairs` for `model`.
 
     A pair is kept when the model refuses its clean prompt and complies with its corrupted one: by the
-    first-token metric (refusal-token logit > compliance-token logit on clean, < on corrupted) and,
-    with `generate`, also by short greedy generation. Answer tokens are the most common first token of
-    the model's refusals / compliances on these prompts, unless `refusal_tokens` / `compliance_tokens`
-    (ids or vocabulary strings) name them.
+    first-token metric (refusal_logodds > 0 on clean, < 0 on corrupted) and, with `generate`, also by
+    short greedy generation. Answer tokens are the `answer_top_k` most common first tokens of the
+    model's refusals / compliances on these prompts, unless `refusal_tokens` / `compliance_tokens` (ids
+    or vocabulary strings) name them.
     """
     tokenized = tokenize_pairs(tokenizer, pairs, align)
     if not generate and (refusal_tokens is None or compliance_tokens is None):
@@ -207,9 +208,9 @@ def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Al
         refused = [is_refusal(t) for t in texts]
     else:
         generations, texts, refused = [], [None] * (2 * n), [None] * (2 * n)
-    answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens)
+    answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens, answer_top_k)
     logits = final_answer_logits(model, prompts, answers.refusal + answers.compliance, batch_size)
-    metric = answer_metric("logit_diff", logits, answers.answers(2 * n)).tolist()
+    metric = answer_metric(SCREEN_METRIC, logits, answers.answers(2 * n)).tolist()
     metric_clean, metric_corrupted = metric[:n], metric[n:]
 
     keep = [metric_clean[i] > 0 > metric_corrupted[i]

@@ -2,11 +2,11 @@
 
 Two measurements per prompt, both greedy and both on the model's own chat template:
 - by generation: the first few greedy tokens, decoded, start like a refusal ("I cannot ...");
-- by the first-token metric: at the final prompt position, the refusal answer token's logit minus the
-  compliance answer token's logit (the `logit_diff` the patching stage measures), > 0 = refuses.
-Answer tokens are the most common first token of the model's own refusals / compliances, unless the
-caller names them. The module also holds the pieces the pairs stage shares: reading the user's
-JSONL / CSV / Parquet files, chat-template token ids, batched greedy generation, answer tokens.
+- by the first-token metric: at the final prompt position, `refusal_logodds` = log P(refusal answer
+  tokens) - log P(compliance answer tokens), > 0 = refuses (with one token each, the logit difference).
+Answer tokens are the most common first token(s) of the model's own refusals / compliances (`top_k` of
+each), unless the caller names them. The module also holds the pieces the pairs stage shares: reading
+the user's JSONL / CSV / Parquet files, chat-template token ids, batched greedy generation, answer tokens.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ REFUSAL_PREFIXES = (
     "i must decline", "i'm afraid i can't", "i am afraid i cannot", "i do not feel comfortable",
     "i'm not comfortable", "i refuse",
 )
+# The first-token metric of the screens: with one answer token per side it is the logit difference.
+SCREEN_METRIC = "refusal_logodds"
 # Used only when the model produced no refusal (or no compliance) to learn the answer token from.
 DEFAULT_REFUSAL_START, DEFAULT_COMPLIANCE_START = "I", "Sure"
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -238,28 +240,49 @@ def _token_ids(tokenizer, tokens: Sequence[int | str], role: str) -> tuple[int, 
 
 def derive_answer_tokens(tokenizer, generations: Sequence[Sequence[int]], refused: Sequence[bool],
                          refusal_tokens: Sequence[int | str] | None = None,
-                         compliance_tokens: Sequence[int | str] | None = None) -> AnswerTokens:
-    """The most common first generated token of refusals and of compliances, unless overridden.
-    If the model produced none of one kind, that side falls back to the first token of "I" / "Sure"."""
-    sources = []
+                         compliance_tokens: Sequence[int | str] | None = None, top_k: int = 1) -> AnswerTokens:
+    """The `top_k` most common first generated tokens of refusals and of compliances, unless named.
 
-    def pick(override, want_refusal: bool, default_text: str, role: str) -> tuple[int, ...]:
-        if override is not None:
-            sources.append("override")
-            return _token_ids(tokenizer, override, role)
-        firsts = Counter(g[0] for g, r in zip(generations, refused) if g and r == want_refusal)
-        if firsts:
-            sources.append("generated")
-            return (firsts.most_common(1)[0][0],)
-        sources.append("default")
-        return (tokenizer(default_text, add_special_tokens=False)["input_ids"][0],)
+    One token per side misjudges replies that start otherwise (a compliance that is a poem starting
+    "In"); with several, `refusal_logodds` (logsumexp over each set) measures how likely the reply starts
+    like a refusal at all. A first token seen on both sides belongs to the side whose replies it starts
+    more often (by share; ties go to refusals), so the derived sets never overlap. If the model produced
+    none of one kind, that side falls back to the first token of "I" / "Sure".
+    """
+    if top_k < 1:
+        raise ValueError(f"answer top_k={top_k} must be at least 1: set prompts.answer_top_k to 1 or more")
+    named = {True: refusal_tokens, False: compliance_tokens}
+    firsts = {side: Counter(g[0] for g, r in zip(generations, refused) if g and r == side)
+              for side in (True, False)}
+    share = {side: {t: c / sum(counts.values()) for t, c in counts.items()} for side, counts in firsts.items()}
 
-    refusal = pick(refusal_tokens, True, DEFAULT_REFUSAL_START, "refusal")
-    compliance = pick(compliance_tokens, False, DEFAULT_COMPLIANCE_START, "compliance")
+    def belongs_to_refusals(token: int) -> bool:
+        return share[True].get(token, 0.0) >= share[False].get(token, 0.0)
+
+    roles = {True: ("refusal", DEFAULT_REFUSAL_START), False: ("compliance", DEFAULT_COMPLIANCE_START)}
+    tokens, sources = {}, {}
+    for side, (role, default_text) in roles.items():
+        if named[side] is not None:
+            tokens[side], sources[side] = _token_ids(tokenizer, named[side], role), "override"
+        elif not firsts[side]:
+            default = tokenizer(default_text, add_special_tokens=False)["input_ids"][0]
+            tokens[side], sources[side] = (default,), "default"
+    for side, (role, _) in roles.items():
+        if side in tokens:
+            continue
+        # A fallback token is the other side's by decree: the derived set leaves it out.
+        reserved = tokens.get(not side, ()) if sources.get(not side) == "default" else ()
+        owned = [t for t, _ in firsts[side].most_common() if belongs_to_refusals(t) == side and t not in reserved]
+        if not owned:
+            raise ValueError(f"the model's {role}s start with no token of their own (their first tokens "
+                             f"{tokenizer.convert_ids_to_tokens(list(firsts[side]))} start at least as large a share "
+                             "of its other replies): name the answer tokens (prompts.refusal_tokens / prompts.compliance_tokens)")
+        tokens[side], sources[side] = tuple(owned[:top_k]), "generated"
+    refusal, compliance = tokens[True], tokens[False]
     if set(refusal) & set(compliance):
         raise ValueError(f"refusal and compliance answer tokens overlap ({sorted(set(refusal) & set(compliance))}):"
                          f" name distinct tokens (prompts.refusal_tokens / prompts.compliance_tokens)")
-    return AnswerTokens(refusal, compliance, "/".join(dict.fromkeys(sources)))
+    return AnswerTokens(refusal, compliance, "/".join(dict.fromkeys((sources[True], sources[False]))))
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
@@ -276,8 +299,9 @@ class ScreenResult(NamedTuple):
 
 def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 8, batch_size: int = 64,
            refusal_tokens: Sequence[int | str] | None = None,
-           compliance_tokens: Sequence[int | str] | None = None) -> ScreenResult:
-    """Screen `table` (columns prompt: string, harmful: bool, e.g. from `load_screen_prompts`)."""
+           compliance_tokens: Sequence[int | str] | None = None, answer_top_k: int = 1) -> ScreenResult:
+    """Screen `table` (columns prompt: string, harmful: bool, e.g. from `load_screen_prompts`);
+    `answer_top_k` first tokens of each kind of reply are the answer tokens (see derive_answer_tokens)."""
     for col in ("prompt", "harmful"):
         if col not in table.column_names:
             raise ValueError(f"screen table has no {col!r} column (found {table.column_names}): "
@@ -290,10 +314,10 @@ def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 8, batch_
     generations = greedy_generate(model, ids, max_new_tokens, batch_size)
     texts = [decode(tokenizer, g) for g in generations]
     refused = [is_refusal(t) for t in texts]
-    answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens)
+    answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens, answer_top_k)
     token_ids = answers.refusal + answers.compliance
     logits = final_answer_logits(model, ids, token_ids, batch_size)
-    metric = answer_metric("logit_diff", logits, answers.answers(len(ids))).tolist()
+    metric = answer_metric(SCREEN_METRIC, logits, answers.answers(len(ids))).tolist()
     by_metric = [m > 0 for m in metric]
     out = pa.table({
         "prompt": pa.array(prompts, pa.string()),
@@ -304,7 +328,7 @@ def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 8, batch_
         "refused_by_metric": pa.array(by_metric, pa.bool_()),
     })
     summary = summarise(harmful, refused, by_metric) | answers.to_dict(tokenizer) | {
-        "max_new_tokens": max_new_tokens, "metric": "logit_diff"}
+        "max_new_tokens": max_new_tokens, "metric": SCREEN_METRIC}
     out = out.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
     return ScreenResult(out, summary)
 
