@@ -30,15 +30,17 @@ def _fail(err: BaseException) -> None:
 def sweep_command(cfg: DictConfig) -> None:
     from pipeline.orchestration import WorkFailed, run_sweep
     from pipeline.report import console_summary
-    from pipeline.tracking import log_model_run
+    from pipeline.tracking import log_model_run, prepare_store
 
     try:
         plain = validate(cfg)
+        store_ready = prepare_store(plain) if plain["tracking"]["enabled"] else None
         outcome = run_sweep(plain)
     except (ConfigError, ValueError, FileNotFoundError, WorkFailed) as err:
         _fail(err)
     tracking = None
-    if plain["tracking"]["enabled"]:
+    if store_ready is not None:
+        store_ready.join()
         curves, scalars = metrics_for_mlflow(outcome)
         tracking = log_model_run(plain, outcome.run_dir, os.environ[SWEEP_ENV], curves, scalars, outcome.provenance)
     print("\n" + console_summary(plain, outcome.run_dir, outcome.pairs_report, outcome.stats, outcome.curves,

@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,14 @@ def _client(cfg: dict):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri(cfg))
+
+
+def prepare_store(cfg: dict) -> threading.Thread:
+    """Create (or migrate) the store and the experiment in the background while the sweep computes:
+    a new SQLite store takes MLflow several seconds of schema migrations."""
+    thread = threading.Thread(target=lambda: _experiment_id(_client(cfg), cfg), name="mlflow-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def _experiment_id(client, cfg: dict) -> str:

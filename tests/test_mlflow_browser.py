@@ -22,7 +22,7 @@ pytestmark = pytest.mark.browser
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"]
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def chromium_binary() -> str:
@@ -68,7 +68,7 @@ def ui(tiny_sweep):
     log.close()
 
 
-def open_page(url: str, expect: list[str], screenshot: Path, tmp_path: Path, attempts: int = 4) -> str:
+def open_page(url: str, expect: list[str], screenshot: Path, tmp_path: Path, height: int = 1000, attempts: int = 4) -> str:
     """Load `url` in headless chromium and return its DOM once it shows every string in `expect`, with a
     screenshot of that same load. The UI fetches and draws asynchronously, so each retry grants more
     virtual time (virtual time runs ahead of the clock while the page is idle)."""
@@ -77,7 +77,7 @@ def open_page(url: str, expect: list[str], screenshot: Path, tmp_path: Path, att
     dom = ""
     for attempt in range(attempts):
         profile = tmp_path / f"profile-{screenshot.stem}-{attempt}"
-        dom = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+        dom = subprocess.run([binary, *CHROMIUM_FLAGS, f"--window-size=1400,{height}", f"--user-data-dir={profile}",
                               f"--virtual-time-budget={60000 * (attempt + 1)}", "--dump-dom",
                               f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=240).stdout
         if all(s in dom for s in expect):
@@ -91,8 +91,9 @@ def test_run_page_shows_layer_metric_and_diagrams(ui, tiny_sweep, tmp_path):
     run_name = tracking_run_name(tiny_sweep["cfg"])
 
     # The per-layer curve: a chart whose legend names the run and the metric, with step = layer.
+    # A tall window: the UI draws a chart only once it is scrolled into view.
     dom = open_page(f"{run_url}/model-metrics", [f"{run_name} (denoise/resid_pre)", "Step"],
-                    ARTIFACTS / "mlflow-layer-metric.png", tmp_path)
+                    ARTIFACTS / "mlflow-layer-metric.png", tmp_path, height=2400)
     assert f"{run_name} (denoise/resid_pre)" in dom, "the denoise/resid_pre chart did not render"
     assert "main-svg" in dom  # the plotted chart itself
     assert (ARTIFACTS / "mlflow-layer-metric.png").stat().st_size > 10_000
