@@ -96,7 +96,8 @@ def screen_command(cfg: DictConfig) -> None:
                                   trust_remote_code=plain["model"]["trust_remote_code"])
     result = screen(model, tokenizer, prompts, max_new_tokens=plain["prompts"]["max_new_tokens"],
                     refusal_tokens=plain["prompts"]["refusal_tokens"],
-                    compliance_tokens=plain["prompts"]["compliance_tokens"])
+                    compliance_tokens=plain["prompts"]["compliance_tokens"],
+                    answer_top_k=plain["prompts"]["answer_top_k"])
     path = write_table(Path(plain["output_dir"]) / "screen.arrow", result.table,
                        {"model_id": plain["model"]["path"], "prompts": plain["prompts"]["path"]})
     print(f"screen of {plain['model']['name']} on {plain['prompts']['path']}:\n{format_summary(result.summary)}\n"

@@ -40,6 +40,7 @@ class PromptsConfig:
     max_new_tokens: int = 8
     refusal_tokens: Optional[list[Any]] = None  # answer tokens (ids or vocabulary strings) overriding
     compliance_tokens: Optional[list[Any]] = None  # the ones derived from the model's own replies
+    answer_top_k: int = 1  # derived answer tokens: the k most common first tokens of each kind of reply
     shard_size: int = 16  # pairs per work item
 
 
@@ -217,6 +218,7 @@ def _check_sizes(cfg: dict) -> None:
         "patching.batch_size": cfg["patching"]["batch_size"],
         "prompts.n_pairs": cfg["prompts"]["n_pairs"],
         "prompts.shard_size": cfg["prompts"]["shard_size"],
+        "prompts.answer_top_k": cfg["prompts"]["answer_top_k"],
         "resources.actors": cfg["resources"]["actors"],
         "resources.cpus_per_actor": cfg["resources"]["cpus_per_actor"],
         "resources.torch_threads": cfg["resources"]["torch_threads"],

@@ -241,7 +241,8 @@ def pairs_item(model, tokenizer, item: dict) -> dict:
     pairs = source_pairs(item["model_path"], tokenizer, path=prompts["path"], n=prompts["n_pairs"],
                          seed=prompts["seed"], split=prompts["split"])
     result = build_pairs(model, tokenizer, pairs, align=prompts["align"], refusal_tokens=prompts["refusal_tokens"],
-                         compliance_tokens=prompts["compliance_tokens"], generate=prompts["generate"],
+                         compliance_tokens=prompts["compliance_tokens"], answer_top_k=prompts["answer_top_k"],
+                         generate=prompts["generate"],
                          max_new_tokens=prompts["max_new_tokens"])
     # The clean prompt's tokens as strings: labels for positions in heatmaps and diagrams.
     tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in result.table.column("clean_ids").to_pylist()]
