@@ -2,7 +2,7 @@
 
 The sweep: an organism's full exact sweep, `resid_pre`, `attn_out`, `mlp_out` at every layer x position
 and every head at every layer x position, denoising (clean into corrupted), logit difference at the final
-position, over N screened pairs of one length. Every method runs on the same model object and the same
+position, over N screened pairs of one length. Every method runs on the same weights and the same
 inputs; their per-pair patched metrics are checked to agree before any time is printed.
 
   plain             one full forward per (pair, patch) with one hook (pipeline.engine.patching.reference_sweep)
@@ -33,7 +33,7 @@ from pipeline.stages.pairs import build_pairs, grammar_pairs
 
 def screened_pairs(model, tokenizer, n_pairs: int):
     """n screened refusal-tiny pairs of the most common length, as tensors."""
-    table = build_pairs(model, tokenizer, grammar_pairs(8 * n_pairs, seed=0)).table.to_pylist()
+    table = build_pairs(model, tokenizer, grammar_pairs(16 * n_pairs, seed=0)).table.to_pylist()
     length = Counter(r["seq_len"] for r in table).most_common(1)[0][0]
     rows = [r for r in table if r["seq_len"] == length][:n_pairs]
     clean = torch.tensor([r["clean_ids"] for r in rows])
@@ -46,11 +46,15 @@ def full_variants(adapter, seq_len) -> Variants:
     return Variants.concat([variants_for(adapter, c, seq_len) for c in COMPONENTS])
 
 
-def transformer_lens_sweep(model, path, clean, corrupted, answers, adapter) -> torch.Tensor:
-    """TransformerLens's per-component patching functions -> [P, V] in `full_variants` order."""
+def transformer_lens_sweep(path, clean, corrupted, answers) -> torch.Tensor:
+    """TransformerLens's per-component patching functions -> [P, V] in `full_variants` order.
+
+    The bridge gets its own copy of the weights: booting wraps the model's modules in hook points, which
+    would otherwise slow down (and could change) every other method run on the same model object."""
     from transformer_lens import patching
     from transformer_lens.model_bridge import TransformerBridge
 
+    model, _ = load_model(path)
     bridge = TransformerBridge.boot_transformers(path, hf_model=model, device=str(clean.device))
     bridge.enable_compatibility_mode()
     bridge.eval()
@@ -98,7 +102,7 @@ def main():
     runners = {
         "patchsweep": lambda: sweep(model, clean, corrupted, answers, variants).metric_patched,
         "plain": lambda: reference_sweep(model, clean, corrupted, answers, variants).metric_patched,
-        "transformer_lens": lambda: transformer_lens_sweep(model, path, clean, corrupted, answers, adapter),
+        "transformer_lens": lambda: transformer_lens_sweep(path, clean, corrupted, answers),
     }
     results, seconds = {}, {}
     for name in methods:
