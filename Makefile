@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run run-tiny test test-fast bench ui clean chromium
+.PHONY: setup run run-tiny test test-fast bench bench-compare ui clean chromium
 
 setup: $(STAMP)
 
@@ -33,7 +33,18 @@ test: $(STAMP) chromium
 	$(PY) -m pytest -q -x --timeout=1200
 
 bench: $(STAMP)
-	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_engine.py --threads 1
+
+# TransformerLens and nnsight are optional benchmark dependencies: they live in their own environment.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q -e '.[bench]'
+	touch $@
+
+bench-compare: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/bench_compare.py --pairs 32
 
 # The MLflow UI for the runs under OUTPUT_ROOT (the default store of `make run`), on 127.0.0.1:$(UI_PORT).
 OUTPUT_ROOT ?= outputs
