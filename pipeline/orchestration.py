@@ -71,6 +71,9 @@ class ModelWorker:
         return {"n_layers": adapter.n_layers, "n_heads": adapter.n_heads, "d_model": adapter.d_model,
                 "family": adapter.family, "weights_hash": self._weights_hash, "pid": os.getpid()}
 
+    def ping(self) -> int:
+        return os.getpid()
+
     def run(self, task: str, item: dict) -> dict:
         """Call `task` ("module:function") as function(model, tokenizer, item) -> a small result dict."""
         module, function = task.split(":")
@@ -127,7 +130,8 @@ class WorkerPool:
         queued per actor; `label` names the progress bar.
 
         Results come back in item order; `on_result(item, result)` runs on the driver as each finishes
-        (to update a manifest). Items whose actor died are resubmitted up to resources.max_retries times.
+        (to update a manifest). When an actor dies, Ray restarts it (reloading the model); its items are
+        resubmitted, up to resources.max_retries times each, once a ping says it is back.
         """
         res = self.cfg["resources"]
         stage = label or task
@@ -136,16 +140,21 @@ class WorkerPool:
         pending = deque(range(len(items)))
         attempts = [0] * len(items)
         load = [0] * len(self.actors)
-        in_flight: dict = {}
+        in_flight: dict = {}  # object ref -> (item index, actor index)
+        recovering: dict = {}  # ping ref -> actor index, for actors being restarted
         with tqdm(total=len(items) + stats.reused, initial=stats.reused, desc=f"{stage:>9}", unit="item",
                   dynamic_ncols=True, leave=True) as bar:
             while pending or in_flight:
-                while pending and min(load) < res["max_in_flight"]:
-                    actor = load.index(min(load))
+                ready = [a for a in range(len(self.actors)) if a not in recovering.values()]
+                while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
+                    actor = min(ready, key=lambda a: load[a])
                     index = pending.popleft()
                     in_flight[self.actors[actor].run.remote(task, items[index])] = (index, actor)
                     load[actor] += 1
-                [ref], _ = ray.wait(list(in_flight), num_returns=1)
+                [ref], _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
+                if ref in recovering:
+                    self._recovered(recovering, ref)
+                    continue
                 index, actor = in_flight.pop(ref)
                 load[actor] -= 1
                 try:
@@ -157,6 +166,8 @@ class WorkerPool:
                                          f"{attempts[index]} times, last: {_first_line(err)}") from None
                     stats.retried += 1
                     pending.appendleft(index)
+                    if actor not in recovering.values():
+                        recovering[self.actors[actor].ping.remote()] = actor
                     continue
                 except ray.exceptions.RayTaskError as err:
                     raise _user_error(err) from None
@@ -166,6 +177,18 @@ class WorkerPool:
                     on_result(items[index], result)
                 bar.update()
         return results
+
+    def _recovered(self, recovering: dict, ping) -> None:
+        """A restarting actor answered its ping (back in service), or is still coming up (ping again)."""
+        actor = recovering.pop(ping)
+        try:
+            ray.get(ping)
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.5)
+            recovering[self.actors[actor].ping.remote()] = actor
+        except ray.exceptions.ActorDiedError as err:
+            raise WorkFailed(f"a model actor died for good (restarted resources.max_retries times): "
+                             f"{_first_line(err)}") from None
 
     def close(self) -> None:
         for actor in self.actors:

@@ -55,8 +55,10 @@ def ray_session():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
+        # Workers can import test helpers (conftest.exit_once) as work-item functions.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="patchsweep-tests",
-                 configure_logging=True, logging_level="warning")
+                 configure_logging=True, logging_level="warning",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
     yield ray
     ray.shutdown()
 
@@ -84,3 +86,12 @@ def tiny_sweep(ray_session, tmp_path_factory):
     tracking = log_model_run(cfg, outcome.run_dir, "test-session", curves, scalars, outcome.provenance)
     return {"cfg": cfg, "outcome": outcome, "tracking": tracking, "root": root,
             "seconds": time.perf_counter() - start}
+
+
+def exit_once(model, tokenizer, item: dict) -> dict:
+    """A work item that kills its actor's process the first time it runs (a marker file remembers)."""
+    marker = Path(item["marker"])
+    if not marker.exists():
+        marker.write_text("died once")
+        os._exit(1)
+    return {"pid": os.getpid()}
