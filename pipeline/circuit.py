@@ -54,7 +54,7 @@ CIRCUIT_DEFAULTS = {
     "strong_effect": 0.05,  # a node is strong when its exact single-node effect reaches this
     "edge_min": 0.02,  # path effects below this are recorded but not drawn
     "edges": True,  # path patching (needs heads and MLPs that add straight into the residual stream)
-    "direction_layers": 16,  # at most this many layers' refusal directions get ablation/addition tests
+    "direction_layers": 16,  # at most this many layers' refusal directions get an addition test (3 the ablation)
     "metric": "logit_diff",
     "n_bootstrap": 1000,
     "ci": 0.95,
@@ -266,19 +266,24 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
-def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float) -> tuple[int, dict[int, float]]:
-    """Smallest prefix of `order` whose faithfulness reaches target: a geometric grid of sizes, then
-    every size inside the bracket that first reaches it. Returns (size, {size: f} for all sizes measured)."""
+def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4) -> tuple[int, dict[int, float]]:
+    """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
+    at a time, until one reaches it; then every size between it and the grid size before. Returns
+    (size, {size: f} for every size measured)."""
     n = len(order)
     prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
-    grid = _geometric_sizes(n)
-    curve = dict(zip(grid, evaluator.faithfulness(nodes, prefix(grid)).tolist()))
-    reached = [k for k in grid if curve[k] >= target]
+    grid, curve = _geometric_sizes(n), {}
+    for begin in range(0, len(grid), chunk):
+        sizes = grid[begin:begin + chunk]
+        curve.update(zip(sizes, evaluator.faithfulness(nodes, prefix(sizes)).tolist()))
+        if any(curve[k] >= target for k in sizes):
+            break
+    reached = [k for k in sorted(curve) if curve[k] >= target]
     if not reached:
         return n, curve
     hi = reached[0]
-    lo = max([k for k in grid if k < hi] + [0])
-    inside = [k for k in range(lo + 1, hi)]
+    lo = max([k for k in curve if k < hi] + [0])
+    inside = list(range(lo + 1, hi))
     if inside:
         curve.update(zip(inside, evaluator.faithfulness(nodes, prefix(inside)).tolist()))
     return min(k for k in range(lo, hi + 1) if curve[k] >= target), curve
@@ -339,10 +344,13 @@ def bootstrap_mean_ci(values: np.ndarray, n_bootstrap: int, ci: float, rng: np.r
 
 # ---- the refusal direction -----------------------------------------------------------------------
 
-def refusal_direction(model, evaluator: Evaluator, metric: str, max_layers: int, max_batch_rows=None) -> dict:
-    """Difference-of-means direction per layer at the final position, with ablation (on harmful
-    prompts: does removing it stop refusal?) and addition (on harmless prompts: does adding it cause
-    refusal?) effects for up to `max_layers` layers; the best layer has the largest mean of the two."""
+def refusal_direction(model, evaluator: Evaluator, metric: str, max_layers: int, n_ablations: int = 3,
+                      max_batch_rows=None) -> dict:
+    """Difference-of-means direction per layer at the final position. Its addition effect (added to the
+    harmless run's residual entering the layer: does it cause refusal?) is measured at up to
+    `max_layers` layers (cheap: each run starts at its layer), its ablation effect (projected out of the
+    harmful run everywhere: does refusal stop?) at the `n_ablations` layers where addition works best;
+    the best layer has the largest mean of the two."""
     adapter = get_adapter(model)
     n_layers = adapter.n_layers
 
@@ -354,26 +362,27 @@ def refusal_direction(model, evaluator: Evaluator, metric: str, max_layers: int,
     directions = mean_difference(harmful, harmless)  # [L + 1, d]
     norms = directions.norm(dim=-1)
     live = [layer for layer in range(n_layers) if norms[layer] > 1e-6 * float(norms.max())]
-    step = max(1, math.ceil(len(live) / max_layers))
-    tested = live[::step]
-    ablation = torch.empty(len(tested), evaluator.n_pairs)
+    tested = live[::max(1, math.ceil(len(live) / max_layers))]
     addition = torch.empty(len(tested), evaluator.n_pairs)
     for group, runner in zip(evaluator.groups, evaluator.runners):
-        full, empty = runner.metric_full, runner.metric_empty
-        gap = empty - full
-        ablated = ablate_direction_metrics(model, group.clean, group.answers, directions[tested], metric, max_batch_rows)
         added = add_direction_metrics(model, group.corrupted, group.answers, directions[tested], tested, metric,
                                       max_batch_rows)
-        ablation[:, group.rows] = (ablated - full) / gap
-        addition[:, group.rows] = (added - empty) / -gap
-    score = (ablation.mean(1) + addition.mean(1)) / 2
-    best = tested[int(score.argmax())]
+        addition[:, group.rows] = (added - runner.metric_empty) / (runner.metric_full - runner.metric_empty)
+    ablated_layers = [tested[i] for i in addition.mean(1).argsort(descending=True)[:n_ablations].tolist()]
+    ablation = torch.empty(len(ablated_layers), evaluator.n_pairs)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        ablated = ablate_direction_metrics(model, group.clean, group.answers, directions[ablated_layers], metric,
+                                           max_batch_rows)
+        ablation[:, group.rows] = (ablated - runner.metric_full) / (runner.metric_empty - runner.metric_full)
+    score = ablation.mean(1) + addition[[tested.index(layer) for layer in ablated_layers]].mean(1)
+    best = ablated_layers[int(score.argmax())]
     per_layer = []
     for layer in range(n_layers + 1):
-        row = {"layer": layer, "norm": float(norms[layer]), "ablation_effect": None, "addition_effect": None}
+        row = {"layer": layer, "norm": float(norms[layer]), "addition_effect": None, "ablation_effect": None}
         if layer in tested:
-            i = tested.index(layer)
-            row.update(ablation_effect=float(ablation[i].mean()), addition_effect=float(addition[i].mean()))
+            row["addition_effect"] = float(addition[tested.index(layer)].mean())
+        if layer in ablated_layers:
+            row["ablation_effect"] = float(ablation[ablated_layers.index(layer)].mean())
         per_layer.append(row)
     return {"position": "final token", "best_layer": best, "vector": directions[best], "per_layer": per_layer}
 
@@ -473,7 +482,8 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
             edge_note = str(err)
 
     # 7. The refusal direction and each circuit node's projection on it.
-    direction = refusal_direction(model, evaluator, cfg["metric"], cfg["direction_layers"], cfg["max_batch_rows"])
+    direction = refusal_direction(model, evaluator, cfg["metric"], cfg["direction_layers"],
+                                  max_batch_rows=cfg["max_batch_rows"])
     projections = node_projections(model, evaluator, nodes.select(circuit), direction.pop("vector")) if circuit else []
 
     agree = agreement(attribution, exact, top, sample, n_nodes, max(len(circuit), 1), cfg["strong_effect"])

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
-from pipeline.engine.circuits import (CircuitRunner, Nodes, ablate_direction_metrics, add_direction_metrics,
+from pipeline.engine.circuits import (CircuitRunner, Nodes, _dense_keep, ablate_direction_metrics, add_direction_metrics,
                                       faithfulness, path_patch, reference_circuit_metrics, reference_path_patch)
 from pipeline.engine.metrics import Answers
 
@@ -46,13 +46,21 @@ def pairs(n_pairs=3, seq_len=7, seed=1):
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_masked_circuits_match_the_hook_per_node_reference(model_type):
     """Many circuits packed into one batch (rows split across batches) equal one full forward per pair and
-    circuit with one hook per node; the full circuit is the clean run (f = 1), the empty one the corrupted (f = 0)."""
+    circuit with one hook per node; the full circuit is the clean run (f = 1), the empty one the corrupted (f = 0).
+    The circuits include ones whose lower layers are all kept (start from the clean run's residual) or all
+    patched (start from the corrupted run's plus the embedding difference), mixed within batches."""
     model = tiny_model(model_type)
     clean, corrupted, answers, classes = pairs()
-    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
-    masks = torch.rand(5, len(nodes), generator=torch.Generator().manual_seed(2)) < 0.5
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])  # 20 nodes per layer
+    masks = torch.rand(9, len(nodes), generator=torch.Generator().manual_seed(2)) < 0.5
     masks[0], masks[1] = True, False
+    masks[5], masks[6] = True, True
+    masks[5, 47], masks[6, 22] = False, False  # one node removed at layer 2 / layer 1: start there from clean
+    masks[7, :40], masks[8, :20] = False, False  # nothing kept below layer 2 / layer 1: start from corrupted
     runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=4)
+    keep_head, keep_mlp = _dense_keep(nodes, masks, 3, 4, 4)
+    start, from_base = runner._start_layers(keep_head, keep_mlp)
+    assert start[5:].tolist() == [2, 1, 2, 1] and from_base[5:].tolist() == [True, True, False, False]
     assert runner.first == 2  # rows start at the first differing token, attending to the cached prefix
     fast = runner.metrics(nodes, masks)
     reference = reference_circuit_metrics(model, clean, corrupted, answers, classes, nodes, masks)
@@ -289,7 +297,8 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert circuit["random_control"]["mean"] <= 0.2
     assert circuit["baselines"]["metric_empty_measured"] == pytest.approx(circuit["baselines"]["metric_empty"], abs=1e-4)
     assert circuit["growth_curve"]["faithfulness"][0] == pytest.approx(0.0, abs=1e-5)  # size 0: the empty circuit
-    assert circuit["growth_curve"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)  # every node: the model
+    assert circuit["mib"]["size"][-1] == circuit["candidates"]
+    assert circuit["mib"]["faithfulness_signed"][-1] == pytest.approx(1.0, abs=1e-4)  # every node: the model
     assert 0 <= circuit["mib"]["cmd"] <= 1 and circuit["mib"]["cpr"] > 0.5
     assert circuit["attribution"]["spearman"] > 0.5 and circuit["attribution"]["exhaustive"]
     direction = circuit["refusal_direction"]

@@ -18,6 +18,9 @@ How it stays fast, each step exact:
   outputs (the input of the attention output projection) and one on the MLP output.
 - Prefix reuse: positions before the first token where base and source differ are identical in both
   runs, so rows start there and attend to the base run's cached keys/values.
+- Layer skip: when every node below layer l is kept, the residual entering l is the base run's; when
+  every node below l is patched, it is the source run's plus the difference of the token embeddings
+  (every sublayer output below l is the source's, the embeddings are the base's). Rows start at l.
 - Path patching adds a sender's output difference straight into one receiver's input norm, so its
   first pass is a single layer, and the second starts at the receiver's layer from the cached residual.
 
@@ -139,6 +142,26 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
     return source + keep.to(live.dtype) * (live - source)
 
 
+class Suffix:
+    """Runs from the first position where base and source differ: earlier positions hold the same
+    activations in both runs, so rows attend to the base run's cached keys/values for them."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, base: RunCache, base_ids: torch.Tensor,
+                 source_ids: torch.Tensor):
+        self.model, self.base = model, base
+        self.first = first_difference(base_ids, source_ids) if base.kv is not None else 0
+        if self.first > 0:
+            zeros = torch.zeros(1, base_ids.shape[1] - self.first, dtype=torch.long, device=base_ids.device)
+            one_row = prefix_cache(model, base.kv, torch.tensor([0]), self.first)
+            self.inputs = record_layer_inputs(model, adapter, zeros, one_row)
+
+    def layer_inputs(self, rows: torch.Tensor, start: int):
+        """Per-layer inputs for rows `rows` running layers start..L-1 on positions first..T-1."""
+        if self.first == 0:
+            return self.base.layer_inputs
+        return bind_cache(self.inputs, prefix_cache(self.model, self.base.kv, rows, self.first, start))
+
+
 class CircuitRunner:
     """Evaluates many circuits on one group of pairs of equal length, packed.
 
@@ -159,29 +182,42 @@ class CircuitRunner:
         self.base = run_with_cache(model, self.adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
         self.source = run_with_cache(model, self.adapter, source_ids, ("head", "mlp_out"))
         self.n_pairs, seq_len = base_ids.shape
-        self.first = first_difference(base_ids, source_ids) if self.base.kv is not None else 0
+        self.suffix = Suffix(model, self.adapter, self.base, base_ids, source_ids)
+        self.first = self.suffix.first
         classes = position_classes.clone()
         classes[classes < 0] = n_classes
         if int(classes.max()) > n_classes:
             raise ValueError(f"position classes go up to {int(classes.max())} but n_classes={n_classes}")
         self.classes = classes[:, self.first:]  # [P, T'] (CPU)
-        if self.first > 0:
-            zeros = torch.zeros(1, seq_len - self.first, dtype=torch.long, device=device)
-            one_row = prefix_cache(model, self.base.kv, torch.tensor([0]), self.first)
-            self.suffix_inputs = record_layer_inputs(model, self.adapter, zeros, one_row)
+        # "Every node below l kept" means the base run below l only if no position that differs between
+        # the runs lies in no class (such positions are always patched).
+        differs = (base_ids != source_ids).cpu()
+        live = torch.arange(seq_len)[None] >= differs.float().argmax(1, keepdim=True)
+        self.all_classified = not bool(((position_classes < 0) & live).any())
         self.batch_rows = max_batch_rows or rows_that_fit(model, self.adapter, seq_len - self.first)
         all_pairs = torch.arange(self.n_pairs)
         self.metric_full = measure(self.adapter, metric, answers, self.base.final_resid, all_pairs).cpu()
         self.metric_empty = measure(self.adapter, metric, answers, self.source.final_resid, all_pairs).cpu()
 
-    def _layer_inputs(self, rows: torch.Tensor):
-        if self.first == 0:
-            return self.base.layer_inputs
-        return bind_cache(self.suffix_inputs, prefix_cache(self.model, self.base.kv, rows, self.first))
+    def _start_layers(self, keep_head: torch.Tensor, keep_mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per circuit: the first layer that must be computed, and whether the residual entering it is
+        the base run's (every node below kept) rather than the source run's (every node below patched)."""
+        n_classes, n_layers = self.n_classes, self.adapter.n_layers
+        head, mlp = keep_head[:, :, :n_classes].float(), keep_mlp[:, :, :n_classes].float()
+        all_kept = (head == 1).flatten(2).all(2) & (mlp == 1).all(2)  # [C, L]
+        none_kept = (head == 0).flatten(2).all(2) & (mlp == 0).all(2)
+        leading = lambda x: x.long().cumprod(1).sum(1)  # noqa: E731
+        below_kept = leading(all_kept) if self.all_classified else torch.zeros(len(head), dtype=torch.long)
+        below_patched = leading(none_kept)
+        start = torch.maximum(below_kept, below_patched).clamp(max=n_layers - 1)
+        return start, below_kept >= below_patched
 
     @torch.no_grad()
-    def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor) -> torch.Tensor:
-        """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables (see `_dense_keep`)."""
+    def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
+                     from_base: torch.Tensor) -> torch.Tensor:
+        """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables (see `_dense_keep`),
+        computed from layer `start` (rows `from_base` start from the base run's residual there, the
+        others from the source run's plus the embedding difference)."""
         adapter, first = self.adapter, self.first
         device = self.base.final_resid.device
         rows = pair_idx.to(device)
@@ -206,14 +242,20 @@ class CircuitRunner:
             return hook
 
         try:
-            for layer in range(adapter.n_layers):
+            for layer in range(start, adapter.n_layers):
                 keep_h = keep_head[:, layer].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T', H]
                 keep_m = keep_mlp[:, layer].gather(1, classes)  # [R, T']
                 handles.append(adapter.out_proj[layer].register_forward_pre_hook(
                     heads_hook(layer, keep_h[..., None].to(device))))
                 handles.append(adapter.mlp[layer].register_forward_hook(mlp_hook(layer, keep_m[..., None].to(device))))
-            resid = self.base.acts["resid_pre"][rows, 0, first:]
-            return run_layers(adapter, resid, 0, self._layer_inputs(pair_idx))
+            base_resid = self.base.acts["resid_pre"]
+            resid = base_resid[rows, start, first:]
+            if start > 0 and not bool(from_base.all()):
+                source_resid = self.source.acts["resid_pre"]
+                embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
+                resid = torch.where(from_base.to(device)[:, None, None], resid,
+                                    source_resid[rows, start, first:] + embedding_difference)
+            return run_layers(adapter, resid, start, self.suffix.layer_inputs(pair_idx, start))
         finally:
             for h in handles:
                 h.remove()
@@ -230,14 +272,18 @@ class CircuitRunner:
             raise ValueError("embedding nodes are inputs, not circuit members: leave them out of circuit masks")
         n_circuits, n_pairs = masks.shape[0], self.n_pairs
         keep_head, keep_mlp = _dense_keep(nodes, masks, self.adapter.n_layers, self.n_classes, self.adapter.n_heads)
-        out = torch.empty(n_circuits * n_pairs)
+        start_layer, from_base = self._start_layers(keep_head, keep_mlp)
+        # Circuits in order of their start layer, so a batch's rows share (nearly) one start layer.
+        order = torch.argsort(start_layer, stable=True)
+        out = torch.empty(n_circuits, n_pairs)
         n_rows = n_circuits * n_pairs
-        for start in range(0, n_rows, self.batch_rows):
-            flat = torch.arange(start, min(start + self.batch_rows, n_rows))
-            circuit, pair = flat // n_pairs, flat % n_pairs
-            final = self._final_resid(pair, keep_head[circuit], keep_mlp[circuit])
-            out[flat] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
-        return out.reshape(n_circuits, n_pairs)
+        for begin in range(0, n_rows, self.batch_rows):
+            flat = torch.arange(begin, min(begin + self.batch_rows, n_rows))
+            circuit, pair = order[flat // n_pairs], flat % n_pairs
+            final = self._final_resid(pair, keep_head[circuit], keep_mlp[circuit], int(start_layer[circuit].min()),
+                                      from_base[circuit])
+            out[circuit, pair] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
+        return out
 
 
 def faithfulness(metric_circuit: torch.Tensor, metric_full: torch.Tensor, metric_empty: torch.Tensor) -> torch.Tensor:
@@ -324,9 +370,10 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
     run's metric when only r's input sees s's source-run output, everything else as in the base run.
 
     Pass 1 (one layer): r's layer runs on the base residual with s's output difference added to the
-    input of r's norm only; r's output at its positions is kept. Pass 2 (layers l_r..L-1): the base run
-    with r's output at its positions replaced by that. The logits as receiver: s's difference at the
-    final position added to the base run's final residual.
+    input of r's norm only; r's output at its positions is kept. Pass 2 (layers l_r..L-1, positions from
+    the first that differs between the runs): the base run with r's output at its positions replaced by
+    that. The logits as receiver: s's difference at the final position added to the base run's final
+    residual.
     """
     check_metric(metric)
     _check_shapes(base_ids, source_ids, answers, position_classes)
@@ -334,8 +381,9 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
     check_path_patching(model, adapter)
     device = next(model.parameters()).device
     base_ids, source_ids = base_ids.to(device), source_ids.to(device)
-    base = run_with_cache(model, adapter, base_ids, ("head", "mlp_out"))
+    base = run_with_cache(model, adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
     source = run_with_cache(model, adapter, source_ids, ("head", "mlp_out"))
+    suffix = Suffix(model, adapter, base, base_ids, source_ids)
     n_pairs, seq_len = base_ids.shape
     all_pairs = torch.arange(n_pairs)
     metric_base = measure(adapter, metric, answers, base.final_resid, all_pairs).cpu()
@@ -358,7 +406,7 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
             sender_idx, pair_idx = torch.tensor(valid)[flat // n_pairs], flat % n_pairs
             received = _receiver_output(adapter, base, receivers, r, deltas[sender_idx.to(device), pair_idx.to(device)],
                                         pair_idx.to(device))
-            final = _with_receiver_output(adapter, base, receivers, r, received, classes, pair_idx.to(device))
+            final = _with_receiver_output(adapter, base, suffix, receivers, r, received, classes, pair_idx)
             out[sender_idx, r, pair_idx] = measure(adapter, metric, answers, final, pair_idx).cpu()
     return PathResult(out, metric_base, metric_source)
 
@@ -397,12 +445,15 @@ def _receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r: int,
     return captured["out"]
 
 
-def _with_receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r: int, received: torch.Tensor,
-                          classes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Pass 2: the base run from receiver r's layer with r's output at its positions replaced."""
+def _with_receiver_output(adapter: Adapter, base: RunCache, suffix: Suffix, receivers: Nodes, r: int,
+                          received: torch.Tensor, classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
+    """Pass 2: the base run from receiver r's layer (and the first differing position) with r's output at
+    its positions replaced."""
     kind, layer, head, cls = (int(x) for x in (receivers.kind[r], receivers.layer[r], receivers.head[r],
                                                receivers.cls[r]))
-    where = (classes[rows] == cls)[..., None]  # [R, T, 1]
+    first, rows = suffix.first, pair_idx.to(classes.device)
+    where = (classes[rows, first:] == cls)[..., None]  # [R, T', 1]
+    received = received[:, first:]
 
     def last(x, n):  # the last n positions (the last layer sees the final position alone)
         return x[:, x.shape[1] - n:]
@@ -424,7 +475,8 @@ def _with_receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r:
     handle = (adapter.out_proj[layer].register_forward_pre_hook(patch_head) if kind == HEAD
               else adapter.mlp[layer].register_forward_hook(patch_mlp))
     try:
-        return run_layers(adapter, base.acts["resid_pre"][rows, layer], layer, base.layer_inputs)
+        return run_layers(adapter, base.acts["resid_pre"][rows, layer, first:], layer,
+                          suffix.layer_inputs(pair_idx, layer))
     finally:
         handle.remove()
 
