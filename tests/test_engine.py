@@ -150,3 +150,27 @@ def test_rows_that_fit_is_positive_and_shrinks_with_length():
     model = tiny_model("llama")
     adapter = get_adapter(model)
     assert rows_that_fit(model, adapter, 16) >= rows_that_fit(model, adapter, 4096) >= 1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("clean_len,corrupted_len", [(7, 5), (5, 7)])
+def test_pairs_of_unequal_length_aligned_from_the_end(model_type, clean_len, corrupted_len):
+    model = tiny_model(model_type, n_layers=2)
+    gen = torch.Generator().manual_seed(3)
+    suffix = torch.randint(1, VOCAB, (2, 3), generator=gen)  # the aligned tail, e.g. the chat template's end
+    clean = torch.cat([torch.randint(1, VOCAB, (2, clean_len - 3), generator=gen), suffix], dim=1)
+    corrupted = torch.cat([torch.randint(1, VOCAB, (2, corrupted_len - 3), generator=gen), suffix], dim=1)
+    _, _, answers = pairs()
+    variants = every_variant(get_adapter(model), clean_len)  # positions are clean positions
+    with pytest.raises(ValueError, match="prompts.align=end"):
+        sweep(model, clean, corrupted, answers, variants)
+    for direction in DIRECTIONS:
+        fast = sweep(model, clean, corrupted, answers, variants, direction, align_end=True, max_batch_rows=5)
+        ref = reference_sweep(model, clean, corrupted, answers, variants, direction, align_end=True)
+        assert (ref.metric_patched - ref.metric_base[:, None]).abs().max() > 0.01
+        torch.testing.assert_close(fast.metric_patched, ref.metric_patched, atol=1e-5, rtol=0)
+        # a clean position with no corrupted counterpart changes nothing
+        unmatched = (variants.position >= 0) & (variants.position < clean_len - corrupted_len)
+        if unmatched.any():
+            torch.testing.assert_close(fast.metric_patched[:, unmatched],
+                                       fast.metric_base[:, None].expand(-1, int(unmatched.sum())), atol=0, rtol=0)

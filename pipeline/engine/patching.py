@@ -425,15 +425,15 @@ class SweepResult:
         }
 
 
-def _check_inputs(clean_ids, corrupted_ids, answers: Answers, direction: str, metric: str):
+def _check_inputs(clean_ids, corrupted_ids, answers: Answers, direction: str, metric: str, align_end: bool = False):
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose from {list(DIRECTIONS)}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
-    if clean_ids.shape != corrupted_ids.shape:
+    if clean_ids.shape[0] != corrupted_ids.shape[0] or (clean_ids.shape != corrupted_ids.shape and not align_end):
         raise ValueError(
             f"clean {tuple(clean_ids.shape)} and corrupted {tuple(corrupted_ids.shape)} token ids differ in shape; "
-            "pairs must have equal token counts (or use prompts.align=end)"
+            "pairs must have equal token counts (or align them from the end: prompts.align=end)"
         )
     if answers.refusal.shape[0] != clean_ids.shape[0]:
         raise ValueError(f"{answers.refusal.shape[0]} answer rows for {clean_ids.shape[0]} pairs")
@@ -469,22 +469,38 @@ def sweep(
     max_batch_rows: int | None = None,
     reuse_prefix: bool = True,
     batch_tokens: int | None = None,
+    align_end: bool = False,
 ) -> SweepResult:
-    """Patch every variant into every pair, packed; exact (equal to `reference_sweep` to float tolerance)."""
-    _check_inputs(clean_ids, corrupted_ids, answers, direction, metric)
+    """Patch every variant into every pair, packed; exact (equal to `reference_sweep` to float tolerance).
+
+    With `align_end`, clean and corrupted prompts may differ in length: they are aligned from the end
+    (clean position p pairs with corrupted position p - offset, offset = clean length - corrupted length),
+    variant positions are clean positions, and a patch at a position without a counterpart changes nothing.
+    """
+    _check_inputs(clean_ids, corrupted_ids, answers, direction, metric, align_end)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     clean_ids, corrupted_ids = clean_ids.to(device), corrupted_ids.to(device)
     components = {COMPONENTS[c] for c in variants.component.unique().tolist()}
     base_ids, source_ids = (corrupted_ids, clean_ids) if direction == "denoise" else (clean_ids, corrupted_ids)
     local = _is_local(variants)
-    base_components = components | ({"head"} if bool(local.any()) else set())
+    offset = clean_ids.shape[1] - corrupted_ids.shape[1]
+    base_components = components | ({"head"} if bool(local.any()) else set()) | (components if offset else set())
     base = run_with_cache(model, adapter, base_ids, base_components, keep_kv=reuse_prefix)
     source = run_with_cache(model, adapter, source_ids, components)
     clean, corrupted = (source, base) if direction == "denoise" else (base, source)
     measure = _Metric(metric, adapter, answers, source)
     all_pairs = torch.arange(clean_ids.shape[0])
-    n_pairs, seq_len = clean_ids.shape
+    n_pairs, seq_len = base_ids.shape
+    reported = variants
+    if offset:  # work in the base run's positions, with the source's activations aligned to them
+        shift = source_ids.shape[1] - seq_len  # base position q <-> source position q + shift
+        base_shift = offset if direction == "denoise" else 0  # clean position p -> base position p - base_shift
+        position = variants.position - base_shift
+        unmatched = (variants.position != ALL) & ((position < max(0, -shift)) | (position >= min(seq_len, source_ids.shape[1] - shift)))
+        position = torch.where(variants.position == ALL, ALL, torch.where(unmatched, 0, position))
+        variants = Variants(variants.component, variants.layer, variants.head, position)
+        source = _aligned_to_base(source, base, shift)
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
 
     metric_clean, metric_corrupted = measure(clean.final_resid, all_pairs), measure(corrupted.final_resid, all_pairs)
@@ -498,7 +514,7 @@ def sweep(
     # the same in both runs (causal attention), so a patch there changes nothing: such rows take the
     # base metric without a forward pass. Chat templates put a long shared prefix first.
     token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
-    first_difference = _first_difference(clean_ids, corrupted_ids).cpu()
+    first_difference = _first_difference(clean_ids, corrupted_ids).cpu() if not offset else torch.zeros(n_pairs, dtype=torch.long)
     patched = metric_base[:, None].repeat(1, len(variants))
     suffix_inputs = _suffix_memo(model, seq_len) if reuse_prefix else None
     for layer in variants.layer.unique().tolist():
@@ -509,6 +525,8 @@ def sweep(
         pair_rows = all_pairs.repeat(len(at_layer))
         position = variants.position[variant_rows]
         changes = (position == ALL) | (position >= first_difference[pair_rows])
+        if offset:  # positions with no counterpart in the other run change nothing
+            changes &= ~unmatched[variant_rows]
         variant_rows, pair_rows, position = variant_rows[changes], pair_rows[changes], position[changes]
         n_rows, start = len(variant_rows), 0
         local_from = int((~local[variant_rows]).sum())
@@ -525,11 +543,24 @@ def sweep(
     return SweepResult(
         direction=direction,
         metric=metric,
-        variants=variants,
+        variants=reported,
         metric_clean=metric_clean.cpu(),
         metric_corrupted=metric_corrupted.cpu(),
         metric_patched=patched.cpu(),
     )
+
+
+def _aligned_to_base(source: RunCache, base: RunCache, shift: int) -> RunCache:
+    """The source's activations re-indexed to base positions q <- q + shift; where the source has no
+    counterpart, the base's own activations (so that patching there changes nothing)."""
+    base_len, source_len = base.acts["resid_pre"].shape[2], source.acts["resid_pre"].shape[2]
+    lo, hi = max(0, -shift), min(base_len, source_len - shift)
+    acts = {}
+    for component, tensor in source.acts.items():
+        aligned = base.acts[component].clone()
+        aligned[:, :, lo:hi] = tensor[:, :, lo + shift : hi + shift]
+        acts[component] = aligned
+    return RunCache(acts=acts, final_resid=source.final_resid, layer_inputs=source.layer_inputs)
 
 
 def _first_difference(clean_ids: torch.Tensor, corrupted_ids: torch.Tensor) -> torch.Tensor:
@@ -562,11 +593,14 @@ def reference_sweep(
     variants: Variants,
     direction: str = "denoise",
     metric: str = "logit_diff",
+    align_end: bool = False,
 ) -> SweepResult:
-    _check_inputs(clean_ids, corrupted_ids, answers, direction, metric)
+    _check_inputs(clean_ids, corrupted_ids, answers, direction, metric, align_end)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     n_pairs = clean_ids.shape[0]
+    offset = clean_ids.shape[1] - corrupted_ids.shape[1]  # clean position p <-> corrupted position p - offset
+    base_shift, source_shift = (offset, 0) if direction == "denoise" else (0, offset)
     patched = torch.empty(n_pairs, len(variants))
     metric_clean, metric_corrupted = torch.empty(n_pairs), torch.empty(n_pairs)
     for p in range(n_pairs):
@@ -582,7 +616,9 @@ def reference_sweep(
             component = COMPONENTS[int(variants.component[v])]
             layer, head, position = int(variants.layer[v]), int(variants.head[v]), int(variants.position[v])
             source = source_acts[component][layer]
-            handle = _reference_hook(adapter, component, layer, head, position, source)
+            base_slice, source_slice = _aligned_slices(position, base_shift, source_shift,
+                                                       base_ids.shape[1], source_ids.shape[1])
+            handle = _reference_hook(adapter, component, layer, head, base_slice, source_slice, source)
             try:
                 logits = _final_logits(model, base_ids)
             finally:
@@ -613,19 +649,30 @@ def _capture_all(model, adapter: Adapter, ids) -> dict[str, list[torch.Tensor]]:
     return acts
 
 
-def _reference_hook(adapter: Adapter, component, layer, head, position, source):
-    """One hook that overwrites one activation (at one position / head, or all) with the source's."""
-    where = slice(None) if position == ALL else slice(position, position + 1)
+def _aligned_slices(position, base_shift, source_shift, base_len, source_len) -> tuple[slice, slice]:
+    """Base and source positions of one patch (a clean position, or ALL aligned from the end); empty
+    slices when the position has no counterpart in one of the runs."""
+    if position == ALL:
+        n = min(base_len, source_len)
+        return slice(base_len - n, base_len), slice(source_len - n, source_len)
+    qb, qs = position - base_shift, position - source_shift
+    if not (0 <= qb < base_len and 0 <= qs < source_len):
+        return slice(0, 0), slice(0, 0)
+    return slice(qb, qb + 1), slice(qs, qs + 1)
+
+
+def _reference_hook(adapter: Adapter, component, layer, head, base_slice, source_slice, source):
+    """One hook that overwrites one activation (at some positions, one head or all) with the source's."""
 
     def overwrite(tensor):
         tensor = tensor.clone()
         if component == "head":
             z = tensor.view(*tensor.shape[:-1], adapter.n_heads, adapter.d_head)
-            src = source.view_as(z)
+            src = source.view(*source.shape[:-1], adapter.n_heads, adapter.d_head)
             h = slice(None) if head == ALL else slice(head, head + 1)
-            z[:, where, h] = src[:, where, h]
+            z[:, base_slice, h] = src[:, source_slice, h]
         else:
-            tensor[:, where] = source[:, where]
+            tensor[:, base_slice] = source[:, source_slice]
         return tensor
 
     if component == "resid_pre":
