@@ -240,15 +240,16 @@ class Sweep:
 
 
 def plan_shards(pairs: pa.Table, shard_size: int) -> list[dict]:
-    """Pair shards: rows of one token length (the engine batches [P, T]), at most shard_size each,
-    named by the content of their token ids and answers."""
-    by_length: dict[int, list[int]] = {}
-    for row, seq_len in enumerate(pairs.column("seq_len").to_pylist()):
-        by_length.setdefault(seq_len, []).append(row)
+    """Pair shards: rows of one clean and one corrupted token length (the engine batches [P, T]), at
+    most shard_size each, named by the content of their token ids and answers."""
+    by_length: dict[tuple[int, int], list[int]] = {}
+    lengths = zip(pairs.column("seq_len").to_pylist(), pairs.column("align_offset").to_pylist())
+    for row, (seq_len, offset) in enumerate(lengths):
+        by_length.setdefault((seq_len, offset), []).append(row)
     columns = {c: pairs.column(c).to_pylist() for c in ("clean_ids", "corrupted_ids", "refusal_ids", "compliance_ids")}
     shards = []
-    for seq_len in sorted(by_length):
-        rows = by_length[seq_len]
+    for seq_len, offset in sorted(by_length):
+        rows = by_length[seq_len, offset]
         for start in range(0, len(rows), shard_size):
             part = rows[start:start + shard_size]
             content = {c: [values[r] for r in part] for c, values in columns.items()}

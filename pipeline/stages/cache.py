@@ -19,15 +19,14 @@ from pipeline.store import read_table, sha256_file, tensor_column, write_table
 
 
 def pair_batch(pairs_path: str, rows: list[int]) -> dict:
-    """Rows of pairs.arrow as tensors: pair_id [P], clean_ids / corrupted_ids [P, T], answers."""
+    """Rows of pairs.arrow as tensors: pair_id [P], clean_ids [P, T] / corrupted_ids [P, T'], answers
+    (T' != T only for pairs aligned from the end, prompts.align=end)."""
     table = read_table(pairs_path).take(pa.array(rows, pa.int64()))
     clean = table.column("clean_ids").to_pylist()
     corrupted = table.column("corrupted_ids").to_pylist()
-    if any(len(c) != len(k) for c, k in zip(clean, corrupted)):
-        raise ValueError("pairs with unequal token counts (prompts.align=end) cannot be patched exactly: the "
-                         "engine patches position by position; set prompts.align=none and fix or drop those pairs")
-    if len({len(c) for c in clean}) != 1:
-        raise ValueError(f"a pair shard must hold pairs of one token length, got {sorted({len(c) for c in clean})}")
+    if len({(len(c), len(k)) for c, k in zip(clean, corrupted)}) != 1:
+        raise ValueError(f"a pair shard must hold pairs of one clean and one corrupted token length, got "
+                         f"{sorted({(len(c), len(k)) for c, k in zip(clean, corrupted)})}")
 
     def padded(column: str) -> torch.Tensor:
         lists = table.column(column).to_pylist()

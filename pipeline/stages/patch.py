@@ -52,7 +52,8 @@ def run_item(model, tokenizer, item: dict) -> dict:
     variants = variants_for(get_adapter(model), item["component"], seq_len, per_position=item["per_position"],
                             layers=item["layers"], heads=item["heads"])
     result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
-                   direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"])
+                   direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"],
+                   align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
     table = effects_table(item["model"], result.to_columns(batch["pair_id"]), seq_len)
     write_table(item["out"], table, item["provenance"])
     return {"path": item["out"], "sha256": sha256_file(item["out"]), "rows": table.num_rows}
