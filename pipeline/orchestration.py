@@ -38,7 +38,8 @@ def start_ray(cfg: dict) -> None:
     options = dict(namespace=cfg["ray"]["namespace"], log_to_driver=cfg["ray"]["log_to_driver"],
                    include_dashboard=False, configure_logging=True, logging_level="warning")
     if cfg["ray"]["address"] == "local":
-        ray.init(num_cpus=cfg["resources"]["num_cpus"], num_gpus=None if cfg["resources"]["gpus_per_actor"] else 0,
+        # address="local": a private instance even when a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=cfg["resources"]["num_cpus"], num_gpus=None if cfg["resources"]["gpus_per_actor"] else 0,
                  **options)
     else:
         ray.init(address=cfg["ray"]["address"], **options)
