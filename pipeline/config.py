@@ -353,8 +353,11 @@ def _check_pairs_file(cfg: dict, folder: str) -> None:
 
 
 def _model_shape(folder: str, cfg: dict) -> tuple[int, int]:
-    """(layers, heads) from config.json alone: no weights are loaded."""
+    """(layers, heads) from config.json alone, after checking that the engine knows the architecture:
+    no weights are loaded."""
     from transformers import AutoConfig
+
+    from pipeline.engine.adapters import FAMILIES
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg["model"]["trust_remote_code"])
@@ -362,4 +365,8 @@ def _model_shape(folder: str, cfg: dict) -> tuple[int, int]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot read the model config of {cfg['model']['path']!r} ({first}): "
                           "fix model.path") from None
+    if config.model_type not in FAMILIES:
+        raise ConfigError(f"unsupported architecture {config.model_type!r} of model.path {cfg['model']['path']!r}: "
+                          f"use a causal LM whose model_type is one of {sorted(FAMILIES)} (or add it to "
+                          "pipeline/engine/adapters.py)")
     return config.num_hidden_layers, config.num_attention_heads
