@@ -57,10 +57,25 @@ class PatchingConfig:
 
 @dataclass
 class CircuitConfig:
+    """Aggregation of effects and the circuit step (pipeline.circuit; its CIRCUIT_DEFAULTS mirror these)."""
+    enabled: bool = True  # run the circuit step after the summary
     n_bootstrap: int = 1000  # bootstrap resamples over pairs for the confidence intervals
     ci: float = 0.95
     seed: int = 0
     top_k: int = 5  # strongest layers listed in the printed summary and report.md
+    target: float = 0.8  # faithfulness the circuit must reach
+    max_fraction: float = 0.1  # the size a circuit should stay under, as a fraction of candidate nodes
+    max_pairs: int = 64  # pairs used by the circuit step (a seeded sample when there are more)
+    n_random: int = 32  # random circuits of the same size (the control)
+    verify_top: int = 64  # attribution's strongest nodes verified exactly ...
+    verify_random: int = 32  # ... plus this many random others
+    verify_all_rows: int = 20000  # verify every node when nodes x pairs is at most this
+    strong_effect: float = 0.05  # a node is strong when its exact single-node effect reaches this
+    edge_min: float = 0.02  # path effects below this are recorded but not drawn
+    edges: bool = True  # path patching between circuit nodes
+    edge_nodes: int = 24  # edges are measured among at most this many of the circuit's strongest nodes
+    direction_layers: int = 16  # layers whose refusal direction gets an addition test
+    max_batch_rows: Optional[int] = None  # rows per forward in the circuit step; None = from free memory
 
 
 @dataclass

@@ -366,7 +366,9 @@ def stage_circuit(sweep: Sweep, manifest: Manifest) -> None:
     """The circuit step (pipeline.circuit) on a model actor: it needs forward passes (faithfulness,
     path patching), so it runs while the actors are up; skipped when its inputs are unchanged."""
     cfg = sweep.cfg
-    options = {**cfg["circuit"], "metric": cfg["patching"]["metric"]}
+    if not cfg["circuit"]["enabled"]:
+        return
+    options = {**{k: v for k, v in cfg["circuit"].items() if k != "enabled"}, "metric": cfg["patching"]["metric"]}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"], options)
     with timed(sweep.stage("circuit")) as stats:
         if all(manifest.is_valid(name, key) for name in CIRCUIT_FILES):

@@ -17,7 +17,7 @@ def test_default_is_refusal_smol_on_smollm2():
     assert cfg["name"] == "refusal_smol"
     assert cfg["model"] == {"name": "smollm2-refusal", "path": "smollm2-refusal", "dtype": "float32",
                             "trust_remote_code": False}
-    assert cfg["patching"]["components"] == ["resid_pre", "attn_out", "mlp_out", "head"]
+    assert cfg["patching"]["components"] == ["resid_pre", "attn_out", "mlp_out"]  # heads: the circuit step
     assert cfg["resources"]["gpus_per_actor"] == 0 and cfg["resources"]["device"] == "cpu"
     assert cfg["ray"]["address"] == "local"
     assert cfg["output_dir"] == "outputs/refusal_smol/smollm2-refusal-generated"
@@ -165,3 +165,12 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("patchsweep: error:")]
     assert len(errors) == 1 and "model.path" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_circuit_schema_mirrors_the_circuit_step_defaults():
+    """Every option of the circuit step is a typed config key with the same default."""
+    from pipeline.circuit import CIRCUIT_DEFAULTS
+    from pipeline.config import CircuitConfig
+
+    schema = {k: v for k, v in vars(CircuitConfig()).items() if k not in ("enabled", "top_k")}
+    assert schema == {k: v for k, v in CIRCUIT_DEFAULTS.items() if k != "metric"}
