@@ -5,6 +5,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -273,11 +274,18 @@ def test_slurm_script_runs_on_a_two_node_allocation(tmp_path):
     out = tmp_path / "outputs"
     ray_temp = short_temp_dir()
     env["RAY_TEMP_DIR"] = ray_temp
-    result = subprocess.run(["bash", str(JOBS / "slurm.sbatch"), f"output_root={out}", "experiment=refusal_tiny",
-                             "tracking.enabled=false", "patching.components=[resid_pre]"],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=400, start_new_session=True)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "Ray cluster up: 2 nodes" in result.stdout
+    script = subprocess.Popen(["bash", str(JOBS / "slurm.sbatch"), f"output_root={out}", "experiment=refusal_tiny",
+                               "tracking.enabled=false", "patching.components=[resid_pre]"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                              start_new_session=True)
+    try:
+        stdout, stderr = script.communicate(timeout=400)
+    finally:
+        if script.poll() is None:  # timed out: stop the script and the Ray nodes it started (its own group)
+            os.killpg(script.pid, signal.SIGTERM)
+            script.wait(timeout=60)
+    assert script.returncode == 0, (stdout + stderr)[-4000:]
+    assert "Ray cluster up: 2 nodes" in stdout
     assert (out / "refusal_tiny" / "refusal-tiny-generated" / "effects.arrow").is_file()
     time.sleep(3)
     leftover = subprocess.run(["pgrep", "-f", ray_temp], capture_output=True, text=True).stdout.split()
