@@ -1,8 +1,8 @@
 """report.md (what a person reads first) and the summary the command prints.
 
-Both say: how many pairs the behaviour screen kept, the layers that matter most with their 95%
-bootstrap confidence intervals, the strongest single components, the circuit and its faithfulness
-(once the circuit step has written circuit.json), where the files are and how to open the MLflow UI.
+Both say: how many pairs the behaviour screen kept, the layers that matter most (attention and MLP
+outputs per layer) with their 95% bootstrap confidence intervals, where the residual stream carries the
+effect layer by layer, the circuit and its faithfulness, where the files are and how to open the UI.
 """
 from __future__ import annotations
 
@@ -42,22 +42,34 @@ def _site(point_or_row) -> str:
     return ", ".join(parts)
 
 
-def top_layers(curves: dict[tuple[str, str], list[LayerPoint]], k: int) -> list[tuple[str, str, LayerPoint]]:
-    """Per direction, the k strongest layers of the residual stream's curve (resid_pre; else the first
-    component swept), strongest first."""
-    out = []
-    for direction in sorted({d for d, _ in curves}):
-        components = [c for d, c in curves if d == direction]
-        component = "resid_pre" if "resid_pre" in components else components[0]
-        for point in sorted(curves[(direction, component)], key=lambda p: p.mean, reverse=True)[:k]:
-            out.append((direction, component, point))
-    return out
-
-
-def strongest_components(summary: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The k strongest heads / attention / MLP outputs (per layer, over all positions) per direction."""
+def top_layers(summary: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The layers that matter most: per direction, the k strongest per-layer contributions (attention
+    and MLP outputs, heads when swept) over all positions, strongest first."""
     rows = summary[summary["component"].isin(["head", "attn_out", "mlp_out"]) & summary["position"].isna()]
     return rows.sort_values("mean", ascending=False).groupby("direction", sort=True).head(k)
+
+
+def residual_stream(curves: dict[tuple[str, str], list[LayerPoint]]) -> dict[str, list[list[LayerPoint]]]:
+    """Per direction, the resid_pre curve cut into runs of consecutive layers whose strongest position
+    is the same: where the signal sits as it moves through depth (e.g. the harmful word, then the chat
+    template, then the final token)."""
+    runs: dict[str, list[list[LayerPoint]]] = {}
+    for (direction, component), points in sorted(curves.items()):
+        if component != "resid_pre":
+            continue
+        for point in sorted(points, key=lambda p: p.layer):
+            groups = runs.setdefault(direction, [])
+            if groups and groups[-1][-1].position == point.position:
+                groups[-1].append(point)
+            else:
+                groups.append([point])
+    return runs
+
+
+def _run_text(run: list[LayerPoint]) -> str:
+    layers = f"layer {run[0].layer}" if len(run) == 1 else f"layers {run[0].layer}-{run[-1].layer}"
+    best = max(run, key=lambda p: p.mean)
+    return f"{layers} at {_site(run[0])}: up to {_ci(best.mean, best.ci_low, best.ci_high)} (layer {best.layer})"
 
 
 def _ci(mean: float, low: float, high: float) -> str:
@@ -75,10 +87,17 @@ def _pairs_line(report: dict) -> str:
 def _circuit_lines(circuit: dict | None) -> list[str]:
     if not circuit:
         return ["No circuit in this run (circuit.json absent)."]
-    nodes = circuit.get("nodes", [])
-    lines = [f"{len(nodes)} nodes, {len(circuit.get('edges', []))} edges"
-             + (f"; faithfulness {circuit['faithfulness']:.3f}" if isinstance(circuit.get("faithfulness"), (int, float))
-                else "")]
+    nodes = [n.get("id", "?") for n in circuit.get("nodes", [])]
+    lines = [f"{len(nodes)} nodes ({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}), "
+             f"{len(circuit.get('edges', []))} edges"]
+    if isinstance(circuit.get("faithfulness"), (int, float)):
+        ci = circuit.get("faithfulness_ci") or [float("nan")] * 2
+        lines.append(f"faithfulness {circuit['faithfulness']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+                     + (f" with {100 * circuit['fraction']:.1f}% of {circuit.get('candidates')} candidate nodes"
+                        if isinstance(circuit.get("fraction"), (int, float)) else ""))
+    control = circuit.get("random_control") or {}
+    if isinstance(control.get("mean"), (int, float)):
+        lines.append(f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control.get('n')})")
     return lines
 
 
@@ -103,23 +122,24 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
         "",
         "## Layers that matter most",
         "",
-        "The residual stream's strongest site per layer, strongest layers first (the full per-layer curves "
-        "of every component are MLflow metrics with step = layer, and heatmaps in layers.png).",
-        "",
     ]
     for direction, meaning in DIRECTION_MEANING.items():
         if direction in cfg["patching"]["directions"]:
             lines.append(f"- `{direction}`: {meaning}")
-    lines += ["", "| direction | component | layer | site | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
-    for direction, component, p in top_layers(curves, k):
-        lines.append(f"| {direction} | {component} | {p.layer} | {_site(p)} | {_ci(p.mean, p.ci_low, p.ci_high)} | {p.n} |")
-    strongest = strongest_components(summary, k)
+    strongest = top_layers(summary, k)
     if not strongest.empty:
-        lines += ["", "## Strongest components (over all positions)", "",
+        lines += ["", "Attention and MLP outputs (and heads, when swept) patched at all positions, strongest first:", "",
                   "| direction | component | layer | head | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
         for r in strongest.itertuples():
             head = "" if pd.isna(r.head) else int(r.head)
             lines.append(f"| {r.direction} | {r.component} | {r.layer} | {head} | {_ci(r.mean, r.ci_low, r.ci_high)} | {r.n} |")
+    runs = residual_stream(curves)
+    if runs:
+        lines += ["", "## The residual stream", "",
+                  "Where resid_pre carries the effect, layer by layer: the position whose patch moves the metric most "
+                  "(full curves: MLflow metrics with step = layer; heatmaps below).", ""]
+        for direction, groups in runs.items():
+            lines.append(f"- `{direction}`: " + "; ".join(_run_text(run) for run in groups))
     lines += ["", "## Circuit", ""] + _circuit_lines(circuit)
     if circuit and (run_dir / "circuit.svg").is_file():
         lines += ["", "![circuit](circuit.svg)"]
@@ -140,17 +160,18 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
 def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, curves: dict,
                     summary: pd.DataFrame, circuit: dict | None, tracking: dict | None) -> str:
     k = cfg["circuit"]["top_k"]
-    lines = [f"patchsweep {cfg['name']}: {cfg['model']['name']}", "  " + _pairs_line(pairs_report), "",
-             f"Layers that matter most (effect [{100 * cfg['circuit']['ci']:.0f}% CI], n pairs):"]
-    for direction, component, p in top_layers(curves, k):
-        lines.append(f"  {direction:<8} {component:<9} layer {p.layer:>2}  {_ci(p.mean, p.ci_low, p.ci_high)}  "
-                     f"n={p.n}  ({_site(p)})")
-    strongest = strongest_components(summary, k)
+    lines = [f"patchsweep {cfg['name']}: {cfg['model']['name']}", "  " + _pairs_line(pairs_report)]
+    strongest = top_layers(summary, k)
     if not strongest.empty:
-        lines.append("Strongest components:")
+        lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg['circuit']['ci']:.0f}% CI]):")
         for r in strongest.itertuples():
             name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
             lines.append(f"  {r.direction:<8} {name:<14} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
+    runs = residual_stream(curves)
+    if runs:
+        lines.append("Residual stream (resid_pre: the strongest position, layer by layer):")
+        for direction, groups in runs.items():
+            lines += [f"  {direction:<8} {_run_text(run)}" for run in groups]
     lines += ["Circuit: " + "; ".join(_circuit_lines(circuit)), ""]
     work = ", ".join(f"{s.stage} {s.computed} computed/{s.reused} reused" + (f"/{s.retried} retried" if s.retried else "")
                      + f" {s.seconds:.1f}s" for s in stats)

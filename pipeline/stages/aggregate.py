@@ -110,12 +110,20 @@ def top_sites(summary: pd.DataFrame, k: int, direction: str | None = None) -> pd
 
 
 def position_tokens(pairs: pa.Table) -> dict[int, str]:
-    """Relative position -> the clean-prompt token most pairs have there (template tokens agree)."""
+    """Relative position -> a label: the clean-prompt token most pairs have there (template tokens
+    agree), or "<harmful>" where pairs disagree but mostly hold their harmful word, else "<varies>"."""
     votes: dict[int, Counter] = {}
-    for tokens in pairs.column("clean_tokens").to_pylist():
+    harmful: Counter = Counter()
+    for tokens, harm in zip(pairs.column("clean_tokens").to_pylist(), pairs.column("harmful_positions").to_pylist()):
         for rel, token in zip(range(-len(tokens), 0), tokens):
             votes.setdefault(rel, Counter())[token] += 1
-    return {rel: counter.most_common(1)[0][0] for rel, counter in votes.items()}
+        harmful.update(p - len(tokens) for p in harm)
+    labels = {}
+    for rel, counter in votes.items():
+        token, count = counter.most_common(1)[0]
+        n = sum(counter.values())
+        labels[rel] = token if 2 * count >= n else "<harmful>" if 2 * harmful[rel] >= n else "<varies>"
+    return labels
 
 
 def summary_table(summary: pd.DataFrame) -> pa.Table:
