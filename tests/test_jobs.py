@@ -295,8 +295,6 @@ def test_slurm_script_runs_on_a_two_node_allocation(tmp_path):
 
 def test_jobs_are_documented():
     readme = (REPO / "README.md").read_text()
-    if "## Cluster jobs" not in readme:
-        pytest.skip("README section 'Cluster jobs' not written yet")
     section = readme.split("## Cluster jobs", 1)[1].split("\n## ", 1)[0]
     for name in ("submit.sh", "runtime_env.yaml", "rayjob.yaml", "raycronjob.yaml", "cronjob.yaml", "slurm.sbatch"):
         assert name in section, name
