@@ -242,12 +242,14 @@ class Sweep:
 
 def plan_shards(pairs: pa.Table, shard_size: int) -> list[dict]:
     """Pair shards: rows of one clean and one corrupted token length (the engine batches [P, T]), at
-    most shard_size each, named by the content of their token ids and answers."""
+    most shard_size each, named by their pair ids (written into every output row) and the content of
+    their token ids and answers."""
     by_length: dict[tuple[int, int], list[int]] = {}
     lengths = zip(pairs.column("seq_len").to_pylist(), pairs.column("align_offset").to_pylist())
     for row, (seq_len, offset) in enumerate(lengths):
         by_length.setdefault((seq_len, offset), []).append(row)
-    columns = {c: pairs.column(c).to_pylist() for c in ("clean_ids", "corrupted_ids", "refusal_ids", "compliance_ids")}
+    columns = {c: pairs.column(c).to_pylist()
+               for c in ("pair_id", "clean_ids", "corrupted_ids", "refusal_ids", "compliance_ids")}
     shards = []
     for seq_len, offset in sorted(by_length):
         rows = by_length[seq_len, offset]
@@ -287,7 +289,10 @@ def pairs_hash(pairs: pa.Table) -> str:
 def stage_pairs(sweep: Sweep, manifest: Manifest) -> pa.Table:
     cfg, stats = sweep.cfg, sweep.stage("pairs")
     path = sweep.run_dir / "pairs.arrow"
-    key = content_key("pairs", PRODUCER, sweep.model_info["weights_hash"], cfg["model"]["path"], cfg["prompts"])
+    # A user's prompt file counts by its content: an edited file gives new pairs, never the old ones.
+    prompts_file = sha256_file(cfg["prompts"]["path"]) if cfg["prompts"]["path"] else None
+    key = content_key("pairs", PRODUCER, sweep.model_info["weights_hash"], cfg["model"]["path"], cfg["prompts"],
+                      prompts_file)
     with timed(stats):
         if manifest.is_valid("pairs.arrow", key):
             stats.reused += 1

@@ -326,3 +326,22 @@ def test_damaged_shards_are_recomputed_never_read(setup, undisturbed, resumed):
     assert count["patch"] == (1, N_PAIRS * 8 - 1)
     assert store.read_table(shard).to_pandas().equals(original)
     assert_same_effects(effects(resumed["root"], resumed["model"]), effects(undisturbed["root"], resumed["model"]))
+
+
+def test_edited_pairs_file_gives_new_pairs(setup, undisturbed, resumed):
+    """The same command after the prompt file changed (its last pair dropped): the pairs are rebuilt
+    (the file is keyed by content, not by name), the shards of the unchanged pairs are reused, and the
+    results are the undisturbed ones without the dropped pair."""
+    original = setup["pairs"].read_text()
+    lines = original.splitlines(keepends=True)
+    try:
+        setup["pairs"].write_text("".join(lines[:-1]))
+        result = run(setup, resumed["root"], [resumed["model"]])
+    finally:
+        setup["pairs"].write_text(original)
+    [count] = work_counts(result.stdout)
+    assert count["pairs"] == (1, 0)
+    assert count["cache"] == (0, N_PAIRS - 1) and count["patch"] == (0, (N_PAIRS - 1) * 8)
+    want = effects(undisturbed["root"], resumed["model"])
+    want = want[want["pair_id"] != N_PAIRS - 1].reset_index(drop=True)
+    assert_same_effects(effects(resumed["root"], resumed["model"]), want)
