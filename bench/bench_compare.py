@@ -120,6 +120,27 @@ def main():
         for name in methods:
             if name != "patchsweep":
                 print(f"patchsweep is {seconds[name] / seconds['patchsweep']:.1f}x faster than {name}")
+    attribution_cost(model, clean, corrupted, answers)
+
+
+def attribution_cost(model, clean, corrupted, answers, repeats: int = 5):
+    """Attribution patching (every component at once) in forward-pass equivalents: its time over the time
+    of one plain forward pass on the same [P, T] batch, best of `repeats` each."""
+    from pipeline.engine.attribution import attribution_patching
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        t_forward = best(lambda: model(clean))
+    t_attribution = best(lambda: attribution_patching(model, clean, corrupted, answers))
+    print(f"attribution patching (every component, every position): {t_attribution:.3f} s = "
+          f"{t_attribution / t_forward:.1f} forward-pass equivalents (one forward: {t_forward * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":
