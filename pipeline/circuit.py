@@ -54,6 +54,7 @@ CIRCUIT_DEFAULTS = {
     "strong_effect": 0.05,  # a node is strong when its exact single-node effect reaches this
     "edge_min": 0.02,  # path effects below this are recorded but not drawn
     "edges": True,  # path patching (needs heads and MLPs that add straight into the residual stream)
+    "edge_nodes": 16,  # edges are measured among the circuit's strongest nodes (in-circuit effect), at most this many
     "direction_layers": 16,  # at most this many layers' refusal directions get an addition test (3 the ablation)
     "metric": "logit_diff",
     "n_bootstrap": 1000,
@@ -268,8 +269,8 @@ def _geometric_sizes(n: int) -> list[int]:
 
 def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4) -> tuple[int, dict[int, float]]:
     """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
-    at a time, until one reaches it; then every size between it and the grid size before. Returns
-    (size, {size: f} for every size measured)."""
+    at a time, until one reaches it; then the bracket below it is narrowed, `chunk` sizes per pass.
+    Returns (size, {size: f} for every size measured)."""
     n = len(order)
     prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
     grid, curve = _geometric_sizes(n), {}
@@ -283,27 +284,58 @@ def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, c
         return n, curve
     hi = reached[0]
     lo = max([k for k in curve if k < hi] + [0])
-    inside = list(range(lo + 1, hi))
-    if inside:
+    while hi - lo > 1:  # below lo nothing reached the target; hi reaches it
+        inside = sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi})
         curve.update(zip(inside, evaluator.faithfulness(nodes, prefix(inside)).tolist()))
-    return min(k for k in range(lo, hi + 1) if curve[k] >= target), curve
+        hi = min([k for k in inside if curve[k] >= target] + [hi])
+        lo = max(k for k in [lo] + inside if k < hi)
+    return hi, curve
 
 
-def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float) -> tuple[list[int], list[int]]:
-    """Drop every node whose removal keeps f >= target: tried in order of least harm when removed
-    alone, each removal checked on the circuit as it stands then. Returns (kept, removed)."""
-    if len(circuit) <= 1:
-        return circuit, []
-    without = _subset_masks(len(nodes), [[c for c in circuit if c != drop] for drop in circuit])
-    f_without = evaluator.faithfulness(nodes, without)
+def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
+          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int], np.ndarray]:
+    """Drop nodes whose removal keeps f >= target. Each round measures f without each node, then finds
+    the largest k such that removing the k least harmful nodes together keeps f at the target (k on a
+    geometric grid, then narrowed, `chunk` circuits per pass). Returns (kept, removed, f of the kept
+    circuit without each of its nodes)."""
+    def without_each(members: list[int]) -> np.ndarray:
+        return evaluator.faithfulness(
+            nodes, _subset_masks(len(nodes), [[c for c in members if c != drop] for drop in members])).numpy()
+
     kept, removed = list(circuit), []
-    for i in torch.argsort(f_without, descending=True, stable=True).tolist():
-        if f_without[i] < target:
+    f_without = without_each(kept)
+    for _ in range(max_rounds):
+        order = np.argsort(-f_without, kind="stable")
+        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        if most == 0:
             break
-        trial = [c for c in kept if c != circuit[i]]
-        if trial and float(evaluator.faithfulness(nodes, _subset_masks(len(nodes), [trial]))[0]) >= target:
-            kept, removed = trial, removed + [circuit[i]]
-    return kept, removed
+        trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
+        f_trial = {}
+
+        def measure_trials(ks):
+            ks = [k for k in ks if k not in f_trial]
+            if ks:
+                f_trial.update(zip(ks, evaluator.faithfulness(nodes, _subset_masks(len(nodes),
+                                                                                     [trial(k) for k in ks])).tolist()))
+
+        grid = [k for k in _geometric_sizes(most) if k > 0]
+        for begin in range(0, len(grid), chunk):
+            measure_trials(grid[begin:begin + chunk])
+            if any(f_trial[k] < target for k in grid[begin:begin + chunk]):
+                break
+        passing = [k for k in f_trial if f_trial[k] >= target]
+        if not passing:
+            break
+        lo = max(passing)
+        hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [most + 1])
+        while hi - lo > 1:  # lo keeps the target; hi (or beyond `most`) does not
+            measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
+            lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
+            hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+        removed += [c for c in kept if c not in trial(lo)]
+        kept = trial(lo)
+        f_without = without_each(kept)
+    return kept, removed, f_without
 
 
 def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
@@ -447,9 +479,10 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     # 3. Growth by verified effect, then pruning.
     order = np.lexsort((-attribution, -np.nan_to_num(exact, nan=-np.inf), np.isnan(exact)))
     size, curve = grow(evaluator, nodes, order, cfg["target"])
-    circuit, pruned = prune(evaluator, nodes, order[:size].tolist(), cfg["target"])
-    circuit = sorted(circuit, key=lambda i: (int(nodes.layer[i]), int(nodes.kind[i]), int(nodes.cls[i]),
-                                             int(nodes.head[i])))
+    circuit, pruned, f_without = prune(evaluator, nodes, order[:size].tolist(), cfg["target"])
+    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
+                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
+    circuit, f_without = [circuit[j] for j in by_place], f_without[by_place]
 
     # 4-5. The circuit's faithfulness with its interval, per category; curves; random control.
     masks = _subset_masks(n_nodes, [circuit, []])
@@ -470,14 +503,17 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     mib = mib_curve(evaluator, nodes, score)
     random_sets = [rng.choice(n_nodes, len(circuit), replace=False) for _ in range(cfg["n_random"])]
     f_random = evaluator.faithfulness(nodes, _subset_masks(n_nodes, random_sets)).numpy()
-    in_circuit = without_each(evaluator, nodes, circuit, f)
+    in_circuit = f - f_without  # each node's share inside the circuit
 
     # 6. Edges by path patching.
     edges, edge_note = [], None
     if cfg["edges"] and circuit:
+        strongest = sorted(np.argsort(-in_circuit, kind="stable")[:cfg["edge_nodes"]].tolist())
         try:
             check_path_patching(model, adapter)
-            edges = circuit_edges(model, groups, nodes, circuit, names, cfg, n_pairs)
+            edges = circuit_edges(model, groups, nodes, [circuit[j] for j in strongest], names, cfg, n_pairs)
+            if len(strongest) < len(circuit):
+                edge_note = f"edges measured among the {len(strongest)} nodes with the largest in-circuit effect"
         except UnsupportedArchitecture as err:
             edge_note = str(err)
 
@@ -527,14 +563,6 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
         "refusal_direction": direction,
         "forward_rows": evaluator.forward_rows,
     }
-
-
-def without_each(evaluator: Evaluator, nodes: Nodes, circuit: list[int], f: float) -> np.ndarray:
-    """Each circuit node's share inside the circuit: f(C) - f(C without it)."""
-    if not circuit:
-        return np.zeros(0)
-    masks = _subset_masks(len(nodes), [[c for c in circuit if c != drop] for drop in circuit])
-    return f - evaluator.faithfulness(nodes, masks).numpy()
 
 
 def circuit_edges(model, groups: list[PairGroup], nodes: Nodes, circuit: list[int], names: list[str], cfg: dict,

@@ -269,6 +269,34 @@ def test_flip_fractions_and_category_means():
     assert row["mean"] == pytest.approx(0.5) and row["n"] == 2
 
 
+class AdditiveFaithfulness:
+    """A stand-in for the Evaluator with a known answer: f(C) = sum of the nodes' weights."""
+
+    def __init__(self, weights):
+        self.weights = torch.tensor(weights)
+
+    def faithfulness(self, nodes, masks):
+        return (masks.float() * self.weights).sum(1)
+
+
+def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
+    from pipeline.circuit import grow, prune
+
+    weights = [0.0] * 60
+    weights[7], weights[3], weights[50], weights[11] = 0.5, 0.25, 0.1, 0.04  # 0.89 in all
+    evaluator = AdditiveFaithfulness(weights)
+    nodes = Nodes(*[torch.zeros(60, dtype=torch.long)] * 4)  # only their number matters here
+    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
+    size, curve = grow(evaluator, nodes, order, target=0.8)
+    assert size == 4 and curve[3] < 0.8 <= curve[4]  # 0.5 + 0.25 + 0.04 < 0.8 <= + 0.1
+    order = np.array([i for i in range(60) if i not in (7, 3, 50)] + [7, 3, 50])  # the useful nodes come last
+    size, _ = grow(evaluator, nodes, order, target=0.8)
+    assert size == 60
+    kept, removed, f_without = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
+    assert sorted(kept) == [3, 7, 50] and len(removed) == 57  # node 11 (0.04) is not needed either
+    assert f_without.tolist() == pytest.approx([0.35, 0.6, 0.75])  # kept in circuit order: 7, 3, 50 sorted
+
+
 @pytest.fixture(scope="module")
 def tiny_circuit(tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
