@@ -264,8 +264,11 @@ def test_worker_killed_mid_sweep(setup, undisturbed):
             process.kill()
     log = (output_root.parent / "worker-killed.log").read_text()
     assert re.search(r"patch \d+ computed/0 reused/[1-9]\d* retried", log), log[-3000:]
-    assert_same_effects(effects(output_root, model), effects(undisturbed["root"], model))
-    print(f"worker killed after {published} published shards; effects identical to the undisturbed run's")
+    got = effects(output_root, model)
+    assert_same_effects(got, effects(undisturbed["root"], model))
+    retried = re.search(r"patch \d+ computed/0 reused/(\d+) retried", log).group(1)
+    print(f"worker killed after {published} published shards, {retried} items retried; {len(got)} effect rows "
+          "identical to the undisturbed run's")
 
 
 @pytest.fixture(scope="module")
@@ -298,9 +301,10 @@ def test_driver_killed_then_resumed(setup, undisturbed, resumed):
     assert count["cache"] == (N_PAIRS - finished["cache"], finished["cache"])
     assert count["patch"] == (n_items - finished["patch"], finished["patch"])
     assert count["pairs"] == (0, 1)
-    assert_same_effects(effects(resumed["root"], resumed["model"]), effects(undisturbed["root"], resumed["model"]))
-    print(f"driver killed: {finished['patch']}/{n_items} patch shards and {finished['cache']}/{N_PAIRS} cache "
-          f"shards reused, {n_items - finished['patch']} + {N_PAIRS - finished['cache']} recomputed")
+    got = effects(resumed["root"], resumed["model"])
+    assert_same_effects(got, effects(undisturbed["root"], resumed["model"]))
+    print(f"driver killed: {finished['patch']}/{n_items} patch and {finished['cache']}/{N_PAIRS} cache shards reused, "
+          f"{n_items - finished['patch']} + {N_PAIRS - finished['cache']} recomputed; {len(got)} effect rows identical")
 
 
 def test_damaged_shards_are_recomputed_never_read(setup, undisturbed, resumed):
