@@ -52,6 +52,7 @@ CIRCUIT_DEFAULTS = {
     "verify_random": 32,  # ... plus this many random others
     "verify_all_rows": 20000,  # verify every node when nodes x pairs is at most this
     "strong_effect": 0.05,  # a node is strong when its exact single-node effect reaches this
+    "recall_k": 20,  # top-k recall of attribution uses k = min(circuit size, recall_k)
     "edge_min": 0.02,  # path effects below this are recorded but not drawn
     "edges": True,  # path patching (needs heads and MLPs that add straight into the residual stream)
     "edge_nodes": 16,  # edges are measured among the circuit's strongest nodes (in-circuit effect), at most this many
@@ -522,7 +523,8 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
                                   max_batch_rows=cfg["max_batch_rows"])
     projections = node_projections(model, evaluator, nodes.select(circuit), direction.pop("vector")) if circuit else []
 
-    agree = agreement(attribution, exact, top, sample, n_nodes, max(len(circuit), 1), cfg["strong_effect"])
+    agree = agreement(attribution, exact, top, sample, n_nodes, min(max(len(circuit), 1), cfg["recall_k"]),
+                      cfg["strong_effect"])
     node_rows = []
     for j, i in enumerate(circuit):
         kind, layer, head, cls = nodes.key(i)
@@ -560,6 +562,8 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
         "growth_curve": {"size": sorted(curve), "faithfulness": [curve[k] for k in sorted(curve)]},
         "mib": mib,
         "attribution": agree,
+        "scores": {"id": [node_id(nodes, i, names) for i in range(n_nodes)],
+                   "attribution": [_num(x) for x in attribution], "exact": [_num(x) for x in exact]},
         "refusal_direction": direction,
         "forward_rows": evaluator.forward_rows,
     }

@@ -55,7 +55,8 @@ def draw(circuit: dict):
     """The diagram as a matplotlib figure."""
     xy = layout(circuit)
     n_positions, n_layers = len(circuit["positions"]), circuit["n_layers"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * n_positions + 3.0), max(4.5, 0.9 * n_layers + 2.5)),
+    per_layer = 0.9 if n_layers <= 8 else max(0.35, 8.0 / n_layers)  # inches: deep models stay one page tall
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * n_positions + 3.0), max(4.5, per_layer * n_layers + 2.5)),
                            layout="constrained")
     effects = [_effect(n) for n in circuit["nodes"]]
     bound = max([abs(e) for e in effects] + [1e-3])
@@ -71,14 +72,18 @@ def draw(circuit: dict):
                                 shrinkA=9, shrinkB=9, connectionstyle="arc3,rad=0.08", zorder=1)
         ax.add_patch(arrow)
 
+    labels: dict[tuple, list] = {}  # one label per (layer, position, component): "L21.H0,1,4" / "L21.MLP"
     for node, effect in zip(circuit["nodes"], effects):
         x, y = xy[node["id"]]
         size = 60 + 340 * abs(effect) / bound
         ax.scatter([x], [y], s=size, c=[cmap(norm(effect))], marker="o" if node["component"] == "head" else "s",
                    edgecolors="black", linewidths=0.7, zorder=3)
-        label = f"H{node['head']}" if node["component"] == "head" else "MLP"
-        ax.annotate(f"L{node['layer']}.{label}", (x, y), xytext=(9, 5), textcoords="offset points",
-                    ha="left", va="bottom", fontsize=7, zorder=4)
+        labels.setdefault((node["layer"], node["position"], node["component"]), []).append((x, y, node["head"]))
+    for (layer, _, component), members in labels.items():
+        x, y = max(m[0] for m in members), members[0][1]
+        text = f"L{layer}.MLP" if component == "mlp" else f"L{layer}.H" + ",".join(str(m[2]) for m in members)
+        ax.annotate(text, (x, y), xytext=(8, 3), textcoords="offset points", ha="left", va="bottom", fontsize=6.5,
+                    zorder=4)
 
     for name, (x, y) in xy.items():
         if name.startswith("EMB@"):
@@ -91,7 +96,7 @@ def draw(circuit: dict):
     ax.annotate("refusal\nlogit", (lx, ly), ha="center", va="center", fontsize=7, zorder=4)
 
     ax.set_xticks(range(n_positions))
-    ax.set_xticklabels([p["label"] for p in circuit["positions"]], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([_readable(p["label"]) for p in circuit["positions"]], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(n_layers))
     ax.set_yticklabels([f"L{layer}" for layer in range(n_layers)], fontsize=8)
     ax.set_xlim(-0.7, n_positions - 0.3)
@@ -123,8 +128,8 @@ def to_dot(circuit: dict) -> str:
         r, g, b, _ = cmap(0.5 + 0.5 * effect / bound)
         colour = f"#{int(255 * r):02x}{int(255 * g):02x}{int(255 * b):02x}"
         shape = "ellipse" if node["component"] == "head" else "box"
-        label = f"{node['id']}\\n{node['token']}\\neffect {effect:+.2f}"
-        lines.append(f'  "{node["id"]}" [label="{_escape(label)}", shape={shape}, fillcolor="{colour}"];')
+        label = "\\n".join(_escape(part) for part in (node["id"], _readable(node["token"]), f"effect {effect:+.2f}"))
+        lines.append(f'  "{node["id"]}" [label="{label}", shape={shape}, fillcolor="{colour}"];')
         by_layer.setdefault(node["layer"], []).append(node["id"])
     lines.append(f'  "{LOGITS}" [label="refusal logit", shape=hexagon, fillcolor="#fee090"];')
     for sender in sorted({e["from"] for e in circuit.get("edges", []) if e["from"].startswith("EMB@")}):
@@ -143,8 +148,14 @@ def to_dot(circuit: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _readable(token: str) -> str:
+    """Byte-level BPE spells a newline "Ċ" and a leading space "Ġ"."""
+    return token.replace("Ċ", "\\n").replace("Ġ", "␣")
+
+
 def _escape(text: str) -> str:
-    return text.replace('"', '\\"')
+    """Text inside a DOT string: backslashes and quotes escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def render_circuit(circuit: dict, out_dir: str | Path) -> dict[str, Path]:

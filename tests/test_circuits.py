@@ -329,6 +329,7 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert circuit["mib"]["faithfulness_signed"][-1] == pytest.approx(1.0, abs=1e-4)  # every node: the model
     assert 0 <= circuit["mib"]["cmd"] <= 1 and circuit["mib"]["cpr"] > 0.5
     assert circuit["attribution"]["spearman"] > 0.5 and circuit["attribution"]["exhaustive"]
+    assert len(circuit["scores"]["exact"]) == circuit["candidates"] and None not in circuit["scores"]["exact"]
     direction = circuit["refusal_direction"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
     assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5  # removing it lowers refusal, adding it causes it
