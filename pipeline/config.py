@@ -71,9 +71,10 @@ class CircuitConfig:
     verify_random: int = 32  # ... plus this many random others
     verify_all_rows: int = 20000  # verify every node when nodes x pairs is at most this
     strong_effect: float = 0.05  # a node is strong when its exact single-node effect reaches this
+    recall_k: int = 20  # top-k recall of attribution uses k = min(circuit size, recall_k)
     edge_min: float = 0.02  # path effects below this are recorded but not drawn
     edges: bool = True  # path patching between circuit nodes
-    edge_nodes: int = 24  # edges are measured among at most this many of the circuit's strongest nodes
+    edge_nodes: int = 16  # edges are measured among at most this many of the circuit's strongest nodes
     direction_layers: int = 16  # layers whose refusal direction gets an addition test
     max_batch_rows: Optional[int] = None  # rows per forward in the circuit step; None = from free memory
 
