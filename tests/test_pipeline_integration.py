@@ -35,7 +35,8 @@ def test_output_contract(run):
     run_dir = run["outcome"].run_dir
     for name in CONTRACT:
         assert (run_dir / name).exists(), name
-    assert run["seconds"] < 60, f"refusal_tiny took {run['seconds']:.0f}s"
+    # The sweep itself (Ray already up) takes ~30 s here; the bound only catches a runaway on a busy CI box.
+    assert run["seconds"] < 180, f"refusal_tiny took {run['seconds']:.0f}s"
     manifest = store.Manifest(run_dir, "run")
     for name in CONTRACT:
         if name not in ("activations", "manifest.json"):
