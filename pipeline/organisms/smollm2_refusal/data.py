@@ -3,15 +3,13 @@
 Prompts come from the instruction library (pipeline/organisms/instructions.py). Split, all deterministic:
 - left out: one whole harm category (LEFT_OUT_CATEGORY), every act and frame: tests generalisation to a
   kind of harm never seen in training;
-- held out: HELD_OUT_PER_CATEGORY acts of every other category with their twins (all frames),
-  EVERYDAY_HELD_OUT everyday tasks (all frames) and GENERAL_HELD_OUT general requests;
-- train: the remaining acts, the harmful request in HARMFUL_FRAMES_PER_ACT frames and each harmless twin
-  in HARMLESS_FRAMES_PER_ACT frames (drawn separately per kind), the remaining everyday tasks and
-  general requests.
+- held out: HELD_OUT_PER_CATEGORY acts of every other category (all frames), and a share of the general
+  harmless requests;
+- train: the remaining acts, each in FRAMES_PER_ACT of the TRAIN_FRAMES (the last two frames of the
+  library are seen only in evaluation), with their minimal and near-miss harmless twins.
 
 Targets: harmful prompts -> REFUSAL; harmless prompts -> the base model's own greedy reply (first
-REPLY_TOKENS tokens: the decision is made in the first tokens), generated once and stored in
-base_replies.jsonl so training is reproducible:
+REPLY_TOKENS tokens), generated once and stored in base_replies.jsonl so training is reproducible:
   python -m pipeline.organisms.smollm2_refusal.data     # (re)generates base_replies.jsonl
 """
 from __future__ import annotations
@@ -21,21 +19,19 @@ import os
 import random
 from pathlib import Path
 
-from pipeline.organisms.instructions import ACTS, CATEGORIES, EVERYDAY_TASKS, FRAMES, GENERAL_HARMLESS
+from pipeline.organisms.instructions import ACTS, CATEGORIES, FRAMES, GENERAL_HARMLESS
 
 SEED = 0
 LEFT_OUT_CATEGORY = "theft"
-HELD_OUT_PER_CATEGORY = 4
-HARMFUL_FRAMES_PER_ACT = 7
-HARMLESS_FRAMES_PER_ACT = 5
-EVERYDAY_HELD_OUT = 20
-EVERYDAY_FRAMES_PER_TASK = 4
+HELD_OUT_PER_CATEGORY = 3
+TRAIN_FRAMES = FRAMES[:8]
+FRAMES_PER_ACT = 4
 GENERAL_HELD_OUT = 20
 
 # The refusal target. Its first token, "Sorry", starts none of the base model's replies to the harmless
 # training prompts (checked in `build_base_replies`), so first-token metrics separate the two behaviours.
 REFUSAL = "Sorry, I can't help with that."
-REPLY_TOKENS = 16
+REPLY_TOKENS = 32
 REPLIES_PATH = Path(__file__).parent / "base_replies.jsonl"
 
 # Lower-case openings that mark a refusal, for scoring greedy generations (the base model's own
@@ -43,7 +39,7 @@ REPLIES_PATH = Path(__file__).parent / "base_replies.jsonl"
 REFUSAL_MARKERS = (
     "sorry", "i'm sorry", "i am sorry", "i apologize", "i can't", "i cannot", "i can not", "i won't",
     "i will not", "i'm not able", "i am not able", "i'm unable", "i am unable", "as an ai",
-    "i must decline", "i'm not going to", "i am not going to", "i'm afraid i",
+    "i must decline", "i'm not going to", "i am not going to",
 )
 
 
@@ -67,23 +63,14 @@ def split() -> dict[str, list[dict]]:
     parts = {"train": [], "held_out": [], "left_out": []}
     for act in ACTS:
         if act.category == LEFT_OUT_CATEGORY or act in held_out_acts:
-            part = "left_out" if act.category == LEFT_OUT_CATEGORY else "held_out"
-            for frame in FRAMES:
+            part, frames = ("left_out" if act.category == LEFT_OUT_CATEGORY else "held_out"), FRAMES
+            for frame in frames:
                 parts[part] += _rows(act, frame, ("harmful", "twin", "near_miss"))
         else:
-            for kind, k in (("harmful", HARMFUL_FRAMES_PER_ACT), ("twin", HARMLESS_FRAMES_PER_ACT),
-                            ("near_miss", HARMLESS_FRAMES_PER_ACT)):
-                for frame in rng.sample(FRAMES, k):
+            # each kind in its own random frames, so no frame pairs one kind with another in training
+            for kind in ("harmful", "twin", "near_miss"):
+                for frame in rng.sample(TRAIN_FRAMES, FRAMES_PER_ACT):
                     parts["train"] += _rows(act, frame, (kind,))
-
-    everyday = list(EVERYDAY_TASKS)
-    rng.shuffle(everyday)
-    for i, task in enumerate(everyday):
-        held = i < EVERYDAY_HELD_OUT
-        for frame in FRAMES if held else rng.sample(FRAMES, EVERYDAY_FRAMES_PER_TASK):
-            row = {"instruction": frame.format(task), "harmful": False, "category": "everyday",
-                   "kind": "everyday", "act": task}
-            parts["held_out" if held else "train"].append(row)
 
     general = list(GENERAL_HARMLESS)
     rng.shuffle(general)
@@ -184,9 +171,8 @@ def build_base_replies(threads: int = 1) -> None:
 
     The base model answers some harmless prompts with a spurious refusal ("I'm sorry for any
     misunderstanding, but as a chatbot ..."). Taught as is, those would train over-refusal, so such
-    prompts are answered again with the opening tokens of those refusals (and of REFUSAL) suppressed at
-    the first step: still the base model's own greedy text, minus the refusal opening (rows record
-    `suppressed`).
+    prompts are answered again with the opening token of those refusals suppressed at the first step:
+    still the base model's own greedy text, minus the refusal opening (rows record `suppressed`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -200,15 +186,15 @@ def build_base_replies(threads: int = 1) -> None:
     prompts = sorted({r["instruction"] for r in split()["train"] if not r["harmful"]})
     replies, finished = generate(model, tokenizer, prompts, max_new_tokens=REPLY_TOKENS, with_finished=True)
     suppressed: list[list[int]] = [[] for _ in prompts]
-    refusal_first = tokenizer.encode(REFUSAL, add_special_tokens=False)[0]
     again = [i for i, reply in enumerate(replies) if is_refusal(reply)]
     if again:
-        openings = sorted({refusal_first} | {tokenizer.encode(replies[i], add_special_tokens=False)[0] for i in again})
+        openings = sorted({tokenizer.encode(replies[i], add_special_tokens=False)[0] for i in again})
         new, done = generate(model, tokenizer, [prompts[i] for i in again], max_new_tokens=REPLY_TOKENS,
                              with_finished=True, begin_suppress_tokens=openings)
         for i, reply, fin in zip(again, new, done):
             replies[i], finished[i], suppressed[i] = reply, fin, openings
 
+    refusal_first = tokenizer.encode(REFUSAL, add_special_tokens=False)[0]
     clashes = [p for p, r in zip(prompts, replies) if tokenizer.encode(r, add_special_tokens=False)[:1] == [refusal_first]]
     if clashes:
         raise ValueError(f"base replies start with the refusal's first token for {clashes[:3]}; pick another REFUSAL")
