@@ -27,7 +27,9 @@ f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), m averaged over pairs.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,7 @@ CIRCUIT_DEFAULTS = {
     "seed": 0,
     "max_batch_rows": None,
 }
+log = logging.getLogger(__name__)
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 CLASS_TITLES = {"harm": "harmful tokens", "after": "rest of instruction"}
 
@@ -456,6 +459,14 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     check_metric(cfg["metric"])
     if not 0 < cfg["target"] <= 1:
         raise ValueError(f"circuit.target={cfg['target']} must be in (0, 1]")
+    seconds, clock = {}, [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock[0], 2)
+        clock[0] = now
+        log.info("circuit step: %s took %.1fs", phase, seconds[phase])
+
     rng = np.random.default_rng(cfg["seed"])
     pairs, n_unequal = select_pairs(pairs, cfg["max_pairs"], cfg["seed"])
     names, labels, class_maps = position_classes(pairs)
@@ -465,6 +476,7 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     n_nodes = len(nodes)
     evaluator = Evaluator(model, groups, len(names), cfg["metric"], cfg["max_batch_rows"])
     n_pairs = evaluator.n_pairs
+    lap("caches")
 
     # 1-2. Scores: attribution for every node, exact single-node effects for the verified ones.
     attr_pairs = attribution_scores(model, groups, nodes, len(names), cfg["metric"], n_pairs)
@@ -477,6 +489,8 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     exact_ci[verified] = bootstrap_mean_ci(exact_pairs.numpy(), cfg["n_bootstrap"], cfg["ci"], rng)
     score = np.where(np.isnan(exact), attribution, exact)
 
+    lap("scores")
+
     # 3. Growth by verified effect, then pruning.
     order = np.lexsort((-attribution, -np.nan_to_num(exact, nan=-np.inf), np.isnan(exact)))
     size, curve = grow(evaluator, nodes, order, cfg["target"])
@@ -484,6 +498,8 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
                                                           int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
     circuit, f_without = [circuit[j] for j in by_place], f_without[by_place]
+
+    lap("growth and pruning")
 
     # 4-5. The circuit's faithfulness with its interval, per category; curves; random control.
     masks = _subset_masks(n_nodes, [circuit, []])
@@ -506,6 +522,8 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
     f_random = evaluator.faithfulness(nodes, _subset_masks(n_nodes, random_sets)).numpy()
     in_circuit = f - f_without  # each node's share inside the circuit
 
+    lap("faithfulness, curves, controls")
+
     # 6. Edges by path patching.
     edges, edge_note = [], None
     if cfg["edges"] and circuit:
@@ -518,11 +536,14 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
         except UnsupportedArchitecture as err:
             edge_note = str(err)
 
+    lap("edges")
+
     # 7. The refusal direction and each circuit node's projection on it.
     direction = refusal_direction(model, evaluator, cfg["metric"], cfg["direction_layers"],
                                   max_batch_rows=cfg["max_batch_rows"])
     projections = node_projections(model, evaluator, nodes.select(circuit), direction.pop("vector")) if circuit else []
 
+    lap("refusal direction")
     agree = agreement(attribution, exact, top, sample, n_nodes, min(max(len(circuit), 1), cfg["recall_k"]),
                       cfg["strong_effect"])
     node_rows = []
@@ -566,6 +587,7 @@ def build_circuit(model, pairs: pa.Table, cfg: dict | None = None) -> dict:
                    "attribution": [_num(x) for x in attribution], "exact": [_num(x) for x in exact]},
         "refusal_direction": direction,
         "forward_rows": evaluator.forward_rows,
+        "seconds": seconds,
     }
 
 
