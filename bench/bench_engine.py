@@ -2,9 +2,11 @@
 
 The full `resid_pre` layer x position sweep over N pairs on a Llama-shaped random-weight model: both
 methods run on the same inputs, their metrics are checked to agree, and the speed ratio is printed.
+The pairs differ at one token, a third of the way in (as chat-templated minimal pairs do, later).
 
     python bench/bench_engine.py                      # 4 layers, 32 pairs (the issue's CPU setting)
     python bench/bench_engine.py --layers 8 --pairs 64 --seq-len 48 --device cuda --dtype bfloat16
+    python bench/bench_engine.py --component mlp_out --all-positions   # one whole-sequence patch per layer
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.metrics import Answers
-from pipeline.engine.patching import reference_sweep, sweep, variants_for
+from pipeline.engine.patching import COMPONENTS, reference_sweep, sweep, variants_for
 
 
 def build(args):
@@ -53,13 +55,16 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--component", default="resid_pre", choices=COMPONENTS)
+    parser.add_argument("--all-positions", action="store_true", help="one patch per layer (or head) over all positions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model, clean, corrupted, answers = build(args)
-    variants = variants_for(get_adapter(model), "resid_pre", args.seq_len)
+    variants = variants_for(get_adapter(model), args.component, args.seq_len, per_position=not args.all_positions)
     n_patches = args.pairs * len(variants)
-    print(f"resid_pre sweep: {args.layers} layers x {args.seq_len} positions x {args.pairs} pairs = {n_patches} patches "
+    where = "all positions" if args.all_positions else f"{args.seq_len} positions"
+    print(f"{args.component} sweep: {args.layers} layers x {where} x {args.pairs} pairs = {n_patches} patches "
           f"(d_model {args.d_model}, {args.dtype} on {args.device})")
 
     sweep(model, clean[:2], corrupted[:2], answers.index(torch.arange(2)), variants)  # warm-up

@@ -271,20 +271,25 @@ def patched_final_resid(
     pair_idx: torch.Tensor,
     variants: Variants,
     suffix_inputs: dict[int, list] | None = None,
+    first: int | None = None,
 ) -> torch.Tensor:
     """Final residuals [R, d] of base rows `pair_idx` with `variants` (all at `layer`) patched from source.
 
     Causal attention: a patch at position p leaves positions < p unchanged at every layer, so when the
     base run's keys/values are cached, only positions >= the earliest patched position are computed,
-    attending to the cached prefix. `suffix_inputs` memoises the layer inputs per prefix length.
+    attending to the cached prefix. `suffix_inputs` memoises the layer inputs per prefix length. `first`
+    overrides that earliest position when the caller knows more: a whole-sequence patch changes nothing
+    before the position where its pair's two prompts first differ.
     """
     device = base.final_resid.device
     seq_len = base.acts["resid_pre"].shape[2]
     rows = pair_idx.to(device)
     if bool(_is_local(variants).all()) and "head" in base.acts:
         return _patched_final_resid_local(model, adapter, base, source, layer, rows, variants, suffix_inputs)
-    first = int(variants.position.min()) if base.kv is not None and suffix_inputs is not None else ALL
-    first = max(first, 0)
+    if base.kv is None or suffix_inputs is None:
+        first = 0
+    elif first is None:
+        first = max(int(variants.position.min()), 0)
     layer_inputs = _layer_inputs(model, adapter, base, rows, first, layer, suffix_inputs)
     pos_mask = _position_mask(variants.position, seq_len)[:, first:]  # [R, T - first], built on CPU
     resid = base.acts["resid_pre"][rows, layer, first:]
@@ -506,38 +511,43 @@ def sweep(
     metric_clean, metric_corrupted = measure(clean.final_resid, all_pairs), measure(corrupted.final_resid, all_pairs)
     metric_base = metric_corrupted if direction == "denoise" else metric_clean
 
-    # Rows are (variant, pair), variants sorted by layer then position: a batch then shares one layer
-    # (layer skip) and a narrow range of positions (prefix reuse). A batch computes positions from its
-    # earliest patched one, so batches are cut at about `batch_tokens` computed tokens: big enough to
-    # keep the matrix units busy, small enough that few positions are recomputed.
+    # Rows are (variant, pair), by layer, whole-layer kinds before local ones, then by the first position
+    # they change: a batch then shares one layer (layer skip) and a narrow range of positions (prefix
+    # reuse). A batch computes positions from its earliest changed one, so batches are cut at about
+    # `batch_tokens` computed tokens: big enough to keep the matrix units busy, small enough that few
+    # positions are recomputed.
     # Before the first position where a pair's clean and corrupted tokens differ, every activation is
     # the same in both runs (causal attention), so a patch there changes nothing: such rows take the
-    # base metric without a forward pass. Chat templates put a long shared prefix first.
+    # base metric without a forward pass, and a whole-sequence patch need only be computed from there.
+    # Chat templates put a long shared prefix first.
     token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
     first_difference = _first_difference(clean_ids, corrupted_ids).cpu() if not offset else torch.zeros(n_pairs, dtype=torch.long)
     patched = metric_base[:, None].repeat(1, len(variants))
     suffix_inputs = _suffix_memo(model, seq_len) if reuse_prefix else None
     for layer in variants.layer.unique().tolist():
         at_layer = (variants.layer == layer).nonzero().squeeze(1)
-        at_layer = at_layer[variants.position[at_layer].argsort(stable=True)]
-        at_layer = at_layer[local[at_layer].int().argsort(stable=True)]  # whole-layer kinds first, then local
         variant_rows = at_layer.repeat_interleave(n_pairs)
         pair_rows = all_pairs.repeat(len(at_layer))
-        position = variants.position[variant_rows]
-        changes = (position == ALL) | (position >= first_difference[pair_rows])
+        position, differ_from = variants.position[variant_rows], first_difference[pair_rows]
+        # the first position a row changes: its patched position, or for a whole-sequence patch its pair's
+        # first differing token (before it the patch writes the values already there)
+        begin = torch.where(position == ALL, differ_from, position)
+        changes = torch.where(position == ALL, differ_from < seq_len, position >= differ_from)
         if offset:  # positions with no counterpart in the other run change nothing
             changes &= ~unmatched[variant_rows]
-        variant_rows, pair_rows, position = variant_rows[changes], pair_rows[changes], position[changes]
+        variant_rows, pair_rows, begin = variant_rows[changes], pair_rows[changes], begin[changes]
+        order = torch.argsort(local[variant_rows].long() * (seq_len + 1) + begin, stable=True)
+        variant_rows, pair_rows, begin = variant_rows[order], pair_rows[order], begin[order]
         n_rows, start = len(variant_rows), 0
         local_from = int((~local[variant_rows]).sum())
         while start < n_rows:
-            computed = seq_len - max(int(position[start]), 0) if reuse_prefix else seq_len
+            computed = seq_len - int(begin[start]) if reuse_prefix else seq_len
             stop = min(n_rows, start + min(batch_rows, max(1, token_budget // computed)))
             if start < local_from:
                 stop = min(stop, local_from)
             pair_idx, variant_idx = pair_rows[start:stop], variant_rows[start:stop]
-            final = patched_final_resid(
-                model, adapter, base, source, layer, pair_idx, variants.select(variant_idx), suffix_inputs)
+            final = patched_final_resid(model, adapter, base, source, layer, pair_idx, variants.select(variant_idx),
+                                        suffix_inputs, first=int(begin[start]))
             patched[pair_idx.to(device), variant_idx.to(device)] = measure(final, pair_idx)
             start = stop
     return SweepResult(
