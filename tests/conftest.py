@@ -10,6 +10,27 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (for the Ray heads and workers tests start)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def short_temp_dir() -> str:
+    """Ray's session folder holds Unix sockets, whose paths must stay under 108 bytes: pytest's tmp_path
+    is too deep for them."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="ps-ray-", dir="/tmp")
+
+
 def compose(*overrides: str):
     """The config `patchsweep <overrides>` would run, composed with Hydra's compose API."""
     from hydra import compose as hydra_compose

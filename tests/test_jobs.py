@@ -6,17 +6,15 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, free_ports, short_temp_dir
 
 JOBS = REPO / "jobs"
 VENV_BIN = Path(sys.executable).parent
@@ -151,22 +149,6 @@ def test_submit_refuses_without_token_or_output_folder(tmp_path):
     result = subprocess.run(["bash", str(JOBS / "submit.sh"), "experiment=refusal_tiny"], capture_output=True,
                             text=True, env=submit_env(HOME=str(home), RAY_AUTH_TOKEN="x"), timeout=30)
     assert result.returncode == 2 and "output_root=" in result.stderr
-
-
-def short_temp_dir() -> str:
-    """Ray's session folder holds Unix sockets, whose paths must stay under 108 bytes: pytest's tmp_path
-    is too deep for them."""
-    return tempfile.mkdtemp(prefix="ps-ray-", dir="/tmp")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def dashboard_answers(address: str) -> bool:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, free_ports, short_temp_dir, write_jsonl
 from pipeline import store
 
 pytestmark = pytest.mark.slow  # a three-node cluster and six sweeps: about 5 min on 2 busy cores
@@ -37,7 +36,7 @@ class LocalCluster:
     Stopped by those processes' ids: `ray stop` would stop every Ray instance on the machine."""
 
     def __init__(self, n_workers: int, env: dict):
-        self.temp = tempfile.mkdtemp(prefix="ps-ray-", dir="/tmp")
+        self.temp = short_temp_dir()
         self.env = env
         self.nodes: list[subprocess.Popen] = []
         ports = free_ports(4 + n_workers)
@@ -102,18 +101,6 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

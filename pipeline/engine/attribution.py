@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .metrics import Answers, normalised_effect
+from .metrics import Answers, DirectedMetrics, normalised_effect
 from .patching import DIRECTIONS, rows_that_fit, run_with_cache
 from .circuits import check_metric, measure
 
@@ -24,20 +24,8 @@ COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "head")
 
 
 @dataclass
-class AttributionResult:
-    direction: str
-    metric: str
+class AttributionResult(DirectedMetrics):
     scores: dict[str, torch.Tensor]  # component -> [P, L, T] ([P, L, T, H] for heads): estimated patched - base
-    metric_clean: torch.Tensor  # [P]
-    metric_corrupted: torch.Tensor  # [P]
-
-    @property
-    def metric_base(self) -> torch.Tensor:
-        return self.metric_corrupted if self.direction == "denoise" else self.metric_clean
-
-    @property
-    def metric_source(self) -> torch.Tensor:
-        return self.metric_clean if self.direction == "denoise" else self.metric_corrupted
 
     def effects(self, component: str) -> torch.Tensor:
         """Estimated normalised effects, the shape of scores[component]: (estimate) / (source - base)."""
@@ -140,7 +128,8 @@ def attribution_patching(model: nn.Module, clean_ids: torch.Tensor, corrupted_id
     scores = {c: torch.cat(parts[c]) for c in components}
     base_metric, source_metric = torch.cat(metric_base), torch.cat(metric_source)
     clean, corrupted = (source_metric, base_metric) if direction == "denoise" else (base_metric, source_metric)
-    return AttributionResult(direction, metric, scores, clean, corrupted)
+    return AttributionResult(direction=direction, metric=metric, metric_clean=clean, metric_corrupted=corrupted,
+                             scores=scores)
 
 
 @torch.no_grad()

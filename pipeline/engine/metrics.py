@@ -17,6 +17,25 @@ EFFECT_EPS = 1e-6
 
 
 @dataclass
+class DirectedMetrics:
+    """A result's unpatched metrics. Denoising patches the clean (harmful) run's activations into the
+    corrupted run, so the corrupted run is the base and the clean run the source; noising the reverse."""
+
+    direction: str
+    metric: str
+    metric_clean: torch.Tensor  # [P]
+    metric_corrupted: torch.Tensor  # [P]
+
+    @property
+    def metric_base(self) -> torch.Tensor:
+        return self.metric_corrupted if self.direction == "denoise" else self.metric_clean
+
+    @property
+    def metric_source(self) -> torch.Tensor:
+        return self.metric_clean if self.direction == "denoise" else self.metric_corrupted
+
+
+@dataclass
 class Answers:
     refusal: torch.Tensor  # [P, K] token ids, -1 = padding
     compliance: torch.Tensor  # [P, K]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .metrics import METRICS, Answers, answer_metric, kl_to_source, normalised_effect
+from .metrics import METRICS, Answers, DirectedMetrics, answer_metric, kl_to_source, normalised_effect
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "head")
 DIRECTIONS = ("denoise", "noise")
@@ -391,21 +391,9 @@ def rows_that_fit(model: nn.Module, adapter: Adapter, seq_len: int, budget_fract
 
 
 @dataclass
-class SweepResult:
-    direction: str
-    metric: str
+class SweepResult(DirectedMetrics):
     variants: Variants
-    metric_clean: torch.Tensor  # [P]
-    metric_corrupted: torch.Tensor  # [P]
     metric_patched: torch.Tensor  # [P, V]
-
-    @property
-    def metric_base(self) -> torch.Tensor:
-        return self.metric_corrupted if self.direction == "denoise" else self.metric_clean
-
-    @property
-    def metric_source(self) -> torch.Tensor:
-        return self.metric_clean if self.direction == "denoise" else self.metric_corrupted
 
     def effects(self) -> torch.Tensor:
         return normalised_effect(self.metric_patched, self.metric_base[:, None], self.metric_source[:, None])
@@ -634,7 +622,8 @@ def reference_sweep(
             finally:
                 handle.remove()
             patched[p, v] = _reference_metric(metric, logits, source_logits, answer)[0]
-    return SweepResult(direction, metric, variants, metric_clean, metric_corrupted, patched)
+    return SweepResult(direction=direction, metric=metric, metric_clean=metric_clean, metric_corrupted=metric_corrupted,
+                       variants=variants, metric_patched=patched)
 
 
 def _capture_all(model, adapter: Adapter, ids) -> dict[str, list[torch.Tensor]]:
