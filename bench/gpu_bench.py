@@ -99,8 +99,6 @@ def run_shape(name, args, rate):
         print(json.dumps(rows[-1]), flush=True)
         if diff > 5e-2 * scale:
             raise SystemExit(f"patchsweep and the plain loop disagree on {name} {sweep_name}: {diff} (scale {scale})")
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
 
@@ -116,7 +114,7 @@ def main():
     rate = matmul_rate(args.device, torch.bfloat16)
     print(f"measured bf16 matmul rate: {rate / 1e12:.0f} TFLOP/s on {args.device}", flush=True)
     rows = [r for name in args.shapes.split(",") for r in run_shape(name, args, rate)]
-    print(f"\n| model | sweep | patches | plain loop | per-layer packing | patchsweep | floor | vs plain | vs floor |")
+    print("\n| model | sweep | patches | plain loop | per-layer packing | patchsweep | floor | vs plain | vs floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['sweep']} | {r['patches']} | {r['plain_s']:.2f} s | {r['packed_per_layer_s']:.2f} s | "

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import REPO, compose, write_jsonl
 from pipeline.config import validate

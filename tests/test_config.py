@@ -79,7 +79,7 @@ def test_flatten_for_mlflow_params():
 @pytest.fixture
 def valid(tmp_path, word_model_folder):
     """Overrides of a config that validates: a config-only model folder, outputs under tmp_path."""
-    return [f"model=hf", f"model.path={word_model_folder}", f"output_root={tmp_path / 'outputs'}"]
+    return ["model=hf", f"model.path={word_model_folder}", f"output_root={tmp_path / 'outputs'}"]
 
 
 def check_fails(overrides, *fragments):

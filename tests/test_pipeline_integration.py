@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -94,7 +93,7 @@ def test_effects_table(run, model):
     assert not frame.duplicated(key).any()
     assert set(frame["component"]) == set(cfg["patching"]["components"])
     assert set(frame["direction"]) == {"denoise", "noise"}
-    n_pairs, n_layers, n_heads = frame["pair_id"].nunique(), model.config.num_hidden_layers, model.config.num_attention_heads
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     per_pair = frame.groupby("pair_id").size()
     seq_len = frame.groupby("pair_id")["seq_len"].first()
     # resid_pre at every layer x position, attn_out/mlp_out per layer, heads per layer x head; two directions.

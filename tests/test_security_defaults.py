@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from conftest import REPO, compose
 from pipeline.config import to_dict

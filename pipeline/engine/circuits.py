@@ -332,7 +332,7 @@ def node_writes(adapter: Adapter, cache: RunCache, nodes: Nodes, classes: torch.
     A head's write is its slice of the attention output projection (without the bias, which every
     run shares); an MLP's is its output; the embeddings' is the residual entering layer 0. `cache`
     must hold "head" and "mlp_out"."""
-    n_heads, d_head = adapter.n_heads, adapter.d_head
+    d_head = adapter.d_head
     out = []
     for i in range(len(nodes)):
         kind, layer, head, cls = (int(x) for x in (nodes.kind[i], nodes.layer[i], nodes.head[i], nodes.cls[i]))
