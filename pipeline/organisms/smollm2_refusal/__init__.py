@@ -52,20 +52,23 @@ def base_model_dir() -> Path:
     return _publish(folder, lambda tmp: _dequantise_gguf(gguf, tmp))
 
 
-def model_dir() -> Path:
-    """The safety-tuned model (base + merged LoRA adapter) as a Hugging Face folder (built on first call)."""
-    adapter_files = [ADAPTER_DIR / name for name in ADAPTER_FILES]
+def model_dir(adapter_dir: Path | str = ADAPTER_DIR) -> Path:
+    """The safety-tuned model (base + merged LoRA adapter) as a Hugging Face folder (built on first call).
+
+    `adapter_dir` defaults to the shipped adapter; another folder (a training run's) is merged the same way.
+    """
+    adapter_files = [Path(adapter_dir) / name for name in ADAPTER_FILES]
     missing = [str(p) for p in adapter_files if not p.is_file()]
     if missing:
         raise FileNotFoundError(
             f"smollm2-refusal adapter files missing: {missing}; train them with "
-            "`python -m pipeline.organisms.smollm2_refusal.train`"
+            "`python -m pipeline.organisms.smollm2_refusal.train train`"
         )
     folder = cache_root() / f"smollm2-refusal-{files_digest([gguf_path(), *adapter_files])[:16]}"
     if folder.is_dir():
         return folder
     base = base_model_dir()
-    return _publish(folder, lambda tmp: _merge_adapter(base, ADAPTER_DIR, tmp))
+    return _publish(folder, lambda tmp: _merge_adapter(base, Path(adapter_dir), tmp))
 
 
 @functools.lru_cache(maxsize=None)
