@@ -152,3 +152,18 @@ def test_shipped_evaluation_and_card_describe_the_shipped_adapter():
     for key in train.BARS:
         assert tuned[key]["rate"] > base[key]["rate"] + 0.5 if key.endswith("/harmful") else tuned[key]["rate"] < base[key]["rate"]
     assert train.CARD_PATH.read_text() == train.model_card(results, training), "re-run `... train card`"
+
+
+def test_reply_loss_weights_the_first_reply_token():
+    """Weight 1 is the usual next-token loss over the reply; weight w counts each row's first reply token w times."""
+    from pipeline.organisms.smollm2_refusal.train import reply_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 7, 8, -100, -100, -100]])
+    shifted = logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)
+    torch.testing.assert_close(reply_loss(logits, labels, 1.0), torch.nn.functional.cross_entropy(*shifted))
+    per_token = torch.nn.functional.cross_entropy(*shifted, reduction="none").reshape(2, 5)
+    first = per_token[0, 1] + per_token[1, 0]  # each row's first scored position (labels shifted by one)
+    rest = per_token[0, 2] + per_token[0, 3] + per_token[1, 1]
+    torch.testing.assert_close(reply_loss(logits, labels, 4.0), (4 * first + rest) / (4 * 2 + 3))
