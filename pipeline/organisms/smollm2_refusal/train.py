@@ -256,9 +256,10 @@ def model_card(results: dict, training: dict) -> str:
         row("left_out/near_miss", "&nbsp; near-miss twins", ""),
     ])
     missed = [f"{key.replace('_', '-').replace('/', ' ')} {100 * tuned[key]['rate']:.1f}%" for key, ok in bar_checks(results).items() if not ok]
-    verdict = ("All four met." if not missed else
-               f"Missed: {', '.join(missed)}. The near-miss twins carry the over-refusal; the untuned model refuses "
-               "them about as often (its own spurious \"I'm sorry ...\" openings), so the tune has not yet unlearned them.")
+    near_miss = ", ".join(f"{split.replace('_', '-')} {100 * tuned[f'{split}/near_miss']['rate']:.1f}% vs "
+                          f"{100 * base[f'{split}/near_miss']['rate']:.1f}%" for split in ("held_out", "left_out"))
+    verdict = (("All four met." if not missed else f"Missed: {', '.join(missed)}.")
+               + f" Near-miss twins refused, tuned vs untuned: {near_miss}.")
     errors = results["models"]["tuned"]["errors"]
     examples = "\n".join(
         f"- {e['split']}, {e['kind']}: \"{e['instruction']}\" -> \"{e['reply'].strip()[:60]}\"" for e in errors[:: max(1, len(errors) // 12)][:12]
