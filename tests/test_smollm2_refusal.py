@@ -142,7 +142,7 @@ def test_shipped_evaluation_and_card_describe_the_shipped_adapter():
     assert results["adapter_digest"] == train.adapter_digest(ADAPTER_DIR), "re-run `... train eval` for this adapter"
     assert results["left_out_category"] == data.LEFT_OUT_CATEGORY
     parts = data.split()
-    for name in ("held_out", "left_out"):
+    for name in data.EVALUATED:
         for harmful in (True, False):
             key = f"{name}/{'harmful' if harmful else 'harmless'}"
             n = sum(row["harmful"] == harmful for row in parts[name])
