@@ -167,3 +167,10 @@ def test_reply_loss_weights_the_first_reply_token():
     first = per_token[0, 1] + per_token[1, 0]  # each row's first scored position (labels shifted by one)
     rest = per_token[0, 2] + per_token[0, 3] + per_token[1, 1]
     torch.testing.assert_close(reply_loss(logits, labels, 4.0), (4 * first + rest) / (4 * 2 + 3))
+
+
+def test_evaluation_names_an_unknown_split_before_loading_a_model():
+    from pipeline.organisms.smollm2_refusal.train import evaluate
+
+    with pytest.raises(ValueError, match=r"unknown evaluation split\(s\) \['fresh_set'\]: use some of held_out, left_out, fresh"):
+        evaluate(threads=1, splits=("held_out", "fresh_set"))
