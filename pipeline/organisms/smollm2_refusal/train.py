@@ -30,7 +30,7 @@ from pipeline.organisms.smollm2_refusal import data
 
 SEED = 0
 LORA_RANK = 32
-LORA_ALPHA = 64
+LORA_ALPHA_PER_RANK = 2  # alpha = 2 x rank at every rank, so --rank changes capacity, not the step size
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH_SIZE = 8
 STEPS = 700
@@ -92,8 +92,8 @@ def lora_model(rank: int = LORA_RANK):
     folder = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA * rank // LORA_RANK, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA_PER_RANK * rank, lora_dropout=0.0,
+                        target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     return get_peft_model(model, config), tokenizer
 
 
@@ -143,7 +143,7 @@ def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only
         record = {
             "steps": steps, "batch_size": BATCH_SIZE, "examples": len(examples), "harmful_examples": n_harmful,
             "epochs": round(steps * BATCH_SIZE / len(examples), 2), "learning_rate": LEARNING_RATE,
-            "warmup_steps": WARMUP_STEPS, "lora_rank": rank, "lora_alpha": LORA_ALPHA * rank // LORA_RANK,
+            "warmup_steps": WARMUP_STEPS, "lora_rank": rank, "lora_alpha": LORA_ALPHA_PER_RANK * rank,
             "lora_targets": LORA_TARGETS, "first_token_weight": first_token_weight, "seed": SEED,
             "threads": threads, "seconds": round(seconds), "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
             "torch": torch.__version__,
@@ -279,7 +279,7 @@ def model_card(results: dict, training: dict) -> str:
     )
     t = training
     earlier = "\n".join(
-        f"| {r['run']} | {r['data']} | {r.get('lora_rank', 8)} | {r.get('steps', 600)} | {r['first_token_weight']:g} | {r['held_out_harmful']:.1%} | {r['held_out_harmless']:.1%} "
+        f"| {r['run']} | {r['data']} | {r['lora_rank']} | {r['steps']} | {r['first_token_weight']:g} | {r['held_out_harmful']:.1%} | {r['held_out_harmless']:.1%} "
         f"| {r['left_out_harmful']:.1%} | {r['left_out_harmless']:.1%} |" for r in t.get("earlier_runs", [])
     )
     return f"""# smollm2-refusal
@@ -372,7 +372,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapter", type=Path, default=ADAPTER_DIR)
     parser.add_argument("--first-token-weight", type=float, default=FIRST_TOKEN_WEIGHT)
-    parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (alpha scales with it)")
+    parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--models", default="tuned,base", help="eval: which of tuned,base to evaluate")
     parser.add_argument("--splits", default=",".join(data.EVALUATED),
                         help="eval: which prompt sets (comparing runs: held_out,left_out; the fresh set is for the shipped adapter)")
@@ -386,7 +386,7 @@ def main() -> None:
         print(f"wrote {CARD_PATH}")
     elif args.command == "time":
         train(steps=min(args.steps, 6), threads=args.threads, timing_only=True,
-              first_token_weight=args.first_token_weight)
+              first_token_weight=args.first_token_weight, rank=args.rank)
     else:
         train(args.steps, args.threads, args.adapter, first_token_weight=args.first_token_weight, rank=args.rank)
 
