@@ -70,7 +70,8 @@ def screen_command(cfg: DictConfig) -> None:
     """Greedy generation and the first-token metric on a file of prompts -> screen.arrow."""
     from pathlib import Path
 
-    from pipeline.stages.screen import format_summary, load_screen_prompts, screen
+    from pipeline.analysis.behaviour import format_summary, screen
+    from pipeline.analysis.prompt_files import load_screen_prompts
     from pipeline.store import write_table
 
     from hydra.core.hydra_config import HydraConfig

@@ -232,3 +232,12 @@ def test_work_survives_an_actor_death(ray_session, tmp_path):
             pool.map("conftest:exit_once", [{"name": "die", "marker": str(tmp_path / "b")}])
     finally:
         pool.close()
+
+
+def test_numbers_match_the_stored_digest(run):
+    """The refusal_tiny experiment reproduces the stored effects, summary and circuit.json values
+    (bench/outputs_digest.py; refresh the digest only for a change meant to move the numbers)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from outputs_digest import compare
+
+    assert compare(run["outcome"].run_dir, REPO / "tests" / "data" / "refusal_tiny_digest") == []

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from pipeline.organisms import resolve
 from pipeline.organisms.refusal_tiny import grammar, model_dir
 from pipeline.organisms.refusal_tiny.train import encode, evaluation_prompts
-from pipeline.stages.screen import screen
+from pipeline.analysis.behaviour import screen
 
 
 @pytest.fixture(scope="module")

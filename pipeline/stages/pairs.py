@@ -37,8 +37,9 @@ from typing import Iterable, Literal, NamedTuple, Sequence
 import pyarrow as pa
 
 from pipeline.engine.metrics import answer_metric
-from pipeline.stages.screen import (SCREEN_METRIC, chat_text, decode, derive_answer_tokens, final_answer_logits,
-                                    greedy_generate, is_refusal, read_user_file)
+from pipeline.analysis.behaviour import (SCREEN_METRIC, chat_text, decode, derive_answer_tokens, final_answer_logits,
+                                    greedy_generate, is_refusal)
+from pipeline.analysis.prompt_files import read_user_file
 
 Align = Literal["none", "end"]
 ALIGN_MODES = ("none", "end")

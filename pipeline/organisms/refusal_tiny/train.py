@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.organisms.refusal_tiny import grammar
-from pipeline.stages.screen import format_summary, screen
+from pipeline.analysis.behaviour import format_summary, screen
 
 SEED = 0
 HERE = Path(__file__).resolve().parent
@@ -191,7 +191,7 @@ patchsweep has a refusal mechanism to find that sweeps in seconds on a CPU.
 
 ## Measured behaviour (greedy generation, default system prompt)
 
-Refused = the greedy reply starts like a refusal (`pipeline.stages.screen.is_refusal`; for this model,
+Refused = the greedy reply starts like a refusal (`pipeline.analysis.behaviour.is_refusal`; for this model,
 "I cannot help with that"). Held-out = action/object combinations never seen in training.
 
 | prompts | n harmful | refused | n harmless | refused |
@@ -261,7 +261,7 @@ gradient clipping 1.0, {r['threads']} CPU thread(s), {r['train_seconds']:.0f} s 
 2-core machine shared with other jobs (torch {r['torch']}); final training loss {r['final_loss']:.4f}.
 Evaluation: {h['n_harmful'] + h['n_harmless']} held-out and {t['n_harmful'] + t['n_harmless']}
 training-combination prompts, greedy, up to {h['max_new_tokens']} new tokens, through
-`pipeline.stages.screen.screen`.
+`pipeline.analysis.behaviour.screen`.
 
 ## Minimal pairs
 

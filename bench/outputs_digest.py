@@ -1,0 +1,113 @@
+"""A stored digest of a run's numbers, and the check that a later run reproduces them.
+
+    python bench/outputs_digest.py save    <run folder> <digest folder>
+    python bench/outputs_digest.py compare <run folder> <digest folder> [--atol 1e-6]
+
+The digest holds effects.arrow and summary.arrow (sorted by their keys) as Parquet and circuit.json's
+values flattened to (path, value) rows: the numbers a refactoring must not change. Run times, and
+the config hash (which follows the config's layout, not its meaning), are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.store import read_table  # noqa: E402
+
+EFFECT_KEY = ["direction", "component", "layer", "head", "position", "pair_id"]
+SUMMARY_KEY = ["direction", "component", "layer", "head", "position"]
+CIRCUIT_SKIPPED = ("seconds", "provenance.config_hash")
+
+
+def _sorted(table: pa.Table, key: list[str]) -> pa.Table:
+    return table.replace_schema_metadata(None).sort_by([(k, "ascending") for k in key])
+
+
+def flatten_json(value, path: str = "") -> list[tuple[str, object]]:
+    """circuit.json -> [(path, leaf)] with list indices in the path."""
+    if isinstance(value, dict):
+        return [row for k in sorted(value) for row in flatten_json(value[k], f"{path}.{k}" if path else k)]
+    if isinstance(value, list):
+        return [row for i, v in enumerate(value) for row in flatten_json(v, f"{path}[{i}]")]
+    return [(path, value)]
+
+
+def circuit_rows(run_dir: Path) -> list[tuple[str, object]]:
+    rows = flatten_json(json.loads((run_dir / "circuit.json").read_text()))
+    return [(p, v) for p, v in rows if not p.startswith(CIRCUIT_SKIPPED)]
+
+
+def save(run_dir: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(_sorted(read_table(run_dir / "effects.arrow"), EFFECT_KEY), out / "effects.parquet",
+                   compression="zstd")
+    pq.write_table(_sorted(read_table(run_dir / "summary.arrow"), SUMMARY_KEY), out / "summary.parquet",
+                   compression="zstd")
+    (out / "circuit.json").write_text(json.dumps(circuit_rows(run_dir), indent=0) + "\n")
+
+
+def _close(a, b, atol: float) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol
+    return a == b
+
+
+def compare(run_dir: Path, digest: Path, atol: float = 1e-6) -> list[str]:
+    """Differences between the run and the digest (empty: the same numbers within atol)."""
+    problems = []
+    for name, key in (("effects", EFFECT_KEY), ("summary", SUMMARY_KEY)):
+        want = pq.read_table(digest / f"{name}.parquet")
+        got = _sorted(read_table(run_dir / f"{name}.arrow"), key)
+        if got.schema.names != want.schema.names or got.num_rows != want.num_rows:
+            problems.append(f"{name}: columns {got.schema.names} x {got.num_rows} rows, stored "
+                            f"{want.schema.names} x {want.num_rows}")
+            continue
+        for column in want.schema.names:
+            a, b = got.column(column), want.column(column)
+            if pa.types.is_floating(b.type):
+                x = a.to_numpy(zero_copy_only=False).astype(np.float64)
+                y = b.to_numpy(zero_copy_only=False).astype(np.float64)
+                worst = np.nanmax(np.abs(x - y)) if len(x) else 0.0
+                if not (np.array_equal(np.isnan(x), np.isnan(y)) and worst <= atol):
+                    problems.append(f"{name}.{column}: largest difference {worst:.3g} > {atol}")
+            elif a.to_pylist() != b.to_pylist():
+                problems.append(f"{name}.{column}: values differ")
+    want_rows = [tuple(r) for r in json.loads((digest / "circuit.json").read_text())]
+    got_rows = circuit_rows(run_dir)
+    if [p for p, _ in got_rows] != [p for p, _ in want_rows]:
+        missing = sorted({p for p, _ in want_rows} - {p for p, _ in got_rows})
+        extra = sorted({p for p, _ in got_rows} - {p for p, _ in want_rows})
+        problems.append(f"circuit.json: fields missing {missing[:5]}, new {extra[:5]}")
+    else:
+        problems += [f"circuit.json {p}: {a!r} != stored {b!r}" for (p, a), (_, b) in zip(got_rows, want_rows)
+                     if not _close(a, b, atol)][:10]
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["save", "compare"])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("digest", type=Path)
+    parser.add_argument("--atol", type=float, default=1e-6)
+    args = parser.parse_args()
+    if args.mode == "save":
+        save(args.run_dir, args.digest)
+        print(f"saved the digest of {args.run_dir} to {args.digest}")
+        return
+    problems = compare(args.run_dir, args.digest, args.atol)
+    print("\n".join(problems) if problems else f"{args.run_dir}: the same numbers as {args.digest} (atol {args.atol})")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
