@@ -50,7 +50,7 @@ bench-compare: $(BENCH_VENV)/.installed
 OUTPUT_ROOT ?= outputs
 UI_PORT     ?= 5000
 ui: $(STAMP)
-	$(PY) -m pipeline.tracking ui --output-root $(OUTPUT_ROOT) --port $(UI_PORT)
+	$(PY) -m pipeline.run.tracking ui --output-root $(OUTPUT_ROOT) --port $(UI_PORT)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -28,11 +28,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.circuit import build_circuit
-    from pipeline.diagram import render_circuit
+    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from pipeline.stages.pairs import build_pairs, source_pairs
+    from pipeline.outputs.diagram import render_circuit
     from pipeline.store import publish_json
 
     start = time.perf_counter()
@@ -42,8 +43,8 @@ def main() -> None:
     tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
     pairs = pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
     screened = time.perf_counter()
-    circuit = build_circuit(model, pairs, {"model": args.organism, "max_pairs": args.max_pairs, "seed": args.seed,
-                                           "target": args.target})
+    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target)
+    circuit = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism).to_json()
     built = time.perf_counter()
     out = Path(args.out)
     publish_json(out / "circuit.json", circuit)

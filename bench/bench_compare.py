@@ -28,7 +28,7 @@ from pipeline.engine.loading import load_model
 from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import COMPONENTS, Variants, reference_sweep, sweep, variants_for
 from pipeline.organisms import resolve
-from pipeline.stages.pairs import build_pairs, grammar_pairs
+from pipeline.analysis.pairs import build_pairs, grammar_pairs
 
 
 def screened_pairs(model, tokenizer, n_pairs: int):

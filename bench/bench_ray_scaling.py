@@ -1,7 +1,7 @@
 """Ray scaling of the patching stage: 1, 2 and 4 model workers on one machine, side by side in one run.
 
 One sweep (refusal-tiny, `resid_pre` and every head at every position, both directions) runs through
-the project's own stage graph (pipeline.orchestration: WorkerPool, Sweep, stage_patch) once per worker
+the project's own stage graph (pipeline.run: WorkerPool, Sweep, stage_patch) once per worker
 count, with only `resources.actors` (and the per-actor share of the machine) changed. The pairs stage
 runs once and every worker count patches the same pairs.arrow, each into an effects folder of its own
 (shards are content-keyed, so a shared folder would be reused, not recomputed). The clock covers the
@@ -30,9 +30,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.config import CONF_DIR, config_hash, validate
-from pipeline.orchestration import Sweep, WorkerPool, pairs_hash, plan_shards, stage_pairs, stage_patch, start_ray
+from pipeline.config import CONF_DIR, config_hash
+from pipeline.run.sweep import Sweep, pairs_hash, plan_shards, stage_pairs, stage_patch
+from pipeline.run.workers import WorkerPool, start_ray
 from pipeline.store import Manifest, read_table
+from pipeline.validation import validate
 
 COMPARED = ("metric_clean", "metric_corrupted", "metric_patched", "effect")
 
@@ -63,14 +65,14 @@ def prepare_pairs(cfg: dict, root: Path) -> Sweep:
     run_dir.mkdir(parents=True)
     pool = WorkerPool(cfg)
     try:
-        sweep = Sweep(cfg, run_dir, pool, model_info=pool.describe())
+        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), model_info=pool.describe())
         sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
                             "weights_hash": sweep.model_info["weights_hash"]}
-        pairs = stage_pairs(sweep, Manifest(run_dir, "run"))
+        pairs = stage_pairs(sweep)
     finally:
         pool.close()
     sweep.provenance["pairs_hash"] = pairs_hash(pairs)
-    sweep.shards = plan_shards(pairs, cfg["prompts"]["shard_size"])
+    sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
     return sweep
 
 
@@ -85,7 +87,7 @@ def patch_run(base: Sweep, cfg: dict, run_dir: Path) -> dict:
         ray.get([actor.describe.remote() for actor in pool.actors])
         warm_up(pool, base, run_dir / "warm-up")
         started = time.perf_counter()
-        sweep = Sweep(cfg, run_dir, pool, model_info=base.model_info, provenance=base.provenance,
+        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), model_info=base.model_info, provenance=base.provenance,
                       pairs_report=base.pairs_report, shards=base.shards)
         shards = stage_patch(sweep)
         seconds = time.perf_counter() - started
@@ -105,7 +107,7 @@ def warm_up(pool: WorkerPool, base: Sweep, folder: Path) -> None:
             "per_position": False, "layers": [0], "heads": None, "pairs": str(folder.parent / "pairs.arrow"),
             "rows": shard["rows"][:1], "model": base.cfg["model"]["name"], "batch_size": None,
             "provenance": base.provenance}
-    ray.get([actor.run.remote("pipeline.stages.patch:run_item", dict(item, out=str(folder / f"{i}.arrow")))
+    ray.get([actor.run.remote("patch", dict(item, out=str(folder / f"{i}.arrow")))
              for i, actor in enumerate(pool.actors)])
 
 

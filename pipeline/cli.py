@@ -1,4 +1,4 @@
-"""The `patchsweep` command (also `python -m pipeline`): compose -> validate -> run -> print a summary.
+"""The `patchsweep` command (also `python -m pipeline`): compose -> validate -> run -> track -> print.
 
     patchsweep [key=value ...]                      a sweep (Hydra overrides; --multirun for several)
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
@@ -12,11 +12,24 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pipeline.config import CONF_DIR, ConfigError, validate, validate_screen
+from pipeline.analysis.behaviour import format_summary, screen
+from pipeline.analysis.prompt_files import load_screen_prompts
+from pipeline.config import CONF_DIR
+from pipeline.engine.loading import load_model
+from pipeline.organisms import resolve
+from pipeline.outputs.report import console_summary
+from pipeline.run.sweep import run_sweep
+from pipeline.run.tracking import log_model_run, prepare_store
+from pipeline.run.workers import WorkFailed
+from pipeline.store import write_table
+from pipeline.validation import ConfigError, validate, validate_screen
 
 SWEEP_ENV = "PATCHSWEEP_SWEEP_ID"
 
@@ -28,10 +41,6 @@ def _fail(err: BaseException) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def sweep_command(cfg: DictConfig) -> None:
-    from pipeline.orchestration import WorkFailed, run_sweep
-    from pipeline.report import console_summary
-    from pipeline.tracking import log_model_run, prepare_store
-
     try:
         plain = validate(cfg)
         store_ready = prepare_store(plain) if plain["tracking"]["enabled"] else None
@@ -41,41 +50,14 @@ def sweep_command(cfg: DictConfig) -> None:
     tracking = None
     if store_ready is not None:
         store_ready.join()
-        curves, scalars = metrics_for_mlflow(outcome)
-        tracking = log_model_run(plain, outcome.run_dir, os.environ[SWEEP_ENV], curves, scalars, outcome.provenance)
+        tracking = log_model_run(plain, outcome, os.environ[SWEEP_ENV])
     print("\n" + console_summary(plain, outcome.run_dir, outcome.pairs_report, outcome.stats, outcome.curves,
                                  outcome.summary, outcome.circuit, tracking), flush=True)
-
-
-def metrics_for_mlflow(outcome) -> tuple[dict, dict]:
-    """Per-layer curves (step = layer) and scalars: fraction of pairs kept, stage times, faithfulness."""
-    curves = {}
-    for (direction, component), points in outcome.curves.items():
-        curves[f"{direction}/{component}"] = [(p.layer, p.mean) for p in points]
-        curves[f"{direction}_ci/{component}_low"] = [(p.layer, p.ci_low) for p in points]
-        curves[f"{direction}_ci/{component}_high"] = [(p.layer, p.ci_high) for p in points]
-    scalars = {f"time/{s.stage}_s": s.seconds for s in outcome.stats}
-    scalars.update({f"work/{s.stage}_computed": s.computed for s in outcome.stats})
-    scalars.update({f"work/{s.stage}_reused": s.reused for s in outcome.stats})
-    report = outcome.pairs_report
-    if report:
-        scalars.update({"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]})
-    if outcome.circuit and isinstance(outcome.circuit.get("faithfulness"), (int, float)):
-        scalars["circuit/faithfulness"] = outcome.circuit["faithfulness"]
-    return curves, scalars
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def screen_command(cfg: DictConfig) -> None:
     """Greedy generation and the first-token metric on a file of prompts -> screen.arrow."""
-    from pathlib import Path
-
-    from pipeline.analysis.behaviour import format_summary, screen
-    from pipeline.analysis.prompt_files import load_screen_prompts
-    from pipeline.store import write_table
-
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     if not any(o.startswith("output_dir=") for o in HydraConfig.get().overrides.task):
         cfg.output_dir = "${output_root}/screen/${model.name}-${prompts.name}"  # not a sweep's folder
@@ -86,11 +68,6 @@ def screen_command(cfg: DictConfig) -> None:
         prompts = load_screen_prompts(plain["prompts"]["path"])
     except (ConfigError, ValueError, FileNotFoundError) as err:
         _fail(err)
-    import torch
-
-    from pipeline.engine.loading import load_model
-    from pipeline.organisms import resolve
-
     torch.set_num_threads(plain["resources"]["torch_threads"])
     model, tokenizer = load_model(resolve(plain["model"]["path"]), dtype=plain["model"]["dtype"],
                                   device=plain["resources"]["device"],

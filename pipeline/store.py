@@ -131,6 +131,17 @@ def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy_ndarray()
 
 
+def file_entry(path: str | Path) -> dict:
+    """A published file as a manifest records it: path, sha256 and, for an Arrow table, its rows."""
+    path = Path(path)
+    entry = {"path": str(path), "sha256": sha256_file(path)}
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path), "r") as source:
+            reader = ipc.open_file(source)
+            entry["rows"] = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    return entry
+
+
 # ---- manifests -----------------------------------------------------------------------------------
 
 class Manifest:
@@ -172,6 +183,10 @@ class Manifest:
         """Record a finished file (hashing it unless its checksum is given) and save the manifest."""
         self.files[name] = {"sha256": sha256 or sha256_file(self.folder / name), **info}
         self.save()
+
+    def record(self, entry: dict, **info) -> None:
+        """Record a published file from its `file_entry` (path, sha256[, rows]), plus `info` (a key)."""
+        self.add(Path(entry["path"]).name, entry["sha256"], **{k: v for k, v in entry.items() if k == "rows"}, **info)
 
     def save(self, complete: bool = False) -> None:
         self.complete = complete

@@ -76,7 +76,7 @@ def ray_session():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        # Workers can import test helpers (conftest.exit_once) as work-item functions.
+        # Workers can import test helpers (conftest.exit_once) as stand-in stages.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="patchsweep-tests",
                  configure_logging=True, logging_level="warning",
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
@@ -94,25 +94,26 @@ def tiny_sweep(ray_session, tmp_path_factory):
     session) through the same functions the command calls; returns what the tests inspect."""
     import time
 
-    from pipeline.cli import metrics_for_mlflow
-    from pipeline.config import validate
-    from pipeline.orchestration import run_sweep
-    from pipeline.tracking import log_model_run
+    from pipeline.run.sweep import run_sweep
+    from pipeline.run.tracking import log_model_run
+    from pipeline.validation import validate
 
     root = tmp_path_factory.mktemp("sweep")
     cfg = validate(compose(*TINY_SWEEP, f"output_root={root}"))
     start = time.perf_counter()
     outcome = run_sweep(cfg)
-    curves, scalars = metrics_for_mlflow(outcome)
-    tracking = log_model_run(cfg, outcome.run_dir, "test-session", curves, scalars, outcome.provenance)
+    tracking = log_model_run(cfg, outcome, "test-session")
     return {"cfg": cfg, "outcome": outcome, "tracking": tracking, "root": root,
             "seconds": time.perf_counter() - start}
 
 
-def exit_once(model, tokenizer, item: dict) -> dict:
-    """A work item that kills its actor's process the first time it runs (a marker file remembers)."""
+def exit_once(model, tokenizer, item: dict) -> list[Path]:
+    """A stand-in stage that kills its actor's process the first time it runs (a marker file remembers);
+    the second time it publishes a file holding the pid of the process that ran it."""
     marker = Path(item["marker"])
     if not marker.exists():
         marker.write_text("died once")
         os._exit(1)
-    return {"pid": os.getpid()}
+    done = marker.with_suffix(".pid")
+    done.write_text(str(os.getpid()))
+    return [done]

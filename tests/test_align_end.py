@@ -7,10 +7,10 @@ from pipeline.engine.loading import load_model
 from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import reference_sweep, variants_for
 from pipeline.engine.adapters import get_adapter
-from pipeline.orchestration import plan_shards
+from pipeline.run.sweep import plan_shards
 from pipeline.organisms import resolve
 from pipeline.stages import patch
-from pipeline.stages.pairs import InstructionPair, build_pairs
+from pipeline.analysis.pairs import InstructionPair, build_pairs
 from pipeline.store import read_table, write_table
 
 torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def test_unequal_pairs_are_patched_aligned_from_the_end(tiny, tmp_path):
     assert len(shards) == 3  # one per (clean length, corrupted length)
     for shard in shards:
         out = tmp_path / f"effects-{shard['key']}.arrow"
-        patch.run_item(model, tokenizer, {
+        patch.run(model, tokenizer, {
             "pairs": str(pairs_path), "rows": shard["rows"], "out": str(out), "model": "refusal-tiny",
             "component": "resid_pre", "per_position": True, "direction": "denoise", "layers": None,
             "heads": None, "metric": "logit_diff", "batch_size": None, "provenance": {}})

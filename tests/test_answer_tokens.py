@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
 from pipeline.organisms.refusal_tiny import model_dir
-from pipeline.stages.cache import pair_batch
-from pipeline.stages.pairs import build_pairs, grammar_pairs
+from pipeline.analysis.pairs import build_pairs, grammar_pairs, pair_batch
 from pipeline.analysis.behaviour import derive_answer_tokens, final_answer_logits
 from pipeline.store import write_table
 

@@ -71,7 +71,7 @@ def test_attribution_ranks_like_exact_patching_on_refusal_tiny():
 
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from pipeline.stages.pairs import build_pairs, source_pairs
+    from pipeline.analysis.pairs import build_pairs, source_pairs
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=40, seed=0), generate=False,

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import REPO, compose, write_jsonl
-from pipeline.config import validate
+from pipeline.run.sweep import write_config
+from pipeline.validation import validate
 
 ERRORS: dict[str, str] = {}  # case -> the line it printed (shown with pytest -s, for the report)
 
@@ -123,8 +124,6 @@ def test_mlflow_store_that_cannot_be_written(run, tmp_path):
 
 
 def test_output_folder_of_another_experiment(run, tmp_path, word_model_folder):
-    from pipeline.orchestration import write_config
-
     other = validate(compose("model=hf", f"model.path={word_model_folder}", f"output_dir={tmp_path / 'out'}",
                              "patching.components=[head]"))
     write_config(tmp_path / "out", other)  # what a finished run of that other experiment leaves first

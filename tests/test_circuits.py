@@ -203,8 +203,7 @@ def test_direction_ablation_and_addition():
 def test_bootstrap_intervals_cover_the_true_mean_at_the_nominal_rate():
     """aggregate.summarise's 95% percentile-bootstrap intervals over pairs, on 400 synthetic sites whose
     true mean is known, cover it about 95% of the time; so does the circuit step's ratio interval."""
-    from pipeline.circuit import bootstrap_ratio_ci
-    from pipeline.stages.aggregate import summarise
+    from pipeline.analysis.statistics import bootstrap_ratio_ci, summarise
 
     rng = np.random.default_rng(0)
     n_sites, n_pairs, true_mean = 400, 60, 0.3
@@ -232,7 +231,7 @@ def pairs_table(rows: list[dict]) -> pa.Table:
 
 
 def test_position_classes_line_up_pairs_of_different_lengths():
-    from pipeline.circuit import position_classes
+    from pipeline.analysis.positions import position_classes
 
     table = pairs_table([
         # prefix 0-3, instruction 4-8 (harmful word at 5), template 9-10
@@ -250,7 +249,7 @@ def test_position_classes_line_up_pairs_of_different_lengths():
 
 
 def test_flip_fractions_and_category_means():
-    from pipeline.circuit import category_means, flip_fractions
+    from pipeline.analysis.statistics import category_means, flip_fractions
 
     effects = pd.DataFrame({
         "model": "m", "direction": ["denoise"] * 4 + ["noise"] * 4, "component": "mlp_out", "layer": 0,
@@ -280,7 +279,7 @@ class AdditiveFaithfulness:
 
 
 def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
-    from pipeline.circuit import grow, prune
+    from pipeline.analysis.circuit_search import grow, prune
 
     weights = [0.0] * 60
     weights[7], weights[3], weights[50], weights[11] = 0.5, 0.25, 0.1, 0.04  # 0.89 in all
@@ -300,18 +299,20 @@ def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed()
 @pytest.fixture(scope="module")
 def tiny_circuit(tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
-    from pipeline.circuit import build_circuit
-    from pipeline.diagram import render_circuit
+    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.outputs.diagram import render_circuit
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from pipeline.stages.pairs import build_pairs, source_pairs
+    from pipeline.analysis.pairs import build_pairs, source_pairs
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
                         refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in table.column("clean_ids").to_pylist()]
     table = table.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
-    circuit = build_circuit(model, table, {"model": "refusal-tiny", "n_random": 16, "n_bootstrap": 200})
+    circuit = find_circuit(model, table, CircuitConfig(n_random=16), SummaryConfig(n_bootstrap=200), "logit_diff",
+                           "refusal-tiny").to_json()
     out = tmp_path_factory.mktemp("circuit")
     paths = render_circuit(json.loads(json.dumps(circuit)), out)
     return circuit, paths

@@ -9,7 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from conftest import REPO, compose, write_jsonl
-from pipeline.config import ConfigError, config_hash, flatten, to_dict, tracking_uri, validate
+from pipeline.config import config_hash, flatten, to_dict, tracking_uri
+from pipeline.validation import ConfigError, validate
 
 
 def test_default_is_refusal_smol_on_smollm2():
@@ -105,7 +106,7 @@ def test_valid_config_passes(valid):
     ("patching.heads=[4]", ("head 4", "patching.heads", "0..3")),
     ("patching.batch_size=0", ("patching.batch_size=0",)),
     ("patching.batch_size=-8", ("patching.batch_size=-8",)),
-    ("prompts.shard_size=0", ("prompts.shard_size",)),
+    ("resources.shard_size=0", ("resources.shard_size",)),
     ("resources=gpu", ("GPU", "resources=cpu")),
     ("tracking.uri=file:///tmp/mlruns", ("plain folder store", "tracking.uri")),
     ("prompts.align=middle", ("prompts.align",)),
@@ -166,11 +167,3 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     assert len(errors) == 1 and "model.path" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
-
-def test_circuit_schema_mirrors_the_circuit_step_defaults():
-    """Every option of the circuit step is a typed config key with the same default."""
-    from pipeline.circuit import CIRCUIT_DEFAULTS
-    from pipeline.config import CircuitConfig
-
-    schema = {k: v for k, v in vars(CircuitConfig()).items() if k not in ("enabled", "top_k")}
-    assert schema == {k: v for k, v in CIRCUIT_DEFAULTS.items() if k != "metric"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from pipeline.tracking import run_name as tracking_run_name
+from pipeline.run.tracking import run_name as tracking_run_name
 
 pytestmark = pytest.mark.browser
 
@@ -40,10 +40,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ui(tiny_sweep):
-    """`python -m pipeline.tracking ui` for the sweep's output root, on a free port of 127.0.0.1."""
+    """`python -m pipeline.run.tracking ui` for the sweep's output root, on a free port of 127.0.0.1."""
     port = free_port()
     log = open(tiny_sweep["root"] / "ui.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "ui", "--output-root", str(tiny_sweep["root"]),
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.run.tracking", "ui", "--output-root", str(tiny_sweep["root"]),
                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                               start_new_session=True)  # its own process group: teardown stops all of it
     base = f"http://127.0.0.1:{port}"

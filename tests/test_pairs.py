@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.organisms import ORGANISMS, resolve
 from pipeline.organisms.refusal_tiny import grammar, model_dir
-from pipeline.stages.pairs import (InstructionPair, build_pairs, file_pairs, grammar_pairs, source_pairs,
+from pipeline.analysis.pairs import (InstructionPair, build_pairs, file_pairs, grammar_pairs, source_pairs,
                                    tokenize_pairs)
 
 

@@ -4,6 +4,7 @@ MLflow run, and that re-running reuses finished shards and recomputes a damaged 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from conftest import REPO, TINY_SWEEP, write_jsonl
 from pipeline import store
-from pipeline.orchestration import run_sweep
+from pipeline.run.sweep import run_sweep
 
 CONTRACT = ["config.yaml", "pairs.arrow", "activations", "effects.arrow", "summary.arrow", "circuit.json",
             "circuit.svg", "circuit.png", "layers.png", "report.md", "manifest.json"]
@@ -211,25 +212,25 @@ def test_screen_command(tmp_path):
 def test_work_survives_an_actor_death(ray_session, tmp_path):
     """An actor process that dies mid-item is restarted by Ray and the item resubmitted; with no retries
     left the sweep stops with a clear error."""
-    from conftest import compose
+    from conftest import compose, exit_once
     from pipeline.config import to_dict
-    from pipeline.orchestration import StageStats, WorkerPool, WorkFailed
+    from pipeline.run.workers import StageStats, WorkerPool, WorkFailed
 
     cfg = to_dict(compose(*TINY_SWEEP, "resources.max_retries=2"))
     pool = WorkerPool(cfg)
     try:
         first_pid = pool.describe()["pid"]
         stats = StageStats("die")
-        [result] = pool.map("conftest:exit_once", [{"name": "die", "marker": str(tmp_path / "a")}], stats=stats)
+        [[published]] = pool.map(exit_once, [{"name": "die", "marker": str(tmp_path / "a")}], stats=stats)
         assert stats.retried == 1 and stats.computed == 1
-        assert result["pid"] != first_pid  # a restarted actor finished it
+        assert int(Path(published["path"]).read_text()) != first_pid  # a restarted actor finished it
     finally:
         pool.close()
 
     pool = WorkerPool(to_dict(compose(*TINY_SWEEP, "resources.max_retries=0")))
     try:
         with pytest.raises(WorkFailed, match="failed 1 times"):
-            pool.map("conftest:exit_once", [{"name": "die", "marker": str(tmp_path / "b")}])
+            pool.map(exit_once, [{"name": "die", "marker": str(tmp_path / "b")}])
     finally:
         pool.close()
 

@@ -140,8 +140,8 @@ def command(setup, output_root: Path, models: list[str]) -> list[str]:
     """`patchsweep` over `models` (a --multirun when several) on the cluster, 2 actors (one per worker)."""
     return [sys.executable, "-m", "pipeline", *(["--multirun"] if len(models) > 1 else []),
             "experiment=refusal_tiny", "model=hf", f"model.path={','.join(models)}",
-            f"prompts.path={setup['pairs']}", "prompts.shard_size=1", "prompts.generate=false",
-            "prompts.refusal_tokens=[I]", "prompts.compliance_tokens=[Sure]", "circuit.n_bootstrap=100",
+            f"prompts.path={setup['pairs']}", "resources.shard_size=1", "prompts.generate=false",
+            "prompts.refusal_tokens=[I]", "prompts.compliance_tokens=[Sure]", "summary.n_bootstrap=100",
             f"ray.address={setup['cluster'].address}", "resources.actors=2", "tracking.enabled=false",
             f"output_root={output_root}"]
 

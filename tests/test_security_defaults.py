@@ -39,7 +39,7 @@ def test_private_ray_instance_has_token_auth(tmp_path):
     instance, which the pipeline never turns off), with no dashboard to expose."""
     probe = ("from pipeline.config import to_dict\n"
              "from conftest import compose\n"
-             "from pipeline.orchestration import start_ray\n"
+             "from pipeline.run.workers import start_ray\n"
              "start_ray(to_dict(compose('experiment=refusal_tiny', 'resources.num_cpus=1')))\n"
              "import os, ray\n"
              "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
@@ -66,7 +66,7 @@ def test_pipeline_never_disables_ray_auth_or_exposes_the_dashboard():
 # ---- MLflow --------------------------------------------------------------------------------------
 
 def test_mlflow_ui_binds_localhost_by_default(tmp_path):
-    """`python -m pipeline.tracking ui` (what `make ui` runs) serves on 127.0.0.1 and nowhere else."""
+    """`python -m pipeline.run.tracking ui` (what `make ui` runs) serves on 127.0.0.1 and nowhere else."""
     cfg = to_dict(compose())
     assert cfg["tracking"]["ui_host"] == "127.0.0.1"
     assert to_dict(compose("tracking=server"))["tracking"]["uri"].startswith("http://127.0.0.1:")
@@ -80,7 +80,7 @@ def test_mlflow_ui_binds_localhost_by_default(tmp_path):
     db = tmp_path / "mlflow.db"
     db.touch()
     log = open(tmp_path / "ui.log", "w")
-    ui = subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "ui", "--uri", f"sqlite:///{db}", "--port",
+    ui = subprocess.Popen([sys.executable, "-m", "pipeline.run.tracking", "ui", "--uri", f"sqlite:///{db}", "--port",
                            str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
         deadline = time.time() + 120

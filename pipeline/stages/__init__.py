@@ -1,2 +1,19 @@
-"""Pipeline stages: plain functions of (config values, input files) -> tables/files, importing the
-engine but nothing of Ray, MLflow or Hydra."""
+"""The stages of a sweep, one module each, registered in one table.
+
+A stage is a plain callable `(model, tokenizer, item) -> paths`: it reads its inputs from files named in
+the work item (a small dict of paths, row indices and options), computes, and publishes its outputs
+atomically, returning their paths. The model is loaded once per Ray actor (pipeline.run.workers) and
+passed in; stages know nothing of Ray, MLflow or Hydra, and the checksums and manifests are the
+runner's business.
+"""
+from __future__ import annotations
+
+from pipeline.stages import cache, circuit, pairs, patch, summary
+
+STAGES = {
+    "pairs": pairs.run,  # prompt pairs, screened on the model -> pairs.arrow
+    "cache": cache.run,  # one pair shard's clean and corrupted residuals -> activations/<key>.arrow
+    "patch": patch.run,  # one (pair shard, component, direction) -> effects/<key>.arrow
+    "summary": summary.run,  # effect shards -> effects.arrow, summary.arrow
+    "circuit": circuit.run,  # the circuit search -> circuit.json
+}

@@ -1,19 +1,21 @@
-"""Stage 3: exact activation patching of one (pair shard, component, direction) -> an effect shard.
+"""Exact activation patching of one (pair shard, component, direction) -> an effect shard.
 
 An effect shard is a long table, one row per (pair, variant): model, pair_id, direction, component,
 layer, head (null unless a head), position (absolute, 0-based; null = all positions at once), seq_len,
 metric_clean, metric_corrupted, metric_patched and effect = (patched - base) / (source - base).
-The driver concatenates the shards into effects.arrow.
+The summary stage concatenates the shards into effects.arrow.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.analysis.pairs import pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import ALL, sweep, variants_for
-from pipeline.stages.cache import pair_batch
-from pipeline.store import sha256_file, write_table
+from pipeline.store import write_table
 
 EFFECTS_SCHEMA = pa.schema([
     ("model", pa.string()), ("pair_id", pa.int32()), ("direction", pa.string()), ("component", pa.string()),
@@ -44,7 +46,7 @@ def effects_table(model_name: str, columns: dict[str, np.ndarray], seq_len: int)
     }, schema=EFFECTS_SCHEMA)
 
 
-def run_item(model, tokenizer, item: dict) -> dict:
+def run(model, tokenizer, item: dict) -> list[Path]:
     """`item`: pairs, rows, out, model, component, per_position, direction, layers, heads, metric,
     batch_size, provenance."""
     batch = pair_batch(item["pairs"], item["rows"])
@@ -55,5 +57,4 @@ def run_item(model, tokenizer, item: dict) -> dict:
                    direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"],
                    align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
     table = effects_table(item["model"], result.to_columns(batch["pair_id"]), seq_len)
-    write_table(item["out"], table, item["provenance"])
-    return {"path": item["out"], "sha256": sha256_file(item["out"]), "rows": table.num_rows}
+    return [write_table(item["out"], table, item["provenance"])]

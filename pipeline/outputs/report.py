@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.stages.aggregate import LayerPoint
+from pipeline.analysis.statistics import LayerPoint
+from pipeline.outputs.files import OUTPUT_FILES
+from pipeline.store import publish_bytes
 
-FILES = {
-    "config.yaml": "the resolved config",
-    "pairs.arrow": "the screened prompt pairs: texts, token ids, answer tokens, spans",
-    "activations/": "cached residuals (resid_pre per layer x position), Arrow tensor shards",
-    "effects.arrow": "one row per (model, pair, direction, component, layer, head, position)",
-    "summary.arrow": "mean effect, 95% bootstrap CI and n per site",
-    "layers.png": "layer x position / head heatmaps",
-    "circuit.json": "the minimal circuit: nodes, edges, faithfulness",
-    "circuit.svg": "the circuit diagram",
-    "circuit.png": "the circuit diagram",
-    "report.md": "this report",
-}
 DIRECTION_MEANING = {
     "denoise": "clean (harmful) activation patched into the harmless run: is it enough to cause refusal?",
     "noise": "harmless activation patched into the harmful run: is it needed for refusal?",
@@ -81,44 +71,38 @@ def _pairs_line(report: dict) -> str:
         return ""
     return (f"{report['n_kept']} of {report['n_pairs']} pairs kept by the behaviour screen "
             f"({100 * report['fraction_kept']:.0f}%): refuses harmful, complies with its harmless twin; "
-            f"answer tokens {report.get('refusal_tokens')} vs {report.get('compliance_tokens')}.")
+            f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}.")
 
 
 def _circuit_lines(circuit: dict | None) -> list[str]:
     if not circuit:
         return ["No circuit in this run (circuit.json absent)."]
-    nodes = [n.get("id", "?") for n in circuit.get("nodes", [])]
-    lines = [f"{len(nodes)} nodes ({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}), "
-             f"{len(circuit.get('edges', []))} edges"]
-    if isinstance(circuit.get("faithfulness"), (int, float)):
-        ci = circuit.get("faithfulness_ci") or [float("nan")] * 2
-        lines.append(f"faithfulness {circuit['faithfulness']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-                     + (f" with {100 * circuit['fraction']:.1f}% of {circuit.get('candidates')} candidate nodes"
-                        if isinstance(circuit.get("fraction"), (int, float)) else ""))
-    control = circuit.get("random_control") or {}
-    if isinstance(control.get("mean"), (int, float)):
-        lines.append(f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control.get('n')})")
-    return lines
+    nodes = [n["id"] for n in circuit["nodes"]]
+    low, high = circuit["faithfulness_ci"]
+    control = circuit["random_control"]
+    return [f"{len(nodes)} nodes ({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}), "
+            f"{len(circuit['edges'])} edges",
+            f"faithfulness {circuit['faithfulness']:.3f} [{low:.3f}, {high:.3f}] with {100 * circuit['fraction']:.1f}% "
+            f"of {circuit['candidates']} candidate nodes",
+            f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"]
 
 
 def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, stats: list,
                  summary: pd.DataFrame, curves: dict, circuit: dict | None) -> Path:
-    from pipeline.store import publish_bytes
-
     run_dir = path.parent
-    k = cfg["circuit"]["top_k"]
+    k = cfg["summary"]["top_k"]
     lines = [
         f"# patchsweep: {cfg['name']} on {cfg['model']['name']}",
         "",
-        f"Model `{cfg['model']['path']}` ({model_info.get('family')}, {model_info.get('n_layers')} layers x "
-        f"{model_info.get('n_heads')} heads, weights sha256 `{model_info.get('weights_hash', '')[:16]}`); "
+        f"Model `{cfg['model']['path']}` ({model_info['family']}, {model_info['n_layers']} layers x "
+        f"{model_info['n_heads']} heads, weights sha256 `{model_info['weights_hash'][:16]}`); "
         f"metric `{cfg['patching']['metric']}` at the final position.",
         "",
         _pairs_line(pairs_report),
         "",
         "Effect = (patched - base) / (source - base): 0 = no change, 1 = the patch fully restores the source "
-        f"run. Intervals: {100 * cfg['circuit']['ci']:.0f}% percentile bootstrap over pairs "
-        f"({cfg['circuit']['n_bootstrap']} resamples). Positions count from the end (-1 = the final token).",
+        f"run. Intervals: {100 * cfg['summary']['ci']:.0f}% percentile bootstrap over pairs "
+        f"({cfg['summary']['n_bootstrap']} resamples). Positions count from the end (-1 = the final token).",
         "",
         "## Layers that matter most",
         "",
@@ -144,13 +128,13 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     if circuit and (run_dir / "circuit.svg").is_file():
         lines += ["", "![circuit](circuit.svg)"]
     lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
-    for name, what in FILES.items():
-        if (run_dir / name.rstrip("/")).exists():
-            lines.append(f"| `{name}` | {what} |")
+    for file in OUTPUT_FILES:
+        if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", "manifest.json"):
+            lines.append(f"| `{file.name}` | {file.contents} |")
     lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
     for s in stats:
         lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
-    lines += ["", "## MLflow", "", "`make ui` (or `python -m pipeline.tracking ui --output-root "
+    lines += ["", "## MLflow", "", "`make ui` (or `python -m pipeline.run.tracking ui --output-root "
               f"{cfg['output_root']}`), then open http://127.0.0.1:5000: experiment `{cfg['tracking']['experiment']}`, "
               f"run `{cfg['model']['name']}`.", ""]
     publish_bytes(path, "\n".join(lines).encode())
@@ -159,11 +143,11 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
 
 def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, curves: dict,
                     summary: pd.DataFrame, circuit: dict | None, tracking: dict | None) -> str:
-    k = cfg["circuit"]["top_k"]
+    k = cfg["summary"]["top_k"]
     lines = [f"patchsweep {cfg['name']}: {cfg['model']['name']}", "  " + _pairs_line(pairs_report)]
     strongest = top_layers(summary, k)
     if not strongest.empty:
-        lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg['circuit']['ci']:.0f}% CI]):")
+        lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg['summary']['ci']:.0f}% CI]):")
         for r in strongest.itertuples():
             name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
             lines.append(f"  {r.direction:<8} {name:<14} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
@@ -178,6 +162,6 @@ def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, c
     lines += [f"Work: {work}", f"Files: {run_dir.resolve()}  (report.md first)"]
     if tracking:
         lines.append(f"MLflow: {tracking['uri']}  run {tracking['run_id']}")
-        lines.append(f"  open the UI with `make ui` (or python -m pipeline.tracking ui --output-root "
+        lines.append(f"  open the UI with `make ui` (or python -m pipeline.run.tracking ui --output-root "
                      f"{cfg['output_root']}), then http://127.0.0.1:5000/{tracking['ui_path']}")
     return "\n".join(lines)

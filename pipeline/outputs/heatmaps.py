@@ -1,4 +1,4 @@
-"""Heatmaps of the summary (layers.png). The circuit diagram (circuit.svg/png) is drawn by the circuit step.
+"""Heatmaps of the summary (layers.png).
 
 One row of panels per direction; per component present: each component patched per position as layer x
 position (positions counted from the end, labelled with their tokens); attn_out and mlp_out over all
@@ -16,10 +16,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.store import publish_file  # noqa: E402
-
-DIRECTION_TITLES = {"denoise": "denoise: clean -> harmless run (sufficient?)",
-                    "noise": "noise: harmless -> clean run (necessary?)"}
-
 
 def _grid(rows: pd.DataFrame, column: str, n_layers: int) -> tuple[np.ndarray, list]:
     keys = sorted(rows[column].dropna().unique().tolist())

@@ -6,7 +6,7 @@ metrics with step = layer, so the UI draws them as line charts; artifacts are th
 diagrams, tables, report and config; tags carry the lineage (git commit, weights and pairs hashes,
 library versions); the pairs are logged as a dataset input.
 
-`python -m pipeline.tracking ui [--output-root outputs]` (`make ui`) serves the UI on 127.0.0.1.
+`python -m pipeline.run.tracking ui [--output-root outputs]` (`make ui`) serves the UI on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -16,19 +16,29 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
-from pipeline.config import flatten, tracking_uri
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read when mlflow is imported
+
+import mlflow  # noqa: E402
+import mlflow.data  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+
+from pipeline.config import flatten, tracking_uri  # noqa: E402
+from pipeline.outputs.files import ARTIFACTS  # noqa: E402
+from pipeline.run.sweep import SweepOutcome  # noqa: E402
+from pipeline.store import read_table  # noqa: E402
 
 SWEEP_TAG = "patchsweep.sweep"
-ARTIFACTS = ("config.yaml", "report.md", "summary.arrow", "effects.arrow", "pairs.arrow", "layers.png",
-             "circuit.json", "circuit.svg", "circuit.png", "circuit.dot", "manifest.json")
 
 
-def _client(cfg: dict):
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
+def _client(cfg: dict) -> MlflowClient:
     return MlflowClient(tracking_uri(cfg))
 
 
@@ -63,12 +73,6 @@ def _parent_run(client, experiment_id: str, cfg: dict, sweep_key: str) -> str:
 
 
 def lineage_tags(cfg: dict, provenance: dict) -> dict[str, str]:
-    import mlflow
-    import pyarrow
-    import ray
-    import torch
-    import transformers
-
     return {
         "git.commit": git_commit(),
         "model.id": cfg["model"]["path"],
@@ -76,7 +80,7 @@ def lineage_tags(cfg: dict, provenance: dict) -> dict[str, str]:
         "pairs.sha256": provenance.get("pairs_hash", ""),
         "config.hash": provenance.get("config_hash", ""),
         "versions": " ".join(f"{m.__name__}={m.__version__}"
-                             for m in (torch, transformers, ray, pyarrow, mlflow)),
+                             for m in (torch, transformers, ray, pa, mlflow)),
         "mlflow.source.git.commit": git_commit(),
     }
 
@@ -96,11 +100,27 @@ def run_name(cfg: dict) -> str:
     return cfg["model"]["name"] if prompts == "generated" else f"{cfg['model']['name']} / {prompts}"
 
 
-def log_model_run(cfg: dict, run_dir: Path, sweep_key: str, curves: dict[str, list[tuple[int, float]]],
-                  scalars: dict[str, float], provenance: dict) -> dict[str, str]:
-    """Log one model's results as a child of the sweep's parent run; returns the ids and the UI path."""
-    from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+def sweep_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, float]]], dict[str, float]]:
+    """Per-layer curves (step = layer) and scalars: fraction of pairs kept, stage times, faithfulness."""
+    curves = {}
+    for (direction, component), points in outcome.curves.items():
+        curves[f"{direction}/{component}"] = [(p.layer, p.mean) for p in points]
+        curves[f"{direction}_ci/{component}_low"] = [(p.layer, p.ci_low) for p in points]
+        curves[f"{direction}_ci/{component}_high"] = [(p.layer, p.ci_high) for p in points]
+    scalars = {f"time/{s.stage}_s": s.seconds for s in outcome.stats}
+    scalars.update({f"work/{s.stage}_computed": s.computed for s in outcome.stats})
+    scalars.update({f"work/{s.stage}_reused": s.reused for s in outcome.stats})
+    report = outcome.pairs_report
+    scalars.update({"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]})
+    if outcome.circuit is not None:
+        scalars["circuit/faithfulness"] = outcome.circuit["faithfulness"]
+    return curves, scalars
 
+
+def log_model_run(cfg: dict, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
+    """Log one model's sweep as a child of the sweep's parent run; returns the ids and the UI path."""
+    run_dir, provenance = outcome.run_dir, outcome.provenance
+    curves, scalars = sweep_metrics(outcome)
     client = _client(cfg)
     experiment_id = _experiment_id(client, cfg)
     parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
@@ -116,7 +136,7 @@ def log_model_run(cfg: dict, run_dir: Path, sweep_key: str, curves: dict[str, li
             client.log_batch(run_id, params=params[start:start + 100])
         for start in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[start:start + 1000])
-        _log_pairs_dataset(client, run_id, run_dir / "pairs.arrow", DatasetInput, InputTag)
+        _log_pairs_dataset(client, run_id, run_dir / "pairs.arrow")
         for name in ARTIFACTS:
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
@@ -131,15 +151,8 @@ def log_model_run(cfg: dict, run_dir: Path, sweep_key: str, curves: dict[str, li
             "uri": tracking_uri(cfg), "ui_path": f"#/experiments/{experiment_id}/runs/{run_id}"}
 
 
-def _log_pairs_dataset(client, run_id: str, pairs_path: Path, DatasetInput, InputTag) -> None:
+def _log_pairs_dataset(client, run_id: str, pairs_path: Path) -> None:
     """The pairs as an MLflow dataset input: name, digest, schema, and the file as its source."""
-    import warnings
-
-    import mlflow.data
-    import pyarrow as pa
-
-    from pipeline.store import read_table
-
     if not pairs_path.is_file():
         return
     table = read_table(pairs_path)
@@ -162,7 +175,7 @@ def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run.tracking", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ui = sub.add_parser("ui", help="serve the MLflow UI for a patchsweep store (bound to 127.0.0.1)")
     ui.add_argument("--output-root", default="outputs", help="the output_root whose mlflow.db to open")

@@ -1,20 +1,15 @@
-"""Stage 4: effects -> summary with bootstrap confidence intervals -> layer curves, heatmaps, report.
+"""Statistics over pairs: per-site means with paired-bootstrap confidence intervals, layer curves,
+behaviour flips and per-category breakdowns.
 
-summary.arrow has one row per (model, direction, component, layer, head, position) with the mean
-normalised effect over pairs, its percentile-bootstrap confidence interval (resampling pairs) and n.
-
-Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the one
+A site is (model, direction, component, layer, head, position). The summary has one row per site with
+the mean normalised effect over pairs, its percentile-bootstrap confidence interval (resampling pairs)
+and n. Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the one
 before, ...; null = all positions at once), so that pairs of different lengths line up at the chat
 template, which ends every prompt; `token` names the token most pairs have there. effects.arrow keeps
 each pair's absolute position (0-based) and its seq_len.
-
-A circuit step (issue 5) slots in after `summarise`: it reads summary.arrow and the run folder and
-writes circuit.json / .svg / .png, which `write_report` then includes.
 """
 from __future__ import annotations
 
-import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.store import read_table, write_table
+from pipeline.store import read_table
 
 KEY = ["model", "direction", "component", "layer", "head", "position"]
 
@@ -104,39 +99,6 @@ def layer_curves(summary: pd.DataFrame) -> dict[tuple[str, str], list[LayerPoint
     return curves
 
 
-def top_sites(summary: pd.DataFrame, k: int, direction: str | None = None) -> pd.DataFrame:
-    rows = summary if direction is None else summary[summary["direction"] == direction]
-    return rows.sort_values("mean", ascending=False).head(k)
-
-
-def position_tokens(pairs: pa.Table) -> dict[int, str]:
-    """Relative position -> a label: the clean-prompt token most pairs have there (template tokens
-    agree), or "<harmful>" where pairs disagree but mostly hold their harmful word, else "<varies>"."""
-    votes: dict[int, Counter] = {}
-    harmful: Counter = Counter()
-    for tokens, harm in zip(pairs.column("clean_tokens").to_pylist(), pairs.column("harmful_positions").to_pylist()):
-        for rel, token in zip(range(-len(tokens), 0), tokens):
-            votes.setdefault(rel, Counter())[token] += 1
-        harmful.update(p - len(tokens) for p in harm)
-    labels = {}
-    for rel, counter in votes.items():
-        token, count = counter.most_common(1)[0]
-        n = sum(counter.values())
-        labels[rel] = token if 2 * count >= n else "<harmful>" if 2 * harmful[rel] >= n else "<varies>"
-    return labels
-
-
-def summary_table(summary: pd.DataFrame) -> pa.Table:
-    schema = pa.schema([
-        ("model", pa.string()), ("direction", pa.string()), ("component", pa.string()),
-        ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("token", pa.string()),
-        ("mean", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("std", pa.float64()),
-        ("n", pa.int32()),
-    ])
-    frame = summary[[f.name for f in schema]].astype({"head": "Int32", "position": "Int32", "layer": "int32"})
-    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False).replace_schema_metadata(None)
-
-
 def read_effects(path: Path) -> pd.DataFrame:
     """effects.arrow -> a frame with positions made relative (nullable ints keep 'all' as NA)."""
     effects = read_table(path).to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get)
@@ -144,16 +106,61 @@ def read_effects(path: Path) -> pd.DataFrame:
     return effects
 
 
-def run(run_dir: Path, circuit_cfg: dict, provenance: dict, tokens: dict[int, str]) -> pd.DataFrame:
-    """effects.arrow -> summary.arrow (published atomically); returns the summary frame."""
+def bootstrap_ratio_ci(numerator: np.ndarray, denominator: np.ndarray, n_bootstrap: int, ci: float,
+                       rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap interval over pairs of mean(numerator) / mean(denominator)."""
+    means = bootstrap_means(np.stack([numerator, denominator]).astype(np.float64), n_bootstrap, rng)
+    ratio = means[0] / means[1]
+    low, high = np.quantile(ratio, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return float(low), float(high)
+
+
+def bootstrap_mean_ci(values: np.ndarray, n_bootstrap: int, ci: float, rng: np.random.Generator) -> np.ndarray:
+    """values [G, P] -> [G, 2] percentile bootstrap intervals of the mean over pairs."""
+    means = bootstrap_means(values.astype(np.float64), n_bootstrap, rng)
+    return np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=1).T
+
+
+def flip_fractions(effects) -> pd.DataFrame:
+    """Per site (KEY columns), the fraction of pairs whose behaviour the patch flips: the patched
+    metric's sign differs from the base run's (denoise: the harmless run now refuses; noise: the
+    harmful run now complies)."""
+    base = np.where(effects["direction"] == "denoise", effects["metric_corrupted"], effects["metric_clean"])
+    flipped = (effects["metric_patched"].to_numpy() > 0) != (base > 0)
+    frame = effects[KEY].copy()
+    frame["flipped"] = flipped
+    return frame.groupby(KEY, dropna=False, sort=True)["flipped"].mean().rename("flip_fraction").reset_index()
+
+
+def category_means(effects, pairs: pa.Table) -> pd.DataFrame:
+    """Per site and prompt category: mean normalised effect and n."""
+    category = dict(zip(pairs.column("pair_id").to_pylist(), pairs.column("category").to_pylist()))
+    frame = effects[KEY + ["effect"]].copy()
+    frame["category"] = effects["pair_id"].map(category)
+    grouped = frame.groupby(KEY + ["category"], dropna=False, sort=True)["effect"]
+    return grouped.agg(mean="mean", n="count").reset_index()
+
+
+def site_breakdown(run_dir: Path, top_k: int) -> list[dict]:
+    """The strongest sites per direction with their flip fraction and per-category mean effects."""
     effects = read_effects(run_dir / "effects.arrow")
-    summary = summarise(effects, circuit_cfg["n_bootstrap"], circuit_cfg["ci"], circuit_cfg["seed"], tokens)
-    meta = {**provenance, "n_bootstrap": circuit_cfg["n_bootstrap"], "ci": circuit_cfg["ci"],
-            "positions": "counted from the end: -1 = final token; null = all positions"}
-    write_table(run_dir / "summary.arrow", summary_table(summary), meta)
-    return summary
+    pairs = read_table(run_dir / "pairs.arrow")
+    means = effects.groupby(KEY, dropna=False, sort=True)["effect"].mean().rename("mean").reset_index()
+    flips = flip_fractions(effects)
+    cats = category_means(effects, pairs)
+    table = means.merge(flips, on=KEY)
+    out = []
+    for direction, rows in table.groupby("direction"):
+        for r in rows.sort_values("mean", ascending=False).head(top_k).itertuples():
+            key = {c: getattr(r, c) for c in KEY}
+            match = cats
+            for c in KEY:
+                match = match[match[c].isna()] if _isna(key[c]) else match[match[c] == key[c]]
+            out.append({**{c: (None if _isna(v) else (v if isinstance(v, str) else int(v))) for c, v in key.items()},
+                        "mean": float(r.mean), "flip_fraction": float(r.flip_fraction),
+                        "per_category": {m.category: {"mean": float(m.mean), "n": int(m.n)} for m in match.itertuples()}})
+    return out
 
 
-def load_circuit(run_dir: Path) -> dict | None:
-    path = run_dir / "circuit.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _isna(value) -> bool:
+    return bool(pd.isna(value))

@@ -1,0 +1,627 @@
+"""The circuit search: from a model and its screened pairs to a minimal, faithful circuit (circuit.json).
+
+Nodes are attention heads and MLPs at position classes (pipeline.analysis.positions), so that pairs of
+different lengths line up. A circuit is evaluated on the harmful prompt with every head and MLP outside
+it patched from the harmless twin (`pipeline.engine.circuits`); its faithfulness is
+f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), m averaged over pairs.
+
+`find_circuit` reads like the method, a phase per step, each returning a small typed result:
+1. `score_nodes`: attribution patching (noise direction) scores every node; exact single-node effects
+   verify every node when cheap, else attribution's top-k plus a random sample of the rest.
+2. `grow_and_prune`: nodes in order of their verified effect (attribution for unverified ones) until f
+   reaches the target; then pruning of every node whose removal keeps f at the target.
+3. `measure_faithfulness`: f with a bootstrap interval over pairs, per category, and the fraction of
+   pairs whose refusal the circuit alone keeps.
+4. `controls`: the faithfulness curve at MIB's circuit sizes (CPR: area under f, nodes ranked by signed
+   score; CMD: area between f and 1, ranked by |score|) and random circuits of the same size.
+5. `edges`: path patching from the harmful tokens' embeddings and every circuit node to every later node
+   and to the logits.
+6. `refusal_direction`: mean(harmful) - mean(harmless) residual at the final position per layer, its
+   ablation and addition effects, and each circuit node's projection on the best layer's direction.
+Agreement between attribution and exact patching (rank correlation, top-k recall, an estimate with an
+upper bound of the strong nodes attribution missed) comes with the scores.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from scipy import stats
+
+from pipeline.analysis.positions import PairGroup, group_pairs, position_classes, select_pairs
+from pipeline.analysis.statistics import bootstrap_mean_ci, bootstrap_ratio_ci
+from pipeline.config import CircuitConfig, SummaryConfig
+from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
+from pipeline.engine.attribution import attribution_patching
+from pipeline.engine.circuits import (EMBED, HEAD, KINDS, CircuitRunner, Nodes, check_path_patching, faithfulness,
+                                      node_writes, path_patch)
+from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics, mean_difference
+from pipeline.engine.metrics import check_metric
+
+log = logging.getLogger(__name__)
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: SummaryConfig, metric: str,
+                 model_name: str | None = None) -> CircuitResult:
+    """pairs.arrow (screened pairs) -> the minimal circuit and the evidence for it."""
+    check_metric(metric)
+    if not 0 < options.target <= 1:
+        raise ValueError(f"circuit.target={options.target} must be in (0, 1]")
+    clock, rng = PhaseClock(), np.random.default_rng(options.seed)
+    setup = prepare(model, pairs, options, metric)
+    clock.lap("caches")
+    scores = score_nodes(model, setup, options, summary, metric, rng)
+    clock.lap("scores")
+    search = grow_and_prune(setup, scores, options.target)
+    clock.lap("growth and pruning")
+    faith = measure_faithfulness(setup, search.circuit, summary, rng)
+    checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
+    clock.lap("faithfulness, curves, controls")
+    links = edges(model, setup, search, faith.value, options, metric)
+    clock.lap("edges")
+    direction = refusal_direction(model, setup, search.circuit, options, metric)
+    clock.lap("refusal direction")
+    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, links,
+                         direction, setup.evaluator.forward_rows, clock.seconds)
+
+
+# ---- the phases' results -----------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What every phase reads: the circuit step's pairs, their position classes, the candidate nodes."""
+    pairs: pa.Table
+    n_unequal: int  # pairs left out for unequal token length
+    names: list[str]  # position class names
+    labels: list[str]  # their readable labels
+    groups: list[PairGroup]
+    nodes: Nodes  # every candidate: each head and MLP at each layer and class
+    evaluator: Evaluator
+    n_layers: int
+    n_heads: int
+
+
+@dataclass
+class NodeScores:
+    attribution: np.ndarray  # [N] attribution's estimate of each node's noise effect (mean over pairs)
+    exact: np.ndarray  # [N] exact single-node effect; nan where not verified
+    exact_ci: np.ndarray  # [N, 2] its bootstrap interval
+    top: np.ndarray  # attribution's top set (verified)
+    sample: np.ndarray  # the random sample of the rest (verified)
+
+    @property
+    def best(self) -> np.ndarray:
+        """[N] the exact effect where verified, else attribution's estimate."""
+        return np.where(np.isnan(self.exact), self.attribution, self.exact)
+
+    @property
+    def order(self) -> np.ndarray:
+        """Nodes by verified effect first (strongest first), then the rest by attribution."""
+        return np.lexsort((-self.attribution, -np.nan_to_num(self.exact, nan=-np.inf), np.isnan(self.exact)))
+
+
+@dataclass
+class Search:
+    circuit: list[int]  # node indices, ordered by layer, kind, class, head
+    pruned: list[int]
+    f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node
+    curve: dict[int, float]  # growth: faithfulness at every prefix size measured
+
+
+@dataclass
+class Faithfulness:
+    value: float
+    ci: tuple[float, float]
+    metric_circuit: torch.Tensor  # [P]
+    metric_none: torch.Tensor  # [P] every node patched, measured
+    per_category: dict[str, dict]
+    refusal_kept: float  # fraction of pairs whose refusal the circuit alone keeps
+
+
+@dataclass
+class Controls:
+    mib: dict  # faithfulness at MIB's circuit sizes, CPR and CMD
+    random: np.ndarray  # [n_random] faithfulness of random circuits of the circuit's size
+
+
+@dataclass
+class Edges:
+    edges: list[dict] = field(default_factory=list)
+    note: str | None = None
+
+
+@dataclass
+class Direction:
+    per_layer: dict  # position, best_layer, per_layer rows (norm, addition and ablation effects)
+    projections: np.ndarray  # [len(circuit), 2] each circuit node's projection and cosine
+
+
+@dataclass
+class CircuitResult:
+    model: str | None
+    options: CircuitConfig
+    summary: SummaryConfig
+    metric: str
+    setup: Setup
+    scores: NodeScores
+    search: Search
+    faithfulness: Faithfulness
+    controls: Controls
+    edges: Edges
+    direction: Direction
+    forward_rows: int
+    seconds: dict[str, float]
+
+    def to_json(self) -> dict:
+        """The content of circuit.json."""
+        setup, scores, search, faith = self.setup, self.scores, self.search, self.faithfulness
+        nodes, names, evaluator = setup.nodes, setup.names, setup.evaluator
+        circuit, n_nodes = search.circuit, len(setup.nodes)
+        in_circuit = faith.value - search.f_without
+        full, empty = evaluator.metric_full.numpy(), evaluator.metric_empty.numpy()
+        node_rows = []
+        for j, i in enumerate(circuit):
+            kind, layer, head, cls = nodes.key(i)
+            node_rows.append({
+                "id": node_id(nodes, i, names), "component": KINDS[kind], "layer": layer,
+                "head": head if kind == HEAD else None, "position": names[cls], "token": setup.labels[cls],
+                "effect": _num(scores.exact[i]), "effect_ci": [_num(x) for x in scores.exact_ci[i]],
+                "attribution": _num(scores.attribution[i]), "in_circuit_effect": _num(in_circuit[j]),
+                "refusal_projection": _num(self.direction.projections[j][0]),
+                "refusal_cosine": _num(self.direction.projections[j][1]),
+            })
+        random = self.controls.random
+        options = self.options
+        return {
+            "model": self.model,
+            "method": {
+                "nodes": "attention heads and MLPs at position classes",
+                "intervention": "every node outside the circuit takes its activation from the harmless twin",
+                "growth": "verified single-node effect order, smallest prefix reaching the target, then pruning",
+                "metric": self.metric, "target": options.target, "seed": options.seed,
+                "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
+            },
+            "n_pairs": evaluator.n_pairs, "n_pairs_dropped_unequal_length": setup.n_unequal,
+            "positions": [{"name": n, "label": lab} for n, lab in zip(names, setup.labels)],
+            "n_layers": setup.n_layers, "n_heads": setup.n_heads,
+            "candidates": n_nodes, "size": len(circuit), "fraction": len(circuit) / n_nodes,
+            "max_fraction": options.max_fraction, "within_max_fraction": len(circuit) <= options.max_fraction * n_nodes,
+            "faithfulness": faith.value, "faithfulness_ci": list(faith.ci), "target_reached": faith.value >= options.target,
+            "refusal_kept": faith.refusal_kept,
+            "baselines": {"metric_full": float(full.mean()), "metric_empty": float(empty.mean()),
+                          "metric_empty_measured": float(faith.metric_none.mean()),
+                          "metric_circuit": float(faith.metric_circuit.mean())},
+            "random_control": {"n": len(random), "size": len(circuit), "mean": float(random.mean()),
+                               "std": float(random.std()), "max": float(random.max()) if len(random) else None},
+            "per_category": faith.per_category,
+            "nodes": node_rows,
+            "pruned": [node_id(nodes, i, names) for i in search.pruned],
+            "edges": self.edges.edges, "edges_note": self.edges.note,
+            "growth_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
+            "mib": self.controls.mib,
+            "attribution": agreement(scores.attribution, scores.exact, scores.top, scores.sample, n_nodes,
+                                     min(max(len(circuit), 1), options.recall_k), options.strong_effect),
+            "scores": {"id": [node_id(nodes, i, names) for i in range(n_nodes)],
+                       "attribution": [_num(x) for x in scores.attribution], "exact": [_num(x) for x in scores.exact]},
+            "refusal_direction": self.direction.per_layer,
+            "forward_rows": self.forward_rows,
+            "seconds": self.seconds,
+        }
+
+
+class PhaseClock:
+    """Seconds per phase, logged as each ends."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 2)
+        self._last = now
+        log.info("circuit step: %s took %.1fs", phase, self.seconds[phase])
+
+
+# ---- the phases ----------------------------------------------------------------------------------------
+
+def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str) -> Setup:
+    """The pairs (equal-length, at most options.max_pairs), their classes, every candidate node, and the
+    evaluator holding each length group's clean and corrupted caches."""
+    pairs, n_unequal = select_pairs(pairs, options.max_pairs, options.seed)
+    names, labels, class_maps = position_classes(pairs)
+    groups = group_pairs(pairs, class_maps)
+    adapter = get_adapter(model)
+    nodes = Nodes.grid(adapter, list(range(len(names))))
+    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows)
+    return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads)
+
+
+def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryConfig, metric: str,
+                rng: np.random.Generator) -> NodeScores:
+    """Attribution for every node; exact single-node effects (with intervals) for the verified ones."""
+    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
+    attribution = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs).mean(1).numpy()
+    verified, top, sample = choose_verified(attribution, n_pairs, options, rng)
+    exact_pairs = single_node_effects(setup.evaluator, setup.nodes, verified.tolist())
+    exact = np.full(n_nodes, np.nan)
+    exact[verified] = exact_pairs.mean(1).numpy()
+    exact_ci = np.full((n_nodes, 2), np.nan)
+    exact_ci[verified] = bootstrap_mean_ci(exact_pairs.numpy(), summary.n_bootstrap, summary.ci, rng)
+    return NodeScores(attribution, exact, exact_ci, top, sample)
+
+
+def grow_and_prune(setup: Setup, scores: NodeScores, target: float) -> Search:
+    """The smallest prefix of the score order reaching the target, then pruned; ordered by place."""
+    evaluator, nodes, order = setup.evaluator, setup.nodes, scores.order
+    size, curve = grow(evaluator, nodes, order, target)
+    circuit, pruned, f_without = prune(evaluator, nodes, order[:size].tolist(), target)
+    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
+                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
+    return Search([circuit[j] for j in by_place], pruned, f_without[by_place], curve)
+
+
+def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
+                         rng: np.random.Generator) -> Faithfulness:
+    """f of the circuit with its bootstrap interval over pairs, per category, and refusal kept."""
+    evaluator = setup.evaluator
+    metric_circuit, metric_none = evaluator.metrics(setup.nodes, _subset_masks(len(setup.nodes), [circuit, []]))
+    full, empty = evaluator.metric_full, evaluator.metric_empty
+    f = float(faithfulness(metric_circuit[None], full, empty)[0])
+    f_ci = bootstrap_ratio_ci(metric_circuit.numpy() - empty.numpy(), full.numpy() - empty.numpy(),
+                              summary.n_bootstrap, summary.ci, rng)
+    categories = setup.pairs.column("category").to_pylist()
+    per_category = {}
+    for category in sorted(set(categories)):
+        rows = torch.tensor([i for i, c in enumerate(categories) if c == category])
+        per_category[category] = {
+            "n": len(rows),
+            "faithfulness": float(faithfulness(metric_circuit[rows][None], full[rows], empty[rows])[0]),
+            "refusal_kept": float((metric_circuit[rows] > 0).float().mean()),
+        }
+    return Faithfulness(f, f_ci, metric_circuit, metric_none, per_category,
+                        float((metric_circuit > 0).float().mean()))
+
+
+def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np.random.Generator) -> Controls:
+    """The MIB faithfulness curve and random circuits of the circuit's size."""
+    n_nodes = len(setup.nodes)
+    mib = mib_curve(setup.evaluator, setup.nodes, scores.best)
+    random_sets = [rng.choice(n_nodes, size, replace=False) for _ in range(n_random)]
+    return Controls(mib, setup.evaluator.faithfulness(setup.nodes, _subset_masks(n_nodes, random_sets)).numpy())
+
+
+def edges(model, setup: Setup, search: Search, f: float, options: CircuitConfig, metric: str) -> Edges:
+    """Path effects among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes)."""
+    circuit = search.circuit
+    if not options.edges or not circuit:
+        return Edges()
+    strongest = sorted(np.argsort(-(f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
+    try:
+        check_path_patching(model, get_adapter(model))
+    except UnsupportedArchitecture as err:
+        return Edges(note=str(err))
+    found = path_effects(model, setup.groups, setup.nodes, [circuit[j] for j in strongest], setup.names, options,
+                         metric, setup.evaluator.n_pairs)
+    note = (f"edges measured among the {len(strongest)} nodes with the largest in-circuit effect"
+            if len(strongest) < len(circuit) else None)
+    return Edges(found, note)
+
+
+def refusal_direction(model, setup: Setup, circuit: list[int], options: CircuitConfig, metric: str) -> Direction:
+    """The difference-of-means direction per layer and each circuit node's projection on the best one."""
+    found = direction_by_layer(model, setup.evaluator, metric, options.direction_layers,
+                               max_batch_rows=options.max_batch_rows)
+    vector = found.pop("vector")
+    projections = node_projections(model, setup.evaluator, setup.nodes.select(circuit), vector) if circuit else []
+    return Direction(found, projections)
+
+
+# ---- evaluation over all groups ----------------------------------------------------------------------
+
+class Evaluator:
+    """Circuit metrics over every pair (all groups), in the order of the circuit step's pairs."""
+
+    def __init__(self, model, groups: list[PairGroup], n_classes: int, metric: str, max_batch_rows=None):
+        self.groups = groups
+        self.runners = [CircuitRunner(model, g.clean, g.corrupted, g.answers, g.classes, n_classes, metric,
+                                      max_batch_rows) for g in groups]
+        self.n_pairs = sum(len(g.rows) for g in groups)
+        self.metric_full = self._gather([r.metric_full[None] for r in self.runners])[0]
+        self.metric_empty = self._gather([r.metric_empty[None] for r in self.runners])[0]
+        self.forward_rows = 0
+
+    def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty(parts[0].shape[0], self.n_pairs)
+        for group, part in zip(self.groups, parts):
+            out[:, group.rows] = part
+        return out
+
+    def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
+        """masks [C, N] -> metric [C, P]."""
+        self.forward_rows += masks.shape[0] * self.n_pairs
+        return self._gather([runner.metrics(nodes, masks) for runner in self.runners])
+
+    def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
+        return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
+
+    def effects(self, metric: torch.Tensor) -> torch.Tensor:
+        """Per-pair normalised noise effects [C, P] of metrics [C, P]: 1 = the refusal gap is gone."""
+        return (metric - self.metric_full) / (self.metric_empty - self.metric_full)
+
+
+def _subset_masks(n_nodes: int, subsets: list) -> torch.Tensor:
+    masks = torch.zeros(len(subsets), n_nodes, dtype=torch.bool)
+    for row, subset in enumerate(subsets):
+        masks[row, list(subset)] = True
+    return masks
+
+
+# ---- scores: attribution and exact single-node effects -------------------------------------------
+
+def attribution_scores(model, groups: list[PairGroup], nodes: Nodes, n_classes: int, metric: str,
+                       n_pairs: int) -> torch.Tensor:
+    """Attribution patching's estimate of each node's noise effect, per pair: [N, P] normalised."""
+    out = torch.empty(len(nodes), n_pairs)
+    for group in groups:
+        result = attribution_patching(model, group.clean, group.corrupted, group.answers, direction="noise",
+                                      metric=metric, components=("head", "mlp_out"))
+        onehot = torch.nn.functional.one_hot(group.classes.clamp(min=0), n_classes).float()
+        onehot[group.classes < 0] = 0  # [P, T, K]
+        heads = torch.einsum("pltk,ptc->plck", result.scores["head"], onehot)  # [P, L, K, H]
+        mlps = torch.einsum("plt,ptc->plc", result.scores["mlp_out"], onehot)  # [P, L, K]
+        is_head = nodes.kind == HEAD
+        score = torch.empty(len(group.rows), len(nodes))
+        score[:, is_head] = heads[:, nodes.layer[is_head], nodes.cls[is_head], nodes.head[is_head]]
+        score[:, ~is_head] = mlps[:, nodes.layer[~is_head], nodes.cls[~is_head]]
+        gap = (result.metric_corrupted - result.metric_clean)[:, None]
+        out[:, group.rows] = (score / gap).T
+    return out
+
+
+def single_node_effects(evaluator: Evaluator, nodes: Nodes, which: list[int]) -> torch.Tensor:
+    """Exact noise effect [len(which), P] of patching each node alone (the rest of the model kept)."""
+    masks = torch.ones(len(which), len(nodes), dtype=torch.bool)
+    masks[torch.arange(len(which)), torch.tensor(which, dtype=torch.long)] = False
+    return evaluator.effects(evaluator.metrics(nodes, masks))
+
+
+def choose_verified(attribution: np.ndarray, n_pairs: int, options: CircuitConfig, rng: np.random.Generator):
+    """(nodes to verify, attribution's top set, the random sample of the rest)."""
+    n = len(attribution)
+    order = np.argsort(-attribution, kind="stable")
+    top = order[:min(options.verify_top, n)]
+    if n * n_pairs <= options.verify_all_rows:
+        return np.arange(n), top, np.setdiff1d(np.arange(n), top)
+    rest = np.setdiff1d(np.arange(n), top)
+    sample = np.sort(rng.choice(rest, min(options.verify_random, len(rest)), replace=False))
+    return np.union1d(top, sample), top, sample
+
+
+def agreement(attribution: np.ndarray, exact: np.ndarray, top: np.ndarray, sample: np.ndarray, n_nodes: int,
+              k: int, strong: float) -> dict:
+    """How well attribution agrees with exact patching on the verified nodes."""
+    verified = ~np.isnan(exact)
+    rho = stats.spearmanr(attribution[verified], exact[verified]).statistic if verified.sum() > 2 else float("nan")
+    r = stats.pearsonr(attribution[verified], exact[verified]).statistic if verified.sum() > 2 else float("nan")
+    k = max(1, min(k, int(verified.sum())))
+    exact_top = set(np.flatnonzero(verified)[np.argsort(-exact[verified], kind="stable")[:k]].tolist())
+    attr_top = set(np.argsort(-attribution, kind="stable")[:k].tolist())
+    # Strong nodes outside attribution's top set, estimated from the random sample of the rest.
+    n_rest = n_nodes - len(top)
+    hits = int((np.abs(exact[sample]) >= strong).sum()) if len(sample) else 0
+    m = len(sample)
+    estimate = hits / m * n_rest if m else float("nan")
+    upper = stats.beta.ppf(0.95, hits + 1, m - hits) * n_rest if m and hits < m else float(n_rest)
+    return {
+        "spearman": float(rho), "pearson": float(r), "k": k, "top_k_recall": len(exact_top & attr_top) / k,
+        "n_verified": int(verified.sum()), "n_top": len(top), "n_sampled_rest": m,
+        "strong_effect": strong, "strong_in_sample": hits,
+        "missed_strong_estimate": float(estimate), "missed_strong_upper95": float(upper),
+        "exhaustive": bool(m == n_rest),
+    }
+
+
+# ---- growth, pruning, curves ------------------------------------------------------------------------
+
+def _geometric_sizes(n: int) -> list[int]:
+    sizes, k = {0, n}, 1
+    while k < n:
+        sizes.add(k)
+        k = max(k + 1, int(math.ceil(k * 1.4)))
+    return sorted(sizes)
+
+
+def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4) -> tuple[int, dict[int, float]]:
+    """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
+    at a time, until one reaches it; then the bracket below it is narrowed, `chunk` sizes per pass.
+    Returns (size, {size: f} for every size measured)."""
+    n = len(order)
+    prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
+    grid, curve = _geometric_sizes(n), {}
+    for begin in range(0, len(grid), chunk):
+        sizes = grid[begin:begin + chunk]
+        curve.update(zip(sizes, evaluator.faithfulness(nodes, prefix(sizes)).tolist()))
+        if any(curve[k] >= target for k in sizes):
+            break
+    reached = [k for k in sorted(curve) if curve[k] >= target]
+    if not reached:
+        return n, curve
+    hi = reached[0]
+    lo = max([k for k in curve if k < hi] + [0])
+    while hi - lo > 1:  # below lo nothing reached the target; hi reaches it
+        inside = sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi})
+        curve.update(zip(inside, evaluator.faithfulness(nodes, prefix(inside)).tolist()))
+        hi = min([k for k in inside if curve[k] >= target] + [hi])
+        lo = max(k for k in [lo] + inside if k < hi)
+    return hi, curve
+
+
+def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
+          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int], np.ndarray]:
+    """Drop nodes whose removal keeps f >= target. Each round measures f without each node, then finds
+    the largest k such that removing the k least harmful nodes together keeps f at the target (k on a
+    geometric grid, then narrowed, `chunk` circuits per pass). Returns (kept, removed, f of the kept
+    circuit without each of its nodes)."""
+    def without_each(members: list[int]) -> np.ndarray:
+        return evaluator.faithfulness(
+            nodes, _subset_masks(len(nodes), [[c for c in members if c != drop] for drop in members])).numpy()
+
+    kept, removed = list(circuit), []
+    f_without = without_each(kept)
+    for _ in range(max_rounds):
+        order = np.argsort(-f_without, kind="stable")
+        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        if most == 0:
+            break
+        trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
+        f_trial = {}
+
+        def measure_trials(ks):
+            ks = [k for k in ks if k not in f_trial]
+            if ks:
+                f_trial.update(zip(ks, evaluator.faithfulness(nodes, _subset_masks(len(nodes),
+                                                                                     [trial(k) for k in ks])).tolist()))
+
+        grid = [k for k in _geometric_sizes(most) if k > 0]
+        for begin in range(0, len(grid), chunk):
+            measure_trials(grid[begin:begin + chunk])
+            if any(f_trial[k] < target for k in grid[begin:begin + chunk]):
+                break
+        passing = [k for k in f_trial if f_trial[k] >= target]
+        if not passing:
+            break
+        lo = max(passing)
+        hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [most + 1])
+        while hi - lo > 1:  # lo keeps the target; hi (or beyond `most`) does not
+            measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
+            lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
+            hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+        removed += [c for c in kept if c not in trial(lo)]
+        kept = trial(lo)
+        f_without = without_each(kept)
+    return kept, removed, f_without
+
+
+def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
+    """Faithfulness at MIB's circuit sizes (fractions of the candidate nodes); CPR = area under f with
+    nodes ranked by signed score, CMD = area between f and 1 with nodes ranked by |score| (trapezoids
+    over the fraction, as the MIB circuit track computes them)."""
+    n = len(scores)
+    sizes = [int(f * n) for f in MIB_FRACTIONS]
+    signed, absolute = np.argsort(-scores, kind="stable"), np.argsort(-np.abs(scores), kind="stable")
+    masks = _subset_masks(n, [signed[:k] for k in sizes] + [absolute[:k] for k in sizes])
+    f = evaluator.faithfulness(nodes, masks).tolist()
+    f_signed, f_abs = f[:len(sizes)], f[len(sizes):]
+    x = np.array(MIB_FRACTIONS)
+    cpr = float(np.trapezoid(f_signed, x))
+    cmd = float(np.trapezoid(np.abs(1 - np.array(f_abs)), x))
+    return {"fraction": list(MIB_FRACTIONS), "size": sizes, "faithfulness_signed": f_signed,
+            "faithfulness_absolute": f_abs, "cpr": cpr, "cmd": cmd}
+
+
+# ---- edges and the refusal direction ---------------------------------------------------------------
+
+def path_effects(model, groups: list[PairGroup], nodes: Nodes, circuit: list[int], names: list[str],
+                 options: CircuitConfig, metric: str, n_pairs: int) -> list[dict]:
+    """Path effects from the harmful tokens' embeddings and every circuit node to every later node and
+    to the logits (receiver "logits")."""
+    members = nodes.select(circuit)
+    senders = Nodes.concat([Nodes.embeddings([names.index("harm")]), members])
+    effects = torch.full((len(senders), len(circuit) + 1, n_pairs), float("nan"))
+    for group in groups:
+        result = path_patch(model, group.clean, group.corrupted, group.answers, group.classes, senders, members,
+                            metric, options.max_batch_rows)
+        effects[:, :, group.rows] = result.effects()
+    mean = effects.nanmean(-1)
+    edges = []
+    for s in range(len(senders)):
+        for r in range(len(circuit) + 1):
+            if torch.isnan(effects[s, r]).all():
+                continue
+            value = float(mean[s, r])
+            edges.append({"from": node_id(senders, s, names),
+                          "to": "logits" if r == len(circuit) else node_id(nodes, circuit[r], names),
+                          "effect": value, "drawn": abs(value) >= options.edge_min})
+    return edges
+
+
+def direction_by_layer(model, evaluator: Evaluator, metric: str, max_layers: int, n_ablations: int = 3,
+                       max_batch_rows=None) -> dict:
+    """Difference-of-means direction per layer at the final position. Its addition effect (added to the
+    harmless run's residual entering the layer: does it cause refusal?) is measured at up to
+    `max_layers` layers (cheap: each run starts at its layer), its ablation effect (projected out of the
+    harmful run everywhere: does refusal stop?) at the `n_ablations` layers where addition works best;
+    the best layer has the largest mean of the two."""
+    adapter = get_adapter(model)
+    n_layers = adapter.n_layers
+
+    def final_residuals(cache):  # [P, L + 1, d]: entering each layer, then after the last
+        return torch.cat([cache.acts["resid_pre"][:, :, -1], cache.final_resid[:, None]], dim=1).float().cpu()
+
+    harmful = torch.cat([final_residuals(r.base) for r in evaluator.runners])
+    harmless = torch.cat([final_residuals(r.source) for r in evaluator.runners])
+    directions = mean_difference(harmful, harmless)  # [L + 1, d]
+    norms = directions.norm(dim=-1)
+    live = [layer for layer in range(n_layers) if norms[layer] > 1e-6 * float(norms.max())]
+    tested = live[::max(1, math.ceil(len(live) / max_layers))]
+    addition = torch.empty(len(tested), evaluator.n_pairs)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        added = add_direction_metrics(model, group.corrupted, group.answers, directions[tested], tested, metric,
+                                      max_batch_rows)
+        addition[:, group.rows] = (added - runner.metric_empty) / (runner.metric_full - runner.metric_empty)
+    ablated_layers = [tested[i] for i in addition.mean(1).argsort(descending=True)[:n_ablations].tolist()]
+    ablation = torch.empty(len(ablated_layers), evaluator.n_pairs)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        ablated = ablate_direction_metrics(model, group.clean, group.answers, directions[ablated_layers], metric,
+                                           max_batch_rows)
+        ablation[:, group.rows] = (ablated - runner.metric_full) / (runner.metric_empty - runner.metric_full)
+    score = ablation.mean(1) + addition[[tested.index(layer) for layer in ablated_layers]].mean(1)
+    best = ablated_layers[int(score.argmax())]
+    per_layer = []
+    for layer in range(n_layers + 1):
+        row = {"layer": layer, "norm": float(norms[layer]), "addition_effect": None, "ablation_effect": None}
+        if layer in tested:
+            row["addition_effect"] = float(addition[tested.index(layer)].mean())
+        if layer in ablated_layers:
+            row["ablation_effect"] = float(ablation[ablated_layers.index(layer)].mean())
+        per_layer.append(row)
+    return {"position": "final token", "best_layer": best, "vector": directions[best], "per_layer": per_layer}
+
+
+def node_projections(model, evaluator: Evaluator, nodes: Nodes, direction: torch.Tensor) -> np.ndarray:
+    """Each node's mean write difference (harmful - harmless run) per position of its class, projected
+    on the unit refusal direction and as a cosine: [N, 2]."""
+    adapter = get_adapter(model)
+    unit = direction / direction.norm()
+    total = torch.zeros(len(nodes), adapter.d_model)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        classes = group.classes.to(runner.base.final_resid.device)
+        with torch.no_grad():
+            diff = node_writes(adapter, runner.base, nodes, classes) - node_writes(adapter, runner.source, nodes, classes)
+        counts = torch.stack([(group.classes == int(c)).sum(-1) for c in nodes.cls]).clamp(min=1)  # [N, P]
+        total += (diff.float().cpu().sum(2) / counts[..., None]).sum(1)
+    mean = total / evaluator.n_pairs
+    projection = mean @ unit
+    cosine = projection / mean.norm(dim=-1).clamp(min=1e-12)
+    return torch.stack([projection, cosine], dim=1).numpy()
+
+
+def node_id(nodes: Nodes, i: int, names: list[str]) -> str:
+    kind, layer, head, cls = nodes.key(i)
+    if kind == EMBED:
+        return f"EMB@{names[cls]}"
+    return f"L{layer}.{'H' + str(head) if kind == HEAD else 'MLP'}@{names[cls]}"
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x

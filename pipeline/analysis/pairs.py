@@ -1,0 +1,289 @@
+"""Minimal prompt pairs: where they come from, token-length matching, answer tokens and the behaviour screen.
+
+A pair is a harmful instruction (clean: the model should refuse) and a harmless twin (corrupted: the
+model should comply). Both are wrapped in the model's own chat template as one user turn plus the
+generation prompt. Activation patching copies activations position by position, so the two token
+sequences must have equal length: checked here for every pair, never assumed. With `align="end"` a
+pair of unequal length is kept and aligned from the end (the final positions match up); only
+positions that exist in both runs can be patched (see `align_offset`).
+
+Output: a pyarrow Table, one row per pair that passed the screen (the pairs.arrow contract):
+
+| column | meaning |
+|---|---|
+| pair_id | index of the pair in the input list (before screening) |
+| category, clean, corrupted | the pair's category and instruction texts |
+| clean_ids, corrupted_ids | list<int32> token ids of the chat-templated prompts |
+| refusal_ids, compliance_ids | list<int32> answer tokens, the same for every pair of one run (up to answer_top_k each) |
+| seq_len | len(clean_ids) |
+| align_offset | len(clean_ids) - len(corrupted_ids) (0 unless align="end"); clean position p pairs with corrupted position p - align_offset, and only positions valid in both are patched |
+| instruction_start, instruction_end | the user instruction's tokens, [start, end) in clean positions |
+| harmful_positions | list<int32> clean positions whose token differs from the corrupted twin (the harmful span; for an end-aligned pair of unequal length, the clean tokens between the common prefix and suffix) |
+| template_positions | list<int32> clean positions outside the instruction (chat template tokens) |
+| final_pos | seq_len - 1, where the answer is read |
+| metric_clean, metric_corrupted | refusal_logodds (log P(refusal tokens) - log P(compliance tokens)) at the final position; with one token each, the logit difference |
+| clean_generation, corrupted_generation | the short greedy replies (null when generation is off) |
+
+All positions are 0-based clean-sequence positions. `pair_batch` reads rows of that table back as the
+engine's tensors. No Ray, MLflow or Hydra here: plain functions.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.analysis.behaviour import (SCREEN_METRIC, chat_text, decode, derive_answer_tokens, final_answer_logits,
+                                         greedy_generate, is_refusal)
+from pipeline.analysis.prompt_files import read_user_file
+from pipeline.engine.metrics import Answers, answer_metric
+from pipeline.organisms.instructions import minimal_pairs
+from pipeline.organisms.refusal_tiny import grammar
+from pipeline.store import read_table
+
+Align = Literal["none", "end"]
+ALIGN_MODES = ("none", "end")
+
+
+@dataclass(frozen=True)
+class InstructionPair:
+    clean: str
+    corrupted: str
+    category: str = "user"
+
+
+# --- where pairs come from ---------------------------------------------------------------------------
+
+def grammar_pairs(n: int, seed: int = 0, split: str = "heldout") -> list[InstructionPair]:
+    """refusal-tiny's minimal pairs, from its grammar (one word differs; held-out combinations by default)."""
+    return [InstructionPair(p.clean, p.corrupted, p.category) for p in grammar.pairs(n, seed, split)]
+
+
+def library_pairs(tokenizer, n: int, seed: int = 0,
+                  categories: Iterable[str] | None = None) -> list[InstructionPair]:
+    """Minimal pairs from the instruction template library (hub models), `n` of them drawn with `seed`
+    from those the library length-matches under `tokenizer`."""
+    pool = [InstructionPair(p["clean"], p["corrupted"], p["category"])
+            for p in minimal_pairs(tokenizer=tokenizer, categories=categories)]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def file_pairs(path: str | Path) -> list[InstructionPair]:
+    """The user's own pairs: JSONL, CSV or Parquet with text columns `clean`, `corrupted` and an
+    optional `category`."""
+    table = read_user_file(path, ["clean", "corrupted"], "prompt-pair file")
+    categories = (table.column("category").to_pylist() if "category" in table.column_names
+                  else ["user"] * table.num_rows)
+    return [InstructionPair(c, k, str(cat) if cat is not None else "user")
+            for c, k, cat in zip(table.column("clean").to_pylist(), table.column("corrupted").to_pylist(),
+                                 categories)]
+
+
+def source_pairs(model: str, tokenizer, *, path: str | Path | None = None, n: int = 256, seed: int = 0,
+                 split: str = "heldout") -> list[InstructionPair]:
+    """The pairs for a run: the user's file if given, else refusal-tiny's grammar for refusal-tiny,
+    else the instruction library."""
+    if path:
+        return file_pairs(path)
+    if model == "refusal-tiny":
+        return grammar_pairs(n, seed, split)
+    return library_pairs(tokenizer, n, seed)
+
+
+# --- tokens and spans --------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedPair:
+    pair_id: int
+    pair: InstructionPair
+    clean_ids: list[int]
+    corrupted_ids: list[int]
+    align_offset: int
+    instruction_start: int
+    instruction_end: int
+    harmful_positions: list[int]
+
+    @property
+    def template_positions(self) -> list[int]:
+        return [p for p in range(len(self.clean_ids))
+                if not self.instruction_start <= p < self.instruction_end]
+
+
+def _describe(i: int, pair: InstructionPair) -> str:
+    return f"pair {i} (clean {pair.clean!r}, corrupted {pair.corrupted!r})"
+
+
+def _instruction_tokens(tokenizer, instruction: str, i: int, pair: InstructionPair) -> tuple[list[int], int, int]:
+    """(token ids of the chat-templated prompt, [start, end) of the instruction's tokens)."""
+    text = chat_text(tokenizer, instruction)
+    # The user turn comes after any system prompt, so search from the end.
+    start = text.rfind(instruction)
+    if start < 0:
+        start = text.rfind(instruction.strip())
+        instruction = instruction.strip()
+    if start < 0:
+        raise ValueError(f"{_describe(i, pair)}: the chat template rewrote the instruction text, so its tokens "
+                         f"cannot be located: pass the instruction as the template prints it")
+    end = start + len(instruction)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start and b > a]
+    if not inside:
+        raise ValueError(f"{_describe(i, pair)}: the instruction maps to no tokens: give a non-empty instruction")
+    return enc["input_ids"], inside[0], inside[-1] + 1
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[InstructionPair], align: Align = "none") -> list[TokenizedPair]:
+    """Chat-template token ids and spans of every pair; unequal lengths raise unless align="end".
+    Cheap (no model): run it before any forward pass."""
+    if align not in ALIGN_MODES:
+        raise ValueError(f"unknown alignment mode {align!r}: set prompts.align to 'none' or 'end'")
+    if not pairs:
+        raise ValueError("no prompt pairs to tokenize: give a non-empty pair file or n > 0")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("the tokenizer is not a fast tokenizer (no character offsets): load the model with "
+                         "a tokenizer.json so spans can be mapped to tokens")
+    out = []
+    for i, pair in enumerate(pairs):
+        clean_ids, start, end = _instruction_tokens(tokenizer, pair.clean, i, pair)
+        corrupted_ids, _, _ = _instruction_tokens(tokenizer, pair.corrupted, i, pair)
+        offset = len(clean_ids) - len(corrupted_ids)
+        if offset and align != "end":
+            raise ValueError(
+                f"{_describe(i, pair)} has unequal token counts ({len(clean_ids)} vs {len(corrupted_ids)}) under "
+                f"this model's tokenizer and chat template: rephrase it to equal length, drop it, or set "
+                f"prompts.align=end to patch only the positions aligned from the end")
+        differing = _differing_positions(clean_ids, corrupted_ids)
+        if not differing and offset == 0:
+            raise ValueError(f"{_describe(i, pair)}: clean and corrupted prompts are the same tokens: "
+                             f"the corrupted twin must differ (swap the harmful word)")
+        out.append(TokenizedPair(i, pair, clean_ids, corrupted_ids, offset, start, end, differing))
+    return out
+
+
+def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:
+    """Clean positions of the harmful span. Equal lengths: every position whose token differs.
+    Unequal (end-aligned): the clean tokens between the longest common prefix and the longest common
+    suffix, since position-wise comparison would flag everything the length change shifted."""
+    if len(clean) == len(corrupted):
+        return [p for p, (a, b) in enumerate(zip(clean, corrupted)) if a != b]
+    shortest = min(len(clean), len(corrupted))
+    prefix = next((k for k in range(shortest) if clean[k] != corrupted[k]), shortest)
+    suffix = next((k for k in range(shortest - prefix) if clean[-1 - k] != corrupted[-1 - k]), shortest - prefix)
+    return list(range(prefix, len(clean) - suffix))
+
+
+# --- answer tokens, screen and table -----------------------------------------------------------------
+
+class PairsResult(NamedTuple):
+    table: pa.Table   # the pairs.arrow contract (module docstring), screened pairs only
+    report: dict      # counts, fraction kept, rates, answer tokens
+
+
+def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Align = "none",
+                refusal_tokens: Sequence[int | str] | None = None,
+                compliance_tokens: Sequence[int | str] | None = None,
+                answer_top_k: int = 1, generate: bool = True, max_new_tokens: int = 8,
+                batch_size: int = 64) -> PairsResult:
+    """Tokenize, derive answer tokens, screen, and tabulate `pairs` for `model`.
+
+    A pair is kept when the model refuses its clean prompt and complies with its corrupted one: by the
+    first-token metric (refusal_logodds > 0 on clean, < 0 on corrupted) and, with `generate`, also by
+    short greedy generation. Answer tokens are the `answer_top_k` most common first tokens of the
+    model's refusals / compliances on these prompts, unless `refusal_tokens` / `compliance_tokens` (ids
+    or vocabulary strings) name them.
+    """
+    tokenized = tokenize_pairs(tokenizer, pairs, align)
+    if not generate and (refusal_tokens is None or compliance_tokens is None):
+        raise ValueError("answer tokens are derived from the model's generations: set generate=true or name "
+                         "both prompts.refusal_tokens and prompts.compliance_tokens")
+    prompts = [t.clean_ids for t in tokenized] + [t.corrupted_ids for t in tokenized]
+    n = len(tokenized)
+    if generate:
+        generations = greedy_generate(model, prompts, max_new_tokens, batch_size)
+        texts = [decode(tokenizer, g) for g in generations]
+        refused = [is_refusal(t) for t in texts]
+    else:
+        generations, texts, refused = [], [None] * (2 * n), [None] * (2 * n)
+    answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens, answer_top_k)
+    logits = final_answer_logits(model, prompts, answers.refusal + answers.compliance, batch_size)
+    metric = answer_metric(SCREEN_METRIC, logits, answers.answers(2 * n)).tolist()
+    metric_clean, metric_corrupted = metric[:n], metric[n:]
+
+    keep = [metric_clean[i] > 0 > metric_corrupted[i]
+            and (not generate or (refused[i] and not refused[n + i])) for i in range(n)]
+    report = {
+        "n_pairs": n, "n_kept": sum(keep), "fraction_kept": sum(keep) / n, "align": align,
+        "n_aligned_unequal": sum(t.align_offset != 0 for t in tokenized),
+        "clean_refused_by_metric": sum(m > 0 for m in metric_clean) / n,
+        "corrupted_refused_by_metric": sum(m > 0 for m in metric_corrupted) / n,
+        "clean_refused_by_generation": sum(refused[:n]) / n if generate else None,
+        "corrupted_refused_by_generation": sum(refused[n:]) / n if generate else None,
+    } | answers.to_dict(tokenizer)
+    if not any(keep):
+        raise ValueError(
+            f"no pair survived the behaviour screen ({n} pairs; the model refused "
+            f"{100 * report['clean_refused_by_metric']:.0f}% of clean and "
+            f"{100 * report['corrupted_refused_by_metric']:.0f}% of corrupted prompts by the first-token metric, "
+            f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}): use a model that refuses "
+            f"harmful prompts, other pairs, or name the answer tokens (prompts.refusal_tokens/compliance_tokens)")
+    rows = [i for i in range(n) if keep[i]]
+    table = pairs_table(tokenized, rows, answers, metric_clean, metric_corrupted, texts[:n], texts[n:])
+    return PairsResult(table.replace_schema_metadata({b"pairs_report": json.dumps(report).encode()}), report)
+
+
+def pairs_table(tokenized: Sequence[TokenizedPair], rows: Sequence[int], answers, metric_clean, metric_corrupted,
+                clean_texts, corrupted_texts) -> pa.Table:
+    ids = pa.list_(pa.int32())
+    pick = [tokenized[i] for i in rows]
+    return pa.table({
+        "pair_id": pa.array([t.pair_id for t in pick], pa.int32()),
+        "category": pa.array([t.pair.category for t in pick], pa.string()),
+        "clean": pa.array([t.pair.clean for t in pick], pa.string()),
+        "corrupted": pa.array([t.pair.corrupted for t in pick], pa.string()),
+        "clean_ids": pa.array([t.clean_ids for t in pick], ids),
+        "corrupted_ids": pa.array([t.corrupted_ids for t in pick], ids),
+        "refusal_ids": pa.array([list(answers.refusal)] * len(pick), ids),
+        "compliance_ids": pa.array([list(answers.compliance)] * len(pick), ids),
+        "seq_len": pa.array([len(t.clean_ids) for t in pick], pa.int32()),
+        "align_offset": pa.array([t.align_offset for t in pick], pa.int32()),
+        "instruction_start": pa.array([t.instruction_start for t in pick], pa.int32()),
+        "instruction_end": pa.array([t.instruction_end for t in pick], pa.int32()),
+        "harmful_positions": pa.array([t.harmful_positions for t in pick], ids),
+        "template_positions": pa.array([t.template_positions for t in pick], ids),
+        "final_pos": pa.array([len(t.clean_ids) - 1 for t in pick], pa.int32()),
+        "metric_clean": pa.array([metric_clean[i] for i in rows], pa.float32()),
+        "metric_corrupted": pa.array([metric_corrupted[i] for i in rows], pa.float32()),
+        "clean_generation": pa.array([clean_texts[i] for i in rows], pa.string()),
+        "corrupted_generation": pa.array([corrupted_texts[i] for i in rows], pa.string()),
+    })
+
+
+def padded(lists: list[list[int]]) -> torch.Tensor:
+    """Ragged id lists -> [N, max length] int64, padded with -1 (the engine's answer-set padding)."""
+    width = max(len(x) for x in lists)
+    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
+
+
+def pair_batch(pairs_path: str | Path, rows: list[int]) -> dict:
+    """Rows of pairs.arrow as tensors: pair_id [P], clean_ids [P, T] / corrupted_ids [P, T'], answers
+    (T' != T only for pairs aligned from the end, prompts.align=end)."""
+    table = read_table(pairs_path).take(pa.array(rows, pa.int64()))
+    clean = table.column("clean_ids").to_pylist()
+    corrupted = table.column("corrupted_ids").to_pylist()
+    if len({(len(c), len(k)) for c, k in zip(clean, corrupted)}) != 1:
+        raise ValueError(f"a pair shard must hold pairs of one clean and one corrupted token length, got "
+                         f"{sorted({(len(c), len(k)) for c, k in zip(clean, corrupted)})}")
+    return {
+        "pair_id": np.asarray(table.column("pair_id").to_numpy(), dtype=np.int32),
+        "clean_ids": torch.tensor(clean, dtype=torch.long),
+        "corrupted_ids": torch.tensor(corrupted, dtype=torch.long),
+        "answers": Answers(padded(table.column("refusal_ids").to_pylist()),
+                           padded(table.column("compliance_ids").to_pylist())),
+    }
