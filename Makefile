@@ -32,6 +32,10 @@ chromium:
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -x --timeout=1200
 
+# The edit-test loop: everything but the slow (multi-node, Slurm) and browser tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x --timeout=1200 -m "not slow and not browser"
+
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py --threads 1
 

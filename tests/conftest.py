@@ -79,7 +79,8 @@ def ray_session():
         # Workers can import test helpers (conftest.exit_once) as stand-in stages.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="patchsweep-tests",
                  configure_logging=True, logging_level="warning",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                     [str(Path(__file__).resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])])}})
     yield ray
     ray.shutdown()
 

@@ -55,11 +55,11 @@ def test_private_ray_instance_has_token_auth(tmp_path):
 
 
 def test_pipeline_never_disables_ray_auth_or_exposes_the_dashboard():
-    from pipeline import orchestration
+    from pipeline.run import workers
 
     for path in SOURCES:
         assert not re.search(r"RAY_AUTH_MODE[^\n]{0,60}disabled", path.read_text()), path
-    source = inspect.getsource(orchestration.start_ray)
+    source = inspect.getsource(workers.start_ray)
     assert "include_dashboard=False" in source
 
 
