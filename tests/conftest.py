@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,23 @@ def short_temp_dir() -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="ps-ray-", dir="/tmp")
+
+
+@contextmanager
+def mlflow_ui(args: list[str], log_path: Path):
+    """`python -m pipeline.run.tracking ui <args>` (what `make ui` runs) in its own process group, so that
+    stopping it stops all of it."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.run.tracking", "ui", *args], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            yield server
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
 
 
 def compose(*overrides: str):

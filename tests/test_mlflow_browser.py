@@ -3,19 +3,15 @@ the per-layer metric chart and the diagrams are on the run's pages. Screenshots 
 
 `make test` installs chromium (Debian package) when it is missing.
 """
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_ports, mlflow_ui
 from pipeline.run.tracking import run_name as tracking_run_name
 
 pytestmark = pytest.mark.browser
@@ -32,40 +28,25 @@ def chromium_binary() -> str:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(tiny_sweep):
     """`python -m pipeline.run.tracking ui` for the sweep's output root, on a free port of 127.0.0.1."""
-    port = free_port()
-    log = open(tiny_sweep["root"] / "ui.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.run.tracking", "ui", "--output-root", str(tiny_sweep["root"]),
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                              start_new_session=True)  # its own process group: teardown stops all of it
+    [port] = free_ports(1)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            os.killpg(server.pid, signal.SIGKILL)
-            pytest.fail(f"the MLflow UI did not come up: {(tiny_sweep['root'] / 'ui.log').read_text()[-2000:]}")
-        time.sleep(1)
-    yield base
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-    log.close()
+    log_path = tiny_sweep["root"] / "ui.log"
+    with mlflow_ui(["--output-root", str(tiny_sweep["root"]), "--port", str(port)], log_path) as server:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the MLflow UI did not come up: {log_path.read_text()[-2000:]}")
+            time.sleep(1)
+        yield base
 
 
 def open_page(url: str, expect: list[str], screenshot: Path, tmp_path: Path, height: int = 1000, attempts: int = 4) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 
@@ -150,7 +151,7 @@ def run_dir(output_root: Path, model: str) -> Path:
     return output_root / "refusal_tiny" / f"{Path(model).name}-pairs"
 
 
-def effects(output_root: Path, model: str) -> "pd.DataFrame":
+def effects(output_root: Path, model: str) -> pd.DataFrame:
     frame = store.read_table(run_dir(output_root, model) / "effects.arrow").to_pandas()
     return frame.sort_values(KEY, na_position="first").reset_index(drop=True)
 

@@ -8,7 +8,6 @@ import ast
 import inspect
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import psutil
 
-from conftest import REPO, compose
+from conftest import REPO, compose, free_ports, mlflow_ui
 from pipeline.config import to_dict
+from pipeline.run.tracking import UI_HOST
 
 SOURCES = sorted((REPO / "pipeline").rglob("*.py"))
 
@@ -67,22 +67,14 @@ def test_pipeline_never_disables_ray_auth_or_exposes_the_dashboard():
 
 def test_mlflow_ui_binds_localhost_by_default(tmp_path):
     """`python -m pipeline.run.tracking ui` (what `make ui` runs) serves on 127.0.0.1 and nowhere else."""
-    cfg = to_dict(compose())
-    assert cfg["tracking"]["ui_host"] == "127.0.0.1"
+    assert UI_HOST == "127.0.0.1"
     assert to_dict(compose("tracking=server"))["tracking"]["uri"].startswith("http://127.0.0.1:")
     assert "--host" not in (REPO / "Makefile").read_text().split("\nui:")[1].split("\n\n")[0]
 
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    [port] = free_ports(1)
     db = tmp_path / "mlflow.db"
     db.touch()
-    log = open(tmp_path / "ui.log", "w")
-    ui = subprocess.Popen([sys.executable, "-m", "pipeline.run.tracking", "ui", "--uri", f"sqlite:///{db}", "--port",
-                           str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    try:
+    with mlflow_ui(["--uri", f"sqlite:///{db}", "--port", str(port)], tmp_path / "ui.log") as ui:
         deadline = time.time() + 120
         listening = []
         while not listening:
@@ -91,13 +83,6 @@ def test_mlflow_ui_binds_localhost_by_default(tmp_path):
             listening = [c.laddr.ip for c in psutil.net_connections("inet")
                          if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         assert set(listening) == {"127.0.0.1"}, listening
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        try:
-            ui.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(ui.pid, signal.SIGKILL)
-        log.close()
 
 
 # ---- files ---------------------------------------------------------------------------------------

@@ -89,9 +89,3 @@ def normalised_effect(patched: torch.Tensor, base: torch.Tensor, source: torch.T
     denom = source - base
     no_signal = denom.abs() < EFFECT_EPS
     return torch.where(no_signal, torch.zeros_like(patched), (patched - base) / torch.where(no_signal, 1.0, denom))
-DIRECTIONS = ("denoise", "noise")  # TEMP SHIM
-
-
-def check_metric(metric):  # TEMP SHIM
-    from .circuits import check_metric as c
-    return c(metric)

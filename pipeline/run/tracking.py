@@ -36,6 +36,7 @@ from pipeline.run.sweep import SweepOutcome  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 
 SWEEP_TAG = "patchsweep.sweep"
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # `make ui`: this machine only
 
 
 def _client(cfg: dict) -> MlflowClient:
@@ -168,7 +169,7 @@ def _log_pairs_dataset(client, run_id: str, pairs_path: Path) -> None:
 
 # ---- the UI --------------------------------------------------------------------------------------
 
-def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+def ui_command(uri: str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:
     # One worker: a single user's browser, and a light footprint on a small machine.
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
             "--workers", "1"]
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     ui = sub.add_parser("ui", help="serve the MLflow UI for a patchsweep store (bound to 127.0.0.1)")
     ui.add_argument("--output-root", default="outputs", help="the output_root whose mlflow.db to open")
     ui.add_argument("--uri", default=None, help="an MLflow store URI instead (sqlite:///... or http://...)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default=UI_HOST)
+    ui.add_argument("--port", type=int, default=UI_PORT)
     args = parser.parse_args(argv)
     uri = args.uri or f"sqlite:///{Path(args.output_root).resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
