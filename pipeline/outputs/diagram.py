@@ -40,7 +40,7 @@ def layout(circuit: dict) -> dict[str, tuple[float, float]]:
             offset = -width / 2 + (width * i / (len(members) - 1) if len(members) > 1 else 0)
             xy[node["id"]] = (columns[position] + offset, layer + (0.5 if component == "mlp" else 0.0))
     xy[LOGITS] = (len(columns) - 1, circuit["n_layers"] + 0.3)
-    for edge in circuit.get("edges", []):
+    for edge in circuit["edges"]:
         if edge["from"].startswith("EMB@"):
             xy[edge["from"]] = (columns[edge["from"][4:]], -0.8)
     return xy
@@ -63,7 +63,7 @@ def draw(circuit: dict):
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
     cmap = plt.get_cmap(CMAP)
 
-    drawn = [e for e in circuit.get("edges", []) if e["drawn"]]
+    drawn = [e for e in circuit["edges"] if e["drawn"]]
     widest = max([abs(e["effect"]) for e in drawn] + [1e-9])
     for edge in sorted(drawn, key=lambda e: abs(e["effect"])):
         colour = "#b2182b" if edge["effect"] > 0 else "#2166ac"
@@ -106,7 +106,7 @@ def draw(circuit: dict):
     ax.set_ylabel("layer (heads on the row, MLP half a row above)", fontsize=8)
     random = circuit["random_control"]
     ax.set_title(
-        f"{circuit.get('model') or 'model'}: {circuit['size']} of {circuit['candidates']} nodes, "
+        f"{circuit['model'] or 'model'}: {circuit['size']} of {circuit['candidates']} nodes, "
         f"faithfulness {circuit['faithfulness']:.2f} [{circuit['faithfulness_ci'][0]:.2f}, "
         f"{circuit['faithfulness_ci'][1]:.2f}]\nrandom circuits of this size: {random['mean']:.2f} ± {random['std']:.2f}"
         f"; edge width = path effect", fontsize=9)
@@ -118,7 +118,7 @@ def draw(circuit: dict):
 def to_dot(circuit: dict) -> str:
     """Graphviz DOT: one rank per layer (bottom to top), node fill and edge width by effect."""
     lines = ["digraph circuit {", "  rankdir=BT;", '  node [style=filled, fontsize=10, fontname="Helvetica"];',
-             f'  label="{circuit.get("model") or "model"}: faithfulness {circuit["faithfulness"]:.3f}, '
+             f'  label="{circuit["model"] or "model"}: faithfulness {circuit["faithfulness"]:.3f}, '
              f'{circuit["size"]} of {circuit["candidates"]} nodes"; labelloc=t;']
     cmap = plt.get_cmap(CMAP)
     bound = max([abs(_effect(n)) for n in circuit["nodes"]] + [1e-3])
@@ -132,12 +132,12 @@ def to_dot(circuit: dict) -> str:
         lines.append(f'  "{node["id"]}" [label="{label}", shape={shape}, fillcolor="{colour}"];')
         by_layer.setdefault(node["layer"], []).append(node["id"])
     lines.append(f'  "{LOGITS}" [label="refusal logit", shape=hexagon, fillcolor="#fee090"];')
-    for sender in sorted({e["from"] for e in circuit.get("edges", []) if e["from"].startswith("EMB@")}):
+    for sender in sorted({e["from"] for e in circuit["edges"] if e["from"].startswith("EMB@")}):
         lines.append(f'  "{sender}" [label="{sender[4:]} tokens (embedding)", shape=diamond, fillcolor="#d9d9d9"];')
     for layer in sorted(by_layer):
         members = " ".join(f'"{i}"' for i in by_layer[layer])
         lines.append(f"  {{ rank=same; {members} }}")
-    drawn = [e for e in circuit.get("edges", []) if e["drawn"]]
+    drawn = [e for e in circuit["edges"] if e["drawn"]]
     widest = max([abs(e["effect"]) for e in drawn] + [1e-9])
     for edge in drawn:
         colour = "#b2182b" if edge["effect"] > 0 else "#2166ac"

@@ -77,9 +77,9 @@ def lineage_tags(cfg: dict, provenance: dict) -> dict[str, str]:
     return {
         "git.commit": git_commit(),
         "model.id": cfg["model"]["path"],
-        "model.weights_sha256": provenance.get("weights_hash", ""),
-        "pairs.sha256": provenance.get("pairs_hash", ""),
-        "config.hash": provenance.get("config_hash", ""),
+        "model.weights_sha256": provenance["weights_hash"],
+        "pairs.sha256": provenance["pairs_hash"],
+        "config.hash": provenance["config_hash"],
         "versions": " ".join(f"{m.__name__}={m.__version__}"
                              for m in (torch, transformers, ray, pa, mlflow)),
         "mlflow.source.git.commit": git_commit(),
