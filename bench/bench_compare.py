@@ -5,7 +5,7 @@ and every head at every layer x position, denoising (clean into corrupted), logi
 position, over N screened pairs of one length. Every method runs on the same weights and the same
 inputs; their per-pair patched metrics are checked to agree before any time is printed.
 
-  plain             one full forward per (pair, patch) with one hook (pipeline.engine.patching.reference_sweep)
+  plain             one full forward per (pair, patch) with one hook (pipeline.engine.reference.reference_sweep)
   transformer_lens  TransformerLens 4.x `get_act_patch_*` on a TransformerBridge booted from the same weights
                     (one forward per patch over the batch of pairs: TransformerLens's own batching)
   patchsweep        pipeline.engine.patching.sweep
@@ -25,8 +25,10 @@ import torch
 
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
+from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.metrics import Answers
-from pipeline.engine.patching import COMPONENTS, Variants, reference_sweep, sweep, variants_for
+from pipeline.engine.patching import Variants, sweep, variants_for
+from pipeline.engine.reference import reference_sweep
 from pipeline.organisms import resolve
 from pipeline.analysis.pairs import build_pairs, grammar_pairs
 

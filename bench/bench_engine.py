@@ -17,8 +17,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.engine.adapters import get_adapter
+from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.metrics import Answers
-from pipeline.engine.patching import COMPONENTS, reference_sweep, sweep, variants_for
+from pipeline.engine.patching import sweep, variants_for
+from pipeline.engine.reference import reference_sweep
 
 
 def build(args):

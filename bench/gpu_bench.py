@@ -20,7 +20,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.metrics import Answers
-from pipeline.engine.patching import reference_sweep, sweep, variants_for
+from pipeline.engine.patching import sweep, variants_for
+from pipeline.engine.reference import reference_sweep
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -5,7 +5,8 @@ import torch
 
 from pipeline.engine.loading import load_model
 from pipeline.engine.metrics import Answers
-from pipeline.engine.patching import reference_sweep, variants_for
+from pipeline.engine.patching import variants_for
+from pipeline.engine.reference import reference_sweep
 from pipeline.engine.adapters import get_adapter
 from pipeline.run.sweep import plan_shards
 from pipeline.organisms import resolve

@@ -4,9 +4,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.attribution import COMPONENTS, attribution_patching, interpolated_metric
+from pipeline.engine.attribution import attribution_patching
+from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import sweep, variants_for
+from pipeline.engine.reference import interpolated_metric
 
 torch.set_num_threads(1)
 VOCAB = 64

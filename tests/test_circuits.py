@@ -10,9 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
-from pipeline.engine.circuits import (CircuitRunner, Nodes, _dense_keep, ablate_direction_metrics, add_direction_metrics,
-                                      faithfulness, path_patch, reference_circuit_metrics, reference_path_patch)
+from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
+from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
 from pipeline.engine.metrics import Answers
+from pipeline.engine.reference import reference_circuit_metrics, reference_path_patch
 
 torch.set_num_threads(1)
 VOCAB = 64

@@ -4,18 +4,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
-from pipeline.engine.metrics import Answers, normalised_effect
-from pipeline.engine.patching import (
-    COMPONENTS,
-    DIRECTIONS,
-    Variants,
-    patched_final_resid,
-    reference_sweep,
-    rows_that_fit,
-    run_with_cache,
-    sweep,
-    variants_for,
-)
+from pipeline.engine.hooks import COMPONENTS, rows_that_fit, run_with_cache
+from pipeline.engine.metrics import DIRECTIONS, Answers, normalised_effect
+from pipeline.engine.patching import Variants, patched_final_resid, sweep, variants_for
+from pipeline.engine.reference import reference_sweep
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they save
 VOCAB = 64

@@ -82,8 +82,10 @@ def test_activation_shards_are_memory_mapped_tensors(run, model):
 
 
 def test_effects_table(run, model):
+    from pipeline.engine.hooks import COMPONENTS
     from pipeline.engine.metrics import Answers
-    from pipeline.engine.patching import COMPONENTS, Variants, reference_sweep
+    from pipeline.engine.patching import Variants
+    from pipeline.engine.reference import reference_sweep
 
     run_dir, cfg = run["outcome"].run_dir, run["cfg"]
     effects = store.read_table(run_dir / "effects.arrow")

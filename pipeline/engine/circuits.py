@@ -1,4 +1,4 @@
-"""Circuits: masked multi-node patching, path patching, and the refusal direction.
+"""Circuits: masked multi-node patching and path patching.
 
 A node is one attention head or one MLP at one layer, over one *position class*: a set of positions
 given per pair as a [P, T] map (for example "the harmful word", "the instruction after it", "the
@@ -24,8 +24,8 @@ How it stays fast, each step exact:
 - Path patching adds a sender's output difference straight into one receiver's input norm, so its
   first pass is a single layer, and the second starts at the receiver's layer from the cached residual.
 
-`reference_circuit_metrics` and `reference_path_patch` are the plain versions (one full forward per
-pair and circuit, one hook per node) that the fast ones must match to float tolerance.
+`reference.reference_circuit_metrics` and `reference.reference_path_patch` are the plain versions (one
+full forward per pair and circuit, one hook per node) that the fast ones must match to float tolerance.
 """
 from __future__ import annotations
 
@@ -35,17 +35,17 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture, get_adapter
-from .metrics import Answers, answer_metric
-from .patching import (RunCache, bind_cache, prefix_cache, record_layer_inputs, rows_that_fit,
-                       run_layers, run_with_cache)
+from .hooks import (PrefixReuse, Rows, RunCache, capture, edit_activation, first_difference, installed,
+                    rows_that_fit, run_layers, run_with_cache)
+from .metrics import Answers, check_metric, measure
 
 HEAD, MLP, EMBED = 0, 1, 2
 KINDS = ("head", "mlp", "embed")  # embed: the token embeddings at a class, an input (path-patching sender only)
-ANSWER_METRICS = ("logit_diff", "refusal_logodds")
+OUTPUT = {HEAD: "head", MLP: "mlp_out"}  # per kind: the hook point that holds a node's output
 
 
 @dataclass
-class Nodes:
+class Nodes(Rows):
     """Circuit nodes as parallel int64 tensors: kind (HEAD/MLP/EMBED), layer (-1 for EMBED), head (-1
     unless a head), position class."""
 
@@ -53,13 +53,6 @@ class Nodes:
     layer: torch.Tensor
     head: torch.Tensor
     cls: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.kind)
-
-    def select(self, idx) -> "Nodes":
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return Nodes(self.kind[idx], self.layer[idx], self.head[idx], self.cls[idx])
 
     @staticmethod
     def grid(adapter: Adapter, classes: list[int]) -> "Nodes":
@@ -77,36 +70,18 @@ class Nodes:
         n = len(classes)
         return Nodes(torch.full((n,), EMBED), torch.full((n,), -1), torch.full((n,), -1), torch.tensor(classes).long())
 
-    @staticmethod
-    def concat(parts: list["Nodes"]) -> "Nodes":
-        return Nodes(*(torch.cat([getattr(p, f) for p in parts]) for f in ("kind", "layer", "head", "cls")))
-
     def key(self, i: int) -> tuple[int, int, int, int]:
         return int(self.kind[i]), int(self.layer[i]), int(self.head[i]), int(self.cls[i])
 
 
-def check_metric(metric: str) -> None:
-    if metric not in ANSWER_METRICS:
-        raise ValueError(f"circuits need an answer-token metric, got {metric!r}: set patching.metric to one of "
-                         f"{list(ANSWER_METRICS)}")
-
-
-def measure(adapter: Adapter, metric: str, answers: Answers, final_resid: torch.Tensor,
-            pair_idx: torch.Tensor) -> torch.Tensor:
-    """The answer-token metric [R] of final residuals [R, d] belonging to pairs `pair_idx`."""
-    device = final_resid.device
-    rows = answers.index(pair_idx.cpu())
-    rows = Answers(rows.refusal.to(device), rows.compliance.to(device))
-    value = answer_metric(metric, adapter.logits(final_resid, rows.token_ids()), rows)
-    return value.to(torch.promote_types(value.dtype, torch.float32))  # half precision -> float32, float64 stays
-
-
-def first_difference(base_ids: torch.Tensor, source_ids: torch.Tensor) -> int:
-    """The first position at which any pair's two prompts differ (activations before it are identical)."""
-    differs = (base_ids != source_ids).any(0).nonzero()
-    if len(differs) == 0:
+def _shared_first(prefix: PrefixReuse, base_ids: torch.Tensor, source_ids: torch.Tensor) -> int:
+    """Where every row starts: the first position at which any pair's two prompts differ (0 without prefix reuse)."""
+    if not prefix.enabled:
+        return 0
+    first = int(first_difference(base_ids, source_ids).min())
+    if first == base_ids.shape[1]:
         raise ValueError("base and source prompts are identical in every pair: nothing to patch")
-    return int(differs[0])
+    return first
 
 
 def _check_shapes(base_ids, source_ids, answers: Answers, position_classes):
@@ -142,26 +117,6 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
     return source + keep.to(live.dtype) * (live - source)
 
 
-class Suffix:
-    """Runs from the first position where base and source differ: earlier positions hold the same
-    activations in both runs, so rows attend to the base run's cached keys/values for them."""
-
-    def __init__(self, model: nn.Module, adapter: Adapter, base: RunCache, base_ids: torch.Tensor,
-                 source_ids: torch.Tensor):
-        self.model, self.base = model, base
-        self.first = first_difference(base_ids, source_ids) if base.kv is not None else 0
-        if self.first > 0:
-            zeros = torch.zeros(1, base_ids.shape[1] - self.first, dtype=torch.long, device=base_ids.device)
-            one_row = prefix_cache(model, base.kv, torch.tensor([0]), self.first)
-            self.inputs = record_layer_inputs(model, adapter, zeros, one_row)
-
-    def layer_inputs(self, rows: torch.Tensor, start: int):
-        """Per-layer inputs for rows `rows` running layers start..L-1 on positions first..T-1."""
-        if self.first == 0:
-            return self.base.layer_inputs
-        return bind_cache(self.inputs, prefix_cache(self.model, self.base.kv, rows, self.first, start))
-
-
 class CircuitRunner:
     """Evaluates many circuits on one group of pairs of equal length, packed.
 
@@ -182,8 +137,8 @@ class CircuitRunner:
         self.base = run_with_cache(model, self.adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
         self.source = run_with_cache(model, self.adapter, source_ids, ("head", "mlp_out"))
         self.n_pairs, seq_len = base_ids.shape
-        self.suffix = Suffix(model, self.adapter, self.base, base_ids, source_ids)
-        self.first = self.suffix.first
+        self.prefix = PrefixReuse(model, self.adapter, self.base)
+        self.first = _shared_first(self.prefix, base_ids, source_ids)
         classes = position_classes.clone()
         classes[classes < 0] = n_classes
         if int(classes.max()) > n_classes:
@@ -223,31 +178,25 @@ class CircuitRunner:
         rows = pair_idx.to(device)
         classes = self.classes[pair_idx]  # [R, T']
         n_heads = adapter.n_heads
+        layer_inputs = self.prefix.layer_inputs(pair_idx, first, start)  # before the hooks: it may run the model
         handles = []
 
-        def heads_hook(layer, keep):
-            def hook(module, args):
-                z = args[0]
+        def mix_heads(layer, keep):
+            def edit(z):
                 source = self.source.acts["head"][rows, layer, first:]
                 source = source.reshape(*source.shape[:-1], n_heads, -1)
-                mixed = _mix(keep, z.reshape(*z.shape[:-1], n_heads, -1), source)
-                return (mixed.reshape(z.shape),) + tuple(args[1:])
-            return hook
+                return _mix(keep, z.reshape(*z.shape[:-1], n_heads, -1), source).reshape(z.shape)
+            return edit
 
-        def mlp_hook(layer, keep):
-            def hook(module, args, output):
-                live = output[0] if isinstance(output, tuple) else output
-                mixed = _mix(keep, live, self.source.acts["mlp_out"][rows, layer, first:])
-                return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
-            return hook
+        def mix_mlp(layer, keep):
+            return lambda live: _mix(keep, live, self.source.acts["mlp_out"][rows, layer, first:])
 
-        try:
+        with installed(handles):
             for layer in range(start, adapter.n_layers):
                 keep_h = keep_head[:, layer].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T', H]
                 keep_m = keep_mlp[:, layer].gather(1, classes)  # [R, T']
-                handles.append(adapter.out_proj[layer].register_forward_pre_hook(
-                    heads_hook(layer, keep_h[..., None].to(device))))
-                handles.append(adapter.mlp[layer].register_forward_hook(mlp_hook(layer, keep_m[..., None].to(device))))
+                handles.append(edit_activation(adapter, "head", layer, mix_heads(layer, keep_h[..., None].to(device))))
+                handles.append(edit_activation(adapter, "mlp_out", layer, mix_mlp(layer, keep_m[..., None].to(device))))
             base_resid = self.base.acts["resid_pre"]
             resid = base_resid[rows, start, first:]
             if start > 0 and not bool(from_base.all()):
@@ -255,10 +204,7 @@ class CircuitRunner:
                 embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
                 resid = torch.where(from_base.to(device)[:, None, None], resid,
                                     source_resid[rows, start, first:] + embedding_difference)
-            return run_layers(adapter, resid, start, self.suffix.layer_inputs(pair_idx, start))
-        finally:
-            for h in handles:
-                h.remove()
+            return run_layers(adapter, resid, start, layer_inputs)
 
     @torch.no_grad()
     def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
@@ -383,7 +329,8 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
     base_ids, source_ids = base_ids.to(device), source_ids.to(device)
     base = run_with_cache(model, adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
     source = run_with_cache(model, adapter, source_ids, ("head", "mlp_out"))
-    suffix = Suffix(model, adapter, base, base_ids, source_ids)
+    prefix = PrefixReuse(model, adapter, base)
+    first = _shared_first(prefix, base_ids, source_ids)
     n_pairs, seq_len = base_ids.shape
     all_pairs = torch.arange(n_pairs)
     metric_base = measure(adapter, metric, answers, base.final_resid, all_pairs).cpu()
@@ -406,7 +353,7 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
             sender_idx, pair_idx = torch.tensor(valid)[flat // n_pairs], flat % n_pairs
             received = _receiver_output(adapter, base, receivers, r, deltas[sender_idx.to(device), pair_idx.to(device)],
                                         pair_idx.to(device))
-            final = _with_receiver_output(adapter, base, suffix, receivers, r, received, classes, pair_idx)
+            final = _with_receiver_output(adapter, base, prefix, first, receivers, r, received, classes, pair_idx)
             out[sender_idx, r, pair_idx] = measure(adapter, metric, answers, final, pair_idx).cpu()
     return PathResult(out, metric_base, metric_source)
 
@@ -417,284 +364,42 @@ def _receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r: int,
     kind, layer, head = int(receivers.kind[r]), int(receivers.layer[r]), int(receivers.head[r])
     block = adapter.layers[layer]
     norm = getattr(block, INPUT_NORMS[adapter.family][0 if kind == HEAD else 1])
-    captured = {}
-
-    def add_delta(module, args):
-        return (args[0] + delta,) + tuple(args[1:])
-
-    def keep_heads(module, args):
-        captured["out"] = args[0]
-
-    def keep_mlp(module, args, output):
-        captured["out"] = output[0] if isinstance(output, tuple) else output
-
-    handles = [norm.register_forward_pre_hook(add_delta)]
-    if kind == HEAD:
-        handles.append(adapter.out_proj[layer].register_forward_pre_hook(keep_heads))
-    else:
-        handles.append(adapter.mlp[layer].register_forward_hook(keep_mlp))
-    try:
+    add_delta = norm.register_forward_pre_hook(lambda m, args: (args[0] + delta,) + tuple(args[1:]))
+    with installed([add_delta]), capture(adapter, (OUTPUT[kind],), layers=[layer]) as run:
         args, kwargs = base.layer_inputs[layer]
         block(base.acts["resid_pre"][rows, layer], *args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    out = run.acts[OUTPUT[kind]][layer]
     if kind == HEAD:
         d_head = adapter.d_head
-        return captured["out"][..., head * d_head:(head + 1) * d_head]
-    return captured["out"]
+        return out[..., head * d_head:(head + 1) * d_head]
+    return out
 
 
-def _with_receiver_output(adapter: Adapter, base: RunCache, suffix: Suffix, receivers: Nodes, r: int,
-                          received: torch.Tensor, classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
+def _with_receiver_output(adapter: Adapter, base: RunCache, prefix: PrefixReuse, first: int, receivers: Nodes,
+                          r: int, received: torch.Tensor, classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
     """Pass 2: the base run from receiver r's layer (and the first differing position) with r's output at
     its positions replaced."""
     kind, layer, head, cls = (int(x) for x in (receivers.kind[r], receivers.layer[r], receivers.head[r],
                                                receivers.cls[r]))
-    first, rows = suffix.first, pair_idx.to(classes.device)
+    rows = pair_idx.to(classes.device)
     where = (classes[rows, first:] == cls)[..., None]  # [R, T', 1]
     received = received[:, first:]
 
     def last(x, n):  # the last n positions (the last layer sees the final position alone)
         return x[:, x.shape[1] - n:]
 
-    def patch_head(module, args):
-        z = args[0].clone()
+    def patch_head(z):
+        z = z.clone()
         d_head = adapter.d_head
         n = z.shape[1]
         part = z[..., head * d_head:(head + 1) * d_head]
         z[..., head * d_head:(head + 1) * d_head] = torch.where(last(where, n), last(received, n), part)
-        return (z,) + tuple(args[1:])
+        return z
 
-    def patch_mlp(module, args, output):
-        live = output[0] if isinstance(output, tuple) else output
+    def patch_mlp(live):
         n = live.shape[1]
-        mixed = torch.where(last(where, n), last(received, n), live)
-        return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
+        return torch.where(last(where, n), last(received, n), live)
 
-    handle = (adapter.out_proj[layer].register_forward_pre_hook(patch_head) if kind == HEAD
-              else adapter.mlp[layer].register_forward_hook(patch_mlp))
-    try:
-        return run_layers(adapter, base.acts["resid_pre"][rows, layer, first:], layer,
-                          suffix.layer_inputs(pair_idx, layer))
-    finally:
-        handle.remove()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The refusal direction: difference of means between harmful and harmless residuals.
-
-
-def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
-    """[P, L, d] residuals of each kind -> [L, d] mean(harmful) - mean(harmless) per layer."""
-    return harmful.float().mean(0) - harmless.float().mean(0)
-
-
-@torch.no_grad()
-def ablate_direction_metrics(model: nn.Module, ids: torch.Tensor, answers: Answers, directions: torch.Tensor,
-                             metric: str = "logit_diff", max_batch_rows: int | None = None) -> torch.Tensor:
-    """The metric [D, P] with direction d projected out of the residual stream everywhere: from the
-    input of every layer, every attention output and the final residual (so no sublayer reads it)."""
-    check_metric(metric)
-    adapter = get_adapter(model)
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    units = directions.float().to(device)
-    units = units / units.norm(dim=-1, keepdim=True)
-    base = run_with_cache(model, adapter, ids)
-    n_pairs, seq_len = ids.shape
-    batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
-    out = torch.empty(len(directions) * n_pairs)
-    n_rows = len(directions) * n_pairs
-    for start in range(0, n_rows, batch_rows):
-        flat = torch.arange(start, min(start + batch_rows, n_rows))
-        unit, pair = units[(flat // n_pairs).to(device)][:, None], (flat % n_pairs).to(device)  # [R, 1, d]
-
-        def ablate(x):
-            return x - (x * unit).sum(-1, keepdim=True).to(x.dtype) * unit.to(x.dtype)
-
-        def ablate_output(module, args, output):
-            return (ablate(output[0]),) + tuple(output[1:]) if isinstance(output, tuple) else ablate(output)
-
-        handles = [a.register_forward_hook(ablate_output) for a in adapter.attn]
-        try:
-            resid = base.acts["resid_pre"][pair, 0]
-            for layer in range(adapter.n_layers):
-                args, kwargs = base.layer_inputs[layer]
-                resid = adapter.layers[layer](ablate(resid), *args, **kwargs)
-                resid = resid[0] if isinstance(resid, tuple) else resid
-        finally:
-            for h in handles:
-                h.remove()
-        final = ablate(resid)[:, -1]
-        out[flat] = measure(adapter, metric, answers, final, pair.cpu()).cpu()
-    return out.reshape(len(directions), n_pairs)
-
-
-@torch.no_grad()
-def add_direction_metrics(model: nn.Module, ids: torch.Tensor, answers: Answers, vectors: torch.Tensor,
-                          layers: list[int], metric: str = "logit_diff",
-                          max_batch_rows: int | None = None) -> torch.Tensor:
-    """The metric [D, P] with vectors[d] added to the residual entering layers[d], at every position."""
-    check_metric(metric)
-    adapter = get_adapter(model)
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    base = run_with_cache(model, adapter, ids)
-    n_pairs, seq_len = ids.shape
-    batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
-    out = torch.empty(len(vectors), n_pairs)
-    for d, layer in enumerate(layers):
-        for start in range(0, n_pairs, batch_rows):
-            pair = torch.arange(start, min(start + batch_rows, n_pairs))
-            resid = base.acts["resid_pre"][pair.to(device), layer] + vectors[d].to(device, base.final_resid.dtype)
-            final = run_layers(adapter, resid, layer, base.layer_inputs)
-            out[d, pair] = measure(adapter, metric, answers, final, pair).cpu()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# The plain references: one full forward per pair and circuit (or edge), one hook per node.
-
-
-def _capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    acts = {"head": [None] * adapter.n_layers, "mlp_out": [None] * adapter.n_layers, "embed": [None]}
-    handles = [adapter.layers[0].register_forward_pre_hook(
-        lambda m, a, k: acts["embed"].__setitem__(0, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)]
-    for layer in range(adapter.n_layers):
-        handles.append(adapter.out_proj[layer].register_forward_pre_hook(
-            lambda m, a, layer=layer: acts["head"].__setitem__(layer, a[0].clone())))
-        handles.append(adapter.mlp[layer].register_forward_hook(
-            lambda m, a, o, layer=layer: acts["mlp_out"].__setitem__(layer, (o[0] if isinstance(o, tuple) else o).clone())))
-    try:
-        model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return acts
-
-
-def _overwrite_hook(adapter: Adapter, kind: int, layer: int, head: int, where: torch.Tensor, value: torch.Tensor):
-    """A hook setting one head (or the MLP) at positions `where` [T] to `value` (same shape as the activation)."""
-    d_head = adapter.d_head
-    cols = slice(None) if kind == MLP else slice(head * d_head, (head + 1) * d_head)
-
-    def overwrite(tensor):
-        tensor = tensor.clone()
-        tensor[:, where, cols] = value[:, where, cols]
-        return tensor
-
-    if kind == HEAD:
-        return adapter.out_proj[layer].register_forward_pre_hook(lambda m, a: (overwrite(a[0]),) + tuple(a[1:]))
-    return adapter.mlp[layer].register_forward_hook(
-        lambda m, a, o: (overwrite(o[0]),) + tuple(o[1:]) if isinstance(o, tuple) else overwrite(o))
-
-
-def _embedding_hook(adapter: Adapter, where: torch.Tensor, value: torch.Tensor):
-    """A pre-hook on layer 0 setting the residual it receives (the embeddings) to `value` at `where`."""
-    def pre(module, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-        hidden[:, where] = value[:, where]
-        if args:
-            return (hidden,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    return adapter.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
-
-
-def _reference_metric(model, ids, answers: Answers, metric: str, handles: list) -> float:
-    try:
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
-    finally:
-        for h in handles:
-            h.remove()
-    return float(answer_metric(metric, logits.gather(1, answers.token_ids().clamp(min=0).to(logits.device)), answers)[0])
-
-
-@torch.no_grad()
-def reference_circuit_metrics(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
-                              position_classes: torch.Tensor, nodes: Nodes, masks: torch.Tensor,
-                              metric: str = "logit_diff") -> torch.Tensor:
-    """`CircuitRunner.metrics` the plain way: per pair and circuit, one full forward of the base prompt
-    with one hook per head or MLP of the model setting it to the source value wherever it is not kept."""
-    adapter = get_adapter(model)
-    device = next(model.parameters()).device
-    n_pairs, seq_len = base_ids.shape
-    out = torch.empty(masks.shape[0], n_pairs)
-    everything = [(HEAD, layer, head) for layer in range(adapter.n_layers) for head in range(adapter.n_heads)]
-    everything += [(MLP, layer, -1) for layer in range(adapter.n_layers)]
-    for p in range(n_pairs):
-        source = _capture(model, adapter, source_ids[p:p + 1].to(device))
-        answer = answers.index(torch.tensor([p]))
-        for c in range(masks.shape[0]):
-            kept = torch.zeros(len(everything), seq_len, dtype=torch.bool)
-            for n in range(len(nodes)):
-                if bool(masks[c, n]):
-                    kind, layer, head, cls = nodes.key(n)
-                    kept[everything.index((kind, layer, head))] |= position_classes[p] == cls
-            handles = []
-            for i, (kind, layer, head) in enumerate(everything):
-                where = ~kept[i]
-                if where.any():
-                    value = source["head" if kind == HEAD else "mlp_out"][layer]
-                    handles.append(_overwrite_hook(adapter, kind, layer, head, where, value))
-            out[c, p] = _reference_metric(model, base_ids[p:p + 1].to(device), answer, metric, handles)
-    return out
-
-
-@torch.no_grad()
-def reference_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
-                         position_classes: torch.Tensor, senders: Nodes, receivers: Nodes,
-                         metric: str = "logit_diff") -> torch.Tensor:
-    """`path_patch(...).metric_path` the classic way (Wang et al. 2022): pass 1 freezes every head and
-    MLP to its base value except the sender (set to its source value) and the receiver (free), and
-    records the receiver; pass 2 is the base run with the receiver set to that."""
-    adapter = get_adapter(model)
-    device = next(model.parameters()).device
-    n_pairs, seq_len = base_ids.shape
-    everything = [(HEAD, layer, head) for layer in range(adapter.n_layers) for head in range(adapter.n_heads)]
-    everything += [(MLP, layer, -1) for layer in range(adapter.n_layers)]
-    out = torch.full((len(senders), len(receivers) + 1, n_pairs), float("nan"))
-    for p in range(n_pairs):
-        ids = base_ids[p:p + 1].to(device)
-        base = _capture(model, adapter, ids)
-        source = _capture(model, adapter, source_ids[p:p + 1].to(device))
-        answer = answers.index(torch.tensor([p]))
-        classes = position_classes[p]
-        for s in range(len(senders)):
-            s_kind, s_layer, s_head, s_cls = senders.key(s)
-
-            def frozen(free: tuple | None, free_where: torch.Tensor | None) -> list:
-                """Hooks freezing everything to base, the sender to source, except `free` at `free_where`."""
-                handles = []
-                if s_kind == EMBED:
-                    handles.append(_embedding_hook(adapter, classes == s_cls, source["embed"][0]))
-                for kind, layer, head in everything:
-                    value = base["head" if kind == HEAD else "mlp_out"][layer].clone()
-                    if (kind, layer, head) == (s_kind, s_layer, s_head):
-                        src = source["head" if kind == HEAD else "mlp_out"][layer]
-                        where = classes == s_cls
-                        cols = slice(None) if kind == MLP else slice(head * adapter.d_head, (head + 1) * adapter.d_head)
-                        value[:, where, cols] = src[:, where, cols]
-                    where = torch.ones(seq_len, dtype=torch.bool)
-                    if (kind, layer, head) == free:
-                        where = ~free_where
-                    handles.append(_overwrite_hook(adapter, kind, layer, head, where, value))
-                return handles
-
-            out[s, -1, p] = _reference_metric(model, ids, answer, metric, frozen(None, None))
-            for r in range(len(receivers)):
-                if not is_path(model, senders, s, receivers, r):
-                    continue
-                r_kind, r_layer, r_head, r_cls = receivers.key(r)
-                r_where = classes == r_cls
-                recorded = {}
-                handles = frozen((r_kind, r_layer, r_head), r_where)
-                record = (adapter.out_proj[r_layer].register_forward_pre_hook(
-                    lambda m, a: recorded.__setitem__("out", a[0].clone())) if r_kind == HEAD else
-                    adapter.mlp[r_layer].register_forward_hook(
-                    lambda m, a, o: recorded.__setitem__("out", (o[0] if isinstance(o, tuple) else o).clone())))
-                _reference_metric(model, ids, answer, metric, handles + [record])
-                patch = _overwrite_hook(adapter, r_kind, r_layer, r_head, r_where, recorded["out"])
-                out[s, r, p] = _reference_metric(model, ids, answer, metric, [patch])
-    return out
+    layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hook: it may run the model
+    with installed([edit_activation(adapter, OUTPUT[kind], layer, patch_head if kind == HEAD else patch_mlp)]):
+        return run_layers(adapter, base.acts["resid_pre"][rows, layer, first:], layer, layer_inputs)

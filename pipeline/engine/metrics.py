@@ -3,6 +3,8 @@
 Answers are two token sets per pair, refusal and compliance ([P, K] each, -1 padded), so that a
 metric needs only those rows of the unembedding (the engine never computes full-vocabulary logits
 for them). KL is the exception: it needs the whole final-position distribution of the source run.
+`measure` turns final residuals into an answer-token metric; circuits, directions and attribution
+accept only those (`check_metric`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-METRICS = ("logit_diff", "refusal_logodds", "kl")
+from .adapters import Adapter
+
+ANSWER_METRICS = ("logit_diff", "refusal_logodds")
+METRICS = ANSWER_METRICS + ("kl",)
+DIRECTIONS = ("denoise", "noise")
 
 # Below this |source - base| a pair carries no signal for normalisation: its effect is reported as 0.
 EFFECT_EPS = 1e-6
@@ -55,6 +61,9 @@ class Answers:
     def index(self, rows: torch.Tensor) -> "Answers":
         return Answers(self.refusal[rows], self.compliance[rows])
 
+    def to(self, device) -> "Answers":
+        return Answers(self.refusal.to(device), self.compliance.to(device))
+
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) / mask.sum(-1)
@@ -75,6 +84,20 @@ def answer_metric(name: str, answer_logits: torch.Tensor, answers: Answers) -> t
         # log P(refusal set) - log P(compliance set): the softmax normaliser cancels.
         return _masked_logsumexp(ref, ref_mask) - _masked_logsumexp(com, com_mask)
     raise ValueError(f"unknown answer metric {name!r}; choose one of {METRICS}")
+
+
+def check_metric(metric: str) -> None:
+    if metric not in ANSWER_METRICS:
+        raise ValueError(f"circuits need an answer-token metric, got {metric!r}: set patching.metric to one of "
+                         f"{list(ANSWER_METRICS)}")
+
+
+def measure(adapter: Adapter, metric: str, answers: Answers, final_resid: torch.Tensor,
+            pair_idx: torch.Tensor) -> torch.Tensor:
+    """The answer-token metric [R] of final residuals [R, d] belonging to pairs `pair_idx`."""
+    rows = answers.index(pair_idx.cpu()).to(final_resid.device)
+    value = answer_metric(metric, adapter.logits(final_resid, rows.token_ids()), rows)
+    return value.to(torch.promote_types(value.dtype, torch.float32))  # half precision -> float32, float64 stays
 
 
 def kl_to_source(source_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
