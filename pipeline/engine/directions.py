@@ -1,8 +1,8 @@
 """The refusal direction: the difference of means between harmful and harmless residuals, and the
 metric with a direction projected out of the residual stream everywhere or added at one layer.
 
-Both runs replay the decoder layers from the cached base run (no per-direction full forward through
-the embeddings); adding at layer l starts at l from the cached residual.
+Both replay the decoder layers on the cached base run's residuals, batched as (direction, pair) rows;
+adding at layer l starts at l.
 """
 from __future__ import annotations
 

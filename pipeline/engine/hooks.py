@@ -15,7 +15,10 @@ residuals, so a run can start at any layer from a cached residual (`run_layers`)
 
 Prefix reuse: causal attention leaves every position before a run's first change as it is at every
 layer, so such rows compute only the positions from there on and attend to the base run's cached
-keys and values for the rest (`PrefixReuse`).
+keys and values for the rest (`PrefixReuse`; `first_difference` says where a pair's prompts part).
+
+Also shared: `Rows` (patch variants and circuit nodes are tables of parallel tensors) and
+`rows_that_fit` (how many rows one batch holds).
 """
 from __future__ import annotations
 

@@ -76,6 +76,7 @@ def _position_mask(position: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def _where(mask: torch.Tensor, source: torch.Tensor):
+    """An edit taking the source's values where mask (broadcast over the activation) is set."""
     return lambda live: torch.where(mask, source, live)
 
 
@@ -209,6 +210,7 @@ class SweepResult(DirectedMetrics):
 
 
 def check_sweep_inputs(clean_ids, corrupted_ids, answers: Answers, direction: str, metric: str, align_end: bool = False):
+    """The checks `sweep` and its reference share, with messages that name the setting to change."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose from {list(DIRECTIONS)}")
     if metric not in METRICS:
@@ -250,7 +252,7 @@ def sweep(
     batch_tokens: int | None = None,
     align_end: bool = False,
 ) -> SweepResult:
-    """Patch every variant into every pair, packed; exact (equal to `reference_sweep` to float tolerance).
+    """Patch every variant into every pair, packed; exact (equal to `reference.reference_sweep` to float tolerance).
 
     With `align_end`, clean and corrupted prompts may differ in length: they are aligned from the end
     (clean position p pairs with corrupted position p - offset, offset = clean length - corrupted length),
