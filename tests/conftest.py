@@ -52,6 +52,42 @@ def mlflow_ui(args: list[str], log_path: Path):
                 os.killpg(server.pid, signal.SIGKILL)
 
 
+# Small random-weight models of the three families with different wiring, for the engine's equivalence tests.
+VOCAB = 64
+ARCHITECTURES = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),  # GQA
+    "gpt2": dict(n_embd=32, n_head=4, n_positions=32),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),  # parallel residual
+}
+
+
+def random_model(model_type: str, dtype=None, **extra):
+    """A 3-layer model of `model_type` with seeded random weights (`extra` overrides its config)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=3, initializer_range=0.2,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0, **{**ARCHITECTURES[model_type], **extra})
+    model = AutoModelForCausalLM.from_config(config)
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def random_pairs(n_pairs=3, seq_len=7, seed=1):
+    """Minimal pairs of random tokens differing at positions 2 and 4, with ragged answer sets."""
+    import torch
+
+    from pipeline.engine.metrics import Answers
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(1, VOCAB, (n_pairs, seq_len), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
+    corrupted[:, 4] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
+    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1]])[:n_pairs], torch.tensor([[6, 7], [8, -1], [2, -1]])[:n_pairs])
+    return clean, corrupted, answers
+
+
 def compose(*overrides: str):
     """The config `patchsweep <overrides>` would run, composed with Hydra's compose API."""
     from hydra import compose as hydra_compose

@@ -1,8 +1,9 @@
 """Attribution patching: its estimate is the exact slope of a scaled patch, and it ranks like exact patching."""
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import ARCHITECTURES, random_model
+from conftest import random_pairs as pairs
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.attribution import attribution_patching
 from pipeline.engine.hooks import COMPONENTS
@@ -11,29 +12,10 @@ from pipeline.engine.patching import sweep, variants_for
 from pipeline.engine.reference import interpolated_metric
 
 torch.set_num_threads(1)
-VOCAB = 64
-ARCHITECTURES = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
-    "gpt2": dict(n_embd=32, n_head=4, n_positions=32),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
-}
 
 
 def tiny_model(model_type: str, dtype=torch.float64):
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=3, initializer_range=0.2,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=0, **ARCHITECTURES[model_type])
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
-
-def pairs(n_pairs=3, seq_len=7, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(1, VOCAB, (n_pairs, seq_len), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
-    corrupted[:, 4] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
-    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1]])[:n_pairs], torch.tensor([[6, 7], [8, -1], [2, -1]])[:n_pairs])
-    return clean, corrupted, answers
+    return random_model(model_type, dtype)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))

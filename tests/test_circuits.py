@@ -7,8 +7,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import ARCHITECTURES, random_pairs
+from conftest import random_model as tiny_model
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
@@ -16,29 +18,11 @@ from pipeline.engine.metrics import Answers
 from pipeline.engine.reference import reference_circuit_metrics, reference_path_patch
 
 torch.set_num_threads(1)
-VOCAB = 64
-ARCHITECTURES = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),  # GQA
-    "gpt2": dict(n_embd=32, n_head=4, n_positions=32),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),  # parallel residual
-}
-
-
-def tiny_model(model_type: str, **extra):
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=3, initializer_range=0.2,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=0, **{**ARCHITECTURES[model_type], **extra})
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def pairs(n_pairs=3, seq_len=7, seed=1):
     """Minimal pairs differing at positions 2 and 4, with classes: 2 -> 0, 3-4 -> 1, 5 -> 2, 6 -> 3; 0-1 none."""
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(1, VOCAB, (n_pairs, seq_len), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
-    corrupted[:, 4] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
-    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1]])[:n_pairs], torch.tensor([[6, 7], [8, -1], [2, -1]])[:n_pairs])
+    clean, corrupted, answers = random_pairs(n_pairs, seq_len, seed)
     classes = torch.full((n_pairs, seq_len), -1)
     classes[:, 2], classes[:, 3:5], classes[:, 5], classes[:, 6] = 0, 1, 2, 3
     return clean, corrupted, answers, classes
