@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.analysis.behaviour import chat_ids, greedy_generate, is_refusal
 from pipeline.organisms.smollm2_refusal import ADAPTER_DIR, ADAPTER_FILES, base_model_dir, files_digest, model_dir
 from pipeline.organisms.smollm2_refusal import data
 
@@ -46,7 +47,7 @@ CARD_PATH = Path(__file__).parent / "MODEL_CARD.md"
 
 def encode(tokenizer, example: dict) -> tuple[list[int], list[int]]:
     """Token ids of prompt + reply, and labels that score only the reply (-100 elsewhere)."""
-    prompt = tokenizer.encode(data.chat_prompt(tokenizer, example["instruction"]), add_special_tokens=False)
+    prompt = chat_ids(tokenizer, example["instruction"])
     reply = tokenizer.encode(example["response"], add_special_tokens=False)
     if example["finished"]:
         reply.append(tokenizer.eos_token_id)
@@ -197,11 +198,13 @@ def evaluate(threads: int, adapter_dir: Path = ADAPTER_DIR, models: tuple[str, .
         start = time.time()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        replies = data.generate(model, tokenizer, [p["instruction"] for p in prompts], EVAL_TOKENS)
+        generations = greedy_generate(model, [chat_ids(tokenizer, p["instruction"]) for p in prompts], EVAL_TOKENS,
+                                      eos_token_ids=[tokenizer.eos_token_id])
+        replies = [tokenizer.decode(g, skip_special_tokens=True) for g in generations]
         counts = defaultdict(lambda: [0, 0])  # (split, kind) -> [refused, n]
         wrong = []
         for p, reply in zip(prompts, replies):
-            refused = data.is_refusal(reply)
+            refused = is_refusal(reply)
             for kind in (p["kind"], "harmless" if not p["harmful"] else None):
                 if kind:
                     counts[f"{p['split']}/{kind}"][0] += refused
