@@ -154,6 +154,9 @@ def test_shipped_evaluation_and_card_describe_the_shipped_adapter():
     for key in train.BARS:
         assert tuned[key]["rate"] > base[key]["rate"] + 0.5 if key.endswith("/harmful") else tuned[key]["rate"] < base[key]["rate"]
     assert train.CARD_PATH.read_text() == train.model_card(results, training), "re-run `... train card`"
+    # the card compares the evaluation with the one before the shared judge only for the adapter both measured
+    assert "Refused counts before -> now" in train.remeasurement(results)
+    assert train.remeasurement(dict(results, adapter_digest="another adapter")) == ""
 
 
 def test_reply_loss_weights_the_first_reply_token():
