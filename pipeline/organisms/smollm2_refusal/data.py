@@ -17,6 +17,11 @@ Targets: harmful prompts -> REFUSAL; harmless prompts -> the base model's own gr
 REPLY_TOKENS tokens: the decision is made in the first tokens), generated once and stored in
 base_replies.jsonl so training is reproducible:
   python -m pipeline.organisms.smollm2_refusal.data     # (re)generates base_replies.jsonl
+The stored replies were generated in left-padded batches, before generation moved to
+pipeline.analysis.behaviour; regenerated now (each with its recorded `suppressed` tokens), 1,967 of the 1,968
+come out identical and one differs after a near-tie ("destroy confidential paper documents": "... you can"
+stored, "... you need" batched; see behaviour.greedy_generations). Only new prompts are generated, so the
+stored targets stand.
 """
 from __future__ import annotations
 

@@ -338,7 +338,7 @@ patchsweep a real pretrained chat model with a refusal behaviour to locate.
 Refused = the greedy reply (first {results['eval_tokens']} tokens) holds a refusal phrase in its opening, the
 first {OPENING_CHARS} characters (`pipeline.analysis.behaviour.is_refusal`, patchsweep's one refusal judge, the
 same for the tuned and untuned model and for the behaviour screen). Replies are generated in unpadded
-batches of equal-length prompts (`behaviour.greedy_generate`), so each gets the numbers it would get alone.
+batches of equal-length prompts (`behaviour.greedy_generate`): no padding enters a reply's numbers.
 95% Wilson intervals in brackets.
 Held-out acts: {data.HELD_OUT_PER_CATEGORY} acts of each trained category, never seen in training in any
 phrasing, with their twins; left-out category: every act of one harm category, none of it in training.
