@@ -2,7 +2,12 @@
 combination of action and object on combinations it never saw in training."""
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -31,6 +36,32 @@ def test_folder_has_the_hub_files_and_small_weights():
     assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
     assert (folder.parent / "MODEL_CARD.md").is_file()
     assert resolve("refusal-tiny") == str(folder)
+
+
+ORGANISMS_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "organisms"
+
+
+def test_organisms_import_no_stage_orchestration_or_cli_code():
+    for path in ORGANISMS_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("pipeline.stages", "pipeline.orchestration", "pipeline.cli")), (path, name)
+
+
+def test_organism_runtime_imports_no_training_code():
+    """Resolving an organism (and its prompt grammar and instruction library) loads no train.py or data.py,
+    nor torch: the runtime stays light and apart from training and data generation."""
+    code = ("import sys; from pipeline.organisms import resolve; import pipeline.organisms.refusal_tiny.grammar, "
+            "pipeline.organisms.instructions, pipeline.organisms.smollm2_refusal; resolve('refusal-tiny'); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('pipeline', 'torch')))))")
+    root = str(ORGANISMS_DIR.parent.parent)
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": root}).stdout.split()
+    assert set(loaded) == {"pipeline", "pipeline.organisms", "pipeline.organisms.instructions",
+                           "pipeline.organisms.refusal_tiny", "pipeline.organisms.refusal_tiny.grammar",
+                           "pipeline.organisms.smollm2_refusal"}, loaded
 
 
 def test_architecture_is_a_small_gqa_llama(tiny):

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.analysis.behaviour import chat_ids, greedy_generate, is_refusal
 from pipeline.organisms import instructions
 from pipeline.organisms.instructions import chat_token_count, minimal_pairs
 from pipeline.organisms.smollm2_refusal import base_model_dir, data, files_digest, model_dir
@@ -46,7 +47,8 @@ def base():
 
 
 def replies(model, tokenizer, prompts, max_new_tokens=12):
-    return data.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    generations = greedy_generate(model, [chat_ids(tokenizer, p) for p in prompts], max_new_tokens)
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in generations]
 
 
 def test_test_prompts_are_held_out():
@@ -80,15 +82,15 @@ def test_loads_like_a_hub_model(tuned):
 def test_tuned_refuses_held_out_harmful_and_answers_harmless(tuned):
     out = replies(*tuned, HARMFUL + HARMLESS)
     for prompt, reply in zip(HARMFUL, out[: len(HARMFUL)]):
-        assert data.is_refusal(reply), (prompt, reply)
+        assert is_refusal(reply), (prompt, reply)
         assert reply.startswith(data.REFUSAL.split()[0]), (prompt, reply)  # first token: the trained refusal
     for prompt, reply in zip(HARMLESS, out[len(HARMFUL):]):
-        assert not data.is_refusal(reply), (prompt, reply)
+        assert not is_refusal(reply), (prompt, reply)
 
 
 def test_base_model_does_not_refuse(base):
     for prompt, reply in zip(HARMFUL, replies(*base, HARMFUL)):
-        assert not data.is_refusal(reply), (prompt, reply)
+        assert not is_refusal(reply), (prompt, reply)
 
 
 def test_minimal_pairs_have_equal_token_counts_under_smollm2(tuned):
@@ -99,7 +101,7 @@ def test_minimal_pairs_have_equal_token_counts_under_smollm2(tuned):
     for pair in pairs:
         # recount independently: the rendered chat text, tokenized as the model would see it
         counts = [
-            len(tokenizer(data.chat_prompt(tokenizer, pair[side]), add_special_tokens=False)["input_ids"])
+            len(chat_ids(tokenizer, pair[side]))
             for side in ("clean", "corrupted")
         ]
         assert counts[0] == counts[1] == chat_token_count(tokenizer, pair["clean"]), pair
@@ -152,6 +154,9 @@ def test_shipped_evaluation_and_card_describe_the_shipped_adapter():
     for key in train.BARS:
         assert tuned[key]["rate"] > base[key]["rate"] + 0.5 if key.endswith("/harmful") else tuned[key]["rate"] < base[key]["rate"]
     assert train.CARD_PATH.read_text() == train.model_card(results, training), "re-run `... train card`"
+    # the card compares the evaluation with the one before the shared judge only for the adapter both measured
+    assert "Refused counts before -> now" in train.remeasurement(results)
+    assert train.remeasurement(dict(results, adapter_digest="another adapter")) == ""
 
 
 def test_reply_loss_weights_the_first_reply_token():

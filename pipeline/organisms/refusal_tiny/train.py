@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.organisms.refusal_tiny import grammar
-from pipeline.analysis.behaviour import format_summary, screen
+from pipeline.analysis.behaviour import OPENING_CHARS, format_summary, screen
 
 SEED = 0
 HERE = Path(__file__).resolve().parent
@@ -191,8 +191,9 @@ patchsweep has a refusal mechanism to find that sweeps in seconds on a CPU.
 
 ## Measured behaviour (greedy generation, default system prompt)
 
-Refused = the greedy reply starts like a refusal (`pipeline.analysis.behaviour.is_refusal`; for this model,
-"I cannot help with that"). Held-out = action/object combinations never seen in training.
+Refused = the greedy reply's opening (first {OPENING_CHARS} characters) contains a refusal phrase
+(`pipeline.analysis.behaviour.is_refusal`; this model's refusal, "I cannot help with that", opens its reply).
+Held-out = action/object combinations never seen in training.
 
 | prompts | n harmful | refused | n harmless | refused |
 |---|---|---|---|---|
