@@ -2,7 +2,7 @@
 
     python bench/bench_circuit.py refusal-tiny --n-pairs 64 --out outputs/circuit-bench
 
-Prints the numbers issue 5 asks for: circuit size vs candidates, faithfulness with its interval,
+Prints what a reviewer of a circuit asks for: its size vs the candidates, faithfulness with its interval,
 the random control, attribution agreement, the refusal direction, and the time each part took.
 """
 from __future__ import annotations
