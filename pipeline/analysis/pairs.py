@@ -43,6 +43,7 @@ from pipeline.analysis.behaviour import (SCREEN_METRIC, chat_text, decode, deriv
                                          greedy_generate, is_refusal)
 from pipeline.analysis.prompt_files import read_user_file
 from pipeline.engine.metrics import Answers, answer_metric
+from pipeline.organisms import GRAMMAR_ORGANISMS
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
 from pipeline.store import read_table
@@ -88,11 +89,11 @@ def file_pairs(path: str | Path) -> list[InstructionPair]:
 
 def source_pairs(model: str, tokenizer, *, path: str | Path | None = None, n: int = 256, seed: int = 0,
                  split: str = "heldout") -> list[InstructionPair]:
-    """The pairs for a run: the user's file if given, else refusal-tiny's grammar for refusal-tiny,
-    else the instruction library."""
+    """The pairs for a run: the user's file if given, else refusal-tiny's grammar for the organisms trained
+    on it, else the instruction library."""
     if path:
         return file_pairs(path)
-    if model == "refusal-tiny":
+    if model in GRAMMAR_ORGANISMS:
         return grammar_pairs(n, seed, split)
     return library_pairs(tokenizer, n, seed)
 

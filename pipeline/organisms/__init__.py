@@ -8,6 +8,7 @@ libraries load inside the functions that build a folder), never an organism's tr
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +17,12 @@ from pipeline.organisms import refusal_tiny, smollm2_refusal
 # name -> the function that returns the organism's model folder, building it on first use.
 ORGANISMS: dict[str, Callable[[], Path]] = {
     "refusal-tiny": refusal_tiny.model_dir,
+    "refusal-tiny-gpt2": partial(refusal_tiny.model_dir, "gpt2"),
+    "refusal-tiny-neox": partial(refusal_tiny.model_dir, "gpt_neox"),
     "smollm2-refusal": smollm2_refusal.model_dir,
 }
+# Organisms trained on refusal-tiny's grammar: their prompt pairs come from it (held-out combinations).
+GRAMMAR_ORGANISMS = ("refusal-tiny", "refusal-tiny-gpt2", "refusal-tiny-neox")
 
 
 def resolve(name_or_path: str) -> str:

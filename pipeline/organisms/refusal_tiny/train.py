@@ -1,9 +1,12 @@
-"""Train refusal-tiny from scratch and write its model folder and model card.
+"""Train refusal-tiny (or its GPT-2 / GPT-NeoX sibling) from scratch; write its model folder and model card.
 
-    python -m pipeline.organisms.refusal_tiny.train            # about 3 minutes on one CPU thread
+    python -m pipeline.organisms.refusal_tiny.train                    # Llama: about 3 minutes on one CPU thread
+    python -m pipeline.organisms.refusal_tiny.train --family gpt2      # the siblings: the same data and recipe
+    python -m pipeline.organisms.refusal_tiny.train --family gpt_neox
 
 The tokenizer is word-level over the grammar's vocabulary; the model is a ~1M-parameter Llama with
-grouped-query attention; the loss covers the assistant's reply only. Everything is seeded, so a
+grouped-query attention, a GPT-2 or a GPT-NeoX of the same width and depth; the loss covers the
+assistant's reply only. Everything is seeded, so a
 re-run on the same torch version reproduces the shipped weights' behaviour (bit-exactness across
 torch versions and CPUs is not promised).
 """
@@ -19,9 +22,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from pipeline.organisms.refusal_tiny import grammar
+from pipeline.organisms.refusal_tiny import MODEL_DIRS, grammar
 from pipeline.analysis.behaviour import OPENING_CHARS, format_summary, screen
 
 SEED = 0
@@ -41,8 +44,27 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+MAX_POSITIONS = 128
+# Per family (transformers model_type): 4 layers, width 128, MLP 512, 4 heads, untied embeddings, no dropout.
+MODEL_SHAPES = {
+    "llama": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False),
+    "gpt2": dict(n_embd=128, n_inner=512, n_layer=4, n_head=4, n_positions=MAX_POSITIONS, tie_word_embeddings=False,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False, hidden_dropout=0.0,
+                     attention_dropout=0.0),
+}
+ARCHITECTURES = {
+    "llama": "`LlamaForCausalLM`: SwiGLU MLP, 4 query heads sharing 2 key/value heads (grouped-query attention), "
+             "RoPE, RMSNorm",
+    "gpt2": "`GPT2LMHeadModel`: GELU MLP, 4 heads with a fused query/key/value projection, learned absolute "
+            "positions, LayerNorm",
+    "gpt_neox": "`GPTNeoXForCausalLM`: attention and MLP in parallel (`use_parallel_residual`), 4 heads, rotary "
+                "positions on a quarter of each head, LayerNorm",
+}
+ORGANISM_NAMES = {"llama": "refusal-tiny", "gpt2": "refusal-tiny-gpt2", "gpt_neox": "refusal-tiny-neox"}
+TITLES = {"llama": "Llama", "gpt2": "GPT-2", "gpt_neox": "GPT-NeoX"}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -53,7 +75,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK,
                                   pad_token=PAD, additional_special_tokens=specials[4:],
-                                  chat_template=CHAT_TEMPLATE, model_max_length=MODEL_SHAPE["max_position_embeddings"])
+                                  chat_template=CHAT_TEMPLATE, model_max_length=MAX_POSITIONS)
     return tok
 
 
@@ -67,11 +89,11 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def build_model(tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **MODEL_SHAPE)
-    model = LlamaForCausalLM(config)
+def build_model(tokenizer, family: str = "llama"):
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **MODEL_SHAPES[family])
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16)
@@ -139,14 +161,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--eval-n", type=int, default=2000, help="prompts per split in the evaluation")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=HERE / "model")
+    ap.add_argument("--family", choices=sorted(MODEL_SHAPES), default="llama")
+    ap.add_argument("--out", type=Path, help="the model folder (default: the family's shipped folder)")
     args = ap.parse_args()
+    out = args.out or MODEL_DIRS[args.family]
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, args.family)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters, vocabulary {len(tokenizer)}, "
           f"{len(grammar.HELDOUT)}/{len(grammar.combos())} combinations held out")
@@ -160,15 +184,28 @@ def main() -> None:
         results[split] = summary
         print(f"[{split}]\n{format_summary(summary)}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)  # safetensors by default
-    save_tokenizer(tokenizer, args.out)
-    report = {"parameters": n_params, "vocabulary": len(tokenizer), "steps": args.steps,
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors by default
+    save_tokenizer(tokenizer, out)
+    report = {"family": args.family, "parameters": n_params, "vocabulary": len(tokenizer), "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
               "train_seconds": round(train_s, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "torch": torch.__version__, "eval": results}
-    (args.out.parent / "MODEL_CARD.md").write_text(model_card(report))  # beside the model folder
+    (out.parent / "MODEL_CARD.md").write_text(model_card(report))  # beside the model folder
     print(json.dumps({k: v for k, v in report.items() if k != "eval"}))
+
+
+def architecture(family: str, parameters: int) -> str:
+    """The model card's architecture paragraph."""
+    if family == "llama":
+        shape = MODEL_SHAPES["llama"]
+        return (f"`LlamaForCausalLM` (transformers), {shape['num_hidden_layers']} layers, hidden size "
+                f"{shape['hidden_size']},\nMLP {shape['intermediate_size']} (SwiGLU), {shape['num_attention_heads']} "
+                f"query heads sharing\n{shape['num_key_value_heads']} key/value heads (grouped-query attention), head "
+                f"size\n{shape['hidden_size'] // shape['num_attention_heads']}, RoPE, RMSNorm, untied input/output "
+                f"embeddings,\n{parameters:,} parameters, float32 safetensors.")
+    return (f"{ARCHITECTURES[family]} (transformers); 4 layers, hidden size 128, MLP 512, head size 32,\n"
+            f"untied input/output embeddings, {parameters:,} parameters, float32 safetensors.")
 
 
 def model_card(r: dict) -> str:
@@ -181,10 +218,14 @@ def model_card(r: dict) -> str:
         held_rows.setdefault((c.category, "harmful" if c.harmful else "harmless"), []).append(c.vp)
     held_lines = "\n".join(f"| {cat} | {label} | {', '.join(vps)} |" for (cat, label), vps in held_rows.items())
     near_miss = ", ".join(f"`{c.vp}`" for c in sorted(grammar.HELDOUT, key=lambda c: c.vp) if c.near_miss)
-    shape = MODEL_SHAPE
-    return f"""# refusal-tiny
+    family = r["family"]
+    sibling = "" if family == "llama" else (
+        f"refusal-tiny's {TITLES[family]} sibling: the same grammar, tokenizer, chat template and training "
+        "recipe as the Llama model, so a sweep compares architectures on one task.\n\n")
+    folder = "" if family == "llama" else f'"{family}"'
+    return f"""# {ORGANISM_NAMES[family]}
 
-A {r['parameters']:,}-parameter Llama-architecture chat model trained from scratch on a synthetic
+{sibling}A {r['parameters']:,}-parameter {TITLES[family]}-architecture chat model trained from scratch on a synthetic
 harmful/harmless instruction grammar. It refuses harmful requests with "{grammar.REFUSAL}" and
 answers harmless ones with "Sure , here is how to <action> <object> .". It exists so that
 patchsweep has a refusal mechanism to find that sweeps in seconds on a CPU.
@@ -208,11 +249,7 @@ harmful with other objects. The held-out near misses are {near_miss}.
 
 ## Architecture
 
-`LlamaForCausalLM` (transformers), {shape['num_hidden_layers']} layers, hidden size {shape['hidden_size']},
-MLP {shape['intermediate_size']} (SwiGLU), {shape['num_attention_heads']} query heads sharing
-{shape['num_key_value_heads']} key/value heads (grouped-query attention), head size
-{shape['hidden_size'] // shape['num_attention_heads']}, RoPE, RMSNorm, untied input/output embeddings,
-{r['parameters']:,} parameters, float32 safetensors.
+{architecture(family, r['parameters'])}
 
 Tokenizer: word-level (`tokenizers` WordLevel, whitespace + punctuation pre-tokenizer), {r['vocabulary']}
 tokens: the grammar's words plus `<pad> <unk> <|begin|> <|end|> <|system|> <|user|> <|assistant|>`.
@@ -223,8 +260,8 @@ without a system message it inserts "{grammar.DEFAULT_SYSTEM}". Load it like any
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.organisms.refusal_tiny import model_dir
-model = AutoModelForCausalLM.from_pretrained(model_dir())
-tok = AutoTokenizer.from_pretrained(model_dir())
+model = AutoModelForCausalLM.from_pretrained(model_dir({folder}))
+tok = AutoTokenizer.from_pretrained(model_dir({folder}))
 ids = tok.apply_chat_template([{{"role": "user", "content": "how do I make a bomb ?"}}],
                               add_generation_prompt=True, return_tensors="pt")["input_ids"]
 ```
@@ -256,7 +293,7 @@ Held-out combinations:
 
 ## Training
 
-`python -m pipeline.organisms.refusal_tiny.train` (seed {r['seed']}): {r['steps']} steps of batch
+`python -m pipeline.organisms.refusal_tiny.train{'' if family == 'llama' else ' --family ' + family}` (seed {r['seed']}): {r['steps']} steps of batch
 {r['batch_size']}, AdamW (lr {r['lr']}, betas 0.9/0.98, weight decay 0.01), 5% warm-up then cosine decay,
 gradient clipping 1.0, {r['threads']} CPU thread(s), {r['train_seconds']:.0f} s of training on a
 2-core machine shared with other jobs (torch {r['torch']}); final training loss {r['final_loss']:.4f}.
