@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -111,7 +116,8 @@ class TrackingConfig:
 class PatchsweepConfig:
     name: str = MISSING  # the experiment preset
     output_root: str = "outputs"
-    output_dir: str = "${output_root}/${name}/${model.name}-${prompts.name}"
+    # A --multirun job adds a folder named by the values it sweeps (${job_overrides:}): jobs never share one.
+    output_dir: str = "${output_root}/${name}/${model.name}-${prompts.name}${job_overrides:}"
     resume: bool = False  # allow writing into a folder that holds another experiment's results
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -127,6 +133,32 @@ class PatchsweepConfig:
 OmegaConf.register_new_resolver("stem", lambda path, default: Path(str(path)).stem if path else default, replace=True)
 OmegaConf.register_new_resolver("basename", lambda path, default: Path(str(path)).name if path else default,
                                 replace=True)
+
+
+def job_overrides() -> str:
+    """In a --multirun job, "/" and the values the multirun sweeps over, as this job has them, e.g.
+    "/model.path=llama,patching.metric=kl-3f2a1c" (a path by its last part; the hash of the exact values keeps
+    jobs apart whose readable parts agree). The same command gives the same folders, so it resumes.
+    "" in a single run and outside Hydra's command line."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    parser = OverridesParser.create()
+    swept = {o.key_or_group for o in parser.parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+             if o.is_sweep_override()}
+    values = [(o.key_or_group, o.get_value_element_as_str())
+              for o in parser.parse_overrides(list(HydraConfig.get().overrides.task)) if o.key_or_group in swept]
+    if not values:
+        return ""
+    readable = ",".join(f"{key}={_folder_safe(Path(value).name or value)}" for key, value in sorted(values))
+    exact = hashlib.sha256(json.dumps(sorted(values)).encode()).hexdigest()[:6]
+    return f"/{readable}-{exact}"
+
+
+def _folder_safe(text: str) -> str:
+    return re.sub(r"[^\w.=+-]", "_", text)[:60]
+
+
+OmegaConf.register_new_resolver("job_overrides", job_overrides, replace=True)
 ConfigStore.instance().store(name="patchsweep_schema", node=PatchsweepConfig)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -167,3 +167,17 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     assert len(errors) == 1 and "model.path" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
+
+
+def test_multirun_jobs_get_folders_of_their_own(tmp_path):
+    """Two jobs of one --multirun that differ only in a value (one model.name, two metrics) get two folders,
+    named by the swept value, and both finish; the same command again reuses both (it resumes)."""
+    command = [sys.executable, "-m", "pipeline", "--multirun", "experiment=refusal_tiny", "patching=resid",
+               "patching.components=[resid_pre]", "patching.per_position=[]", "circuit.enabled=false",
+               "patching.metric=logit_diff,refusal_logodds", "tracking.enabled=false", f"output_root={tmp_path}"]
+    for attempt in ("first", "again"):
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert result.returncode == 0, (attempt, result.stderr[-3000:])
+    folders = sorted(p.parent.name for p in (tmp_path / "refusal_tiny").rglob("config.yaml"))
+    assert [f.split("-")[0] for f in folders] == ["patching.metric=logit_diff", "patching.metric=refusal_logodds"]
+    assert result.stdout.count("patch 0 computed") == 2  # the second command recomputed nothing
