@@ -97,7 +97,7 @@ class ResourcesConfig:
 class RayConfig:
     address: str = "local"  # "local": a private Ray instance; or a cluster address (ray://host:10001, auto)
     namespace: str = "patchsweep"
-    log_to_driver: bool = False  # worker stdout/stderr in the driver's terminal
+    log_to_driver: bool = True  # the model actors' output (their warnings and errors) in the driver's terminal
 
 
 @dataclass

@@ -7,7 +7,7 @@ sequences must have equal length: checked here for every pair, never assumed. Wi
 pair of unequal length is kept and aligned from the end (the final positions match up); only
 positions that exist in both runs can be patched (see `align_offset`).
 
-Output: a pyarrow Table, one row per pair that passed the screen (the pairs.arrow contract):
+Output: a pyarrow Table, one row per pair that passed the screen (the pairs.parquet contract):
 
 | column | meaning |
 |---|---|
@@ -182,7 +182,7 @@ def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:
 # --- answer tokens, screen and table -----------------------------------------------------------------
 
 class PairsResult(NamedTuple):
-    table: pa.Table   # the pairs.arrow contract (module docstring), screened pairs only
+    table: pa.Table   # the pairs.parquet contract (module docstring), screened pairs only
     report: dict      # counts, fraction kept, rates, answer tokens
 
 
@@ -272,7 +272,7 @@ def padded(lists: list[list[int]]) -> torch.Tensor:
 
 
 def pair_batch(pairs_path: str | Path, rows: list[int]) -> dict:
-    """Rows of pairs.arrow as tensors: pair_id [P], clean_ids [P, T] / corrupted_ids [P, T'], answers
+    """Rows of pairs.parquet as tensors: pair_id [P], clean_ids [P, T] / corrupted_ids [P, T'], answers
     (T' != T only for pairs aligned from the end, prompts.align=end)."""
     table = read_table(pairs_path).take(pa.array(rows, pa.int64()))
     clean = table.column("clean_ids").to_pylist()

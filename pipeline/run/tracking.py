@@ -137,7 +137,7 @@ def log_model_run(cfg: dict, outcome: SweepOutcome, sweep_key: str) -> dict[str,
             client.log_batch(run_id, params=params[start:start + 100])
         for start in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[start:start + 1000])
-        _log_pairs_dataset(client, run_id, run_dir / "pairs.arrow")
+        _log_pairs_dataset(client, run_id, run_dir / "pairs.parquet")
         for name in ARTIFACTS:
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
