@@ -14,6 +14,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 LOG_FILE = "run.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s (pid %(process)d): %(message)s"
 OWN = "pipeline"  # patchsweep's loggers: logging.getLogger(__name__) in its modules
@@ -33,7 +35,9 @@ def _file_handler(path: Path) -> logging.Handler:
 
 @contextmanager
 def run_log(run_dir: Path):
-    """The driver's records go to <run_dir>/run.log while the block runs (patchsweep's from INFO)."""
+    """The driver's records go to <run_dir>/run.log while the block runs (patchsweep's from INFO); an
+    error the block raises is recorded there with its traceback (the console gets the command's one-line
+    message instead)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _file_handler(run_dir / LOG_FILE)
     root, own = logging.getLogger(), logging.getLogger(OWN)
@@ -42,6 +46,10 @@ def run_log(run_dir: Path):
     root.addHandler(handler)
     try:
         yield
+    except BaseException as err:
+        handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the run failed: %s: %s",
+                                         (type(err).__name__, err), sys.exc_info()))
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -58,3 +66,5 @@ def actor_logging(log_path: str | Path) -> None:
     root.addHandler(console)
     root.addHandler(_file_handler(Path(log_path)))
     logging.getLogger(OWN).setLevel(logging.INFO)
+    # Loading a model draws a progress bar on stderr: not a warning, and it would reach the console.
+    hf_logging.disable_progress_bar()

@@ -15,7 +15,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -46,8 +46,8 @@ class Sweep:
     run_dir: Path
     pool: WorkerPool
     manifest: Manifest  # the run folder's
-    run: dict  # the run's own columns (RUN_COLUMNS) of every table in RUN_TABLES
-    on_stage: Callable[[StageStats], None] | None = None
+    run: dict = field(default_factory=dict)  # the run's own columns (RUN_COLUMNS) of every table in RUN_TABLES
+    tracker: Tracker | None = None
     model_info: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     pairs_report: dict = field(default_factory=dict)
@@ -62,8 +62,8 @@ class Sweep:
         stats = self.stage(name)
         log.info("%s: %d computed, %d reused, %d retried, %.1f s", name, stats.computed, stats.reused, stats.retried,
                  stats.seconds)
-        if self.on_stage is not None:
-            self.on_stage(stats)
+        if self.tracker is not None:
+            self.tracker.stage_finished(stats)
 
     def run_once(self, stage: str, item: dict, key: str, outputs: tuple[str, ...]) -> None:
         """Run one work item whose `outputs` (run-folder files) are recorded under content key `key`,
@@ -90,37 +90,44 @@ class SweepOutcome:
     circuit: dict | None
 
 
-def run_sweep(cfg: dict, run_id: str | None = None, overrides: list[str] | None = None,
-              on_stage: Callable[[StageStats], None] | None = None) -> SweepOutcome:
+class Tracker(Protocol):
+    """What follows a sweep while it runs (pipeline.run.tracking.LiveRun: an MLflow run)."""
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, written into its tables (read once the model is loaded: it may wait for it)."""
+
+    def stage_finished(self, stats: StageStats) -> None:
+        """A stage is done (its time and work counts)."""
+
+
+def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None) -> SweepOutcome:
     """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain.
 
-    `run_id` names the run in its tables (the MLflow run's id when tracked; a fresh one otherwise),
-    `overrides` are the command line's (saved as overrides.yaml), `on_stage` hears of each finished stage.
-    Everything is logged to the run folder's run.log, an error included.
+    `tracker` names the run and hears of each finished stage (untracked: the run gets a fresh id);
+    `overrides` are the command line's (saved as overrides.yaml). Everything is logged to the run
+    folder's run.log, an error with its traceback included.
     """
     run_dir = Path(cfg["output_dir"])
-    run_id = run_id or uuid.uuid4().hex
     write_config(run_dir, cfg, overrides or [])
     with run_log(run_dir):
-        log.info("run %s of %s on %s (config %s) into %s; overrides: %s", run_id, cfg["name"], cfg["model"]["name"],
-                 config_hash(cfg), run_dir.resolve(), " ".join(overrides or []) or "none")
-        try:
-            outcome = _run_stages(cfg, run_dir, run_id, on_stage)
-        except BaseException as err:
-            log.error("run %s failed: %s", run_id, f"{type(err).__name__}: {err}", exc_info=True)
-            raise
-        log.info("run %s finished", run_id)
+        log.info("%s on %s (config %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"], config_hash(cfg),
+                 run_dir.resolve(), " ".join(overrides or []) or "none")
+        outcome = _run_stages(cfg, run_dir, tracker)
+        log.info("run %s finished", outcome.run_id)
     return outcome
 
 
-def _run_stages(cfg: dict, run_dir: Path, run_id: str, on_stage) -> SweepOutcome:
+def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None) -> SweepOutcome:
     start_ray(cfg)
     pool = WorkerPool(cfg)
-    run = {"run_id": run_id, "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
     try:
-        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), run, on_stage)
+        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
         with timed(sweep.stage("load")):
             sweep.model_info = pool.describe()
+        sweep.run = {"run_id": tracker.run_id if tracker is not None else uuid.uuid4().hex,
+                     "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
+        log.info("run %s", sweep.run["run_id"])
         sweep.finished("load")
         sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
                             "weights_hash": sweep.model_info["weights_hash"]}
@@ -144,7 +151,7 @@ def _run_stages(cfg: dict, run_dir: Path, run_id: str, on_stage) -> SweepOutcome
     sweep.finished("render")
     sweep.manifest.provenance = sweep.provenance
     sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
-    return SweepOutcome(run_dir, run_id, sweep.model_info, sweep.provenance, sweep.pairs_report,
+    return SweepOutcome(run_dir, sweep.run["run_id"], sweep.model_info, sweep.provenance, sweep.pairs_report,
                         list(sweep.stats.values()), summary, layer_curves(summary), circuit)
 
 
