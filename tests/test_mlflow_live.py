@@ -5,8 +5,10 @@ the store's experiment keeps them, never into the working folder. Telemetry is o
 Also: the run folder's run.log and overrides.yaml, and actor warnings on the console."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY_SWEEP
+from conftest import REPO, TINY_SWEEP, free_ports
 from pipeline import store
 
 CLEAN_ENV_DROPS = ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
@@ -132,3 +134,23 @@ import time; time.sleep(3)  # Ray forwards worker output asynchronously
     log = (out / "run.log").read_text()
     assert "INFO pipeline.stages.stand_in" in log and "an info record from item-1" in log
     assert "WARNING pipeline.stages.stand_in" in log and "a warning from item-1" in log
+
+
+@pytest.mark.parametrize("setting, expected", [(None, b"true"), ("false", b"false")])
+def test_ui_server_runs_without_telemetry_unless_turned_back_on(tiny_sweep, tmp_path, setting, expected):
+    """`make ui`'s server process (the MLflow UI, exec'd by pipeline.run.tracking) carries the setting."""
+    [port] = free_ports(1)
+    env = clean_env(**({"MLFLOW_DISABLE_TELEMETRY": setting} if setting else {}))
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.run.tracking", "ui", "--output-root",
+                               str(tiny_sweep["root"]), "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while b"mlflow" not in Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")[1:3]:
+            assert server.poll() is None and time.time() < deadline, "the UI server did not start"
+            time.sleep(0.5)
+        environ = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+        assert b"MLFLOW_DISABLE_TELEMETRY=" + expected in environ
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
