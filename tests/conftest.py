@@ -153,6 +153,7 @@ def tiny_sweep(ray_session, tmp_path_factory):
     tests inspect."""
     import time
 
+    from pipeline import store
     from pipeline.run.sweep import run_sweep
     from pipeline.run.tracking import LiveRun
     from pipeline.validation import validate
@@ -164,8 +165,12 @@ def tiny_sweep(ray_session, tmp_path_factory):
     live = LiveRun(cfg, "test-session", overrides)
     outcome = run_sweep(cfg, live, overrides)
     tracking = live.finish(outcome)
+    seconds = time.perf_counter() - start
+    # As the run left them: later tests run the same folder again (new run id, new report).
+    report = (outcome.run_dir / "report.md").read_text()
+    tables_run_id = store.read_table(outcome.run_dir / "effects.parquet")["run_id"][0].as_py()
     return {"cfg": cfg, "outcome": outcome, "tracking": tracking, "root": root, "overrides": overrides,
-            "seconds": time.perf_counter() - start}
+            "seconds": seconds, "report": report, "tables_run_id": tables_run_id}
 
 
 def exit_once(model, tokenizer, item: dict) -> list[Path]:

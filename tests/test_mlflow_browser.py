@@ -125,9 +125,10 @@ def test_run_is_running_while_the_sweep_computes_then_shows_tables(ui, tiny_swee
         run_url = f"{ui['base']}/#/experiments/{live.ids['experiment_id']}/runs/{live.run_id}?workflowType=machine_learning"
         dom = open_page(run_url, ["Status Running"], ARTIFACTS / "mlflow-run-running.png", tmp_path, text=True)
         assert "Status Running" in text_of(dom)
-        metrics = open_page(run_url.replace("?", "/model-metrics?"), ["time/pairs_s"],
-                            ARTIFACTS / "mlflow-run-running-metrics.png", tmp_path)
-        assert "time/pairs_s" in metrics and "time/load_s" in metrics and "time/patch_s" not in metrics
+        # The finished stages' times so far (load, pairs), grouped by prefix; the page keeps refreshing.
+        metrics = open_page(run_url.replace("?", "/model-metrics?"), ["time (2)"],
+                            ARTIFACTS / "mlflow-run-running-metrics.png", tmp_path, text=True)
+        assert "time (2)" in text_of(metrics)
     finally:
         release.set()
         sweep.join(600)

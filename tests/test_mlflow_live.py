@@ -51,9 +51,9 @@ def test_live_run(tiny_sweep):
     assert run.info.start_time <= stamps["time/load_s"]
     assert stamps["time/render_s"] < client.get_metric_history(run.info.run_id, "denoise/resid_pre")[0].timestamp
     assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
-    # report.md is the run's description; the run folder's own tables name this run.
-    assert run.data.tags["mlflow.note.content"] == (outcome.run_dir / "report.md").read_text()
-    assert store.read_table(outcome.run_dir / "effects.parquet")["run_id"][0].as_py() == run.info.run_id
+    # report.md is the run's description; the run folder's tables named this run.
+    assert run.data.tags["mlflow.note.content"] == tiny_sweep["report"]
+    assert tiny_sweep["tables_run_id"] == outcome.run_id == run.info.run_id
     # The summary and the circuit's nodes as MLflow tables (what the UI shows as tables).
     logged = {a["path"]: a["type"] for a in json.loads(run.data.tags["mlflow.loggedArtifacts"])}
     assert logged == {"tables/summary.json": "table", "tables/circuit_nodes.json": "table"}

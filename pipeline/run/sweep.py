@@ -109,7 +109,8 @@ def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | 
     folder's run.log, an error with its traceback included.
     """
     run_dir = Path(cfg["output_dir"])
-    write_config(run_dir, cfg, overrides or [])
+    write_config(run_dir, cfg)
+    publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides or []))).encode())
     with run_log(run_dir):
         log.info("%s on %s (config %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"], config_hash(cfg),
                  run_dir.resolve(), " ".join(overrides or []) or "none")
@@ -155,11 +156,9 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None) -> SweepOutco
                         list(sweep.stats.values()), summary, layer_curves(summary), circuit)
 
 
-def write_config(run_dir: Path, cfg: dict, overrides: list[str]) -> None:
-    """config.yaml, written first: it marks the folder as this experiment's (pipeline.validation); and
-    overrides.yaml, the command line it was composed from."""
+def write_config(run_dir: Path, cfg: dict) -> None:
+    """config.yaml, written first: it marks the folder as this experiment's (pipeline.validation)."""
     publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
-    publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode())
 
 
 def stamp_run_tables(sweep: Sweep) -> None:

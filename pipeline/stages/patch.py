@@ -4,7 +4,7 @@ An effect shard is a long table, one row per (pair, variant), in EFFECT_SHARD_SC
 direction, component, layer, head (null unless a head), position (0-based from the start) and
 position_from_end (-1 = the final token; both null = all positions at once), seq_len, metric_clean,
 metric_corrupted, metric_patched and effect = (patched - base) / (source - base). The summary stage
-concatenates the shards into effects.parquet, with the run's own columns (RUN_COLUMNS) first.
+concatenates the shards into effects.parquet, with the run's own columns (run_id, config_hash) first.
 """
 from __future__ import annotations
 
