@@ -60,7 +60,12 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = elsewhere / "out" / "refusal_tiny" / "refusal-tiny-generated"
     assert str(run_dir) in result.stdout
-    assert (run_dir / "report.md").is_file() and (run_dir / "circuit.json").is_file()
+    for name in ("report.md", "circuit.json", "effects.parquet", "run.log", "_manifest.json"):
+        assert (run_dir / name).is_file(), name
+    assert (elsewhere / "out" / "mlflow.db").is_file() and not (elsewhere / "mlruns").exists()
+    shown = subprocess.run([str(venv / "bin" / "patchsweep"), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "experiment: refusal_smol, refusal_tiny" in shown.stdout
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import pipeline.config as c; print(c.CONF_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(venv)) and where.endswith("pipeline/conf")

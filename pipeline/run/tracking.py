@@ -156,7 +156,6 @@ class LiveRun:
     def __init__(self, cfg: dict, sweep_key: str, overrides: list[str]):
         self.cfg, self.uri = cfg, tracking_uri(cfg)
         self.client = MlflowClient(self.uri)
-        self.started = time.time()
         self._ids: dict[str, str] = {}
         self._error: BaseException | None = None
         self._monitor: SystemMetricsMonitor | None = None
