@@ -3,7 +3,7 @@
 One sweep (refusal-tiny, `resid_pre` and every head at every position, both directions) runs through
 the project's own stage graph (pipeline.run: WorkerPool, Sweep, stage_patch) once per worker
 count, with only `resources.actors` (and the per-actor share of the machine) changed. The pairs stage
-runs once and every worker count patches the same pairs.arrow, each into an effects folder of its own
+runs once and every worker count patches the same pairs.parquet, each into an effects folder of its own
 (shards are content-keyed, so a shared folder would be reused, not recomputed). The clock covers the
 patch stage only, after every actor has loaded its model and run one tiny warm-up item; that start-up
 is reported beside it.
@@ -65,7 +65,8 @@ def prepare_pairs(cfg: dict, root: Path) -> Sweep:
     run_dir.mkdir(parents=True)
     pool = WorkerPool(cfg)
     try:
-        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), model_info=pool.describe())
+        run = {"run_id": "bench-ray-scaling", "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
+        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), run, model_info=pool.describe())
         sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
                             "weights_hash": sweep.model_info["weights_hash"]}
         pairs = stage_pairs(sweep)
@@ -79,7 +80,7 @@ def prepare_pairs(cfg: dict, root: Path) -> Sweep:
 def patch_run(base: Sweep, cfg: dict, run_dir: Path) -> dict:
     """The patch stage with cfg's worker count, timed after every actor has loaded the model."""
     run_dir.mkdir(parents=True)
-    shutil.copy(base.run_dir / "pairs.arrow", run_dir / "pairs.arrow")
+    shutil.copy(base.run_dir / "pairs.parquet", run_dir / "pairs.parquet")
     load_average = os.getloadavg()[0]
     start = time.perf_counter()
     pool = WorkerPool(cfg)
@@ -87,8 +88,8 @@ def patch_run(base: Sweep, cfg: dict, run_dir: Path) -> dict:
         ray.get([actor.describe.remote() for actor in pool.actors])
         warm_up(pool, base, run_dir / "warm-up")
         started = time.perf_counter()
-        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), model_info=base.model_info, provenance=base.provenance,
-                      pairs_report=base.pairs_report, shards=base.shards)
+        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), base.run, model_info=base.model_info,
+                      provenance=base.provenance, pairs_report=base.pairs_report, shards=base.shards)
         shards = stage_patch(sweep)
         seconds = time.perf_counter() - started
     finally:
@@ -104,7 +105,7 @@ def warm_up(pool: WorkerPool, base: Sweep, folder: Path) -> None:
     throughput."""
     shard = base.shards[0]
     item = {"component": "resid_pre", "direction": "denoise", "metric": base.cfg["patching"]["metric"],
-            "per_position": False, "layers": [0], "heads": None, "pairs": str(folder.parent / "pairs.arrow"),
+            "per_position": False, "layers": [0], "heads": None, "pairs": str(folder.parent / "pairs.parquet"),
             "rows": shard["rows"][:1], "model": base.cfg["model"]["name"], "batch_size": None,
             "provenance": base.provenance}
     ray.get([actor.run.remote("patch", dict(item, out=str(folder / f"{i}.arrow")))

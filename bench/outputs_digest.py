@@ -3,9 +3,9 @@
     python bench/outputs_digest.py save    <run folder> <digest folder>
     python bench/outputs_digest.py compare <run folder> <digest folder> [--atol 1e-6]
 
-The digest holds effects.arrow and summary.arrow (sorted by their keys) as Parquet and circuit.json's
-values flattened to (path, value) rows: the numbers a refactoring must not change. Run times, and
-the config hash (which follows the config's layout, not its meaning), are left out.
+The digest holds effects.parquet and summary.parquet (sorted by their keys) and circuit.json's values
+flattened to (path, value) rows: the numbers a refactoring must not change. Run times, the run id (new
+every run) and the config hash (which follows the config's layout, not its meaning) are left out.
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.store import read_table  # noqa: E402
 
 EFFECT_KEY = ["direction", "component", "layer", "head", "position", "pair_id"]
-SUMMARY_KEY = ["direction", "component", "layer", "head", "position"]
+SUMMARY_KEY = ["direction", "component", "layer", "head", "position_from_end"]
 CIRCUIT_SKIPPED = ("seconds", "provenance.config_hash")
+TABLE_SKIPPED = ["run_id", "config_hash"]
 
 
 def _sorted(table: pa.Table, key: list[str]) -> pa.Table:
+    table = table.drop_columns([c for c in TABLE_SKIPPED if c in table.column_names])
     return table.replace_schema_metadata(None).sort_by([(k, "ascending") for k in key])
 
 
@@ -48,9 +50,9 @@ def circuit_rows(run_dir: Path) -> list[tuple[str, object]]:
 
 def save(run_dir: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_sorted(read_table(run_dir / "effects.arrow"), EFFECT_KEY), out / "effects.parquet",
+    pq.write_table(_sorted(read_table(run_dir / "effects.parquet"), EFFECT_KEY), out / "effects.parquet",
                    compression="zstd")
-    pq.write_table(_sorted(read_table(run_dir / "summary.arrow"), SUMMARY_KEY), out / "summary.parquet",
+    pq.write_table(_sorted(read_table(run_dir / "summary.parquet"), SUMMARY_KEY), out / "summary.parquet",
                    compression="zstd")
     (out / "circuit.json").write_text(json.dumps(circuit_rows(run_dir), indent=0) + "\n")
 
@@ -66,7 +68,7 @@ def compare(run_dir: Path, digest: Path, atol: float = 1e-6) -> list[str]:
     problems = []
     for name, key in (("effects", EFFECT_KEY), ("summary", SUMMARY_KEY)):
         want = pq.read_table(digest / f"{name}.parquet")
-        got = _sorted(read_table(run_dir / f"{name}.arrow"), key)
+        got = _sorted(read_table(run_dir / f"{name}.parquet"), key)
         if got.schema.names != want.schema.names or got.num_rows != want.num_rows:
             problems.append(f"{name}: columns {got.schema.names} x {got.num_rows} rows, stored "
                             f"{want.schema.names} x {want.num_rows}")

@@ -26,7 +26,7 @@ from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.outputs.report import console_summary
 from pipeline.run.sweep import run_sweep
-from pipeline.run.tracking import log_model_run, prepare_store
+from pipeline.run.tracking import LiveRun
 from pipeline.run.workers import WorkFailed
 from pipeline.store import write_table
 from pipeline.validation import ConfigError, validate, validate_screen
@@ -41,16 +41,22 @@ def _fail(err: BaseException) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def sweep_command(cfg: DictConfig) -> None:
+    overrides = list(HydraConfig.get().overrides.task)
+    tracking = None
     try:
         plain = validate(cfg)
-        store_ready = prepare_store(plain) if plain["tracking"]["enabled"] else None
-        outcome = run_sweep(plain)
+        # The MLflow run starts with the sweep and ends with it, FAILED when the sweep does.
+        live = LiveRun(plain, os.environ[SWEEP_ENV], overrides) if plain["tracking"]["enabled"] else None
+        try:
+            outcome = run_sweep(plain, live, overrides)
+            if live is not None:
+                tracking = live.finish(outcome)
+        except BaseException as err:
+            if live is not None:
+                live.fail(err)
+            raise
     except (ConfigError, ValueError, FileNotFoundError, WorkFailed) as err:
         _fail(err)
-    tracking = None
-    if store_ready is not None:
-        store_ready.join()
-        tracking = log_model_run(plain, outcome, os.environ[SWEEP_ENV])
     print("\n" + console_summary(plain, outcome.run_dir, outcome.pairs_report, outcome.stats, outcome.curves,
                                  outcome.summary, outcome.circuit, tracking), flush=True)
 

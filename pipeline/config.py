@@ -102,7 +102,7 @@ class ResourcesConfig:
 class RayConfig:
     address: str = "local"  # "local": a private Ray instance; or a cluster address (ray://host:10001, auto)
     namespace: str = "patchsweep"
-    log_to_driver: bool = False  # worker stdout/stderr in the driver's terminal
+    log_to_driver: bool = True  # the model actors' output (their warnings and errors) in the driver's terminal
 
 
 @dataclass
@@ -161,7 +161,19 @@ def _folder_safe(text: str) -> str:
 OmegaConf.register_new_resolver("job_overrides", job_overrides, replace=True)
 ConfigStore.instance().store(name="patchsweep_schema", node=PatchsweepConfig)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _conf_dir() -> Path:
+    """The config groups: inside the package where a wheel put them (pyproject.toml maps the repository's
+    conf/ to pipeline/conf), else conf/ at the top of the checkout this module runs from. Found by file
+    path, not through the import system: a checkout run with PYTHONPATH beside an editable install of
+    another checkout must read its own conf/."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 # The parts of a config that determine the expensive results (pairs, activations, effects); the rest
 # (summary, circuit, resources, tracking, ray) can change between runs over the same output folder.

@@ -1,13 +1,17 @@
-"""Arrow I/O for every file the pipeline writes.
+"""Arrow and Parquet I/O for every file the pipeline writes.
 
-- Tables are Arrow IPC files, uncompressed, so readers memory-map them (`pa.memory_map`) and tensor
-  columns come back as zero-copy numpy views.
-- Activations are fixed-shape tensor columns (`pa.FixedShapeTensorArray`), one row per pair.
+- Analysis tables (pairs, effects, summary) are Parquet (zstd): pandas, polars, DuckDB and Spark read
+  them, one glob over an outputs tree at a time. Integer columns that hold nulls carry pandas metadata,
+  so pandas reads them as nullable integers rather than floats.
+- Activations and the effect shards are Arrow IPC files, uncompressed, so readers memory-map them
+  (`pa.memory_map`) and tensor columns come back as zero-copy numpy views.
+- Tensors are fixed-shape tensor columns (`pa.FixedShapeTensorArray`).
 - Every file carries provenance in its schema metadata and is published atomically: written to
   `.name.tmp` beside its final path, then `os.replace`d, so a reader never sees half a file.
 - Shards are named by a content key (the hash of everything that determines them); a stage's manifest
   lists its shards with sha256 checksums, so a re-run reuses finished shards and a truncated or
-  corrupted shard is detected and recomputed, never read silently.
+  corrupted shard is detected and recomputed, never read silently. Manifests are named `_manifest.json`:
+  dataset readers (pyarrow.dataset, Spark, DuckDB globs of *.parquet) skip names starting with `_`.
 """
 from __future__ import annotations
 
@@ -17,13 +21,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from pipeline import __version__
 
 PRODUCER = f"patchsweep {__version__}"
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
 
 
 # ---- hashing -------------------------------------------------------------------------------------
@@ -92,12 +98,19 @@ def provenance(table_or_schema) -> dict:
 
 
 def write_table(path: str | Path, table: pa.Table, provenance: dict | None = None) -> Path:
-    """Publish `table` as an uncompressed Arrow IPC file, atomically, with provenance metadata."""
+    """Publish `table` atomically with provenance metadata: Parquet (zstd) for a `.parquet` path, else an
+    uncompressed Arrow IPC file (memory-mappable)."""
     table = with_provenance(table, provenance or {})
+    parquet = Path(path).suffix == ".parquet"
+    if parquet:
+        table = _with_pandas_metadata(table)
 
     def write(tmp):
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        if parquet:
+            pq.write_table(table, str(tmp), compression="zstd")
+        else:
+            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
 
@@ -105,15 +118,44 @@ def write_table(path: str | Path, table: pa.Table, provenance: dict | None = Non
     return Path(path)
 
 
+_NULLABLE_INT = {f"{sign}int{bits}": f"{sign.upper()}Int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
+
+
+def _with_pandas_metadata(table: pa.Table) -> pa.Table:
+    """Pandas metadata naming a nullable integer dtype for every integer column that holds nulls (head,
+    position): without it pandas turns such a column into float64."""
+    columns = [{"name": f.name, "field_name": f.name, "pandas_type": str(f.type),
+                "numpy_type": _NULLABLE_INT[str(f.type)], "metadata": None}
+               for f, column in zip(table.schema, table.columns)
+               if pa.types.is_integer(f.type) and column.null_count]
+    meta = {"index_columns": [], "column_indexes": [], "columns": columns,
+            "creator": {"library": "patchsweep"}, "pandas_version": pd.__version__}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"pandas": json.dumps(meta).encode()})
+
+
 def read_table(path: str | Path) -> pa.Table:
-    """Read an Arrow IPC file memory-mapped: buffers stay in the page cache, nothing is copied."""
+    """Read a Parquet file, or an Arrow IPC file memory-mapped (buffers stay in the page cache, nothing
+    is copied)."""
+    if Path(path).suffix == ".parquet":
+        return pq.read_table(str(path), memory_map=True)
     source = pa.memory_map(str(path), "r")
     return ipc.open_file(source).read_all()
 
 
 def read_schema(path: str | Path) -> pa.Schema:
+    if Path(path).suffix == ".parquet":
+        return pq.read_schema(str(path))
     with pa.memory_map(str(path), "r") as source:
         return ipc.open_file(source).schema
+
+
+def with_columns(table: pa.Table, values: dict[str, str]) -> pa.Table:
+    """`table` with constant string columns `values` first (replacing columns of those names): the run a
+    row belongs to, which dataset readers keep and schema metadata does not survive."""
+    rest = table.drop_columns([name for name in values if name in table.column_names])
+    columns = [pa.array([value] * table.num_rows, pa.string()) for value in values.values()]
+    return pa.table(columns + rest.columns, names=list(values) + rest.column_names,
+                    metadata=table.schema.metadata)
 
 
 # ---- tensor columns ------------------------------------------------------------------------------
@@ -135,7 +177,9 @@ def file_entry(path: str | Path) -> dict:
     """A published file as a manifest records it: path, sha256 and, for an Arrow table, its rows."""
     path = Path(path)
     entry = {"path": str(path), "sha256": sha256_file(path)}
-    if path.suffix == ".arrow":
+    if path.suffix == ".parquet":
+        entry["rows"] = pq.ParquetFile(str(path)).metadata.num_rows
+    elif path.suffix == ".arrow":
         with pa.memory_map(str(path), "r") as source:
             reader = ipc.open_file(source)
             entry["rows"] = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))

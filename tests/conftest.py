@@ -149,20 +149,28 @@ TINY_SWEEP = ["experiment=refusal_tiny"]
 @pytest.fixture(scope="session")
 def tiny_sweep(ray_session, tmp_path_factory):
     """Run `patchsweep experiment=refusal_tiny` once per test session, in-process (sharing the Ray
-    session) through the same functions the command calls; returns what the tests inspect."""
+    session) through the same functions the command calls, tracked live in MLflow; returns what the
+    tests inspect."""
     import time
 
+    from pipeline import store
     from pipeline.run.sweep import run_sweep
-    from pipeline.run.tracking import log_model_run
+    from pipeline.run.tracking import LiveRun
     from pipeline.validation import validate
 
     root = tmp_path_factory.mktemp("sweep")
-    cfg = validate(compose(*TINY_SWEEP, f"output_root={root}"))
+    overrides = [*TINY_SWEEP, f"output_root={root}"]
+    cfg = validate(compose(*overrides))
     start = time.perf_counter()
-    outcome = run_sweep(cfg)
-    tracking = log_model_run(cfg, outcome, "test-session")
-    return {"cfg": cfg, "outcome": outcome, "tracking": tracking, "root": root,
-            "seconds": time.perf_counter() - start}
+    live = LiveRun(cfg, "test-session", overrides)
+    outcome = run_sweep(cfg, live, overrides)
+    tracking = live.finish(outcome)
+    seconds = time.perf_counter() - start
+    # As the run left them: later tests run the same folder again (new run id, new report).
+    report = (outcome.run_dir / "report.md").read_text()
+    tables_run_id = store.read_table(outcome.run_dir / "effects.parquet")["run_id"][0].as_py()
+    return {"cfg": cfg, "outcome": outcome, "tracking": tracking, "root": root, "overrides": overrides,
+            "seconds": seconds, "report": report, "tables_run_id": tables_run_id}
 
 
 def exit_once(model, tokenizer, item: dict) -> list[Path]:
@@ -175,3 +183,13 @@ def exit_once(model, tokenizer, item: dict) -> list[Path]:
     done = marker.with_suffix(".pid")
     done.write_text(str(os.getpid()))
     return [done]
+
+
+def log_twice(model, tokenizer, item: dict) -> list[Path]:
+    """A stand-in stage that logs an INFO and a WARNING record from inside its actor."""
+    import logging
+
+    log = logging.getLogger("pipeline.stages.stand_in")
+    log.info("an info record from %s", item["name"])
+    log.warning("a warning from %s", item["name"])
+    return []

@@ -32,7 +32,7 @@ def test_unequal_pairs_are_patched_aligned_from_the_end(tiny, tmp_path):
     table = build_pairs(model, tokenizer, PAIRS, align="end").table
     offsets = table.column("align_offset").to_pylist()
     assert sorted(offsets) == [-1, 0, 1], "the screen must keep all three pairs for this test to mean anything"
-    pairs_path = write_table(tmp_path / "pairs.arrow", table, {})
+    pairs_path = write_table(tmp_path / "pairs.parquet", table, {})
     shards = plan_shards(read_table(pairs_path), shard_size=8)
     assert len(shards) == 3  # one per (clean length, corrupted length)
     for shard in shards:

@@ -82,7 +82,7 @@ def test_refusal_tiny_pairs_are_unchanged_by_top_k(tiny):
 
 
 def test_several_answer_tokens_reach_the_engine_as_sets(tiny, tmp_path):
-    """Pairs with two refusal and three compliance tokens: pairs.arrow carries the lists, the patching
+    """Pairs with two refusal and three compliance tokens: pairs.parquet carries the lists, the patching
     stage's batch turns them into the engine's answer sets, and refusal_logodds is logsumexp over each."""
     model, tok = tiny
     refusal, compliance = ["I", "cannot"], ["Sure", "here", "is"]
@@ -95,7 +95,7 @@ def test_several_answer_tokens_reach_the_engine_as_sets(tiny, tmp_path):
     expected = torch.logsumexp(logits[:, :2], -1) - torch.logsumexp(logits[:, 2:], -1)
     assert torch.allclose(torch.tensor(table.column("metric_clean").to_pylist()), expected, atol=1e-5)
 
-    path = write_table(tmp_path / "pairs.arrow", table)
+    path = write_table(tmp_path / "pairs.parquet", table)
     rows = [i for i, n in enumerate(table.column("seq_len").to_pylist()) if n == table.column("seq_len")[0].as_py()]
     batch = pair_batch(str(path), rows)
     assert batch["answers"].refusal.shape == (len(rows), 2) and batch["answers"].compliance.shape == (len(rows), 3)

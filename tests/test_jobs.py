@@ -227,7 +227,7 @@ def test_submit_script_runs_a_sweep(ray_head):
                             capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
     assert f"Job '{submission}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
     run_dir = out / "refusal_tiny" / "refusal-tiny-generated"
-    for name in ("config.yaml", "pairs.arrow", "effects.arrow", "summary.arrow", "report.md"):
+    for name in ("config.yaml", "pairs.parquet", "effects.parquet", "summary.parquet", "report.md"):
         assert (run_dir / name).is_file(), name
     assert "ray.address=auto" in result.stdout + result.stderr  # the job joined the head's cluster
     print(f"submit.sh refusal_tiny job: {seconds:.0f}s")
@@ -268,7 +268,7 @@ def test_slurm_script_runs_on_a_two_node_allocation(tmp_path):
             script.wait(timeout=60)
     assert script.returncode == 0, (stdout + stderr)[-4000:]
     assert "Ray cluster up: 2 nodes" in stdout
-    assert (out / "refusal_tiny" / "refusal-tiny-generated" / "effects.arrow").is_file()
+    assert (out / "refusal_tiny" / "refusal-tiny-generated" / "effects.parquet").is_file()
     time.sleep(3)
     leftover = subprocess.run(["pgrep", "-f", ray_temp], capture_output=True, text=True).stdout.split()
     shutil.rmtree(ray_temp, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""The whole pipeline on refusal-tiny: a real local Ray instance, real Arrow files, a real SQLite
-MLflow store. Checks the output contract, the numbers against the engine's plain reference, the
+"""The whole pipeline on refusal-tiny: a real local Ray instance, real Parquet and Arrow files, a real
+SQLite MLflow store. Checks the output contract, the numbers against the engine's plain reference, the
 MLflow run, and that re-running reuses finished shards and recomputes a damaged one."""
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -14,8 +15,8 @@ from conftest import REPO, TINY_SWEEP, write_jsonl
 from pipeline import store
 from pipeline.run.sweep import run_sweep
 
-CONTRACT = ["config.yaml", "pairs.arrow", "activations", "effects.arrow", "summary.arrow", "circuit.json",
-            "circuit.svg", "circuit.png", "layers.png", "report.md", "manifest.json"]
+CONTRACT = ["config.yaml", "overrides.yaml", "pairs.parquet", "activations", "effects.parquet", "summary.parquet",
+            "circuit.json", "circuit.svg", "circuit.png", "layers.png", "report.md", "run.log", "_manifest.json"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_output_contract(run):
     assert run["seconds"] < 180, f"refusal_tiny took {run['seconds']:.0f}s"
     manifest = store.Manifest(run_dir, "run")
     for name in CONTRACT:
-        if name not in ("activations", "manifest.json"):
+        if name not in ("activations", "run.log", "_manifest.json"):
             assert manifest.is_valid(name), name
     report = (run_dir / "report.md").read_text()
     assert "## Layers that matter most" in report and "layers.png" in report
@@ -47,10 +48,17 @@ def test_output_contract(run):
 
 def test_pairs_and_provenance(run):
     run_dir, prov = run["outcome"].run_dir, run["outcome"].provenance
-    pairs = store.read_table(run_dir / "pairs.arrow")
+    pairs = store.read_table(run_dir / "pairs.parquet")
     assert pairs.num_rows >= 16
     assert all(len(c) == len(k) for c, k in zip(pairs["clean_ids"].to_pylist(), pairs["corrupted_ids"].to_pylist()))
-    for name in ("effects.arrow", "summary.arrow"):
+    for name in ("pairs.parquet", "effects.parquet", "summary.parquet"):
+        # Which run and config a row came from, as columns (dataset readers drop schema metadata).
+        table = store.read_table(run_dir / name)
+        assert table.column_names[:3] == ["run_id", "config_hash", "model"]
+        assert set(table["run_id"].to_pylist()) == {run["outcome"].run_id}
+        assert set(table["config_hash"].to_pylist()) == {prov["config_hash"]}
+        assert set(table["model"].to_pylist()) == {run["cfg"]["model"]["name"]}
+    for name in ("effects.parquet", "summary.parquet"):
         meta = store.provenance(store.read_schema(run_dir / name))
         assert meta["config_hash"] == prov["config_hash"]
         assert meta["weights_hash"] == prov["weights_hash"] and len(prov["weights_hash"]) == 64
@@ -59,25 +67,49 @@ def test_pairs_and_provenance(run):
 
 
 def test_activation_shards_are_memory_mapped_tensors(run, model):
+    """One row per (pair, prompt, layer, position) with the residual as a [d_model] tensor: the shards of
+    every token length concatenate into one dataset, and one shard's rows view as [pairs, layers,
+    seq_len, d_model] without a copy."""
+    import pyarrow.dataset as ds
+
+    from pipeline.stages.cache import residuals
+
     run_dir = run["outcome"].run_dir
-    pairs = store.read_table(run_dir / "pairs.arrow")
+    pairs = store.read_table(run_dir / "pairs.parquet")
     manifest = store.Manifest(run_dir / "activations", "cache")
     assert manifest.complete
     shards = sorted((run_dir / "activations").glob("*.arrow"))
     assert shards and all(manifest.is_valid(p.name) for p in shards)
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    lengths = dict(zip(pairs["pair_id"].to_pylist(), pairs["seq_len"].to_pylist()))
+    # The whole folder as one dataset (the manifest, `_manifest.json`, is skipped): every pair, every length.
+    whole = ds.dataset(run_dir / "activations", format="ipc").to_table()
+    assert len(set(lengths.values())) > 1
+    assert whole.num_rows == sum(2 * (n_layers * t + 1) for t in lengths.values())
+    final = whole.filter((pc.field("layer") == n_layers)).to_pandas()
+    assert (final["position_from_end"] == -1).all() and len(final) == 2 * pairs.num_rows
     seen = 0
     for path in shards:
         table = store.read_table(path)
-        resid = store.tensor_numpy(table["resid_pre_clean"])
-        assert not resid.flags.owndata  # a view of the mapped file
-        seq_len = int(store.provenance(table)["seq_len"])
-        assert resid.shape == (table.num_rows, n_layers, seq_len, d_model)
-        # resid_pre at layer 0 is the token embedding: the shard holds the right pairs' activations.
-        rows = [pairs["pair_id"].to_pylist().index(p) for p in table["pair_id"].to_pylist()]
+        resid, final_resid = residuals(table, "clean")
+        assert not resid.flags.owndata and not final_resid.flags.owndata  # views of the mapped file
+        pair_ids = list(dict.fromkeys(table["pair_id"].to_pylist()))
+        seq_len = lengths[pair_ids[0]]
+        assert resid.shape == (len(pair_ids), n_layers, seq_len, d_model) and final_resid.shape == (len(pair_ids), d_model)
+        # resid at layer 0 is the token embedding: the shard holds the right pairs' activations, in row order.
+        rows = [pairs["pair_id"].to_pylist().index(p) for p in pair_ids]
+        for prompt, values in (("clean", resid), ("corrupted", residuals(table, "corrupted")[0])):
+            ids = torch.tensor([pairs[f"{prompt}_ids"][r].as_py() for r in rows])
+            np.testing.assert_allclose(values[:, 0], model.model.embed_tokens(ids).detach().numpy(), atol=1e-6)
+        # The last layer's input, and its output at the final position: what the final norm and the
+        # unembedding read (hidden_states ends with the normed output).
         ids = torch.tensor([pairs["clean_ids"][r].as_py() for r in rows])
-        np.testing.assert_allclose(resid[:, 0], model.model.embed_tokens(ids).detach().numpy(), atol=1e-6)
-        seen += table.num_rows
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states
+            normed = model.model.norm(torch.from_numpy(np.array(final_resid)))
+        np.testing.assert_allclose(resid[:, -1], hidden[n_layers - 1].numpy(), atol=1e-5)
+        np.testing.assert_allclose(normed.numpy(), hidden[n_layers][:, -1].numpy(), atol=1e-5)
+        seen += len(pair_ids)
     assert seen == pairs.num_rows
 
 
@@ -88,10 +120,14 @@ def test_effects_table(run, model):
     from pipeline.engine.reference import reference_sweep
 
     run_dir, cfg = run["outcome"].run_dir, run["cfg"]
-    effects = store.read_table(run_dir / "effects.arrow")
-    assert effects.schema.names == ["model", "pair_id", "direction", "component", "layer", "head", "position",
-                                    "seq_len", "metric_clean", "metric_corrupted", "metric_patched", "effect"]
+    effects = store.read_table(run_dir / "effects.parquet")
+    assert effects.schema.names == ["run_id", "config_hash", "model", "pair_id", "direction", "component", "layer",
+                                    "head", "position", "position_from_end", "seq_len", "metric_clean",
+                                    "metric_corrupted", "metric_patched", "effect"]
     frame = effects.to_pandas()
+    assert str(frame["head"].dtype) == "Int32" and str(frame["position"].dtype) == "Int32"
+    assert (frame["position_from_end"] == frame["position"] - frame["seq_len"]).dropna().all()
+    assert frame["position_from_end"].isna().equals(frame["position"].isna())
     key = ["pair_id", "direction", "component", "layer", "head", "position"]
     assert not frame.duplicated(key).any()
     assert set(frame["component"]) == set(cfg["patching"]["components"])
@@ -106,7 +142,7 @@ def test_effects_table(run, model):
     assert np.isfinite(frame["effect"]).all()
 
     # Spot check against the engine's plain reference loop, one pair, a few variants.
-    pairs = store.read_table(run_dir / "pairs.arrow")
+    pairs = store.read_table(run_dir / "pairs.parquet")
     pair = pairs.slice(0, 1)
     pair_id = pair["pair_id"][0].as_py()
     rows = frame[(frame["pair_id"] == pair_id) & (frame["direction"] == "denoise")].iloc[::37].head(6)
@@ -122,18 +158,20 @@ def test_effects_table(run, model):
 
 def test_summary_has_bootstrap_intervals(run):
     run_dir = run["outcome"].run_dir
-    summary = store.read_table(run_dir / "summary.arrow").to_pandas()
-    effects = store.read_table(run_dir / "effects.arrow").to_pandas()
+    summary = store.read_table(run_dir / "summary.parquet").to_pandas()
+    effects = store.read_table(run_dir / "effects.parquet").to_pandas()
     n_pairs = effects["pair_id"].nunique()
     assert (summary["ci_low"] <= summary["mean"] + 1e-9).all() and (summary["mean"] <= summary["ci_high"] + 1e-9).all()
-    whole = summary[summary["position"].isna()]
+    # Pairs of several lengths: a position from the end has no one position from the start.
+    assert effects["seq_len"].nunique() > 1 and summary["position"].isna().all()
+    whole = summary[summary["position_from_end"].isna()]
     assert (whole["n"] == n_pairs).all()  # per-layer / per-head sites are measured on every pair
     # A summary mean is the mean over pairs of that site's effects.
     site = whole[(whole["component"] == "mlp_out") & (whole["direction"] == "noise")].iloc[0]
     rows = effects[(effects["component"] == "mlp_out") & (effects["direction"] == "noise") & (effects["layer"] == site["layer"])]
     assert site["mean"] == pytest.approx(rows["effect"].mean(), abs=1e-6)
     # Final-position resid_pre is present for every pair and labelled with its token.
-    final = summary[(summary["component"] == "resid_pre") & (summary["position"] == -1)]
+    final = summary[(summary["component"] == "resid_pre") & (summary["position_from_end"] == -1)]
     assert len(final) == 2 * run["outcome"].model_info["n_layers"] and (final["n"] == n_pairs).all()
     assert final["token"].notna().all()
 
@@ -156,8 +194,8 @@ def test_mlflow_run(run):
     assert {f"noise/{c}" for c in cfg["patching"]["components"]} <= set(child.data.metrics)
     assert "circuit/faithfulness" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(tracking["run_id"])}
-    assert {"config.yaml", "report.md", "layers.png", "summary.arrow", "effects.arrow", "pairs.arrow",
-            "circuit.json", "circuit.svg", "circuit.png"} <= artifacts
+    assert {"config.yaml", "overrides.yaml", "report.md", "layers.png", "summary.parquet", "effects.parquet",
+            "pairs.parquet", "circuit.json", "circuit.svg", "circuit.png", "run.log", "_manifest.json"} <= artifacts
     tags = child.data.tags
     assert tags["model.weights_sha256"] == run["outcome"].provenance["weights_hash"]
     assert tags["pairs.sha256"] == run["outcome"].provenance["pairs_hash"]
@@ -168,18 +206,24 @@ def test_mlflow_run(run):
 
 def test_rerun_reuses_shards_and_recomputes_a_damaged_one(run):
     """Truncate one effect shard, run again: the checksum catches it, that shard alone is recomputed,
-    every other shard is reused, and the results are the same."""
+    every other shard is reused, and the results are the same, now named after the new run."""
     cfg, first = run["cfg"], run["outcome"]
     before = {s.stage: s for s in first.stats}
-    effects_before = store.read_table(first.run_dir / "effects.arrow")
+    effects_before = store.read_table(first.run_dir / "effects.parquet")
     shard = sorted((first.run_dir / "effects").glob("*.arrow"))[0]
     os.truncate(shard, shard.stat().st_size // 2)
-    again = {s.stage: s for s in run_sweep(cfg).stats}
+    outcome = run_sweep(cfg)
+    again = {s.stage: s for s in outcome.stats}
     assert again["pairs"].reused == 1 and again["pairs"].computed == 0
     assert again["cache"].computed == 0 and again["cache"].reused == before["cache"].computed
     assert again["patch"].computed == 1 and again["patch"].reused == before["patch"].computed - 1
-    effects_after = store.read_table(first.run_dir / "effects.arrow")
-    assert effects_after.replace_schema_metadata(None).equals(effects_before.replace_schema_metadata(None))
+    effects_after = store.read_table(first.run_dir / "effects.parquet")
+    assert set(effects_after["run_id"].to_pylist()) == {outcome.run_id} != {first.run_id}
+    for name in ("pairs.parquet", "summary.parquet"):  # reused, renamed: their manifest entries still hold
+        assert set(store.read_table(first.run_dir / name)["run_id"].to_pylist()) == {outcome.run_id}
+        assert store.Manifest(first.run_dir, "run").is_valid(name)
+    assert effects_after.drop_columns("run_id").replace_schema_metadata(None).equals(
+        effects_before.drop_columns("run_id").replace_schema_metadata(None))
 
 
 def test_command_line_reuses_the_finished_run(run):

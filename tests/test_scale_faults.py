@@ -155,7 +155,7 @@ def run_dir(output_root: Path, model: str) -> Path:
 
 
 def effects(output_root: Path, model: str) -> pd.DataFrame:
-    frame = store.read_table(run_dir(output_root, model) / "effects.arrow").to_pandas()
+    frame = store.read_table(run_dir(output_root, model) / "effects.parquet").to_pandas()
     return frame.sort_values(KEY, na_position="first").reset_index(drop=True)
 
 
@@ -178,7 +178,7 @@ def work_counts(stdout: str) -> list[dict[str, tuple[int, int]]]:
 def listed(folder: Path) -> int:
     """Shards a stage's manifest vouches for (0 while it does not exist yet)."""
     try:
-        return len(json.loads((folder / "manifest.json").read_text())["files"])
+        return len(json.loads((folder / "_manifest.json").read_text())["files"])
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
 
@@ -278,7 +278,7 @@ def resumed(setup):
             process.kill()
     folder = run_dir(output_root, model)
     finished = {"cache": listed(folder / "activations"), "patch": listed(folder / "effects")}
-    assert not (folder / "effects.arrow").exists()
+    assert not (folder / "effects.parquet").exists()
     result = run(setup, output_root, [model])
     return {"root": output_root, "model": model, "finished": finished, "stdout": result.stdout}
 
@@ -300,7 +300,7 @@ def test_driver_killed_then_resumed(setup, undisturbed, resumed):
 
 def test_damaged_shards_are_recomputed_never_read(setup, undisturbed, resumed):
     """A patch shard whose numbers were changed in place (still a valid Arrow file: a reader would not
-    notice), a truncated activation shard and a truncated effects.arrow: the manifest checksums catch
+    notice), a truncated activation shard and a truncated effects.parquet: the manifest checksums catch
     all three, only they are recomputed, and the results are the undisturbed ones."""
     folder = run_dir(resumed["root"], resumed["model"])
     [shard] = sorted((folder / "effects").glob("*.arrow"))[:1]
@@ -313,7 +313,7 @@ def test_damaged_shards_are_recomputed_never_read(setup, undisturbed, resumed):
     assert tampered["metric_patched"].iloc[0] == value + 100
     [activations] = sorted((folder / "activations").glob("*.arrow"))[:1]
     os.truncate(activations, activations.stat().st_size // 3)
-    os.truncate(folder / "effects.arrow", 100)
+    os.truncate(folder / "effects.parquet", 100)
 
     result = run(setup, resumed["root"], [resumed["model"]])
     [count] = work_counts(result.stdout)

@@ -93,3 +93,46 @@ def test_unreadable_manifest_vouches_for_nothing(tmp_path):
     store.write_table(tmp_path / "a.arrow", pa.table({"a": [1]}))
     (tmp_path / store.MANIFEST).write_text("{ not json")
     assert not store.Manifest(tmp_path, "cache").is_valid("a.arrow")
+
+
+def test_parquet_tables_keep_nulls_provenance_and_row_counts(tmp_path):
+    """Analysis tables are zstd Parquet: provenance survives in the schema, integer columns with nulls read
+    back in pandas as nullable integers (not floats), and the manifest entry counts the rows."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    table = pa.table({"layer": pa.array([0, 1, 2], pa.int32()), "head": pa.array([None, 1, None], pa.int32()),
+                      "effect": pa.array([0.5, 0.25, 1.0], pa.float32())})
+    path = store.write_table(tmp_path / "effects.parquet", table, {"config_hash": "123"})
+    assert path.read_bytes()[:4] == b"PAR1"
+    assert pq.ParquetFile(path).metadata.row_group(0).column(1).compression == "ZSTD"
+    assert store.provenance(store.read_schema(path))["config_hash"] == "123"
+    assert store.read_table(path).select(["layer", "head", "effect"]).equals(table)
+    frame = pd.read_parquet(path)
+    assert str(frame["head"].dtype) == "Int32" and str(frame["layer"].dtype) == "int32"
+    assert frame["head"].isna().tolist() == [True, False, True]
+    assert store.file_entry(path)["rows"] == 3
+
+
+def test_run_columns_come_first_and_replace_old_ones(tmp_path):
+    table = pa.table({"model": ["m", "m"], "x": [1, 2]}).replace_schema_metadata({b"k": b"v"})
+    stamped = store.with_columns(table, {"run_id": "r1", "config_hash": "c", "model": "m2"})
+    assert stamped.column_names == ["run_id", "config_hash", "model", "x"]
+    assert stamped["model"].to_pylist() == ["m2", "m2"] and stamped["run_id"].to_pylist() == ["r1", "r1"]
+    assert stamped.schema.metadata == {b"k": b"v"}
+    again = store.with_columns(stamped, {"run_id": "r2", "config_hash": "c", "model": "m2"})
+    assert again.column_names == stamped.column_names and set(again["run_id"].to_pylist()) == {"r2"}
+
+
+def test_dataset_readers_skip_the_manifest(tmp_path):
+    """A shard folder reads as one dataset: its manifest's leading underscore keeps readers off it."""
+    import pyarrow.dataset as ds
+
+    manifest = store.Manifest(tmp_path, "patch")
+    for i in range(3):
+        name = f"{store.content_key(i)}.arrow"
+        store.write_table(tmp_path / name, pa.table({"x": pa.array([i, i], pa.int32())}))
+        manifest.add(name)
+    manifest.finish([f"{store.content_key(i)}.arrow" for i in range(3)])
+    assert manifest.path.name == "_manifest.json" and manifest.path.is_file()
+    assert sorted(ds.dataset(tmp_path, format="ipc").to_table()["x"].to_pylist()) == [0, 0, 1, 1, 2, 2]

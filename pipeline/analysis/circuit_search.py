@@ -51,7 +51,7 @@ MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: SummaryConfig, metric: str,
                  model_name: str | None = None) -> CircuitResult:
-    """pairs.arrow (screened pairs) -> the minimal circuit and the evidence for it."""
+    """pairs.parquet (screened pairs) -> the minimal circuit and the evidence for it."""
     check_metric(metric)
     if not 0 < options.target <= 1:
         raise ValueError(f"circuit.target={options.target} must be in (0, 1]")

@@ -7,7 +7,7 @@ sequences must have equal length: checked here for every pair, never assumed. Wi
 pair of unequal length is kept and aligned from the end (the final positions match up); only
 positions that exist in both runs can be patched (see `align_offset`).
 
-Output: a pyarrow Table, one row per pair that passed the screen (the pairs.arrow contract):
+Output: a pyarrow Table, one row per pair that passed the screen (the pairs.parquet contract):
 
 | column | meaning |
 |---|---|
@@ -183,7 +183,7 @@ def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:
 # --- answer tokens, screen and table -----------------------------------------------------------------
 
 class PairsResult(NamedTuple):
-    table: pa.Table   # the pairs.arrow contract (module docstring), screened pairs only
+    table: pa.Table   # the pairs.parquet contract (module docstring), screened pairs only
     report: dict      # counts, fraction kept, rates, answer tokens
 
 
@@ -273,7 +273,7 @@ def padded(lists: list[list[int]]) -> torch.Tensor:
 
 
 def pair_batch(pairs_path: str | Path, rows: list[int]) -> dict:
-    """Rows of pairs.arrow as tensors: pair_id [P], clean_ids [P, T] / corrupted_ids [P, T'], answers
+    """Rows of pairs.parquet as tensors: pair_id [P], clean_ids [P, T] / corrupted_ids [P, T'], answers
     (T' != T only for pairs aligned from the end, prompts.align=end)."""
     table = read_table(pairs_path).take(pa.array(rows, pa.int64()))
     clean = table.column("clean_ids").to_pylist()
@@ -287,4 +287,29 @@ def pair_batch(pairs_path: str | Path, rows: list[int]) -> dict:
         "corrupted_ids": torch.tensor(corrupted, dtype=torch.long),
         "answers": Answers(padded(table.column("refusal_ids").to_pylist()),
                            padded(table.column("compliance_ids").to_pylist())),
+    }
+
+
+def pairs_from_strings(tokenizer, pairs: Sequence[tuple[str, str] | InstructionPair],
+                       refusal_tokens: Sequence[int | str] | None = None,
+                       compliance_tokens: Sequence[int | str] | None = None) -> dict:
+    """Minimal pairs written as (harmful, harmless) instructions -> the engine's inputs, as `pair_batch`
+    gives them for a run's pairs: pair_id [P], clean_ids [P, T], corrupted_ids [P, T], answers. Each
+    instruction is wrapped in the model's chat template; every pair must have one token length (patching
+    copies position by position, and the batch is one [P, T] tensor). Answer tokens are ids or vocabulary
+    strings; unnamed, the first token of "I" (refusal) and of "Sure" (compliance). For a notebook: the
+    pipeline derives answer tokens from the model's replies and screens the pairs (`build_pairs`).
+    """
+    pairs = [p if isinstance(p, InstructionPair) else InstructionPair(*p) for p in pairs]
+    tokenized = tokenize_pairs(tokenizer, pairs)
+    lengths = sorted({len(t.clean_ids) for t in tokenized})
+    if len(lengths) > 1:
+        raise ValueError(f"the pairs have different token lengths ({lengths}) under this tokenizer's chat template: "
+                         f"pass the pairs of one length together")
+    answers = derive_answer_tokens(tokenizer, [], [], refusal_tokens, compliance_tokens).answers(len(tokenized))
+    return {
+        "pair_id": np.arange(len(tokenized), dtype=np.int32),
+        "clean_ids": torch.tensor([t.clean_ids for t in tokenized], dtype=torch.long),
+        "corrupted_ids": torch.tensor([t.corrupted_ids for t in tokenized], dtype=torch.long),
+        "answers": answers,
     }

@@ -5,8 +5,9 @@ A site is (model, direction, component, layer, head, position). The summary has 
 the mean normalised effect over pairs, its percentile-bootstrap confidence interval (resampling pairs)
 and n. Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the one
 before, ...; null = all positions at once), so that pairs of different lengths line up at the chat
-template, which ends every prompt; `token` names the token most pairs have there. effects.arrow keeps
-each pair's absolute position (0-based) and its seq_len.
+template, which ends every prompt; `token` names the token most pairs have there. The files keep both
+conventions (`position` from the start, `position_from_end`); the frames here name the one they use
+`position`, read in by `read_effects` and `read_summary`.
 """
 from __future__ import annotations
 
@@ -35,11 +36,6 @@ class LayerPoint:
     token: str | None
 
 
-def relative_positions(effects: pd.DataFrame) -> pd.Series:
-    """Absolute positions -> counted from the end (-1 = final token); all-positions rows stay NA."""
-    return (effects["position"] - effects["seq_len"]).astype("Int32")
-
-
 def bootstrap_means(values: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """values [G, n] (G groups over the same n pairs) -> bootstrap means [G, B].
 
@@ -55,7 +51,7 @@ def summarise(effects: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95, 
               tokens: dict[int, str] | None = None) -> pd.DataFrame:
     """Long effects (one row per pair and site) -> one row per site with mean, CI and n.
 
-    `effects` needs the KEY columns with position already relative (see `relative_positions`), plus
+    `effects` needs the KEY columns with position counted from the end (see `read_effects`), plus
     pair_id and effect. `tokens` labels relative positions. Non-finite effects are left out of n.
     """
     effects = effects[np.isfinite(effects["effect"])]
@@ -100,10 +96,19 @@ def layer_curves(summary: pd.DataFrame) -> dict[tuple[str, str], list[LayerPoint
 
 
 def read_effects(path: Path) -> pd.DataFrame:
-    """effects.arrow -> a frame with positions made relative (nullable ints keep 'all' as NA)."""
-    effects = read_table(path).to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get)
-    effects["position"] = relative_positions(effects)
-    return effects
+    """effects.parquet -> a frame whose `position` counts from the end (nullable ints keep 'all' as NA)."""
+    return _from_end(path)
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """summary.parquet -> a frame whose `position` counts from the end, as `summarise` returns it."""
+    return _from_end(path)
+
+
+def _from_end(path: Path) -> pd.DataFrame:
+    frame = read_table(path).to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get)
+    frame["position"] = frame["position_from_end"]
+    return frame.drop(columns="position_from_end")
 
 
 def bootstrap_ratio_ci(numerator: np.ndarray, denominator: np.ndarray, n_bootstrap: int, ci: float,
@@ -143,8 +148,8 @@ def category_means(effects, pairs: pa.Table) -> pd.DataFrame:
 
 def site_breakdown(run_dir: Path, top_k: int) -> list[dict]:
     """The strongest sites per direction with their flip fraction and per-category mean effects."""
-    effects = read_effects(run_dir / "effects.arrow")
-    pairs = read_table(run_dir / "pairs.arrow")
+    effects = read_effects(run_dir / "effects.parquet")
+    pairs = read_table(run_dir / "pairs.parquet")
     means = effects.groupby(KEY, dropna=False, sort=True)["effect"].mean().rename("mean").reset_index()
     flips = flip_fractions(effects)
     cats = category_means(effects, pairs)

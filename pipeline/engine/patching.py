@@ -185,23 +185,31 @@ def _patched_final_resid_local(model, adapter, base, source, layer, rows, varian
 class SweepResult(DirectedMetrics):
     variants: Variants
     metric_patched: torch.Tensor  # [P, V]
+    seq_len: int  # the clean prompts' token count (variant positions are clean positions)
 
     def effects(self) -> torch.Tensor:
         return normalised_effect(self.metric_patched, self.metric_base[:, None], self.metric_source[:, None])
 
-    def to_columns(self, pair_ids) -> dict[str, np.ndarray]:
-        """Long format, one row per (pair, variant): the columns of effects.arrow."""
+    def to_columns(self, pair_ids, model: str) -> dict[str, np.ndarray]:
+        """Long format, one row per (pair, variant): the columns of effects.parquet but the run's own
+        (run_id, config_hash). `head`, `position` and `position_from_end` are masked arrays, masked = null
+        (all heads / all positions); `pyarrow.table(columns)` turns the mask into nulls."""
         n_pairs, n_variants = self.metric_patched.shape
         pair_ids = np.asarray(pair_ids)
         tile = lambda t: np.tile(t.numpy(), n_pairs)  # noqa: E731
         rep = lambda t: np.repeat(t.float().cpu().numpy(), n_variants)  # noqa: E731
+        nullable = lambda values: np.ma.masked_array(values.astype(np.int32), mask=values == ALL)  # noqa: E731
+        position = tile(self.variants.position)
         return {
-            "pair_id": np.repeat(pair_ids, n_variants),
+            "model": np.full(n_pairs * n_variants, model),
+            "pair_id": np.repeat(pair_ids, n_variants).astype(np.int32),
             "direction": np.full(n_pairs * n_variants, self.direction),
             "component": np.array(COMPONENTS)[tile(self.variants.component)],
             "layer": tile(self.variants.layer).astype(np.int32),
-            "head": tile(self.variants.head).astype(np.int32),
-            "position": tile(self.variants.position).astype(np.int32),
+            "head": nullable(tile(self.variants.head)),
+            "position": nullable(position),
+            "position_from_end": np.ma.masked_array((position - self.seq_len).astype(np.int32), mask=position == ALL),
+            "seq_len": np.full(n_pairs * n_variants, self.seq_len, dtype=np.int32),
             "metric_clean": rep(self.metric_clean),
             "metric_corrupted": rep(self.metric_corrupted),
             "metric_patched": self.metric_patched.float().cpu().numpy().reshape(-1),
@@ -333,6 +341,7 @@ def sweep(
         metric_clean=metric_clean.cpu(),
         metric_corrupted=metric_corrupted.cpu(),
         metric_patched=patched.cpu(),
+        seq_len=clean_ids.shape[1],
     )
 
 

@@ -71,7 +71,7 @@ def reference_sweep(model: nn.Module, clean_ids: torch.Tensor, corrupted_ids: to
             hook = _sweep_hook(adapter, component, layer, head, base_slice, source_slice, source)
             patched[p, v] = _metric(metric, _final_logits(model, base_ids, [hook]), answer, source_logits)[0]
     return SweepResult(direction=direction, metric=metric, metric_clean=metric_clean, metric_corrupted=metric_corrupted,
-                       variants=variants, metric_patched=patched)
+                       variants=variants, metric_patched=patched, seq_len=clean_ids.shape[1])
 
 
 def _aligned_slices(position, base_shift, source_shift, base_len, source_len) -> tuple[slice, slice]:

@@ -1,8 +1,10 @@
-"""The files of a run folder: one registry, read by the report's file table, the run manifest and the
-MLflow artifacts (the README's output contract lists the same files)."""
+"""The files of a run folder: one registry, read by the report's file table, the run manifest, the MLflow
+artifacts and `pipeline.load_run` (the README's output contract lists the same files)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pipeline.store import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -10,23 +12,27 @@ class OutputFile:
     name: str  # relative to the run folder; a trailing "/" marks a folder of shards
     contents: str
     artifact: bool = True  # logged to MLflow (shard folders stay on disk)
+    checked: bool = True  # listed with its sha256 in the run's _manifest.json (run.log grows after it)
 
 
 OUTPUT_FILES = (
     OutputFile("config.yaml", "the resolved config"),
-    OutputFile("pairs.arrow", "the screened prompt pairs: texts, token ids, answer tokens, spans"),
-    OutputFile("activations/", "cached residuals (resid_pre per layer x position), Arrow tensor shards", False),
-    OutputFile("effects/", "the effect shards, one per (pair shard, component, direction)", False),
-    OutputFile("effects.arrow", "one row per (model, pair, direction, component, layer, head, position)"),
-    OutputFile("summary.arrow", "mean effect, 95% bootstrap CI and n per site"),
+    OutputFile("overrides.yaml", "the command-line overrides the config was composed with"),
+    OutputFile("pairs.parquet", "the screened prompt pairs: texts, token ids, answer tokens, spans"),
+    OutputFile("activations/", "cached residual streams, one row per (pair, prompt, layer, position), Arrow IPC shards",
+               False),
+    OutputFile("effects/", "the effect shards, one per (pair shard, component, direction), Arrow IPC", False),
+    OutputFile("effects.parquet", "one row per (model, pair, direction, component, layer, head, position)"),
+    OutputFile("summary.parquet", "mean effect, 95% bootstrap CI and n per site"),
     OutputFile("layers.png", "layer x position / head heatmaps"),
     OutputFile("circuit.json", "the minimal circuit: nodes, edges, faithfulness, controls, refusal direction"),
     OutputFile("circuit.svg", "the circuit diagram"),
     OutputFile("circuit.png", "the circuit diagram"),
     OutputFile("circuit.dot", "the circuit diagram as Graphviz DOT"),
     OutputFile("report.md", "this report: what a person reads first"),
-    OutputFile("manifest.json", "every file above with its sha256, written last"),
+    OutputFile("run.log", "what the driver and the model actors logged, run after run", checked=False),
+    OutputFile(MANIFEST, "every file above with its sha256, written last"),
 )
 ARTIFACTS = tuple(f.name for f in OUTPUT_FILES if f.artifact)
 # Files listed in the run folder's own manifest (the shard folders keep manifests of their own).
-MANIFESTED = tuple(f.name for f in OUTPUT_FILES if f.artifact and f.name != "manifest.json")
+MANIFESTED = tuple(f.name for f in OUTPUT_FILES if f.artifact and f.checked and f.name != MANIFEST)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.analysis.statistics import LayerPoint
-from pipeline.outputs.files import OUTPUT_FILES
+from pipeline.outputs.files import OUTPUT_FILES, MANIFEST
 from pipeline.store import publish_bytes
 
 DIRECTION_MEANING = {
@@ -129,7 +129,7 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
         lines += ["", "![circuit](circuit.svg)"]
     lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
     for file in OUTPUT_FILES:
-        if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", "manifest.json"):
+        if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", MANIFEST):
             lines.append(f"| `{file.name}` | {file.contents} |")
     lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
     for s in stats:

@@ -11,22 +11,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import pyarrow as pa
 from omegaconf import OmegaConf
 
-from pipeline.analysis.statistics import LayerPoint, layer_curves
+from pipeline.analysis.statistics import LayerPoint, layer_curves, read_summary
 from pipeline.config import config_hash
 from pipeline.outputs.diagram import render_circuit
 from pipeline.outputs.files import MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
+from pipeline.run.logs import run_log
 from pipeline.run.workers import StageStats, WorkerPool, start_ray, timed
 from pipeline.store import (PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes, read_table,
-                            sha256_file)
+                            sha256_file, with_columns, write_table)
+
+log = logging.getLogger(__name__)
+# The tables whose rows say which run and config they belong to (RUN_COLUMNS first).
+RUN_TABLES = ("pairs.parquet", "effects.parquet", "summary.parquet")
+RUN_COLUMNS = ("run_id", "config_hash", "model")
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Sweep:
     run_dir: Path
     pool: WorkerPool
     manifest: Manifest  # the run folder's
+    run: dict = field(default_factory=dict)  # the run's own columns (RUN_COLUMNS) of every table in RUN_TABLES
+    tracker: Tracker | None = None
     model_info: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     pairs_report: dict = field(default_factory=dict)
@@ -45,6 +56,14 @@ class Sweep:
 
     def stage(self, name: str) -> StageStats:
         return self.stats.setdefault(name, StageStats(name))
+
+    def finished(self, name: str) -> None:
+        """A stage is done: into run.log, and to the live run's tracking."""
+        stats = self.stage(name)
+        log.info("%s: %d computed, %d reused, %d retried, %.1f s", name, stats.computed, stats.reused, stats.retried,
+                 stats.seconds)
+        if self.tracker is not None:
+            self.tracker.stage_finished(stats)
 
     def run_once(self, stage: str, item: dict, key: str, outputs: tuple[str, ...]) -> None:
         """Run one work item whose `outputs` (run-folder files) are recorded under content key `key`,
@@ -61,6 +80,7 @@ class Sweep:
 @dataclass
 class SweepOutcome:
     run_dir: Path
+    run_id: str
     model_info: dict
     provenance: dict
     pairs_report: dict
@@ -70,37 +90,87 @@ class SweepOutcome:
     circuit: dict | None
 
 
-def run_sweep(cfg: dict) -> SweepOutcome:
-    """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain."""
+class Tracker(Protocol):
+    """What follows a sweep while it runs (pipeline.run.tracking.LiveRun: an MLflow run)."""
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, written into its tables (read once the model is loaded: it may wait for it)."""
+
+    def stage_finished(self, stats: StageStats) -> None:
+        """A stage is done (its time and work counts)."""
+
+
+def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None) -> SweepOutcome:
+    """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain.
+
+    `tracker` names the run and hears of each finished stage (untracked: the run gets a fresh id);
+    `overrides` are the command line's (saved as overrides.yaml). Everything is logged to the run
+    folder's run.log, an error with its traceback included.
+    """
     run_dir = Path(cfg["output_dir"])
     write_config(run_dir, cfg)
+    publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides or []))).encode())
+    with run_log(run_dir):
+        log.info("%s on %s (config %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"], config_hash(cfg),
+                 run_dir.resolve(), " ".join(overrides or []) or "none")
+        outcome = _run_stages(cfg, run_dir, tracker)
+        log.info("run %s finished", outcome.run_id)
+    return outcome
+
+
+def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None) -> SweepOutcome:
     start_ray(cfg)
     pool = WorkerPool(cfg)
     try:
-        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"))
+        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
         with timed(sweep.stage("load")):
             sweep.model_info = pool.describe()
+        sweep.run = {"run_id": tracker.run_id if tracker is not None else uuid.uuid4().hex,
+                     "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
+        log.info("run %s", sweep.run["run_id"])
+        sweep.finished("load")
         sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
                             "weights_hash": sweep.model_info["weights_hash"]}
         pairs = stage_pairs(sweep)
+        sweep.finished("pairs")
         sweep.provenance["pairs_hash"] = pairs_hash(pairs)
         sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
         stage_cache(sweep)
+        sweep.finished("cache")
         stage_summary(sweep, stage_patch(sweep))
+        sweep.finished("patch")
+        sweep.finished("summary")
         stage_circuit(sweep)
+        if cfg["circuit"]["enabled"]:
+            sweep.finished("circuit")
     finally:
         pool.close()
     with timed(sweep.stage("render")):
+        stamp_run_tables(sweep)
         summary, circuit = render(sweep)
+    sweep.finished("render")
     sweep.manifest.provenance = sweep.provenance
     sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
-    return SweepOutcome(run_dir, sweep.model_info, sweep.provenance, sweep.pairs_report, list(sweep.stats.values()),
-                        summary, layer_curves(summary), circuit)
+    return SweepOutcome(run_dir, sweep.run["run_id"], sweep.model_info, sweep.provenance, sweep.pairs_report,
+                        list(sweep.stats.values()), summary, layer_curves(summary), circuit)
 
 
 def write_config(run_dir: Path, cfg: dict) -> None:
     """config.yaml, written first: it marks the folder as this experiment's (pipeline.validation)."""
     publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
+
+
+def stamp_run_tables(sweep: Sweep) -> None:
+    """Tables reused from an earlier run still name that run: rewrite their run columns to this one's
+    (the numbers are the same; the manifest keeps their content key, with the new checksum)."""
+    for name in RUN_TABLES:
+        path = sweep.run_dir / name
+        table = read_table(path)
+        if table.num_rows == 0 or all(table.column(c)[0].as_py() == sweep.run[c] for c in RUN_COLUMNS):
+            continue
+        write_table(path, with_columns(table, sweep.run), provenance(table))
+        sweep.manifest.record(file_entry(path), key=sweep.manifest.files[name]["key"])
 
 
 # ---- the stages ---------------------------------------------------------------------------------------
@@ -112,9 +182,9 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
     key = content_key("pairs", PRODUCER, sweep.model_info["weights_hash"], cfg["model"]["path"], cfg["prompts"],
                       prompts_file)
     item = {"name": "pairs", "model_path": cfg["model"]["path"], "prompts": cfg["prompts"],
-            "out": str(sweep.run_dir / "pairs.arrow"), "provenance": sweep.provenance}
-    sweep.run_once("pairs", item, key, ("pairs.arrow",))
-    pairs = read_table(sweep.run_dir / "pairs.arrow")
+            "out": str(sweep.run_dir / "pairs.parquet"), "run": sweep.run, "provenance": sweep.provenance}
+    sweep.run_once("pairs", item, key, ("pairs.parquet",))
+    pairs = read_table(sweep.run_dir / "pairs.parquet")
     sweep.pairs_report = json.loads(provenance(pairs)["pairs_report"])
     return pairs
 
@@ -171,7 +241,7 @@ def run_sharded(sweep: Sweep, stage: str, folder: Path, items: list[dict]) -> li
 def stage_cache(sweep: Sweep) -> list[Path]:
     folder = sweep.run_dir / "activations"
     weights = sweep.model_info["weights_hash"]
-    items = [{"name": f"cache {shard['key']}", "pairs": str(sweep.run_dir / "pairs.arrow"), "rows": shard["rows"],
+    items = [{"name": f"cache {shard['key']}", "pairs": str(sweep.run_dir / "pairs.parquet"), "rows": shard["rows"],
               "out": str(folder / f"{content_key('cache', PRODUCER, weights, shard['key'])}.arrow"),
               "provenance": sweep.provenance} for shard in sweep.shards]
     return run_sharded(sweep, "cache", folder, items)
@@ -189,20 +259,20 @@ def stage_patch(sweep: Sweep) -> list[Path]:
                         "heads": patching["heads"] if component == "head" else None}
                 key = content_key("patch", PRODUCER, weights, shard["key"], work)
                 items.append({**work, "name": f"patch {component} {direction} {shard['key']}",
-                              "pairs": str(sweep.run_dir / "pairs.arrow"), "rows": shard["rows"],
+                              "pairs": str(sweep.run_dir / "pairs.parquet"), "rows": shard["rows"],
                               "model": sweep.cfg["model"]["name"], "batch_size": patching["batch_size"],
                               "out": str(folder / f"{key}.arrow"), "provenance": sweep.provenance})
     return run_sharded(sweep, "patch", folder, items)
 
 
 def stage_summary(sweep: Sweep, effect_shards: list[Path]) -> None:
-    """Effect shards -> effects.arrow and summary.arrow."""
+    """Effect shards -> effects.parquet and summary.parquet."""
     options = sweep.cfg["summary"]
-    item = {"name": "summary", "shards": [str(p) for p in effect_shards], "pairs": str(sweep.run_dir / "pairs.arrow"),
-            "effects": str(sweep.run_dir / "effects.arrow"), "summary": str(sweep.run_dir / "summary.arrow"),
-            "options": options, "provenance": sweep.provenance}
+    item = {"name": "summary", "shards": [str(p) for p in effect_shards], "pairs": str(sweep.run_dir / "pairs.parquet"),
+            "effects": str(sweep.run_dir / "effects.parquet"), "summary": str(sweep.run_dir / "summary.parquet"),
+            "options": options, "run": sweep.run, "provenance": sweep.provenance}
     key = content_key("summary", PRODUCER, [p.name for p in effect_shards], options)
-    sweep.run_once("summary", item, key, ("effects.arrow", "summary.arrow"))
+    sweep.run_once("summary", item, key, ("effects.parquet", "summary.parquet"))
 
 
 def stage_circuit(sweep: Sweep) -> None:
@@ -221,7 +291,7 @@ def stage_circuit(sweep: Sweep) -> None:
 def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:
     """layers.png, the circuit diagram and report.md, from the run folder's files."""
     cfg, run_dir = sweep.cfg, sweep.run_dir
-    summary = read_table(run_dir / "summary.arrow").to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get)
+    summary = read_summary(run_dir / "summary.parquet")
     circuit_path = run_dir / "circuit.json"
     circuit = json.loads(circuit_path.read_text()) if sweep.manifest.is_valid("circuit.json") else None
     written = [layers_png(summary, run_dir / "layers.png", f"{cfg['name']}: {cfg['model']['name']}")]
@@ -229,6 +299,6 @@ def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:
         written += render_circuit(circuit, run_dir).values()
     written.append(write_report(run_dir / "report.md", cfg, sweep.model_info, sweep.pairs_report,
                                 list(sweep.stats.values()), summary, layer_curves(summary), circuit))
-    for path in [run_dir / "config.yaml", *written]:
+    for path in [run_dir / "config.yaml", run_dir / "overrides.yaml", *written]:
         sweep.manifest.record(file_entry(path))
     return summary, circuit

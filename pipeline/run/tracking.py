@@ -1,16 +1,26 @@
-"""MLflow: one parent run per sweep, one child run per model. Only the driver talks to MLflow.
+"""MLflow: one parent run per command, one child run per model's sweep, live. Only the driver talks to MLflow.
 
-The default store is an SQLite file under the output root with artifacts beside it (no server);
-`tracking.uri` points elsewhere (a team's server). Params are the flattened config; per-layer curves are
-metrics with step = layer, so the UI draws them as line charts; artifacts are the run folder's
-diagrams, tables, report and config; tags carry the lineage (git commit, weights and pairs hashes,
-library versions); the pairs are logged as a dataset input.
+The child run is created when the sweep starts (RUNNING, with the config as params, system metrics
+sampled while it runs), gets each stage's time and work counts as the stage finishes, and ends FINISHED
+with the per-layer curves (metrics with step = layer, drawn by the UI as line charts), the summary and
+the circuit's nodes as tables the UI shows, report.md as its description, the run folder's files as
+artifacts, lineage tags (git commit, weights and pairs hashes, library versions) and the pairs as a
+dataset input; or FAILED (KILLED on Ctrl-C) with the error as its description and run.log beside it.
 
-`python -m pipeline.run.tracking ui [--output-root outputs]` (`make ui`) serves the UI on 127.0.0.1.
+The default store is an SQLite file under the output root; `tracking.uri` points elsewhere (another
+SQLite file, or a team's server). An experiment patchsweep creates in an SQLite store keeps its artifacts
+beside the database (a server keeps its own); every artifact goes to its run's artifact location.
+
+MLflow's usage telemetry is off in the command and in the UI server it starts (`make ui`):
+MLFLOW_DISABLE_TELEMETRY=false turns it back on.
+
+`python -m pipeline.run.tracking ui [--output-root outputs]` (`make ui`) serves the UI on 127.0.0.1 and
+prints the address of the patchsweep experiment's runs, in MLflow's model-training view.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -20,35 +30,36 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read when mlflow is imported
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reports usage unless told not to
 
 import mlflow  # noqa: E402
 import mlflow.data  # noqa: E402
+import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 
 from pipeline.config import flatten, tracking_uri  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS  # noqa: E402
+from pipeline.run.logs import LOG_FILE  # noqa: E402
 from pipeline.run.sweep import SweepOutcome  # noqa: E402
+from pipeline.run.workers import StageStats  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
+
+# Its start and stop notices would land between the progress bars; warnings still show.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 SWEEP_TAG = "patchsweep.sweep"
 UI_HOST, UI_PORT = "127.0.0.1", 5000  # `make ui`: this machine only
-
-
-def _client(cfg: dict) -> MlflowClient:
-    return MlflowClient(tracking_uri(cfg))
-
-
-def prepare_store(cfg: dict) -> threading.Thread:
-    """Create (or migrate) the store and the experiment in the background while the sweep computes:
-    a new SQLite store takes MLflow several seconds of schema migrations."""
-    thread = threading.Thread(target=lambda: _experiment_id(_client(cfg), cfg), name="mlflow-store", daemon=True)
-    thread.start()
-    return thread
+SYSTEM_METRICS_INTERVAL_S = 5.0  # a sweep of a minute still gets a curve
+DESCRIPTION = "mlflow.note.content"  # the run page's description (markdown)
+TABLES = {"summary": "tables/summary.json", "circuit_nodes": "tables/circuit_nodes.json"}
+# A page address's query that opens MLflow's UI in its model-training view (a fresh browser opens the
+# GenAI view: traces and evaluations).
+MODEL_TRAINING = "workflowType=machine_learning"
 
 
 def _experiment_id(client, cfg: dict) -> str:
@@ -56,33 +67,48 @@ def _experiment_id(client, cfg: dict) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if not cfg["tracking"]["uri"]:  # the default SQLite store keeps its artifacts beside the database
-        artifact_location = (Path(cfg["output_root"]).resolve() / "mlartifacts").as_uri()
     # A training-style experiment: the UI opens on runs, metrics and artifacts (not GenAI traces).
-    return client.create_experiment(name, artifact_location=artifact_location,
+    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri(cfg)),
                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of an SQLite store keeps its artifacts: mlartifacts/ beside the database
+    (MLflow would otherwise pick ./mlruns of the working folder). A server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def _parent_run(client, experiment_id: str, cfg: dict, sweep_key: str) -> str:
-    """The sweep's parent run: found by its tag (a multirun's jobs share it) or created."""
+    """The command's parent run: found by its tag (a multirun's jobs share it) or created; running
+    while any of its children runs."""
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'", max_results=1)
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"{cfg['name']} sweep", tags={SWEEP_TAG: sweep_key})
     return run.info.run_id
 
 
-def lineage_tags(cfg: dict, provenance: dict) -> dict[str, str]:
+def lineage_tags(provenance: dict) -> dict[str, str]:
     return {
-        "git.commit": git_commit(),
-        "model.id": cfg["model"]["path"],
         "model.weights_sha256": provenance["weights_hash"],
         "pairs.sha256": provenance["pairs_hash"],
         "config.hash": provenance["config_hash"],
-        "versions": " ".join(f"{m.__name__}={m.__version__}"
-                             for m in (torch, transformers, ray, pa, mlflow)),
-        "mlflow.source.git.commit": git_commit(),
+    }
+
+
+def start_tags(cfg: dict, overrides: list[str]) -> dict[str, str]:
+    """What is known when the run starts: code, model, output folder, command line."""
+    commit = git_commit()
+    return {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "model.id": cfg["model"]["path"],
+        "versions": " ".join(f"{m.__name__}={m.__version__}" for m in (torch, transformers, ray, pa, mlflow)),
+        "patchsweep.output_dir": str(Path(cfg["output_dir"]).resolve()),
+        "patchsweep.overrides": " ".join(overrides),
     }
 
 
@@ -101,70 +127,162 @@ def run_name(cfg: dict) -> str:
     return cfg["model"]["name"] if prompts == "generated" else f"{cfg['model']['name']} / {prompts}"
 
 
-def sweep_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, float]]], dict[str, float]]:
-    """Per-layer curves (step = layer) and scalars: fraction of pairs kept, stage times, faithfulness."""
+def stage_metrics(stats: StageStats) -> dict[str, float]:
+    return {f"time/{stats.stage}_s": stats.seconds, f"work/{stats.stage}_computed": stats.computed,
+            f"work/{stats.stage}_reused": stats.reused, f"work/{stats.stage}_retried": stats.retried}
+
+
+def result_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, float]]], dict[str, float]]:
+    """Per-layer curves (step = layer) and scalars: pairs kept, faithfulness."""
     curves = {}
     for (direction, component), points in outcome.curves.items():
         curves[f"{direction}/{component}"] = [(p.layer, p.mean) for p in points]
         curves[f"{direction}_ci/{component}_low"] = [(p.layer, p.ci_low) for p in points]
         curves[f"{direction}_ci/{component}_high"] = [(p.layer, p.ci_high) for p in points]
-    scalars = {f"time/{s.stage}_s": s.seconds for s in outcome.stats}
-    scalars.update({f"work/{s.stage}_computed": s.computed for s in outcome.stats})
-    scalars.update({f"work/{s.stage}_reused": s.reused for s in outcome.stats})
     report = outcome.pairs_report
-    scalars.update({"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]})
+    scalars = {"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]}
     if outcome.circuit is not None:
         scalars["circuit/faithfulness"] = outcome.circuit["faithfulness"]
     return curves, scalars
 
 
-def log_model_run(cfg: dict, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
-    """Log one model's sweep as a child of the sweep's parent run; returns the ids and the UI path."""
-    run_dir, provenance = outcome.run_dir, outcome.provenance
-    curves, scalars = sweep_metrics(outcome)
-    client = _client(cfg)
-    experiment_id = _experiment_id(client, cfg)
-    parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
-    tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **lineage_tags(cfg, provenance)}
-    run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
-    run_id = run.info.run_id
-    try:
+class LiveRun:
+    """One model's sweep as an MLflow child run, from its start to its end.
+
+    The run is created in the background (a new SQLite store takes MLflow seconds of schema migrations)
+    while the sweep starts Ray and loads the model; `run_id` waits for it.
+    """
+
+    def __init__(self, cfg: dict, sweep_key: str, overrides: list[str]):
+        self.cfg, self.uri = cfg, tracking_uri(cfg)
+        self.client = MlflowClient(self.uri)
+        self._ids: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._monitor: SystemMetricsMonitor | None = None
+        self._thread = threading.Thread(target=self._create, args=(sweep_key, overrides), name="mlflow-run",
+                                        daemon=True)
+        self._thread.start()
+
+    def _create(self, sweep_key: str, overrides: list[str]) -> None:
+        try:
+            client, cfg = self.client, self.cfg
+            experiment_id = _experiment_id(client, cfg)
+            parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
+            tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **start_tags(cfg, overrides),
+                    DESCRIPTION: f"Running since {time.strftime('%Y-%m-%d %H:%M:%S')}: stage times appear as metrics "
+                                 f"(`time/...`) as the stages finish. Files: `{Path(cfg['output_dir']).resolve()}`."}
+            run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
+            self._ids = {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id}
+            params = flatten({k: v for k, v in cfg.items() if k != "hydra"})
+            params["overrides"] = " ".join(overrides)
+            items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+            for start in range(0, len(items), 100):  # MLflow's batch limit: 100 params
+                client.log_batch(run_id, params=items[start:start + 100])
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+        except BaseException as err:  # re-raised in the driver's thread by `ids`
+            self._error = err
+
+    @property
+    def ids(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._ids
+
+    @property
+    def run_id(self) -> str:
+        return self.ids["run_id"]
+
+    def stage_finished(self, stats: StageStats) -> None:
+        self._log_metrics({key: [(0, value)] for key, value in stage_metrics(stats).items()})
+
+    def _log_metrics(self, series: dict[str, list[tuple[int, float]]]) -> None:
         now = int(time.time() * 1000)
-        params = [Param(k, v[:6000]) for k, v in flatten({k: v for k, v in cfg.items() if k != "hydra"}).items()]
-        metrics = [Metric(key, float(value), now, int(layer)) for key, points in curves.items() for layer, value in points]
-        metrics += [Metric(key, float(value), now, 0) for key, value in scalars.items()]
-        for start in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
-            client.log_batch(run_id, params=params[start:start + 100])
-        for start in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[start:start + 1000])
-        _log_pairs_dataset(client, run_id, run_dir / "pairs.arrow")
+        metrics = [mlflow.entities.Metric(key, float(value), now, int(step))
+                   for key, points in series.items() for step, value in points]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit: 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def finish(self, outcome: SweepOutcome) -> dict[str, str]:
+        """The results, then FINISHED; returns the ids, the store's URI and the run's path in the UI."""
+        client, run_id, run_dir = self.client, self.run_id, outcome.run_dir
+        curves, scalars = result_metrics(outcome)
+        self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
+        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: (run_dir / "report.md").read_text()}
+        client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+        for name, frame in tables(outcome).items():
+            client.log_table(run_id, frame, TABLES[name])
         for name in ARTIFACTS:
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
-        client.log_batch(run_id, tags=[RunTag("patchsweep.output_dir", str(run_dir.resolve()))])
-        client.set_terminated(run_id)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    finally:
-        client.set_terminated(parent_id)  # the parent's end time follows its latest child
-    return {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id,
-            "uri": tracking_uri(cfg), "ui_path": f"#/experiments/{experiment_id}/runs/{run_id}"}
+        self._end("FINISHED", dataset=pairs_dataset(run_dir / "pairs.parquet"))
+        ids = self.ids
+        return {**ids, "uri": self.uri, "ui_path": f"#/experiments/{ids['experiment_id']}/runs/{run_id}?{MODEL_TRAINING}"}
+
+    def fail(self, err: BaseException) -> None:
+        """FAILED (KILLED when interrupted), the error as the description, run.log as an artifact."""
+        try:
+            run_id = self.run_id
+        except BaseException:
+            return  # the run was never created: nothing to mark
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        error = f"{type(err).__name__}: {err}".strip()
+        log = Path(self.cfg["output_dir"]) / LOG_FILE
+        self.client.log_batch(run_id, tags=[
+            mlflow.entities.RunTag("patchsweep.error", error[:5000]),
+            mlflow.entities.RunTag(DESCRIPTION, f"**{status}**: `{error[:2000]}`\n\nThe run's log: `{LOG_FILE}` "
+                                                f"(artifacts; also `{log.resolve()}`)."),
+        ])
+        if log.is_file():
+            self.client.log_artifact(run_id, str(log))
+        self._end(status)
+
+    def _end(self, status: str, dataset=None) -> None:
+        """Stop the system metrics, log the dataset input (MLflow's public API logs datasets to the active
+        run: the run is resumed for it) and end the run and its parent with `status`."""
+        if self._monitor is not None:
+            self._monitor.finish()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.start_run(run_id=self.run_id)
+        try:
+            if dataset is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # schema inference hints about integer columns
+                    mlflow.log_input(dataset, context="pairs")
+        finally:
+            mlflow.end_run(status)
+            self.client.set_terminated(self.ids["parent_run_id"], status=status)
 
 
-def _log_pairs_dataset(client, run_id: str, pairs_path: Path) -> None:
-    """The pairs as an MLflow dataset input: name, digest, schema, and the file as its source."""
+NODE_COLUMNS = ("id", "component", "layer", "head", "position", "token", "effect", "effect_ci")  # shown first
+
+
+def tables(outcome: SweepOutcome) -> dict[str, pd.DataFrame]:
+    """The MLflow tables of a finished run: the summary (every site's mean and interval) and the
+    circuit's nodes."""
+    summary = read_table(outcome.run_dir / "summary.parquet").to_pandas()
+    out = {"summary": summary.astype(object).where(summary.notna(), None)}
+    if outcome.circuit is not None:
+        nodes = pd.DataFrame(outcome.circuit["nodes"])
+        first = [c for c in NODE_COLUMNS if c in nodes.columns]
+        nodes = nodes[first + [c for c in nodes.columns if c not in first]]
+        out["circuit_nodes"] = nodes.astype(object).where(nodes.notna(), None)
+    return out
+
+
+def pairs_dataset(pairs_path: Path):
+    """The pairs as an MLflow dataset: name, digest, schema (the text and scalar columns), the file as
+    its source."""
     if not pairs_path.is_file():
-        return
+        return None
     table = read_table(pairs_path)
-    text_columns = [f.name for f in table.schema if not pa.types.is_list(f.type)
-                    and not isinstance(f.type, pa.ExtensionType)]
-    frame = table.select(text_columns).to_pandas()
+    columns = [f.name for f in table.schema if not pa.types.is_list(f.type) and not isinstance(f.type, pa.ExtensionType)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # schema inference hints about integer columns
-        dataset = mlflow.data.from_pandas(frame, source=pairs_path.resolve().as_uri(), name="pairs")
-        entity = dataset._to_mlflow_entity()
-    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "pairs")])])
+        warnings.simplefilter("ignore")
+        return mlflow.data.from_pandas(table.select(columns).to_pandas(), source=pairs_path.resolve().as_uri(),
+                                       name="pairs")
 
 
 # ---- the UI --------------------------------------------------------------------------------------
@@ -175,19 +293,30 @@ def ui_command(uri: str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:
             "--workers", "1"]
 
 
+def experiment_url(uri: str, experiment: str, base: str) -> str:
+    """The address of `experiment`'s runs in the model-training view (MLflow's UI otherwise opens on its
+    GenAI home page), or the UI's root when the store has no such experiment yet."""
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return base
+    return f"{base}/#/experiments/{found.experiment_id}/runs?{MODEL_TRAINING}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.run.tracking", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ui = sub.add_parser("ui", help="serve the MLflow UI for a patchsweep store (bound to 127.0.0.1)")
     ui.add_argument("--output-root", default="outputs", help="the output_root whose mlflow.db to open")
     ui.add_argument("--uri", default=None, help="an MLflow store URI instead (sqlite:///... or http://...)")
+    ui.add_argument("--experiment", default="patchsweep", help="the experiment whose runs to open on")
     ui.add_argument("--host", default=UI_HOST)
     ui.add_argument("--port", type=int, default=UI_PORT)
     args = parser.parse_args(argv)
     uri = args.uri or f"sqlite:///{Path(args.output_root).resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         sys.exit(f"no MLflow store at {uri}: run a sweep first (make run), or pass --output-root/--uri")
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    url = experiment_url(uri, args.experiment, f"http://{args.host}:{args.port}")
+    print(f"MLflow UI for {uri}: open {url} (Ctrl-C to stop)", flush=True)
     # The server's background job runner (GenAI scorers, prompt optimisation) is not needed to browse runs.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, ui_command(uri, args.host, args.port))

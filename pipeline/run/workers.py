@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
+from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.stages import STAGES
 from pipeline.store import file_entry
 
@@ -56,7 +57,8 @@ def start_ray(cfg: dict) -> None:
 class ModelWorker:
     """Holds one model (and tokenizer) and runs work items of any stage on it."""
 
-    def __init__(self, model: dict, resources: dict):
+    def __init__(self, model: dict, resources: dict, log_path: str):
+        actor_logging(log_path)
         torch.set_num_threads(resources["torch_threads"])
         self.model, self.tokenizer = load_model(resolve(model["path"]), dtype=model["dtype"],
                                                 device=resources["device"],
@@ -114,7 +116,9 @@ class WorkerPool:
         res = self.cfg["resources"]
         options = dict(num_cpus=res["cpus_per_actor"], num_gpus=res["gpus_per_actor"],
                        max_restarts=res["max_retries"])
-        self.actors = [ModelWorker.options(**options).remote(self.cfg["model"], res) for _ in range(res["actors"])]
+        log_path = str(Path(self.cfg["output_dir"]).resolve() / LOG_FILE)
+        self.actors = [ModelWorker.options(**options).remote(self.cfg["model"], res, log_path)
+                       for _ in range(res["actors"])]
 
     def describe(self) -> dict:
         try:

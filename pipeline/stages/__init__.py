@@ -11,9 +11,9 @@ from __future__ import annotations
 from pipeline.stages import cache, circuit, pairs, patch, summary
 
 STAGES = {
-    "pairs": pairs.run,  # prompt pairs, screened on the model -> pairs.arrow
+    "pairs": pairs.run,  # prompt pairs, screened on the model -> pairs.parquet
     "cache": cache.run,  # one pair shard's clean and corrupted residuals -> activations/<key>.arrow
     "patch": patch.run,  # one (pair shard, component, direction) -> effects/<key>.arrow
-    "summary": summary.run,  # effect shards -> effects.arrow, summary.arrow
+    "summary": summary.run,  # effect shards -> effects.parquet, summary.parquet
     "circuit": circuit.run,  # the circuit search -> circuit.json
 }

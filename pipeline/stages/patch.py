@@ -1,49 +1,28 @@
 """Exact activation patching of one (pair shard, component, direction) -> an effect shard.
 
-An effect shard is a long table, one row per (pair, variant): model, pair_id, direction, component,
-layer, head (null unless a head), position (absolute, 0-based; null = all positions at once), seq_len,
-metric_clean, metric_corrupted, metric_patched and effect = (patched - base) / (source - base).
-The summary stage concatenates the shards into effects.arrow.
+An effect shard is a long table, one row per (pair, variant), in EFFECT_SHARD_SCHEMA: model, pair_id,
+direction, component, layer, head (null unless a head), position (0-based from the start) and
+position_from_end (-1 = the final token; both null = all positions at once), seq_len, metric_clean,
+metric_corrupted, metric_patched and effect = (patched - base) / (source - base). The summary stage
+concatenates the shards into effects.parquet, with the run's own columns (run_id, config_hash) first.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.analysis.pairs import pair_batch
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.patching import ALL, sweep, variants_for
+from pipeline.engine.patching import sweep, variants_for
 from pipeline.store import write_table
 
-EFFECTS_SCHEMA = pa.schema([
+EFFECT_SHARD_SCHEMA = pa.schema([
     ("model", pa.string()), ("pair_id", pa.int32()), ("direction", pa.string()), ("component", pa.string()),
-    ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("seq_len", pa.int32()),
-    ("metric_clean", pa.float32()), ("metric_corrupted", pa.float32()), ("metric_patched", pa.float32()),
-    ("effect", pa.float32()),
+    ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("position_from_end", pa.int32()),
+    ("seq_len", pa.int32()), ("metric_clean", pa.float32()), ("metric_corrupted", pa.float32()),
+    ("metric_patched", pa.float32()), ("effect", pa.float32()),
 ])
-
-
-def effects_table(model_name: str, columns: dict[str, np.ndarray], seq_len: int) -> pa.Table:
-    """The engine's long columns -> the effects schema (ALL heads / positions become null)."""
-    n = len(columns["pair_id"])
-
-    def nullable(values):
-        return pa.array(values, pa.int32(), mask=values == ALL)
-
-    return pa.table({
-        "model": pa.array([model_name] * n, pa.string()),
-        "pair_id": pa.array(columns["pair_id"], pa.int32()),
-        "direction": pa.array(columns["direction"], pa.string()),
-        "component": pa.array(columns["component"], pa.string()),
-        "layer": pa.array(columns["layer"], pa.int32()),
-        "head": nullable(columns["head"]),
-        "position": nullable(columns["position"]),
-        "seq_len": pa.array(np.full(n, seq_len), pa.int32()),
-        **{k: pa.array(columns[k], pa.float32())
-           for k in ("metric_clean", "metric_corrupted", "metric_patched", "effect")},
-    }, schema=EFFECTS_SCHEMA)
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
@@ -56,5 +35,5 @@ def run(model, tokenizer, item: dict) -> list[Path]:
     result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
                    direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"],
                    align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
-    table = effects_table(item["model"], result.to_columns(batch["pair_id"]), seq_len)
+    table = pa.table(result.to_columns(batch["pair_id"], item["model"]), schema=EFFECT_SHARD_SCHEMA)
     return [write_table(item["out"], table, item["provenance"])]

@@ -1,5 +1,6 @@
-"""Effect shards -> effects.arrow (one table, shards in plan order) and summary.arrow: per site, the
-mean normalised effect over pairs with its bootstrap confidence interval (pipeline.analysis.statistics)."""
+"""Effect shards -> effects.parquet (one table, shards in plan order) and summary.parquet: per site, the
+mean normalised effect over pairs with its bootstrap confidence interval (pipeline.analysis.statistics).
+Both start with the run's own columns (run_id, config_hash, model)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,29 +10,37 @@ import pyarrow as pa
 
 from pipeline.analysis.positions import position_tokens
 from pipeline.analysis.statistics import read_effects, summarise
-from pipeline.store import read_table, write_table
+from pipeline.store import read_table, with_columns, write_table
 
 SUMMARY_SCHEMA = pa.schema([
     ("model", pa.string()), ("direction", pa.string()), ("component", pa.string()),
-    ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("token", pa.string()),
-    ("mean", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("std", pa.float64()),
-    ("n", pa.int32()),
+    ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("position_from_end", pa.int32()),
+    ("token", pa.string()), ("mean", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+    ("std", pa.float64()), ("n", pa.int32()),
 ])
 
 
-def summary_table(summary: pd.DataFrame) -> pa.Table:
-    frame = summary[SUMMARY_SCHEMA.names].astype({"head": "Int32", "position": "Int32", "layer": "int32"})
+def summary_table(summary: pd.DataFrame, seq_lens: set[int]) -> pa.Table:
+    """The analysis frame (positions counted from the end) -> SUMMARY_SCHEMA. A site's position from the
+    start exists only where every pair has the same length; elsewhere it is null while position_from_end
+    is set (both null: all positions at once)."""
+    frame = summary.rename(columns={"position": "position_from_end"})
+    frame["position"] = frame["position_from_end"] + next(iter(seq_lens)) if len(seq_lens) == 1 else pd.NA
+    frame = frame[SUMMARY_SCHEMA.names].astype({"head": "Int32", "position": "Int32", "position_from_end": "Int32",
+                                                "layer": "int32"})
     return pa.Table.from_pandas(frame, schema=SUMMARY_SCHEMA, preserve_index=False).replace_schema_metadata(None)
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
     """`item`: shards (effect shard paths), pairs, effects and summary (the outputs), options (the
-    summary config), provenance. The model is not used: the summary is arithmetic over pairs."""
+    summary config), run (the run's own columns), provenance. The model is not used: the summary is
+    arithmetic over pairs."""
     effects = pa.concat_tables([read_table(p) for p in item["shards"]]).replace_schema_metadata(None)
-    effects_path = write_table(item["effects"], effects, item["provenance"])
+    effects_path = write_table(item["effects"], with_columns(effects, item["run"]), item["provenance"])
     options = item["options"]
+    pairs = read_table(item["pairs"])
     summary = summarise(read_effects(effects_path), options["n_bootstrap"], options["ci"], options["seed"],
-                        position_tokens(read_table(item["pairs"])))
-    meta = {**item["provenance"], "n_bootstrap": options["n_bootstrap"], "ci": options["ci"],
-            "positions": "counted from the end: -1 = final token; null = all positions"}
-    return [effects_path, write_table(item["summary"], summary_table(summary), meta)]
+                        position_tokens(pairs))
+    meta = {**item["provenance"], "n_bootstrap": options["n_bootstrap"], "ci": options["ci"]}
+    table = with_columns(summary_table(summary, set(pairs.column("seq_len").to_pylist())), item["run"])
+    return [effects_path, write_table(item["summary"], table, meta)]

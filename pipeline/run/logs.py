@@ -1,0 +1,70 @@
+"""run.log: what happened in a run, in its run folder, written by the driver and the model actors.
+
+The driver records the run's start, each stage as it finishes, and the error a run fails with; the
+model actors (pipeline.run.workers) append their own records (the circuit step's phases, warnings) to
+the same file, which lies on storage every node shares. Records of patchsweep's own loggers (`pipeline.*`)
+go in from INFO, everyone else's (torch, transformers, MLflow) from WARNING. The console shows warnings
+and errors only: the driver's through Hydra's job logging (conf/config.yaml), the actors' through Ray's
+log streaming (ray.log_to_driver).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers.utils import logging as hf_logging
+
+LOG_FILE = "run.log"
+FORMAT = "%(asctime)s %(levelname)s %(name)s (pid %(process)d): %(message)s"
+OWN = "pipeline"  # patchsweep's loggers: logging.getLogger(__name__) in its modules
+
+
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name == OWN or record.name.startswith(OWN + ".")
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    # Appended to, never truncated: a re-run over the same folder adds its records after the last run's.
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(_ours_or_warning)
+    return handler
+
+
+@contextmanager
+def run_log(run_dir: Path):
+    """The driver's records go to <run_dir>/run.log while the block runs (patchsweep's from INFO); an
+    error the block raises is recorded there with its traceback (the console gets the command's one-line
+    message instead)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_handler(run_dir / LOG_FILE)
+    root, own = logging.getLogger(), logging.getLogger(OWN)
+    level = own.level
+    own.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    except BaseException as err:
+        handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the run failed: %s: %s",
+                                         (type(err).__name__, err), sys.exc_info()))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        own.setLevel(level)
+
+
+def actor_logging(log_path: str | Path) -> None:
+    """In a model actor: its records go to the run's run.log, and its warnings to stderr, which Ray
+    streams to the driver's console."""
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    root.addHandler(_file_handler(Path(log_path)))
+    logging.getLogger(OWN).setLevel(logging.INFO)
+    # Loading a model draws a progress bar on stderr: not a warning, and it would reach the console.
+    hf_logging.disable_progress_bar()
