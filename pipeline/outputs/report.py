@@ -69,9 +69,27 @@ def _ci(mean: float, low: float, high: float) -> str:
 def _pairs_line(report: dict) -> str:
     if not report:
         return ""
+    repeats = report.get("n_duplicates", 0)
+    dropped = (f" ({repeats} repeated pair{'s' if repeats != 1 else ''} dropped first: the same tokens as an "
+               "earlier pair count once)" if repeats else "")
     return (f"{report['n_kept']} of {report['n_pairs']} pairs kept by the behaviour screen "
-            f"({100 * report['fraction_kept']:.0f}%): refuses harmful, complies with its harmless twin; "
+            f"({100 * report['fraction_kept']:.0f}%){dropped}: refuses harmful, complies with its harmless twin; "
             f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}.")
+
+
+def ui_hint(cfg: dict, ui_path: str = "") -> str:
+    """How to open the MLflow UI on the store this run logs to (`tracking.uri`, else the output root's
+    SQLite store)."""
+    uri = cfg["tracking"]["uri"]
+    if uri and uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{ui_path}"
+    if uri:
+        command = f"`python -m pipeline.run.tracking ui --uri {uri}`"
+    else:
+        root = cfg["output_root"]
+        command = (f"`{'make ui' if root == 'outputs' else f'make ui OUTPUT_ROOT={root}'}` "
+                   f"(or `python -m pipeline.run.tracking ui --output-root {root}`)")
+    return f"open the UI with {command}, then http://127.0.0.1:5000/{ui_path}"
 
 
 def _circuit_lines(circuit: dict | None) -> list[str]:
@@ -134,9 +152,8 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
     for s in stats:
         lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
-    lines += ["", "## MLflow", "", "`make ui` (or `python -m pipeline.run.tracking ui --output-root "
-              f"{cfg['output_root']}`), then open http://127.0.0.1:5000: experiment `{cfg['tracking']['experiment']}`, "
-              f"run `{cfg['model']['name']}`.", ""]
+    lines += ["", "## MLflow", "", f"Experiment `{cfg['tracking']['experiment']}`, run `{cfg['model']['name']}`: "
+              f"{ui_hint(cfg)}.", ""]
     publish_bytes(path, "\n".join(lines).encode())
     return path
 
@@ -162,6 +179,5 @@ def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, c
     lines += [f"Work: {work}", f"Files: {run_dir.resolve()}  (report.md first)"]
     if tracking:
         lines.append(f"MLflow: {tracking['uri']}  run {tracking['run_id']}")
-        lines.append(f"  open the UI with `make ui` (or python -m pipeline.run.tracking ui --output-root "
-                     f"{cfg['output_root']}), then http://127.0.0.1:5000/{tracking['ui_path']}")
+        lines.append(f"  {ui_hint(cfg, tracking['ui_path'])}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ library versions); the pairs are logged as a dataset input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,8 +46,14 @@ def _client(cfg: dict) -> MlflowClient:
 
 def prepare_store(cfg: dict) -> threading.Thread:
     """Create (or migrate) the store and the experiment in the background while the sweep computes:
-    a new SQLite store takes MLflow several seconds of schema migrations."""
-    thread = threading.Thread(target=lambda: _experiment_id(_client(cfg), cfg), name="mlflow-store", daemon=True)
+    a new SQLite store takes MLflow several seconds of schema migrations. A store that fails here fails
+    again when the run is logged, and is reported there."""
+
+    def prepare():
+        with contextlib.suppress(Exception):
+            _experiment_id(_client(cfg), cfg)
+
+    thread = threading.Thread(target=prepare, name="mlflow-store", daemon=True)
     thread.start()
     return thread
 
