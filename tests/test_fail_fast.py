@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -321,6 +322,87 @@ def test_killed_and_interrupted_sweeps_resume(tmp_path):
     work = dict(part.strip().split(" ", 1) for part in resumed.stdout.split("Work: ")[1].splitlines()[0].split(","))
     reused = sum(int(counts.split(" reused")[0].split("/")[1]) for counts in work.values())
     assert reused >= finished, resumed.stdout
+
+
+HOLD = """
+import ray, sys
+ray.init(address=sys.argv[1], logging_level="error", log_to_driver=False)
+
+@ray.remote(num_cpus=1)
+class Hold:
+    def ready(self):
+        return True
+
+hold = Hold.remote()
+ray.get(hold.ready.remote())
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+@pytest.mark.slow
+def test_room_for_model_actors_on_a_cluster(tmp_path):
+    """A one-node cluster of 1 CPU (`ray start --head`, token authentication on): an actor asking for more
+    than a node has is refused at once; with the CPU held by another job the sweep says how long it has
+    waited and gives up at resources.placement_timeout_s; with room for one of two actors it starts on that
+    one, says so, and finishes in the same folder."""
+    import secrets
+    import shutil
+
+    from conftest import short_temp_dir
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}", HOME=str(tmp_path))
+    port, client, agent = free_ports(3)
+    temp = short_temp_dir()
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--num-cpus=1", "--include-dashboard=false", f"--ray-client-server-port={client}",
+                             f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    holder = None
+    try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.5)
+        out = tmp_path / "out"
+        base = [*CHEAP, f"output_root={tmp_path}", f"output_dir={out}", f"ray.address=127.0.0.1:{port}"]
+
+        ran = patchsweep(*base, "resources.cpus_per_actor=2", env=env)
+        check_refused("actor larger than any node", ran, "asks 2 CPU (resources.cpus_per_actor)",
+                      "more than any node of the Ray cluster has (1 CPU, 0 GPUs over 1 node)", within=120, alone=False)
+        assert listing(out) is None
+
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        assert holder.stdout.readline().strip() == "holding"
+        ran = patchsweep(*base, "resources.placement_timeout_s=40", env=env)
+        assert re.search(r"patchsweep: waiting for room: no model actor placed after 3\d s \(each asks 1 CPU", ran.stderr), \
+            ran.stderr[-3000:]
+        ran.stderr = "\n".join(line for line in ran.stderr.splitlines() if "waiting for room" not in line)
+        check_refused("no room on the cluster", ran, "no model actor was placed within "
+                      "resources.placement_timeout_s=40 s", "the cluster has 0 CPUs, 0 GPUs free", within=180, alone=False)
+        assert listing(out) is None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+        ran = patchsweep(*base, "resources.actors=2", env=env)
+        assert ran.status == 0, ran.stderr[-3000:]
+        assert "holds 1 of the 2 model actors asked for" in ran.stderr and (out / "summary.arrow").is_file()
+        print(f"\nroom for 1 of 2 actors, {ran.seconds:.1f} s: "
+              f"{[line for line in ran.stderr.splitlines() if 'holds 1 of' in line][0]}")
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_report_of_lines():

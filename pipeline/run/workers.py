@@ -288,13 +288,14 @@ class WorkerPool:
         if not done and not self.placed:
             waited = time.monotonic() - self.created
             free = ray.available_resources()
-            room = f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs free now"
+            room = (f"each asks {_asks(res)} and the cluster has {free.get('CPU', 0):g} CPUs, "
+                    f"{free.get('GPU', 0):g} GPUs free")
             if waited >= res["placement_timeout_s"]:
                 raise RayUnavailable(f"no model actor was placed within resources.placement_timeout_s="
-                                     f"{res['placement_timeout_s']:g} s (each asks {_asks(res)}; {room}): "
-                                     "free room on the cluster, or lower resources.cpus_per_actor")
-            _notice(f"waiting for room: no model actor placed after {waited:.0f} s (each asks {_asks(res)}; "
-                    f"{room}); giving up after resources.placement_timeout_s={res['placement_timeout_s']:g} s")
+                                     f"{res['placement_timeout_s']:g} s ({room}): free room on the cluster, or "
+                                     "lower resources.cpus_per_actor")
+            _notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
+                    f"resources.placement_timeout_s={res['placement_timeout_s']:g} s")
         return [ref for ref in done if ref in set(others)]
 
     def map(self, stage: Stage, items: list[dict], on_result: Callable[[dict, list[dict]], None] | None = None,
