@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from pipeline.analysis.statistics import LayerPoint, layer_curves
 from pipeline.config import config_hash
@@ -31,7 +29,7 @@ from pipeline.outputs.diagram import render_circuit
 from pipeline.outputs.files import MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
-from pipeline.run.workers import StageStats, WorkerPool, start_ray, timed
+from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
 from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
                             read_schema, read_table, sha256_file)
 
@@ -161,8 +159,8 @@ def folder_lock(run_dir: Path):
         os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
     previous = _lock_holder(fd)
     if previous:
-        tqdm.write(f"patchsweep: the sweep that held {run_dir} ({previous}) is no longer running: its lock is "
-                   "taken over and its finished work reused", file=sys.stderr)
+        notice(f"the sweep that held {run_dir} ({previous}) is no longer running: its lock is taken over and its "
+               "finished work reused")
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
@@ -221,10 +219,35 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
                       prompts_file)
     item = {"name": "pairs", "model_path": cfg["model"]["path"], "prompts": cfg["prompts"],
             "out": str(sweep.run_dir / "pairs.arrow"), "provenance": sweep.provenance}
+    if (not cfg["prompts"]["path"] and cfg["prompts"]["n_pairs"] > ESTIMATE_PAIRS_ABOVE
+            and not sweep.manifest.is_valid("pairs.arrow", key)):
+        estimate_pairs(sweep, item)
     sweep.run_once("pairs", item, key, ("pairs.arrow",))
     pairs = read_table(sweep.run_dir / "pairs.arrow")
     sweep.pairs_report = json.loads(provenance(pairs)["pairs_report"])
     return pairs
+
+
+# The pairs stage is one work item, which shows no progress until it ends: beyond this many generated
+# pairs it is timed on a sample first, and the sweep says how long it will take.
+ESTIMATE_PAIRS_ABOVE = 512
+PAIRS_SAMPLE = 64
+
+
+def estimate_pairs(sweep: Sweep, item: dict) -> None:
+    """Generate and screen PAIRS_SAMPLE of the pairs (a throw-away file) and say what the whole set will
+    take at that rate."""
+    n = item["prompts"]["n_pairs"]
+    sample = {**item, "name": "pairs sample", "prompts": {**item["prompts"], "n_pairs": PAIRS_SAMPLE},
+              "out": str(sweep.run_dir / f".pairs-sample-{os.getpid()}.arrow")}
+    start = time.perf_counter()
+    sweep.pool.map("pairs", [sample], stats=StageStats("sample"))
+    seconds = time.perf_counter() - start
+    Path(sample["out"]).unlink()
+    minutes = seconds * n / PAIRS_SAMPLE / 60
+    notice(f"pairs: generating and screening {n} pairs in one work item takes about "
+           f"{f'{minutes:.0f} min' if minutes >= 1 else f'{60 * minutes:.0f} s'} at the {PAIRS_SAMPLE / seconds:.0f} "
+           f"pairs/s of a {PAIRS_SAMPLE}-pair sample (no progress shows until it ends; prompts.n_pairs sets how many)")
 
 
 def plan_shards(pairs: pa.Table, shard_size: int) -> list[dict]:

@@ -221,7 +221,7 @@ def check_room(cfg: dict, nodes: list[dict] | None = None) -> int:
             raise RayUnavailable(f"resources.actors={res['actors']} model actors of {_asks(res)} do not fit "
                                  f"in {where} ({has}): set resources.actors={fit} or lower "
                                  "resources.cpus_per_actor")
-        _notice(f"{where} holds {fit} of the {res['actors']} model actors asked for (each {_asks(res)}; it has "
+        notice(f"{where} holds {fit} of the {res['actors']} model actors asked for (each {_asks(res)}; it has "
                 f"{has}): the sweep starts on those placed, the rest join as room frees up "
                 "(lower resources.actors to ask for fewer)")
     return fit
@@ -230,7 +230,7 @@ def check_room(cfg: dict, nodes: list[dict] | None = None) -> int:
 PLACEMENT_NOTICE_S = 30.0
 
 
-def _notice(message: str) -> None:
+def notice(message: str) -> None:
     """A line on the terminal that leaves the progress bars intact."""
     tqdm.write(f"patchsweep: {message}", file=sys.stderr)
 
@@ -294,7 +294,7 @@ class WorkerPool:
                 raise RayUnavailable(f"no model actor was placed within resources.placement_timeout_s="
                                      f"{res['placement_timeout_s']:g} s ({room}): free room on the cluster, or "
                                      "lower resources.cpus_per_actor")
-            _notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
+            notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
                     f"resources.placement_timeout_s={res['placement_timeout_s']:g} s")
         return [ref for ref in done if ref in set(others)]
 
