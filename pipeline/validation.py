@@ -125,7 +125,7 @@ def _check_sizes(cfg: dict) -> None:
 
 
 def _check_circuit(cfg: dict) -> None:
-    """The circuit search's options, checked whether or not the step is on (a preset turns it on)."""
+    """The circuit search's options (checked with the step off too: a later run of the folder may turn it on)."""
     circuit = cfg["circuit"]
     shares = {"circuit.target": "faithfulness is a share of the refusal gap (e.g. 0.8)",
               "circuit.max_fraction": "a fraction of the candidate nodes (e.g. 0.1)"}
@@ -160,18 +160,21 @@ def _check_resources(cfg: dict) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("a GPU was asked for (resources.device=cuda) but this machine has none: "
                               "use resources=cpu, or ray.address=<a cluster with GPUs>")
-    if cfg["ray"]["address"] == "local":  # the private instance Ray would start: this machine, as one node
+
+
+def _check_ray(cfg: dict) -> None:
+    """The address has a form Ray takes; a private instance (this machine, as one node) holds the actors."""
+    address = cfg["ray"]["address"]
+    if address == "local":
+        res = cfg["resources"]
         machine = {"CPU": res["num_cpus"] or len(os.sched_getaffinity(0)),
-                   "GPU": torch.cuda.device_count() if wants_gpu else 0}
+                   "GPU": torch.cuda.device_count() if res["gpus_per_actor"] else 0}
         try:
             check_room(cfg, [machine])
         except RayUnavailable as err:
             raise ConfigError(str(err)) from None
-
-
-def _check_ray(cfg: dict) -> None:
-    address = cfg["ray"]["address"]
-    if address in ("local", "auto"):
+        return
+    if address == "auto":
         return
     host, _, port = address.split("://")[-1].rpartition(":")
     if not host or not port.isdigit() or ("://" in address and not address.startswith("ray://")):

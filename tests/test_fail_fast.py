@@ -51,11 +51,12 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
 
-def patchsweep(*args: str, timeout: float = 600, env: dict | None = None) -> Ran:
+def patchsweep(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = REPO) -> Ran:
     """The real command in its own process."""
     start = time.perf_counter()
-    result = subprocess.run(command(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # this tree, from any folder
+    result = subprocess.run(command(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": path, **(env or {})})
     return Ran(result.returncode, result.stdout, result.stderr, time.perf_counter() - start)
 
 
@@ -195,6 +196,7 @@ def test_mlflow_store_that_fails_after_compute(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
     try:
         ran = patchsweep(*CHEAP, f"output_root={tmp_path}", f"output_dir={out}", "tracking.enabled=true",
                          f"tracking.uri=http://127.0.0.1:{server.server_address[1]}")
@@ -207,9 +209,10 @@ def test_mlflow_store_that_fails_after_compute(tmp_path):
 
     store = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
     started = time.perf_counter()
-    logged = patchsweep("log", str(out), f"tracking.uri={store}")
+    logged = patchsweep("log", str(out), f"tracking.uri={store}", cwd=tmp_path / "elsewhere")
     assert logged.status == 0, logged.stderr[-3000:]
     assert f"ui --uri {store}" in logged.stdout  # the UI hint names the store actually used
+    assert (tmp_path / "later" / "mlartifacts").is_dir() and listing(tmp_path / "elsewhere") == []  # beside the store
     print(f"\nlogged later in {time.perf_counter() - started:.1f} s: {logged.stdout.strip()}")
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("patchsweep").experiment_id],

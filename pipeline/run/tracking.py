@@ -64,8 +64,11 @@ def _experiment_id(client, cfg: dict) -> str:
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if not cfg["tracking"]["uri"]:  # the default SQLite store keeps its artifacts beside the database
-        artifact_location = (Path(cfg["output_root"]).resolve() / "mlartifacts").as_uri()
+    uri = tracking_uri(cfg)
+    # A SQLite store keeps its artifacts beside the database (MLflow's default is ./mlruns under whatever
+    # folder the command ran in).
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     # A training-style experiment: the UI opens on runs, metrics and artifacts (not GenAI traces).
     return client.create_experiment(name, artifact_location=artifact_location,
                                     tags={"mlflow.experimentKind": "custom_model_development"})

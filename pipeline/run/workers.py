@@ -183,13 +183,12 @@ class StageStats:
 
 
 def actors_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
-    """How many actors of `cpus` CPUs and `gpus` GPUs the nodes (each a dict of total resources, as
-    `ray.nodes()` reports them) can hold at once."""
+    """How many actors of `cpus` CPUs (> 0) and `gpus` GPUs the nodes (each a dict of total resources, as
+    `ray.nodes()` reports them) can hold at once. (The small tolerance keeps 0.1 x 10 from falling short of 1.)"""
     fit = 0
     for node in nodes:
-        by_cpu = math.floor(node.get("CPU", 0) / cpus + 1e-9) if cpus else math.inf
-        by_gpu = math.floor(node.get("GPU", 0) / gpus + 1e-9) if gpus else math.inf
-        fit += min(by_cpu, by_gpu) if min(by_cpu, by_gpu) != math.inf else 1_000_000
+        by_cpu = math.floor(node.get("CPU", 0) / cpus + 1e-9)
+        fit += min(by_cpu, math.floor(node.get("GPU", 0) / gpus + 1e-9)) if gpus else by_cpu
     return fit
 
 
