@@ -2,9 +2,13 @@
 
     patchsweep [key=value ...]                      a sweep (Hydra overrides; --multirun for several)
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
+    patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
 
 Errors in the config or the input are printed as one line naming the problem and the key to fix,
-before any compute starts.
+before any compute starts (exit status 2). Ctrl-C prints one line saying how much work finished (exit
+status 130); the same command then resumes. An MLflow store that fails once the results are computed
+leaves them on disk: the summary is printed with the `patchsweep log` command that logs them later
+(exit status 1).
 """
 from __future__ import annotations
 
@@ -13,62 +17,105 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.behaviour import format_summary, screen
 from pipeline.analysis.prompt_files import load_screen_prompts
-from pipeline.config import CONF_DIR
+from pipeline.config import CONF_DIR, tracking_uri
 from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
-from pipeline.outputs.report import console_summary
-from pipeline.run.sweep import run_sweep
-from pipeline.run.tracking import LiveRun
-from pipeline.run.workers import WorkFailed
+from pipeline.outputs.report import console_summary, ui_hint
+from pipeline.run.sweep import FolderBusy, Interrupted, finished_run, run_sweep
+from pipeline.run.tracking import LiveRun, log_finished
+from pipeline.run.workers import RayUnavailable, WorkFailed
 from pipeline.store import write_table
-from pipeline.validation import ConfigError, validate, validate_screen
+from pipeline.validation import ConfigError, validate, validate_screen, validate_tracking
 
 SWEEP_ENV = "PATCHSWEEP_SWEEP_ID"
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
+# What stops a sweep before it computes, or what it met computing, in one line that names the fix.
+REFUSALS = (ConfigError, ValueError, FileNotFoundError, WorkFailed, RayUnavailable, FolderBusy)
 
 
-def _fail(err: BaseException) -> None:
-    print(f"patchsweep: error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _fail(message: BaseException | str, status: int = 2) -> NoReturn:
+    print(f"patchsweep: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _interrupted(message: str) -> NoReturn:
+    print(f"patchsweep: {message}", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
+
+
+def _file_error(err: OSError, cfg: dict | None) -> str:
+    """A file-system error as one line: the path, the reason, and the key that chose the path."""
+    path = Path(err.filename or "").absolute()
+    key = "output_dir or output_root"
+    if cfg is not None:
+        for name, folder in (("output_dir", cfg["output_dir"]), ("output_root", cfg["output_root"])):
+            if path == Path(folder).absolute() or Path(folder).absolute() in path.parents:
+                key = name
+                break
+    return f"{err.filename or 'a file'}: {err.strerror or type(err).__name__}: set {key} to a writable folder"
+
+
+def _log_later(run_dir: Path) -> str:
+    return f"log them later with `patchsweep log {run_dir.resolve()}`"
+
+
+def _stop(err: BaseException, cfg: dict | None) -> NoReturn:
+    """Leave with the one line (and exit status) for what stopped the sweep; anything unforeseen keeps
+    its traceback."""
+    if isinstance(err, Interrupted):
+        _interrupted(str(err))
+    if isinstance(err, KeyboardInterrupt):
+        _interrupted("interrupted before any work started: run the same command to start again")
+    if isinstance(err, REFUSALS):
+        _fail(err)
+    if isinstance(err, OSError):
+        _fail(_file_error(err, cfg))
+    raise err
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def sweep_command(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
-    tracking = None
+    plain, live = None, None
     try:
         plain = validate(cfg)
-        # The MLflow run starts with the sweep and ends with it, FAILED when the sweep does.
+        # The MLflow run starts with the sweep and ends with it, FAILED (or KILLED) when the sweep does.
         live = LiveRun(plain, os.environ[SWEEP_ENV], overrides) if plain["tracking"]["enabled"] else None
+        outcome = run_sweep(plain, live, overrides)
+    except BaseException as err:
+        if live is not None:
+            live.fail(err)
+        _stop(err, plain)
+    tracking, problem = None, None
+    if live is not None:
         try:
-            outcome = run_sweep(plain, live, overrides)
-            if live is not None:
-                tracking = live.finish(outcome)
-        except BaseException as err:
-            if live is not None:
-                live.fail(err)
-            raise
-    except (ConfigError, ValueError, FileNotFoundError, WorkFailed) as err:
-        _fail(err)
+            tracking = live.finish(outcome)
+        except KeyboardInterrupt:
+            _interrupted(f"interrupted while logging to MLflow: the results are complete in "
+                         f"{outcome.run_dir.resolve()}; {_log_later(outcome.run_dir)}")
+        except Exception as err:  # the store's own errors are many; the results are safe on disk whatever they are
+            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     print("\n" + console_summary(plain, outcome.run_dir, outcome.pairs_report, outcome.stats, outcome.curves,
                                  outcome.summary, outcome.circuit, tracking), flush=True)
+    if problem:
+        _fail(f"MLflow store {tracking_uri(plain)} failed ({problem}): the results are complete in "
+              f"{outcome.run_dir.resolve()}; {_log_later(outcome.run_dir)}", status=1)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def screen_command(cfg: DictConfig) -> None:
     """Greedy generation and the first-token metric on a file of prompts -> screen.arrow."""
-    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     if not any(o.startswith("output_dir=") for o in HydraConfig.get().overrides.task):
         cfg.output_dir = "${output_root}/screen/${model.name}-${prompts.name}"  # not a sweep's folder
-        if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
-            hydra_dir.rmdir()  # the sweep folder Hydra made for this command stays unused
     try:
         plain = validate_screen(cfg)
         prompts = load_screen_prompts(plain["prompts"]["path"])
@@ -88,14 +135,62 @@ def screen_command(cfg: DictConfig) -> None:
           f"per-prompt results: {path.resolve()}", flush=True)
 
 
+def log_command(args: list[str]) -> None:
+    """`patchsweep log <run folder> [tracking.<key>=<value> ...]`: log a finished sweep's folder to MLflow
+    as the sweep would have (params, per-layer curves, artifacts, lineage tags), computing nothing. The
+    store is the one in the folder's config.yaml unless tracking.* overrides name another."""
+    if not args or args[0].startswith("-"):
+        _fail("patchsweep log needs a run folder: patchsweep log <run folder> [tracking.uri=<store>]")
+    run_dir, overrides = Path(args[0]), args[1:]
+    wrong = [o for o in overrides if not o.startswith("tracking.") or "=" not in o]
+    if wrong:
+        _fail(f"patchsweep log takes only tracking.<key>=<value> overrides, not {' '.join(wrong)}: the results "
+              "are already computed")
+    if not (run_dir / "config.yaml").is_file():
+        _fail(f"{run_dir} is not a sweep's run folder (no config.yaml there): give the folder a sweep printed "
+              "under Files:")
+    try:
+        cfg, outcome = finished_run(run_dir)
+        unknown = [o for o in overrides if o.split("=")[0].split(".", 1)[1] not in cfg["tracking"]]
+        if unknown:
+            raise ConfigError(f"unknown key in {' '.join(unknown)}: choose from "
+                              f"{', '.join('tracking.' + k for k in cfg['tracking'])}")
+        cfg = OmegaConf.to_container(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)), resolve=True)
+        cfg["tracking"]["enabled"] = True
+        validate_tracking(cfg)
+    except (ConfigError, ValueError) as err:
+        _fail(err)
+    except OSError as err:
+        _fail(f"{err.filename or run_dir}: {err.strerror or type(err).__name__}: check the run folder")
+    try:
+        tracking = log_finished(cfg, outcome, os.environ[SWEEP_ENV])
+    except KeyboardInterrupt:
+        _interrupted("interrupted: the run was not logged completely; run the same command again")
+    except Exception as err:  # the store's own errors are many: one line, and the same command retries
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _fail(f"MLflow store {tracking_uri(cfg)} failed ({first}): fix the store or set tracking.uri=<another "
+              "store>, then run the same command", status=1)
+    print(f"logged {run_dir.resolve()} to MLflow {tracking['uri']}: run {tracking['run_id']}\n"
+          f"  {ui_hint(cfg, tracking['ui_path'])}", flush=True)
+
+
 def main() -> None:
     # One id per command: the jobs of a --multirun share it, so they become children of one parent run.
     os.environ.setdefault(SWEEP_ENV, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    if len(sys.argv) > 1 and sys.argv[1] == "screen":
-        del sys.argv[1]
-        screen_command()
-    else:
-        sweep_command()
+    # MLflow's client retries a failing server for minutes by default (7 retries, 120 s each); a sweep's
+    # results are on disk by then and `patchsweep log` sends them later, so it gives up within a minute.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] == "screen":
+            del sys.argv[1]
+            screen_command()
+        elif len(sys.argv) > 1 and sys.argv[1] == "log":
+            log_command(sys.argv[2:])
+        else:
+            sweep_command()
+    except KeyboardInterrupt:  # while Hydra composes, before a command's own handling begins
+        _interrupted("interrupted before any work started: run the same command to start again")
 
 
 if __name__ == "__main__":

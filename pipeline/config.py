@@ -96,6 +96,7 @@ class ResourcesConfig:
     max_in_flight: int = 2  # work items queued per actor (bounded window)
     max_retries: int = 3  # resubmissions of a work item whose actor died
     shard_size: int = 16  # pairs per work item
+    placement_timeout_s: float = 600.0  # how long the sweep waits for room for its first model actor
 
 
 @dataclass
@@ -103,6 +104,7 @@ class RayConfig:
     address: str = "local"  # "local": a private Ray instance; or a cluster address (ray://host:10001, auto)
     namespace: str = "patchsweep"
     log_to_driver: bool = True  # the model actors' output (their warnings and errors) in the driver's terminal
+    connect_timeout_s: float = 60.0  # how long joining a cluster may take before the sweep gives up
 
 
 @dataclass

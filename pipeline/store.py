@@ -6,8 +6,9 @@
 - Activations and the effect shards are Arrow IPC files, uncompressed, so readers memory-map them
   (`pa.memory_map`) and tensor columns come back as zero-copy numpy views.
 - Tensors are fixed-shape tensor columns (`pa.FixedShapeTensorArray`).
-- Every file carries provenance in its schema metadata and is published atomically: written to
-  `.name.tmp` beside its final path, then `os.replace`d, so a reader never sees half a file.
+- Every file carries provenance in its schema metadata and is published atomically: written to a
+  temp file beside its final path (`.name.<pid>-<random>.tmp`, unique per writer, so two writers of the
+  same file never share one), then `os.replace`d, so a reader never sees half a file.
 - Shards are named by a content key (the hash of everything that determines them); a stage's manifest
   lists its shards with sha256 checksums, so a re-run reuses finished shards and a truncated or
   corrupted shard is detected and recomputed, never read silently. Manifests are named `_manifest.json`:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +53,21 @@ def sha256_file(path: str | Path) -> str:
 # ---- atomic publish ------------------------------------------------------------------------------
 
 def tmp_path(path: str | Path) -> Path:
+    """A fresh temp name beside `path`, unique to this call."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def publish_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (tmp file beside it, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    publish_file(path, write)
 
 
 def publish_json(path: str | Path, obj) -> None:
@@ -76,8 +79,12 @@ def publish_file(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- tables --------------------------------------------------------------------------------------

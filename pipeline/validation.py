@@ -1,15 +1,19 @@
 """Validation of a composed config: everything that can be checked before compute.
 
-`validate` checks what types cannot (components, ranges, the machine, the output folder, the model's
-shape from its config.json, the user's pairs under the model's tokenizer) and raises a one-line
-`ConfigError` naming the problem and the key to fix. No weights are loaded.
+`validate` checks what types cannot (components, ranges, the machine, the output folder, the MLflow
+store, the model's shape from its config.json, the user's pairs under the model's tokenizer) and raises
+a one-line `ConfigError` naming the problem and the key to fix. No weights are loaded, Ray is not
+started and nothing is written: a refused command leaves every folder as it found it.
 """
 from __future__ import annotations
 
 import os
 import re
+import socket
+import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,8 +23,12 @@ from pipeline.analysis.pairs import file_pairs, tokenize_pairs
 from pipeline.config import config_hash, to_dict, tracking_uri
 from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.hooks import COMPONENTS
+from pipeline.engine.loading import DTYPES
 from pipeline.engine.metrics import DIRECTIONS, METRICS
 from pipeline.organisms import ORGANISMS, resolve
+from pipeline.organisms.instructions import minimal_pairs
+from pipeline.organisms.refusal_tiny import grammar
+from pipeline.run.workers import RayUnavailable, check_room
 
 
 class ConfigError(ValueError):
@@ -38,12 +46,14 @@ def validate(cfg: DictConfig | dict) -> dict:
         raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
     _check_patching(plain)
     _check_sizes(plain)
+    _check_circuit(plain)
     _check_resources(plain)
+    _check_ray(plain)
     _check_prompts(plain)
-    _check_tracking(plain)
+    validate_tracking(plain)
     _check_output_dir(plain)
-    folder = _check_model(plain)
-    _check_pairs_file(plain, folder)
+    folder, max_positions = _check_model(plain)
+    _check_pairs_file(plain, folder, max_positions)
     return plain
 
 
@@ -58,8 +68,10 @@ def validate_screen(cfg: DictConfig | dict) -> dict:
                           "columns prompt, harmful>")
     _check_resources(plain)
     _check_prompts(plain)
-    if not _writable_folder(Path(plain["output_dir"])):
-        raise ConfigError(f"output folder {plain['output_dir']} cannot be written: set output_dir to a writable folder")
+    problem = _unwritable(Path(plain["output_dir"]))
+    if problem:
+        raise ConfigError(f"output folder {plain['output_dir']} cannot be written ({problem}): set output_dir to "
+                          "a writable folder")
     _check_model(plain)
     return plain
 
@@ -77,6 +89,13 @@ def _check_patching(cfg: dict) -> None:
         raise ConfigError(f"patching.directions is empty: choose some of {list(DIRECTIONS)}")
     if patching["metric"] not in METRICS:
         raise ConfigError(f"unknown metric {patching['metric']!r} in patching.metric: choose from {list(METRICS)}")
+    # A site named twice would be patched twice and counted twice in effects.arrow: each is kept once
+    # (lists in their given order; layers and heads sorted), so [0, 0, 0] and [0] are one experiment.
+    for key in ("components", "per_position", "directions"):
+        patching[key] = list(dict.fromkeys(patching[key]))
+    for key in ("layers", "heads"):
+        if patching[key] is not None:
+            patching[key] = sorted(set(patching[key]))
 
 
 def _check_sizes(cfg: dict) -> None:
@@ -90,17 +109,40 @@ def _check_sizes(cfg: dict) -> None:
         "resources.torch_threads": cfg["resources"]["torch_threads"],
         "resources.max_in_flight": cfg["resources"]["max_in_flight"],
         "summary.n_bootstrap": cfg["summary"]["n_bootstrap"],
+        "resources.placement_timeout_s": cfg["resources"]["placement_timeout_s"],
+        "ray.connect_timeout_s": cfg["ray"]["connect_timeout_s"],
+        "prompts.max_new_tokens": cfg["prompts"]["max_new_tokens"],
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be positive: set {key} to 1 or more")
     if not 0 < cfg["summary"]["ci"] < 1:
         raise ConfigError(f"summary.ci={cfg['summary']['ci']} must be between 0 and 1 (e.g. 0.95)")
-    if not 0 < cfg["circuit"]["target"] <= 1:
-        raise ConfigError(f"circuit.target={cfg['circuit']['target']} must be in (0, 1]: faithfulness is a share "
-                          "of the refusal gap (e.g. 0.8)")
     if cfg["resources"]["gpus_per_actor"] < 0 or cfg["resources"]["max_retries"] < 0:
         raise ConfigError("resources.gpus_per_actor and resources.max_retries must not be negative")
+    if cfg["model"]["dtype"] not in DTYPES:
+        raise ConfigError(f"unknown dtype {cfg['model']['dtype']!r} in model.dtype: choose from {sorted(DTYPES)}")
+
+
+def _check_circuit(cfg: dict) -> None:
+    """The circuit search's options (checked with the step off too: a later run of the folder may turn it on)."""
+    circuit = cfg["circuit"]
+    shares = {"circuit.target": "faithfulness is a share of the refusal gap (e.g. 0.8)",
+              "circuit.max_fraction": "a fraction of the candidate nodes (e.g. 0.1)"}
+    for key, meaning in shares.items():
+        value = circuit[key.split(".")[1]]
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key}={value} must be in (0, 1]: {meaning}")
+    for key in ("max_pairs", "recall_k"):
+        if circuit[key] < 1:
+            raise ConfigError(f"circuit.{key}={circuit[key]} must be positive: set circuit.{key} to 1 or more")
+    for key in ("n_random", "verify_top", "verify_random", "verify_all_rows", "edge_nodes", "direction_layers",
+                "strong_effect", "edge_min"):
+        if circuit[key] < 0:
+            raise ConfigError(f"circuit.{key}={circuit[key]} must not be negative: set circuit.{key} to 0 or more")
+    if circuit["max_batch_rows"] is not None and circuit["max_batch_rows"] < 1:
+        raise ConfigError(f"circuit.max_batch_rows={circuit['max_batch_rows']} must be positive (or null: "
+                          "chosen from free memory)")
 
 
 def _check_resources(cfg: dict) -> None:
@@ -120,50 +162,118 @@ def _check_resources(cfg: dict) -> None:
                               "use resources=cpu, or ray.address=<a cluster with GPUs>")
 
 
+def _check_ray(cfg: dict) -> None:
+    """The address has a form Ray takes; a private instance (this machine, as one node) holds the actors."""
+    address = cfg["ray"]["address"]
+    if address == "local":
+        res = cfg["resources"]
+        machine = {"CPU": res["num_cpus"] or len(os.sched_getaffinity(0)),
+                   "GPU": torch.cuda.device_count() if res["gpus_per_actor"] else 0}
+        try:
+            check_room(cfg, [machine])
+        except RayUnavailable as err:
+            raise ConfigError(str(err)) from None
+        return
+    if address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit() or ("://" in address and not address.startswith("ray://")):
+        raise ConfigError(f"ray.address={address} is not local, auto, host:port or ray://host:port: fix ray.address")
+
+
 def _check_prompts(cfg: dict) -> None:
     prompts = cfg["prompts"]
     if prompts["align"] not in ("none", "end"):
         raise ConfigError(f"unknown alignment {prompts['align']!r} in prompts.align: choose none or end")
     path = prompts["path"]
     if path is None:
+        try:
+            supply = _generator_supply(cfg)
+        except ValueError as err:  # an unknown grammar split
+            raise ConfigError(f"{err}: fix prompts.split") from None
+        if prompts["n_pairs"] > supply:
+            raise ConfigError(f"prompts.n_pairs={prompts['n_pairs']} is more than the {supply} distinct pairs the "
+                              f"generator for {cfg['model']['path']} can supply: set prompts.n_pairs={supply} or "
+                              "less, or give your own pairs (prompts.path)")
         return
+    if Path(path).is_dir():
+        raise ConfigError(f"prompts file {path!r} is a folder: set prompts.path to a JSONL, CSV or Parquet file")
     if not Path(path).is_file():
         raise ConfigError(f"prompts file {path!r} does not exist: set prompts.path to a JSONL, CSV or Parquet file")
     if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         raise ConfigError(f"prompts file {path!r} is not JSONL, CSV or Parquet: fix prompts.path")
 
 
-def _check_tracking(cfg: dict) -> None:
+def _generator_supply(cfg: dict) -> int:
+    """How many distinct pairs the generated prompt source can give (pipeline.analysis.pairs.source_pairs):
+    refusal-tiny's grammar (each twin combination in every phrasing and filler), else the instruction
+    library (before its length matching under the model's tokenizer, which can only drop some)."""
+    if cfg["model"]["path"] == "refusal-tiny":
+        return grammar.distinct_pairs(cfg["prompts"]["split"])
+    return sum(1 for _ in minimal_pairs())
+
+
+def validate_tracking(cfg: dict) -> None:
+    """The MLflow store can be written (SQLite) or answers (a server), when tracking is on."""
     if not cfg["tracking"]["enabled"]:
         return
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
-        writable = _writable_folder(db.parent) and (not db.exists() or os.access(db, os.W_OK))
-        if not writable:
-            raise ConfigError(f"MLflow store {uri} cannot be written: set tracking.uri to a writable "
+        problem = _unwritable(db.parent) or (db.exists() and not os.access(db, os.W_OK) and f"{db} is read-only")
+        if problem:
+            raise ConfigError(f"MLflow store {uri} cannot be written ({problem}): set tracking.uri to a writable "
                               "sqlite:///<path>/mlflow.db or a server URI, or tracking.enabled=false")
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
     elif uri.startswith(("file:", "/", ".")) or "://" not in uri:
         raise ConfigError(f"MLflow store {uri!r} is a plain folder store, which MLflow 3 no longer accepts: "
                           "set tracking.uri=sqlite:///<path>/mlflow.db or a server URI (http://host:port)")
 
 
-def _writable_folder(folder: Path) -> bool:
-    """Create `folder` if needed and prove a file can be made in it (permission bits mean little to root)."""
+SERVER_PROBE_S = 10.0
+
+
+def _check_server(uri: str) -> None:
+    """An MLflow server must accept a connection before any compute (MLflow's client would otherwise retry
+    for minutes once the results are ready)."""
+    parts = urlsplit(uri)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".patchsweep-probe-"):
-            return True
-    except OSError:
-        return False
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=SERVER_PROBE_S).close()
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise ConfigError(f"MLflow server at tracking.uri={uri} does not answer ({reason}): start it, set "
+                          "tracking.uri to a running server, or tracking.enabled=false (log the finished run "
+                          "later with `patchsweep log <run folder>`)") from None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why `folder` could not be created or written ("" or None when it can), found without creating it:
+    its nearest existing ancestor must be a folder a file can be made in (proved with a probe file that
+    is removed at once; permission bits mean little to root, and a read-only mount shows none)."""
+    folder = folder.expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file" if existing.exists() else f"{existing} is not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".patchsweep-probe-"):
+            return None
+    except OSError as err:
+        return f"{existing}: {err.strerror or type(err).__name__}"
 
 
 def _check_output_dir(cfg: dict) -> None:
     out = Path(cfg["output_dir"])
-    if not _writable_folder(out):
-        raise ConfigError(f"output folder {out} cannot be written: set output_dir to a writable folder")
+    problem = _unwritable(out)
+    if problem:
+        raise ConfigError(f"output folder {out} cannot be written ({problem}): set output_dir to a writable folder")
     saved = out / "config.yaml"
-    if cfg["resume"] or not saved.is_file():
+    # A folder holds results once its pairs are published; a config.yaml alone (a sweep that stopped before
+    # computing anything) marks nothing worth protecting.
+    if cfg["resume"] or not saved.is_file() or not (out / "pairs.arrow").is_file():
         return
     try:
         saved_hash = config_hash(OmegaConf.load(saved))
@@ -175,8 +285,9 @@ def _check_output_dir(cfg: dict) -> None:
                           "reuse it")
 
 
-def _check_model(cfg: dict) -> str:
-    """The model exists and the layers/heads asked for are in range; returns its folder or hub id."""
+def _check_model(cfg: dict) -> tuple[str, int | None]:
+    """The model exists and the layers/heads asked for are in range; returns its folder or hub id and its
+    maximum positions (None when its config names none)."""
     path = cfg["model"]["path"]
     if path in ORGANISMS:
         folder = resolve(path)  # a shipped organism: its folder (built on first use is set-up, not compute)
@@ -190,32 +301,44 @@ def _check_model(cfg: dict) -> str:
                           f"(org/name), or one of {sorted(ORGANISMS)}")
     else:
         folder = path  # a hub id: AutoConfig fetches config.json only (or reads it from the local cache)
-    n_layers, n_heads = _model_shape(folder, cfg)
+    n_layers, n_heads, max_positions = _model_shape(folder, cfg)
     for layer in cfg["patching"]["layers"] or []:
         if not 0 <= layer < n_layers:
             raise ConfigError(f"layer {layer} in patching.layers is out of range: {path} has layers 0..{n_layers - 1}")
     for head in cfg["patching"]["heads"] or []:
         if not 0 <= head < n_heads:
             raise ConfigError(f"head {head} in patching.heads is out of range: {path} has heads 0..{n_heads - 1}")
-    return folder
+    return folder, max_positions
 
 
-def _check_pairs_file(cfg: dict, folder: str) -> None:
-    """The user's pairs file reads, and every pair has equal token counts under the model's tokenizer and
-    chat template (unless prompts.align=end): the tokenizer alone, no weights."""
+def _check_pairs_file(cfg: dict, folder: str, max_positions: int | None) -> None:
+    """The user's pairs file reads, every pair has equal token counts under the model's tokenizer and
+    chat template (unless prompts.align=end), and fits in the model's positions with the screen's
+    replies: the tokenizer alone, no weights."""
     if cfg["prompts"]["path"] is None:
         return
     try:
         pairs = file_pairs(cfg["prompts"]["path"])
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg["model"]["trust_remote_code"])
-        tokenize_pairs(tokenizer, pairs, cfg["prompts"]["align"])
+        tokenizer.model_max_length = sys.maxsize  # lengths are checked below, naming the pair, not warned about
+        tokenized = tokenize_pairs(tokenizer, pairs, cfg["prompts"]["align"])
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if max_positions is None:
+        return
+    reply = cfg["prompts"]["max_new_tokens"] if cfg["prompts"]["generate"] else 0
+    for pair in tokenized:
+        length = max(len(pair.clean_ids), len(pair.corrupted_ids))
+        if length + reply > max_positions:
+            raise ConfigError(f"pair {pair.pair_id} of {cfg['prompts']['path']} is {length} tokens under the chat "
+                              f"template; with the screen's {reply}-token replies (prompts.max_new_tokens) that is "
+                              f"more than the {max_positions} positions {cfg['model']['path']} has: shorten or drop "
+                              "that pair")
 
 
-def _model_shape(folder: str, cfg: dict) -> tuple[int, int]:
-    """(layers, heads) from config.json alone, after checking that the engine knows the architecture:
-    no weights are loaded."""
+def _model_shape(folder: str, cfg: dict) -> tuple[int, int, int | None]:
+    """(layers, heads, maximum positions) from config.json alone, after checking that the engine knows the
+    architecture: no weights are loaded."""
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg["model"]["trust_remote_code"])
     except Exception as err:
@@ -226,4 +349,5 @@ def _model_shape(folder: str, cfg: dict) -> tuple[int, int]:
         raise ConfigError(f"unsupported architecture {config.model_type!r} of model.path {cfg['model']['path']!r}: "
                           f"use a causal LM whose model_type is one of {sorted(FAMILIES)} (or add it to "
                           "pipeline/engine/adapters.py)")
-    return config.num_hidden_layers, config.num_attention_heads
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return config.num_hidden_layers, config.num_attention_heads, max_positions

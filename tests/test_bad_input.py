@@ -1,16 +1,19 @@
 """Bad input through the real command (`pipeline.cli.main`, as `patchsweep` runs it): each is refused
 with exit status 2 and one line, `patchsweep: error: <the problem>: <the fix>`, before any compute:
-nothing is written to the output folder (no pairs, activations or effects) and no model is loaded."""
+nothing is written to the output folder (not even the folder itself) and no model is loaded. More
+cases, with their time bounds and the corrected command: tests/test_fail_fast.py."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from conftest import REPO, compose, write_jsonl
 from pipeline.run.sweep import write_config
+from pipeline.store import write_table
 from pipeline.validation import validate
 
 ERRORS: dict[str, str] = {}  # case -> the line it printed (shown with pytest -s, for the report)
@@ -41,11 +44,11 @@ def run(monkeypatch, capsys, tmp_path, word_model_folder):
             "tracking.enabled=false"]
 
     def bad(case: str, *overrides: str, fragments: tuple[str, ...]) -> str:
+        before = sorted(out.rglob("*")) if out.exists() else None
         line = patchsweep(monkeypatch, capsys, *base, *overrides)
         for fragment in fragments:
             assert fragment in line, line
-        if out.is_dir():
-            assert [p.name for p in out.iterdir() if p.name != "config.yaml"] == [], "computed before refusing"
+        assert (sorted(out.rglob("*")) if out.exists() else None) == before, "wrote into the folder before refusing"
         ERRORS[case] = line
         print(f"\n{case}: {line}")
         return line
@@ -126,11 +129,14 @@ def test_mlflow_store_that_cannot_be_written(run, tmp_path):
 def test_output_folder_of_another_experiment(run, tmp_path, word_model_folder):
     other = validate(compose("model=hf", f"model.path={word_model_folder}", f"output_dir={tmp_path / 'out'}",
                              "patching.components=[head]"))
-    write_config(tmp_path / "out", other)  # what a finished run of that other experiment leaves first
+    this = ("model=hf", f"model.path={word_model_folder}", f"output_dir={tmp_path / 'out'}",
+            f"output_root={tmp_path / 'root'}", "tracking.enabled=false")
+    write_config(tmp_path / "out", other)  # what a sweep of that other experiment writes before its results
+    validate(compose(*this))  # a folder holding no results yet is free to take
+    write_table(tmp_path / "out" / "pairs.arrow", pa.table({"pair_id": [0]}))  # its first result
     run("output folder of another experiment", fragments=("holds another experiment's results", "resume=true"))
     # Asked to resume, the same folder is accepted.
-    validate(compose("model=hf", f"model.path={word_model_folder}", f"output_dir={tmp_path / 'out'}",
-                     f"output_root={tmp_path / 'root'}", "tracking.enabled=false", "resume=true"))
+    validate(compose(*this, "resume=true"))
 
 
 def test_command_line_refuses_before_starting_ray(tmp_path, word_model_folder):

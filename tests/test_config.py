@@ -137,7 +137,10 @@ def test_bad_model_paths(valid, tmp_path):
 def test_output_folder_of_another_experiment_needs_resume(valid, tmp_path):
     out = f"output_dir={tmp_path / 'run'}"
     first = validate(compose(*valid, out))
+    assert not (tmp_path / "run").exists()  # validation creates nothing
+    (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(first)))
+    (tmp_path / "run" / "pairs.arrow").write_text("its first result")
     validate(compose(*valid, out, "resources.actors=2"))  # same experiment, other machine: fine
     check_fails(valid + [out, "patching.components=[head]"], "another experiment", "resume=true")
     validate(compose(*valid, out, "patching.components=[head]", "resume=true"))

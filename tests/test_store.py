@@ -34,7 +34,7 @@ def test_files_are_uncompressed_ipc(tmp_path):
 def test_publish_is_atomic(tmp_path):
     path = tmp_path / "out" / "x.arrow"
     store.write_table(path, pa.table({"a": [1, 2]}))
-    assert path.is_file() and not store.tmp_path(path).exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.arrow"]  # no temp file left behind
 
     def crash(tmp):
         tmp.write_bytes(b"half a fi")
@@ -44,7 +44,10 @@ def test_publish_is_atomic(tmp_path):
         store.publish_file(path, crash)
     # The reader still sees the complete old file; the partial one never took its name.
     assert store.read_table(path).column("a").to_pylist() == [1, 2]
-    assert store.tmp_path(path).name == ".x.arrow.tmp"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.arrow"]  # the half-written temp is gone
+    # Two writers of one file (two sweeps into one folder) never share a temp name.
+    first, second = store.tmp_path(path), store.tmp_path(path)
+    assert first != second and first.parent == path.parent and first.name.startswith(".x.arrow.")
 
 
 def test_content_keys_are_stable_and_sensitive():

@@ -168,6 +168,19 @@ def tokenize_pairs(tokenizer, pairs: Sequence[InstructionPair], align: Align = "
     return out
 
 
+def unique_pairs(tokenized: Sequence[TokenizedPair]) -> tuple[list[TokenizedPair], int]:
+    """The first of every group of pairs with the same clean and corrupted token ids, and how many
+    repeats were dropped: a pair given twice is one observation, and counting it twice would narrow
+    every interval over pairs without any new evidence."""
+    seen, unique = set(), []
+    for pair in tokenized:
+        key = (tuple(pair.clean_ids), tuple(pair.corrupted_ids))
+        if key not in seen:
+            seen.add(key)
+            unique.append(pair)
+    return unique, len(tokenized) - len(unique)
+
+
 def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:
     """Clean positions of the harmful span. Equal lengths: every position whose token differs.
     Unequal (end-aligned): the clean tokens between the longest common prefix and the longest common
@@ -192,7 +205,8 @@ def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Al
                 compliance_tokens: Sequence[int | str] | None = None,
                 answer_top_k: int = 1, generate: bool = True, max_new_tokens: int = 8,
                 batch_size: int = 64) -> PairsResult:
-    """Tokenize, derive answer tokens, screen, and tabulate `pairs` for `model`.
+    """Tokenize, drop repeated pairs (`unique_pairs`; the report counts them), derive answer tokens,
+    screen, and tabulate `pairs` for `model`.
 
     A pair is kept when the model refuses its clean prompt and complies with its corrupted one: by the
     first-token metric (refusal_logodds > 0 on clean, < 0 on corrupted) and, with `generate`, also by
@@ -200,7 +214,7 @@ def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Al
     model's refusals / compliances on these prompts, unless `refusal_tokens` / `compliance_tokens` (ids
     or vocabulary strings) name them.
     """
-    tokenized = tokenize_pairs(tokenizer, pairs, align)
+    tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, pairs, align))
     if not generate and (refusal_tokens is None or compliance_tokens is None):
         raise ValueError("answer tokens are derived from the model's generations: set generate=true or name "
                          "both prompts.refusal_tokens and prompts.compliance_tokens")
@@ -220,7 +234,8 @@ def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Al
     keep = [metric_clean[i] > 0 > metric_corrupted[i]
             and (not generate or (refused[i] and not refused[n + i])) for i in range(n)]
     report = {
-        "n_pairs": n, "n_kept": sum(keep), "fraction_kept": sum(keep) / n, "align": align,
+        "n_pairs": n, "n_duplicates": n_duplicates, "n_kept": sum(keep), "fraction_kept": sum(keep) / n,
+        "align": align,
         "n_aligned_unequal": sum(t.align_offset != 0 for t in tokenized),
         "clean_refused_by_metric": sum(m > 0 for m in metric_clean) / n,
         "corrupted_refused_by_metric": sum(m > 0 for m in metric_corrupted) / n,

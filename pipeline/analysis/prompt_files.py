@@ -34,6 +34,12 @@ def read_user_file(path: str | Path, text_columns: Sequence[str], what: str) -> 
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ValueError(f"{what} {str(path)!r} could not be read as {fmt} "
                          f"({str(e).splitlines()[0]}): fix the file's format") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be read ({e.strerror or type(e).__name__}): make it "
+                         "readable, or point prompts.path at a readable copy") from None
     if table.num_rows == 0:
         raise ValueError(f"{what} {str(path)!r} is empty (no rows): add rows with columns "
                          f"{', '.join(text_columns)}")

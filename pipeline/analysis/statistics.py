@@ -3,7 +3,9 @@ behaviour flips and per-category breakdowns.
 
 A site is (model, direction, component, layer, head, position). The summary has one row per site with
 the mean normalised effect over pairs, its percentile-bootstrap confidence interval (resampling pairs)
-and n. Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the one
+and n. Below `MIN_PAIRS_FOR_INTERVAL` pairs a site gets no interval (null bounds): no interval method
+comes near its nominal coverage there. `COVERAGE` holds the method's simulated coverage by n, which
+the report quotes at a run's n (bench/interval_coverage.py measures it; the README shows the table). Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the one
 before, ...; null = all positions at once), so that pairs of different lengths line up at the chat
 template, which ends every prompt; `token` names the token most pairs have there. The files keep both
 conventions (`position` from the start, `position_from_end`); the frames here name the one they use
@@ -21,6 +23,41 @@ import pyarrow as pa
 from pipeline.store import read_table
 
 KEY = ["model", "direction", "component", "layer", "head", "position"]
+
+# Coverage of the summary's 95% percentile-bootstrap intervals (1000 resamples) by number of pairs n:
+# the share of simulated runs whose interval held the true mean, for normal, skewed (lognormal) and
+# refusal-tiny's own effects (bench/interval_coverage.py, 4000 runs per cell).
+COVERAGE_POPULATIONS = ("normal", "skewed", "refusal-tiny")
+COVERAGE: dict[int, tuple[float, float, float]] = {
+    1: (0.00, 0.00, 0.00),
+    2: (0.50, 0.42, 0.32),
+    3: (0.74, 0.63, 0.49),
+    4: (0.81, 0.69, 0.53),
+    5: (0.83, 0.73, 0.57),
+    6: (0.86, 0.73, 0.59),
+    8: (0.89, 0.77, 0.65),
+    10: (0.91, 0.81, 0.68),
+    12: (0.91, 0.81, 0.69),
+    16: (0.92, 0.84, 0.74),
+    20: (0.92, 0.86, 0.75),
+    24: (0.93, 0.87, 0.78),
+    32: (0.94, 0.88, 0.80),
+    48: (0.94, 0.90, 0.83),
+    64: (0.94, 0.91, 0.87),
+    128: (0.95, 0.92, 0.91),
+}
+COVERAGE_NS = tuple(COVERAGE)
+# Below this n there is no interval: the method covers the true mean of normal data in under 90% of runs.
+MIN_PAIRS_FOR_INTERVAL = 10
+
+
+def interval_coverage(n: int) -> tuple[float, float] | None:
+    """(lowest, highest) simulated coverage over the populations of a 95% interval from n pairs: the row
+    of the largest tabulated n at or below it (coverage grows with n); None below the minimum n."""
+    if n < MIN_PAIRS_FOR_INTERVAL:
+        return None
+    row = COVERAGE[max(m for m in COVERAGE if m <= n)]
+    return min(row), max(row)
 
 
 @dataclass
@@ -52,7 +89,8 @@ def summarise(effects: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95, 
     """Long effects (one row per pair and site) -> one row per site with mean, CI and n.
 
     `effects` needs the KEY columns with position counted from the end (see `read_effects`), plus
-    pair_id and effect. `tokens` labels relative positions. Non-finite effects are left out of n.
+    pair_id and effect. `tokens` labels relative positions. Non-finite effects are left out of n. A site
+    of fewer than `MIN_PAIRS_FOR_INTERVAL` pairs gets NaN bounds (and NaN std for a single pair).
     """
     effects = effects[np.isfinite(effects["effect"])]
     wide = effects.pivot_table(index=KEY, columns="pair_id", values="effect", aggfunc="first", dropna=False)
@@ -67,11 +105,14 @@ def summarise(effects: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95, 
         block = wide.loc[index]
         cols = block.columns[block.iloc[0].notna().to_numpy()]
         values = block[cols].to_numpy(dtype=np.float64)
-        means = bootstrap_means(values, n_bootstrap, rng)
-        low, high = np.quantile(means, [alpha, 1 - alpha], axis=1)
+        if values.shape[1] >= MIN_PAIRS_FOR_INTERVAL:
+            means = bootstrap_means(values, n_bootstrap, rng)
+            low, high = np.quantile(means, [alpha, 1 - alpha], axis=1)
+        else:
+            low = high = np.full(len(values), np.nan)
         parts.append(pd.DataFrame({
             "mean": values.mean(axis=1), "ci_low": low, "ci_high": high,
-            "std": values.std(axis=1, ddof=1) if values.shape[1] > 1 else np.zeros(len(values)),
+            "std": values.std(axis=1, ddof=1) if values.shape[1] > 1 else np.full(len(values), np.nan),
             "n": np.full(len(values), values.shape[1], dtype=np.int32),
         }, index=block.index))
     summary = pd.concat(parts).reset_index().sort_values(KEY, na_position="first").reset_index(drop=True)

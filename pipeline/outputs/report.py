@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.analysis.statistics import LayerPoint
-from pipeline.outputs.files import OUTPUT_FILES, MANIFEST
+from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
+from pipeline.outputs.files import MANIFEST, OUTPUT_FILES
 from pipeline.store import publish_bytes
 
 DIRECTION_MEANING = {
@@ -62,16 +62,61 @@ def _run_text(run: list[LayerPoint]) -> str:
     return f"{layers} at {_site(run[0])}: up to {_ci(best.mean, best.ci_low, best.ci_high)} (layer {best.layer})"
 
 
+NO_INTERVAL = "n too small for an interval"
+
+
 def _ci(mean: float, low: float, high: float) -> str:
+    if pd.isna(low):
+        return f"{mean:+.3f} ({NO_INTERVAL})"
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def interval_line(summary: pd.DataFrame, cfg: dict) -> str:
+    """What the intervals are worth at this run's n (the pairs every pair-wide site is measured on): none
+    below the minimum, else the simulated coverage (pipeline.analysis.statistics.COVERAGE; the README's
+    Statistics). Sites fewer pairs reach (positions only long prompts have) are counted apart."""
+    if summary.empty:
+        return ""
+    n = int(summary["n"].max())
+    coverage = interval_coverage(n)
+    if coverage is None:
+        return (f"With n = {n} pairs, {NO_INTERVAL} (the minimum is {MIN_PAIRS_FOR_INTERVAL}: below it the "
+                "bootstrap interval falls far short of its nominal coverage; see the README's Statistics).")
+    low, high = coverage
+    nominal = "" if cfg["summary"]["ci"] == 0.95 else " (simulated for 95% intervals)"
+    line = (f"At n = {n} pairs, 95% intervals of this kind held the true mean in {100 * low:.0f}-{100 * high:.0f}% "
+            f"of simulated runs{nominal} (normal, skewed and refusal-tiny effects; the README's Statistics).")
+    few = int((summary["n"] < MIN_PAIRS_FOR_INTERVAL).sum())
+    if few:
+        line += (f" {few} site{'s' if few != 1 else ''} reached by fewer than {MIN_PAIRS_FOR_INTERVAL} pairs "
+                 "(positions only some prompts have) get no interval.")
+    return line
 
 
 def _pairs_line(report: dict) -> str:
     if not report:
         return ""
+    repeats = report.get("n_duplicates", 0)
+    dropped = (f" ({repeats} repeated pair{'s' if repeats != 1 else ''} dropped first: the same tokens as an "
+               "earlier pair count once)" if repeats else "")
     return (f"{report['n_kept']} of {report['n_pairs']} pairs kept by the behaviour screen "
-            f"({100 * report['fraction_kept']:.0f}%): refuses harmful, complies with its harmless twin; "
+            f"({100 * report['fraction_kept']:.0f}%){dropped}: refuses harmful, complies with its harmless twin; "
             f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}.")
+
+
+def ui_hint(cfg: dict, ui_path: str = "") -> str:
+    """How to open the MLflow UI on the store this run logs to (`tracking.uri`, else the output root's
+    SQLite store)."""
+    uri = cfg["tracking"]["uri"]
+    if uri and uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{ui_path}"
+    if uri:
+        command = f"`python -m pipeline.run.tracking ui --uri {uri}`"
+    else:
+        root = cfg["output_root"]
+        command = (f"`{'make ui' if root == 'outputs' else f'make ui OUTPUT_ROOT={root}'}` "
+                   f"(or `python -m pipeline.run.tracking ui --output-root {root}`)")
+    return f"open the UI with {command}, then http://127.0.0.1:5000/{ui_path}"
 
 
 def _circuit_lines(circuit: dict | None) -> list[str]:
@@ -104,6 +149,8 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
         f"run. Intervals: {100 * cfg['summary']['ci']:.0f}% percentile bootstrap over pairs "
         f"({cfg['summary']['n_bootstrap']} resamples). Positions count from the end (-1 = the final token).",
         "",
+        interval_line(summary, cfg),
+        "",
         "## Layers that matter most",
         "",
     ]
@@ -134,9 +181,8 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
     for s in stats:
         lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
-    lines += ["", "## MLflow", "", "`make ui` (or `python -m pipeline.run.tracking ui --output-root "
-              f"{cfg['output_root']}`), then open http://127.0.0.1:5000: experiment `{cfg['tracking']['experiment']}`, "
-              f"run `{cfg['model']['name']}`.", ""]
+    lines += ["", "## MLflow", "", f"Experiment `{cfg['tracking']['experiment']}`, run `{cfg['model']['name']}`: "
+              f"{ui_hint(cfg)}.", ""]
     publish_bytes(path, "\n".join(lines).encode())
     return path
 
@@ -148,6 +194,7 @@ def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, c
     strongest = top_layers(summary, k)
     if not strongest.empty:
         lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg['summary']['ci']:.0f}% CI]):")
+        lines.append(f"  {interval_line(summary, cfg)}")
         for r in strongest.itertuples():
             name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
             lines.append(f"  {r.direction:<8} {name:<14} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
@@ -162,6 +209,5 @@ def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, c
     lines += [f"Work: {work}", f"Files: {run_dir.resolve()}  (report.md first)"]
     if tracking:
         lines.append(f"MLflow: {tracking['uri']}  run {tracking['run_id']}")
-        lines.append(f"  open the UI with `make ui` (or python -m pipeline.run.tracking ui --output-root "
-                     f"{cfg['output_root']}), then http://127.0.0.1:5000/{tracking['ui_path']}")
+        lines.append(f"  {ui_hint(cfg, tracking['ui_path'])}")
     return "\n".join(lines)

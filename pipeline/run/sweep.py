@@ -9,10 +9,15 @@ the report are drawn on the driver from the files.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,9 +33,9 @@ from pipeline.outputs.files import MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
 from pipeline.run.logs import run_log
-from pipeline.run.workers import StageStats, WorkerPool, start_ray, timed
-from pipeline.store import (PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes, read_table,
-                            sha256_file, with_columns, write_table)
+from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
+from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
+                            read_schema, read_table, sha256_file, with_columns, write_table)
 
 log = logging.getLogger(__name__)
 # The tables whose rows say which run and config they belong to (RUN_COLUMNS first).
@@ -104,31 +109,40 @@ class Tracker(Protocol):
 def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None) -> SweepOutcome:
     """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain.
 
+    The folder is locked for the whole sweep (`folder_lock`). Nothing is written into it until Ray has
+    placed a model actor and the model has loaded, so a sweep that cannot start leaves the folder as it
+    found it. Ctrl-C raises `Interrupted`, saying how much finished work a re-run will reuse.
     `tracker` names the run and hears of each finished stage (untracked: the run gets a fresh id);
     `overrides` are the command line's (saved as overrides.yaml). Everything is logged to the run
     folder's run.log, an error with its traceback included.
     """
     run_dir = Path(cfg["output_dir"])
-    write_config(run_dir, cfg)
-    publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides or []))).encode())
-    with run_log(run_dir):
-        log.info("%s on %s (config %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"], config_hash(cfg),
-                 run_dir.resolve(), " ".join(overrides or []) or "none")
-        outcome = _run_stages(cfg, run_dir, tracker)
+    # A cluster is joined before the folder is locked: a cluster that never answers ends the process at
+    # ray.connect_timeout_s, which would leave the lock behind. A private instance is started after, so
+    # that a folder in use is refused before Ray starts.
+    joins_cluster = cfg["ray"]["address"] != "local"
+    if joins_cluster:
+        start_ray(cfg)
+    with folder_lock(run_dir), run_log(run_dir):
+        if not joins_cluster:
+            start_ray(cfg)
+        outcome = _run_stages(cfg, run_dir, tracker, overrides or [])
         log.info("run %s finished", outcome.run_id)
     return outcome
 
 
-def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None) -> SweepOutcome:
-    start_ray(cfg)
+def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str]) -> SweepOutcome:
     pool = WorkerPool(cfg)
+    sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
     try:
-        sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
         with timed(sweep.stage("load")):
             sweep.model_info = pool.describe()
+        write_config(run_dir, cfg)
+        publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
         sweep.run = {"run_id": tracker.run_id if tracker is not None else uuid.uuid4().hex,
                      "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
-        log.info("run %s", sweep.run["run_id"])
+        log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"],
+                 config_hash(cfg), sweep.run["run_id"], run_dir.resolve(), " ".join(overrides) or "none")
         sweep.finished("load")
         sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
                             "weights_hash": sweep.model_info["weights_hash"]}
@@ -144,20 +158,110 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None) -> SweepOutco
         stage_circuit(sweep)
         if cfg["circuit"]["enabled"]:
             sweep.finished("circuit")
+        pool.close()
+        with timed(sweep.stage("render")):
+            stamp_run_tables(sweep)
+            summary, circuit = render(sweep)
+        sweep.finished("render")
+        sweep.manifest.provenance = sweep.provenance
+        sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
+    except KeyboardInterrupt:
+        finished = sum(stats.computed for stats in sweep.stats.values())
+        raise Interrupted(f"interrupted: {finished} work item{'s' if finished != 1 else ''} finished; run the "
+                          "same command to resume") from None
     finally:
         pool.close()
-    with timed(sweep.stage("render")):
-        stamp_run_tables(sweep)
-        summary, circuit = render(sweep)
-    sweep.finished("render")
-    sweep.manifest.provenance = sweep.provenance
-    sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
     return SweepOutcome(run_dir, sweep.run["run_id"], sweep.model_info, sweep.provenance, sweep.pairs_report,
                         list(sweep.stats.values()), summary, layer_curves(summary), circuit)
 
 
+class Interrupted(Exception):
+    """The sweep was stopped by Ctrl-C; the message says how many work items finished (a re-run reuses them)."""
+
+
+class FolderBusy(RuntimeError):
+    """Another sweep holds the output folder's lock; the message names it."""
+
+
+LOCK_FILE = ".patchsweep.lock"
+
+
+@contextmanager
+def folder_lock(run_dir: Path):
+    """Hold `run_dir` for one sweep: a second sweep into the same folder is refused, naming the holder.
+
+    The lock is an flock on `run_dir/.patchsweep.lock`, which records the holder's pid, host and start
+    time. The kernel drops an flock when its process dies, however it dies, so the lock of a dead sweep
+    is taken over by the next one (and said so); the file is removed when the sweep ends. Folders the
+    lock had to create are removed again if the sweep left them empty."""
+    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FolderBusy(f"output folder {run_dir} is in use by another sweep ({holder or 'holder unknown'}): "
+                             "wait for it to finish, or set output_dir=<another folder>") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
+    previous = _lock_holder(fd)
+    if previous:
+        notice(f"the sweep that held {run_dir} ({previous}) is no longer running: its lock is taken over and its "
+               "finished work reused")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        for folder in created:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def _lock_holder(fd: int) -> str:
+    """The holder a lock file records, in words ("" when it records none)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (ValueError, TypeError, KeyError):
+        return ""
+
+
+def finished_run(run_dir: Path) -> tuple[dict, SweepOutcome]:
+    """The config and outcome of a finished sweep, read back from its folder (what `patchsweep log`
+    logs): its manifest must be complete and every file it lists intact. Stage times are not kept in
+    the folder's files (report.md lists them), so the outcome has none."""
+    manifest = Manifest(run_dir, "run")
+    if not manifest.complete:
+        raise ValueError(f"{run_dir} is not a finished sweep's folder (no complete {MANIFEST} there): run the sweep "
+                         "to its end first (the same command resumes it)")
+    damaged = [name for name in manifest.files if not manifest.is_valid(name)]
+    if damaged:
+        raise ValueError(f"{run_dir} has files that no longer match its {MANIFEST} ({', '.join(damaged)}): run "
+                         "the sweep again (the same command) to recompute them")
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    pairs_report = json.loads(provenance(read_schema(run_dir / "pairs.parquet"))["pairs_report"])
+    summary = read_summary(run_dir / "summary.parquet")
+    circuit = json.loads((run_dir / "circuit.json").read_text()) if "circuit.json" in manifest.files else None
+    lineage = json.loads((run_dir / MANIFEST).read_text())["provenance"]
+    return cfg, SweepOutcome(run_dir, str(summary["run_id"].iloc[0]), {}, lineage, pairs_report, [], summary,
+                             layer_curves(summary), circuit)
+
+
 def write_config(run_dir: Path, cfg: dict) -> None:
-    """config.yaml, written first: it marks the folder as this experiment's (pipeline.validation)."""
+    """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation)."""
     publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
 
 
@@ -183,10 +287,35 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
                       prompts_file)
     item = {"name": "pairs", "model_path": cfg["model"]["path"], "prompts": cfg["prompts"],
             "out": str(sweep.run_dir / "pairs.parquet"), "run": sweep.run, "provenance": sweep.provenance}
+    if (not cfg["prompts"]["path"] and cfg["prompts"]["n_pairs"] > ESTIMATE_PAIRS_ABOVE
+            and not sweep.manifest.is_valid("pairs.parquet", key)):
+        estimate_pairs(sweep, item)
     sweep.run_once("pairs", item, key, ("pairs.parquet",))
     pairs = read_table(sweep.run_dir / "pairs.parquet")
     sweep.pairs_report = json.loads(provenance(pairs)["pairs_report"])
     return pairs
+
+
+# The pairs stage is one work item, which shows no progress until it ends: beyond this many generated
+# pairs it is timed on a sample first, and the sweep says how long it will take.
+ESTIMATE_PAIRS_ABOVE = 512
+PAIRS_SAMPLE = 64
+
+
+def estimate_pairs(sweep: Sweep, item: dict) -> None:
+    """Generate and screen PAIRS_SAMPLE of the pairs (a throw-away file) and say what the whole set will
+    take at that rate."""
+    n = item["prompts"]["n_pairs"]
+    sample = {**item, "name": "pairs sample", "prompts": {**item["prompts"], "n_pairs": PAIRS_SAMPLE},
+              "out": str(sweep.run_dir / f".pairs-sample-{os.getpid()}.parquet")}
+    start = time.perf_counter()
+    sweep.pool.map("pairs", [sample], stats=StageStats("sample"))
+    seconds = time.perf_counter() - start
+    Path(sample["out"]).unlink()
+    minutes = seconds * n / PAIRS_SAMPLE / 60
+    notice(f"pairs: generating and screening {n} pairs in one work item takes about "
+           f"{f'{minutes:.0f} min' if minutes >= 1 else f'{60 * minutes:.0f} s'} at the {PAIRS_SAMPLE / seconds:.0f} "
+           f"pairs/s of a {PAIRS_SAMPLE}-pair sample (no progress shows until it ends; prompts.n_pairs sets how many)")
 
 
 def plan_shards(pairs: pa.Table, shard_size: int) -> list[dict]:

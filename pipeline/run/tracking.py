@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read w
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reports usage unless told not to
 
 import mlflow  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 import mlflow.data  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -45,12 +47,13 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  #
 from pipeline.config import flatten, tracking_uri  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS  # noqa: E402
 from pipeline.run.logs import LOG_FILE  # noqa: E402
-from pipeline.run.sweep import SweepOutcome  # noqa: E402
+from pipeline.run.sweep import Interrupted, SweepOutcome  # noqa: E402
 from pipeline.run.workers import StageStats  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 
 # Its start and stop notices would land between the progress bars; warnings still show.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 SWEEP_TAG = "patchsweep.sweep"
 UI_HOST, UI_PORT = "127.0.0.1", 5000  # `make ui`: this machine only
@@ -150,7 +153,9 @@ class LiveRun:
     """One model's sweep as an MLflow child run, from its start to its end.
 
     The run is created in the background (a new SQLite store takes MLflow seconds of schema migrations)
-    while the sweep starts Ray and loads the model; `run_id` waits for it.
+    while the sweep starts Ray and loads the model; `run_id` waits for it. A store that fails never stops
+    the sweep: the run then gets an id of its own, and `finish` raises the store's error once the results
+    are on disk (the command says how to log them later).
     """
 
     def __init__(self, cfg: dict, sweep_key: str, overrides: list[str]):
@@ -158,6 +163,7 @@ class LiveRun:
         self.client = MlflowClient(self.uri)
         self._ids: dict[str, str] = {}
         self._error: BaseException | None = None
+        self._own_id = uuid.uuid4().hex  # the run's id should the store fail
         self._monitor: SystemMetricsMonitor | None = None
         self._thread = threading.Thread(target=self._create, args=(sweep_key, overrides), name="mlflow-run",
                                         daemon=True)
@@ -193,10 +199,17 @@ class LiveRun:
 
     @property
     def run_id(self) -> str:
-        return self.ids["run_id"]
+        self._thread.join()
+        return self._ids["run_id"] if self._error is None else self._own_id
 
     def stage_finished(self, stats: StageStats) -> None:
-        self._log_metrics({key: [(0, value)] for key, value in stage_metrics(stats).items()})
+        self._thread.join()
+        if self._error is not None:
+            return
+        try:
+            self._log_metrics({key: [(0, value)] for key, value in stage_metrics(stats).items()})
+        except Exception as err:  # reported by `finish`, once the results are on disk
+            self._error = err
 
     def _log_metrics(self, series: dict[str, list[tuple[int, float]]]) -> None:
         now = int(time.time() * 1000)
@@ -223,21 +236,24 @@ class LiveRun:
 
     def fail(self, err: BaseException) -> None:
         """FAILED (KILLED when interrupted), the error as the description, run.log as an artifact."""
-        try:
-            run_id = self.run_id
-        except BaseException:
-            return  # the run was never created: nothing to mark
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        self._thread.join()
+        if self._error is not None:
+            return  # the store failed: nothing to mark
+        run_id = self.run_id
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
         error = f"{type(err).__name__}: {err}".strip()
         log = Path(self.cfg["output_dir"]) / LOG_FILE
-        self.client.log_batch(run_id, tags=[
-            mlflow.entities.RunTag("patchsweep.error", error[:5000]),
-            mlflow.entities.RunTag(DESCRIPTION, f"**{status}**: `{error[:2000]}`\n\nThe run's log: `{LOG_FILE}` "
-                                                f"(artifacts; also `{log.resolve()}`)."),
-        ])
-        if log.is_file():
-            self.client.log_artifact(run_id, str(log))
-        self._end(status)
+        try:
+            self.client.log_batch(run_id, tags=[
+                mlflow.entities.RunTag("patchsweep.error", error[:5000]),
+                mlflow.entities.RunTag(DESCRIPTION, f"**{status}**: `{error[:2000]}`\n\nThe run's log: `{LOG_FILE}` "
+                                                    f"(artifacts; also `{log.resolve()}`)."),
+            ])
+            if log.is_file():
+                self.client.log_artifact(run_id, str(log))
+            self._end(status)
+        except Exception:  # a store that fails now must not hide the error that ended the sweep
+            log.warning("the MLflow run %s could not be marked %s", run_id, status, exc_info=True)
 
     def _end(self, status: str, dataset=None) -> None:
         """Stop the system metrics, log the dataset input (MLflow's public API logs datasets to the active
@@ -254,6 +270,16 @@ class LiveRun:
         finally:
             mlflow.end_run(status)
             self.client.set_terminated(self.ids["parent_run_id"], status=status)
+
+
+def log_finished(cfg: dict, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
+    """Log a sweep that finished without its MLflow run (`patchsweep log <run folder>`): the run is created,
+    filled as `LiveRun.finish` fills one and ended; returns what `finish` returns."""
+    overrides = OmegaConf.to_container(OmegaConf.load(outcome.run_dir / "overrides.yaml"))
+    live = LiveRun(cfg, sweep_key, overrides)
+    for stats in outcome.stats:
+        live.stage_finished(stats)
+    return live.finish(outcome)
 
 
 NODE_COLUMNS = ("id", "component", "layer", "head", "position", "token", "effect", "effect_ci")  # shown first

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import math
 import os
+import socket
+import sys
+import tempfile
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 import ray
+import ray._private.ray_constants as ray_constants
 import torch
 from tqdm import tqdm
 
@@ -38,35 +44,106 @@ Stage = Union[str, Callable[..., "list[Path]"]]
 
 
 def start_ray(cfg: dict) -> None:
-    """Join the configured Ray cluster, or start a private local instance; reused across calls."""
+    """Join the configured Ray cluster, or start a private local instance; reused across calls.
+
+    A cluster that cannot be reached is named in one line: at once when nothing listens at its address,
+    after `ray.connect_timeout_s` when something listens but never answers as Ray."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from an offline machine
     options = dict(namespace=cfg["ray"]["namespace"], log_to_driver=cfg["ray"]["log_to_driver"],
                    include_dashboard=False, configure_logging=True, logging_level="warning")
-    if cfg["ray"]["address"] == "local":
+    address = cfg["ray"]["address"]
+    if address == "local":
+        # Ray binds every server (GCS, raylet, workers, agents) to the node's IP address, which it takes
+        # to be the loopback address only when this flag is off; there is no public option. A private
+        # instance serves this machine alone, so it listens on 127.0.0.1 only.
+        ray_constants.ENABLE_RAY_CLUSTER = False
         # address="local": a private instance even when a `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=cfg["resources"]["num_cpus"], num_gpus=None if cfg["resources"]["gpus_per_actor"] else 0,
-                 **options)
+        ray.init(address="local", num_cpus=cfg["resources"]["num_cpus"],
+                 num_gpus=None if cfg["resources"]["gpus_per_actor"] else 0, **options)
     else:
-        ray.init(address=cfg["ray"]["address"], **options)
+        seconds = cfg["ray"]["connect_timeout_s"]
+        _probe_cluster(address, seconds)
+        with _deadline(seconds, f"the Ray cluster at ray.address={address} did not answer within "
+                                f"{seconds:g} s (ray.connect_timeout_s): check that it is a Ray head's address"):
+            try:
+                ray.init(address=address, **options)
+            except ConnectionError as err:
+                raise RayUnavailable(f"cannot join a Ray cluster at ray.address={address} ({_first_line(err)}): "
+                                     "start one (ray start --head), or use ray.address=local") from None
     atexit.register(ray.shutdown)
+
+
+class RayUnavailable(RuntimeError):
+    """Ray cannot give the sweep what it asks for: a cluster to join, or room for its model actors."""
+
+
+def _probe_cluster(address: str, seconds: float) -> None:
+    """A TCP connection to the cluster's address (host:port, ray://host:port): refused, unresolvable or
+    unreachable addresses fail here in seconds rather than in Ray's minutes of retries."""
+    if address == "auto":
+        return  # Ray looks the address up itself and says at once when it finds none
+    host, _, port = address.split("://")[-1].rpartition(":")  # its form is checked by pipeline.validation
+    try:
+        socket.create_connection((host, int(port)), timeout=min(seconds, 10)).close()
+    except (OSError, ValueError) as err:
+        raise RayUnavailable(f"cannot reach the Ray cluster at ray.address={address} "
+                             f"({getattr(err, 'strerror', None) or err}): start it (ray start --head), fix "
+                             "ray.address, or use ray.address=local") from None
+
+
+@contextmanager
+def _deadline(seconds: float, message: str):
+    """Leave the process with `message` if the block is still running after `seconds`. Ray's connect
+    loop runs in C++ and lets no Python exception in before its own 30-second waits end; nothing has
+    been computed while connecting, so exiting at once loses nothing. Meanwhile what the block writes
+    to stderr is held back (Ray's C++ client logs every failed attempt): the command's line is the one
+    line the user sees, whichever way the block ends."""
+    terminal = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+
+    def give_up():
+        os.write(terminal, f"patchsweep: error: {message}\n".encode())
+        os._exit(2)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        held.close()
 
 
 @ray.remote
 class ModelWorker:
-    """Holds one model (and tokenizer) and runs work items of any stage on it."""
+    """Holds one model (and tokenizer) and runs work items of any stage on it.
+
+    The model loads on first use, not in the constructor: an actor answers `ping` as soon as Ray has
+    placed it, so the pool can tell an actor waiting for room from one loading its model (and a
+    restarted actor reloads it with its first item)."""
 
     def __init__(self, model: dict, resources: dict, log_path: str):
         actor_logging(log_path)
         torch.set_num_threads(resources["torch_threads"])
-        self.model, self.tokenizer = load_model(resolve(model["path"]), dtype=model["dtype"],
-                                                device=resources["device"],
-                                                trust_remote_code=model["trust_remote_code"])
+        self.spec, self.device = model, resources["device"]
+        self.model = self.tokenizer = None
         self._weights_hash = None
+
+    def _load(self) -> None:
+        if self.model is None:
+            self.model, self.tokenizer = load_model(resolve(self.spec["path"]), dtype=self.spec["dtype"],
+                                                    device=self.device,
+                                                    trust_remote_code=self.spec["trust_remote_code"])
 
     def describe(self) -> dict:
         """The model's shape and the hash of its weights as loaded (adapters merged, dtype applied)."""
+        self._load()
         adapter = get_adapter(self.model)
         if self._weights_hash is None:
             self._weights_hash = weights_hash(self.model)
@@ -79,6 +156,7 @@ class ModelWorker:
     def run(self, stage: Stage, item: dict) -> list[dict]:
         """Run one work item of `stage`; returns each file it published as {"path", "sha256", "rows"},
         the entries the driver records in its manifest."""
+        self._load()
         compute = STAGES[stage] if isinstance(stage, str) else stage
         return [file_entry(path) for path in compute(self.model, self.tokenizer, item)]
 
@@ -93,7 +171,8 @@ def weights_hash(model) -> str:
 
 
 class WorkFailed(RuntimeError):
-    """A work item could not be completed within resources.max_retries resubmissions."""
+    """A work item could not be completed within resources.max_retries resubmissions, or the model could
+    not be loaded."""
 
 
 @dataclass
@@ -105,27 +184,122 @@ class StageStats:
     seconds: float = 0.0
 
 
+def actors_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many actors of `cpus` CPUs (> 0) and `gpus` GPUs the nodes (each a dict of total resources, as
+    `ray.nodes()` reports them) can hold at once. (The small tolerance keeps 0.1 x 10 from falling short of 1.)"""
+    fit = 0
+    for node in nodes:
+        by_cpu = math.floor(node.get("CPU", 0) / cpus + 1e-9)
+        fit += min(by_cpu, math.floor(node.get("GPU", 0) / gpus + 1e-9)) if gpus else by_cpu
+    return fit
+
+
+def _asks(res: dict) -> str:
+    """What one model actor asks Ray for, in words."""
+    gpus = f" and {res['gpus_per_actor']:g} GPU" if res["gpus_per_actor"] else ""
+    return f"{res['cpus_per_actor']:g} CPU{gpus} (resources.cpus_per_actor{', resources.gpus_per_actor' if gpus else ''})"
+
+
+def check_room(cfg: dict, nodes: list[dict] | None = None) -> int:
+    """Refuse at once, naming what was asked, what Ray has and which key to lower, a request for model
+    actors that can never be placed; returns how many fit. A cluster (which may grow) that fits some
+    but not all of them is told so, and the rest wait for room. `nodes`: each node's total resources
+    (default: the running Ray's live nodes)."""
+    res = cfg["resources"]
+    if nodes is None:
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    total_cpus = sum(n.get("CPU", 0) for n in nodes)
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    has = f"{total_cpus:g} CPU{'s' if total_cpus != 1 else ''}, {total_gpus:g} GPU{'s' if total_gpus != 1 else ''}"
+    where = "this machine's Ray instance" if cfg["ray"]["address"] == "local" else "the Ray cluster"
+    fit = actors_that_fit(nodes, res["cpus_per_actor"], res["gpus_per_actor"])
+    if fit == 0:
+        raise RayUnavailable(f"a model actor asks {_asks(res)}, more than any node of {where} has ({has} "
+                             f"over {len(nodes)} node{'s' if len(nodes) != 1 else ''}): lower them, or add a node "
+                             "that has them")
+    if fit < res["actors"]:
+        if cfg["ray"]["address"] == "local":  # a private instance never grows
+            raise RayUnavailable(f"resources.actors={res['actors']} model actors of {_asks(res)} do not fit "
+                                 f"in {where} ({has}): set resources.actors={fit} or lower "
+                                 "resources.cpus_per_actor")
+        notice(f"{where} holds {fit} of the {res['actors']} model actors asked for (each {_asks(res)}; it has "
+                f"{has}): the sweep starts on those placed, the rest join as room frees up "
+                "(lower resources.actors to ask for fewer)")
+    return fit
+
+
+PLACEMENT_NOTICE_S = 30.0
+
+
+def notice(message: str) -> None:
+    """A line on the terminal that leaves the progress bars intact."""
+    tqdm.write(f"patchsweep: {message}", file=sys.stderr)
+
+
 @dataclass
 class WorkerPool:
-    """A fixed set of model actors fed from a bounded window of work items."""
+    """A fixed set of model actors fed from a bounded window of work items.
+
+    An actor takes work once Ray has placed it (its first ping answered). While none is placed, the
+    pool says every `PLACEMENT_NOTICE_S` how long it has waited and gives up after
+    resources.placement_timeout_s."""
 
     cfg: dict
     actors: list = field(default_factory=list)
+    placed: set = field(default_factory=set)  # indices of actors Ray has placed
+    placing: dict = field(default_factory=dict)  # first-ping ref -> actor index, for actors not yet placed
+    created: float = 0.0
 
     def __post_init__(self):
         res = self.cfg["resources"]
+        check_room(self.cfg)
         options = dict(num_cpus=res["cpus_per_actor"], num_gpus=res["gpus_per_actor"],
                        max_restarts=res["max_retries"])
         log_path = str(Path(self.cfg["output_dir"]).resolve() / LOG_FILE)
         self.actors = [ModelWorker.options(**options).remote(self.cfg["model"], res, log_path)
                        for _ in range(res["actors"])]
+        self.placing = {actor.ping.remote(): index for index, actor in enumerate(self.actors)}
+        self.created = time.monotonic()
 
     def describe(self) -> dict:
+        """The model as the first placed actor loaded it (see ModelWorker.describe)."""
+        while not self.placed:
+            self._await_placement([])
         try:
-            return ray.get(self.actors[0].describe.remote())
-        except ray.exceptions.RayActorError as err:
-            raise WorkFailed(f"the model actor could not start ({_first_line(err)}): check model.path "
-                             "and resources") from None
+            return ray.get(self.actors[min(self.placed)].describe.remote())
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            cause = getattr(err, "cause", None) or err
+            raise WorkFailed(f"the model could not be loaded ({_first_line(cause)}): check model.path and "
+                             "model.dtype") from None
+
+    def _await_placement(self, others: list) -> list:
+        """Wait for an actor to be placed or for one of `others` (object refs) to finish; returns the
+        finished ones among `others`. Says how long it has waited while no actor is placed."""
+        refs = list(self.placing) + others
+        res = self.cfg["resources"]
+        left = res["placement_timeout_s"] - (time.monotonic() - self.created)
+        done, _ = ray.wait(refs, num_returns=1, timeout=PLACEMENT_NOTICE_S if self.placed else
+                           min(PLACEMENT_NOTICE_S, max(left, 0.1)))
+        for ref in done:
+            if ref in self.placing:
+                index = self.placing.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    raise WorkFailed(f"a model actor could not start ({_first_line(err)}): check resources") from None
+                self.placed.add(index)
+        if not done and not self.placed:
+            waited = time.monotonic() - self.created
+            free = ray.available_resources()
+            room = (f"each asks {_asks(res)} and the cluster has {free.get('CPU', 0):g} CPUs, "
+                    f"{free.get('GPU', 0):g} GPUs free")
+            if waited >= res["placement_timeout_s"]:
+                raise RayUnavailable(f"no model actor was placed within resources.placement_timeout_s="
+                                     f"{res['placement_timeout_s']:g} s ({room}): free room on the cluster, or "
+                                     "lower resources.cpus_per_actor")
+            notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
+                    f"resources.placement_timeout_s={res['placement_timeout_s']:g} s")
+        return [ref for ref in done if ref in set(others)]
 
     def map(self, stage: Stage, items: list[dict], on_result: Callable[[dict, list[dict]], None] | None = None,
             stats: StageStats | None = None) -> list[list[dict]]:
@@ -146,13 +320,20 @@ class WorkerPool:
         with tqdm(total=len(items) + stats.reused, initial=stats.reused, desc=f"{stats.stage:>9}", unit="item",
                   dynamic_ncols=True, leave=True) as bar:
             while pending or in_flight:
-                ready = [a for a in range(len(self.actors)) if a not in recovering.values()]
+                ready = [a for a in sorted(self.placed) if a not in recovering.values()]
                 while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
                     actor = min(ready, key=lambda a: load[a])
                     index = pending.popleft()
                     in_flight[self.actors[actor].run.remote(stage, items[index])] = (index, actor)
                     load[actor] += 1
-                [ref], _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
+                waiting = list(in_flight) + list(recovering)
+                if self.placing:  # an actor still waiting for room joins as soon as Ray places it
+                    finished = self._await_placement(waiting)
+                    if not finished:
+                        continue
+                    ref = finished[0]
+                else:
+                    [ref], _ = ray.wait(waiting, num_returns=1)
                 if ref in recovering:
                     self._recovered(recovering, ref)
                     continue

@@ -18,6 +18,7 @@ object's class is exposed there by another verb that is harmful with some object
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -193,10 +194,21 @@ def split_combos(split: Split) -> list[Combo]:
     return [c for c in combos() if split == "all" or (c in HELDOUT) == (split == "heldout")]
 
 
+FILLER_COUNTS = (0, 0, 1, 2)  # filler sentences before (and after) an instruction, drawn uniformly
+
+
 def _frame(rng: random.Random) -> tuple[str, list[str], list[str]]:
     """A phrasing and the filler sentences around it (0-2 before, 0-2 after)."""
-    return (rng.choice(PHRASINGS), rng.sample(PREFIXES, rng.choice((0, 0, 1, 2))),
-            rng.sample(SUFFIXES, rng.choice((0, 0, 1, 2))))
+    return (rng.choice(PHRASINGS), rng.sample(PREFIXES, rng.choice(FILLER_COUNTS)),
+            rng.sample(SUFFIXES, rng.choice(FILLER_COUNTS)))
+
+
+def distinct_pairs(split: Split = "heldout") -> int:
+    """How many different minimal pairs `pairs` can produce: every twin combination in every frame."""
+    def orderings(fillers):
+        return sum(math.perm(len(fillers), k) for k in set(FILLER_COUNTS))
+
+    return len(_twins(split_combos(split))) * len(PHRASINGS) * orderings(PREFIXES) * orderings(SUFFIXES)
 
 
 def instruction(combo: Combo, frame) -> str:
