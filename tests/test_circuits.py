@@ -332,3 +332,21 @@ def test_circuit_diagram_files(tiny_circuit):
     dot = paths["dot"].read_text()
     assert dot.startswith("digraph circuit") and all(f'"{n["id"]}"' in dot for n in circuit["nodes"])
     assert sum("->" in line for line in dot.splitlines()) == sum(e["drawn"] for e in circuit["edges"])
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_single_node_verification_matches_the_hook_per_node_reference(model_type):
+    """Every node alone patched (a row per node and pair, from its layer and its class's first position,
+    batches cut small so that rows of many layers and positions are split) equals one full forward per
+    pair and node with one hook per node; a class a pair lacks leaves that pair's base metric."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    classes[0, 5] = 3  # pair 0 has no position of class 2
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=5)
+    fast = runner.single_node_metrics(nodes)
+    masks = ~torch.eye(len(nodes), dtype=torch.bool)
+    reference = reference_circuit_metrics(model, clean, corrupted, answers, classes, nodes, masks)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    absent = (nodes.cls == 2).nonzero().squeeze(1)
+    assert torch.equal(fast[absent, 0], runner.metric_full[0].expand(len(absent)))

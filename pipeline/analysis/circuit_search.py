@@ -350,6 +350,11 @@ class Evaluator:
         self.forward_rows += masks.shape[0] * self.n_pairs
         return self._gather([runner.metrics(nodes, masks) for runner in self.runners])
 
+    def single_node_metrics(self, nodes: Nodes) -> torch.Tensor:
+        """[N, P]: the metric with each node alone patched."""
+        self.forward_rows += len(nodes) * self.n_pairs
+        return self._gather([runner.single_node_metrics(nodes) for runner in self.runners])
+
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
@@ -389,9 +394,7 @@ def attribution_scores(model, groups: list[PairGroup], nodes: Nodes, n_classes: 
 
 def single_node_effects(evaluator: Evaluator, nodes: Nodes, which: list[int]) -> torch.Tensor:
     """Exact noise effect [len(which), P] of patching each node alone (the rest of the model kept)."""
-    masks = torch.ones(len(which), len(nodes), dtype=torch.bool)
-    masks[torch.arange(len(which)), torch.tensor(which, dtype=torch.long)] = False
-    return evaluator.effects(evaluator.metrics(nodes, masks))
+    return evaluator.effects(evaluator.single_node_metrics(nodes.select(which)))
 
 
 def choose_verified(attribution: np.ndarray, n_pairs: int, options: CircuitConfig, rng: np.random.Generator):

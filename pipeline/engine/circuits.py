@@ -36,7 +36,7 @@ from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture, get_adapter
 from .hooks import (PrefixReuse, Rows, RunCache, capture, edit_activation, first_difference, installed,
-                    rows_that_fit, run_layers, run_with_cache)
+                    output_tensor, rows_that_fit, run_layers, run_with_cache)
 from .metrics import Answers, check_metric, measure
 
 HEAD, MLP, EMBED = 0, 1, 2
@@ -117,6 +117,26 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
     return source + keep.to(live.dtype) * (live - source)
 
 
+def _computed_only(module: nn.Module, computed: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None,
+                   before=None) -> list:
+    """Hooks that run a position-wise `module` (an MLP, an output projection) only at the positions where
+    `computed` [R, T] is set, packed into one sequence, and give the `source` output [R, T, d] elsewhere.
+    `before` edits the input first; a float `keep` [R, T] mixes the computed output with the source's."""
+    def pack(module, args):
+        x = args[0] if before is None else before(args[0])
+        return (x[computed][None],) + tuple(args[1:])
+
+    def scatter(module, args, output):
+        out = output_tensor(output)[0]  # [computed positions, d]
+        full = source.clone()
+        if keep is not None and keep.dtype != torch.bool:
+            out = full[computed] + keep[computed][:, None].to(out.dtype) * (out - full[computed])
+        full[computed] = out
+        return full
+
+    return [module.register_forward_pre_hook(pack), module.register_forward_hook(scatter)]
+
+
 class CircuitRunner:
     """Evaluates many circuits on one group of pairs of equal length, packed.
 
@@ -136,6 +156,9 @@ class CircuitRunner:
         base_ids, source_ids = base_ids.to(device), source_ids.to(device)
         self.base = run_with_cache(model, self.adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
         self.source = run_with_cache(model, self.adapter, source_ids, ("head", "mlp_out"))
+        # What the attention output projection makes of the source run's heads: [P, L, T, d]
+        self.source_out = torch.stack([proj(self.source.acts["head"][:, layer].contiguous())
+                                       for layer, proj in enumerate(self.adapter.out_proj)], dim=1)
         self.n_pairs, seq_len = base_ids.shape
         self.prefix = PrefixReuse(model, self.adapter, self.base)
         self.first = _shared_first(self.prefix, base_ids, source_ids)
@@ -172,31 +195,36 @@ class CircuitRunner:
                      from_base: torch.Tensor) -> torch.Tensor:
         """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables (see `_dense_keep`),
         computed from layer `start` (rows `from_base` start from the base run's residual there, the
-        others from the source run's plus the embedding difference)."""
+        others from the source run's plus the embedding difference).
+
+        A patched output is the source run's whatever its input, so the attention output projection
+        and the MLP run only at the positions where something is kept (packed, all rows at once); the
+        last layer only at the final position."""
         adapter, first = self.adapter, self.first
         device = self.base.final_resid.device
         rows = pair_idx.to(device)
         classes = self.classes[pair_idx]  # [R, T']
-        n_heads = adapter.n_heads
+        n_heads, last = adapter.n_heads, adapter.n_layers - 1
+        final = torch.arange(classes.shape[1]) == classes.shape[1] - 1  # [T']
         layer_inputs = self.prefix.layer_inputs(pair_idx, first, start)  # before the hooks: it may run the model
         handles = []
-
-        def mix_heads(layer, keep):
-            def edit(z):
-                source = self.source.acts["head"][rows, layer, first:]
-                source = source.reshape(*source.shape[:-1], n_heads, -1)
-                return _mix(keep, z.reshape(*z.shape[:-1], n_heads, -1), source).reshape(z.shape)
-            return edit
-
-        def mix_mlp(layer, keep):
-            return lambda live: _mix(keep, live, self.source.acts["mlp_out"][rows, layer, first:])
-
         with installed(handles):
             for layer in range(start, adapter.n_layers):
                 keep_h = keep_head[:, layer].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T', H]
                 keep_m = keep_mlp[:, layer].gather(1, classes)  # [R, T']
-                handles.append(edit_activation(adapter, "head", layer, mix_heads(layer, keep_h[..., None].to(device))))
-                handles.append(edit_activation(adapter, "mlp_out", layer, mix_mlp(layer, keep_m[..., None].to(device))))
+                computed_h, computed_m = (keep_h != 0).any(-1), keep_m != 0  # [R, T']
+                if layer == last:
+                    computed_h, computed_m = computed_h & final, computed_m & final
+                source_z = self.source.acts["head"][rows, layer, first:]
+                source_z = source_z.reshape(*source_z.shape[:-1], n_heads, -1)  # [R, T', H, d_head]
+
+                def mix_heads(z, keep=keep_h[..., None].to(device), source=source_z):
+                    return _mix(keep, z.reshape(source.shape), source).reshape(z.shape)
+
+                handles += _computed_only(adapter.out_proj[layer], computed_h.to(device),
+                                          self.source_out[rows, layer, first:], before=mix_heads)
+                handles += _computed_only(adapter.mlp[layer], computed_m.to(device),
+                                          self.source.acts["mlp_out"][rows, layer, first:], keep=keep_m.to(device))
             base_resid = self.base.acts["resid_pre"]
             resid = base_resid[rows, start, first:]
             if start > 0 and not bool(from_base.all()):
@@ -204,7 +232,7 @@ class CircuitRunner:
                 embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
                 resid = torch.where(from_base.to(device)[:, None, None], resid,
                                     source_resid[rows, start, first:] + embedding_difference)
-            return run_layers(adapter, resid, start, layer_inputs)
+            return run_layers(adapter, resid, start, layer_inputs, final_only=False)
 
     @torch.no_grad()
     def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
@@ -230,6 +258,74 @@ class CircuitRunner:
                                       from_base[circuit])
             out[circuit, pair] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
         return out
+
+
+    @torch.no_grad()
+    def single_node_metrics(self, nodes: Nodes, batch_tokens: int | None = None) -> torch.Tensor:
+        """[N, P]: the metric with node n alone patched from the source run and every other node kept;
+        equal to `metrics` of the masks that keep every node but n, computed the sweep's way.
+
+        A row is one (node, pair). Below the node's layer and before the first position of its class
+        nothing changes, so a row starts from the base run's residual at that layer and position and
+        attends to the base run's cached keys and values for the rest (layer skip, prefix reuse); a pair
+        without a position of the node's class (or, at the last layer, without the final position in it)
+        keeps the base metric. A batch holds rows of one layer and one
+        first position (no row computes a position it does not change), at most about `batch_tokens`
+        computed tokens.
+        """
+        if len(nodes) and (int(nodes.cls.max()) >= self.n_classes or int(nodes.cls.min()) < 0):
+            raise ValueError(f"node classes must lie in 0..{self.n_classes - 1}")
+        if bool((nodes.kind == EMBED).any()):
+            raise ValueError("embedding nodes are inputs, not circuit members: leave them out")
+        if not self.all_classified:  # positions in no class are patched in every circuit: not the base run
+            masks = ~torch.eye(len(nodes), dtype=torch.bool)
+            return self.metrics(nodes, masks)
+        n_nodes, n_pairs = len(nodes), self.n_pairs
+        out = self.metric_full[None].repeat(n_nodes, 1)
+        in_class = self.classes[None] == nodes.cls[:, None, None]  # [N, P, T']
+        # At the last layer only the final position's output is read.
+        in_class[nodes.layer == self.adapter.n_layers - 1, :, :-1] = False
+        node_rows, pair_rows = in_class.any(-1).nonzero(as_tuple=True)
+        begin = in_class[node_rows, pair_rows].float().argmax(-1)  # the first position of the class, from self.first
+        layer = nodes.layer[node_rows]
+        order = torch.argsort(layer * (in_class.shape[-1] + 1) + begin, stable=True)
+        node_rows, pair_rows, begin, layer = node_rows[order], pair_rows[order], begin[order], layer[order]
+        device = self.base.final_resid.device
+        token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
+        seq_len = self.base.acts["resid_pre"].shape[2]
+        start, n_rows = 0, len(node_rows)
+        while start < n_rows:
+            at, first = int(layer[start]), self.prefix.start(self.first + int(begin[start]))
+            alike = int(((layer[start:] == at) & (begin[start:] == begin[start])).sum())  # sorted: a run
+            stop = start + min(alike, self.batch_rows, max(1, token_budget // (seq_len - first)))
+            rows = slice(start, stop)
+            final = self._single_node_final_resid(nodes.select(node_rows[rows]), pair_rows[rows], at, first)
+            out[node_rows[rows], pair_rows[rows]] = measure(self.adapter, self.metric, self.answers, final,
+                                                            pair_rows[rows]).cpu()
+            start = stop
+        return out
+
+    def _single_node_final_resid(self, nodes: Nodes, pair_idx: torch.Tensor, layer: int, first: int) -> torch.Tensor:
+        """Final residuals [R, d] of base rows `pair_idx`, row r with node r (all at `layer`) patched from the
+        source run at every position of its class; positions first..T-1 computed from `layer` on."""
+        adapter, device = self.adapter, self.base.final_resid.device
+        rows = pair_idx.to(device)
+        where = self.classes[pair_idx, first - self.first:] == nodes.cls[:, None]  # [R, T'']
+        heads = (nodes.kind == HEAD)[:, None] & (nodes.head[:, None] == torch.arange(adapter.n_heads))  # [R, H]
+        head_mask = (where[:, :, None] & heads[:, None])[..., None].to(device)  # [R, T'', H, 1]
+        mlp_mask = (where & (nodes.kind == MLP)[:, None])[..., None].to(device)  # [R, T'', 1]
+        source_z = self.source.acts["head"][rows, layer, first:]
+        source_z = source_z.reshape(*source_z.shape[:-1], adapter.n_heads, -1)
+        source_mlp = self.source.acts["mlp_out"][rows, layer, first:]
+
+        def patch_heads(z):
+            return _mix(~head_mask, z.reshape(source_z.shape[0], -1, *source_z.shape[2:]), source_z).reshape(z.shape)
+
+        layer_inputs = self.prefix.layer_inputs(pair_idx, first, layer)  # before the hooks: it may run the model
+        handles = [edit_activation(adapter, "head", layer, patch_heads),
+                   edit_activation(adapter, "mlp_out", layer, lambda live: _mix(~mlp_mask, live, source_mlp))]
+        with installed(handles):
+            return run_layers(adapter, self.base.acts["resid_pre"][rows, layer, first:], layer, layer_inputs)
 
 
 def faithfulness(metric_circuit: torch.Tensor, metric_full: torch.Tensor, metric_empty: torch.Tensor) -> torch.Tensor:

@@ -190,16 +190,16 @@ def prefix_cache(model: nn.Module, kv, rows: torch.Tensor, prefix_len: int, firs
     return cache
 
 
-def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs) -> torch.Tensor:
+def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs, final_only: bool = True) -> torch.Tensor:
     """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d].
 
     Only the final position's output is read, so the last layer's attention output projection and MLP
     see that position alone (the residual add broadcasts it back); its keys and values still cover
-    every position the final query attends to.
+    every position the final query attends to. `final_only=False` leaves that to the caller's hooks.
     """
     last = adapter.n_layers - 1
     handles = []
-    if start <= last and resid.shape[1] > 1:
+    if final_only and start <= last and resid.shape[1] > 1:
         handles = [adapter.out_proj[last].register_forward_pre_hook(_final_position_only),
                    adapter.mlp[last].register_forward_pre_hook(_final_position_only)]
     with installed(handles):
