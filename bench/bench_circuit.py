@@ -1,14 +1,23 @@
-"""The circuit step on a shipped organism, outside the pipeline: pairs -> circuit.json + diagram.
+"""The circuit step on a shipped organism, outside the pipeline.
 
-    python bench/bench_circuit.py refusal-tiny --n-pairs 64 --out outputs/circuit-bench
+    python bench/bench_circuit.py circuit refusal-tiny --n-pairs 64 --out outputs/circuit-bench
+    python bench/bench_circuit.py verify smollm2-refusal --pairs outputs/refusal_smol/.../pairs.arrow --max-pairs 8
 
-Prints what a reviewer of a circuit asks for: its size vs the candidates, faithfulness with its interval,
-the random control, attribution agreement, the refusal direction, and the time each part took.
+`circuit`: pairs -> circuit.json + diagram, and what a reviewer of a circuit asks for: its size vs the
+candidates, faithfulness with its interval, stability over resampled pairs, the random control,
+attribution agreement, the refusal direction, and the time each part took.
+
+`verify`: exact single-node verification of every candidate node on every pair, two ways side by side
+in one process on the same caches: the masked circuit runner with one circuit per node (every node kept
+but one: the circuit step's path before the single-node one) and `CircuitRunner.single_node_metrics`.
+Prints both times, rows (node x pair) per second, the ratio and the largest difference, with the load
+average before and after (the machine is shared: ratios within one run are what counts).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,9 +25,98 @@ import pyarrow as pa
 import torch
 
 
+def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
+    """(model, pairs table with clean_tokens): a run's pairs.arrow when given, else built and screened here."""
+    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
+    from pipeline.store import read_table
+
+    model, tokenizer = load_model(resolve(organism))
+    if path:
+        return model, read_table(path)
+    pairs = build_pairs(model, tokenizer, source_pairs(organism, tokenizer, n=n_pairs, seed=seed)).table
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
+    return model, pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+
+
+def circuit(args) -> None:
+    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.outputs.diagram import render_circuit
+    from pipeline.store import publish_json
+
+    start = time.perf_counter()
+    model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
+    screened = time.perf_counter()
+    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target)
+    found = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism).to_json()
+    built = time.perf_counter()
+    out = Path(args.out)
+    publish_json(out / "circuit.json", found)
+    render_circuit(found, out)
+    rendered = time.perf_counter()
+
+    agree, rnd, direction = found["attribution"], found["random_control"], found["refusal_direction"]
+    best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
+    stability = found["stability"]
+    report = {
+        "organism": args.organism, "pairs": found["n_pairs"],
+        "candidates": found["candidates"], "size": found["size"], "fraction": round(found["fraction"], 4),
+        "faithfulness": round(found["faithfulness"], 4), "faithfulness_ci": [round(x, 4) for x in found["faithfulness_ci"]],
+        "core": stability["core_size"], "resamples": stability["n_resamples"],
+        "resample_size_median": stability["size_median"],
+        "random_mean": round(rnd["mean"], 4), "random_std": round(rnd["std"], 4), "random_max": round(rnd["max"], 4),
+        "cpr": round(found["mib"]["cpr"], 4), "cmd": round(found["mib"]["cmd"], 4),
+        "spearman": round(agree["spearman"], 4), "top_k_recall": agree["top_k_recall"], "k": agree["k"],
+        "verified": agree["n_verified"], "missed_strong_estimate": agree["missed_strong_estimate"],
+        "missed_strong_upper95": round(agree["missed_strong_upper95"], 2),
+        "refusal_direction_layer": direction["best_layer"], "ablation": round(best["ablation_effect"], 4),
+        "addition": round(best["addition_effect"], 4),
+        "nodes": [n["id"] for n in found["nodes"]],
+        "edges_drawn": sum(e["drawn"] for e in found["edges"]),
+        "seconds": {"load and pairs": round(screened - start, 1), "circuit": round(built - screened, 1),
+                    "render": round(rendered - built, 1), **found["seconds"]},
+        "forward_rows": found["forward_rows"], "out": str(out),
+    }
+    print(json.dumps(report, indent=2))
+
+
+def verify(args) -> None:
+    from pipeline.analysis.circuit_search import prepare
+    from pipeline.config import CircuitConfig
+
+    model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
+    setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")
+    evaluator, nodes = setup.evaluator, setup.nodes
+    n_rows = len(nodes) * evaluator.n_pairs
+    load_before = os.getloadavg()
+    clock = time.perf_counter()
+    fast = evaluator.single_node_metrics(nodes)
+    fast_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    masked = evaluator.metrics(nodes, ~torch.eye(len(nodes), dtype=torch.bool))
+    masked_s = time.perf_counter() - clock
+    load_after = os.getloadavg()
+    effects_fast, effects_masked = evaluator.effects(fast), evaluator.effects(masked)
+    print(json.dumps({
+        "organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes), "rows": n_rows,
+        "torch_threads": torch.get_num_threads(),
+        "masked_runner_s": round(masked_s, 1), "masked_rows_per_s": round(n_rows / masked_s, 1),
+        "single_node_s": round(fast_s, 1), "single_node_rows_per_s": round(n_rows / fast_s, 1),
+        "ratio": round(masked_s / fast_s, 2),
+        "max_abs_diff_metric": float((fast - masked).abs().max()),
+        "max_abs_diff_effect": float((effects_fast - effects_masked).abs().max()),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+    }, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["circuit", "verify"])
     parser.add_argument("organism", help="refusal-tiny, smollm2-refusal, or a model folder")
+    parser.add_argument("--pairs", help="a run's pairs.arrow (screened pairs) instead of building them here")
     parser.add_argument("--n-pairs", type=int, default=64, help="pairs to generate before the behaviour screen")
     parser.add_argument("--max-pairs", type=int, default=64, help="pairs the circuit step uses")
     parser.add_argument("--seed", type=int, default=0)
@@ -27,50 +125,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/circuit-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from pipeline.analysis.circuit_search import find_circuit
-    from pipeline.analysis.pairs import build_pairs, source_pairs
-    from pipeline.config import CircuitConfig, SummaryConfig
-    from pipeline.engine.loading import load_model
-    from pipeline.organisms import resolve
-    from pipeline.outputs.diagram import render_circuit
-    from pipeline.store import publish_json
-
-    start = time.perf_counter()
-    model, tokenizer = load_model(resolve(args.organism))
-    loaded = time.perf_counter()
-    pairs = build_pairs(model, tokenizer, source_pairs(args.organism, tokenizer, n=args.n_pairs, seed=args.seed)).table
-    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
-    pairs = pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
-    screened = time.perf_counter()
-    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target)
-    circuit = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism).to_json()
-    built = time.perf_counter()
-    out = Path(args.out)
-    publish_json(out / "circuit.json", circuit)
-    render_circuit(circuit, out)
-    rendered = time.perf_counter()
-
-    agree, rnd, direction = circuit["attribution"], circuit["random_control"], circuit["refusal_direction"]
-    best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
-    report = {
-        "organism": args.organism, "pairs": circuit["n_pairs"],
-        "candidates": circuit["candidates"], "size": circuit["size"], "fraction": round(circuit["fraction"], 4),
-        "faithfulness": round(circuit["faithfulness"], 4), "faithfulness_ci": [round(x, 4) for x in circuit["faithfulness_ci"]],
-        "random_mean": round(rnd["mean"], 4), "random_std": round(rnd["std"], 4), "random_max": round(rnd["max"], 4),
-        "cpr": round(circuit["mib"]["cpr"], 4), "cmd": round(circuit["mib"]["cmd"], 4),
-        "spearman": round(agree["spearman"], 4), "top_k_recall": agree["top_k_recall"], "k": agree["k"],
-        "verified": agree["n_verified"], "missed_strong_estimate": agree["missed_strong_estimate"],
-        "missed_strong_upper95": round(agree["missed_strong_upper95"], 2),
-        "refusal_direction_layer": direction["best_layer"], "ablation": round(best["ablation_effect"], 4),
-        "addition": round(best["addition_effect"], 4),
-        "nodes": [n["id"] for n in circuit["nodes"]],
-        "edges_drawn": sum(e["drawn"] for e in circuit["edges"]),
-        "seconds": {"load": round(loaded - start, 1), "pairs": round(screened - loaded, 1),
-                    "circuit": round(built - screened, 1), "render": round(rendered - built, 1)},
-        "forward_rows": circuit["forward_rows"], "out": str(out),
-    }
-    print(json.dumps(report, indent=2))
+    circuit(args) if args.mode == "circuit" else verify(args)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,9 @@ class AdditiveFaithfulness:
     def faithfulness(self, nodes, masks):
         return (masks.float() * self.weights).sum(1)
 
+    def faithfulness_without_each(self, nodes, members):
+        return np.array([float(self.weights[members].sum() - self.weights[m]) for m in members])
+
 
 def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
     from pipeline.analysis.circuit_search import grow, prune
@@ -350,3 +353,27 @@ def test_single_node_verification_matches_the_hook_per_node_reference(model_type
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     absent = (nodes.cls == 2).nonzero().squeeze(1)
     assert torch.equal(fast[absent, 0], runner.metric_full[0].expand(len(absent)))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_circuit_without_each_member_matches_the_hook_per_node_reference(model_type):
+    """A circuit without each of its members, computed from the circuit's own recorded run (rows from the
+    member's layer and class, batches cut small), equals the reference on the same masks: for a sparse
+    circuit (its run starts from the corrupted residual) and one keeping every node of layer 0 (members
+    below its start layer, whose rows start from the clean run)."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])  # 20 nodes per layer
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=5)
+    sparse = torch.rand(len(nodes), generator=torch.Generator().manual_seed(4)) < 0.3
+    sparse[:20] = False  # nothing kept at layer 0
+    sparse[[25, 47, 59]] = True  # a head at layer 1, an MLP at layer 2 and the final position's MLP at the last layer
+    low = sparse.clone()
+    low[:20] = True
+    for circuit in (sparse, low):
+        members = circuit.nonzero().squeeze(1)
+        masks = circuit.expand(len(members), -1).clone()
+        masks[torch.arange(len(members)), members] = False
+        fast = runner.without_each(nodes, circuit)
+        reference = reference_circuit_metrics(model, clean, corrupted, answers, classes, nodes, masks)
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)

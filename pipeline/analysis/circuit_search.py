@@ -358,6 +358,14 @@ class Evaluator:
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
+    def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        """[M] f of the circuit `members` without each of them, in the order given."""
+        self.forward_rows += len(members) * self.n_pairs
+        circuit = _subset_masks(len(nodes), [members])[0]
+        metric = self._gather([runner.without_each(nodes, circuit) for runner in self.runners])  # members sorted
+        by_index = np.argsort(np.argsort(members))
+        return faithfulness(metric, self.metric_full, self.metric_empty).numpy()[by_index]
+
     def effects(self, metric: torch.Tensor) -> torch.Tensor:
         """Per-pair normalised noise effects [C, P] of metrics [C, P]: 1 = the refusal gap is gone."""
         return (metric - self.metric_full) / (self.metric_empty - self.metric_full)
@@ -475,8 +483,7 @@ def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
     geometric grid, then narrowed, `chunk` circuits per pass). Returns (kept, removed, f of the kept
     circuit without each of its nodes)."""
     def without_each(members: list[int]) -> np.ndarray:
-        return evaluator.faithfulness(
-            nodes, _subset_masks(len(nodes), [[c for c in members if c != drop] for drop in members])).numpy()
+        return evaluator.faithfulness_without_each(nodes, members)
 
     kept, removed = list(circuit), []
     f_without = without_each(kept)

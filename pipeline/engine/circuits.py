@@ -190,49 +190,76 @@ class CircuitRunner:
         start = torch.maximum(below_kept, below_patched).clamp(max=n_layers - 1)
         return start, below_kept >= below_patched
 
-    @torch.no_grad()
-    def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
-                     from_base: torch.Tensor) -> torch.Tensor:
-        """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables (see `_dense_keep`),
-        computed from layer `start` (rows `from_base` start from the base run's residual there, the
-        others from the source run's plus the embedding difference).
+    def _run(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, resid: torch.Tensor,
+             layer: int, layer_inputs) -> torch.Tensor:
+        """Layers layer..L-1 on residuals [R, T'', d] (the last T'' positions) of base rows `pair_idx` with per-row
+        keep tables (see `_dense_keep`); the final position's residual [R, d].
 
         A patched output is the source run's whatever its input, so the attention output projection
-        and the MLP run only at the positions where something is kept (packed, all rows at once); the
-        last layer only at the final position."""
-        adapter, first = self.adapter, self.first
-        device = self.base.final_resid.device
+        and the MLP run only at the positions where something is kept (packed, all rows at once), the
+        last layer only at the final position; a layer that keeps everything runs unhooked."""
+        adapter, device = self.adapter, resid.device
+        n_heads, last, offset = adapter.n_heads, adapter.n_layers - 1, self.base.acts["resid_pre"].shape[2] - resid.shape[1]
         rows = pair_idx.to(device)
-        classes = self.classes[pair_idx]  # [R, T']
-        n_heads, last = adapter.n_heads, adapter.n_layers - 1
-        final = torch.arange(classes.shape[1]) == classes.shape[1] - 1  # [T']
-        layer_inputs = self.prefix.layer_inputs(pair_idx, first, start)  # before the hooks: it may run the model
+        classes = self.classes[pair_idx, offset - self.first:]  # [R, T'']
+        final = torch.arange(classes.shape[1]) == classes.shape[1] - 1  # [T'']
         handles = []
         with installed(handles):
-            for layer in range(start, adapter.n_layers):
-                keep_h = keep_head[:, layer].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T', H]
-                keep_m = keep_mlp[:, layer].gather(1, classes)  # [R, T']
-                computed_h, computed_m = (keep_h != 0).any(-1), keep_m != 0  # [R, T']
-                if layer == last:
+            for at in range(layer, adapter.n_layers):
+                keep_h = keep_head[:, at].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T'', H]
+                keep_m = keep_mlp[:, at].gather(1, classes)  # [R, T'']
+                if bool((keep_h == 1).all()) and bool((keep_m == 1).all()) and at < last:
+                    continue
+                computed_h, computed_m = (keep_h != 0).any(-1), keep_m != 0  # [R, T'']
+                if at == last:
                     computed_h, computed_m = computed_h & final, computed_m & final
-                source_z = self.source.acts["head"][rows, layer, first:]
-                source_z = source_z.reshape(*source_z.shape[:-1], n_heads, -1)  # [R, T', H, d_head]
+                source_z = self.source.acts["head"][rows, at, offset:]
+                source_z = source_z.reshape(*source_z.shape[:-1], n_heads, -1)  # [R, T'', H, d_head]
 
                 def mix_heads(z, keep=keep_h[..., None].to(device), source=source_z):
                     return _mix(keep, z.reshape(source.shape), source).reshape(z.shape)
 
-                handles += _computed_only(adapter.out_proj[layer], computed_h.to(device),
-                                          self.source_out[rows, layer, first:], before=mix_heads)
-                handles += _computed_only(adapter.mlp[layer], computed_m.to(device),
-                                          self.source.acts["mlp_out"][rows, layer, first:], keep=keep_m.to(device))
-            base_resid = self.base.acts["resid_pre"]
-            resid = base_resid[rows, start, first:]
-            if start > 0 and not bool(from_base.all()):
-                source_resid = self.source.acts["resid_pre"]
-                embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
-                resid = torch.where(from_base.to(device)[:, None, None], resid,
-                                    source_resid[rows, start, first:] + embedding_difference)
-            return run_layers(adapter, resid, start, layer_inputs, final_only=False)
+                handles += _computed_only(adapter.out_proj[at], computed_h.to(device),
+                                          self.source_out[rows, at, offset:], before=mix_heads)
+                handles += _computed_only(adapter.mlp[at], computed_m.to(device),
+                                          self.source.acts["mlp_out"][rows, at, offset:], keep=keep_m.to(device))
+            return run_layers(adapter, resid, layer, layer_inputs, final_only=False)
+
+    @torch.no_grad()
+    def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
+                     from_base: torch.Tensor, record: bool = False):
+        """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables, computed from layer
+        `start` (rows `from_base` start from the base run's residual there, the others from the source
+        run's plus the embedding difference). With `record`, also what a run relative to this one reuses:
+        the residual entering every layer [R, L, T', d] and every layer's keys and values (positions
+        before `first` are the base run's; layers below `start` too, when they keep everything)."""
+        adapter, first = self.adapter, self.first
+        rows = pair_idx.to(self.base.final_resid.device)
+        layer_inputs, cache = self.prefix.with_cache(pair_idx, first, start)  # before the hooks: it may run the model
+        base_resid = self.base.acts["resid_pre"]
+        resid = base_resid[rows, start, first:]
+        if start > 0 and not bool(from_base.all()):
+            source_resid = self.source.acts["resid_pre"]
+            embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
+            resid = torch.where(from_base.to(resid.device)[:, None, None], resid,
+                                source_resid[rows, start, first:] + embedding_difference)
+        if not record:
+            return self._run(pair_idx, keep_head, keep_mlp, resid, start, layer_inputs)
+        with capture(adapter, ("resid_pre",), layers=range(start, adapter.n_layers)) as seen:
+            final = self._run(pair_idx, keep_head, keep_mlp, resid, start, layer_inputs)
+        entering = torch.stack([base_resid[rows, layer, first:] if layer < start else seen.acts["resid_pre"][layer]
+                                for layer in range(adapter.n_layers)], dim=1)
+        kv = None
+        if cache is not None:
+            kv = [(k[rows], v[rows]) if layer < start else (cache.layers[layer].keys, cache.layers[layer].values)
+                  for layer, (k, v) in enumerate(self.base.kv)]
+        return final, entering, kv
+
+    def _check_nodes(self, nodes: Nodes) -> None:
+        if len(nodes) and (int(nodes.cls.max()) >= self.n_classes or int(nodes.cls.min()) < 0):
+            raise ValueError(f"node classes must lie in 0..{self.n_classes - 1}")
+        if bool((nodes.kind == EMBED).any()):
+            raise ValueError("embedding nodes are inputs, not circuit members: leave them out of circuit masks")
 
     @torch.no_grad()
     def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
@@ -240,10 +267,7 @@ class CircuitRunner:
         masks = masks.cpu()
         if masks.ndim != 2 or masks.shape[1] != len(nodes):
             raise ValueError(f"masks must be [circuits, {len(nodes)} nodes], got {tuple(masks.shape)}")
-        if len(nodes) and (int(nodes.cls.max()) >= self.n_classes or int(nodes.cls.min()) < 0):
-            raise ValueError(f"node classes must lie in 0..{self.n_classes - 1}")
-        if bool((nodes.kind == EMBED).any()):
-            raise ValueError("embedding nodes are inputs, not circuit members: leave them out of circuit masks")
+        self._check_nodes(nodes)
         n_circuits, n_pairs = masks.shape[0], self.n_pairs
         keep_head, keep_mlp = _dense_keep(nodes, masks, self.adapter.n_layers, self.n_classes, self.adapter.n_heads)
         start_layer, from_base = self._start_layers(keep_head, keep_mlp)
@@ -259,73 +283,80 @@ class CircuitRunner:
             out[circuit, pair] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
         return out
 
-
     @torch.no_grad()
-    def single_node_metrics(self, nodes: Nodes, batch_tokens: int | None = None) -> torch.Tensor:
-        """[N, P]: the metric with node n alone patched from the source run and every other node kept;
-        equal to `metrics` of the masks that keep every node but n, computed the sweep's way.
+    def without_each(self, nodes: Nodes, circuit: torch.Tensor | None = None,
+                     batch_tokens: int | None = None) -> torch.Tensor:
+        """[M, P]: the metric of a circuit without each of its M members in turn; equal to `metrics` of
+        those M masks, computed relative to the circuit's own run. `circuit` is a bool mask [N] over
+        `nodes`; None stands for every head and MLP of the model (the base run), whose members are `nodes`.
 
-        A row is one (node, pair). Below the node's layer and before the first position of its class
-        nothing changes, so a row starts from the base run's residual at that layer and position and
-        attends to the base run's cached keys and values for the rest (layer skip, prefix reuse); a pair
-        without a position of the node's class (or, at the last layer, without the final position in it)
-        keeps the base metric. A batch holds rows of one layer and one
-        first position (no row computes a position it does not change), at most about `batch_tokens`
-        computed tokens.
+        The circuit runs once, recording its residuals and keys/values. A row is one (member, pair): below
+        the member's layer and before the first position of its class nothing changes, so the row starts
+        from the circuit's residual there and attends to the circuit's cached keys and values for the rest
+        (layer skip, prefix reuse, as the sweep does from the base run); a pair without a position of the
+        member's class (or, at the last layer, without the final position in it) keeps the circuit's
+        metric. A batch holds rows of one layer and one first position (no row computes a position it does
+        not change), at most about `batch_tokens` computed tokens.
         """
-        if len(nodes) and (int(nodes.cls.max()) >= self.n_classes or int(nodes.cls.min()) < 0):
-            raise ValueError(f"node classes must lie in 0..{self.n_classes - 1}")
-        if bool((nodes.kind == EMBED).any()):
-            raise ValueError("embedding nodes are inputs, not circuit members: leave them out")
-        if not self.all_classified:  # positions in no class are patched in every circuit: not the base run
-            masks = ~torch.eye(len(nodes), dtype=torch.bool)
-            return self.metrics(nodes, masks)
-        n_nodes, n_pairs = len(nodes), self.n_pairs
-        out = self.metric_full[None].repeat(n_nodes, 1)
-        in_class = self.classes[None] == nodes.cls[:, None, None]  # [N, P, T']
-        # At the last layer only the final position's output is read.
-        in_class[nodes.layer == self.adapter.n_layers - 1, :, :-1] = False
-        node_rows, pair_rows = in_class.any(-1).nonzero(as_tuple=True)
-        begin = in_class[node_rows, pair_rows].float().argmax(-1)  # the first position of the class, from self.first
-        layer = nodes.layer[node_rows]
+        self._check_nodes(nodes)
+        n_layers, n_heads, device = self.adapter.n_layers, self.adapter.n_heads, self.base.final_resid.device
+        all_pairs = torch.arange(self.n_pairs)
+        if circuit is None and not self.all_classified:
+            # positions in no class are patched in every circuit: the full circuit is not the base run
+            everything = torch.ones(len(nodes), dtype=torch.bool)
+            return self.metrics(nodes, everything[None] & ~torch.eye(len(nodes), dtype=torch.bool))
+        if circuit is None:  # the base run; positions in no class hold the same values in both runs
+            members = torch.arange(len(nodes))
+            keep_head = torch.ones(1, n_layers, self.n_classes + 1, n_heads, dtype=torch.bool)
+            keep_mlp = torch.ones(1, n_layers, self.n_classes + 1, dtype=torch.bool)
+            metric_circuit, entering, kv = self.metric_full, self.base.acts["resid_pre"][:, :, self.first:], self.base.kv
+        else:
+            circuit = circuit.cpu().bool()
+            if circuit.shape != (len(nodes),):
+                raise ValueError(f"the circuit must be a mask over the {len(nodes)} nodes, got {tuple(circuit.shape)}")
+            members = circuit.nonzero().squeeze(1)
+            keep_head, keep_mlp = _dense_keep(nodes, circuit[None], n_layers, self.n_classes, n_heads)  # [1, ...]
+            start, from_base = self._start_layers(keep_head, keep_mlp)
+            final, entering, kv = self._final_resid(all_pairs, keep_head.expand(self.n_pairs, -1, -1, -1),
+                                                    keep_mlp.expand(self.n_pairs, -1, -1), int(start),
+                                                    from_base.expand(self.n_pairs), record=True)
+            metric_circuit = measure(self.adapter, self.metric, self.answers, final, all_pairs).cpu()
+        out = metric_circuit[None].repeat(len(members), 1)
+        member = nodes.select(members)
+        in_class = self.classes[None] == member.cls[:, None, None]  # [M, P, T']
+        in_class[member.layer == n_layers - 1, :, :-1] = False  # at the last layer only the final position is read
+        if kv is None:  # no prefix to reuse: every row computes every position from `first`
+            in_class[..., 0] |= in_class.any(-1)
+        member_rows, pair_rows = in_class.any(-1).nonzero(as_tuple=True)
+        begin = in_class[member_rows, pair_rows].float().argmax(-1)  # from self.first
+        layer = member.layer[member_rows]
         order = torch.argsort(layer * (in_class.shape[-1] + 1) + begin, stable=True)
-        node_rows, pair_rows, begin, layer = node_rows[order], pair_rows[order], begin[order], layer[order]
-        device = self.base.final_resid.device
+        member_rows, pair_rows, begin, layer = member_rows[order], pair_rows[order], begin[order], layer[order]
         token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
-        seq_len = self.base.acts["resid_pre"].shape[2]
-        start, n_rows = 0, len(node_rows)
+        n_computed = in_class.shape[-1]
+        start, n_rows = 0, len(member_rows)
         while start < n_rows:
-            at, first = int(layer[start]), self.prefix.start(self.first + int(begin[start]))
-            alike = int(((layer[start:] == at) & (begin[start:] == begin[start])).sum())  # sorted: a run
-            stop = start + min(alike, self.batch_rows, max(1, token_budget // (seq_len - first)))
-            rows = slice(start, stop)
-            final = self._single_node_final_resid(nodes.select(node_rows[rows]), pair_rows[rows], at, first)
-            out[node_rows[rows], pair_rows[rows]] = measure(self.adapter, self.metric, self.answers, final,
-                                                            pair_rows[rows]).cpu()
+            at, b = int(layer[start]), int(begin[start])
+            alike = int(((layer[start:] == at) & (begin[start:] == b)).sum())  # sorted: a run
+            stop = start + min(alike, self.batch_rows, max(1, token_budget // (n_computed - b)))
+            idx, pair_idx = member_rows[start:stop], pair_rows[start:stop]
+            head, mlp = keep_head.repeat(len(idx), 1, 1, 1), keep_mlp.repeat(len(idx), 1, 1)
+            removed = member.select(idx)
+            is_head, rows = removed.kind == HEAD, torch.arange(len(idx))
+            head[rows[is_head], at, removed.cls[is_head], removed.head[is_head]] = False
+            mlp[rows[~is_head], at, removed.cls[~is_head]] = False
+            rows_on = pair_idx.to(device)
+            layer_inputs = (self.prefix.layer_inputs(pair_idx, self.first + b, at, kv) if kv is not None
+                            else self.prefix.layer_inputs(pair_idx, self.first, at))
+            final = self._run(pair_idx, head, mlp, entering[rows_on, at, b:], at, layer_inputs)
+            out[idx, pair_idx] = measure(self.adapter, self.metric, self.answers, final, pair_idx).cpu()
             start = stop
         return out
 
-    def _single_node_final_resid(self, nodes: Nodes, pair_idx: torch.Tensor, layer: int, first: int) -> torch.Tensor:
-        """Final residuals [R, d] of base rows `pair_idx`, row r with node r (all at `layer`) patched from the
-        source run at every position of its class; positions first..T-1 computed from `layer` on."""
-        adapter, device = self.adapter, self.base.final_resid.device
-        rows = pair_idx.to(device)
-        where = self.classes[pair_idx, first - self.first:] == nodes.cls[:, None]  # [R, T'']
-        heads = (nodes.kind == HEAD)[:, None] & (nodes.head[:, None] == torch.arange(adapter.n_heads))  # [R, H]
-        head_mask = (where[:, :, None] & heads[:, None])[..., None].to(device)  # [R, T'', H, 1]
-        mlp_mask = (where & (nodes.kind == MLP)[:, None])[..., None].to(device)  # [R, T'', 1]
-        source_z = self.source.acts["head"][rows, layer, first:]
-        source_z = source_z.reshape(*source_z.shape[:-1], adapter.n_heads, -1)
-        source_mlp = self.source.acts["mlp_out"][rows, layer, first:]
-
-        def patch_heads(z):
-            return _mix(~head_mask, z.reshape(source_z.shape[0], -1, *source_z.shape[2:]), source_z).reshape(z.shape)
-
-        layer_inputs = self.prefix.layer_inputs(pair_idx, first, layer)  # before the hooks: it may run the model
-        handles = [edit_activation(adapter, "head", layer, patch_heads),
-                   edit_activation(adapter, "mlp_out", layer, lambda live: _mix(~mlp_mask, live, source_mlp))]
-        with installed(handles):
-            return run_layers(adapter, self.base.acts["resid_pre"][rows, layer, first:], layer, layer_inputs)
+    def single_node_metrics(self, nodes: Nodes, batch_tokens: int | None = None) -> torch.Tensor:
+        """[N, P]: the metric with node n alone patched from the source run and every other node kept: the
+        full circuit (the base run) without each node."""
+        return self.without_each(nodes, None, batch_tokens)
 
 
 def faithfulness(metric_circuit: torch.Tensor, metric_full: torch.Tensor, metric_empty: torch.Tensor) -> torch.Tensor:
