@@ -60,17 +60,19 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     clock.lap("caches")
     scores = score_nodes(model, setup, options, summary, metric, rng)
     clock.lap("scores")
-    search = grow_and_prune(setup, scores, options.target)
+    search = grow_and_prune(setup.evaluator, setup.nodes, scores.order, options.target)
     clock.lap("growth and pruning")
     faith = measure_faithfulness(setup, search.circuit, summary, rng)
     checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
     clock.lap("faithfulness, curves, controls")
+    resamples = stability(setup, scores, options)
+    clock.lap("stability")
     links = edges(model, setup, search, faith.value, options, metric)
     clock.lap("edges")
     direction = refusal_direction(model, setup, search.circuit, options, metric)
     clock.lap("refusal direction")
-    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, links,
-                         direction, setup.evaluator.forward_rows, clock.seconds)
+    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
+                         links, direction, setup.evaluator.forward_rows, clock.seconds)
 
 
 # ---- the phases' results -----------------------------------------------------------------------------
@@ -96,6 +98,8 @@ class NodeScores:
     exact_ci: np.ndarray  # [N, 2] its bootstrap interval
     top: np.ndarray  # attribution's top set (verified)
     sample: np.ndarray  # the random sample of the rest (verified)
+    attribution_pairs: np.ndarray  # [N, P] per pair
+    exact_pairs: np.ndarray  # [N, P] per pair; nan rows where not verified
 
     @property
     def best(self) -> np.ndarray:
@@ -105,7 +109,16 @@ class NodeScores:
     @property
     def order(self) -> np.ndarray:
         """Nodes by verified effect first (strongest first), then the rest by attribution."""
-        return np.lexsort((-self.attribution, -np.nan_to_num(self.exact, nan=-np.inf), np.isnan(self.exact)))
+        return _order(self.attribution, self.exact)
+
+    def order_on(self, weights: np.ndarray) -> np.ndarray:
+        """`order` with every pair counted `weights` [P] times (a bootstrap resample)."""
+        mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
+        return _order(mean(self.attribution_pairs), mean(self.exact_pairs))
+
+
+def _order(attribution: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    return np.lexsort((-attribution, -np.nan_to_num(exact, nan=-np.inf), np.isnan(exact)))
 
 
 @dataclass
@@ -133,6 +146,15 @@ class Controls:
 
 
 @dataclass
+class Stability:
+    """The search (growth and pruning on the verified scores) re-run on bootstrap resamples of the pairs."""
+    frequency: np.ndarray  # [N] share of the resamples whose circuit holds each node
+    sizes: np.ndarray  # [B] each resample's circuit size
+    faithfulness: np.ndarray  # [B] each resample's circuit, on its own resample
+    threshold: float  # core nodes are found in at least this share of the resamples
+
+
+@dataclass
 class Edges:
     edges: list[dict] = field(default_factory=list)
     note: str | None = None
@@ -155,6 +177,7 @@ class CircuitResult:
     search: Search
     faithfulness: Faithfulness
     controls: Controls
+    stability: Stability
     edges: Edges
     direction: Direction
     forward_rows: int
@@ -162,7 +185,7 @@ class CircuitResult:
 
     def to_json(self) -> dict:
         """The content of circuit.json."""
-        setup, scores, search, faith = self.setup, self.scores, self.search, self.faithfulness
+        setup, scores, search, faith, stable = self.setup, self.scores, self.search, self.faithfulness, self.stability
         nodes, names, evaluator = setup.nodes, setup.names, setup.evaluator
         circuit, n_nodes = search.circuit, len(setup.nodes)
         in_circuit = faith.value - search.f_without
@@ -177,6 +200,7 @@ class CircuitResult:
                 "attribution": _num(scores.attribution[i]), "in_circuit_effect": _num(in_circuit[j]),
                 "refusal_projection": _num(self.direction.projections[j][0]),
                 "refusal_cosine": _num(self.direction.projections[j][1]),
+                "inclusion_frequency": float(stable.frequency[i]), "core": bool(stable.frequency[i] >= stable.threshold),
             })
         random = self.controls.random
         options = self.options
@@ -202,6 +226,7 @@ class CircuitResult:
             "random_control": {"n": len(random), "size": len(circuit), "mean": float(random.mean()),
                                "std": float(random.std()), "max": float(random.max()) if len(random) else None},
             "per_category": faith.per_category,
+            "stability": stability_json(stable, circuit, nodes, names),
             "nodes": node_rows,
             "pruned": [node_id(nodes, i, names) for i in search.pruned],
             "edges": self.edges.edges, "edges_note": self.edges.note,
@@ -215,6 +240,24 @@ class CircuitResult:
             "forward_rows": self.forward_rows,
             "seconds": self.seconds,
         }
+
+
+def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: list[str]) -> dict:
+    """circuit.json's stability: the core, the resamples' sizes and faithfulness, frequent nodes outside."""
+    core = [i for i in circuit if stable.frequency[i] >= stable.threshold]
+    outside = [i for i in np.argsort(-stable.frequency, kind="stable") if i not in set(circuit)
+               and stable.frequency[i] >= 0.5]
+    sizes = stable.sizes
+    return {
+        "n_resamples": len(sizes), "core_threshold": stable.threshold,
+        "core": [node_id(nodes, i, names) for i in core], "core_size": len(core),
+        "size_median": float(np.median(sizes)) if len(sizes) else None,
+        "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
+        "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
+        "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
+        "method": "growth and pruning on the verified scores, re-run on bootstrap resamples of the pairs "
+                  "(each orders the nodes by its own mean scores and measures faithfulness on its own pairs)",
+    }
 
 
 class PhaseClock:
@@ -249,19 +292,21 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
                 rng: np.random.Generator) -> NodeScores:
     """Attribution for every node; exact single-node effects (with intervals) for the verified ones."""
     n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
-    attribution = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs).mean(1).numpy()
+    attribution_pairs = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs)
+    attribution = attribution_pairs.mean(1).numpy()
     verified, top, sample = choose_verified(attribution, n_pairs, options, rng)
     exact_pairs = single_node_effects(setup.evaluator, setup.nodes, verified.tolist())
     exact = np.full(n_nodes, np.nan)
     exact[verified] = exact_pairs.mean(1).numpy()
     exact_ci = np.full((n_nodes, 2), np.nan)
     exact_ci[verified] = bootstrap_mean_ci(exact_pairs.numpy(), summary.n_bootstrap, summary.ci, rng)
-    return NodeScores(attribution, exact, exact_ci, top, sample)
+    per_pair = np.full((n_nodes, n_pairs), np.nan)
+    per_pair[verified] = exact_pairs.numpy()
+    return NodeScores(attribution, exact, exact_ci, top, sample, attribution_pairs.numpy(), per_pair)
 
 
-def grow_and_prune(setup: Setup, scores: NodeScores, target: float) -> Search:
+def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float) -> Search:
     """The smallest prefix of the score order reaching the target, then pruned; ordered by place."""
-    evaluator, nodes, order = setup.evaluator, setup.nodes, scores.order
     size, curve = grow(evaluator, nodes, order, target)
     circuit, pruned, f_without = prune(evaluator, nodes, order[:size].tolist(), target)
     by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
@@ -299,6 +344,24 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
     return Controls(mib, setup.evaluator.faithfulness(setup.nodes, _subset_masks(n_nodes, random_sets)).numpy())
 
 
+def stability(setup: Setup, scores: NodeScores, options: CircuitConfig) -> Stability:
+    """Growth and pruning on `options.n_resamples` bootstrap resamples of the pairs: each resample orders
+    the nodes by its own mean scores and measures faithfulness on its own pairs (every circuit's metrics
+    are computed once for all pairs and reused). Its own random stream: the other phases' draws stay."""
+    rng = np.random.default_rng([options.seed, 1])
+    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
+    frequency, sizes, faith = np.zeros(n_nodes), [], []
+    for _ in range(options.n_resamples):
+        weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
+        view = Resample(setup.evaluator, weights)
+        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target).circuit
+        frequency[found] += 1
+        sizes.append(len(found))
+        faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
+    n = max(options.n_resamples, 1)
+    return Stability(frequency / n, np.array(sizes), np.array(faith), options.core_threshold)
+
+
 def edges(model, setup: Setup, search: Search, f: float, options: CircuitConfig, metric: str) -> Edges:
     """Path effects among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes)."""
     circuit = search.circuit
@@ -328,7 +391,8 @@ def refusal_direction(model, setup: Setup, circuit: list[int], options: CircuitC
 # ---- evaluation over all groups ----------------------------------------------------------------------
 
 class Evaluator:
-    """Circuit metrics over every pair (all groups), in the order of the circuit step's pairs."""
+    """Circuit metrics over every pair (all groups), in the order of the circuit step's pairs. It serves one
+    node set (the candidates): each circuit's metrics are computed once and kept, by its mask."""
 
     def __init__(self, model, groups: list[PairGroup], n_classes: int, metric: str, max_batch_rows=None):
         self.groups = groups
@@ -337,7 +401,8 @@ class Evaluator:
         self.n_pairs = sum(len(g.rows) for g in groups)
         self.metric_full = self._gather([r.metric_full[None] for r in self.runners])[0]
         self.metric_empty = self._gather([r.metric_empty[None] for r in self.runners])[0]
-        self.forward_rows = 0
+        self.forward_rows = 0  # (circuit, pair) rows computed
+        self._known: dict[bytes, torch.Tensor] = {}  # circuit mask -> metric [P]
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         out = torch.empty(parts[0].shape[0], self.n_pairs)
@@ -346,29 +411,63 @@ class Evaluator:
         return out
 
     def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
-        """masks [C, N] -> metric [C, P]."""
-        self.forward_rows += masks.shape[0] * self.n_pairs
-        return self._gather([runner.metrics(nodes, masks) for runner in self.runners])
+        """masks [C, N] (bool) -> metric [C, P]."""
+        keys = [_key(mask) for mask in masks]
+        todo = sorted({key: c for c, key in enumerate(keys) if key not in self._known}.values())
+        if todo:
+            self.forward_rows += len(todo) * self.n_pairs
+            computed = self._gather([runner.metrics(nodes, masks[todo]) for runner in self.runners])
+            self._known.update({keys[c]: row for c, row in zip(todo, computed)})
+        return torch.stack([self._known[key] for key in keys]) if keys else torch.empty(0, self.n_pairs)
 
     def single_node_metrics(self, nodes: Nodes) -> torch.Tensor:
         """[N, P]: the metric with each node alone patched."""
         self.forward_rows += len(nodes) * self.n_pairs
         return self._gather([runner.single_node_metrics(nodes) for runner in self.runners])
 
+    def without_each(self, nodes: Nodes, members: list[int]) -> torch.Tensor:
+        """[M, P]: the metric of the circuit `members` without each of them, in the order given."""
+        masks = _subset_masks(len(nodes), [members]).repeat(len(members), 1)
+        masks[torch.arange(len(members)), torch.tensor(members, dtype=torch.long)] = False
+        keys = [_key(mask) for mask in masks]
+        if any(key not in self._known for key in keys):
+            self.forward_rows += len(members) * self.n_pairs
+            circuit = _subset_masks(len(nodes), [members])[0]
+            computed = self._gather([runner.without_each(nodes, circuit) for runner in self.runners])  # members sorted
+            self._known.update({_key(masks[m]): row for m, row in zip(np.argsort(members), computed)})
+        return torch.stack([self._known[key] for key in keys])
+
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
     def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
         """[M] f of the circuit `members` without each of them, in the order given."""
-        self.forward_rows += len(members) * self.n_pairs
-        circuit = _subset_masks(len(nodes), [members])[0]
-        metric = self._gather([runner.without_each(nodes, circuit) for runner in self.runners])  # members sorted
-        by_index = np.argsort(np.argsort(members))
-        return faithfulness(metric, self.metric_full, self.metric_empty).numpy()[by_index]
+        return faithfulness(self.without_each(nodes, members), self.metric_full, self.metric_empty).numpy()
 
     def effects(self, metric: torch.Tensor) -> torch.Tensor:
         """Per-pair normalised noise effects [C, P] of metrics [C, P]: 1 = the refusal gap is gone."""
         return (metric - self.metric_full) / (self.metric_empty - self.metric_full)
+
+
+class Resample:
+    """The evaluator's faithfulness with every pair counted `weights` [P] times (a bootstrap resample)."""
+
+    def __init__(self, evaluator: Evaluator, weights: np.ndarray):
+        self.evaluator, self.weights = evaluator, torch.as_tensor(weights, dtype=torch.float32)
+
+    def _f(self, metric: torch.Tensor) -> torch.Tensor:
+        empty, full = self.evaluator.metric_empty, self.evaluator.metric_full
+        return ((metric - empty) * self.weights).sum(-1) / ((full - empty) * self.weights).sum()
+
+    def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
+        return self._f(self.evaluator.metrics(nodes, masks))
+
+    def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        return self._f(self.evaluator.without_each(nodes, members)).numpy()
+
+
+def _key(mask: torch.Tensor) -> bytes:
+    return np.packbits(mask.numpy()).tobytes()
 
 
 def _subset_masks(n_nodes: int, subsets: list) -> torch.Tensor:

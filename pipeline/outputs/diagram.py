@@ -77,7 +77,8 @@ def draw(circuit: dict):
         x, y = xy[node["id"]]
         size = 60 + 340 * abs(effect) / bound
         ax.scatter([x], [y], s=size, c=[cmap(norm(effect))], marker="o" if node["component"] == "head" else "s",
-                   edgecolors="black", linewidths=0.7, zorder=3)
+                   edgecolors="black", linewidths=1.1 if node["core"] else 0.8, linestyle="-" if node["core"] else "--",
+                   zorder=3)
         labels.setdefault((node["layer"], node["position"], node["component"]), []).append((x, y, node["head"]))
     for (layer, _, component), members in labels.items():
         x, y = max(m[0] for m in members), members[0][1]
