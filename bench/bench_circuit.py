@@ -8,10 +8,12 @@ candidates, faithfulness with its interval, stability over resampled pairs, the 
 attribution agreement, the refusal direction, and the time each part took.
 
 `verify`: exact single-node verification of every candidate node on every pair, two ways side by side
-in one process on the same caches: the masked circuit runner with one circuit per node (every node kept
-but one: the circuit step's path before the single-node one) and `CircuitRunner.single_node_metrics`.
-Prints both times, rows (node x pair) per second, the ratio and the largest difference, with the load
-average before and after (the machine is shared: ratios within one run are what counts).
+in one process on the same pairs: the circuit step's path before single-node verification (one masked
+circuit per node, every node kept but one, through `CircuitRunner.metrics` of pipeline/engine/circuits.py
+as of commit --baseline, loaded from git) and today's `CircuitRunner.single_node_metrics`. Prints both
+wall and CPU times (this process's, less moved by other jobs), rows (node x pair) per second, the ratios
+and the largest difference, with the load average before and after (the machine is shared: ratios within
+one run are what counts).
 """
 from __future__ import annotations
 
@@ -82,6 +84,22 @@ def circuit(args) -> None:
     print(json.dumps(report, indent=2))
 
 
+def baseline_runner(revision: str):
+    """CircuitRunner of pipeline/engine/circuits.py as of `revision` (git), importing today's engine modules."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    source = subprocess.run(["git", "show", f"{revision}:pipeline/engine/circuits.py"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    spec = importlib.util.spec_from_loader("pipeline.engine.baseline_circuits", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "pipeline.engine"
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{revision}:pipeline/engine/circuits.py", "exec"), module.__dict__)
+    return module.CircuitRunner
+
+
 def verify(args) -> None:
     from pipeline.analysis.circuit_search import prepare
     from pipeline.config import CircuitConfig
@@ -89,24 +107,30 @@ def verify(args) -> None:
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")
     evaluator, nodes = setup.evaluator, setup.nodes
+    Baseline = baseline_runner(args.baseline)
+    baseline_runners = [Baseline(model, g.clean, g.corrupted, g.answers, g.classes, len(setup.names), "logit_diff")
+                        for g in setup.groups]
     n_rows = len(nodes) * evaluator.n_pairs
     load_before = os.getloadavg()
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
     fast = evaluator.single_node_metrics(nodes)
-    fast_s = time.perf_counter() - clock
-    clock = time.perf_counter()
-    masked = evaluator.metrics(nodes, ~torch.eye(len(nodes), dtype=torch.bool))
-    masked_s = time.perf_counter() - clock
+    fast_s, fast_cpu = time.perf_counter() - clock, time.process_time() - cpu
+    clock, cpu = time.perf_counter(), time.process_time()
+    every_node_but_one = ~torch.eye(len(nodes), dtype=torch.bool)
+    before = evaluator._gather([runner.metrics(nodes, every_node_but_one) for runner in baseline_runners])
+    before_s, before_cpu = time.perf_counter() - clock, time.process_time() - cpu
     load_after = os.getloadavg()
-    effects_fast, effects_masked = evaluator.effects(fast), evaluator.effects(masked)
+    effects_fast, effects_before = evaluator.effects(fast), evaluator.effects(before)
     print(json.dumps({
         "organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes), "rows": n_rows,
-        "torch_threads": torch.get_num_threads(),
-        "masked_runner_s": round(masked_s, 1), "masked_rows_per_s": round(n_rows / masked_s, 1),
+        "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
+        "before_s": round(before_s, 1), "before_rows_per_s": round(n_rows / before_s, 1),
         "single_node_s": round(fast_s, 1), "single_node_rows_per_s": round(n_rows / fast_s, 1),
-        "ratio": round(masked_s / fast_s, 2),
-        "max_abs_diff_metric": float((fast - masked).abs().max()),
-        "max_abs_diff_effect": float((effects_fast - effects_masked).abs().max()),
+        "ratio": round(before_s / fast_s, 2),
+        "before_cpu_s": round(before_cpu, 1), "single_node_cpu_s": round(fast_cpu, 1),
+        "ratio_cpu": round(before_cpu / fast_cpu, 2),
+        "max_abs_diff_metric": float((fast - before).abs().max()),
+        "max_abs_diff_effect": float((effects_fast - effects_before).abs().max()),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
     }, indent=2))
@@ -123,6 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.8)
     parser.add_argument("--out", default="outputs/circuit-bench")
+    parser.add_argument("--baseline", default="4dbdef3", help="verify: the git revision of the path before")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     circuit(args) if args.mode == "circuit" else verify(args)
