@@ -439,13 +439,26 @@ class PathResult:
 def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
                position_classes: torch.Tensor, senders: Nodes, receivers: Nodes, metric: str = "logit_diff",
                max_batch_rows: int | None = None) -> PathResult:
-    """Path patching: for every sender s and receiver r (and the logits as a last receiver), the base
-    run's metric when only r's input sees s's source-run output, everything else as in the base run.
+    """Path patching between single nodes: `group_path_patch` with a group per node."""
+    return group_path_patch(model, base_ids, source_ids, answers, position_classes,
+                            [senders.select([i]) for i in range(len(senders))],
+                            [receivers.select([i]) for i in range(len(receivers))], metric, max_batch_rows)
 
-    Pass 1 (one layer): r's layer runs on the base residual with s's output difference added to the
-    input of r's norm only; r's output at its positions is kept. Pass 2 (layers l_r..L-1, positions from
-    the first that differs between the runs): the base run with r's output at its positions replaced by
-    that. The logits as receiver: s's difference at the final position added to the base run's final
+
+@torch.no_grad()
+def group_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
+                     position_classes: torch.Tensor, senders: list[Nodes], receivers: list[Nodes],
+                     metric: str = "logit_diff", max_batch_rows: int | None = None) -> PathResult:
+    """Path patching between groups of nodes: for every sender group S and receiver group R (and the
+    logits as a last receiver), the base run's metric when only the inputs of R's members see the
+    source-run outputs of S's members (each member r through the direct paths from the members of S that
+    come before it), everything else as in the base run.
+
+    Pass 1 (one layer per member r): r's layer runs on the base residual with the summed output
+    differences of its senders added to the input of r's norm only; r's output at its positions is kept.
+    Pass 2: the base run from R's lowest layer and the first position of its members' classes (the
+    cached keys and values before it), with every member's output at its positions replaced by that.
+    The logits as receiver: S's summed difference at the final position added to the base run's final
     residual.
     """
     check_metric(metric)
@@ -457,30 +470,38 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
     base = run_with_cache(model, adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
     source = run_with_cache(model, adapter, source_ids, ("head", "mlp_out"))
     prefix = PrefixReuse(model, adapter, base)
-    first = _shared_first(prefix, base_ids, source_ids)
     n_pairs, seq_len = base_ids.shape
     all_pairs = torch.arange(n_pairs)
     metric_base = measure(adapter, metric, answers, base.final_resid, all_pairs).cpu()
     metric_source = measure(adapter, metric, answers, source.final_resid, all_pairs).cpu()
     classes = position_classes.to(device)
-    deltas = node_writes(adapter, source, senders, classes) - node_writes(adapter, base, senders, classes)  # [S, P, T, d]
+    members = Nodes.concat(senders)
+    owner = torch.cat([torch.full((len(g),), s) for s, g in enumerate(senders)])  # each sender member's group
+    deltas = node_writes(adapter, source, members, classes) - node_writes(adapter, base, members, classes)  # [M, P, T, d]
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
     out = torch.full((len(senders), len(receivers) + 1, n_pairs), float("nan"))
 
-    # The logits as receiver: the direct path from the final position.
+    # The logits as receiver: the direct paths from the final position.
     for s in range(len(senders)):
-        final = base.final_resid + deltas[s, :, -1]
+        final = base.final_resid + deltas[owner == s, :, -1].sum(0)
         out[s, -1] = measure(adapter, metric, answers, final, all_pairs).cpu()
 
-    for r in range(len(receivers)):
-        valid = [s for s in range(len(senders)) if is_path(model, senders, s, receivers, r)]
+    for r, group in enumerate(receivers):
+        reach = torch.tensor([[is_path(model, members, j, group, i) for i in range(len(group))]
+                              for j in range(len(members))], dtype=torch.bool).reshape(len(members), len(group))
+        valid = [s for s in range(len(senders)) if bool(reach[owner == s].any())]
         n_rows = len(valid) * n_pairs
         for start in range(0, n_rows, batch_rows):
             flat = torch.arange(start, min(start + batch_rows, n_rows))
             sender_idx, pair_idx = torch.tensor(valid)[flat // n_pairs], flat % n_pairs
-            received = _receiver_output(adapter, base, receivers, r, deltas[sender_idx.to(device), pair_idx.to(device)],
-                                        pair_idx.to(device))
-            final = _with_receiver_output(adapter, base, prefix, first, receivers, r, received, classes, pair_idx)
+            rows = pair_idx.to(device)
+            received = []
+            for i in range(len(group)):
+                delta = torch.zeros_like(deltas[0, rows])  # [R, T, d]
+                for j in (reach[:, i] & torch.isin(owner, sender_idx)).nonzero().squeeze(1).tolist():
+                    delta += (sender_idx == owner[j]).to(device)[:, None, None] * deltas[j, rows]
+                received.append(_receiver_output(adapter, base, group, i, delta, rows))
+            final = _with_receiver_outputs(adapter, base, prefix, group, received, classes, pair_idx)
             out[sender_idx, r, pair_idx] = measure(adapter, metric, answers, final, pair_idx).cpu()
     return PathResult(out, metric_base, metric_source)
 
@@ -502,31 +523,35 @@ def _receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r: int,
     return out
 
 
-def _with_receiver_output(adapter: Adapter, base: RunCache, prefix: PrefixReuse, first: int, receivers: Nodes,
-                          r: int, received: torch.Tensor, classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
-    """Pass 2: the base run from receiver r's layer (and the first differing position) with r's output at
-    its positions replaced."""
-    kind, layer, head, cls = (int(x) for x in (receivers.kind[r], receivers.layer[r], receivers.head[r],
-                                               receivers.cls[r]))
+def _with_receiver_outputs(adapter: Adapter, base: RunCache, prefix: PrefixReuse, receivers: Nodes,
+                           received: list[torch.Tensor], classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
+    """Pass 2: the base run from the receivers' lowest layer and the first position of their classes (in
+    these pairs), with receiver i's output at its positions replaced by received[i] [R, T, width]."""
     rows = pair_idx.to(classes.device)
-    where = (classes[rows, first:] == cls)[..., None]  # [R, T', 1]
-    received = received[:, first:]
+    where = classes[rows][None] == receivers.cls.to(classes.device)[:, None, None]  # [m, R, T]
+    first = prefix.start(int(where.any(0).any(0).float().argmax()))
+    layer = int(receivers.layer.min())
 
     def last(x, n):  # the last n positions (the last layer sees the final position alone)
         return x[:, x.shape[1] - n:]
 
-    def patch_head(z):
-        z = z.clone()
-        d_head = adapter.d_head
-        n = z.shape[1]
-        part = z[..., head * d_head:(head + 1) * d_head]
-        z[..., head * d_head:(head + 1) * d_head] = torch.where(last(where, n), last(received, n), part)
-        return z
+    def replace(i):
+        kind, head, d_head = int(receivers.kind[i]), int(receivers.head[i]), adapter.d_head
+        mask, value = where[i, :, first:, None], received[i][:, first:]
 
-    def patch_mlp(live):
-        n = live.shape[1]
-        return torch.where(last(where, n), last(received, n), live)
+        def patch_head(z):
+            z = z.clone()
+            n = z.shape[1]
+            part = z[..., head * d_head:(head + 1) * d_head]
+            z[..., head * d_head:(head + 1) * d_head] = torch.where(last(mask, n), last(value, n), part)
+            return z
 
-    layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hook: it may run the model
-    with installed([edit_activation(adapter, OUTPUT[kind], layer, patch_head if kind == HEAD else patch_mlp)]):
+        def patch_mlp(live):
+            n = live.shape[1]
+            return torch.where(last(mask, n), last(value, n), live)
+
+        return edit_activation(adapter, OUTPUT[kind], int(receivers.layer[i]), patch_head if kind == HEAD else patch_mlp)
+
+    layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hooks: it may run the model
+    with installed([replace(i) for i in range(len(receivers))]):
         return run_layers(adapter, base.acts["resid_pre"][rows, layer, first:], layer, layer_inputs)
