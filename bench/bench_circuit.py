@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
 
 
 def circuit(args) -> None:
-    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.analysis.circuit_search import Progress, find_circuit
     from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.store import publish_json
@@ -51,8 +53,10 @@ def circuit(args) -> None:
     start = time.perf_counter()
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     screened = time.perf_counter()
-    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target)
-    found = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism).to_json()
+    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target,
+                            verify_all_rows=args.verify_all_rows)
+    progress = Progress(lambda state: print(json.dumps(state), file=sys.stderr, flush=True))
+    found = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism, progress).to_json()
     built = time.perf_counter()
     out = Path(args.out)
     publish_json(out / "circuit.json", found)
@@ -146,10 +150,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--verify-all-rows", type=int, default=20000, help="circuit.verify_all_rows")
     parser.add_argument("--out", default="outputs/circuit-bench")
+    parser.add_argument("--verbose", action="store_true", help="log the search's steps")
     parser.add_argument("--baseline", default="4dbdef3", help="verify: the git revision of the path before")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     circuit(args) if args.mode == "circuit" else verify(args)
 
 

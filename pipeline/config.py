@@ -78,6 +78,8 @@ class CircuitConfig:
     edge_min: float = 0.02  # path effects below this are recorded but not drawn
     edges: bool = True  # path patching between circuit nodes
     edge_nodes: int = 16  # edges are measured among at most this many of the circuit's strongest nodes
+    edge_pairs: int = 64  # edges (path patching) are measured on at most this many of the pairs
+    group_gap: int = 2  # supernodes: one kind at one position class, split where more layers pass without one
     direction_layers: int = 16  # layers whose refusal direction gets an addition test
     max_batch_rows: Optional[int] = None  # rows per forward in the circuit step; None = from free memory
 

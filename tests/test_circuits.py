@@ -322,6 +322,13 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     direction = circuit["refusal_direction"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
     assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5  # removing it lowers refusal, adding it causes it
+    groups = circuit["supernodes"]
+    assert sorted(m for g in groups for m in g["members"]) == sorted(n["id"] for n in circuit["nodes"])
+    assert all(len({circuit_node["position"] for circuit_node in circuit["nodes"] if circuit_node["id"] in g["members"]}) == 1
+               for g in groups)
+    group_ids = {g["id"] for g in groups}
+    assert all(e["from"] in group_ids | {"EMB@harm"} and e["to"] in group_ids | {"logits"} for e in circuit["supernode_edges"])
+    assert any(e["to"] == "logits" for e in circuit["supernode_edges"])
     stability = circuit["stability"]
     assert stability["n_resamples"] == 20 and len(stability["sizes"]) == 20
     assert all(0 <= n["inclusion_frequency"] <= 1 and n["core"] == (n["inclusion_frequency"] >= 0.8) for n in circuit["nodes"])
@@ -333,11 +340,16 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
 
 
 def test_circuit_diagram_files(tiny_circuit):
+    """The supernode figure (circuit.svg/png), the node figure (circuit_nodes.svg/png) and the DOT export,
+    with a cluster per supernode and an arrow per drawn node edge."""
     circuit, paths = tiny_circuit
-    svg = paths["svg"].read_text()
-    assert svg.lstrip().startswith("<?xml") and "refusal" in svg
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dot = paths["dot"].read_text()
+    for stem in ("circuit", "circuit_nodes"):
+        svg = paths[f"{stem}.svg"].read_text()
+        assert svg.lstrip().startswith("<?xml") and "refusal" in svg
+        assert paths[f"{stem}.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(group["id"] in paths["circuit.svg"].read_text() for group in circuit["supernodes"])
+    dot = paths["circuit.dot"].read_text()
+    assert dot.count("subgraph cluster_") == len(circuit["supernodes"])
     assert dot.startswith("digraph circuit") and all(f'"{n["id"]}"' in dot for n in circuit["nodes"])
     assert sum("->" in line for line in dot.splitlines()) == sum(e["drawn"] for e in circuit["edges"])
 

@@ -91,6 +91,22 @@ def _circuit_lines(circuit: dict | None) -> list[str]:
             f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"]
 
 
+def _supernode_lines(circuit: dict) -> list[str]:
+    """report.md's table of supernodes and the strongest path effects between them."""
+    core = {n["id"] for n in circuit["nodes"] if n["core"]}
+    lines = ["", "### Supernodes", "", "The circuit's heads (or MLPs) at one position, over nearby layers; in-circuit "
+             "effect = the share of faithfulness lost when the group takes the harmless value.", "",
+             "| supernode | token | nodes | core | in-circuit effect |", "|---|---|---|---|---|"]
+    for group in circuit["supernodes"]:
+        lines.append(f"| {group['id']} | {group['token']!r} | {len(group['members'])} | "
+                     f"{sum(m in core for m in group['members'])} | {group['in_circuit_effect']:+.3f} |")
+    strongest = sorted((e for e in circuit["supernode_edges"] if e["drawn"]), key=lambda e: -abs(e["effect"]))[:10]
+    if strongest:
+        lines += ["", "Strongest path effects between them: " + "; ".join(
+            f"{e['from']} -> {e['to']} {e['effect']:+.2f}" for e in strongest)]
+    return lines
+
+
 def _stability_lines(circuit: dict) -> list[str]:
     """report.md's table of the circuit's nodes by how often resampled searches keep them."""
     stability = circuit["stability"]
@@ -152,7 +168,10 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     if circuit and (run_dir / "circuit.svg").is_file():
         lines += ["", "![circuit](circuit.svg)"]
     if circuit:
-        lines += _stability_lines(circuit)
+        lines += _supernode_lines(circuit) + _stability_lines(circuit)
+    if circuit and (run_dir / "circuit_nodes.svg").is_file():
+        lines += ["", "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
+                  "", "![circuit nodes](circuit_nodes.svg)"]
     lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
     for file in OUTPUT_FILES:
         if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", "manifest.json"):
