@@ -451,3 +451,32 @@ def test_group_path_patching_matches_the_freeze_everything_reference(model_type)
     reference = reference_group_path_patch(model, clean, corrupted, answers, classes, senders, receivers)
     assert torch.equal(fast.isnan(), reference.isnan()) and (~fast.isnan()).sum() >= 20
     torch.testing.assert_close(fast.nan_to_num(0), reference.nan_to_num(0), atol=2e-5, rtol=1e-5)
+
+
+def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
+    """The circuit step's Progress: phase, steps of a known total, rows, time left; follow_progress draws
+    the state the actor writes and removes the file after."""
+    import io
+    import time
+
+    from pipeline.analysis.circuit_search import Progress
+    from pipeline.stages.circuit import PROGRESS, follow_progress
+    from pipeline.store import publish_json
+
+    states = []
+    progress = Progress(states.append)
+    progress.start("caches")
+    progress.end()
+    progress.start("scores")
+    progress.expect(10)
+    progress.advance(4)
+    state = progress.state()
+    assert [s["phase"] for s in states[:2]] == ["caches", "scores"] and states[-1]["total"] == 10
+    assert state["index"] == 2 and state["done"] == 4 and state["rows"] == 4 and state["left"] is not None
+    assert "caches" in state["seconds"]
+    shown = io.StringIO()
+    with follow_progress(tmp_path, interval=0.05, file=shown):
+        publish_json(tmp_path / PROGRESS, state)
+        time.sleep(0.5)
+    assert "circuit 2/7 scores" in shown.getvalue() and "4/10" in shown.getvalue()
+    assert not (tmp_path / PROGRESS).exists()

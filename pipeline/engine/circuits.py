@@ -117,6 +117,9 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
     return source + keep.to(live.dtype) * (live - source)
 
 
+SMALL_BATCH_SLACK = 16  # positions per layer a batch may compute for rows that do not change them
+
+
 def _computed_only(module: nn.Module, computed: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None,
                    before=None) -> list:
     """Hooks that run a position-wise `module` (an MLP, an output projection) only at the positions where
@@ -295,8 +298,9 @@ class CircuitRunner:
         from the circuit's residual there and attends to the circuit's cached keys and values for the rest
         (layer skip, prefix reuse, as the sweep does from the base run); a pair without a position of the
         member's class (or, at the last layer, without the final position in it) keeps the circuit's
-        metric. A batch holds rows of one layer and one first position (no row computes a position it does
-        not change), at most about `batch_tokens` computed tokens.
+        metric. A batch holds rows of one layer from one first position on, at most about `batch_tokens`
+        computed tokens; rows that start later join it while the positions they compute without changing
+        them stay under SMALL_BATCH_SLACK (a batch costs a fixed overhead per layer too).
         """
         self._check_nodes(nodes)
         n_layers, n_heads, device = self.adapter.n_layers, self.adapter.n_heads, self.base.final_resid.device
@@ -337,8 +341,14 @@ class CircuitRunner:
         start, n_rows = 0, len(member_rows)
         while start < n_rows:
             at, b = int(layer[start]), int(begin[start])
-            alike = int(((layer[start:] == at) & (begin[start:] == b)).sum())  # sorted: a run
-            stop = start + min(alike, self.batch_rows, max(1, token_budget // (n_computed - b)))
+            most = min(self.batch_rows, max(1, token_budget // (n_computed - b)))
+            stop, waste = start, 0
+            while stop < n_rows and int(layer[stop]) == at and stop - start < most:
+                run = int(((layer[stop:] == at) & (begin[stop:] == begin[stop])).sum())  # sorted: contiguous
+                extra = run * (int(begin[stop]) - b)  # positions computed that these rows do not change
+                if stop > start and waste + extra > SMALL_BATCH_SLACK:
+                    break
+                stop, waste = min(stop + run, start + most), waste + extra
             idx, pair_idx = member_rows[start:stop], pair_rows[start:stop]
             head, mlp = keep_head.repeat(len(idx), 1, 1, 1), keep_mlp.repeat(len(idx), 1, 1)
             removed = member.select(idx)
