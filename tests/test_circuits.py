@@ -262,8 +262,8 @@ class AdditiveFaithfulness:
     def faithfulness(self, nodes, masks):
         return (masks.float() * self.weights).sum(1)
 
-    def faithfulness_without_each(self, nodes, members):
-        return np.array([float(self.weights[members].sum() - self.weights[m]) for m in members])
+    def removal_costs(self, nodes, members):
+        return self.weights[members].numpy()
 
 
 def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
@@ -279,9 +279,11 @@ def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed()
     order = np.array([i for i in range(60) if i not in (7, 3, 50)] + [7, 3, 50])  # the useful nodes come last
     size, _ = grow(evaluator, nodes, order, target=0.8)
     assert size == 60
-    kept, removed, f_without = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
+    kept, removed = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
     assert sorted(kept) == [3, 7, 50] and len(removed) == 57  # node 11 (0.04) is not needed either
-    assert f_without.tolist() == pytest.approx([0.35, 0.6, 0.75])  # kept in circuit order: 7, 3, 50 sorted
+    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
+    size, curve = grow(evaluator, nodes, order, target=0.8, near=30)
+    assert size == 4 and curve[3] < 0.8  # from sizes near 30 down to the first that reaches the target
 
 
 @pytest.fixture(scope="module")
@@ -415,11 +417,8 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
         def metrics(self, nodes, masks):
             return masks.float() @ self.weights
 
-        def without_each(self, nodes, members):
-            masks = torch.zeros(len(members), n_nodes, dtype=torch.bool)
-            masks[:, members] = True
-            masks[torch.arange(len(members)), members] = False
-            return self.metrics(nodes, masks)
+        def slopes(self, nodes, members):
+            return self.weights[members]
 
     weights = np.zeros((n_nodes, n_pairs))
     weights[0], weights[1, :4], weights[2, 4:] = 0.5, 0.4, 0.35
@@ -480,3 +479,26 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
         time.sleep(0.5)
     assert "circuit 2/7 scores" in shown.getvalue() and "4/10" in shown.getvalue()
     assert not (tmp_path / PROGRESS).exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_member_gradients_are_the_slope_of_the_exact_metric(model_type):
+    """Attribution at a circuit (one backward pass) equals the slope of the exact masked metric in each
+    member's keep weight, by central differences of float masks (a float64 model), for members below the
+    circuit's start layer too."""
+    model = tiny_model(model_type, dtype=torch.float64)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4)
+    circuit = torch.rand(len(nodes), generator=torch.Generator().manual_seed(5)) < 0.4
+    circuit[:20] = True  # layer 0 all kept: the circuit's run starts at layer 1 from the clean residual
+    members = circuit.nonzero().squeeze(1)
+    slopes = runner.member_gradients(nodes, circuit)
+    eps = 1e-2  # Llama's RMS norm computes in float32: a smaller step would difference its rounding
+    masks = circuit.double().expand(2 * len(members), -1).clone()
+    masks[torch.arange(len(members)), members] += eps
+    masks[len(members) + torch.arange(len(members)), members] -= eps
+    metric = runner.metrics(nodes, masks)
+    numeric = (metric[:len(members)] - metric[len(members):]) / (2 * eps)
+    torch.testing.assert_close(slopes.double(), numeric, atol=1e-3, rtol=1e-3)
+    assert numeric.abs().max() > 0.05  # the slopes are not all zero

@@ -71,7 +71,7 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
     progress.end()
     progress.start("stability", options.n_resamples, "resamples")
-    resamples = stability(setup, scores, options, progress)
+    resamples = stability(setup, scores, options, search.grown, progress)
     progress.end()
     progress.start("supernodes and edges")
     groups = supernodes(setup, search, options.group_gap)
@@ -132,6 +132,7 @@ def _order(attribution: np.ndarray, exact: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Search:
+    grown: int  # the prefix size growth reached the target with
     circuit: list[int]  # node indices, ordered by layer, kind, class, head
     pruned: list[int]
     f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node
@@ -228,7 +229,9 @@ class CircuitResult:
             "method": {
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
-                "growth": "verified single-node effect order, smallest prefix reaching the target, then pruning",
+                "growth": "verified single-node effect order, smallest prefix reaching the target",
+                "pruning": "members ranked by attribution at the circuit; the most removed together that keeps "
+                           "the target, measured exactly; repeated",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
                 "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
             },
@@ -377,14 +380,17 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
     return NodeScores(attribution, exact, exact_ci, top, sample, attribution_pairs.numpy(), per_pair)
 
 
-def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float) -> Search:
-    """The smallest prefix of the score order reaching the target, then pruned; ordered by place."""
-    size, curve = grow(evaluator, nodes, order, target)
-    circuit, pruned, f_without = prune(evaluator, nodes, order[:size].tolist(), target)
+def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float,
+                   near: int | None = None, in_circuit: bool = True) -> Search:
+    """The smallest prefix of the score order reaching the target (`grow`, from sizes `near` a size
+    found before when given), then pruned; ordered by place; with `in_circuit`, the faithfulness of the
+    circuit without each of its nodes, measured exactly."""
+    size, curve = grow(evaluator, nodes, order, target, near=near)
+    circuit, pruned = prune(evaluator, nodes, order[:size].tolist(), target)
     log.debug("circuit search: grown to %d nodes (f %.3f), pruned to %d", size, curve.get(size, float("nan")), len(circuit))
-    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
-                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
-    return Search([circuit[j] for j in by_place], pruned, f_without[by_place], curve)
+    circuit = sorted(circuit, key=lambda i: (int(nodes.layer[i]), int(nodes.kind[i]), int(nodes.cls[i]), int(nodes.head[i])))
+    f_without = evaluator.faithfulness_without_each(nodes, circuit) if in_circuit and circuit else np.zeros(0)
+    return Search(size, circuit, pruned, f_without, curve)
 
 
 def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
@@ -417,17 +423,20 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
     return Controls(mib, setup.evaluator.faithfulness(setup.nodes, _subset_masks(n_nodes, random_sets)).numpy())
 
 
-def stability(setup: Setup, scores: NodeScores, options: CircuitConfig, progress: Progress | None = None) -> Stability:
+def stability(setup: Setup, scores: NodeScores, options: CircuitConfig, grown: int | None = None,
+              progress: Progress | None = None) -> Stability:
     """Growth and pruning on `options.n_resamples` bootstrap resamples of the pairs: each resample orders
     the nodes by its own mean scores and measures faithfulness on its own pairs (every circuit's metrics
-    are computed once for all pairs and reused). Its own random stream: the other phases' draws stay."""
+    are computed once for all pairs and reused), its growth starting at sizes near `grown` (the main
+    search's). Its own random stream: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
     n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
     for _ in range(options.n_resamples):
         weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
         view = Resample(setup.evaluator, weights)
-        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target).circuit
+        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target, near=grown,
+                               in_circuit=False).circuit
         frequency[found] += 1
         sizes.append(len(found))
         faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
@@ -518,6 +527,7 @@ class Evaluator:
         self.metric_empty = self._gather([r.metric_empty[None] for r in self.runners])[0]
         self.forward_rows = 0  # (circuit, pair) rows computed
         self._known: dict[bytes, torch.Tensor] = {}  # circuit mask -> metric [P]
+        self._slopes: dict[bytes, torch.Tensor] = {}  # circuit mask -> its members' slopes [M, P]
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         out = torch.empty(parts[0].shape[0], self.n_pairs)
@@ -558,6 +568,19 @@ class Evaluator:
             self._known.update({_key(masks[m]): row for m, row in zip(np.argsort(members), computed)})
         return torch.stack([self._known[key] for key in keys])
 
+    def slopes(self, nodes: Nodes, members: list[int]) -> torch.Tensor:
+        """[M, P]: each member's metric slope in its keep weight at the circuit `members` (attribution)."""
+        key = _key(_subset_masks(len(nodes), [members])[0])
+        if key not in self._slopes:
+            circuit = _subset_masks(len(nodes), [members])[0]
+            self._slopes[key] = self._gather([runner.member_gradients(nodes, circuit) for runner in self.runners])
+        by_index = np.argsort(np.argsort(members))  # member_gradients goes by node index
+        return self._slopes[key][by_index]
+
+    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        """[M] the first-order estimate of the faithfulness lost when each member alone is removed."""
+        return (-self.slopes(nodes, members).sum(1) / (self.metric_full - self.metric_empty).sum()).numpy()
+
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
@@ -585,6 +608,10 @@ class Resample:
 
     def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
         return self._f(self.evaluator.without_each(nodes, members)).numpy()
+
+    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        gap = ((self.evaluator.metric_full - self.evaluator.metric_empty) * self.weights).sum()
+        return (-(self.evaluator.slopes(nodes, members) * self.weights).sum(1) / gap).numpy()
 
 
 def _key(mask: torch.Tensor) -> bytes:
@@ -671,18 +698,38 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
-def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4) -> tuple[int, dict[int, float]]:
+def grow(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4,
+         near: int | None = None) -> tuple[int, dict[int, float]]:
     """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
-    at a time, until one reaches it; then the bracket below it is narrowed, `chunk` sizes per pass.
-    Returns (size, {size: f} for every size measured)."""
+    at a time, until one reaches it (with `near`, a size found before: from the `chunk` grid sizes around
+    it, up until one reaches, down while the smallest measured still does); then the bracket below the
+    first size reaching it is narrowed, `chunk` sizes per pass. Returns (size, {size: f} for every size
+    measured)."""
     n = len(order)
     prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
     grid, curve = _geometric_sizes(n), {}
-    for begin in range(0, len(grid), chunk):
-        sizes = grid[begin:begin + chunk]
+
+    def measure(sizes: list[int]) -> None:
         curve.update(zip(sizes, evaluator.faithfulness(nodes, prefix(sizes)).tolist()))
-        if any(curve[k] >= target for k in sizes):
-            break
+
+    def any_reached() -> bool:
+        return any(f >= target for f in curve.values())
+
+    if near is None:
+        for begin in range(0, len(grid), chunk):
+            measure(grid[begin:begin + chunk])
+            if any_reached():
+                break
+    else:
+        below = min(max(0, int(np.searchsorted(grid, near)) - chunk // 2), max(0, len(grid) - chunk))
+        above = below + chunk
+        measure(grid[below:above])
+        while not any_reached() and above < len(grid):
+            measure(grid[above:above + chunk])
+            above += chunk
+        while any_reached() and curve[grid[below]] >= target and below > 0:
+            measure(grid[max(0, below - chunk):below])
+            below = max(0, below - chunk)
     reached = [k for k in sorted(curve) if curve[k] >= target]
     if not reached:
         return n, curve
@@ -696,22 +743,19 @@ def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, c
     return hi, curve
 
 
-def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
-          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int], np.ndarray]:
-    """Drop nodes whose removal keeps f >= target. Each round measures f without each node, then finds
-    the largest k such that removing the k least harmful nodes together keeps f at the target (k on a
-    geometric grid, then narrowed, `chunk` circuits per pass). Returns (kept, removed, f of the kept
-    circuit without each of its nodes)."""
-    def without_each(members: list[int]) -> np.ndarray:
-        return evaluator.faithfulness_without_each(nodes, members)
-
+def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
+          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int]]:
+    """Drop nodes whose removal keeps f >= target. Each round ranks the members by attribution at the
+    circuit (the first-order estimate of the faithfulness each one's removal costs: one forward and one
+    backward pass), then finds the largest k such that removing the k least costly together keeps f at
+    the target, measured exactly (k on a geometric grid, then narrowed, `chunk` circuits per pass).
+    Returns (kept, removed)."""
     kept, removed = list(circuit), []
-    f_without = without_each(kept)
     for _ in range(max_rounds):
-        order = np.argsort(-f_without, kind="stable")
-        most = min(int((f_without >= target).sum()), len(kept) - 1)
-        if most == 0:
+        if len(kept) <= 1:
             break
+        order = np.argsort(evaluator.removal_costs(nodes, kept), kind="stable")
+        most = len(kept) - 1
         trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
         f_trial = {}
 
@@ -737,8 +781,7 @@ def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
             hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
-        f_without = without_each(kept)
-    return kept, removed, f_without
+    return kept, removed
 
 
 def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
