@@ -1,14 +1,27 @@
-"""The circuit step on a shipped organism, outside the pipeline: pairs -> circuit.json + diagram.
+"""The circuit step on a shipped organism, outside the pipeline.
 
-    python bench/bench_circuit.py refusal-tiny --n-pairs 64 --out outputs/circuit-bench
+    python bench/bench_circuit.py circuit refusal-tiny --n-pairs 64 --out outputs/circuit-bench
+    python bench/bench_circuit.py verify smollm2-refusal --pairs outputs/refusal_smol/.../pairs.parquet --max-pairs 8
 
-Prints what a reviewer of a circuit asks for: its size vs the candidates, faithfulness with its interval,
-the random control, attribution agreement, the refusal direction, and the time each part took.
+`circuit`: pairs -> circuit.json + diagram, and what a reviewer of a circuit asks for: its size vs the
+candidates, faithfulness with its interval, stability over resampled pairs, the random control,
+attribution agreement, the refusal direction, and the time each part took.
+
+`verify`: exact single-node verification of every candidate node on every pair, two ways side by side
+in one process on the same pairs: the circuit step's path before single-node verification (one masked
+circuit per node, every node kept but one, through `CircuitRunner.metrics` of pipeline/engine/circuits.py
+as of commit --baseline, loaded from git) and today's `CircuitRunner.single_node_metrics`. Prints both
+wall and CPU times (this process's, less moved by other jobs), rows (node x pair) per second, the ratios
+and the largest difference, with the load average before and after (the machine is shared: ratios within
+one run are what counts).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,61 +29,135 @@ import pyarrow as pa
 import torch
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("organism", help="refusal-tiny, smollm2-refusal, or a model folder")
-    parser.add_argument("--n-pairs", type=int, default=64, help="pairs to generate before the behaviour screen")
-    parser.add_argument("--max-pairs", type=int, default=64, help="pairs the circuit step uses")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--out", default="outputs/circuit-bench")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from pipeline.analysis.circuit_search import find_circuit
+def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
+    """(model, pairs table with clean_tokens): a run's pairs.parquet when given, else built and screened here."""
     from pipeline.analysis.pairs import build_pairs, source_pairs
-    from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
+    from pipeline.store import read_table
+
+    model, tokenizer = load_model(resolve(organism))
+    if path:
+        return model, read_table(path)
+    pairs = build_pairs(model, tokenizer, source_pairs(organism, tokenizer, n=n_pairs, seed=seed)).table
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
+    return model, pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+
+
+def circuit(args) -> None:
+    from pipeline.analysis.circuit_search import Progress, find_circuit
+    from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.store import publish_json
 
     start = time.perf_counter()
-    model, tokenizer = load_model(resolve(args.organism))
-    loaded = time.perf_counter()
-    pairs = build_pairs(model, tokenizer, source_pairs(args.organism, tokenizer, n=args.n_pairs, seed=args.seed)).table
-    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
-    pairs = pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+    model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     screened = time.perf_counter()
-    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target)
-    circuit = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism).to_json()
+    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target,
+                            verify_all_rows=args.verify_all_rows)
+    progress = Progress(lambda state: print(json.dumps(state), file=sys.stderr, flush=True))
+    found = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism, progress).to_json()
     built = time.perf_counter()
     out = Path(args.out)
-    publish_json(out / "circuit.json", circuit)
-    render_circuit(circuit, out)
+    publish_json(out / "circuit.json", found)
+    render_circuit(found, out)
     rendered = time.perf_counter()
 
-    agree, rnd, direction = circuit["attribution"], circuit["random_control"], circuit["refusal_direction"]
+    agree, rnd, direction = found["attribution"], found["random_control"], found["refusal_direction"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
+    stability = found["stability"]
     report = {
-        "organism": args.organism, "pairs": circuit["n_pairs"],
-        "candidates": circuit["candidates"], "size": circuit["size"], "fraction": round(circuit["fraction"], 4),
-        "faithfulness": round(circuit["faithfulness"], 4), "faithfulness_ci": [round(x, 4) for x in circuit["faithfulness_ci"]],
+        "organism": args.organism, "pairs": found["n_pairs"],
+        "candidates": found["candidates"], "size": found["size"], "fraction": round(found["fraction"], 4),
+        "faithfulness": round(found["faithfulness"], 4), "faithfulness_ci": [round(x, 4) for x in found["faithfulness_ci"]],
+        "core": stability["core_size"], "resamples": stability["n_resamples"],
+        "resample_size_median": stability["size_median"],
         "random_mean": round(rnd["mean"], 4), "random_std": round(rnd["std"], 4), "random_max": round(rnd["max"], 4),
-        "cpr": round(circuit["mib"]["cpr"], 4), "cmd": round(circuit["mib"]["cmd"], 4),
+        "cpr": round(found["mib"]["cpr"], 4), "cmd": round(found["mib"]["cmd"], 4),
         "spearman": round(agree["spearman"], 4), "top_k_recall": agree["top_k_recall"], "k": agree["k"],
         "verified": agree["n_verified"], "missed_strong_estimate": agree["missed_strong_estimate"],
         "missed_strong_upper95": round(agree["missed_strong_upper95"], 2),
         "refusal_direction_layer": direction["best_layer"], "ablation": round(best["ablation_effect"], 4),
         "addition": round(best["addition_effect"], 4),
-        "nodes": [n["id"] for n in circuit["nodes"]],
-        "edges_drawn": sum(e["drawn"] for e in circuit["edges"]),
-        "seconds": {"load": round(loaded - start, 1), "pairs": round(screened - loaded, 1),
-                    "circuit": round(built - screened, 1), "render": round(rendered - built, 1)},
-        "forward_rows": circuit["forward_rows"], "out": str(out),
+        "nodes": [n["id"] for n in found["nodes"]],
+        "edges_drawn": sum(e["drawn"] for e in found["edges"]),
+        "seconds": {"load and pairs": round(screened - start, 1), "circuit": round(built - screened, 1),
+                    "render": round(rendered - built, 1), **found["seconds"]},
+        "forward_rows": found["forward_rows"], "out": str(out),
     }
     print(json.dumps(report, indent=2))
+
+
+def baseline_runner(revision: str):
+    """CircuitRunner of pipeline/engine/circuits.py as of `revision` (git), importing today's engine modules."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    source = subprocess.run(["git", "show", f"{revision}:pipeline/engine/circuits.py"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    spec = importlib.util.spec_from_loader("pipeline.engine.baseline_circuits", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "pipeline.engine"
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{revision}:pipeline/engine/circuits.py", "exec"), module.__dict__)
+    return module.CircuitRunner
+
+
+def verify(args) -> None:
+    from pipeline.analysis.circuit_search import prepare
+    from pipeline.config import CircuitConfig
+
+    model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
+    setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")
+    evaluator, nodes = setup.evaluator, setup.nodes
+    Baseline = baseline_runner(args.baseline)
+    baseline_runners = [Baseline(model, g.clean, g.corrupted, g.answers, g.classes, len(setup.names), "logit_diff")
+                        for g in setup.groups]
+    n_rows = len(nodes) * evaluator.n_pairs
+    load_before = os.getloadavg()
+    clock, cpu = time.perf_counter(), time.process_time()
+    fast = evaluator.single_node_metrics(nodes)
+    fast_s, fast_cpu = time.perf_counter() - clock, time.process_time() - cpu
+    clock, cpu = time.perf_counter(), time.process_time()
+    every_node_but_one = ~torch.eye(len(nodes), dtype=torch.bool)
+    before = evaluator._gather([runner.metrics(nodes, every_node_but_one) for runner in baseline_runners])
+    before_s, before_cpu = time.perf_counter() - clock, time.process_time() - cpu
+    load_after = os.getloadavg()
+    effects_fast, effects_before = evaluator.effects(fast), evaluator.effects(before)
+    print(json.dumps({
+        "organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes), "rows": n_rows,
+        "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
+        "before_s": round(before_s, 1), "before_rows_per_s": round(n_rows / before_s, 1),
+        "single_node_s": round(fast_s, 1), "single_node_rows_per_s": round(n_rows / fast_s, 1),
+        "ratio": round(before_s / fast_s, 2),
+        "before_cpu_s": round(before_cpu, 1), "single_node_cpu_s": round(fast_cpu, 1),
+        "ratio_cpu": round(before_cpu / fast_cpu, 2),
+        "max_abs_diff_metric": float((fast - before).abs().max()),
+        "max_abs_diff_effect": float((effects_fast - effects_before).abs().max()),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+    }, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["circuit", "verify"])
+    parser.add_argument("organism", help="refusal-tiny, smollm2-refusal, or a model folder")
+    parser.add_argument("--pairs", help="a run's pairs.parquet (screened pairs) instead of building them here")
+    parser.add_argument("--n-pairs", type=int, default=64, help="pairs to generate before the behaviour screen")
+    parser.add_argument("--max-pairs", type=int, default=64, help="pairs the circuit step uses")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--verify-all-rows", type=int, default=20000, help="circuit.verify_all_rows")
+    parser.add_argument("--out", default="outputs/circuit-bench")
+    parser.add_argument("--verbose", action="store_true", help="log the search's steps")
+    parser.add_argument("--baseline", default="4dbdef3", help="verify: the git revision of the path before")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    circuit(args) if args.mode == "circuit" else verify(args)
 
 
 if __name__ == "__main__":

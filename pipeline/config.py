@@ -73,6 +73,8 @@ class CircuitConfig:
     max_fraction: float = 0.1  # the size a circuit should stay under, as a fraction of candidate nodes
     max_pairs: int = 64  # pairs used by the circuit step (a seeded sample when there are more)
     n_random: int = 32  # random circuits of the same size (the control)
+    n_resamples: int = 20  # bootstrap resamples of the pairs the search is re-run on (node stability)
+    core_threshold: float = 0.8  # core nodes: found in at least this share of the resamples
     verify_top: int = 64  # attribution's strongest nodes verified exactly ...
     verify_random: int = 32  # ... plus this many random others
     verify_all_rows: int = 20000  # verify every node when nodes x pairs is at most this
@@ -81,6 +83,8 @@ class CircuitConfig:
     edge_min: float = 0.02  # path effects below this are recorded but not drawn
     edges: bool = True  # path patching between circuit nodes
     edge_nodes: int = 16  # edges are measured among at most this many of the circuit's strongest nodes
+    edge_pairs: int = 64  # edges (path patching) are measured on at most this many of the pairs
+    group_gap: int = 2  # supernodes: one kind at one position class, split where more layers pass without one
     direction_layers: int = 16  # layers whose refusal direction gets an addition test
     max_batch_rows: Optional[int] = None  # rows per forward in the circuit step; None = from free memory
 

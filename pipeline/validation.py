@@ -89,7 +89,7 @@ def _check_patching(cfg: dict) -> None:
         raise ConfigError(f"patching.directions is empty: choose some of {list(DIRECTIONS)}")
     if patching["metric"] not in METRICS:
         raise ConfigError(f"unknown metric {patching['metric']!r} in patching.metric: choose from {list(METRICS)}")
-    # A site named twice would be patched twice and counted twice in effects.arrow: each is kept once
+    # A site named twice would be patched twice and counted twice in effects.parquet: each is kept once
     # (lists in their given order; layers and heads sorted), so [0, 0, 0] and [0] are one experiment.
     for key in ("components", "per_position", "directions"):
         patching[key] = list(dict.fromkeys(patching[key]))
@@ -273,7 +273,7 @@ def _check_output_dir(cfg: dict) -> None:
     saved = out / "config.yaml"
     # A folder holds results once its pairs are published; a config.yaml alone (a sweep that stopped before
     # computing anything) marks nothing worth protecting.
-    if cfg["resume"] or not saved.is_file() or not (out / "pairs.arrow").is_file():
+    if cfg["resume"] or not saved.is_file() or not (out / "pairs.parquet").is_file():
         return
     try:
         saved_hash = config_hash(OmegaConf.load(saved))

@@ -133,7 +133,7 @@ def test_output_folder_of_another_experiment(run, tmp_path, word_model_folder):
             f"output_root={tmp_path / 'root'}", "tracking.enabled=false")
     write_config(tmp_path / "out", other)  # what a sweep of that other experiment writes before its results
     validate(compose(*this))  # a folder holding no results yet is free to take
-    write_table(tmp_path / "out" / "pairs.arrow", pa.table({"pair_id": [0]}))  # its first result
+    write_table(tmp_path / "out" / "pairs.parquet", pa.table({"pair_id": [0]}))  # its first result
     run("output folder of another experiment", fragments=("holds another experiment's results", "resume=true"))
     # Asked to resume, the same folder is accepted.
     validate(compose(*this, "resume=true"))

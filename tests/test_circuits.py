@@ -262,6 +262,9 @@ class AdditiveFaithfulness:
     def faithfulness(self, nodes, masks):
         return (masks.float() * self.weights).sum(1)
 
+    def removal_costs(self, nodes, members):
+        return self.weights[members].numpy()
+
 
 def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
     from pipeline.analysis.circuit_search import grow, prune
@@ -276,9 +279,11 @@ def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed()
     order = np.array([i for i in range(60) if i not in (7, 3, 50)] + [7, 3, 50])  # the useful nodes come last
     size, _ = grow(evaluator, nodes, order, target=0.8)
     assert size == 60
-    kept, removed, f_without = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
+    kept, removed = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
     assert sorted(kept) == [3, 7, 50] and len(removed) == 57  # node 11 (0.04) is not needed either
-    assert f_without.tolist() == pytest.approx([0.35, 0.6, 0.75])  # kept in circuit order: 7, 3, 50 sorted
+    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
+    size, curve = grow(evaluator, nodes, order, target=0.8, near=30)
+    assert size == 4 and curve[3] < 0.8  # from sizes near 30 down to the first that reaches the target
 
 
 @pytest.fixture(scope="module")
@@ -319,16 +324,181 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     direction = circuit["refusal_direction"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
     assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5  # removing it lowers refusal, adding it causes it
+    groups = circuit["supernodes"]
+    assert sorted(m for g in groups for m in g["members"]) == sorted(n["id"] for n in circuit["nodes"])
+    assert all(len({circuit_node["position"] for circuit_node in circuit["nodes"] if circuit_node["id"] in g["members"]}) == 1
+               for g in groups)
+    group_ids = {g["id"] for g in groups}
+    assert all(e["from"] in group_ids | {"EMB@harm"} and e["to"] in group_ids | {"logits"} for e in circuit["supernode_edges"])
+    assert any(e["to"] == "logits" for e in circuit["supernode_edges"])
+    stability = circuit["stability"]
+    assert stability["n_resamples"] == 20 and len(stability["sizes"]) == 20
+    assert all(0 <= n["inclusion_frequency"] <= 1 and n["core"] == (n["inclusion_frequency"] >= 0.8) for n in circuit["nodes"])
+    assert stability["core"] == [n["id"] for n in circuit["nodes"] if n["core"]] and stability["core_size"] >= 1
+    assert min(stability["faithfulness"]) >= 0.8  # every resample's circuit reaches the target on its resample
     ids = {n["id"] for n in circuit["nodes"]}
     assert all(e["from"] in ids | {"EMB@harm"} and e["to"] in ids | {"logits"} for e in circuit["edges"])
     assert any(e["to"] == "logits" and e["drawn"] for e in circuit["edges"])
 
 
 def test_circuit_diagram_files(tiny_circuit):
+    """The supernode figure (circuit.svg/png), the node figure (circuit_nodes.svg/png) and the DOT export,
+    with a cluster per supernode and an arrow per drawn node edge."""
     circuit, paths = tiny_circuit
-    svg = paths["svg"].read_text()
-    assert svg.lstrip().startswith("<?xml") and "refusal" in svg
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dot = paths["dot"].read_text()
+    for stem in ("circuit", "circuit_nodes"):
+        svg = paths[f"{stem}.svg"].read_text()
+        assert svg.lstrip().startswith("<?xml") and "refusal" in svg
+        assert paths[f"{stem}.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(group["id"] in paths["circuit.svg"].read_text() for group in circuit["supernodes"])
+    dot = paths["circuit.dot"].read_text()
+    assert dot.count("subgraph cluster_") == len(circuit["supernodes"])
     assert dot.startswith("digraph circuit") and all(f'"{n["id"]}"' in dot for n in circuit["nodes"])
     assert sum("->" in line for line in dot.splitlines()) == sum(e["drawn"] for e in circuit["edges"])
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_single_node_verification_matches_the_hook_per_node_reference(model_type):
+    """Every node alone patched (a row per node and pair, from its layer and its class's first position,
+    batches cut small so that rows of many layers and positions are split) equals one full forward per
+    pair and node with one hook per node; a class a pair lacks leaves that pair's base metric."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    classes[0, 5] = 3  # pair 0 has no position of class 2
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=5)
+    fast = runner.single_node_metrics(nodes)
+    masks = ~torch.eye(len(nodes), dtype=torch.bool)
+    reference = reference_circuit_metrics(model, clean, corrupted, answers, classes, nodes, masks)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    absent = (nodes.cls == 2).nonzero().squeeze(1)
+    assert torch.equal(fast[absent, 0], runner.metric_full[0].expand(len(absent)))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_circuit_without_each_member_matches_the_hook_per_node_reference(model_type):
+    """A circuit without each of its members, computed from the circuit's own recorded run (rows from the
+    member's layer and class, batches cut small), equals the reference on the same masks: for a sparse
+    circuit (its run starts from the corrupted residual) and one keeping every node of layer 0 (members
+    below its start layer, whose rows start from the clean run)."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])  # 20 nodes per layer
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=5)
+    sparse = torch.rand(len(nodes), generator=torch.Generator().manual_seed(4)) < 0.3
+    sparse[:20] = False  # nothing kept at layer 0
+    sparse[[25, 47, 59]] = True  # a head at layer 1, an MLP at layer 2 and the final position's MLP at the last layer
+    low = sparse.clone()
+    low[:20] = True
+    for circuit in (sparse, low):
+        members = circuit.nonzero().squeeze(1)
+        masks = circuit.expand(len(members), -1).clone()
+        masks[torch.arange(len(members)), members] = False
+        fast = runner.without_each(nodes, circuit)
+        reference = reference_circuit_metrics(model, clean, corrupted, answers, classes, nodes, masks)
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_stability_counts_how_often_resampled_searches_keep_each_node():
+    """Bootstrap resamples re-run growth and pruning with their own mean scores and their own weighted
+    faithfulness. Node 0 carries half of every pair; node 1 carries 0.4 of pairs 0-3, node 2 0.35 of pairs
+    4-7: all three reach the target together, and a resample drawing pairs 0-3 three times in four (or
+    4-7 six times in seven) needs only two of them. So node 0 is in every resample's circuit, nodes 1 and
+    2 in most, the rest in none."""
+    from pipeline.analysis.circuit_search import NodeScores, Setup, stability
+    from pipeline.config import CircuitConfig
+
+    n_pairs, n_nodes = 8, 12
+
+    class PerPairAdditive:  # f(C) on pair p = sum of the kept nodes' weights on p; full 1, empty 0
+        def __init__(self, weights):
+            self.weights = torch.tensor(weights, dtype=torch.float32)  # [N, P]
+            self.n_pairs, self.metric_full, self.metric_empty = n_pairs, torch.ones(n_pairs), torch.zeros(n_pairs)
+
+        def metrics(self, nodes, masks):
+            return masks.float() @ self.weights
+
+        def slopes(self, nodes, members):
+            return self.weights[members]
+
+    weights = np.zeros((n_nodes, n_pairs))
+    weights[0], weights[1, :4], weights[2, 4:] = 0.5, 0.4, 0.35
+    evaluator = PerPairAdditive(weights)
+    exact_pairs = weights.copy()
+    scores = NodeScores(weights.mean(1), weights.mean(1), np.zeros((n_nodes, 2)), np.arange(n_nodes), np.array([]),
+                        weights, exact_pairs)
+    setup = Setup(None, 0, [], [], [], Nodes(*[torch.zeros(n_nodes, dtype=torch.long)] * 4), evaluator, 1, 1)
+    found = stability(setup, scores, CircuitConfig(n_resamples=50, seed=3))
+    assert found.frequency[0] == 1.0 and (found.frequency[3:] == 0).all()
+    assert 0.5 < found.frequency[1] < 1 and 0.5 < found.frequency[2] < 1, found.frequency[:3]
+    assert (found.faithfulness >= 0.8).all() and set(found.sizes.tolist()) == {2, 3}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_group_path_patching_matches_the_freeze_everything_reference(model_type):
+    """Groups as senders and receivers (members at several layers, classes and kinds; the embeddings in a
+    group; a receiver group whose members have no sender before them for some groups) equal the classic
+    two passes per receiver member, batches cut small."""
+    from pipeline.engine.circuits import group_path_patch
+    from pipeline.engine.reference import reference_group_path_patch
+
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])  # per layer: 16 heads, then 4 MLPs
+    senders = [Nodes.concat([Nodes.embeddings([0]), nodes.select([16])]), nodes.select([0, 5, 21]), nodes.select([26, 36])]
+    receivers = [nodes.select([23, 27]), nodes.select([38, 40, 59]), nodes.select([44])]
+    fast = group_path_patch(model, clean, corrupted, answers, classes, senders, receivers, max_batch_rows=4).metric_path
+    reference = reference_group_path_patch(model, clean, corrupted, answers, classes, senders, receivers)
+    assert torch.equal(fast.isnan(), reference.isnan()) and (~fast.isnan()).sum() >= 20
+    torch.testing.assert_close(fast.nan_to_num(0), reference.nan_to_num(0), atol=2e-5, rtol=1e-5)
+
+
+def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
+    """The circuit step's Progress: phase, steps of a known total, rows, time left; follow_progress draws
+    the state the actor writes and removes the file after."""
+    import io
+    import time
+
+    from pipeline.analysis.circuit_search import Progress
+    from pipeline.stages.circuit import PROGRESS, follow_progress
+    from pipeline.store import publish_json
+
+    states = []
+    progress = Progress(states.append)
+    progress.start("caches")
+    progress.end()
+    progress.start("scores")
+    progress.expect(10)
+    progress.advance(4)
+    state = progress.state()
+    assert [s["phase"] for s in states[:2]] == ["caches", "scores"] and states[-1]["total"] == 10
+    assert state["index"] == 2 and state["done"] == 4 and state["rows"] == 4 and state["left"] is not None
+    assert "caches" in state["seconds"]
+    shown = io.StringIO()
+    with follow_progress(tmp_path, interval=0.05, file=shown):
+        publish_json(tmp_path / PROGRESS, state)
+        time.sleep(0.5)
+    assert "circuit 2/7 scores" in shown.getvalue() and "4/10" in shown.getvalue()
+    assert not (tmp_path / PROGRESS).exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_member_gradients_are_the_slope_of_the_exact_metric(model_type):
+    """Attribution at a circuit (one backward pass) equals the slope of the exact masked metric in each
+    member's keep weight, by central differences of float masks (a float64 model), for members below the
+    circuit's start layer too."""
+    model = tiny_model(model_type, dtype=torch.float64)
+    clean, corrupted, answers, classes = pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4)
+    circuit = torch.rand(len(nodes), generator=torch.Generator().manual_seed(5)) < 0.4
+    circuit[:20] = True  # layer 0 all kept: the circuit's run starts at layer 1 from the clean residual
+    members = circuit.nonzero().squeeze(1)
+    slopes = runner.member_gradients(nodes, circuit)
+    eps = 1e-2  # Llama's RMS norm computes in float32: a smaller step would difference its rounding
+    masks = circuit.double().expand(2 * len(members), -1).clone()
+    masks[torch.arange(len(members)), members] += eps
+    masks[len(members) + torch.arange(len(members)), members] -= eps
+    metric = runner.metrics(nodes, masks)
+    numeric = (metric[:len(members)] - metric[len(members):]) / (2 * eps)
+    torch.testing.assert_close(slopes.double(), numeric, atol=1e-3, rtol=1e-3)
+    assert numeric.abs().max() > 0.05  # the slopes are not all zero

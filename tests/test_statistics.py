@@ -62,7 +62,7 @@ def test_coverage_table_is_the_simulations():
 
 def test_repeated_pairs_and_layers_count_once(tmp_path):
     """A pairs file holding each of 4 pairs four times, swept with patching.layers=[0,0,0]: the summary
-    counts n = 4 (and says 12 repeats were dropped), effects.arrow has one row per pair and site, and
+    counts n = 4 (and says 12 repeats were dropped), effects.parquet has one row per pair and site, and
     with 4 pairs the report says there is no interval."""
     from pipeline.organisms.refusal_tiny import grammar
 
@@ -79,11 +79,11 @@ def test_repeated_pairs_and_layers_count_once(tmp_path):
     assert "4 of 4 pairs kept by the behaviour screen (100%) (12 repeated pairs dropped first" in result.stdout
     assert f"With n = 4 pairs, n too small for an interval (the minimum is {MIN_PAIRS_FOR_INTERVAL}" in result.stdout
     assert "(n too small for an interval)  n=4" in result.stdout
-    effects = read_table(out / "effects.arrow").to_pandas()
+    effects = read_table(out / "effects.parquet").to_pandas()
     assert effects["pair_id"].nunique() == 4 and set(effects["layer"]) == {0}
     assert not effects.duplicated(subset=["pair_id", *KEY]).any()
     assert len(effects) == 4 * (1 + 4)  # attn_out and 4 heads at layer 0, all positions
-    summary = read_table(out / "summary.arrow")
+    summary = read_table(out / "summary.parquet")
     assert set(summary.column("n").to_pylist()) == {4}
     assert summary.column("ci_low").null_count == summary.num_rows  # no interval, not a made-up one
     report = (out / "report.md").read_text()

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +40,7 @@ from pipeline.config import CircuitConfig, SummaryConfig
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.attribution import attribution_patching
 from pipeline.engine.circuits import (EMBED, HEAD, KINDS, CircuitRunner, Nodes, check_path_patching, faithfulness,
-                                      node_writes, path_patch)
+                                      group_path_patch, node_writes)
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics, mean_difference
 from pipeline.engine.metrics import check_metric
 
@@ -50,27 +51,37 @@ MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # ---- the method ------------------------------------------------------------------------------------
 
 def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: SummaryConfig, metric: str,
-                 model_name: str | None = None) -> CircuitResult:
+                 model_name: str | None = None, progress: Progress | None = None) -> CircuitResult:
     """pairs.parquet (screened pairs) -> the minimal circuit and the evidence for it."""
     check_metric(metric)
     if not 0 < options.target <= 1:
         raise ValueError(f"circuit.target={options.target} must be in (0, 1]")
-    clock, rng = PhaseClock(), np.random.default_rng(options.seed)
-    setup = prepare(model, pairs, options, metric)
-    clock.lap("caches")
-    scores = score_nodes(model, setup, options, summary, metric, rng)
-    clock.lap("scores")
-    search = grow_and_prune(setup, scores, options.target)
-    clock.lap("growth and pruning")
+    progress, rng = progress or Progress(), np.random.default_rng(options.seed)
+    progress.start("caches")
+    setup = prepare(model, pairs, options, metric, progress)
+    progress.end()
+    progress.start("scores")
+    scores = score_nodes(model, setup, options, summary, metric, rng, progress)
+    progress.end()
+    progress.start("growth and pruning")
+    search = grow_and_prune(setup.evaluator, setup.nodes, scores.order, options.target)
+    progress.end()
+    progress.start("faithfulness, curves, controls")
     faith = measure_faithfulness(setup, search.circuit, summary, rng)
     checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
-    clock.lap("faithfulness, curves, controls")
-    links = edges(model, setup, search, faith.value, options, metric)
-    clock.lap("edges")
+    progress.end()
+    progress.start("stability", options.n_resamples, "resamples")
+    resamples = stability(setup, scores, options, search.grown, progress)
+    progress.end()
+    progress.start("supernodes and edges")
+    groups = supernodes(setup, search, options.group_gap)
+    links = edges(model, setup, search, groups, faith.value, options, metric)
+    progress.end()
+    progress.start("refusal direction")
     direction = refusal_direction(model, setup, search.circuit, options, metric)
-    clock.lap("refusal direction")
-    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, links,
-                         direction, setup.evaluator.forward_rows, clock.seconds)
+    progress.end()
+    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
+                         groups, links, direction, setup.evaluator.forward_rows, progress.seconds)
 
 
 # ---- the phases' results -----------------------------------------------------------------------------
@@ -96,6 +107,8 @@ class NodeScores:
     exact_ci: np.ndarray  # [N, 2] its bootstrap interval
     top: np.ndarray  # attribution's top set (verified)
     sample: np.ndarray  # the random sample of the rest (verified)
+    attribution_pairs: np.ndarray  # [N, P] per pair
+    exact_pairs: np.ndarray  # [N, P] per pair; nan rows where not verified
 
     @property
     def best(self) -> np.ndarray:
@@ -105,11 +118,21 @@ class NodeScores:
     @property
     def order(self) -> np.ndarray:
         """Nodes by verified effect first (strongest first), then the rest by attribution."""
-        return np.lexsort((-self.attribution, -np.nan_to_num(self.exact, nan=-np.inf), np.isnan(self.exact)))
+        return _order(self.attribution, self.exact)
+
+    def order_on(self, weights: np.ndarray) -> np.ndarray:
+        """`order` with every pair counted `weights` [P] times (a bootstrap resample)."""
+        mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
+        return _order(mean(self.attribution_pairs), mean(self.exact_pairs))
+
+
+def _order(attribution: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    return np.lexsort((-attribution, -np.nan_to_num(exact, nan=-np.inf), np.isnan(exact)))
 
 
 @dataclass
 class Search:
+    grown: int  # the prefix size growth reached the target with
     circuit: list[int]  # node indices, ordered by layer, kind, class, head
     pruned: list[int]
     f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node
@@ -133,8 +156,26 @@ class Controls:
 
 
 @dataclass
+class Stability:
+    """The search (growth and pruning on the verified scores) re-run on bootstrap resamples of the pairs."""
+    frequency: np.ndarray  # [N] share of the resamples whose circuit holds each node
+    sizes: np.ndarray  # [B] each resample's circuit size
+    faithfulness: np.ndarray  # [B] each resample's circuit, on its own resample
+    threshold: float  # core nodes are found in at least this share of the resamples
+
+
+@dataclass
+class Supernodes:
+    """The circuit's nodes grouped: one kind at one position class over nearby layers."""
+    members: list[list[int]]  # per group, indices into the circuit
+    names: list[str]
+    f_without: np.ndarray  # [G] faithfulness of the circuit without each group
+
+
+@dataclass
 class Edges:
-    edges: list[dict] = field(default_factory=list)
+    edges: list[dict] = field(default_factory=list)  # between nodes
+    groups: list[dict] = field(default_factory=list)  # between supernodes
     note: str | None = None
 
 
@@ -155,6 +196,8 @@ class CircuitResult:
     search: Search
     faithfulness: Faithfulness
     controls: Controls
+    stability: Stability
+    supernodes: Supernodes
     edges: Edges
     direction: Direction
     forward_rows: int
@@ -162,7 +205,7 @@ class CircuitResult:
 
     def to_json(self) -> dict:
         """The content of circuit.json."""
-        setup, scores, search, faith = self.setup, self.scores, self.search, self.faithfulness
+        setup, scores, search, faith, stable = self.setup, self.scores, self.search, self.faithfulness, self.stability
         nodes, names, evaluator = setup.nodes, setup.names, setup.evaluator
         circuit, n_nodes = search.circuit, len(setup.nodes)
         in_circuit = faith.value - search.f_without
@@ -177,6 +220,7 @@ class CircuitResult:
                 "attribution": _num(scores.attribution[i]), "in_circuit_effect": _num(in_circuit[j]),
                 "refusal_projection": _num(self.direction.projections[j][0]),
                 "refusal_cosine": _num(self.direction.projections[j][1]),
+                "inclusion_frequency": float(stable.frequency[i]), "core": bool(stable.frequency[i] >= stable.threshold),
             })
         random = self.controls.random
         options = self.options
@@ -185,7 +229,9 @@ class CircuitResult:
             "method": {
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
-                "growth": "verified single-node effect order, smallest prefix reaching the target, then pruning",
+                "growth": "verified single-node effect order, smallest prefix reaching the target",
+                "pruning": "members ranked by attribution at the circuit; the most removed together that keeps "
+                           "the target, measured exactly; repeated",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
                 "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
             },
@@ -202,8 +248,11 @@ class CircuitResult:
             "random_control": {"n": len(random), "size": len(circuit), "mean": float(random.mean()),
                                "std": float(random.std()), "max": float(random.max()) if len(random) else None},
             "per_category": faith.per_category,
+            "stability": stability_json(stable, circuit, nodes, names),
             "nodes": node_rows,
             "pruned": [node_id(nodes, i, names) for i in search.pruned],
+            "supernodes": supernodes_json(self.supernodes, circuit, nodes, names, setup.labels, scores, faith.value),
+            "supernode_edges": self.edges.groups,
             "edges": self.edges.edges, "edges_note": self.edges.note,
             "growth_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
             "mib": self.controls.mib,
@@ -217,23 +266,91 @@ class CircuitResult:
         }
 
 
-class PhaseClock:
-    """Seconds per phase, logged as each ends."""
+def supernodes_json(groups: Supernodes, circuit: list[int], nodes: Nodes, names: list[str], labels: list[str],
+                    scores: NodeScores, f: float) -> list[dict]:
+    rows = []
+    for name, members, f_without in zip(groups.names, groups.members, groups.f_without):
+        kind, _, _, cls = nodes.key(circuit[members[0]])
+        layers = [int(nodes.layer[circuit[j]]) for j in members]
+        rows.append({"id": name, "component": KINDS[kind], "position": names[cls], "token": labels[cls],
+                     "layers": [min(layers), max(layers)], "members": [node_id(nodes, circuit[j], names) for j in members],
+                     "in_circuit_effect": float(f - f_without),
+                     "effect_sum": float(np.nansum(scores.best[[circuit[j] for j in members]]))})
+    return rows
 
-    def __init__(self):
+
+def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: list[str]) -> dict:
+    """circuit.json's stability: the core, the resamples' sizes and faithfulness, frequent nodes outside."""
+    core = [i for i in circuit if stable.frequency[i] >= stable.threshold]
+    outside = [i for i in np.argsort(-stable.frequency, kind="stable") if i not in set(circuit)
+               and stable.frequency[i] >= 0.5]
+    sizes = stable.sizes
+    return {
+        "n_resamples": len(sizes), "core_threshold": stable.threshold,
+        "core": [node_id(nodes, i, names) for i in core], "core_size": len(core),
+        "size_median": float(np.median(sizes)) if len(sizes) else None,
+        "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
+        "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
+        "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
+        "method": "growth and pruning on the verified scores, re-run on bootstrap resamples of the pairs "
+                  "(each orders the nodes by its own mean scores and measures faithfulness on its own pairs)",
+    }
+
+
+class Progress:
+    """Where the circuit step is: its phase, the steps of the phase done (of a total, when known) and the
+    (circuit, pair) rows computed, with an estimate of the phase's time left; seconds per finished phase.
+    Each phase's end is logged; `report` (when given) receives `state()` at every phase and at most once a
+    second in between."""
+
+    def __init__(self, report: Callable[[dict], None] | None = None):
         self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self.report, self.rows = report, 0
+        self.phase, self.index, self.done, self.total, self.unit = "", 0, 0, None, "rows"
+        self._began = self._sent = time.perf_counter()
 
-    def lap(self, phase: str) -> None:
+    def start(self, phase: str, total: int | None = None, unit: str = "rows") -> None:
+        self.phase, self.index = phase, self.index + 1
+        self.done, self.total, self.unit = 0, total, unit
+        self._began = time.perf_counter()
+        self._send(force=True)
+
+    def expect(self, total: int) -> None:
+        self.total = total
+        self._send(force=True)
+
+    def advance(self, n: int = 1, unit: str = "rows") -> None:
+        if unit == "rows":
+            self.rows += n
+        if unit == self.unit:
+            self.done += n
+        self._send()
+
+    def end(self) -> None:
+        self.seconds[self.phase] = round(time.perf_counter() - self._began, 2)
+        log.info("circuit step: %s took %.1fs", self.phase, self.seconds[self.phase])
+
+    def state(self) -> dict:
+        elapsed = time.perf_counter() - self._began
+        left = elapsed / self.done * (self.total - self.done) if self.total and self.done else None
+        return {"phase": self.phase, "index": self.index, "phases": len(PHASES), "done": self.done,
+                "total": self.total, "unit": self.unit, "rows": self.rows, "elapsed": round(elapsed, 1),
+                "left": None if left is None else round(left, 1), "seconds": dict(self.seconds)}
+
+    def _send(self, force: bool = False) -> None:
         now = time.perf_counter()
-        self.seconds[phase] = round(now - self._last, 2)
-        self._last = now
-        log.info("circuit step: %s took %.1fs", phase, self.seconds[phase])
+        if self.report is not None and (force or now - self._sent >= 1.0):
+            self._sent = now
+            self.report(self.state())
+
+
+PHASES = ("caches", "scores", "growth and pruning", "faithfulness, curves, controls", "stability",
+          "supernodes and edges", "refusal direction")
 
 
 # ---- the phases ----------------------------------------------------------------------------------------
 
-def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str) -> Setup:
+def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progress: Progress | None = None) -> Setup:
     """The pairs (equal-length, at most options.max_pairs), their classes, every candidate node, and the
     evaluator holding each length group's clean and corrupted caches."""
     pairs, n_unequal = select_pairs(pairs, options.max_pairs, options.seed)
@@ -241,32 +358,39 @@ def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str) -> Setu
     groups = group_pairs(pairs, class_maps)
     adapter = get_adapter(model)
     nodes = Nodes.grid(adapter, list(range(len(names))))
-    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows)
+    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows, progress or Progress())
     return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads)
 
 
 def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryConfig, metric: str,
-                rng: np.random.Generator) -> NodeScores:
+                rng: np.random.Generator, progress: Progress) -> NodeScores:
     """Attribution for every node; exact single-node effects (with intervals) for the verified ones."""
     n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
-    attribution = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs).mean(1).numpy()
+    attribution_pairs = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs)
+    attribution = attribution_pairs.mean(1).numpy()
     verified, top, sample = choose_verified(attribution, n_pairs, options, rng)
+    progress.expect(len(verified) * n_pairs)
     exact_pairs = single_node_effects(setup.evaluator, setup.nodes, verified.tolist())
     exact = np.full(n_nodes, np.nan)
     exact[verified] = exact_pairs.mean(1).numpy()
     exact_ci = np.full((n_nodes, 2), np.nan)
     exact_ci[verified] = bootstrap_mean_ci(exact_pairs.numpy(), summary.n_bootstrap, summary.ci, rng)
-    return NodeScores(attribution, exact, exact_ci, top, sample)
+    per_pair = np.full((n_nodes, n_pairs), np.nan)
+    per_pair[verified] = exact_pairs.numpy()
+    return NodeScores(attribution, exact, exact_ci, top, sample, attribution_pairs.numpy(), per_pair)
 
 
-def grow_and_prune(setup: Setup, scores: NodeScores, target: float) -> Search:
-    """The smallest prefix of the score order reaching the target, then pruned; ordered by place."""
-    evaluator, nodes, order = setup.evaluator, setup.nodes, scores.order
-    size, curve = grow(evaluator, nodes, order, target)
-    circuit, pruned, f_without = prune(evaluator, nodes, order[:size].tolist(), target)
-    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
-                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
-    return Search([circuit[j] for j in by_place], pruned, f_without[by_place], curve)
+def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float,
+                   near: int | None = None, in_circuit: bool = True) -> Search:
+    """The smallest prefix of the score order reaching the target (`grow`, from sizes `near` a size
+    found before when given), then pruned; ordered by place; with `in_circuit`, the faithfulness of the
+    circuit without each of its nodes, measured exactly."""
+    size, curve = grow(evaluator, nodes, order, target, near=near)
+    circuit, pruned = prune(evaluator, nodes, order[:size].tolist(), target)
+    log.debug("circuit search: grown to %d nodes (f %.3f), pruned to %d", size, curve.get(size, float("nan")), len(circuit))
+    circuit = sorted(circuit, key=lambda i: (int(nodes.layer[i]), int(nodes.kind[i]), int(nodes.cls[i]), int(nodes.head[i])))
+    f_without = evaluator.faithfulness_without_each(nodes, circuit) if in_circuit and circuit else np.zeros(0)
+    return Search(size, circuit, pruned, f_without, curve)
 
 
 def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
@@ -299,21 +423,83 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
     return Controls(mib, setup.evaluator.faithfulness(setup.nodes, _subset_masks(n_nodes, random_sets)).numpy())
 
 
-def edges(model, setup: Setup, search: Search, f: float, options: CircuitConfig, metric: str) -> Edges:
-    """Path effects among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes)."""
+def stability(setup: Setup, scores: NodeScores, options: CircuitConfig, grown: int | None = None,
+              progress: Progress | None = None) -> Stability:
+    """Growth and pruning on `options.n_resamples` bootstrap resamples of the pairs: each resample orders
+    the nodes by its own mean scores and measures faithfulness on its own pairs (every circuit's metrics
+    are computed once for all pairs and reused), its growth starting at sizes near `grown` (the main
+    search's). Its own random stream: the other phases' draws stay."""
+    rng = np.random.default_rng([options.seed, 1])
+    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
+    frequency, sizes, faith = np.zeros(n_nodes), [], []
+    for _ in range(options.n_resamples):
+        weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
+        view = Resample(setup.evaluator, weights)
+        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target, near=grown,
+                               in_circuit=False).circuit
+        frequency[found] += 1
+        sizes.append(len(found))
+        faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
+        if progress is not None:
+            progress.advance(1, "resamples")
+    n = max(options.n_resamples, 1)
+    return Stability(frequency / n, np.array(sizes), np.array(faith), options.core_threshold)
+
+
+def supernodes(setup: Setup, search: Search, gap: int) -> Supernodes:
+    """The circuit's nodes of one kind at one position class, split where `gap` or more layers pass without
+    one, and the faithfulness of the circuit without each group."""
+    nodes, circuit = setup.nodes, search.circuit
+    by_place: dict[tuple[int, int], list[int]] = {}
+    for j, i in enumerate(circuit):
+        by_place.setdefault((int(nodes.cls[i]), int(nodes.kind[i])), []).append(j)
+    members = []
+    for place in sorted(by_place):
+        run = []
+        for j in sorted(by_place[place], key=lambda j: int(nodes.layer[circuit[j]])):
+            if run and int(nodes.layer[circuit[j]]) - int(nodes.layer[circuit[run[-1]]]) > gap:
+                members.append(run)
+                run = []
+            run.append(j)
+        members.append(run)
+    members.sort(key=lambda group: (min(int(nodes.layer[circuit[j]]) for j in group), int(nodes.cls[circuit[group[0]]])))
+    names = [supernode_id(nodes, [circuit[j] for j in group], setup.names) for group in members]
+    without = [[circuit[j] for j in range(len(circuit)) if j not in set(group)] for group in members]
+    f_without = setup.evaluator.faithfulness(nodes, _subset_masks(len(nodes), without)).numpy() if members else np.array([])
+    return Supernodes(members, names, f_without)
+
+
+def edges(model, setup: Setup, search: Search, groups: Supernodes, f: float, options: CircuitConfig,
+          metric: str) -> Edges:
+    """Path effects between the supernodes (from the harmful tokens' embeddings, to the logits), and
+    among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes), on at most
+    options.edge_pairs pairs."""
     circuit = search.circuit
     if not options.edges or not circuit:
         return Edges()
-    strongest = sorted(np.argsort(-(f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
     try:
         check_path_patching(model, get_adapter(model))
     except UnsupportedArchitecture as err:
         return Edges(note=str(err))
-    found = path_effects(model, setup.groups, setup.nodes, [circuit[j] for j in strongest], setup.names, options,
-                         metric, setup.evaluator.n_pairs)
-    note = (f"edges measured among the {len(strongest)} nodes with the largest in-circuit effect"
+    pair_groups = _first_pairs(setup.groups, options.edge_pairs)
+    nodes, names = setup.nodes, setup.names
+    tokens = Nodes.embeddings([names.index("harm")])
+    members = [nodes.select([circuit[j] for j in group]) for group in groups.members]
+    between = group_effects(model, pair_groups, [tokens] + members, members, options, metric)
+    group_edges = _edge_rows(between, ["EMB@harm"] + groups.names, groups.names, options.edge_min)
+    strongest = sorted(np.argsort(-(f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
+    chosen = nodes.select([circuit[j] for j in strongest])
+    senders = Nodes.concat([tokens, chosen])
+    found = group_effects(model, pair_groups, [senders.select([i]) for i in range(len(senders))],
+                          [chosen.select([i]) for i in range(len(chosen))], options, metric)
+    node_edges = _edge_rows(found, [node_id(senders, i, names) for i in range(len(senders))],
+                            [node_id(chosen, i, names) for i in range(len(chosen))], options.edge_min)
+    n_pairs = sum(len(g.rows) for g in pair_groups)
+    note = (f"node edges measured among the {len(strongest)} nodes with the largest in-circuit effect"
             if len(strongest) < len(circuit) else None)
-    return Edges(found, note)
+    if n_pairs < setup.evaluator.n_pairs:
+        note = (note + "; " if note else "") + f"edges on {n_pairs} of the {setup.evaluator.n_pairs} pairs"
+    return Edges(node_edges, group_edges, note)
 
 
 def refusal_direction(model, setup: Setup, circuit: list[int], options: CircuitConfig, metric: str) -> Direction:
@@ -328,16 +514,20 @@ def refusal_direction(model, setup: Setup, circuit: list[int], options: CircuitC
 # ---- evaluation over all groups ----------------------------------------------------------------------
 
 class Evaluator:
-    """Circuit metrics over every pair (all groups), in the order of the circuit step's pairs."""
+    """Circuit metrics over every pair (all groups), in the order of the circuit step's pairs. It serves one
+    node set (the candidates): each circuit's metrics are computed once and kept, by its mask."""
 
-    def __init__(self, model, groups: list[PairGroup], n_classes: int, metric: str, max_batch_rows=None):
-        self.groups = groups
+    def __init__(self, model, groups: list[PairGroup], n_classes: int, metric: str, max_batch_rows=None,
+                 progress: Progress | None = None):
+        self.groups, self.progress = groups, progress or Progress()
         self.runners = [CircuitRunner(model, g.clean, g.corrupted, g.answers, g.classes, n_classes, metric,
                                       max_batch_rows) for g in groups]
         self.n_pairs = sum(len(g.rows) for g in groups)
         self.metric_full = self._gather([r.metric_full[None] for r in self.runners])[0]
         self.metric_empty = self._gather([r.metric_empty[None] for r in self.runners])[0]
-        self.forward_rows = 0
+        self.forward_rows = 0  # (circuit, pair) rows computed
+        self._known: dict[bytes, torch.Tensor] = {}  # circuit mask -> metric [P]
+        self._slopes: dict[bytes, torch.Tensor] = {}  # circuit mask -> its members' slopes [M, P]
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         out = torch.empty(parts[0].shape[0], self.n_pairs)
@@ -345,17 +535,87 @@ class Evaluator:
             out[:, group.rows] = part
         return out
 
+    def _each_group(self, compute: Callable[[CircuitRunner], torch.Tensor], n_circuits: int) -> torch.Tensor:
+        """compute(runner) [C, group's pairs] for every length group -> [C, P], counted as rows computed."""
+        parts = []
+        for group, runner in zip(self.groups, self.runners):
+            parts.append(compute(runner))
+            self.progress.advance(n_circuits * len(group.rows))
+        self.forward_rows += n_circuits * self.n_pairs
+        return self._gather(parts)
+
     def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
-        """masks [C, N] -> metric [C, P]."""
-        self.forward_rows += masks.shape[0] * self.n_pairs
-        return self._gather([runner.metrics(nodes, masks) for runner in self.runners])
+        """masks [C, N] (bool) -> metric [C, P]."""
+        keys = [_key(mask) for mask in masks]
+        todo = sorted({key: c for c, key in enumerate(keys) if key not in self._known}.values())
+        if todo:
+            computed = self._each_group(lambda runner: runner.metrics(nodes, masks[todo]), len(todo))
+            self._known.update({keys[c]: row for c, row in zip(todo, computed)})
+        return torch.stack([self._known[key] for key in keys]) if keys else torch.empty(0, self.n_pairs)
+
+    def single_node_metrics(self, nodes: Nodes) -> torch.Tensor:
+        """[N, P]: the metric with each node alone patched."""
+        return self._each_group(lambda runner: runner.single_node_metrics(nodes), len(nodes))
+
+    def without_each(self, nodes: Nodes, members: list[int]) -> torch.Tensor:
+        """[M, P]: the metric of the circuit `members` without each of them, in the order given."""
+        masks = _subset_masks(len(nodes), [members]).repeat(len(members), 1)
+        masks[torch.arange(len(members)), torch.tensor(members, dtype=torch.long)] = False
+        keys = [_key(mask) for mask in masks]
+        if any(key not in self._known for key in keys):
+            circuit = _subset_masks(len(nodes), [members])[0]
+            computed = self._each_group(lambda runner: runner.without_each(nodes, circuit), len(members))  # sorted
+            self._known.update({_key(masks[m]): row for m, row in zip(np.argsort(members), computed)})
+        return torch.stack([self._known[key] for key in keys])
+
+    def slopes(self, nodes: Nodes, members: list[int]) -> torch.Tensor:
+        """[M, P]: each member's metric slope in its keep weight at the circuit `members` (attribution)."""
+        key = _key(_subset_masks(len(nodes), [members])[0])
+        if key not in self._slopes:
+            circuit = _subset_masks(len(nodes), [members])[0]
+            self._slopes[key] = self._gather([runner.member_gradients(nodes, circuit) for runner in self.runners])
+        by_index = np.argsort(np.argsort(members))  # member_gradients goes by node index
+        return self._slopes[key][by_index]
+
+    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        """[M] the first-order estimate of the faithfulness lost when each member alone is removed."""
+        return (-self.slopes(nodes, members).sum(1) / (self.metric_full - self.metric_empty).sum()).numpy()
 
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
+    def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        """[M] f of the circuit `members` without each of them, in the order given."""
+        return faithfulness(self.without_each(nodes, members), self.metric_full, self.metric_empty).numpy()
+
     def effects(self, metric: torch.Tensor) -> torch.Tensor:
         """Per-pair normalised noise effects [C, P] of metrics [C, P]: 1 = the refusal gap is gone."""
         return (metric - self.metric_full) / (self.metric_empty - self.metric_full)
+
+
+class Resample:
+    """The evaluator's faithfulness with every pair counted `weights` [P] times (a bootstrap resample)."""
+
+    def __init__(self, evaluator: Evaluator, weights: np.ndarray):
+        self.evaluator, self.weights = evaluator, torch.as_tensor(weights, dtype=torch.float32)
+
+    def _f(self, metric: torch.Tensor) -> torch.Tensor:
+        empty, full = self.evaluator.metric_empty, self.evaluator.metric_full
+        return ((metric - empty) * self.weights).sum(-1) / ((full - empty) * self.weights).sum()
+
+    def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
+        return self._f(self.evaluator.metrics(nodes, masks))
+
+    def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        return self._f(self.evaluator.without_each(nodes, members)).numpy()
+
+    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
+        gap = ((self.evaluator.metric_full - self.evaluator.metric_empty) * self.weights).sum()
+        return (-(self.evaluator.slopes(nodes, members) * self.weights).sum(1) / gap).numpy()
+
+
+def _key(mask: torch.Tensor) -> bytes:
+    return np.packbits(mask.numpy()).tobytes()
 
 
 def _subset_masks(n_nodes: int, subsets: list) -> torch.Tensor:
@@ -389,9 +649,7 @@ def attribution_scores(model, groups: list[PairGroup], nodes: Nodes, n_classes: 
 
 def single_node_effects(evaluator: Evaluator, nodes: Nodes, which: list[int]) -> torch.Tensor:
     """Exact noise effect [len(which), P] of patching each node alone (the rest of the model kept)."""
-    masks = torch.ones(len(which), len(nodes), dtype=torch.bool)
-    masks[torch.arange(len(which)), torch.tensor(which, dtype=torch.long)] = False
-    return evaluator.effects(evaluator.metrics(nodes, masks))
+    return evaluator.effects(evaluator.single_node_metrics(nodes.select(which)))
 
 
 def choose_verified(attribution: np.ndarray, n_pairs: int, options: CircuitConfig, rng: np.random.Generator):
@@ -440,18 +698,38 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
-def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4) -> tuple[int, dict[int, float]]:
+def grow(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4,
+         near: int | None = None) -> tuple[int, dict[int, float]]:
     """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
-    at a time, until one reaches it; then the bracket below it is narrowed, `chunk` sizes per pass.
-    Returns (size, {size: f} for every size measured)."""
+    at a time, until one reaches it (with `near`, a size found before: from the `chunk` grid sizes around
+    it, up until one reaches, down while the smallest measured still does); then the bracket below the
+    first size reaching it is narrowed, `chunk` sizes per pass. Returns (size, {size: f} for every size
+    measured)."""
     n = len(order)
     prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
     grid, curve = _geometric_sizes(n), {}
-    for begin in range(0, len(grid), chunk):
-        sizes = grid[begin:begin + chunk]
+
+    def measure(sizes: list[int]) -> None:
         curve.update(zip(sizes, evaluator.faithfulness(nodes, prefix(sizes)).tolist()))
-        if any(curve[k] >= target for k in sizes):
-            break
+
+    def any_reached() -> bool:
+        return any(f >= target for f in curve.values())
+
+    if near is None:
+        for begin in range(0, len(grid), chunk):
+            measure(grid[begin:begin + chunk])
+            if any_reached():
+                break
+    else:
+        below = min(max(0, int(np.searchsorted(grid, near)) - chunk // 2), max(0, len(grid) - chunk))
+        above = below + chunk
+        measure(grid[below:above])
+        while not any_reached() and above < len(grid):
+            measure(grid[above:above + chunk])
+            above += chunk
+        while any_reached() and curve[grid[below]] >= target and below > 0:
+            measure(grid[max(0, below - chunk):below])
+            below = max(0, below - chunk)
     reached = [k for k in sorted(curve) if curve[k] >= target]
     if not reached:
         return n, curve
@@ -465,23 +743,19 @@ def grow(evaluator: Evaluator, nodes: Nodes, order: np.ndarray, target: float, c
     return hi, curve
 
 
-def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
-          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int], np.ndarray]:
-    """Drop nodes whose removal keeps f >= target. Each round measures f without each node, then finds
-    the largest k such that removing the k least harmful nodes together keeps f at the target (k on a
-    geometric grid, then narrowed, `chunk` circuits per pass). Returns (kept, removed, f of the kept
-    circuit without each of its nodes)."""
-    def without_each(members: list[int]) -> np.ndarray:
-        return evaluator.faithfulness(
-            nodes, _subset_masks(len(nodes), [[c for c in members if c != drop] for drop in members])).numpy()
-
+def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
+          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int]]:
+    """Drop nodes whose removal keeps f >= target. Each round ranks the members by attribution at the
+    circuit (the first-order estimate of the faithfulness each one's removal costs: one forward and one
+    backward pass), then finds the largest k such that removing the k least costly together keeps f at
+    the target, measured exactly (k on a geometric grid, then narrowed, `chunk` circuits per pass).
+    Returns (kept, removed)."""
     kept, removed = list(circuit), []
-    f_without = without_each(kept)
     for _ in range(max_rounds):
-        order = np.argsort(-f_without, kind="stable")
-        most = min(int((f_without >= target).sum()), len(kept) - 1)
-        if most == 0:
+        if len(kept) <= 1:
             break
+        order = np.argsort(evaluator.removal_costs(nodes, kept), kind="stable")
+        most = len(kept) - 1
         trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
         f_trial = {}
 
@@ -507,8 +781,7 @@ def prune(evaluator: Evaluator, nodes: Nodes, circuit: list[int], target: float,
             hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
-        f_without = without_each(kept)
-    return kept, removed, f_without
+    return kept, removed
 
 
 def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
@@ -530,28 +803,41 @@ def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
 
 # ---- edges and the refusal direction ---------------------------------------------------------------
 
-def path_effects(model, groups: list[PairGroup], nodes: Nodes, circuit: list[int], names: list[str],
-                 options: CircuitConfig, metric: str, n_pairs: int) -> list[dict]:
-    """Path effects from the harmful tokens' embeddings and every circuit node to every later node and
-    to the logits (receiver "logits")."""
-    members = nodes.select(circuit)
-    senders = Nodes.concat([Nodes.embeddings([names.index("harm")]), members])
-    effects = torch.full((len(senders), len(circuit) + 1, n_pairs), float("nan"))
+def group_effects(model, pair_groups: list[PairGroup], senders: list[Nodes], receivers: list[Nodes],
+                  options: CircuitConfig, metric: str) -> torch.Tensor:
+    """Mean path effects [S, R + 1] between groups of nodes (the last receiver: the logits); nan = no path."""
+    n_pairs = sum(len(g.rows) for g in pair_groups)
+    effects = torch.full((len(senders), len(receivers) + 1, n_pairs), float("nan"))
+    done = 0
+    for group in pair_groups:
+        result = group_path_patch(model, group.clean, group.corrupted, group.answers, group.classes, senders,
+                                  receivers, metric, options.max_batch_rows)
+        effects[:, :, done:done + len(group.rows)] = result.effects()
+        done += len(group.rows)
+    return effects.nanmean(-1)
+
+
+def _edge_rows(mean: torch.Tensor, senders: list[str], receivers: list[str], edge_min: float) -> list[dict]:
+    rows = []
+    for s, sender in enumerate(senders):
+        for r, receiver in enumerate(receivers + ["logits"]):
+            if not torch.isnan(mean[s, r]):
+                value = float(mean[s, r])
+                rows.append({"from": sender, "to": receiver, "effect": value, "drawn": abs(value) >= edge_min})
+    return rows
+
+
+def _first_pairs(groups: list[PairGroup], n: int) -> list[PairGroup]:
+    """The length groups cut to their first `n` pairs in all (the edges' pairs)."""
+    out, left = [], n
     for group in groups:
-        result = path_patch(model, group.clean, group.corrupted, group.answers, group.classes, senders, members,
-                            metric, options.max_batch_rows)
-        effects[:, :, group.rows] = result.effects()
-    mean = effects.nanmean(-1)
-    edges = []
-    for s in range(len(senders)):
-        for r in range(len(circuit) + 1):
-            if torch.isnan(effects[s, r]).all():
-                continue
-            value = float(mean[s, r])
-            edges.append({"from": node_id(senders, s, names),
-                          "to": "logits" if r == len(circuit) else node_id(nodes, circuit[r], names),
-                          "effect": value, "drawn": abs(value) >= options.edge_min})
-    return edges
+        if left <= 0:
+            break
+        take = min(left, len(group.rows))
+        out.append(PairGroup(group.rows[:take], group.clean[:take], group.corrupted[:take],
+                             group.answers.index(torch.arange(take)), group.classes[:take]))
+        left -= take
+    return out
 
 
 def direction_by_layer(model, evaluator: Evaluator, metric: str, max_layers: int, n_ablations: int = 3,
@@ -613,6 +899,13 @@ def node_projections(model, evaluator: Evaluator, nodes: Nodes, direction: torch
     projection = mean @ unit
     cosine = projection / mean.norm(dim=-1).clamp(min=1e-12)
     return torch.stack([projection, cosine], dim=1).numpy()
+
+
+def supernode_id(nodes: Nodes, members: list[int], names: list[str]) -> str:
+    kind, _, _, cls = nodes.key(members[0])
+    low, high = min(int(nodes.layer[i]) for i in members), max(int(nodes.layer[i]) for i in members)
+    layers = f"L{low}" if low == high else f"L{low}-{high}"
+    return f"{layers}.{'heads' if kind == HEAD else 'MLP'}@{names[cls]}"
 
 
 def node_id(nodes: Nodes, i: int, names: list[str]) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture, get_adapter
 from .hooks import (PrefixReuse, Rows, RunCache, capture, edit_activation, first_difference, installed,
-                    rows_that_fit, run_layers, run_with_cache)
+                    output_tensor, rows_that_fit, run_layers, run_with_cache)
 from .metrics import Answers, check_metric, measure
 
 HEAD, MLP, EMBED = 0, 1, 2
@@ -117,6 +117,29 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
     return source + keep.to(live.dtype) * (live - source)
 
 
+SMALL_BATCH_SLACK = 16  # positions per layer a batch may compute for rows that do not change them
+
+
+def _computed_only(module: nn.Module, computed: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None,
+                   before=None) -> list:
+    """Hooks that run a position-wise `module` (an MLP, an output projection) only at the positions where
+    `computed` [R, T] is set, packed into one sequence, and give the `source` output [R, T, d] elsewhere.
+    `before` edits the input first; a float `keep` [R, T] mixes the computed output with the source's."""
+    def pack(module, args):
+        x = args[0] if before is None else before(args[0])
+        return (x[computed][None],) + tuple(args[1:])
+
+    def scatter(module, args, output):
+        out = output_tensor(output)[0]  # [computed positions, d]
+        full = source.clone()
+        if keep is not None and keep.dtype != torch.bool:
+            out = full[computed] + keep[computed][:, None].to(out.dtype) * (out - full[computed])
+        full[computed] = out
+        return full
+
+    return [module.register_forward_pre_hook(pack), module.register_forward_hook(scatter)]
+
+
 class CircuitRunner:
     """Evaluates many circuits on one group of pairs of equal length, packed.
 
@@ -136,6 +159,9 @@ class CircuitRunner:
         base_ids, source_ids = base_ids.to(device), source_ids.to(device)
         self.base = run_with_cache(model, self.adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
         self.source = run_with_cache(model, self.adapter, source_ids, ("head", "mlp_out"))
+        # What the attention output projection makes of the source run's heads: [P, L, T, d]
+        self.source_out = torch.stack([proj(self.source.acts["head"][:, layer].contiguous())
+                                       for layer, proj in enumerate(self.adapter.out_proj)], dim=1)
         self.n_pairs, seq_len = base_ids.shape
         self.prefix = PrefixReuse(model, self.adapter, self.base)
         self.first = _shared_first(self.prefix, base_ids, source_ids)
@@ -167,44 +193,75 @@ class CircuitRunner:
         start = torch.maximum(below_kept, below_patched).clamp(max=n_layers - 1)
         return start, below_kept >= below_patched
 
-    @torch.no_grad()
-    def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
-                     from_base: torch.Tensor) -> torch.Tensor:
-        """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables (see `_dense_keep`),
-        computed from layer `start` (rows `from_base` start from the base run's residual there, the
-        others from the source run's plus the embedding difference)."""
-        adapter, first = self.adapter, self.first
-        device = self.base.final_resid.device
+    def _run(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, resid: torch.Tensor,
+             layer: int, layer_inputs) -> torch.Tensor:
+        """Layers layer..L-1 on residuals [R, T'', d] (the last T'' positions) of base rows `pair_idx` with per-row
+        keep tables (see `_dense_keep`); the final position's residual [R, d].
+
+        A patched output is the source run's whatever its input, so the attention output projection
+        and the MLP run only at the positions where something is kept (packed, all rows at once), the
+        last layer only at the final position; a layer that keeps everything runs unhooked."""
+        adapter, device = self.adapter, resid.device
+        n_heads, last, offset = adapter.n_heads, adapter.n_layers - 1, self.base.acts["resid_pre"].shape[2] - resid.shape[1]
         rows = pair_idx.to(device)
-        classes = self.classes[pair_idx]  # [R, T']
-        n_heads = adapter.n_heads
-        layer_inputs = self.prefix.layer_inputs(pair_idx, first, start)  # before the hooks: it may run the model
+        classes = self.classes[pair_idx, offset - self.first:]  # [R, T'']
+        final = torch.arange(classes.shape[1]) == classes.shape[1] - 1  # [T'']
         handles = []
-
-        def mix_heads(layer, keep):
-            def edit(z):
-                source = self.source.acts["head"][rows, layer, first:]
-                source = source.reshape(*source.shape[:-1], n_heads, -1)
-                return _mix(keep, z.reshape(*z.shape[:-1], n_heads, -1), source).reshape(z.shape)
-            return edit
-
-        def mix_mlp(layer, keep):
-            return lambda live: _mix(keep, live, self.source.acts["mlp_out"][rows, layer, first:])
-
         with installed(handles):
-            for layer in range(start, adapter.n_layers):
-                keep_h = keep_head[:, layer].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T', H]
-                keep_m = keep_mlp[:, layer].gather(1, classes)  # [R, T']
-                handles.append(edit_activation(adapter, "head", layer, mix_heads(layer, keep_h[..., None].to(device))))
-                handles.append(edit_activation(adapter, "mlp_out", layer, mix_mlp(layer, keep_m[..., None].to(device))))
-            base_resid = self.base.acts["resid_pre"]
-            resid = base_resid[rows, start, first:]
-            if start > 0 and not bool(from_base.all()):
-                source_resid = self.source.acts["resid_pre"]
-                embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
-                resid = torch.where(from_base.to(device)[:, None, None], resid,
-                                    source_resid[rows, start, first:] + embedding_difference)
-            return run_layers(adapter, resid, start, layer_inputs)
+            for at in range(layer, adapter.n_layers):
+                keep_h = keep_head[:, at].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T'', H]
+                keep_m = keep_mlp[:, at].gather(1, classes)  # [R, T'']
+                if bool((keep_h == 1).all()) and bool((keep_m == 1).all()) and at < last and not keep_h.requires_grad:
+                    continue
+                computed_h, computed_m = (keep_h != 0).any(-1), keep_m != 0  # [R, T'']
+                if at == last:
+                    computed_h, computed_m = computed_h & final, computed_m & final
+                source_z = self.source.acts["head"][rows, at, offset:]
+                source_z = source_z.reshape(*source_z.shape[:-1], n_heads, -1)  # [R, T'', H, d_head]
+
+                def mix_heads(z, keep=keep_h[..., None].to(device), source=source_z):
+                    return _mix(keep, z.reshape(source.shape), source).reshape(z.shape)
+
+                handles += _computed_only(adapter.out_proj[at], computed_h.to(device),
+                                          self.source_out[rows, at, offset:], before=mix_heads)
+                handles += _computed_only(adapter.mlp[at], computed_m.to(device),
+                                          self.source.acts["mlp_out"][rows, at, offset:], keep=keep_m.to(device))
+            return run_layers(adapter, resid, layer, layer_inputs, final_only=False)
+
+    def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
+                     from_base: torch.Tensor, record: bool = False):
+        """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables, computed from layer
+        `start` (rows `from_base` start from the base run's residual there, the others from the source
+        run's plus the embedding difference). With `record`, also what a run relative to this one reuses:
+        the residual entering every layer [R, L, T', d] and every layer's keys and values (positions
+        before `first` are the base run's; layers below `start` too, when they keep everything)."""
+        adapter, first = self.adapter, self.first
+        rows = pair_idx.to(self.base.final_resid.device)
+        layer_inputs, cache = self.prefix.with_cache(pair_idx, first, start)  # before the hooks: it may run the model
+        base_resid = self.base.acts["resid_pre"]
+        resid = base_resid[rows, start, first:]
+        if start > 0 and not bool(from_base.all()):
+            source_resid = self.source.acts["resid_pre"]
+            embedding_difference = base_resid[rows, 0, first:] - source_resid[rows, 0, first:]
+            resid = torch.where(from_base.to(resid.device)[:, None, None], resid,
+                                source_resid[rows, start, first:] + embedding_difference)
+        if not record:
+            return self._run(pair_idx, keep_head, keep_mlp, resid, start, layer_inputs)
+        with capture(adapter, ("resid_pre",), layers=range(start, adapter.n_layers)) as seen:
+            final = self._run(pair_idx, keep_head, keep_mlp, resid, start, layer_inputs)
+        entering = torch.stack([base_resid[rows, layer, first:] if layer < start else seen.acts["resid_pre"][layer]
+                                for layer in range(adapter.n_layers)], dim=1)
+        kv = None
+        if cache is not None:
+            kv = [(k[rows], v[rows]) if layer < start else (cache.layers[layer].keys, cache.layers[layer].values)
+                  for layer, (k, v) in enumerate(self.base.kv)]
+        return final, entering, kv
+
+    def _check_nodes(self, nodes: Nodes) -> None:
+        if len(nodes) and (int(nodes.cls.max()) >= self.n_classes or int(nodes.cls.min()) < 0):
+            raise ValueError(f"node classes must lie in 0..{self.n_classes - 1}")
+        if bool((nodes.kind == EMBED).any()):
+            raise ValueError("embedding nodes are inputs, not circuit members: leave them out of circuit masks")
 
     @torch.no_grad()
     def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
@@ -212,16 +269,13 @@ class CircuitRunner:
         masks = masks.cpu()
         if masks.ndim != 2 or masks.shape[1] != len(nodes):
             raise ValueError(f"masks must be [circuits, {len(nodes)} nodes], got {tuple(masks.shape)}")
-        if len(nodes) and (int(nodes.cls.max()) >= self.n_classes or int(nodes.cls.min()) < 0):
-            raise ValueError(f"node classes must lie in 0..{self.n_classes - 1}")
-        if bool((nodes.kind == EMBED).any()):
-            raise ValueError("embedding nodes are inputs, not circuit members: leave them out of circuit masks")
+        self._check_nodes(nodes)
         n_circuits, n_pairs = masks.shape[0], self.n_pairs
         keep_head, keep_mlp = _dense_keep(nodes, masks, self.adapter.n_layers, self.n_classes, self.adapter.n_heads)
         start_layer, from_base = self._start_layers(keep_head, keep_mlp)
         # Circuits in order of their start layer, so a batch's rows share (nearly) one start layer.
         order = torch.argsort(start_layer, stable=True)
-        out = torch.empty(n_circuits, n_pairs)
+        out = torch.empty(n_circuits, n_pairs, dtype=self.metric_full.dtype)
         n_rows = n_circuits * n_pairs
         for begin in range(0, n_rows, self.batch_rows):
             flat = torch.arange(begin, min(begin + self.batch_rows, n_rows))
@@ -230,6 +284,112 @@ class CircuitRunner:
                                       from_base[circuit])
             out[circuit, pair] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
         return out
+
+    @torch.no_grad()
+    def without_each(self, nodes: Nodes, circuit: torch.Tensor | None = None,
+                     batch_tokens: int | None = None) -> torch.Tensor:
+        """[M, P]: the metric of a circuit without each of its M members in turn; equal to `metrics` of
+        those M masks, computed relative to the circuit's own run. `circuit` is a bool mask [N] over
+        `nodes`; None stands for every head and MLP of the model (the base run), whose members are `nodes`.
+
+        The circuit runs once, recording its residuals and keys/values. A row is one (member, pair): below
+        the member's layer and before the first position of its class nothing changes, so the row starts
+        from the circuit's residual there and attends to the circuit's cached keys and values for the rest
+        (layer skip, prefix reuse, as the sweep does from the base run); a pair without a position of the
+        member's class (or, at the last layer, without the final position in it) keeps the circuit's
+        metric. A batch holds rows of one layer from one first position on, at most about `batch_tokens`
+        computed tokens; rows that start later join it while the positions they compute without changing
+        them stay under SMALL_BATCH_SLACK (a batch costs a fixed overhead per layer too).
+        """
+        self._check_nodes(nodes)
+        n_layers, n_heads, device = self.adapter.n_layers, self.adapter.n_heads, self.base.final_resid.device
+        all_pairs = torch.arange(self.n_pairs)
+        if circuit is None and not self.all_classified:
+            # positions in no class are patched in every circuit: the full circuit is not the base run
+            everything = torch.ones(len(nodes), dtype=torch.bool)
+            return self.metrics(nodes, everything[None] & ~torch.eye(len(nodes), dtype=torch.bool))
+        if circuit is None:  # the base run; positions in no class hold the same values in both runs
+            members = torch.arange(len(nodes))
+            keep_head = torch.ones(1, n_layers, self.n_classes + 1, n_heads, dtype=torch.bool)
+            keep_mlp = torch.ones(1, n_layers, self.n_classes + 1, dtype=torch.bool)
+            metric_circuit, entering, kv = self.metric_full, self.base.acts["resid_pre"][:, :, self.first:], self.base.kv
+        else:
+            circuit = circuit.cpu().bool()
+            if circuit.shape != (len(nodes),):
+                raise ValueError(f"the circuit must be a mask over the {len(nodes)} nodes, got {tuple(circuit.shape)}")
+            members = circuit.nonzero().squeeze(1)
+            keep_head, keep_mlp = _dense_keep(nodes, circuit[None], n_layers, self.n_classes, n_heads)  # [1, ...]
+            start, from_base = self._start_layers(keep_head, keep_mlp)
+            final, entering, kv = self._final_resid(all_pairs, keep_head.expand(self.n_pairs, -1, -1, -1),
+                                                    keep_mlp.expand(self.n_pairs, -1, -1), int(start),
+                                                    from_base.expand(self.n_pairs), record=True)
+            metric_circuit = measure(self.adapter, self.metric, self.answers, final, all_pairs).cpu()
+        out = metric_circuit[None].repeat(len(members), 1)
+        member = nodes.select(members)
+        in_class = self.classes[None] == member.cls[:, None, None]  # [M, P, T']
+        in_class[member.layer == n_layers - 1, :, :-1] = False  # at the last layer only the final position is read
+        if kv is None:  # no prefix to reuse: every row computes every position from `first`
+            in_class[..., 0] |= in_class.any(-1)
+        member_rows, pair_rows = in_class.any(-1).nonzero(as_tuple=True)
+        begin = in_class[member_rows, pair_rows].float().argmax(-1)  # from self.first
+        layer = member.layer[member_rows]
+        order = torch.argsort(layer * (in_class.shape[-1] + 1) + begin, stable=True)
+        member_rows, pair_rows, begin, layer = member_rows[order], pair_rows[order], begin[order], layer[order]
+        token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
+        n_computed = in_class.shape[-1]
+        start, n_rows = 0, len(member_rows)
+        while start < n_rows:
+            at, b = int(layer[start]), int(begin[start])
+            most = min(self.batch_rows, max(1, token_budget // (n_computed - b)))
+            stop, waste = start, 0
+            while stop < n_rows and int(layer[stop]) == at and stop - start < most:
+                run = int(((layer[stop:] == at) & (begin[stop:] == begin[stop])).sum())  # sorted: contiguous
+                extra = run * (int(begin[stop]) - b)  # positions computed that these rows do not change
+                if stop > start and waste + extra > SMALL_BATCH_SLACK:
+                    break
+                stop, waste = min(stop + run, start + most), waste + extra
+            idx, pair_idx = member_rows[start:stop], pair_rows[start:stop]
+            head, mlp = keep_head.repeat(len(idx), 1, 1, 1), keep_mlp.repeat(len(idx), 1, 1)
+            removed = member.select(idx)
+            is_head, rows = removed.kind == HEAD, torch.arange(len(idx))
+            head[rows[is_head], at, removed.cls[is_head], removed.head[is_head]] = False
+            mlp[rows[~is_head], at, removed.cls[~is_head]] = False
+            rows_on = pair_idx.to(device)
+            layer_inputs = (self.prefix.layer_inputs(pair_idx, self.first + b, at, kv) if kv is not None
+                            else self.prefix.layer_inputs(pair_idx, self.first, at))
+            final = self._run(pair_idx, head, mlp, entering[rows_on, at, b:], at, layer_inputs)
+            out[idx, pair_idx] = measure(self.adapter, self.metric, self.answers, final, pair_idx).cpu()
+            start = stop
+        return out
+
+    def member_gradients(self, nodes: Nodes, circuit: torch.Tensor) -> torch.Tensor:
+        """[M, P]: the slope of each pair's metric in each member's keep weight, at the circuit (a bool mask
+        [N] over `nodes`, M members; weight 1): attribution at the circuit, whose negative is the first-order
+        estimate of what removing that member alone does. One forward and one backward pass."""
+        self._check_nodes(nodes)
+        circuit = circuit.cpu().bool()
+        members = nodes.select(circuit.nonzero().squeeze(1))
+        n_layers, n_heads, n_pairs = self.adapter.n_layers, self.adapter.n_heads, self.n_pairs
+        keep_head, keep_mlp = _dense_keep(nodes, circuit[None].float(), n_layers, self.n_classes, n_heads)
+        start, from_base = self._start_layers(keep_head, keep_mlp)
+        start = min(int(start), int(members.layer.min())) if len(members) else int(start)  # members below: from base
+        keep_head = keep_head.expand(n_pairs, -1, -1, -1).clone().requires_grad_()  # a row per pair: its own slopes
+        keep_mlp = keep_mlp.expand(n_pairs, -1, -1).clone().requires_grad_()
+        all_pairs = torch.arange(n_pairs)
+        with torch.enable_grad():
+            final = self._final_resid(all_pairs, keep_head, keep_mlp, start, from_base.expand(n_pairs))
+            metric = measure(self.adapter, self.metric, self.answers, final, all_pairs)
+            slope_head, slope_mlp = torch.autograd.grad(metric.sum(), [keep_head, keep_mlp])
+        is_head = members.kind == HEAD
+        out = torch.empty(len(members), n_pairs)
+        out[is_head] = slope_head[:, members.layer[is_head], members.cls[is_head], members.head[is_head]].T.float()
+        out[~is_head] = slope_mlp[:, members.layer[~is_head], members.cls[~is_head]].T.float()
+        return out
+
+    def single_node_metrics(self, nodes: Nodes, batch_tokens: int | None = None) -> torch.Tensor:
+        """[N, P]: the metric with node n alone patched from the source run and every other node kept: the
+        full circuit (the base run) without each node."""
+        return self.without_each(nodes, None, batch_tokens)
 
 
 def faithfulness(metric_circuit: torch.Tensor, metric_full: torch.Tensor, metric_empty: torch.Tensor) -> torch.Tensor:
@@ -312,13 +472,26 @@ class PathResult:
 def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
                position_classes: torch.Tensor, senders: Nodes, receivers: Nodes, metric: str = "logit_diff",
                max_batch_rows: int | None = None) -> PathResult:
-    """Path patching: for every sender s and receiver r (and the logits as a last receiver), the base
-    run's metric when only r's input sees s's source-run output, everything else as in the base run.
+    """Path patching between single nodes: `group_path_patch` with a group per node."""
+    return group_path_patch(model, base_ids, source_ids, answers, position_classes,
+                            [senders.select([i]) for i in range(len(senders))],
+                            [receivers.select([i]) for i in range(len(receivers))], metric, max_batch_rows)
 
-    Pass 1 (one layer): r's layer runs on the base residual with s's output difference added to the
-    input of r's norm only; r's output at its positions is kept. Pass 2 (layers l_r..L-1, positions from
-    the first that differs between the runs): the base run with r's output at its positions replaced by
-    that. The logits as receiver: s's difference at the final position added to the base run's final
+
+@torch.no_grad()
+def group_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
+                     position_classes: torch.Tensor, senders: list[Nodes], receivers: list[Nodes],
+                     metric: str = "logit_diff", max_batch_rows: int | None = None) -> PathResult:
+    """Path patching between groups of nodes: for every sender group S and receiver group R (and the
+    logits as a last receiver), the base run's metric when only the inputs of R's members see the
+    source-run outputs of S's members (each member r through the direct paths from the members of S that
+    come before it), everything else as in the base run.
+
+    Pass 1 (one layer per member r): r's layer runs on the base residual with the summed output
+    differences of its senders added to the input of r's norm only; r's output at its positions is kept.
+    Pass 2: the base run from R's lowest layer and the first position of its members' classes (the
+    cached keys and values before it), with every member's output at its positions replaced by that.
+    The logits as receiver: S's summed difference at the final position added to the base run's final
     residual.
     """
     check_metric(metric)
@@ -330,30 +503,38 @@ def path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tenso
     base = run_with_cache(model, adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
     source = run_with_cache(model, adapter, source_ids, ("head", "mlp_out"))
     prefix = PrefixReuse(model, adapter, base)
-    first = _shared_first(prefix, base_ids, source_ids)
     n_pairs, seq_len = base_ids.shape
     all_pairs = torch.arange(n_pairs)
     metric_base = measure(adapter, metric, answers, base.final_resid, all_pairs).cpu()
     metric_source = measure(adapter, metric, answers, source.final_resid, all_pairs).cpu()
     classes = position_classes.to(device)
-    deltas = node_writes(adapter, source, senders, classes) - node_writes(adapter, base, senders, classes)  # [S, P, T, d]
+    members = Nodes.concat(senders)
+    owner = torch.cat([torch.full((len(g),), s) for s, g in enumerate(senders)])  # each sender member's group
+    deltas = node_writes(adapter, source, members, classes) - node_writes(adapter, base, members, classes)  # [M, P, T, d]
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
     out = torch.full((len(senders), len(receivers) + 1, n_pairs), float("nan"))
 
-    # The logits as receiver: the direct path from the final position.
+    # The logits as receiver: the direct paths from the final position.
     for s in range(len(senders)):
-        final = base.final_resid + deltas[s, :, -1]
+        final = base.final_resid + deltas[owner == s, :, -1].sum(0)
         out[s, -1] = measure(adapter, metric, answers, final, all_pairs).cpu()
 
-    for r in range(len(receivers)):
-        valid = [s for s in range(len(senders)) if is_path(model, senders, s, receivers, r)]
+    for r, group in enumerate(receivers):
+        reach = torch.tensor([[is_path(model, members, j, group, i) for i in range(len(group))]
+                              for j in range(len(members))], dtype=torch.bool).reshape(len(members), len(group))
+        valid = [s for s in range(len(senders)) if bool(reach[owner == s].any())]
         n_rows = len(valid) * n_pairs
         for start in range(0, n_rows, batch_rows):
             flat = torch.arange(start, min(start + batch_rows, n_rows))
             sender_idx, pair_idx = torch.tensor(valid)[flat // n_pairs], flat % n_pairs
-            received = _receiver_output(adapter, base, receivers, r, deltas[sender_idx.to(device), pair_idx.to(device)],
-                                        pair_idx.to(device))
-            final = _with_receiver_output(adapter, base, prefix, first, receivers, r, received, classes, pair_idx)
+            rows = pair_idx.to(device)
+            received = []
+            for i in range(len(group)):
+                delta = torch.zeros_like(deltas[0, rows])  # [R, T, d]
+                for j in (reach[:, i] & torch.isin(owner, sender_idx)).nonzero().squeeze(1).tolist():
+                    delta += (sender_idx == owner[j]).to(device)[:, None, None] * deltas[j, rows]
+                received.append(_receiver_output(adapter, base, group, i, delta, rows))
+            final = _with_receiver_outputs(adapter, base, prefix, group, received, classes, pair_idx)
             out[sender_idx, r, pair_idx] = measure(adapter, metric, answers, final, pair_idx).cpu()
     return PathResult(out, metric_base, metric_source)
 
@@ -375,31 +556,35 @@ def _receiver_output(adapter: Adapter, base: RunCache, receivers: Nodes, r: int,
     return out
 
 
-def _with_receiver_output(adapter: Adapter, base: RunCache, prefix: PrefixReuse, first: int, receivers: Nodes,
-                          r: int, received: torch.Tensor, classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
-    """Pass 2: the base run from receiver r's layer (and the first differing position) with r's output at
-    its positions replaced."""
-    kind, layer, head, cls = (int(x) for x in (receivers.kind[r], receivers.layer[r], receivers.head[r],
-                                               receivers.cls[r]))
+def _with_receiver_outputs(adapter: Adapter, base: RunCache, prefix: PrefixReuse, receivers: Nodes,
+                           received: list[torch.Tensor], classes: torch.Tensor, pair_idx: torch.Tensor) -> torch.Tensor:
+    """Pass 2: the base run from the receivers' lowest layer and the first position of their classes (in
+    these pairs), with receiver i's output at its positions replaced by received[i] [R, T, width]."""
     rows = pair_idx.to(classes.device)
-    where = (classes[rows, first:] == cls)[..., None]  # [R, T', 1]
-    received = received[:, first:]
+    where = classes[rows][None] == receivers.cls.to(classes.device)[:, None, None]  # [m, R, T]
+    first = prefix.start(int(where.any(0).any(0).float().argmax()))
+    layer = int(receivers.layer.min())
 
     def last(x, n):  # the last n positions (the last layer sees the final position alone)
         return x[:, x.shape[1] - n:]
 
-    def patch_head(z):
-        z = z.clone()
-        d_head = adapter.d_head
-        n = z.shape[1]
-        part = z[..., head * d_head:(head + 1) * d_head]
-        z[..., head * d_head:(head + 1) * d_head] = torch.where(last(where, n), last(received, n), part)
-        return z
+    def replace(i):
+        kind, head, d_head = int(receivers.kind[i]), int(receivers.head[i]), adapter.d_head
+        mask, value = where[i, :, first:, None], received[i][:, first:]
 
-    def patch_mlp(live):
-        n = live.shape[1]
-        return torch.where(last(where, n), last(received, n), live)
+        def patch_head(z):
+            z = z.clone()
+            n = z.shape[1]
+            part = z[..., head * d_head:(head + 1) * d_head]
+            z[..., head * d_head:(head + 1) * d_head] = torch.where(last(mask, n), last(value, n), part)
+            return z
 
-    layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hook: it may run the model
-    with installed([edit_activation(adapter, OUTPUT[kind], layer, patch_head if kind == HEAD else patch_mlp)]):
+        def patch_mlp(live):
+            n = live.shape[1]
+            return torch.where(last(mask, n), last(value, n), live)
+
+        return edit_activation(adapter, OUTPUT[kind], int(receivers.layer[i]), patch_head if kind == HEAD else patch_mlp)
+
+    layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hooks: it may run the model
+    with installed([replace(i) for i in range(len(receivers))]):
         return run_layers(adapter, base.acts["resid_pre"][rows, layer, first:], layer, layer_inputs)

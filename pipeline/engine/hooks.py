@@ -190,16 +190,16 @@ def prefix_cache(model: nn.Module, kv, rows: torch.Tensor, prefix_len: int, firs
     return cache
 
 
-def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs) -> torch.Tensor:
+def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs, final_only: bool = True) -> torch.Tensor:
     """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d].
 
     Only the final position's output is read, so the last layer's attention output projection and MLP
     see that position alone (the residual add broadcasts it back); its keys and values still cover
-    every position the final query attends to.
+    every position the final query attends to. `final_only=False` leaves that to the caller's hooks.
     """
     last = adapter.n_layers - 1
     handles = []
-    if start <= last and resid.shape[1] > 1:
+    if final_only and start <= last and resid.shape[1] > 1:
         handles = [adapter.out_proj[last].register_forward_pre_hook(_final_position_only),
                    adapter.mlp[last].register_forward_pre_hook(_final_position_only)]
     with installed(handles):
@@ -237,18 +237,25 @@ class PrefixReuse:
         """The first position computed by rows that change nothing before `first`."""
         return first if self.enabled else 0
 
-    def layer_inputs(self, rows: torch.Tensor, first: int, layer: int):
+    def layer_inputs(self, rows: torch.Tensor, first: int, layer: int, kv=None):
         """Per-layer inputs for base rows `rows` running layers layer..L-1 on positions first..T-1. The first
-        call for a `first` runs the model to record them: call it before installing any edit."""
+        call for a `first` runs the model to record them: call it before installing any edit. `kv` (per
+        layer keys, values [P, kv_heads, T, d_head]) reuses another run's prefix than the base run's."""
+        return self.with_cache(rows, first, layer, kv)[0]
+
+    def with_cache(self, rows: torch.Tensor, first: int, layer: int, kv=None):
+        """(layer inputs, the KV cache they hold, None when first == 0): after the run the cache holds the
+        keys and values of every position at layers >= layer."""
         if first == 0:
-            return self.base.layer_inputs
+            return self.base.layer_inputs, None
         recorded = _recorded(self.model, self.seq_len)
         if first not in recorded:
             one_row = prefix_cache(self.model, self.base.kv, torch.tensor([0]), first)
             # token ids give the suffix its length only
             ids = torch.zeros(1, self.seq_len - first, dtype=torch.long, device=self.base.final_resid.device)
             recorded[first] = record_layer_inputs(self.model, self.adapter, ids, one_row)
-        return bind_cache(recorded[first], prefix_cache(self.model, self.base.kv, rows, first, layer))
+        cache = prefix_cache(self.model, self.base.kv if kv is None else kv, rows, first, layer)
+        return bind_cache(recorded[first], cache), cache
 
 
 def one_token_inputs(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:

@@ -5,6 +5,7 @@ to float tolerance:
   reference_sweep            patching.sweep
   reference_circuit_metrics  circuits.CircuitRunner.metrics
   reference_path_patch       circuits.path_patch
+  reference_group_path_patch circuits.group_path_patch
   interpolated_metric        attribution.attribution_patching: the exact metric of a patch scaled by
                              alpha, whose slope at alpha -> 0 the estimate must equal
 """
@@ -171,9 +172,20 @@ def reference_circuit_metrics(model: nn.Module, base_ids: torch.Tensor, source_i
 def reference_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
                          position_classes: torch.Tensor, senders: Nodes, receivers: Nodes,
                          metric: str = "logit_diff") -> torch.Tensor:
-    """`path_patch(...).metric_path` the classic way (Wang et al. 2022): pass 1 freezes every head and
-    MLP to its base value except the sender (set to its source value) and the receiver (free), and
-    records the receiver; pass 2 is the base run with the receiver set to that."""
+    """`path_patch(...).metric_path`: `reference_group_path_patch` with a group per node."""
+    return reference_group_path_patch(model, base_ids, source_ids, answers, position_classes,
+                                      [senders.select([i]) for i in range(len(senders))],
+                                      [receivers.select([i]) for i in range(len(receivers))], metric)
+
+
+@torch.no_grad()
+def reference_group_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
+                               position_classes: torch.Tensor, senders: list[Nodes], receivers: list[Nodes],
+                               metric: str = "logit_diff") -> torch.Tensor:
+    """`group_path_patch(...).metric_path` the classic way (Wang et al. 2022), per receiver member: pass 1
+    freezes every head and MLP to its base value except the sender group's members (set to their source
+    values) and the one receiver member (free), and records that member; pass 2 is the base run with
+    every member of the receiver group set to what was recorded for it."""
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     n_pairs, seq_len = base_ids.shape
@@ -185,21 +197,20 @@ def reference_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: t
         source = _activations(model, adapter, source_ids[p:p + 1].to(device))
         answer = answers.index(torch.tensor([p])).to(device)
         classes = position_classes[p]
-        for s in range(len(senders)):
-            s_kind, s_layer, s_head, s_cls = senders.key(s)
+        for s, group in enumerate(senders):
+            sent = {group.key(j) for j in range(len(group))}
 
             def frozen(free: tuple | None, free_where: torch.Tensor | None) -> list:
-                """Hooks freezing everything to base, the sender to source, except `free` at `free_where`."""
-                handles = []
-                if s_kind == EMBED:
-                    handles.append(_embedding_hook(adapter, classes == s_cls, source["resid_pre"][0]))
+                """Hooks freezing everything to base, the senders to source, except `free` at `free_where`."""
+                handles = [_embedding_hook(adapter, classes == cls, source["resid_pre"][0])
+                           for kind, _, _, cls in sent if kind == EMBED]
                 for kind, layer, head in everything:
                     value = base[OUTPUT[kind]][layer].clone()
-                    if (kind, layer, head) == (s_kind, s_layer, s_head):
-                        src = source[OUTPUT[kind]][layer]
-                        where = classes == s_cls
-                        cols = slice(None) if kind == MLP else slice(head * adapter.d_head, (head + 1) * adapter.d_head)
-                        value[:, where, cols] = src[:, where, cols]
+                    cols = slice(None) if kind == MLP else slice(head * adapter.d_head, (head + 1) * adapter.d_head)
+                    for s_kind, s_layer, s_head, s_cls in sent:
+                        if (s_kind, s_layer, s_head) == (kind, layer, head):
+                            where = classes == s_cls
+                            value[:, where, cols] = source[OUTPUT[kind]][layer][:, where, cols]
                     where = torch.ones(seq_len, dtype=torch.bool)
                     if (kind, layer, head) == free:
                         where = ~free_where
@@ -207,16 +218,18 @@ def reference_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: t
                 return handles
 
             out[s, -1, p] = _patched_metric(model, ids, answer, metric, frozen(None, None))
-            for r in range(len(receivers)):
-                if not is_path(model, senders, s, receivers, r):
+            for r, members in enumerate(receivers):
+                if not any(is_path(model, group, j, members, i) for j in range(len(group)) for i in range(len(members))):
                     continue
-                r_kind, r_layer, r_head, r_cls = receivers.key(r)
-                r_where = classes == r_cls
-                handles = frozen((r_kind, r_layer, r_head), r_where)
-                with capture(adapter, (OUTPUT[r_kind],), keep=torch.Tensor.clone, layers=[r_layer]) as recorded:
-                    _final_logits(model, ids, handles)
-                patch = _node_hook(adapter, r_kind, r_layer, r_head, r_where, recorded.acts[OUTPUT[r_kind]][r_layer])
-                out[s, r, p] = _patched_metric(model, ids, answer, metric, [patch])
+                patches = []
+                for i in range(len(members)):
+                    r_kind, r_layer, r_head, r_cls = members.key(i)
+                    r_where = classes == r_cls
+                    with capture(adapter, (OUTPUT[r_kind],), keep=torch.Tensor.clone, layers=[r_layer]) as recorded:
+                        _final_logits(model, ids, frozen((r_kind, r_layer, r_head), r_where))
+                    patches.append((r_kind, r_layer, r_head, r_where, recorded.acts[OUTPUT[r_kind]][r_layer]))
+                handles = [_node_hook(adapter, kind, layer, head, where, value) for kind, layer, head, where, value in patches]
+                out[s, r, p] = _patched_metric(model, ids, answer, metric, handles)
     return out
 
 

@@ -125,11 +125,51 @@ def _circuit_lines(circuit: dict | None) -> list[str]:
     nodes = [n["id"] for n in circuit["nodes"]]
     low, high = circuit["faithfulness_ci"]
     control = circuit["random_control"]
+    stability = circuit["stability"]
     return [f"{len(nodes)} nodes ({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}), "
             f"{len(circuit['edges'])} edges",
             f"faithfulness {circuit['faithfulness']:.3f} [{low:.3f}, {high:.3f}] with {100 * circuit['fraction']:.1f}% "
-            f"of {circuit['candidates']} candidate nodes",
+            f"of {circuit['candidates']} candidate nodes, on {circuit['n_pairs']} pairs",
+            f"stability: core {stability['core_size']} / {len(nodes)} nodes (in >= "
+            f"{100 * stability['core_threshold']:.0f}% of {stability['n_resamples']} bootstrap resamples of the pairs; "
+            f"their circuits have {stability['size_median']:.0f} nodes, median)",
             f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"]
+
+
+def _supernode_lines(circuit: dict) -> list[str]:
+    """report.md's table of supernodes and the strongest path effects between them."""
+    core = {n["id"] for n in circuit["nodes"] if n["core"]}
+    lines = ["", "### Supernodes", "", "The circuit's heads (or MLPs) at one position, over nearby layers; in-circuit "
+             "effect = the share of faithfulness lost when the group takes the harmless value.", "",
+             "| supernode | token | nodes | core | in-circuit effect |", "|---|---|---|---|---|"]
+    for group in circuit["supernodes"]:
+        lines.append(f"| {group['id']} | {group['token']!r} | {len(group['members'])} | "
+                     f"{sum(m in core for m in group['members'])} | {group['in_circuit_effect']:+.3f} |")
+    strongest = sorted((e for e in circuit["supernode_edges"] if e["drawn"]), key=lambda e: -abs(e["effect"]))[:10]
+    if strongest:
+        lines += ["", "Strongest path effects between them: " + "; ".join(
+            f"{e['from']} -> {e['to']} {e['effect']:+.2f}" for e in strongest)]
+    return lines
+
+
+def _stability_lines(circuit: dict) -> list[str]:
+    """report.md's table of the circuit's nodes by how often resampled searches keep them."""
+    stability = circuit["stability"]
+    lines = ["", f"### Stability over {stability['n_resamples']} bootstrap resamples of the pairs", "",
+             f"The search re-run on each resample ({stability['method']}). Core nodes (in >= "
+             f"{100 * stability['core_threshold']:.0f}% of the resamples): {stability['core_size']} of "
+             f"{len(circuit['nodes'])}. Resampled circuits: {stability['size_median']:.0f} nodes (median, range "
+             f"{stability['size_range'][0]}-{stability['size_range'][1]}).", "",
+             "| node | token | inclusion frequency | single-node effect | in-circuit effect |", "|---|---|---|---|---|"]
+    for node in sorted(circuit["nodes"], key=lambda n: -n["inclusion_frequency"]):
+        effect = "" if node["effect"] is None else f"{node['effect']:+.3f}"
+        in_circuit = "" if node["in_circuit_effect"] is None else f"{node['in_circuit_effect']:+.3f}"
+        lines.append(f"| {node['id']}{' (core)' if node['core'] else ''} | {node['token']!r} | "
+                     f"{node['inclusion_frequency']:.2f} | {effect} | {in_circuit} |")
+    if stability["frequent_outside"]:
+        lines += ["", "Found in at least half of the resamples but not in the circuit: " + ", ".join(
+            f"{n['id']} ({n['frequency']:.2f})" for n in stability["frequent_outside"])]
+    return lines
 
 
 def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, stats: list,
@@ -174,6 +214,11 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     lines += ["", "## Circuit", ""] + _circuit_lines(circuit)
     if circuit and (run_dir / "circuit.svg").is_file():
         lines += ["", "![circuit](circuit.svg)"]
+    if circuit:
+        lines += _supernode_lines(circuit) + _stability_lines(circuit)
+    if circuit and (run_dir / "circuit_nodes.svg").is_file():
+        lines += ["", "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
+                  "", "![circuit nodes](circuit_nodes.svg)"]
     lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
     for file in OUTPUT_FILES:
         if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", MANIFEST):

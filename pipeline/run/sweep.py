@@ -34,6 +34,7 @@ from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
 from pipeline.run.logs import run_log
 from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
+from pipeline.stages.circuit import follow_progress
 from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
                             read_schema, read_table, sha256_file, with_columns, write_table)
 
@@ -414,7 +415,8 @@ def stage_circuit(sweep: Sweep) -> None:
             "provenance": sweep.provenance}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
-    sweep.run_once("circuit", item, key, ("circuit.json",))
+    with follow_progress(sweep.run_dir):
+        sweep.run_once("circuit", item, key, ("circuit.json",))
 
 
 def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:

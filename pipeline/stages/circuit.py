@@ -1,23 +1,73 @@
 """The circuit search on the screened pairs (pipeline.analysis.circuit_search) -> circuit.json, with
-the strongest sites' behaviour flips and per-category effects from effects.parquet."""
+the strongest sites' behaviour flips and per-category effects from effects.parquet.
+
+The search runs on a model actor; it writes where it is (phase, steps done, time left) to PROGRESS in
+the run folder, and `follow_progress` draws that on the driver while the item runs."""
 from __future__ import annotations
 
+import json
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.analysis.circuit_search import find_circuit
+from tqdm import tqdm
+
+from pipeline.analysis.circuit_search import Progress, find_circuit
 from pipeline.analysis.statistics import site_breakdown
 from pipeline.config import CircuitConfig, SummaryConfig
 from pipeline.store import publish_json, read_table
+
+PROGRESS = "circuit.progress.json"
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
     """`item`: run_dir, circuit and summary (their configs), metric, model (its name), provenance."""
     run_dir = Path(item["run_dir"])
     summary = SummaryConfig(**item["summary"])
+    progress = Progress(lambda state: publish_json(run_dir / PROGRESS, state))
     result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
-                          item["metric"], item["model"])
+                          item["metric"], item["model"], progress)
     circuit = result.to_json() | {"provenance": item["provenance"],
                                   "breakdown": site_breakdown(run_dir, summary.top_k)}
     path = run_dir / "circuit.json"
     publish_json(path, circuit)
     return [path]
+
+
+@contextmanager
+def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
+    """While the block runs, a progress bar of the circuit step: its phase, steps done of the phase's
+    total (when known), rows computed and the time the phase has left. The progress file goes after."""
+    path, stop = Path(run_dir) / PROGRESS, threading.Event()
+    path.unlink(missing_ok=True)  # a previous run's
+
+    def draw() -> None:
+        bar, shown = None, None
+        while not stop.wait(interval):
+            try:
+                state = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if bar is None:
+                bar = tqdm(file=file or sys.stderr, dynamic_ncols=True, leave=False)
+            if shown != (state["index"], state["phase"]):
+                shown = (state["index"], state["phase"])
+                bar.reset(total=state["total"])
+                bar.unit = state["unit"]
+                bar.set_description(f"  circuit {state['index']}/{state['phases']} {state['phase']}")
+            bar.total = state["total"]
+            bar.n = state["done"]
+            left = f", ~{state['left']:.0f}s left" if state["left"] is not None else ""
+            bar.set_postfix_str(f"{state['rows']} rows computed{left}", refresh=True)
+        if bar is not None:
+            bar.close()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
