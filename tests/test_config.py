@@ -140,7 +140,7 @@ def test_output_folder_of_another_experiment_needs_resume(valid, tmp_path):
     assert not (tmp_path / "run").exists()  # validation creates nothing
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(first)))
-    (tmp_path / "run" / "pairs.arrow").write_text("its first result")
+    (tmp_path / "run" / "pairs.parquet").write_text("its first result")
     validate(compose(*valid, out, "resources.actors=2"))  # same experiment, other machine: fine
     check_fails(valid + [out, "patching.components=[head]"], "another experiment", "resume=true")
     validate(compose(*valid, out, "patching.components=[head]", "resume=true"))
