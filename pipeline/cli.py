@@ -178,7 +178,8 @@ def main() -> None:
     # One id per command: the jobs of a --multirun share it, so they become children of one parent run.
     os.environ.setdefault(SWEEP_ENV, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     # MLflow's client retries a failing server for minutes by default (7 retries, 120 s each); a sweep's
-    # results are on disk by then and `patchsweep log` sends them later, so it gives up within a minute.
+    # results are on disk by then and `patchsweep log` sends them later, so a request gives up after about
+    # 15 s when the server refuses connections, 100 s when it never answers.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
@@ -189,8 +190,8 @@ def main() -> None:
             log_command(sys.argv[2:])
         else:
             sweep_command()
-    except KeyboardInterrupt:  # while Hydra composes, before a command's own handling begins
-        _interrupted("interrupted before any work started: run the same command to start again")
+    except KeyboardInterrupt:  # while Hydra composes, or a screen generates (it saves only at its end)
+        _interrupted("interrupted: nothing was saved; run the same command again")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
 from pipeline.engine.metrics import DIRECTIONS, METRICS
-from pipeline.organisms import ORGANISMS, resolve
+from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
 from pipeline.run.workers import RayUnavailable, check_room
@@ -206,9 +206,10 @@ def _check_prompts(cfg: dict) -> None:
 
 def _generator_supply(cfg: dict) -> int:
     """How many distinct pairs the generated prompt source can give (pipeline.analysis.pairs.source_pairs):
-    refusal-tiny's grammar (each twin combination in every phrasing and filler), else the instruction
-    library (before its length matching under the model's tokenizer, which can only drop some)."""
-    if cfg["model"]["path"] == "refusal-tiny":
+    refusal-tiny's grammar for the organisms trained on it (each twin combination in every phrasing and
+    filler), else the instruction library (before its length matching under the model's tokenizer, which
+    can only drop some)."""
+    if cfg["model"]["path"] in GRAMMAR_ORGANISMS:
         return grammar.distinct_pairs(cfg["prompts"]["split"])
     return sum(1 for _ in minimal_pairs())
 
