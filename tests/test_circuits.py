@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import ARCHITECTURES, random_pairs
 from conftest import random_model as tiny_model
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
+from pipeline.analysis.circuit_search import _subset_masks
 from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
 from pipeline.engine.metrics import Answers
@@ -264,6 +265,34 @@ class AdditiveFaithfulness:
 
     def removal_costs(self, nodes, members):
         return self.weights[members].numpy()
+
+
+def test_removal_costs_estimate_the_faithfulness_each_member_carries():
+    """On refusal-tiny (its refusal lives in layer 0 at the final token), attribution at a circuit ranks
+    the members the way removing each one does: the three that carry faithfulness first, in order, the
+    rest near zero (the linear estimate is not the size of the loss: one member carries 0.66 and is
+    estimated at 0.13; pruning measures every removal exactly)."""
+    from pipeline.analysis.circuit_search import prepare
+    from pipeline.config import CircuitConfig
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
+    from pipeline.analysis.pairs import build_pairs, source_pairs
+
+    model, tokenizer = load_model(resolve("refusal-tiny"))
+    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=12, seed=1), generate=False,
+                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+    table = table.append_column("clean_tokens", pa.array([tokenizer.convert_ids_to_tokens(i) for i in
+                                                          table.column("clean_ids").to_pylist()], pa.list_(pa.string())))
+    setup = prepare(model, table, CircuitConfig(), "logit_diff")
+    names = {n: i for i, n in enumerate(setup.names)}
+    final = names["end-1"]
+    members = [i for i in range(len(setup.nodes)) if setup.nodes.key(i)[1] == 0 and setup.nodes.key(i)[3] == final]
+    members += [i for i in range(len(setup.nodes)) if setup.nodes.key(i)[1] == 2][:6]  # some that carry little
+    costs = setup.evaluator.removal_costs(setup.nodes, members)
+    lost = setup.evaluator.faithfulness(setup.nodes, _subset_masks(len(setup.nodes), [members]))[0].item() - \
+        setup.evaluator.faithfulness_without_each(setup.nodes, members)
+    assert list(np.argsort(-costs)[:3]) == list(np.argsort(-lost)[:3])  # the three that carry it, in order
+    assert costs[np.argsort(-lost)[:3]].min() > 0.05 and np.abs(costs[np.argsort(-lost)[3:]]).max() < 0.01
 
 
 def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():

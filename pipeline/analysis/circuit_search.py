@@ -578,8 +578,9 @@ class Evaluator:
         return self._slopes[key][by_index]
 
     def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
-        """[M] the first-order estimate of the faithfulness lost when each member alone is removed."""
-        return (-self.slopes(nodes, members).sum(1) / (self.metric_full - self.metric_empty).sum()).numpy()
+        """[M] the first-order estimate of the faithfulness lost when each member alone is removed (its keep
+        weight 1 -> 0 moves the metric by minus its slope)."""
+        return (self.slopes(nodes, members).sum(1) / (self.metric_full - self.metric_empty).sum()).numpy()
 
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
@@ -611,7 +612,7 @@ class Resample:
 
     def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
         gap = ((self.evaluator.metric_full - self.evaluator.metric_empty) * self.weights).sum()
-        return (-(self.evaluator.slopes(nodes, members) * self.weights).sum(1) / gap).numpy()
+        return ((self.evaluator.slopes(nodes, members) * self.weights).sum(1) / gap).numpy()
 
 
 def _key(mask: torch.Tensor) -> bytes:
