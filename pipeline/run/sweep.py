@@ -124,12 +124,10 @@ def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | 
     joins_cluster = cfg["ray"]["address"] != "local"
     if joins_cluster:
         start_ray(cfg)
-    with folder_lock(run_dir), run_log(run_dir):
+    with folder_lock(run_dir):
         if not joins_cluster:
             start_ray(cfg)
-        outcome = _run_stages(cfg, run_dir, tracker, overrides or [])
-        log.info("run %s finished", outcome.run_id)
-    return outcome
+        return _run_stages(cfg, run_dir, tracker, overrides or [])
 
 
 def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str]) -> SweepOutcome:
@@ -138,34 +136,37 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
     try:
         with timed(sweep.stage("load")):
             sweep.model_info = pool.describe()
-        write_config(run_dir, cfg)
-        publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
-        sweep.run = {"run_id": tracker.run_id if tracker is not None else uuid.uuid4().hex,
-                     "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
-        log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"],
-                 config_hash(cfg), sweep.run["run_id"], run_dir.resolve(), " ".join(overrides) or "none")
-        sweep.finished("load")
-        sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
-                            "weights_hash": sweep.model_info["weights_hash"]}
-        pairs = stage_pairs(sweep)
-        sweep.finished("pairs")
-        sweep.provenance["pairs_hash"] = pairs_hash(pairs)
-        sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
-        stage_cache(sweep)
-        sweep.finished("cache")
-        stage_summary(sweep, stage_patch(sweep))
-        sweep.finished("patch")
-        sweep.finished("summary")
-        stage_circuit(sweep)
-        if cfg["circuit"]["enabled"]:
-            sweep.finished("circuit")
-        pool.close()
-        with timed(sweep.stage("render")):
-            stamp_run_tables(sweep)
-            summary, circuit = render(sweep)
-        sweep.finished("render")
-        sweep.manifest.provenance = sweep.provenance
-        sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
+        # run.log begins once the model has loaded: a sweep refused before that leaves the folder as it was
+        with run_log(run_dir):
+            write_config(run_dir, cfg)
+            publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
+            sweep.run = {"run_id": tracker.run_id if tracker is not None else uuid.uuid4().hex,
+                         "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
+            log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"],
+                     config_hash(cfg), sweep.run["run_id"], run_dir.resolve(), " ".join(overrides) or "none")
+            sweep.finished("load")
+            sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
+                                "weights_hash": sweep.model_info["weights_hash"]}
+            pairs = stage_pairs(sweep)
+            sweep.finished("pairs")
+            sweep.provenance["pairs_hash"] = pairs_hash(pairs)
+            sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
+            stage_cache(sweep)
+            sweep.finished("cache")
+            stage_summary(sweep, stage_patch(sweep))
+            sweep.finished("patch")
+            sweep.finished("summary")
+            stage_circuit(sweep)
+            if cfg["circuit"]["enabled"]:
+                sweep.finished("circuit")
+            pool.close()
+            with timed(sweep.stage("render")):
+                stamp_run_tables(sweep)
+                summary, circuit = render(sweep)
+            sweep.finished("render")
+            sweep.manifest.provenance = sweep.provenance
+            sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
+            log.info("run %s finished", sweep.run["run_id"])
     except KeyboardInterrupt:
         finished = sum(stats.computed for stats in sweep.stats.values())
         raise Interrupted(f"interrupted: {finished} work item{'s' if finished != 1 else ''} finished; run the "
