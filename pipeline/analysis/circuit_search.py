@@ -64,24 +64,25 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     scores = score_nodes(model, setup, options, summary, metric, rng, progress)
     progress.end()
     progress.start("growth and pruning")
-    search = grow_and_prune(setup.evaluator, setup.nodes, scores.order, options.target)
+    search = grow_and_prune(setup.search, setup.nodes, scores.order, options.target)
     progress.end()
     progress.start("faithfulness, curves, controls")
     faith = measure_faithfulness(setup, search.circuit, summary, rng)
     checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
     progress.end()
     progress.start("stability", options.n_resamples, "resamples")
-    resamples = stability(setup, scores, options, search.grown, progress)
+    resamples = stability(setup, scores, search, options, progress)
     progress.end()
     progress.start("supernodes and edges")
     groups = supernodes(setup, search, options.group_gap)
-    links = edges(model, setup, search, groups, faith.value, options, metric)
+    links = edges(model, setup, search, groups, options, metric)
     progress.end()
     progress.start("refusal direction")
     direction = refusal_direction(model, setup, search.circuit, options, metric)
     progress.end()
+    forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows if setup.search is not setup.evaluator else 0)
     return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
-                         groups, links, direction, setup.evaluator.forward_rows, progress.seconds)
+                         groups, links, direction, forward_rows, progress.seconds)
 
 
 # ---- the phases' results -----------------------------------------------------------------------------
@@ -95,9 +96,11 @@ class Setup:
     labels: list[str]  # their readable labels
     groups: list[PairGroup]
     nodes: Nodes  # every candidate: each head and MLP at each layer and class
-    evaluator: Evaluator
+    evaluator: Evaluator  # every pair: faithfulness, controls, supernodes, edges, direction
     n_layers: int
     n_heads: int
+    search: Evaluator  # the search's pairs (the evaluator itself unless options.search_pairs leaves some out)
+    searched: np.ndarray  # their rows in `pairs`
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Search:
     pruned: list[int]
     f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node
     curve: dict[int, float]  # growth: faithfulness at every prefix size measured
+    ranking: dict[int, float]  # pruning's first round: f of the grown circuit without each of its nodes
+    f: float  # the circuit's faithfulness on the search's pairs (f_without's reference)
 
 
 @dataclass
@@ -147,6 +152,7 @@ class Faithfulness:
     metric_none: torch.Tensor  # [P] every node patched, measured
     per_category: dict[str, dict]
     refusal_kept: float  # fraction of pairs whose refusal the circuit alone keeps
+    held_out: dict | None  # on the pairs the search did not see: n, faithfulness, ci
 
 
 @dataclass
@@ -208,7 +214,7 @@ class CircuitResult:
         setup, scores, search, faith, stable = self.setup, self.scores, self.search, self.faithfulness, self.stability
         nodes, names, evaluator = setup.nodes, setup.names, setup.evaluator
         circuit, n_nodes = search.circuit, len(setup.nodes)
-        in_circuit = faith.value - search.f_without
+        in_circuit = search.f - search.f_without
         full, empty = evaluator.metric_full.numpy(), evaluator.metric_empty.numpy()
         node_rows = []
         for j, i in enumerate(circuit):
@@ -230,17 +236,19 @@ class CircuitResult:
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
                 "growth": "verified single-node effect order, smallest prefix reaching the target",
-                "pruning": "members ranked by attribution at the circuit; the most removed together that keeps "
-                           "the target, measured exactly; repeated",
+                "pruning": "rounds: the circuit without each node, then the most of the least harmful removed "
+                           "together that keeps the target",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
                 "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
             },
             "n_pairs": evaluator.n_pairs, "n_pairs_dropped_unequal_length": setup.n_unequal,
+            "n_search_pairs": setup.search.n_pairs,
             "positions": [{"name": n, "label": lab} for n, lab in zip(names, setup.labels)],
             "n_layers": setup.n_layers, "n_heads": setup.n_heads,
             "candidates": n_nodes, "size": len(circuit), "fraction": len(circuit) / n_nodes,
             "max_fraction": options.max_fraction, "within_max_fraction": len(circuit) <= options.max_fraction * n_nodes,
             "faithfulness": faith.value, "faithfulness_ci": list(faith.ci), "target_reached": faith.value >= options.target,
+            "faithfulness_held_out": faith.held_out,
             "refusal_kept": faith.refusal_kept,
             "baselines": {"metric_full": float(full.mean()), "metric_empty": float(empty.mean()),
                           "metric_empty_measured": float(faith.metric_none.mean()),
@@ -292,8 +300,9 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
         "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
         "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
         "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
-        "method": "growth and pruning on the verified scores, re-run on bootstrap resamples of the pairs "
-                  "(each orders the nodes by its own mean scores and measures faithfulness on its own pairs)",
+        "method": "growth and pruning on the verified scores, re-run on bootstrap resamples of the pairs: each "
+                  "resample orders the nodes by its own mean scores and measures faithfulness on its own pairs; its "
+                  "pruning is one round in the main search's ranking (the grown circuit without each node)",
     }
 
 
@@ -358,19 +367,27 @@ def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progres
     groups = group_pairs(pairs, class_maps)
     adapter = get_adapter(model)
     nodes = Nodes.grid(adapter, list(range(len(names))))
-    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows, progress or Progress())
-    return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads)
+    progress = progress or Progress()
+    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows, progress)
+    searched, search = np.arange(pairs.num_rows), evaluator
+    if options.search_pairs is not None and options.search_pairs < pairs.num_rows:
+        searched = np.sort(np.random.default_rng([options.seed, 2]).choice(pairs.num_rows, options.search_pairs,
+                                                                           replace=False))
+        search = Evaluator(model, group_pairs(pairs.take(pa.array(searched)), [class_maps[i] for i in searched]),
+                           len(names), metric, options.max_batch_rows, progress)
+    return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads,
+                 search, searched)
 
 
 def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryConfig, metric: str,
                 rng: np.random.Generator, progress: Progress) -> NodeScores:
     """Attribution for every node; exact single-node effects (with intervals) for the verified ones."""
-    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
-    attribution_pairs = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs)
+    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
+    attribution_pairs = attribution_scores(model, setup.search.groups, setup.nodes, len(setup.names), metric, n_pairs)
     attribution = attribution_pairs.mean(1).numpy()
     verified, top, sample = choose_verified(attribution, n_pairs, options, rng)
     progress.expect(len(verified) * n_pairs)
-    exact_pairs = single_node_effects(setup.evaluator, setup.nodes, verified.tolist())
+    exact_pairs = single_node_effects(setup.search, setup.nodes, verified.tolist())
     exact = np.full(n_nodes, np.nan)
     exact[verified] = exact_pairs.mean(1).numpy()
     exact_ci = np.full((n_nodes, 2), np.nan)
@@ -381,16 +398,19 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
 
 
 def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float,
-                   near: int | None = None, in_circuit: bool = True) -> Search:
-    """The smallest prefix of the score order reaching the target (`grow`, from sizes `near` a size
-    found before when given), then pruned; ordered by place; with `in_circuit`, the faithfulness of the
-    circuit without each of its nodes, measured exactly."""
+                   near: int | None = None, ranking: dict[int, float] | None = None) -> Search:
+    """The smallest prefix of the score order reaching the target (`grow`, from sizes `near` a size found
+    before when given), then pruned (`prune`: in rounds measuring the circuit without each node, or one
+    round in a `ranking` measured before); ordered by place."""
     size, curve = grow(evaluator, nodes, order, target, near=near)
-    circuit, pruned = prune(evaluator, nodes, order[:size].tolist(), target)
+    circuit, pruned, f_without, first = prune(evaluator, nodes, order[:size].tolist(), target, ranking)
     log.debug("circuit search: grown to %d nodes (f %.3f), pruned to %d", size, curve.get(size, float("nan")), len(circuit))
-    circuit = sorted(circuit, key=lambda i: (int(nodes.layer[i]), int(nodes.kind[i]), int(nodes.cls[i]), int(nodes.head[i])))
-    f_without = evaluator.faithfulness_without_each(nodes, circuit) if in_circuit and circuit else np.zeros(0)
-    return Search(size, circuit, pruned, f_without, curve)
+    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
+                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
+    f_without = f_without[by_place] if len(f_without) else f_without
+    circuit = [circuit[j] for j in by_place]
+    f = float(evaluator.faithfulness(nodes, _subset_masks(len(nodes), [circuit]))[0])
+    return Search(size, circuit, pruned, f_without, curve, first, f)
 
 
 def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
@@ -411,8 +431,14 @@ def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfi
             "faithfulness": float(faithfulness(metric_circuit[rows][None], full[rows], empty[rows])[0]),
             "refusal_kept": float((metric_circuit[rows] > 0).float().mean()),
         }
+    held_out = None
+    rest = np.setdiff1d(np.arange(evaluator.n_pairs), setup.searched)
+    if len(rest):
+        numerator, denominator = metric_circuit.numpy()[rest] - empty.numpy()[rest], full.numpy()[rest] - empty.numpy()[rest]
+        held_out = {"n": len(rest), "faithfulness": float(numerator.mean() / denominator.mean()),
+                    "ci": list(bootstrap_ratio_ci(numerator, denominator, summary.n_bootstrap, summary.ci, rng))}
     return Faithfulness(f, f_ci, metric_circuit, metric_none, per_category,
-                        float((metric_circuit > 0).float().mean()))
+                        float((metric_circuit > 0).float().mean()), held_out)
 
 
 def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np.random.Generator) -> Controls:
@@ -423,20 +449,21 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
     return Controls(mib, setup.evaluator.faithfulness(setup.nodes, _subset_masks(n_nodes, random_sets)).numpy())
 
 
-def stability(setup: Setup, scores: NodeScores, options: CircuitConfig, grown: int | None = None,
+def stability(setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
               progress: Progress | None = None) -> Stability:
     """Growth and pruning on `options.n_resamples` bootstrap resamples of the pairs: each resample orders
     the nodes by its own mean scores and measures faithfulness on its own pairs (every circuit's metrics
-    are computed once for all pairs and reused), its growth starting at sizes near `grown` (the main
-    search's). Its own random stream: the other phases' draws stay."""
+    are computed once for all pairs and reused); its growth starts at sizes near the main search's, its
+    pruning takes one round in the main search's first ranking (the grown circuit without each node).
+    Its own random stream: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
-    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
+    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
     for _ in range(options.n_resamples):
         weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
-        view = Resample(setup.evaluator, weights)
-        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target, near=grown,
-                               in_circuit=False).circuit
+        view = Resample(setup.search, weights)
+        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target, near=search.grown,
+                               ranking=search.ranking).circuit
         frequency[found] += 1
         sizes.append(len(found))
         faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
@@ -469,8 +496,7 @@ def supernodes(setup: Setup, search: Search, gap: int) -> Supernodes:
     return Supernodes(members, names, f_without)
 
 
-def edges(model, setup: Setup, search: Search, groups: Supernodes, f: float, options: CircuitConfig,
-          metric: str) -> Edges:
+def edges(model, setup: Setup, search: Search, groups: Supernodes, options: CircuitConfig, metric: str) -> Edges:
     """Path effects between the supernodes (from the harmful tokens' embeddings, to the logits), and
     among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes), on at most
     options.edge_pairs pairs."""
@@ -487,7 +513,7 @@ def edges(model, setup: Setup, search: Search, groups: Supernodes, f: float, opt
     members = [nodes.select([circuit[j] for j in group]) for group in groups.members]
     between = group_effects(model, pair_groups, [tokens] + members, members, options, metric)
     group_edges = _edge_rows(between, ["EMB@harm"] + groups.names, groups.names, options.edge_min)
-    strongest = sorted(np.argsort(-(f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
+    strongest = sorted(np.argsort(-(search.f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
     chosen = nodes.select([circuit[j] for j in strongest])
     senders = Nodes.concat([tokens, chosen])
     found = group_effects(model, pair_groups, [senders.select([i]) for i in range(len(senders))],
@@ -527,7 +553,6 @@ class Evaluator:
         self.metric_empty = self._gather([r.metric_empty[None] for r in self.runners])[0]
         self.forward_rows = 0  # (circuit, pair) rows computed
         self._known: dict[bytes, torch.Tensor] = {}  # circuit mask -> metric [P]
-        self._slopes: dict[bytes, torch.Tensor] = {}  # circuit mask -> its members' slopes [M, P]
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         out = torch.empty(parts[0].shape[0], self.n_pairs)
@@ -568,20 +593,6 @@ class Evaluator:
             self._known.update({_key(masks[m]): row for m, row in zip(np.argsort(members), computed)})
         return torch.stack([self._known[key] for key in keys])
 
-    def slopes(self, nodes: Nodes, members: list[int]) -> torch.Tensor:
-        """[M, P]: each member's metric slope in its keep weight at the circuit `members` (attribution)."""
-        key = _key(_subset_masks(len(nodes), [members])[0])
-        if key not in self._slopes:
-            circuit = _subset_masks(len(nodes), [members])[0]
-            self._slopes[key] = self._gather([runner.member_gradients(nodes, circuit) for runner in self.runners])
-        by_index = np.argsort(np.argsort(members))  # member_gradients goes by node index
-        return self._slopes[key][by_index]
-
-    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
-        """[M] the first-order estimate of the faithfulness lost when each member alone is removed (its keep
-        weight 1 -> 0 moves the metric by minus its slope)."""
-        return (self.slopes(nodes, members).sum(1) / (self.metric_full - self.metric_empty).sum()).numpy()
-
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
@@ -609,10 +620,6 @@ class Resample:
 
     def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
         return self._f(self.evaluator.without_each(nodes, members)).numpy()
-
-    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
-        gap = ((self.evaluator.metric_full - self.evaluator.metric_empty) * self.weights).sum()
-        return ((self.evaluator.slopes(nodes, members) * self.weights).sum(1) / gap).numpy()
 
 
 def _key(mask: torch.Tensor) -> bytes:
@@ -745,18 +752,26 @@ def grow(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, targe
 
 
 def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
-          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int]]:
-    """Drop nodes whose removal keeps f >= target. Each round ranks the members by attribution at the
-    circuit (the first-order estimate of the faithfulness each one's removal costs: one forward and one
-    backward pass), then finds the largest k such that removing the k least costly together keeps f at
-    the target, measured exactly (k on a geometric grid, then narrowed, `chunk` circuits per pass).
-    Returns (kept, removed)."""
+          ranking: dict[int, float] | None = None, max_rounds: int = 4,
+          chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, dict[int, float]]:
+    """Drop nodes whose removal keeps f >= target. Each round measures f without each node, then finds
+    the largest k such that removing the k least harmful nodes together keeps f at the target (k on a
+    geometric grid, then narrowed, `chunk` circuits per pass). Given a `ranking` ({node: f without it},
+    measured on a circuit holding these nodes; nodes it lacks count as removable), one round in its order.
+    Returns (kept, removed, f of the kept circuit without each of its nodes (empty given a ranking), the
+    first round's ranking)."""
     kept, removed = list(circuit), []
-    for _ in range(max_rounds):
-        if len(kept) <= 1:
+    if ranking is None:
+        f_without = evaluator.faithfulness_without_each(nodes, kept)
+        ranking, rounds = dict(zip(kept, f_without.tolist())), max_rounds
+    else:
+        f_without, rounds = np.array([ranking.get(i, np.inf) for i in kept]), 1
+    first = ranking
+    for _ in range(rounds):
+        order = np.argsort(-f_without, kind="stable")
+        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        if most == 0:
             break
-        order = np.argsort(evaluator.removal_costs(nodes, kept), kind="stable")
-        most = len(kept) - 1
         trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
         f_trial = {}
 
@@ -782,7 +797,9 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
             hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
-    return kept, removed
+        if rounds > 1:
+            f_without = evaluator.faithfulness_without_each(nodes, kept)
+    return kept, removed, f_without if rounds > 1 else np.zeros(0), first
 
 
 def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
