@@ -267,28 +267,23 @@ class AdditiveFaithfulness:
         return np.array([float(self.weights[members].sum() - self.weights[m]) for m in members])
 
 
-def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
-    from pipeline.analysis.circuit_search import grow, prune
+def test_pruning_from_every_node_keeps_what_the_target_needs():
+    """Round one in the scores' order removes the nodes that carry nothing; a measured round then drops node
+    11 (0.04, which the scores overrate): the target does not need it. Without measured rounds it stays."""
+    from pipeline.analysis.circuit_search import prune
 
     weights = [0.0] * 60
     weights[7], weights[3], weights[50], weights[11] = 0.5, 0.25, 0.1, 0.04  # 0.89 in all
     evaluator = AdditiveFaithfulness(weights)
     nodes = Nodes(*[torch.zeros(60, dtype=torch.long)] * 4)  # only their number matters here
-    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
-    size, curve = grow(evaluator, nodes, order, target=0.8)
-    assert size == 4 and curve[3] < 0.8 <= curve[4]  # 0.5 + 0.25 + 0.04 < 0.8 <= + 0.1
-    order = np.array([i for i in range(60) if i not in (7, 3, 50)] + [7, 3, 50])  # the useful nodes come last
-    size, _ = grow(evaluator, nodes, order, target=0.8)
-    assert size == 60
-    kept, removed, f_without, ranking = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
-    assert sorted(kept) == [3, 7, 50] and len(removed) == 57  # node 11 (0.04) is not needed either
-    assert f_without.tolist() == pytest.approx([0.85 - float(evaluator.weights[i]) for i in kept])
-    assert ranking[11] == pytest.approx(0.89 - 0.04)  # the first round measured the grown circuit
-    kept, _, f_without, _ = prune(evaluator, nodes, [7, 3, 11, 50, 20], 0.8, ranking={7: 0.39, 3: 0.64, 50: 0.79})
-    assert sorted(kept) == [3, 7, 50] and len(f_without) == 0  # one round in the given order (11, 20 first)
-    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
-    size, curve = grow(evaluator, nodes, order, target=0.8, near=30)
-    assert size == 4 and curve[3] < 0.8  # from sizes near 30 down to the first that reaches the target
+    estimate = {i: 0.89 - w for i, w in enumerate(weights)} | {11: 0.5}  # the scores overrate node 11
+    kept, removed, f_without, measured, curve = prune(evaluator, nodes, list(range(60)), 0.8, [estimate])
+    assert sorted(kept) == [3, 7, 50] and len(removed) == 57
+    assert f_without.tolist() == pytest.approx([0.85 - weights[i] for i in kept])
+    assert measured[0][11] == pytest.approx(0.89 - 0.04)  # the first measured round: the 4 nodes round one kept
+    assert curve[3] == pytest.approx(0.85) and curve[4] == pytest.approx(0.89)
+    kept, _, f_without, measured, _ = prune(evaluator, nodes, list(range(60)), 0.8, [estimate], measure=False)
+    assert sorted(kept) == [3, 7, 11, 50] and len(f_without) == 0 and measured == []
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +315,8 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert circuit["faithfulness"] >= 0.8 and circuit["faithfulness_ci"][0] <= circuit["faithfulness"]
     assert circuit["random_control"]["mean"] <= 0.2
     assert circuit["baselines"]["metric_empty_measured"] == pytest.approx(circuit["baselines"]["metric_empty"], abs=1e-4)
-    assert circuit["growth_curve"]["faithfulness"][0] == pytest.approx(0.0, abs=1e-5)  # size 0: the empty circuit
+    curve = dict(zip(circuit["pruning_curve"]["size"], circuit["pruning_curve"]["faithfulness"]))
+    assert curve[circuit["size"]] == pytest.approx(circuit["faithfulness"], abs=1e-6)  # pruning measured it
     assert circuit["mib"]["size"][-1] == circuit["candidates"]
     assert circuit["mib"]["faithfulness_signed"][-1] == pytest.approx(1.0, abs=1e-4)  # every node: the model
     assert 0 <= circuit["mib"]["cmd"] <= 1 and circuit["mib"]["cpr"] > 0.5
@@ -409,7 +405,7 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
     4-7: all three reach the target together, and a resample drawing pairs 0-3 three times in four (or
     4-7 six times in seven) needs only two of them. So node 0 is in every resample's circuit, nodes 1 and
     2 in most, the rest in none."""
-    from pipeline.analysis.circuit_search import NodeScores, Setup, Resample, grow_and_prune, stability
+    from pipeline.analysis.circuit_search import NodeScores, Resample, Setup, search_circuit, stability
     from pipeline.config import CircuitConfig
 
     n_pairs, n_nodes = 8, 12
@@ -436,7 +432,7 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
                         weights, exact_pairs)
     setup = Setup(None, 0, [], [], [], Nodes(*[torch.zeros(n_nodes, dtype=torch.long)] * 4), evaluator, 1, 1, evaluator,
                   np.arange(n_pairs))
-    search = grow_and_prune(Resample(evaluator, np.ones(n_pairs)), setup.nodes, scores.order, 0.8)
+    search = search_circuit(Resample(evaluator, np.ones(n_pairs)), setup.nodes, scores.without_estimate(), 0.8)
     assert sorted(search.circuit) == [0, 1, 2]
     found = stability(setup, scores, search, CircuitConfig(n_resamples=50, seed=3))
     assert found.frequency[0] == 1.0 and (found.frequency[3:] == 0).all()

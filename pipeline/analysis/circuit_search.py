@@ -8,15 +8,18 @@ f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), m averaged over pairs.
 `find_circuit` reads like the method, a phase per step, each returning a small typed result:
 1. `score_nodes`: attribution patching (noise direction) scores every node; exact single-node effects
    verify every node when cheap, else attribution's top-k plus a random sample of the rest.
-2. `grow_and_prune`: nodes in order of their verified effect (attribution for unverified ones) until f
-   reaches the target; then pruning of every node whose removal keeps f at the target.
-3. `measure_faithfulness`: f with a bootstrap interval over pairs, per category, and the fraction of
-   pairs whose refusal the circuit alone keeps.
+2. `search_circuit`: pruning from every node, in rounds, each ordering the nodes by the faithfulness
+   without each (first from the scores, then measured on the circuit) and removing the most of the least
+   harmful together that keeps f at the target (optionally on a sample of the pairs: `search_pairs`).
+3. `measure_faithfulness`: f with a bootstrap interval over pairs (all, and those the search did not
+   see), per category, and the fraction of pairs whose refusal the circuit alone keeps.
 4. `controls`: the faithfulness curve at MIB's circuit sizes (CPR: area under f, nodes ranked by signed
    score; CMD: area between f and 1, ranked by |score|) and random circuits of the same size.
-5. `edges`: path patching from the harmful tokens' embeddings and every circuit node to every later node
-   and to the logits.
-6. `refusal_direction`: mean(harmful) - mean(harmless) residual at the final position per layer, its
+5. `stability`: the search re-run on bootstrap resamples of the pairs -> each node's inclusion frequency.
+6. `supernodes` and `edges`: the circuit grouped (one kind at one position over nearby layers); path
+   patching between the groups and among the strongest nodes, from the harmful tokens' embeddings and to
+   the logits.
+7. `refusal_direction`: mean(harmful) - mean(harmless) residual at the final position per layer, its
    ablation and addition effects, and each circuit node's projection on the best layer's direction.
 Agreement between attribution and exact patching (rank correlation, top-k recall, an estimate with an
 upper bound of the strong nodes attribution missed) comes with the scores.
@@ -63,8 +66,8 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     progress.start("scores")
     scores = score_nodes(model, setup, options, summary, metric, rng, progress)
     progress.end()
-    progress.start("growth and pruning")
-    search = grow_and_prune(setup.search, setup.nodes, scores.order, options.target)
+    progress.start("pruning")
+    search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), options.target)
     progress.end()
     progress.start("faithfulness, curves, controls")
     faith = measure_faithfulness(setup, search.circuit, summary, rng)
@@ -118,29 +121,25 @@ class NodeScores:
         """[N] the exact effect where verified, else attribution's estimate."""
         return np.where(np.isnan(self.exact), self.attribution, self.exact)
 
-    @property
-    def order(self) -> np.ndarray:
-        """Nodes by verified effect first (strongest first), then the rest by attribution."""
-        return _order(self.attribution, self.exact)
-
-    def order_on(self, weights: np.ndarray) -> np.ndarray:
-        """`order` with every pair counted `weights` [P] times (a bootstrap resample)."""
-        mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
-        return _order(mean(self.attribution_pairs), mean(self.exact_pairs))
-
-
-def _order(attribution: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    return np.lexsort((-attribution, -np.nan_to_num(exact, nan=-np.inf), np.isnan(exact)))
+    def without_estimate(self, weights: np.ndarray | None = None) -> dict[int, float]:
+        """{node: f of the model without it}, estimated as 1 - its effect (exact where verified, else
+        attribution's), with every pair counted `weights` [P] times when given (a bootstrap resample)."""
+        if weights is None:
+            best = self.best
+        else:
+            mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
+            exact = mean(self.exact_pairs)
+            best = np.where(np.isnan(exact), mean(self.attribution_pairs), exact)
+        return dict(enumerate((1 - best).tolist()))
 
 
 @dataclass
 class Search:
-    grown: int  # the prefix size growth reached the target with
     circuit: list[int]  # node indices, ordered by layer, kind, class, head
     pruned: list[int]
-    f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node
-    curve: dict[int, float]  # growth: faithfulness at every prefix size measured
-    ranking: dict[int, float]  # pruning's first round: f of the grown circuit without each of its nodes
+    f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node (empty: not measured)
+    curve: dict[int, float]  # faithfulness of every circuit size pruning measured
+    rankings: list[dict[int, float]]  # the rounds' f without each node, measured on the circuit of that round
     f: float  # the circuit's faithfulness on the search's pairs (f_without's reference)
 
 
@@ -163,7 +162,7 @@ class Controls:
 
 @dataclass
 class Stability:
-    """The search (growth and pruning on the verified scores) re-run on bootstrap resamples of the pairs."""
+    """The search re-run on bootstrap resamples of the pairs."""
     frequency: np.ndarray  # [N] share of the resamples whose circuit holds each node
     sizes: np.ndarray  # [B] each resample's circuit size
     faithfulness: np.ndarray  # [B] each resample's circuit, on its own resample
@@ -235,9 +234,10 @@ class CircuitResult:
             "method": {
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
-                "growth": "verified single-node effect order, smallest prefix reaching the target",
-                "pruning": "rounds: the circuit without each node, then the most of the least harmful removed "
-                           "together that keeps the target",
+                "search": "pruning from every node, in rounds: the nodes ordered by the faithfulness without each "
+                          "(first round: 1 - its single-node effect, exact where verified, else attribution's; later "
+                          "rounds: measured on the circuit), the most of the least harmful removed together that keeps "
+                          "the target",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
                 "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
             },
@@ -262,7 +262,7 @@ class CircuitResult:
             "supernodes": supernodes_json(self.supernodes, circuit, nodes, names, setup.labels, scores, faith.value),
             "supernode_edges": self.edges.groups,
             "edges": self.edges.edges, "edges_note": self.edges.note,
-            "growth_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
+            "pruning_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
             "mib": self.controls.mib,
             "attribution": agreement(scores.attribution, scores.exact, scores.top, scores.sample, n_nodes,
                                      min(max(len(circuit), 1), options.recall_k), options.strong_effect),
@@ -300,9 +300,9 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
         "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
         "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
         "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
-        "method": "growth and pruning on the verified scores, re-run on bootstrap resamples of the pairs: each "
-                  "resample orders the nodes by its own mean scores and measures faithfulness on its own pairs; its "
-                  "pruning is one round in the main search's ranking (the grown circuit without each node)",
+        "method": "the search re-run on bootstrap resamples of the pairs: each resample ranks the nodes by its own "
+                  "mean scores in the first round and measures faithfulness on its own pairs; its second round takes "
+                  "the main search's first measured ranking",
     }
 
 
@@ -353,7 +353,7 @@ class Progress:
             self.report(self.state())
 
 
-PHASES = ("caches", "scores", "growth and pruning", "faithfulness, curves, controls", "stability",
+PHASES = ("caches", "scores", "pruning", "faithfulness, curves, controls", "stability",
           "supernodes and edges", "refusal direction")
 
 
@@ -397,20 +397,20 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
     return NodeScores(attribution, exact, exact_ci, top, sample, attribution_pairs.numpy(), per_pair)
 
 
-def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float,
-                   near: int | None = None, ranking: dict[int, float] | None = None) -> Search:
-    """The smallest prefix of the score order reaching the target (`grow`, from sizes `near` a size found
-    before when given), then pruned (`prune`: in rounds measuring the circuit without each node, or one
-    round in a `ranking` measured before); ordered by place."""
-    size, curve = grow(evaluator, nodes, order, target, near=near)
-    circuit, pruned, f_without, first = prune(evaluator, nodes, order[:size].tolist(), target, ranking)
-    log.debug("circuit search: grown to %d nodes (f %.3f), pruned to %d", size, curve.get(size, float("nan")), len(circuit))
+def search_circuit(evaluator: Evaluator | Resample, nodes: Nodes, estimate: dict[int, float], target: float,
+                   rankings: list[dict[int, float]] = (), measure: bool = True) -> Search:
+    """Pruning from every node: the first round ranks the nodes by `estimate` (f without each, from the
+    scores), later ones by the given `rankings`, then (with `measure`) by f without each measured on the
+    circuit of that round. Ordered by place."""
+    circuit, pruned, f_without, measured, curve = prune(evaluator, nodes, list(range(len(nodes))), target,
+                                                        [estimate, *rankings], measure)
+    log.debug("circuit search: %d nodes kept", len(circuit))
     by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
                                                           int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
     f_without = f_without[by_place] if len(f_without) else f_without
     circuit = [circuit[j] for j in by_place]
     f = float(evaluator.faithfulness(nodes, _subset_masks(len(nodes), [circuit]))[0])
-    return Search(size, circuit, pruned, f_without, curve, first, f)
+    return Search(circuit, pruned, f_without, curve, measured, f)
 
 
 def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
@@ -451,19 +451,18 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
 
 def stability(setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
               progress: Progress | None = None) -> Stability:
-    """Growth and pruning on `options.n_resamples` bootstrap resamples of the pairs: each resample orders
-    the nodes by its own mean scores and measures faithfulness on its own pairs (every circuit's metrics
-    are computed once for all pairs and reused); its growth starts at sizes near the main search's, its
-    pruning takes one round in the main search's first ranking (the grown circuit without each node).
-    Its own random stream: the other phases' draws stay."""
+    """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
+    by its own mean scores in the first round and measures faithfulness on its own pairs (every circuit's
+    metrics are computed once for all pairs and reused); its second round takes the main search's first
+    measured ranking. Its own random stream: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
     n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
     for _ in range(options.n_resamples):
         weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
         view = Resample(setup.search, weights)
-        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target, near=search.grown,
-                               ranking=search.ranking).circuit
+        found = search_circuit(view, setup.nodes, scores.without_estimate(weights), options.target,
+                               search.rankings[:1], measure=False).circuit
         frequency[found] += 1
         sizes.append(len(found))
         faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
@@ -696,7 +695,7 @@ def agreement(attribution: np.ndarray, exact: np.ndarray, top: np.ndarray, sampl
     }
 
 
-# ---- growth, pruning, curves ------------------------------------------------------------------------
+# ---- pruning, curves --------------------------------------------------------------------------------
 
 def _geometric_sizes(n: int) -> list[int]:
     sizes, k = {0, n}, 1
@@ -706,68 +705,24 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
-def grow(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4,
-         near: int | None = None) -> tuple[int, dict[int, float]]:
-    """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
-    at a time, until one reaches it (with `near`, a size found before: from the `chunk` grid sizes around
-    it, up until one reaches, down while the smallest measured still does); then the bracket below the
-    first size reaching it is narrowed, `chunk` sizes per pass. Returns (size, {size: f} for every size
-    measured)."""
-    n = len(order)
-    prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
-    grid, curve = _geometric_sizes(n), {}
-
-    def measure(sizes: list[int]) -> None:
-        curve.update(zip(sizes, evaluator.faithfulness(nodes, prefix(sizes)).tolist()))
-
-    def any_reached() -> bool:
-        return any(f >= target for f in curve.values())
-
-    if near is None:
-        for begin in range(0, len(grid), chunk):
-            measure(grid[begin:begin + chunk])
-            if any_reached():
-                break
-    else:
-        below = min(max(0, int(np.searchsorted(grid, near)) - chunk // 2), max(0, len(grid) - chunk))
-        above = below + chunk
-        measure(grid[below:above])
-        while not any_reached() and above < len(grid):
-            measure(grid[above:above + chunk])
-            above += chunk
-        while any_reached() and curve[grid[below]] >= target and below > 0:
-            measure(grid[max(0, below - chunk):below])
-            below = max(0, below - chunk)
-    reached = [k for k in sorted(curve) if curve[k] >= target]
-    if not reached:
-        return n, curve
-    hi = reached[0]
-    lo = max([k for k in curve if k < hi] + [0])
-    while hi - lo > 1:  # below lo nothing reached the target; hi reaches it
-        inside = sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi})
-        curve.update(zip(inside, evaluator.faithfulness(nodes, prefix(inside)).tolist()))
-        hi = min([k for k in inside if curve[k] >= target] + [hi])
-        lo = max(k for k in [lo] + inside if k < hi)
-    return hi, curve
-
-
 def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
-          ranking: dict[int, float] | None = None, max_rounds: int = 4,
-          chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, dict[int, float]]:
-    """Drop nodes whose removal keeps f >= target. Each round measures f without each node, then finds
-    the largest k such that removing the k least harmful nodes together keeps f at the target (k on a
-    geometric grid, then narrowed, `chunk` circuits per pass). Given a `ranking` ({node: f without it},
-    measured on a circuit holding these nodes; nodes it lacks count as removable), one round in its order.
-    Returns (kept, removed, f of the kept circuit without each of its nodes (empty given a ranking), the
-    first round's ranking)."""
-    kept, removed = list(circuit), []
-    if ranking is None:
-        f_without = evaluator.faithfulness_without_each(nodes, kept)
-        ranking, rounds = dict(zip(kept, f_without.tolist())), max_rounds
-    else:
-        f_without, rounds = np.array([ranking.get(i, np.inf) for i in kept]), 1
-    first = ranking
-    for _ in range(rounds):
+          rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6,
+          chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
+    """Drop nodes while f stays at the target, in rounds. A round orders the circuit's nodes by f without
+    each of them (the given `rankings`, one per round, a node one lacks counting as removable; after them,
+    with `measure`, f without each measured on the circuit) and removes the most of the least harmful
+    together that keeps f >= target (k on a geometric grid, then narrowed, `chunk` circuits per pass).
+    Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
+    measured rankings, {size: f} of every circuit measured)."""
+    kept, removed, measured, curve = list(circuit), [], [], {}
+    measured_for = None  # the circuit the last measured ranking belongs to
+    for round_ in range(max_rounds if measure else len(rankings)):
+        if round_ < len(rankings):
+            f_without = np.array([rankings[round_].get(i, np.inf) for i in kept])
+        else:
+            f_without = evaluator.faithfulness_without_each(nodes, kept)
+            measured.append(dict(zip(kept, f_without.tolist())))
+            measured_for = kept
         order = np.argsort(-f_without, kind="stable")
         most = min(int((f_without >= target).sum()), len(kept) - 1)
         if most == 0:
@@ -786,6 +741,7 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
             measure_trials(grid[begin:begin + chunk])
             if any(f_trial[k] < target for k in grid[begin:begin + chunk]):
                 break
+        curve.update({len(kept) - k: f for k, f in f_trial.items()})
         passing = [k for k in f_trial if f_trial[k] >= target]
         if not passing:
             break
@@ -795,11 +751,15 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
             measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
             lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
             hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+            curve.update({len(kept) - k: f for k, f in f_trial.items()})
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
-        if rounds > 1:
-            f_without = evaluator.faithfulness_without_each(nodes, kept)
-    return kept, removed, f_without if rounds > 1 else np.zeros(0), first
+    if not measure:
+        return kept, removed, np.zeros(0), measured, curve
+    if measured_for != kept:
+        f_without = evaluator.faithfulness_without_each(nodes, kept)
+        measured.append(dict(zip(kept, f_without.tolist())))
+    return kept, removed, np.array([measured[-1][i] for i in kept]), measured, curve
 
 
 def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
