@@ -67,7 +67,8 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     scores = score_nodes(model, setup, options, summary, metric, rng, progress)
     progress.end()
     progress.start("pruning")
-    search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), options.target)
+    search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), options.target,
+                            rounds=options.prune_rounds)
     progress.end()
     progress.start("faithfulness, curves, controls")
     faith = measure_faithfulness(setup, search.circuit, summary, rng)
@@ -122,15 +123,16 @@ class NodeScores:
         return np.where(np.isnan(self.exact), self.attribution, self.exact)
 
     def without_estimate(self, weights: np.ndarray | None = None) -> dict[int, float]:
-        """{node: f of the model without it}, estimated as 1 - its effect (exact where verified, else
-        attribution's), with every pair counted `weights` [P] times when given (a bootstrap resample)."""
+        """{node: f of the model without it}, estimated as 1 - |its effect| (exact where verified, else
+        attribution's), with every pair counted `weights` [P] times when given (a bootstrap resample). The
+        magnitude: a node that works against refusal on its own is not for that reason free to remove."""
         if weights is None:
             best = self.best
         else:
             mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
             exact = mean(self.exact_pairs)
             best = np.where(np.isnan(exact), mean(self.attribution_pairs), exact)
-        return dict(enumerate((1 - best).tolist()))
+        return dict(enumerate((1 - np.abs(best)).tolist()))
 
 
 @dataclass
@@ -235,7 +237,7 @@ class CircuitResult:
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
                 "search": "pruning from every node, in rounds: the nodes ordered by the faithfulness without each "
-                          "(first round: 1 - its single-node effect, exact where verified, else attribution's; later "
+                          "(first round: 1 - |its single-node effect|, exact where verified, else attribution's; later "
                           "rounds: measured on the circuit), the most of the least harmful removed together that keeps "
                           "the target",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
@@ -301,8 +303,8 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
         "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
         "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
         "method": "the search re-run on bootstrap resamples of the pairs: each resample ranks the nodes by its own "
-                  "mean scores in the first round and measures faithfulness on its own pairs; its second round takes "
-                  "the main search's first measured ranking",
+                  "mean scores in the first round and measures faithfulness on its own pairs; its later rounds take "
+                  "the main search's measured rankings, round by round",
     }
 
 
@@ -398,12 +400,12 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
 
 
 def search_circuit(evaluator: Evaluator | Resample, nodes: Nodes, estimate: dict[int, float], target: float,
-                   rankings: list[dict[int, float]] = (), measure: bool = True) -> Search:
+                   rankings: list[dict[int, float]] = (), measure: bool = True, rounds: int = 6) -> Search:
     """Pruning from every node: the first round ranks the nodes by `estimate` (f without each, from the
     scores), later ones by the given `rankings`, then (with `measure`) by f without each measured on the
     circuit of that round. Ordered by place."""
     circuit, pruned, f_without, measured, curve = prune(evaluator, nodes, list(range(len(nodes))), target,
-                                                        [estimate, *rankings], measure)
+                                                        [estimate, *rankings], measure, rounds)
     log.debug("circuit search: %d nodes kept", len(circuit))
     by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
                                                           int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
@@ -453,8 +455,8 @@ def stability(setup: Setup, scores: NodeScores, search: Search, options: Circuit
               progress: Progress | None = None) -> Stability:
     """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
     by its own mean scores in the first round and measures faithfulness on its own pairs (every circuit's
-    metrics are computed once for all pairs and reused); its second round takes the main search's first
-    measured ranking. Its own random stream: the other phases' draws stay."""
+    metrics are computed once for all pairs and reused); its later rounds take the main search's measured
+    rankings, round by round. Its own random stream: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
     n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
@@ -462,7 +464,7 @@ def stability(setup: Setup, scores: NodeScores, search: Search, options: Circuit
         weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
         view = Resample(setup.search, weights)
         found = search_circuit(view, setup.nodes, scores.without_estimate(weights), options.target,
-                               search.rankings[:1], measure=False).circuit
+                               search.rankings, measure=False).circuit
         frequency[found] += 1
         sizes.append(len(found))
         faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
@@ -754,6 +756,7 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
             curve.update({len(kept) - k: f for k, f in f_trial.items()})
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
+        log.debug("circuit search: round %d kept %d nodes (f %.3f)", round_ + 1, len(kept), f_trial[lo])
     if not measure:
         return kept, removed, np.zeros(0), measured, curve
     if measured_for != kept:
