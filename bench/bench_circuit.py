@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+import yaml
 
 
 def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
@@ -53,8 +54,8 @@ def circuit(args) -> None:
     start = time.perf_counter()
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     screened = time.perf_counter()
-    options = CircuitConfig(max_pairs=args.max_pairs, seed=args.seed, target=args.target,
-                            verify_all_rows=args.verify_all_rows)
+    chosen = {key: yaml.safe_load(value) for key, value in (option.split("=", 1) for option in args.option)}
+    options = CircuitConfig(**{"max_pairs": args.max_pairs, "seed": args.seed, "target": args.target, **chosen})
     progress = Progress(lambda state: print(json.dumps(state), file=sys.stderr, flush=True))
     found = find_circuit(model, pairs, options, SummaryConfig(), "logit_diff", args.organism, progress).to_json()
     built = time.perf_counter()
@@ -70,6 +71,7 @@ def circuit(args) -> None:
         "organism": args.organism, "pairs": found["n_pairs"],
         "candidates": found["candidates"], "size": found["size"], "fraction": round(found["fraction"], 4),
         "faithfulness": round(found["faithfulness"], 4), "faithfulness_ci": [round(x, 4) for x in found["faithfulness_ci"]],
+        "faithfulness_held_out": found["faithfulness_held_out"], "search_pairs": found["n_search_pairs"],
         "core": stability["core_size"], "resamples": stability["n_resamples"],
         "resample_size_median": stability["size_median"],
         "random_mean": round(rnd["mean"], 4), "random_std": round(rnd["std"], 4), "random_max": round(rnd["max"], 4),
@@ -150,7 +152,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--verify-all-rows", type=int, default=20000, help="circuit.verify_all_rows")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="circuit: a CircuitConfig field (e.g. search_pairs=12), repeatable")
     parser.add_argument("--out", default="outputs/circuit-bench")
     parser.add_argument("--verbose", action="store_true", help="log the search's steps")
     parser.add_argument("--baseline", default="4dbdef3", help="verify: the git revision of the path before")

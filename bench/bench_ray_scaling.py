@@ -106,7 +106,7 @@ def warm_up(pool: WorkerPool, base: Sweep, folder: Path) -> None:
     shard = base.shards[0]
     item = {"component": "resid_pre", "direction": "denoise", "metric": base.cfg["patching"]["metric"],
             "per_position": False, "layers": [0], "heads": None, "pairs": str(folder.parent / "pairs.parquet"),
-            "rows": shard["rows"][:1], "model": base.cfg["model"]["name"], "batch_size": None,
+            "shards": [shard["rows"][:1]], "model": base.cfg["model"]["name"], "batch_size": None,
             "provenance": base.provenance}
     ray.get([actor.run.remote("patch", dict(item, out=str(folder / f"{i}.arrow")))
              for i, actor in enumerate(pool.actors)])

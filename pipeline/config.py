@@ -72,7 +72,11 @@ class CircuitConfig:
     target: float = 0.8  # faithfulness the circuit must reach
     max_fraction: float = 0.1  # the size a circuit should stay under, as a fraction of candidate nodes
     max_pairs: int = 64  # pairs used by the circuit step (a seeded sample when there are more)
+    # The search (verification, growth, pruning, stability) on at most this many of them (a seeded sample;
+    # None = all); faithfulness, its interval and the controls are measured on all, and on the rest alone.
+    search_pairs: Optional[int] = None
     n_random: int = 32  # random circuits of the same size (the control)
+    prune_rounds: int = 6  # pruning rounds (each after the first measures the circuit without each node)
     n_resamples: int = 20  # bootstrap resamples of the pairs the search is re-run on (node stability)
     core_threshold: float = 0.8  # core nodes: found in at least this share of the resamples
     verify_top: int = 64  # attribution's strongest nodes verified exactly ...

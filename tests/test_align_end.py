@@ -38,7 +38,7 @@ def test_unequal_pairs_are_patched_aligned_from_the_end(tiny, tmp_path):
     for shard in shards:
         out = tmp_path / f"effects-{shard['key']}.arrow"
         patch.run(model, tokenizer, {
-            "pairs": str(pairs_path), "rows": shard["rows"], "out": str(out), "model": "refusal-tiny",
+            "pairs": str(pairs_path), "shards": [shard["rows"]], "out": str(out), "model": "refusal-tiny",
             "component": "resid_pre", "per_position": True, "direction": "denoise", "layers": None,
             "heads": None, "metric": "logit_diff", "batch_size": None, "provenance": {}})
         effects = read_table(out)

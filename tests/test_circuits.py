@@ -263,56 +263,27 @@ class AdditiveFaithfulness:
     def faithfulness(self, nodes, masks):
         return (masks.float() * self.weights).sum(1)
 
-    def removal_costs(self, nodes, members):
-        return self.weights[members].numpy()
+    def faithfulness_without_each(self, nodes, members):
+        return np.array([float(self.weights[members].sum() - self.weights[m]) for m in members])
 
 
-def test_removal_costs_estimate_the_faithfulness_each_member_carries():
-    """On refusal-tiny (its refusal lives in layer 0 at the final token), attribution at a circuit ranks
-    the members the way removing each one does: the three that carry faithfulness first, in order, the
-    rest near zero (the linear estimate is not the size of the loss: one member carries 0.66 and is
-    estimated at 0.13; pruning measures every removal exactly)."""
-    from pipeline.analysis.circuit_search import prepare
-    from pipeline.config import CircuitConfig
-    from pipeline.engine.loading import load_model
-    from pipeline.organisms import resolve
-    from pipeline.analysis.pairs import build_pairs, source_pairs
-
-    model, tokenizer = load_model(resolve("refusal-tiny"))
-    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=12, seed=1), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
-    table = table.append_column("clean_tokens", pa.array([tokenizer.convert_ids_to_tokens(i) for i in
-                                                          table.column("clean_ids").to_pylist()], pa.list_(pa.string())))
-    setup = prepare(model, table, CircuitConfig(), "logit_diff")
-    names = {n: i for i, n in enumerate(setup.names)}
-    final = names["end-1"]
-    members = [i for i in range(len(setup.nodes)) if setup.nodes.key(i)[1] == 0 and setup.nodes.key(i)[3] == final]
-    members += [i for i in range(len(setup.nodes)) if setup.nodes.key(i)[1] == 2][:6]  # some that carry little
-    costs = setup.evaluator.removal_costs(setup.nodes, members)
-    lost = setup.evaluator.faithfulness(setup.nodes, _subset_masks(len(setup.nodes), [members]))[0].item() - \
-        setup.evaluator.faithfulness_without_each(setup.nodes, members)
-    assert list(np.argsort(-costs)[:3]) == list(np.argsort(-lost)[:3])  # the three that carry it, in order
-    assert costs[np.argsort(-lost)[:3]].min() > 0.05 and np.abs(costs[np.argsort(-lost)[3:]]).max() < 0.01
-
-
-def test_growth_finds_the_smallest_prefix_and_pruning_drops_what_is_not_needed():
-    from pipeline.analysis.circuit_search import grow, prune
+def test_pruning_from_every_node_keeps_what_the_target_needs():
+    """Round one in the scores' order removes the nodes that carry nothing; a measured round then drops node
+    11 (0.04, which the scores overrate): the target does not need it. Without measured rounds it stays."""
+    from pipeline.analysis.circuit_search import prune
 
     weights = [0.0] * 60
     weights[7], weights[3], weights[50], weights[11] = 0.5, 0.25, 0.1, 0.04  # 0.89 in all
     evaluator = AdditiveFaithfulness(weights)
     nodes = Nodes(*[torch.zeros(60, dtype=torch.long)] * 4)  # only their number matters here
-    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
-    size, curve = grow(evaluator, nodes, order, target=0.8)
-    assert size == 4 and curve[3] < 0.8 <= curve[4]  # 0.5 + 0.25 + 0.04 < 0.8 <= + 0.1
-    order = np.array([i for i in range(60) if i not in (7, 3, 50)] + [7, 3, 50])  # the useful nodes come last
-    size, _ = grow(evaluator, nodes, order, target=0.8)
-    assert size == 60
-    kept, removed = prune(evaluator, nodes, order[:size].tolist(), target=0.8)
-    assert sorted(kept) == [3, 7, 50] and len(removed) == 57  # node 11 (0.04) is not needed either
-    order = np.array([7, 3, 11, 50] + [i for i in range(60) if i not in (7, 3, 11, 50)])
-    size, curve = grow(evaluator, nodes, order, target=0.8, near=30)
-    assert size == 4 and curve[3] < 0.8  # from sizes near 30 down to the first that reaches the target
+    estimate = {i: 0.89 - w for i, w in enumerate(weights)} | {11: 0.5}  # the scores overrate node 11
+    kept, removed, f_without, measured, curve = prune(evaluator, nodes, list(range(60)), 0.8, [estimate])
+    assert sorted(kept) == [3, 7, 50] and len(removed) == 57
+    assert f_without.tolist() == pytest.approx([0.85 - weights[i] for i in kept])
+    assert measured[0][11] == pytest.approx(0.89 - 0.04)  # the first measured round: the 4 nodes round one kept
+    assert curve[3] == pytest.approx(0.85) and curve[4] == pytest.approx(0.89)
+    kept, _, f_without, measured, _ = prune(evaluator, nodes, list(range(60)), 0.8, [estimate], measure=False)
+    assert sorted(kept) == [3, 7, 11, 50] and len(f_without) == 0 and measured == []
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +315,8 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert circuit["faithfulness"] >= 0.8 and circuit["faithfulness_ci"][0] <= circuit["faithfulness"]
     assert circuit["random_control"]["mean"] <= 0.2
     assert circuit["baselines"]["metric_empty_measured"] == pytest.approx(circuit["baselines"]["metric_empty"], abs=1e-4)
-    assert circuit["growth_curve"]["faithfulness"][0] == pytest.approx(0.0, abs=1e-5)  # size 0: the empty circuit
+    curve = dict(zip(circuit["pruning_curve"]["size"], circuit["pruning_curve"]["faithfulness"]))
+    assert curve[circuit["size"]] == pytest.approx(circuit["faithfulness"], abs=1e-6)  # pruning measured it
     assert circuit["mib"]["size"][-1] == circuit["candidates"]
     assert circuit["mib"]["faithfulness_signed"][-1] == pytest.approx(1.0, abs=1e-4)  # every node: the model
     assert 0 <= circuit["mib"]["cmd"] <= 1 and circuit["mib"]["cpr"] > 0.5
@@ -433,7 +405,7 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
     4-7: all three reach the target together, and a resample drawing pairs 0-3 three times in four (or
     4-7 six times in seven) needs only two of them. So node 0 is in every resample's circuit, nodes 1 and
     2 in most, the rest in none."""
-    from pipeline.analysis.circuit_search import NodeScores, Setup, stability
+    from pipeline.analysis.circuit_search import NodeScores, Resample, Setup, search_circuit, stability
     from pipeline.config import CircuitConfig
 
     n_pairs, n_nodes = 8, 12
@@ -446,8 +418,11 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
         def metrics(self, nodes, masks):
             return masks.float() @ self.weights
 
-        def slopes(self, nodes, members):
-            return self.weights[members]
+        def without_each(self, nodes, members):
+            masks = torch.zeros(len(members), n_nodes, dtype=torch.bool)
+            masks[:, members] = True
+            masks[torch.arange(len(members)), members] = False
+            return self.metrics(nodes, masks)
 
     weights = np.zeros((n_nodes, n_pairs))
     weights[0], weights[1, :4], weights[2, 4:] = 0.5, 0.4, 0.35
@@ -455,8 +430,11 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
     exact_pairs = weights.copy()
     scores = NodeScores(weights.mean(1), weights.mean(1), np.zeros((n_nodes, 2)), np.arange(n_nodes), np.array([]),
                         weights, exact_pairs)
-    setup = Setup(None, 0, [], [], [], Nodes(*[torch.zeros(n_nodes, dtype=torch.long)] * 4), evaluator, 1, 1)
-    found = stability(setup, scores, CircuitConfig(n_resamples=50, seed=3))
+    setup = Setup(None, 0, [], [], [], Nodes(*[torch.zeros(n_nodes, dtype=torch.long)] * 4), evaluator, 1, 1, evaluator,
+                  np.arange(n_pairs))
+    search = search_circuit(Resample(evaluator, np.ones(n_pairs)), setup.nodes, scores.without_estimate(), 0.8)
+    assert sorted(search.circuit) == [0, 1, 2]
+    found = stability(setup, scores, search, CircuitConfig(n_resamples=50, seed=3))
     assert found.frequency[0] == 1.0 and (found.frequency[3:] == 0).all()
     assert 0.5 < found.frequency[1] < 1 and 0.5 < found.frequency[2] < 1, found.frequency[:3]
     assert (found.faithfulness >= 0.8).all() and set(found.sizes.tolist()) == {2, 3}
@@ -510,24 +488,23 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
     assert not (tmp_path / PROGRESS).exists()
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_member_gradients_are_the_slope_of_the_exact_metric(model_type):
-    """Attribution at a circuit (one backward pass) equals the slope of the exact masked metric in each
-    member's keep weight, by central differences of float masks (a float64 model), for members below the
-    circuit's start layer too."""
-    model = tiny_model(model_type, dtype=torch.float64)
-    clean, corrupted, answers, classes = pairs()
-    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
-    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4)
-    circuit = torch.rand(len(nodes), generator=torch.Generator().manual_seed(5)) < 0.4
-    circuit[:20] = True  # layer 0 all kept: the circuit's run starts at layer 1 from the clean residual
-    members = circuit.nonzero().squeeze(1)
-    slopes = runner.member_gradients(nodes, circuit)
-    eps = 1e-2  # Llama's RMS norm computes in float32: a smaller step would difference its rounding
-    masks = circuit.double().expand(2 * len(members), -1).clone()
-    masks[torch.arange(len(members)), members] += eps
-    masks[len(members) + torch.arange(len(members)), members] -= eps
-    metric = runner.metrics(nodes, masks)
-    numeric = (metric[:len(members)] - metric[len(members):]) / (2 * eps)
-    torch.testing.assert_close(slopes.double(), numeric, atol=1e-3, rtol=1e-3)
-    assert numeric.abs().max() > 0.05  # the slopes are not all zero
+def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
+    """circuit.search_pairs: the search sees a seeded sample of the pairs; faithfulness and its interval
+    are measured on every pair and on the held-out rest alone."""
+    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
+
+    model, tokenizer = load_model(resolve("refusal-tiny"))
+    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,
+                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+    table = table.append_column("clean_tokens", pa.array([tokenizer.convert_ids_to_tokens(i) for i in
+                                                          table.column("clean_ids").to_pylist()], pa.list_(pa.string())))
+    circuit = find_circuit(model, table, CircuitConfig(search_pairs=8, n_random=4, n_resamples=4, edges=False),
+                           SummaryConfig(n_bootstrap=100), "logit_diff").to_json()
+    held_out = circuit["faithfulness_held_out"]
+    assert circuit["n_search_pairs"] == 8 and held_out["n"] == circuit["n_pairs"] - 8
+    assert held_out["ci"][0] <= held_out["faithfulness"] <= held_out["ci"][1]
+    assert circuit["faithfulness"] >= 0.8 and held_out["faithfulness"] >= 0.7

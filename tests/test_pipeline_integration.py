@@ -294,3 +294,13 @@ def test_numbers_match_the_stored_digest(run):
     from outputs_digest import compare
 
     assert compare(run["outcome"].run_dir, REPO / "tests" / "data" / "refusal_tiny_digest") == []
+
+
+def test_patch_items_bucket_short_shards():
+    """Pair shards of one token length each go into work items of at most shard_size pairs, in order."""
+    from pipeline.run.sweep import bucket_shards
+
+    shards = [{"rows": list(range(n)), "key": str(i)} for i, n in enumerate([5, 6, 3, 16, 2, 1])]
+    buckets = bucket_shards(shards, 16)
+    assert [[s["key"] for s in b] for b in buckets] == [["0", "1", "2"], ["3"], ["4", "5"]]
+    assert [[s["key"] for s in b] for b in bucket_shards(shards, 1)] == [[str(i)] for i in range(6)]

@@ -8,15 +8,18 @@ f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), m averaged over pairs.
 `find_circuit` reads like the method, a phase per step, each returning a small typed result:
 1. `score_nodes`: attribution patching (noise direction) scores every node; exact single-node effects
    verify every node when cheap, else attribution's top-k plus a random sample of the rest.
-2. `grow_and_prune`: nodes in order of their verified effect (attribution for unverified ones) until f
-   reaches the target; then pruning of every node whose removal keeps f at the target.
-3. `measure_faithfulness`: f with a bootstrap interval over pairs, per category, and the fraction of
-   pairs whose refusal the circuit alone keeps.
+2. `search_circuit`: pruning from every node, in rounds, each ordering the nodes by the faithfulness
+   without each (first from the scores, then measured on the circuit) and removing the most of the least
+   harmful together that keeps f at the target (optionally on a sample of the pairs: `search_pairs`).
+3. `measure_faithfulness`: f with a bootstrap interval over pairs (all, and those the search did not
+   see), per category, and the fraction of pairs whose refusal the circuit alone keeps.
 4. `controls`: the faithfulness curve at MIB's circuit sizes (CPR: area under f, nodes ranked by signed
    score; CMD: area between f and 1, ranked by |score|) and random circuits of the same size.
-5. `edges`: path patching from the harmful tokens' embeddings and every circuit node to every later node
-   and to the logits.
-6. `refusal_direction`: mean(harmful) - mean(harmless) residual at the final position per layer, its
+5. `stability`: the search re-run on bootstrap resamples of the pairs -> each node's inclusion frequency.
+6. `supernodes` and `edges`: the circuit grouped (one kind at one position over nearby layers); path
+   patching between the groups and among the strongest nodes, from the harmful tokens' embeddings and to
+   the logits.
+7. `refusal_direction`: mean(harmful) - mean(harmless) residual at the final position per layer, its
    ablation and addition effects, and each circuit node's projection on the best layer's direction.
 Agreement between attribution and exact patching (rank correlation, top-k recall, an estimate with an
 upper bound of the strong nodes attribution missed) comes with the scores.
@@ -63,25 +66,27 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     progress.start("scores")
     scores = score_nodes(model, setup, options, summary, metric, rng, progress)
     progress.end()
-    progress.start("growth and pruning")
-    search = grow_and_prune(setup.evaluator, setup.nodes, scores.order, options.target)
+    progress.start("pruning")
+    search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), options.target,
+                            rounds=options.prune_rounds)
     progress.end()
     progress.start("faithfulness, curves, controls")
     faith = measure_faithfulness(setup, search.circuit, summary, rng)
     checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
     progress.end()
     progress.start("stability", options.n_resamples, "resamples")
-    resamples = stability(setup, scores, options, search.grown, progress)
+    resamples = stability(setup, scores, search, options, progress)
     progress.end()
     progress.start("supernodes and edges")
     groups = supernodes(setup, search, options.group_gap)
-    links = edges(model, setup, search, groups, faith.value, options, metric)
+    links = edges(model, setup, search, groups, options, metric)
     progress.end()
     progress.start("refusal direction")
     direction = refusal_direction(model, setup, search.circuit, options, metric)
     progress.end()
+    forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows if setup.search is not setup.evaluator else 0)
     return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
-                         groups, links, direction, setup.evaluator.forward_rows, progress.seconds)
+                         groups, links, direction, forward_rows, progress.seconds)
 
 
 # ---- the phases' results -----------------------------------------------------------------------------
@@ -95,9 +100,11 @@ class Setup:
     labels: list[str]  # their readable labels
     groups: list[PairGroup]
     nodes: Nodes  # every candidate: each head and MLP at each layer and class
-    evaluator: Evaluator
+    evaluator: Evaluator  # every pair: faithfulness, controls, supernodes, edges, direction
     n_layers: int
     n_heads: int
+    search: Evaluator  # the search's pairs (the evaluator itself unless options.search_pairs leaves some out)
+    searched: np.ndarray  # their rows in `pairs`
 
 
 @dataclass
@@ -115,28 +122,27 @@ class NodeScores:
         """[N] the exact effect where verified, else attribution's estimate."""
         return np.where(np.isnan(self.exact), self.attribution, self.exact)
 
-    @property
-    def order(self) -> np.ndarray:
-        """Nodes by verified effect first (strongest first), then the rest by attribution."""
-        return _order(self.attribution, self.exact)
-
-    def order_on(self, weights: np.ndarray) -> np.ndarray:
-        """`order` with every pair counted `weights` [P] times (a bootstrap resample)."""
-        mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
-        return _order(mean(self.attribution_pairs), mean(self.exact_pairs))
-
-
-def _order(attribution: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    return np.lexsort((-attribution, -np.nan_to_num(exact, nan=-np.inf), np.isnan(exact)))
+    def without_estimate(self, weights: np.ndarray | None = None) -> dict[int, float]:
+        """{node: f of the model without it}, estimated as 1 - |its effect| (exact where verified, else
+        attribution's), with every pair counted `weights` [P] times when given (a bootstrap resample). The
+        magnitude: a node that works against refusal on its own is not for that reason free to remove."""
+        if weights is None:
+            best = self.best
+        else:
+            mean = lambda x: (x * weights).sum(1) / weights.sum()  # noqa: E731
+            exact = mean(self.exact_pairs)
+            best = np.where(np.isnan(exact), mean(self.attribution_pairs), exact)
+        return dict(enumerate((1 - np.abs(best)).tolist()))
 
 
 @dataclass
 class Search:
-    grown: int  # the prefix size growth reached the target with
     circuit: list[int]  # node indices, ordered by layer, kind, class, head
     pruned: list[int]
-    f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node
-    curve: dict[int, float]  # growth: faithfulness at every prefix size measured
+    f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node (empty: not measured)
+    curve: dict[int, float]  # faithfulness of every circuit size pruning measured
+    rankings: list[dict[int, float]]  # the rounds' f without each node, measured on the circuit of that round
+    f: float  # the circuit's faithfulness on the search's pairs (f_without's reference)
 
 
 @dataclass
@@ -147,6 +153,7 @@ class Faithfulness:
     metric_none: torch.Tensor  # [P] every node patched, measured
     per_category: dict[str, dict]
     refusal_kept: float  # fraction of pairs whose refusal the circuit alone keeps
+    held_out: dict | None  # on the pairs the search did not see: n, faithfulness, ci
 
 
 @dataclass
@@ -157,7 +164,7 @@ class Controls:
 
 @dataclass
 class Stability:
-    """The search (growth and pruning on the verified scores) re-run on bootstrap resamples of the pairs."""
+    """The search re-run on bootstrap resamples of the pairs."""
     frequency: np.ndarray  # [N] share of the resamples whose circuit holds each node
     sizes: np.ndarray  # [B] each resample's circuit size
     faithfulness: np.ndarray  # [B] each resample's circuit, on its own resample
@@ -208,7 +215,7 @@ class CircuitResult:
         setup, scores, search, faith, stable = self.setup, self.scores, self.search, self.faithfulness, self.stability
         nodes, names, evaluator = setup.nodes, setup.names, setup.evaluator
         circuit, n_nodes = search.circuit, len(setup.nodes)
-        in_circuit = faith.value - search.f_without
+        in_circuit = search.f - search.f_without
         full, empty = evaluator.metric_full.numpy(), evaluator.metric_empty.numpy()
         node_rows = []
         for j, i in enumerate(circuit):
@@ -229,18 +236,21 @@ class CircuitResult:
             "method": {
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
-                "growth": "verified single-node effect order, smallest prefix reaching the target",
-                "pruning": "members ranked by attribution at the circuit; the most removed together that keeps "
-                           "the target, measured exactly; repeated",
+                "search": "pruning from every node, in rounds: the nodes ordered by the faithfulness without each "
+                          "(first round: 1 - |its single-node effect|, exact where verified, else attribution's; later "
+                          "rounds: measured on the circuit), the most of the least harmful removed together that keeps "
+                          "the target",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
                 "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
             },
             "n_pairs": evaluator.n_pairs, "n_pairs_dropped_unequal_length": setup.n_unequal,
+            "n_search_pairs": setup.search.n_pairs,
             "positions": [{"name": n, "label": lab} for n, lab in zip(names, setup.labels)],
             "n_layers": setup.n_layers, "n_heads": setup.n_heads,
             "candidates": n_nodes, "size": len(circuit), "fraction": len(circuit) / n_nodes,
             "max_fraction": options.max_fraction, "within_max_fraction": len(circuit) <= options.max_fraction * n_nodes,
             "faithfulness": faith.value, "faithfulness_ci": list(faith.ci), "target_reached": faith.value >= options.target,
+            "faithfulness_held_out": faith.held_out,
             "refusal_kept": faith.refusal_kept,
             "baselines": {"metric_full": float(full.mean()), "metric_empty": float(empty.mean()),
                           "metric_empty_measured": float(faith.metric_none.mean()),
@@ -254,7 +264,7 @@ class CircuitResult:
             "supernodes": supernodes_json(self.supernodes, circuit, nodes, names, setup.labels, scores, faith.value),
             "supernode_edges": self.edges.groups,
             "edges": self.edges.edges, "edges_note": self.edges.note,
-            "growth_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
+            "pruning_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
             "mib": self.controls.mib,
             "attribution": agreement(scores.attribution, scores.exact, scores.top, scores.sample, n_nodes,
                                      min(max(len(circuit), 1), options.recall_k), options.strong_effect),
@@ -292,8 +302,9 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
         "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
         "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
         "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
-        "method": "growth and pruning on the verified scores, re-run on bootstrap resamples of the pairs "
-                  "(each orders the nodes by its own mean scores and measures faithfulness on its own pairs)",
+        "method": "the search re-run on bootstrap resamples of the pairs: each resample ranks the nodes by its own "
+                  "mean scores in the first round and measures faithfulness on its own pairs; its later rounds take "
+                  "the main search's measured rankings, round by round",
     }
 
 
@@ -344,7 +355,7 @@ class Progress:
             self.report(self.state())
 
 
-PHASES = ("caches", "scores", "growth and pruning", "faithfulness, curves, controls", "stability",
+PHASES = ("caches", "scores", "pruning", "faithfulness, curves, controls", "stability",
           "supernodes and edges", "refusal direction")
 
 
@@ -358,19 +369,27 @@ def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progres
     groups = group_pairs(pairs, class_maps)
     adapter = get_adapter(model)
     nodes = Nodes.grid(adapter, list(range(len(names))))
-    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows, progress or Progress())
-    return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads)
+    progress = progress or Progress()
+    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows, progress)
+    searched, search = np.arange(pairs.num_rows), evaluator
+    if options.search_pairs is not None and options.search_pairs < pairs.num_rows:
+        searched = np.sort(np.random.default_rng([options.seed, 2]).choice(pairs.num_rows, options.search_pairs,
+                                                                           replace=False))
+        search = Evaluator(model, group_pairs(pairs.take(pa.array(searched)), [class_maps[i] for i in searched]),
+                           len(names), metric, options.max_batch_rows, progress)
+    return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads,
+                 search, searched)
 
 
 def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryConfig, metric: str,
                 rng: np.random.Generator, progress: Progress) -> NodeScores:
     """Attribution for every node; exact single-node effects (with intervals) for the verified ones."""
-    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
-    attribution_pairs = attribution_scores(model, setup.groups, setup.nodes, len(setup.names), metric, n_pairs)
+    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
+    attribution_pairs = attribution_scores(model, setup.search.groups, setup.nodes, len(setup.names), metric, n_pairs)
     attribution = attribution_pairs.mean(1).numpy()
     verified, top, sample = choose_verified(attribution, n_pairs, options, rng)
     progress.expect(len(verified) * n_pairs)
-    exact_pairs = single_node_effects(setup.evaluator, setup.nodes, verified.tolist())
+    exact_pairs = single_node_effects(setup.search, setup.nodes, verified.tolist())
     exact = np.full(n_nodes, np.nan)
     exact[verified] = exact_pairs.mean(1).numpy()
     exact_ci = np.full((n_nodes, 2), np.nan)
@@ -380,17 +399,20 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
     return NodeScores(attribution, exact, exact_ci, top, sample, attribution_pairs.numpy(), per_pair)
 
 
-def grow_and_prune(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float,
-                   near: int | None = None, in_circuit: bool = True) -> Search:
-    """The smallest prefix of the score order reaching the target (`grow`, from sizes `near` a size
-    found before when given), then pruned; ordered by place; with `in_circuit`, the faithfulness of the
-    circuit without each of its nodes, measured exactly."""
-    size, curve = grow(evaluator, nodes, order, target, near=near)
-    circuit, pruned = prune(evaluator, nodes, order[:size].tolist(), target)
-    log.debug("circuit search: grown to %d nodes (f %.3f), pruned to %d", size, curve.get(size, float("nan")), len(circuit))
-    circuit = sorted(circuit, key=lambda i: (int(nodes.layer[i]), int(nodes.kind[i]), int(nodes.cls[i]), int(nodes.head[i])))
-    f_without = evaluator.faithfulness_without_each(nodes, circuit) if in_circuit and circuit else np.zeros(0)
-    return Search(size, circuit, pruned, f_without, curve)
+def search_circuit(evaluator: Evaluator | Resample, nodes: Nodes, estimate: dict[int, float], target: float,
+                   rankings: list[dict[int, float]] = (), measure: bool = True, rounds: int = 6) -> Search:
+    """Pruning from every node: the first round ranks the nodes by `estimate` (f without each, from the
+    scores), later ones by the given `rankings`, then (with `measure`) by f without each measured on the
+    circuit of that round. Ordered by place."""
+    circuit, pruned, f_without, measured, curve = prune(evaluator, nodes, list(range(len(nodes))), target,
+                                                        [estimate, *rankings], measure, rounds)
+    log.debug("circuit search: %d nodes kept", len(circuit))
+    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
+                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
+    f_without = f_without[by_place] if len(f_without) else f_without
+    circuit = [circuit[j] for j in by_place]
+    f = float(evaluator.faithfulness(nodes, _subset_masks(len(nodes), [circuit]))[0])
+    return Search(circuit, pruned, f_without, curve, measured, f)
 
 
 def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
@@ -411,8 +433,14 @@ def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfi
             "faithfulness": float(faithfulness(metric_circuit[rows][None], full[rows], empty[rows])[0]),
             "refusal_kept": float((metric_circuit[rows] > 0).float().mean()),
         }
+    held_out = None
+    rest = np.setdiff1d(np.arange(evaluator.n_pairs), setup.searched)
+    if len(rest):
+        numerator, denominator = metric_circuit.numpy()[rest] - empty.numpy()[rest], full.numpy()[rest] - empty.numpy()[rest]
+        held_out = {"n": len(rest), "faithfulness": float(numerator.mean() / denominator.mean()),
+                    "ci": list(bootstrap_ratio_ci(numerator, denominator, summary.n_bootstrap, summary.ci, rng))}
     return Faithfulness(f, f_ci, metric_circuit, metric_none, per_category,
-                        float((metric_circuit > 0).float().mean()))
+                        float((metric_circuit > 0).float().mean()), held_out)
 
 
 def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np.random.Generator) -> Controls:
@@ -423,20 +451,20 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
     return Controls(mib, setup.evaluator.faithfulness(setup.nodes, _subset_masks(n_nodes, random_sets)).numpy())
 
 
-def stability(setup: Setup, scores: NodeScores, options: CircuitConfig, grown: int | None = None,
+def stability(setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
               progress: Progress | None = None) -> Stability:
-    """Growth and pruning on `options.n_resamples` bootstrap resamples of the pairs: each resample orders
-    the nodes by its own mean scores and measures faithfulness on its own pairs (every circuit's metrics
-    are computed once for all pairs and reused), its growth starting at sizes near `grown` (the main
-    search's). Its own random stream: the other phases' draws stay."""
+    """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
+    by its own mean scores in the first round and measures faithfulness on its own pairs (every circuit's
+    metrics are computed once for all pairs and reused); its later rounds take the main search's measured
+    rankings, round by round. Its own random stream: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
-    n_pairs, n_nodes = setup.evaluator.n_pairs, len(setup.nodes)
+    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
     for _ in range(options.n_resamples):
         weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
-        view = Resample(setup.evaluator, weights)
-        found = grow_and_prune(view, setup.nodes, scores.order_on(weights), options.target, near=grown,
-                               in_circuit=False).circuit
+        view = Resample(setup.search, weights)
+        found = search_circuit(view, setup.nodes, scores.without_estimate(weights), options.target,
+                               search.rankings, measure=False).circuit
         frequency[found] += 1
         sizes.append(len(found))
         faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
@@ -469,8 +497,7 @@ def supernodes(setup: Setup, search: Search, gap: int) -> Supernodes:
     return Supernodes(members, names, f_without)
 
 
-def edges(model, setup: Setup, search: Search, groups: Supernodes, f: float, options: CircuitConfig,
-          metric: str) -> Edges:
+def edges(model, setup: Setup, search: Search, groups: Supernodes, options: CircuitConfig, metric: str) -> Edges:
     """Path effects between the supernodes (from the harmful tokens' embeddings, to the logits), and
     among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes), on at most
     options.edge_pairs pairs."""
@@ -487,7 +514,7 @@ def edges(model, setup: Setup, search: Search, groups: Supernodes, f: float, opt
     members = [nodes.select([circuit[j] for j in group]) for group in groups.members]
     between = group_effects(model, pair_groups, [tokens] + members, members, options, metric)
     group_edges = _edge_rows(between, ["EMB@harm"] + groups.names, groups.names, options.edge_min)
-    strongest = sorted(np.argsort(-(f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
+    strongest = sorted(np.argsort(-(search.f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
     chosen = nodes.select([circuit[j] for j in strongest])
     senders = Nodes.concat([tokens, chosen])
     found = group_effects(model, pair_groups, [senders.select([i]) for i in range(len(senders))],
@@ -527,7 +554,6 @@ class Evaluator:
         self.metric_empty = self._gather([r.metric_empty[None] for r in self.runners])[0]
         self.forward_rows = 0  # (circuit, pair) rows computed
         self._known: dict[bytes, torch.Tensor] = {}  # circuit mask -> metric [P]
-        self._slopes: dict[bytes, torch.Tensor] = {}  # circuit mask -> its members' slopes [M, P]
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         out = torch.empty(parts[0].shape[0], self.n_pairs)
@@ -568,20 +594,6 @@ class Evaluator:
             self._known.update({_key(masks[m]): row for m, row in zip(np.argsort(members), computed)})
         return torch.stack([self._known[key] for key in keys])
 
-    def slopes(self, nodes: Nodes, members: list[int]) -> torch.Tensor:
-        """[M, P]: each member's metric slope in its keep weight at the circuit `members` (attribution)."""
-        key = _key(_subset_masks(len(nodes), [members])[0])
-        if key not in self._slopes:
-            circuit = _subset_masks(len(nodes), [members])[0]
-            self._slopes[key] = self._gather([runner.member_gradients(nodes, circuit) for runner in self.runners])
-        by_index = np.argsort(np.argsort(members))  # member_gradients goes by node index
-        return self._slopes[key][by_index]
-
-    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
-        """[M] the first-order estimate of the faithfulness lost when each member alone is removed (its keep
-        weight 1 -> 0 moves the metric by minus its slope)."""
-        return (self.slopes(nodes, members).sum(1) / (self.metric_full - self.metric_empty).sum()).numpy()
-
     def faithfulness(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
         return faithfulness(self.metrics(nodes, masks), self.metric_full, self.metric_empty)
 
@@ -609,10 +621,6 @@ class Resample:
 
     def faithfulness_without_each(self, nodes: Nodes, members: list[int]) -> np.ndarray:
         return self._f(self.evaluator.without_each(nodes, members)).numpy()
-
-    def removal_costs(self, nodes: Nodes, members: list[int]) -> np.ndarray:
-        gap = ((self.evaluator.metric_full - self.evaluator.metric_empty) * self.weights).sum()
-        return ((self.evaluator.slopes(nodes, members) * self.weights).sum(1) / gap).numpy()
 
 
 def _key(mask: torch.Tensor) -> bytes:
@@ -689,7 +697,7 @@ def agreement(attribution: np.ndarray, exact: np.ndarray, top: np.ndarray, sampl
     }
 
 
-# ---- growth, pruning, curves ------------------------------------------------------------------------
+# ---- pruning, curves --------------------------------------------------------------------------------
 
 def _geometric_sizes(n: int) -> list[int]:
     sizes, k = {0, n}, 1
@@ -699,64 +707,28 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
-def grow(evaluator: Evaluator | Resample, nodes: Nodes, order: np.ndarray, target: float, chunk: int = 4,
-         near: int | None = None) -> tuple[int, dict[int, float]]:
-    """Smallest prefix of `order` whose faithfulness reaches target: sizes on a geometric grid, `chunk`
-    at a time, until one reaches it (with `near`, a size found before: from the `chunk` grid sizes around
-    it, up until one reaches, down while the smallest measured still does); then the bracket below the
-    first size reaching it is narrowed, `chunk` sizes per pass. Returns (size, {size: f} for every size
-    measured)."""
-    n = len(order)
-    prefix = lambda sizes: _subset_masks(n, [order[:k] for k in sizes])  # noqa: E731
-    grid, curve = _geometric_sizes(n), {}
-
-    def measure(sizes: list[int]) -> None:
-        curve.update(zip(sizes, evaluator.faithfulness(nodes, prefix(sizes)).tolist()))
-
-    def any_reached() -> bool:
-        return any(f >= target for f in curve.values())
-
-    if near is None:
-        for begin in range(0, len(grid), chunk):
-            measure(grid[begin:begin + chunk])
-            if any_reached():
-                break
-    else:
-        below = min(max(0, int(np.searchsorted(grid, near)) - chunk // 2), max(0, len(grid) - chunk))
-        above = below + chunk
-        measure(grid[below:above])
-        while not any_reached() and above < len(grid):
-            measure(grid[above:above + chunk])
-            above += chunk
-        while any_reached() and curve[grid[below]] >= target and below > 0:
-            measure(grid[max(0, below - chunk):below])
-            below = max(0, below - chunk)
-    reached = [k for k in sorted(curve) if curve[k] >= target]
-    if not reached:
-        return n, curve
-    hi = reached[0]
-    lo = max([k for k in curve if k < hi] + [0])
-    while hi - lo > 1:  # below lo nothing reached the target; hi reaches it
-        inside = sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi})
-        curve.update(zip(inside, evaluator.faithfulness(nodes, prefix(inside)).tolist()))
-        hi = min([k for k in inside if curve[k] >= target] + [hi])
-        lo = max(k for k in [lo] + inside if k < hi)
-    return hi, curve
-
-
 def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
-          max_rounds: int = 4, chunk: int = 4) -> tuple[list[int], list[int]]:
-    """Drop nodes whose removal keeps f >= target. Each round ranks the members by attribution at the
-    circuit (the first-order estimate of the faithfulness each one's removal costs: one forward and one
-    backward pass), then finds the largest k such that removing the k least costly together keeps f at
-    the target, measured exactly (k on a geometric grid, then narrowed, `chunk` circuits per pass).
-    Returns (kept, removed)."""
-    kept, removed = list(circuit), []
-    for _ in range(max_rounds):
-        if len(kept) <= 1:
+          rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6,
+          chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
+    """Drop nodes while f stays at the target, in rounds. A round orders the circuit's nodes by f without
+    each of them (the given `rankings`, one per round, a node one lacks counting as removable; after them,
+    with `measure`, f without each measured on the circuit) and removes the most of the least harmful
+    together that keeps f >= target (k on a geometric grid, then narrowed, `chunk` circuits per pass).
+    Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
+    measured rankings, {size: f} of every circuit measured)."""
+    kept, removed, measured, curve = list(circuit), [], [], {}
+    measured_for = None  # the circuit the last measured ranking belongs to
+    for round_ in range(max_rounds if measure else len(rankings)):
+        if round_ < len(rankings):
+            f_without = np.array([rankings[round_].get(i, np.inf) for i in kept])
+        else:
+            f_without = evaluator.faithfulness_without_each(nodes, kept)
+            measured.append(dict(zip(kept, f_without.tolist())))
+            measured_for = kept
+        order = np.argsort(-f_without, kind="stable")
+        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        if most == 0:
             break
-        order = np.argsort(evaluator.removal_costs(nodes, kept), kind="stable")
-        most = len(kept) - 1
         trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
         f_trial = {}
 
@@ -771,6 +743,7 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
             measure_trials(grid[begin:begin + chunk])
             if any(f_trial[k] < target for k in grid[begin:begin + chunk]):
                 break
+        curve.update({len(kept) - k: f for k, f in f_trial.items()})
         passing = [k for k in f_trial if f_trial[k] >= target]
         if not passing:
             break
@@ -780,9 +753,16 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
             measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
             lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
             hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+            curve.update({len(kept) - k: f for k, f in f_trial.items()})
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
-    return kept, removed
+        log.debug("circuit search: round %d kept %d nodes (f %.3f)", round_ + 1, len(kept), f_trial[lo])
+    if not measure:
+        return kept, removed, np.zeros(0), measured, curve
+    if measured_for != kept:
+        f_without = evaluator.faithfulness_without_each(nodes, kept)
+        measured.append(dict(zip(kept, f_without.tolist())))
+    return kept, removed, np.array([measured[-1][i] for i in kept]), measured, curve
 
 
 def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:

@@ -211,7 +211,7 @@ class CircuitRunner:
             for at in range(layer, adapter.n_layers):
                 keep_h = keep_head[:, at].gather(1, classes[..., None].expand(-1, -1, n_heads))  # [R, T'', H]
                 keep_m = keep_mlp[:, at].gather(1, classes)  # [R, T'']
-                if bool((keep_h == 1).all()) and bool((keep_m == 1).all()) and at < last and not keep_h.requires_grad:
+                if bool((keep_h == 1).all()) and bool((keep_m == 1).all()) and at < last:
                     continue
                 computed_h, computed_m = (keep_h != 0).any(-1), keep_m != 0  # [R, T'']
                 if at == last:
@@ -228,6 +228,7 @@ class CircuitRunner:
                                           self.source.acts["mlp_out"][rows, at, offset:], keep=keep_m.to(device))
             return run_layers(adapter, resid, layer, layer_inputs, final_only=False)
 
+    @torch.no_grad()
     def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
                      from_base: torch.Tensor, record: bool = False):
         """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables, computed from layer
@@ -360,30 +361,6 @@ class CircuitRunner:
             final = self._run(pair_idx, head, mlp, entering[rows_on, at, b:], at, layer_inputs)
             out[idx, pair_idx] = measure(self.adapter, self.metric, self.answers, final, pair_idx).cpu()
             start = stop
-        return out
-
-    def member_gradients(self, nodes: Nodes, circuit: torch.Tensor) -> torch.Tensor:
-        """[M, P]: the slope of each pair's metric in each member's keep weight, at the circuit (a bool mask
-        [N] over `nodes`, M members; weight 1): attribution at the circuit, whose negative is the first-order
-        estimate of what removing that member alone does. One forward and one backward pass."""
-        self._check_nodes(nodes)
-        circuit = circuit.cpu().bool()
-        members = nodes.select(circuit.nonzero().squeeze(1))
-        n_layers, n_heads, n_pairs = self.adapter.n_layers, self.adapter.n_heads, self.n_pairs
-        keep_head, keep_mlp = _dense_keep(nodes, circuit[None].float(), n_layers, self.n_classes, n_heads)
-        start, from_base = self._start_layers(keep_head, keep_mlp)
-        start = min(int(start), int(members.layer.min())) if len(members) else int(start)  # members below: from base
-        keep_head = keep_head.expand(n_pairs, -1, -1, -1).clone().requires_grad_()  # a row per pair: its own slopes
-        keep_mlp = keep_mlp.expand(n_pairs, -1, -1).clone().requires_grad_()
-        all_pairs = torch.arange(n_pairs)
-        with torch.enable_grad():
-            final = self._final_resid(all_pairs, keep_head, keep_mlp, start, from_base.expand(n_pairs))
-            metric = measure(self.adapter, self.metric, self.answers, final, all_pairs)
-            slope_head, slope_mlp = torch.autograd.grad(metric.sum(), [keep_head, keep_mlp])
-        is_head = members.kind == HEAD
-        out = torch.empty(len(members), n_pairs)
-        out[is_head] = slope_head[:, members.layer[is_head], members.cls[is_head], members.head[is_head]].T.float()
-        out[~is_head] = slope_mlp[:, members.layer[~is_head], members.cls[~is_head]].T.float()
         return out
 
     def single_node_metrics(self, nodes: Nodes, batch_tokens: int | None = None) -> torch.Tensor:

@@ -9,7 +9,8 @@ The main figure draws supernodes: a circuit's heads (or MLPs) at one position cl
 as a box spanning those layers. Its colour is its in-circuit effect (the share of the faithfulness lost
 when the whole group takes the harmless value, the rest of the circuit kept); a solid outline marks a
 group whose every member is a core node (kept in most bootstrap resamples of the pairs), a dashed one
-the rest; arrows are path effects between groups. The node figure draws every node: its outer colour is
+the rest; arrows are path effects between groups (a group's paths among its own members are in
+circuit.json and the report, not drawn). The node figure draws every node: its outer colour is
 its in-circuit effect, its inner dot its single-node effect (the share of the refusal gap lost when it
 alone takes the harmless value), the outline solid for core nodes. Everything is drawn from circuit.json.
 """
@@ -74,7 +75,7 @@ def _draw_tokens(ax, xy) -> None:
 
 
 def _draw_edges(ax, edges: list[dict], xy: dict, shrink: float = 9) -> None:
-    drawn = [e for e in edges if e["drawn"] and e["from"] in xy and e["to"] in xy]
+    drawn = [e for e in edges if e["drawn"] and e["from"] in xy and e["to"] in xy and e["from"] != e["to"]]
     widest = max([abs(e["effect"]) for e in drawn] + [1e-9])
     for edge in sorted(drawn, key=lambda e: abs(e["effect"])):
         colour = "#b2182b" if edge["effect"] > 0 else "#2166ac"

@@ -145,10 +145,15 @@ def _supernode_lines(circuit: dict) -> list[str]:
     for group in circuit["supernodes"]:
         lines.append(f"| {group['id']} | {group['token']!r} | {len(group['members'])} | "
                      f"{sum(m in core for m in group['members'])} | {group['in_circuit_effect']:+.3f} |")
-    strongest = sorted((e for e in circuit["supernode_edges"] if e["drawn"]), key=lambda e: -abs(e["effect"]))[:10]
-    if strongest:
+    edges = [e for e in circuit["supernode_edges"] if e["drawn"]]
+    between = sorted((e for e in edges if e["from"] != e["to"]), key=lambda e: -abs(e["effect"]))[:10]
+    within = sorted((e for e in edges if e["from"] == e["to"]), key=lambda e: -abs(e["effect"]))
+    if between:
         lines += ["", "Strongest path effects between them: " + "; ".join(
-            f"{e['from']} -> {e['to']} {e['effect']:+.2f}" for e in strongest)]
+            f"{e['from']} -> {e['to']} {e['effect']:+.2f}" for e in between)]
+    if within:
+        lines += ["", "Within a supernode (its earlier members to its later ones): " + "; ".join(
+            f"{e['from']} {e['effect']:+.2f}" for e in within)]
     return lines
 
 
@@ -156,7 +161,7 @@ def _stability_lines(circuit: dict) -> list[str]:
     """report.md's table of the circuit's nodes by how often resampled searches keep them."""
     stability = circuit["stability"]
     lines = ["", f"### Stability over {stability['n_resamples']} bootstrap resamples of the pairs", "",
-             f"The search re-run on each resample ({stability['method']}). Core nodes (in >= "
+             f"How: {stability['method']}. Core nodes (in >= "
              f"{100 * stability['core_threshold']:.0f}% of the resamples): {stability['core_size']} of "
              f"{len(circuit['nodes'])}. Resampled circuits: {stability['size_median']:.0f} nodes (median, range "
              f"{stability['size_range'][0]}-{stability['size_range'][1]}).", "",

@@ -382,18 +382,31 @@ def stage_patch(sweep: Sweep) -> list[Path]:
     folder = sweep.run_dir / "effects"
     patching, weights = sweep.cfg["patching"], sweep.model_info["weights_hash"]
     items = []
-    for shard in sweep.shards:
+    for bucket in bucket_shards(sweep.shards, sweep.cfg["resources"]["shard_size"]):
         for component in patching["components"]:
             for direction in patching["directions"]:
                 work = {"component": component, "direction": direction, "metric": patching["metric"],
                         "per_position": component in patching["per_position"], "layers": patching["layers"],
                         "heads": patching["heads"] if component == "head" else None}
-                key = content_key("patch", PRODUCER, weights, shard["key"], work)
-                items.append({**work, "name": f"patch {component} {direction} {shard['key']}",
-                              "pairs": str(sweep.run_dir / "pairs.parquet"), "rows": shard["rows"],
+                key = content_key("patch", PRODUCER, weights, [shard["key"] for shard in bucket], work)
+                items.append({**work, "name": f"patch {component} {direction} {key}",
+                              "pairs": str(sweep.run_dir / "pairs.parquet"), "shards": [shard["rows"] for shard in bucket],
                               "model": sweep.cfg["model"]["name"], "batch_size": patching["batch_size"],
                               "out": str(folder / f"{key}.arrow"), "provenance": sweep.provenance})
     return run_sharded(sweep, "patch", folder, items)
+
+
+def bucket_shards(shards: list[dict], pairs_per_item: int) -> list[list[dict]]:
+    """Pair shards (one token length each) put together, in order, into work items of at most
+    `pairs_per_item` pairs: an item pays a fixed cost (a Ray round trip, reading the pairs, writing a
+    file), so short lengths with few pairs share one instead of each taking its own."""
+    buckets: list[list[dict]] = []
+    for shard in shards:
+        if buckets and sum(len(s["rows"]) for s in buckets[-1]) + len(shard["rows"]) <= pairs_per_item:
+            buckets[-1].append(shard)
+        else:
+            buckets.append([shard])
+    return buckets
 
 
 def stage_summary(sweep: Sweep, effect_shards: list[Path]) -> None:

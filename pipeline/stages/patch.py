@@ -1,4 +1,4 @@
-"""Exact activation patching of one (pair shard, component, direction) -> an effect shard.
+"""Exact activation patching of a bucket of pair shards, one (component, direction) -> an effect shard.
 
 An effect shard is a long table, one row per (pair, variant), in EFFECT_SHARD_SCHEMA: model, pair_id,
 direction, component, layer, head (null unless a head), position (0-based from the start) and
@@ -26,14 +26,17 @@ EFFECT_SHARD_SCHEMA = pa.schema([
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: pairs, rows, out, model, component, per_position, direction, layers, heads, metric,
-    batch_size, provenance."""
-    batch = pair_batch(item["pairs"], item["rows"])
-    seq_len = batch["clean_ids"].shape[1]
-    variants = variants_for(get_adapter(model), item["component"], seq_len, per_position=item["per_position"],
-                            layers=item["layers"], heads=item["heads"])
-    result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
-                   direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"],
-                   align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
-    table = pa.table(result.to_columns(batch["pair_id"], item["model"]), schema=EFFECT_SHARD_SCHEMA)
-    return [write_table(item["out"], table, item["provenance"])]
+    """`item`: pairs, shards (row lists, each of one token length), out, model, component, per_position,
+    direction, layers, heads, metric, batch_size, provenance. One engine sweep per shard, one effects file."""
+    adapter = get_adapter(model)
+    tables = []
+    for rows in item["shards"]:
+        batch = pair_batch(item["pairs"], rows)
+        seq_len = batch["clean_ids"].shape[1]
+        variants = variants_for(adapter, item["component"], seq_len, per_position=item["per_position"],
+                                layers=item["layers"], heads=item["heads"])
+        result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
+                       direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"],
+                       align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
+        tables.append(pa.table(result.to_columns(batch["pair_id"], item["model"]), schema=EFFECT_SHARD_SCHEMA))
+    return [write_table(item["out"], pa.concat_tables(tables), item["provenance"])]
