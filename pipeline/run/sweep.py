@@ -426,11 +426,19 @@ def stage_circuit(sweep: Sweep) -> None:
         return
     item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
             "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
-            "provenance": sweep.provenance}
+            "provenance": sweep.provenance, "torch_threads": pool_threads(cfg["resources"])}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
     with follow_progress(sweep.run_dir):
         sweep.run_once("circuit", item, key, ("circuit.json",))
+
+
+def pool_threads(resources: dict) -> int | None:
+    """Intra-op threads for a work item that runs alone on a CPU pool: its idle actors' CPUs (the sweep
+    holds them all the same) join the busy one. None on a GPU."""
+    if resources["device"] != "cpu":
+        return None
+    return resources["actors"] * resources["torch_threads"]
 
 
 def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:
