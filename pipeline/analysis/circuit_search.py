@@ -456,7 +456,8 @@ def stability(setup: Setup, scores: NodeScores, search: Search, options: Circuit
     """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
     by its own mean scores in the first round and measures faithfulness on its own pairs (every circuit's
     metrics are computed once for all pairs and reused); its later rounds take the main search's measured
-    rankings, round by round. Its own random stream: the other phases' draws stay."""
+    rankings, round by round, as many rounds as the main search pruned in. Its own random stream: the other
+    phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
     n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
@@ -464,7 +465,7 @@ def stability(setup: Setup, scores: NodeScores, search: Search, options: Circuit
         weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
         view = Resample(setup.search, weights)
         found = search_circuit(view, setup.nodes, scores.without_estimate(weights), options.target,
-                               search.rankings, measure=False).circuit
+                               search.rankings[:options.prune_rounds - 1], measure=False).circuit
         frequency[found] += 1
         sizes.append(len(found))
         faith.append(float(view.faithfulness(setup.nodes, _subset_masks(n_nodes, [found]))[0]))
