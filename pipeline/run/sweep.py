@@ -33,6 +33,7 @@ from pipeline.outputs.files import MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
 from pipeline.run.logs import run_log
+from pipeline.run.scheduler import Room
 from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
 from pipeline.stages.circuit import follow_progress
 from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
@@ -107,14 +108,16 @@ class Tracker(Protocol):
         """A stage is done (its time and work counts)."""
 
 
-def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None) -> SweepOutcome:
+def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None,
+              room: Room | None = None) -> SweepOutcome:
     """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain.
 
     The folder is locked for the whole sweep (`folder_lock`). Nothing is written into it until Ray has
     placed a model actor and the model has loaded, so a sweep that cannot start leaves the folder as it
     found it. Ctrl-C raises `Interrupted`, saying how much finished work a re-run will reuse.
     `tracker` names the run and hears of each finished stage (untracked: the run gets a fresh id);
-    `overrides` are the command line's (saved as overrides.yaml). Everything is logged to the run
+    `overrides` are the command line's (saved as overrides.yaml); `room`, the cluster's room when other
+    sweeps run at once on the same Ray instance (pipeline.run.multirun). Everything is logged to the run
     folder's run.log, an error with its traceback included.
     """
     run_dir = Path(cfg["output_dir"])
@@ -127,11 +130,12 @@ def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | 
     with folder_lock(run_dir):
         if not joins_cluster:
             start_ray(cfg)
-        return _run_stages(cfg, run_dir, tracker, overrides or [])
+        return _run_stages(cfg, run_dir, tracker, overrides or [], room)
 
 
-def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str]) -> SweepOutcome:
-    pool = WorkerPool(cfg)
+def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str],
+                room: Room | None) -> SweepOutcome:
+    pool = WorkerPool(cfg, room)
     sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
     try:
         with timed(sweep.stage("load")):
