@@ -4,11 +4,12 @@ Each sweep has its own pool of model actors (pipeline.run.workers.WorkerPool), a
 `resources.actors` of them, each asking `cpus_per_actor` CPUs and `gpus_per_actor` GPUs. A pool tells
 the room how many actors its work could use right now (its queued and running items, at most
 `resources.actors`); the room divides the cluster between the pools that want actors, one actor to each
-in turn while they fit (so four models on sixteen GPUs get four each, and a model with more work left gets
-the GPUs another no longer needs). A pool grows to its share as room frees up; a pool holding more than its
-share while another waits below its share retires its idle actors, one at a time, between items. A pool
-keeps its last actor while its sweep runs (its model stays loaded for the next stage): a sweep that finds
-no room at all waits until another one's pool shrinks or closes.
+in turn while they fit (so four models on sixteen GPUs get four each). A pool grows towards its share as
+room frees up. It never gives back an actor its work could use; once its queue runs short (the end of a
+stage, a one-item stage) it gives what it cannot use to a pool below its share, retiring those actors as
+their items finish. Room nobody else asks for stays with the pool that has it (its actors keep their model
+loaded for its next stage). A pool keeps its last actor while its sweep runs: a sweep that finds no room
+at all waits until another's pool shrinks or closes.
 
 Room is counted in CPUs and GPUs summed over the cluster's nodes. Where actors of different sizes leave
 a node's remainder unusable, Ray keeps an actor pending until it fits; the pool then waits for its
@@ -72,10 +73,11 @@ class Room:
                 free["GPU"] -= member.gpus
         return shares
 
-    def resize(self, pool: object, wanted: int, idle: int) -> int:
-        """How the pool should change its number of actors now that its work could use `wanted` and
-        `idle` of its actors have nothing to do: n > 0 start n more (the room is taken for them), n < 0
-        retire -n idle ones (the room is given back), 0 stay."""
+    def resize(self, pool: object, wanted: int) -> int:
+        """How the pool should change its number of actors now that its work could use `wanted`: n > 0
+        start n more (the room is taken for them), n < 0 retire -n once their items are done (the room is
+        counted as given back at once: an actor started for it is placed by Ray when the room is free),
+        0 stay."""
         with self._lock:
             member = self._members[id(pool)]
             member.wanted = wanted
@@ -89,10 +91,11 @@ class Room:
                     more += 1
                 member.held += more
                 return more
-            starved = any(m.held < s for key, s in self.shares().items() if key != id(pool)
-                          for m in [self._members[key]])
-            if member.held > max(share, 1) and starved:
-                fewer = min(member.held - max(share, 1), idle)
+            starved = any(self._members[key].held < s for key, s in self.shares().items() if key != id(pool))
+            # Busy actors are never taken back: an actor's start-up (a process, a model load) is too dear to
+            # spend on fairness alone. What the pool's work cannot use goes to a pool below its share.
+            fewer = member.held - max(share, wanted, 1)
+            if fewer > 0 and starved:
                 member.held -= fewer
                 self._lock.notify_all()
                 return -fewer

@@ -245,7 +245,7 @@ class WorkerPool:
     pool says every `PLACEMENT_NOTICE_S` how long it has waited and gives up after
     resources.placement_timeout_s. Alone, the pool starts resources.actors actors at once; sharing a
     `room` with other sweeps (pipeline.run.scheduler), it starts as many as its work and its share of the
-    room allow, up to resources.actors, and retires idle ones when another sweep needs the room."""
+    room allow, up to resources.actors, and gives actors back when another sweep needs the room."""
 
     cfg: dict
     room: Room | None = None
@@ -253,8 +253,10 @@ class WorkerPool:
     placed: set = field(default_factory=set)  # indices of actors Ray has placed
     placing: dict = field(default_factory=dict)  # first-ping ref -> actor index, for actors not yet placed
     created: float = 0.0  # when the pool's first actor was started (its placement time limit counts from then)
-    actor_seconds: float = 0.0  # time actors were held, from placement to retirement (what they cost)
-    _since: dict = field(default_factory=dict)  # actor index -> when Ray placed it
+    # Actor index -> its process id and when (time.time()) Ray placed it and the pool let it go: what the
+    # sweep's actors cost, and how busy they were kept (bench/bench_scheduler.py).
+    lifetimes: dict = field(default_factory=dict)
+    draining: set = field(default_factory=set)  # actors given back to the room: fed no more, retired once idle
 
     def __post_init__(self):
         res = self.cfg["resources"]
@@ -281,26 +283,29 @@ class WorkerPool:
             if placing == index:
                 del self.placing[ref]
         self.placed.discard(index)
-        if index in self._since:
-            self.actor_seconds += time.monotonic() - self._since.pop(index)
+        if index in self.lifetimes:
+            self.lifetimes[index]["retired"] = time.time()
         ray.kill(self.actors[index])
         self.actors[index] = None
 
     def _rebalance(self, wanted: int, load: list[int], recovering: dict) -> None:
-        """Sharing a room: start the actors the pool's work could use and its share allows, or retire idle
-        ones while another sweep waits below its share."""
+        """Sharing a room: start the actors the pool's work could use and its share allows, or, while another
+        sweep waits below its share, stop feeding some (draining) and retire each once its items are done."""
         if self.room is None:
             return
         if self.room.stopping.is_set():
             raise KeyboardInterrupt
-        idle = [a for a in range(len(self.actors)) if self.actors[a] is not None and load[a] == 0
-                and a not in recovering.values()]
-        change = self.room.resize(self, wanted, len(idle))
+        change = self.room.resize(self, wanted)
         if change > 0:
             self._start(change)
             load.extend([0] * change)
-        # Actors still waiting for placement go first: they hold room without having loaded anything.
-        for index in sorted(idle, key=lambda a: a in self.placed)[:max(-change, 0)]:
+        elif change < 0:
+            # The least loaded drain soonest; actors still waiting for placement have loaded nothing yet.
+            fed = [a for a in range(len(self.actors)) if self.actors[a] is not None and a not in self.draining
+                   and a not in recovering.values()]
+            self.draining.update(sorted(fed, key=lambda a: (load[a], a in self.placed))[:-change])
+        for index in [a for a in self.draining if load[a] == 0 and a not in recovering.values()]:
+            self.draining.discard(index)
             self._retire(index)
 
     def describe(self) -> dict:
@@ -330,11 +335,11 @@ class WorkerPool:
             if ref in self.placing:
                 index = self.placing.pop(ref)
                 try:
-                    ray.get(ref)
+                    pid = ray.get(ref)
                 except ray.exceptions.RayActorError as err:
                     raise WorkFailed(f"a model actor could not start ({_first_line(err)}): check resources") from None
                 self.placed.add(index)
-                self._since[index] = time.monotonic()
+                self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
         if not done and not self.placed:
             waited = time.monotonic() - self.created
             free = ray.available_resources()
@@ -368,7 +373,7 @@ class WorkerPool:
                   dynamic_ncols=True, leave=True) as bar:
             while pending or in_flight:
                 self._rebalance(min(res["actors"], len(pending) + len(in_flight)), load, recovering)
-                ready = [a for a in sorted(self.placed) if a not in recovering.values()]
+                ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining]
                 while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
                     actor = min(ready, key=lambda a: load[a])
                     index = pending.popleft()
