@@ -43,11 +43,12 @@ def timed_wait(model, tokenizer, item: dict) -> list[Path]:
     return [out]
 
 
-def stage_shape(folder: Path, n_patch: int) -> list[list[dict]]:
+def stage_shape(folder: Path, n_patch: int) -> dict[str, list[dict]]:
+    """A sweep's stages as work items (pipeline.run.sweep): stage -> items."""
     def items(stage: str, n: int, seconds: float) -> list[dict]:
         return [{"name": f"{stage} {i}", "seconds": seconds, "out": str(folder / f"{stage}-{i}.json")} for i in range(n)]
-    return [items("pairs", 1, SINGLE_S), items("patch", n_patch, ITEM_S), items("summary", 1, SINGLE_S),
-            items("circuit", 1, SINGLE_S)]
+    return {"pairs": items("pairs", 1, SINGLE_S), "patch": items("patch", n_patch, ITEM_S),
+            "summary": items("summary", 1, SINGLE_S), "circuit": items("circuit", 1, SINGLE_S)}
 
 
 def main() -> dict:
@@ -78,7 +79,9 @@ def main() -> dict:
 
     def sweep(pool: WorkerPool, n_patch: int) -> None:
         try:
-            for items in stage_shape(Path(pool.cfg["output_dir"]), n_patch):
+            for stage, items in stage_shape(Path(pool.cfg["output_dir"]), n_patch).items():
+                if stage == "summary":
+                    pool.keep(1)  # as the sweep does: the rest is one item at a time
                 pool.map(timed_wait, items)
             pool.close()
         except BaseException as err:  # reported after the others finish

@@ -157,7 +157,9 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
             sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
             stage_cache(sweep)
             sweep.finished("cache")
-            stage_summary(sweep, stage_patch(sweep))
+            effect_shards = stage_patch(sweep)
+            pool.keep(1)  # the summary and the circuit step are one work item each
+            stage_summary(sweep, effect_shards)
             sweep.finished("patch")
             sweep.finished("summary")
             stage_circuit(sweep)

@@ -429,6 +429,18 @@ class WorkerPool:
             raise WorkFailed(f"a model actor died for good (restarted resources.max_retries times): "
                              f"{_first_line(err)}") from None
 
+    def keep(self, n: int) -> None:
+        """Between stages, when the rest of the sweep runs at most `n` items at a time: let every other actor
+        go (to another sweep sharing the room, or back to the cluster)."""
+        live = [a for a, actor in enumerate(self.actors) if actor is not None]
+        # Placed actors (their model loaded) are the ones kept; the room already counts draining ones as given back.
+        for index in sorted(live, key=lambda a: (a in self.draining, a not in self.placed))[n:]:
+            if index in self.draining:
+                self.draining.discard(index)
+            elif self.room is not None:
+                self.room.released(self, 1)
+            self._retire(index)
+
     def close(self) -> None:
         for index, actor in enumerate(self.actors):
             if actor is not None:
