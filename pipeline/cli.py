@@ -7,10 +7,10 @@
 
 Errors in the config or the input are printed as one line naming the problem and the key to fix,
 before any compute starts (exit status 2). Ctrl-C prints one line saying how much work finished (exit
-status 130); the same command then resumes. A --multirun refuses all its jobs when one job's config is
-wrong; a job that fails once running ends alone, and is reported after the others (exit status 1). An MLflow store that fails once the results are computed
+status 130); the same command then resumes. An MLflow store that fails once the results are computed
 leaves them on disk: the summary is printed with the `patchsweep log` command that logs them later
-(exit status 1).
+(exit status 1). A --multirun runs nothing when one job's config is wrong (a line per refused job); a job
+that fails once running ends alone and is reported after the others have finished (exit status 1).
 """
 from __future__ import annotations
 
@@ -173,9 +173,11 @@ def multirun_command() -> None:
         print(f"patchsweep: error: {line}", file=sys.stderr, flush=True)
     if any(isinstance(job.error, (Interrupted, KeyboardInterrupt)) for job in failed):
         _interrupted("interrupted: run the same command to resume")
+    if failed:
+        _fail(f"{len(failed)} of {len(JOBS)} jobs failed" + (", the others finished" if len(failed) < len(JOBS) else ""),
+              status=1)
     if problems:
-        _fail(f"{len(failed)} of {len(JOBS)} jobs failed" + (", the others finished" if len(failed) < len(JOBS) else "")
-              + ("; the rest is above" if len(problems) > len(failed) else ""), status=1)
+        _fail("every job finished, but not all of it reached MLflow (above)", status=1)
 
 
 def _one_line(err: BaseException) -> str:
