@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY_MODELS, TINY_SWEEP, compose
+from conftest import REPO, TINY_MODELS, TINY_SWEEP, compose, write_jsonl
 from pipeline import store
 from pipeline.run.tracking import SWEEP_TAG
 
@@ -95,7 +95,7 @@ def test_multirun_over_a_non_model_key_completes_every_job(tmp_path):
     _, parent, children = runs_of_command(tmp_path)
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert parent.data.params["jobs.labels"] == "patching.metric=logit_diff | patching.metric=kl"
-    assert "patching.metric=kl/resid_pre_peak_depth" in parent.data.metrics
+    assert "patching.metric_kl/resid_pre_peak_depth" in parent.data.metrics  # "=" is no metric-name character
 
 
 @pytest.mark.slow
@@ -104,14 +104,19 @@ def test_a_failing_job_ends_alone_and_is_reported(tmp_path):
     first finishes with its summary, the second is reported in one line at the end, exit status 1; in
     MLflow its child run is FAILED, the other FINISHED, the parent FAILED."""
     from pipeline.organisms import resolve
+    from pipeline.organisms.refusal_tiny import grammar
 
     broken = tmp_path / "broken-tiny"
     shutil.copytree(resolve("refusal-tiny"), broken)
     for weights in broken.glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
+    # Models by path get the instruction library's prompts: these two get refusal-tiny's grammar from a file.
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"clean": p.clean, "corrupted": p.corrupted}
+                                                   for p in grammar.pairs(16, 0, "heldout")])
     command = [sys.executable, "-m", "pipeline", "--multirun", "experiment=refusal_tiny", "model=hf",
-               f"model.path={resolve('refusal-tiny')},{broken}", "circuit.enabled=false", "patching=resid",
-               f"output_root={tmp_path / 'out'}"]
+               f"model.path={resolve('refusal-tiny')},{broken}", f"prompts.path={pairs}", "prompts.generate=false",
+               "prompts.refusal_tokens=[I]", "prompts.compliance_tokens=[Sure]", "circuit.enabled=false",
+               "patching=resid", f"output_root={tmp_path / 'out'}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("patchsweep: error:")]
