@@ -143,7 +143,9 @@ def compare(jobs: list[Job], parent: ParentRun | None, sweep_key: str) -> Compar
     tracking, problem = None, None
     if parent is not None:
         try:
-            tracking = parent.finish(compared, table, files, failed)
+            # The description without the figure: a run's description cannot show its own artifacts.
+            description = comparison_markdown(table, title) if compared else "No sweep of this command finished.\n"
+            tracking = parent.finish(compared, table, files, description, failed)
         except Exception as err:  # the comparison is on disk
             problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return Comparison(folder, files, tracking, problem)

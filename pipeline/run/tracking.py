@@ -364,8 +364,8 @@ class ParentRun:
     """The parent run of a --multirun whose jobs run at once (pipeline.run.multirun): created before they
     start (their child runs find it by its tag and leave ending it to this), with the params the jobs share
     and what tells them apart. Once they end: the comparison (comparison.png, the table as an MLflow table
-    and as comparison.md, which is also the run's description), each sweep's summary metrics, FINISHED or
-    FAILED when a job failed."""
+    and as comparison.md; the table is also the run's description), each sweep's summary metrics, FINISHED
+    or FAILED when a job failed."""
 
     def __init__(self, cfgs: list[dict], sweep_key: str, labels: list[str]):
         self.cfg, self.uri = cfgs[0], tracking_uri(cfgs[0])
@@ -380,9 +380,11 @@ class ParentRun:
         for start in range(0, len(items), 100):  # MLflow's batch limit: 100 params
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
-    def finish(self, compared: list, table: pd.DataFrame, files: dict[str, Path], failed: list[str]) -> dict[str, str]:
+    def finish(self, compared: list, table: pd.DataFrame, files: dict[str, Path], description: str,
+               failed: list[str]) -> dict[str, str]:
         """`compared`: the finished sweeps (pipeline.outputs.comparison.Compared) in job order, `table` their
-        comparison, `files` the comparison's files (figure, markdown), `failed` a line per job that failed."""
+        comparison, `files` the comparison's files (figure, markdown), `description` the run's (markdown),
+        `failed` a line per job that failed."""
         metrics = {"jobs/finished": len(compared), "jobs/failed": len(failed)}
         for run, row in zip(compared, table.itertuples(index=False)):
             name = _metric_name(run.label)
@@ -398,7 +400,6 @@ class ParentRun:
         self.client.log_table(self.run_id, table.astype(object).where(table.notna(), None), COMPARISON_TABLE)
         for path in files.values():
             self.client.log_artifact(self.run_id, str(path))
-        description = files["markdown"].read_text() if "markdown" in files else "No sweep of this command finished.\n"
         if failed:
             description += "\n**Failed jobs**\n\n" + "\n".join(f"- `{line}`" for line in failed) + "\n"
         self.client.set_tag(self.run_id, DESCRIPTION, description)
