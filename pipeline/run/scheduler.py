@@ -57,8 +57,9 @@ class Room:
             self._members.pop(id(pool), None)
             self._lock.notify_all()
 
-    def shares(self) -> dict[int, int]:
-        """Actors per pool: one to each pool that wants more, in turn, while one more fits the cluster."""
+    def _shares(self) -> dict[int, int]:
+        """Actors per pool: one to each pool that wants more, in turn, while one more fits the cluster
+        (called holding the lock)."""
         shares = {key: 0 for key in self._members}
         free = dict(self.total)
         asking = [key for key, m in self._members.items() if m.wanted > 0]
@@ -81,7 +82,7 @@ class Room:
         with self._lock:
             member = self._members[id(pool)]
             member.wanted = wanted
-            share = self.shares()[id(pool)]
+            share = self._shares()[id(pool)]
             if member.held < share:
                 free = self._free()
                 more = 0
@@ -91,7 +92,7 @@ class Room:
                     more += 1
                 member.held += more
                 return more
-            starved = any(self._members[key].held < s for key, s in self.shares().items() if key != id(pool))
+            starved = any(self._members[key].held < s for key, s in self._shares().items() if key != id(pool))
             # Busy actors are never taken back: an actor's start-up (a process, a model load) is too dear to
             # spend on fairness alone. What the pool's work cannot use goes to a pool below its share.
             fewer = member.held - max(share, wanted, 1)
@@ -102,7 +103,7 @@ class Room:
             return 0
 
     def released(self, pool: object, n: int) -> None:
-        """The pool retired or lost n actors outside `resize` (closing)."""
+        """The pool let n actors go outside `resize` (WorkerPool.keep)."""
         with self._lock:
             member = self._members.get(id(pool))
             if member is not None:
