@@ -85,7 +85,7 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison:
     for job, label in zip(jobs, job_labels(jobs)):
         job.label = label
     first = jobs[0].cfg
-    start_ray(first)  # every job has the first one's ray.* and resources.num_cpus (pipeline.validation)
+    start_ray(first)  # every job has the first one's ray.* and resources.num_cpus (check_jobs)
     room = Room.of_cluster()
     tracked = [job for job in jobs if job.cfg["tracking"]["enabled"]]
     parent = ParentRun([job.cfg for job in tracked], sweep_key, [job.label for job in tracked]) if tracked else None
