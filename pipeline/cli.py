@@ -1,6 +1,7 @@
 """The `patchsweep` command (also `python -m pipeline`): compose -> validate -> run -> track -> print.
 
-    patchsweep [key=value ...]                      a sweep (Hydra overrides; --multirun for several)
+    patchsweep [key=value ...]                      a sweep (Hydra overrides)
+    patchsweep --multirun model=a,b [key=x,y ...]   several sweeps at once on one Ray instance, compared
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
     patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
 
@@ -8,10 +9,12 @@ Errors in the config or the input are printed as one line naming the problem and
 before any compute starts (exit status 2). Ctrl-C prints one line saying how much work finished (exit
 status 130); the same command then resumes. An MLflow store that fails once the results are computed
 leaves them on disk: the summary is printed with the `patchsweep log` command that logs them later
-(exit status 1).
+(exit status 1). A --multirun runs nothing when one job's config is wrong (a line per refused job); a job
+that fails once running ends alone and is reported after the others have finished (exit status 1).
 """
 from __future__ import annotations
 
+import logging.config
 import os
 import sys
 import time
@@ -22,6 +25,7 @@ from typing import NoReturn
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.behaviour import format_summary, screen
@@ -30,6 +34,7 @@ from pipeline.config import CONF_DIR, tracking_uri
 from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.outputs.report import console_summary, ui_hint
+from pipeline.run.multirun import Job, check_jobs, run_jobs
 from pipeline.run.sweep import FolderBusy, Interrupted, finished_run, run_sweep
 from pipeline.run.tracking import LiveRun, log_finished
 from pipeline.run.workers import RayUnavailable, WorkFailed
@@ -82,9 +87,25 @@ def _stop(err: BaseException, cfg: dict | None) -> NoReturn:
     raise err
 
 
+# A --multirun's jobs: Hydra's launcher composes them one after another and `sweep_command` validates and
+# collects each; `multirun_command` then runs them all at once (pipeline.run.multirun).
+JOBS: list[Job] = []
+REFUSED: list[str] = []  # a line per job whose config was refused
+JOB_LOGGING: dict = {}  # Hydra's job logging (conf/config.yaml), set again for the jobs' run once Hydra restored its own
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def sweep_command(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        JOB_LOGGING.update(OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True))
+        try:
+            JOBS.append(Job(validate(cfg), overrides))
+        except (ConfigError, ValueError, FileNotFoundError, RayUnavailable, FolderBusy) as err:
+            REFUSED.append(f"job {' '.join(overrides)}: {err}")
+        except OSError as err:
+            REFUSED.append(f"job {' '.join(overrides)}: {_file_error(err, None)}")
+        return
     plain, live = None, None
     try:
         plain = validate(cfg)
@@ -109,6 +130,62 @@ def sweep_command(cfg: DictConfig) -> None:
     if problem:
         _fail(f"MLflow store {tracking_uri(plain)} failed ({problem}): the results are complete in "
               f"{outcome.run_dir.resolve()}; {_log_later(outcome.run_dir)}", status=1)
+
+
+def multirun_command() -> None:
+    """Run the collected jobs at once; print each finished job's summary, the comparison, then a line per
+    job that failed (exit status 1), or per job interrupted (130)."""
+    if REFUSED:
+        for line in REFUSED:
+            print(f"patchsweep: error: {line}", file=sys.stderr, flush=True)
+        _fail(f"{len(REFUSED)} of {len(REFUSED) + len(JOBS)} jobs refused, nothing was run: fix the overrides named "
+              "above and run the command again")
+    logging.config.dictConfig(JOB_LOGGING)
+    try:
+        check_jobs(JOBS)
+        comparison = run_jobs(JOBS, os.environ[SWEEP_ENV])
+    except KeyboardInterrupt:
+        for job in JOBS:
+            print(f"patchsweep: {job.label}: {job.error or 'interrupted'}", file=sys.stderr, flush=True)
+        _interrupted(f"interrupted: {len(JOBS)} jobs stopped; run the same command to resume them")
+    except BaseException as err:
+        _stop(err, JOBS[0].cfg)
+    for job in JOBS:
+        if job.outcome is not None:
+            o = job.outcome
+            print("\n" + console_summary(job.cfg, o.run_dir, o.pairs_report, o.stats, o.curves, o.summary, o.circuit,
+                                         job.tracking), flush=True)
+    if comparison.files:
+        print(f"\nComparison of the {sum(job.outcome is not None for job in JOBS)} finished sweeps: "
+              f"{comparison.folder.resolve()} (comparison.md, comparison.png)", flush=True)
+    if comparison.tracking:
+        print(f"MLflow: {comparison.tracking['uri']}  parent run {comparison.tracking['run_id']}\n"
+              f"  {ui_hint(JOBS[0].cfg, comparison.tracking['ui_path'])}", flush=True)
+    problems = [f"{job.label}: MLflow store {tracking_uri(job.cfg)} failed ({job.tracking_error}): the results are "
+                f"complete in {job.outcome.run_dir.resolve()}; {_log_later(job.outcome.run_dir)}"
+                for job in JOBS if job.tracking_error]
+    if comparison.tracking_error:
+        problems.append(f"MLflow store failed logging the comparison ({comparison.tracking_error}): it is in "
+                        f"{comparison.folder.resolve()}")
+    failed = [job for job in JOBS if job.error is not None]
+    problems += [f"{job.label} failed: {_one_line(job.error)}" for job in failed]
+    for line in problems:
+        print(f"patchsweep: error: {line}", file=sys.stderr, flush=True)
+    if any(isinstance(job.error, (Interrupted, KeyboardInterrupt)) for job in failed):
+        _interrupted("interrupted: run the same command to resume")
+    if failed:
+        _fail(f"{len(failed)} of {len(JOBS)} jobs failed" + (", the others finished" if len(failed) < len(JOBS) else ""),
+              status=1)
+    if problems:
+        _fail("every job finished, but not all of it reached MLflow (above)", status=1)
+
+
+def _one_line(err: BaseException) -> str:
+    """What ended a job, in one line (run.log in its folder has the traceback of anything unforeseen)."""
+    if isinstance(err, REFUSALS + (Interrupted,)):
+        return str(err)
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -190,6 +267,8 @@ def main() -> None:
             log_command(sys.argv[2:])
         else:
             sweep_command()
+            if JOBS or REFUSED:
+                multirun_command()
     except KeyboardInterrupt:  # while Hydra composes, or a screen generates (it saves only at its end)
         _interrupted("interrupted: nothing was saved; run the same command again")
 

@@ -24,7 +24,7 @@ from pipeline.config import config_hash, to_dict, tracking_uri
 from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
-from pipeline.engine.metrics import DIRECTIONS, METRICS
+from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
 from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
@@ -127,6 +127,10 @@ def _check_sizes(cfg: dict) -> None:
 def _check_circuit(cfg: dict) -> None:
     """The circuit search's options (checked with the step off too: a later run of the folder may turn it on)."""
     circuit = cfg["circuit"]
+    if circuit["enabled"] and cfg["patching"]["metric"] not in ANSWER_METRICS:  # else found after the patch stage
+        raise ConfigError(f"the circuit step needs an answer-token metric, not patching.metric="
+                          f"{cfg['patching']['metric']}: set patching.metric to one of {list(ANSWER_METRICS)}, or "
+                          "circuit.enabled=false")
     shares = {"circuit.target": "faithfulness is a share of the refusal gap (e.g. 0.8)",
               "circuit.max_fraction": "a fraction of the candidate nodes (e.g. 0.1)"}
     for key, meaning in shares.items():

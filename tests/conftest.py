@@ -193,3 +193,20 @@ def log_twice(model, tokenizer, item: dict) -> list[Path]:
     log.info("an info record from %s", item["name"])
     log.warning("a warning from %s", item["name"])
     return []
+
+
+# The three tiny organisms of three families, one --multirun (the README's cross-family example).
+TINY_MODELS = ("refusal_tiny", "refusal_tiny_gpt2", "refusal_tiny_neox")
+
+
+@pytest.fixture(scope="session")
+def tiny_multirun(tmp_path_factory):
+    """`patchsweep --multirun experiment=refusal_tiny model=<the three tiny organisms>` once per test
+    session, through the real command (its own private Ray instance, the SQLite MLflow store under its
+    output root); returns the root and what the command printed."""
+    root = tmp_path_factory.mktemp("multirun")
+    command = [sys.executable, "-m", "pipeline", "--multirun", "experiment=refusal_tiny",
+               f"model={','.join(TINY_MODELS)}", f"output_root={root}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"root": root, "stdout": result.stdout, "stderr": result.stderr, "command": command}

@@ -2,7 +2,8 @@
 each page in a fresh profile (a first visit): `make ui`'s address opens on the patchsweep experiment's runs
 in the model-training view without MLflow's telemetry notice; a sweep's run shows as running while the
 sweep computes, and once finished its page has the per-layer metric chart, the diagrams and the summary
-and circuit tables. Screenshots go to test-artifacts/.
+and circuit tables; a --multirun's parent run shows the comparison of its children. Screenshots go to
+test-artifacts/.
 
 `make test` installs chromium (Debian package) when it is missing.
 """
@@ -12,6 +13,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,10 +38,17 @@ def chromium_binary() -> str:
 @pytest.fixture(scope="module")
 def ui(tiny_sweep):
     """`python -m pipeline.run.tracking ui` for the sweep's output root, on a free port of 127.0.0.1."""
+    with serve_ui(tiny_sweep["root"]) as served:
+        yield served
+
+
+@contextmanager
+def serve_ui(root: Path):
+    """The MLflow UI for `root`'s store (what `make ui` runs) on a free port of 127.0.0.1, while the block runs."""
     [port] = free_ports(1)
     base = f"http://127.0.0.1:{port}"
-    log_path = tiny_sweep["root"] / "ui.log"
-    with mlflow_ui(["--output-root", str(tiny_sweep["root"]), "--port", str(port)], log_path) as server:
+    log_path = root / "ui.log"
+    with mlflow_ui(["--output-root", str(root), "--port", str(port)], log_path) as server:
         deadline = time.time() + 180
         while True:
             try:
@@ -163,3 +172,29 @@ def test_run_page_shows_layer_metric_and_diagrams(ui, tiny_sweep, tmp_path):
         dom = open_page(f"{run_url}/artifacts/{name}", [marker], ARTIFACTS / f"mlflow-{name}", tmp_path)
         assert marker in dom, f"{name} is not shown on the run's artifact page"
         assert (ARTIFACTS / f"mlflow-{name}").stat().st_size > 10_000
+
+
+def test_multirun_parent_run_shows_the_comparison(tiny_multirun, tmp_path):
+    """The parent run of `patchsweep --multirun experiment=refusal_tiny model=<three tiny organisms>`: its page
+    has the comparison table as its description, the comparison as an MLflow table and the figure."""
+    from mlflow import MlflowClient
+
+    from pipeline.run.tracking import SWEEP_TAG
+
+    client = MlflowClient(f"sqlite:///{tiny_multirun['root'] / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "patchsweep"]
+    [parent] = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` != ''")
+    with serve_ui(tiny_multirun["root"]) as served:
+        run_url = (f"{served['base']}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+                   "?workflowType=machine_learning")
+        expect = ["refusal-tiny-gpt2", "refusal-tiny-neox", "direction_best_depth", "Status Finished"]
+        text = text_of(open_page(run_url, expect, ARTIFACTS / "mlflow-multirun-parent.png", tmp_path, height=1600,
+                                 text=True))
+        assert all(s in text for s in expect), text[:3000]
+        table = open_page(run_url.replace("?", "/artifacts/tables/comparison.json?"), ["View as table", "faithfulness_ci"],
+                          ARTIFACTS / "mlflow-multirun-comparison-table.png", tmp_path)
+        assert "faithfulness_ci" in table and "refusal-tiny-neox" in table
+        marker = 'alt="comparison.png" src="blob:'
+        figure = open_page(run_url.replace("?", "/artifacts/comparison.png?"), [marker],
+                           ARTIFACTS / "mlflow-multirun-comparison.png", tmp_path)
+        assert marker in figure

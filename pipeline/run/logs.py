@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,15 +34,24 @@ def _file_handler(path: Path) -> logging.Handler:
     return handler
 
 
+# Threads inside `run_log`: sweeps run at once in one driver (a --multirun's jobs, each in a thread of its
+# own) each keep their records to their own run.log.
+_owners: set[int] = set()
+_levels: dict[str, int] = {}
+
+
 @contextmanager
 def run_log(run_dir: Path):
-    """The driver's records go to <run_dir>/run.log while the block runs (patchsweep's from INFO); an
-    error the block raises is recorded there with its traceback (the console gets the command's one-line
-    message instead)."""
+    """The driver's records go to <run_dir>/run.log while the block runs (patchsweep's from INFO): those of
+    the thread running the block, and of threads no other run.log belongs to. An error the block raises is
+    recorded there with its traceback (the console gets the command's one-line message instead)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _file_handler(run_dir / LOG_FILE)
+    owner = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == owner or record.thread not in _owners)
+    _owners.add(owner)
     root, own = logging.getLogger(), logging.getLogger(OWN)
-    level = own.level
+    _levels.setdefault(OWN, own.level)  # the first run.log open keeps the level to restore when the last closes
     own.setLevel(logging.INFO)
     root.addHandler(handler)
     try:
@@ -51,9 +61,11 @@ def run_log(run_dir: Path):
                                          (type(err).__name__, err), sys.exc_info()))
         raise
     finally:
+        _owners.discard(owner)
         root.removeHandler(handler)
         handler.close()
-        own.setLevel(level)
+        if not _owners:
+            own.setLevel(_levels.pop(OWN))
 
 
 def actor_logging(log_path: str | Path) -> None:

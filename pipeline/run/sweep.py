@@ -33,6 +33,7 @@ from pipeline.outputs.files import MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
 from pipeline.run.logs import run_log
+from pipeline.run.scheduler import Room
 from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
 from pipeline.stages.circuit import follow_progress
 from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
@@ -107,14 +108,16 @@ class Tracker(Protocol):
         """A stage is done (its time and work counts)."""
 
 
-def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None) -> SweepOutcome:
+def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None,
+              room: Room | None = None) -> SweepOutcome:
     """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain.
 
     The folder is locked for the whole sweep (`folder_lock`). Nothing is written into it until Ray has
     placed a model actor and the model has loaded, so a sweep that cannot start leaves the folder as it
     found it. Ctrl-C raises `Interrupted`, saying how much finished work a re-run will reuse.
     `tracker` names the run and hears of each finished stage (untracked: the run gets a fresh id);
-    `overrides` are the command line's (saved as overrides.yaml). Everything is logged to the run
+    `overrides` are the command line's (saved as overrides.yaml); `room`, the cluster's room when other
+    sweeps run at once on the same Ray instance (pipeline.run.multirun). Everything is logged to the run
     folder's run.log, an error with its traceback included.
     """
     run_dir = Path(cfg["output_dir"])
@@ -127,11 +130,12 @@ def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | 
     with folder_lock(run_dir):
         if not joins_cluster:
             start_ray(cfg)
-        return _run_stages(cfg, run_dir, tracker, overrides or [])
+        return _run_stages(cfg, run_dir, tracker, overrides or [], room)
 
 
-def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str]) -> SweepOutcome:
-    pool = WorkerPool(cfg)
+def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str],
+                room: Room | None) -> SweepOutcome:
+    pool = WorkerPool(cfg, room)
     sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
     try:
         with timed(sweep.stage("load")):
@@ -153,7 +157,9 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
             sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
             stage_cache(sweep)
             sweep.finished("cache")
-            stage_summary(sweep, stage_patch(sweep))
+            effect_shards = stage_patch(sweep)
+            pool.keep(1)  # the summary and the circuit step are one work item each
+            stage_summary(sweep, effect_shards)
             sweep.finished("patch")
             sweep.finished("summary")
             stage_circuit(sweep)
@@ -426,17 +432,19 @@ def stage_circuit(sweep: Sweep) -> None:
         return
     item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
             "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
-            "provenance": sweep.provenance, "torch_threads": pool_threads(cfg["resources"])}
+            "provenance": sweep.provenance, "torch_threads": alone_threads(cfg, sweep.pool.room)}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
     with follow_progress(sweep.run_dir):
         sweep.run_once("circuit", item, key, ("circuit.json",))
 
 
-def pool_threads(resources: dict) -> int | None:
-    """Intra-op threads for a work item that runs alone on a CPU pool: its idle actors' CPUs (the sweep
-    holds them all the same) join the busy one. None on a GPU."""
-    if resources["device"] != "cpu":
+def alone_threads(cfg: dict, room: Room | None) -> int | None:
+    """Intra-op threads for the sweep's last work item on a private local Ray instance that no other sweep
+    shares: the CPUs its other actors held and gave back have nothing else to run. None (the actor's own
+    threads) on a GPU, on a cluster or in a multirun, where other work takes them."""
+    resources = cfg["resources"]
+    if resources["device"] != "cpu" or cfg["ray"]["address"] != "local" or room is not None:
         return None
     return resources["actors"] * resources["torch_threads"]
 

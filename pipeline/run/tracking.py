@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -158,8 +159,9 @@ class LiveRun:
     are on disk (the command says how to log them later).
     """
 
-    def __init__(self, cfg: dict, sweep_key: str, overrides: list[str]):
+    def __init__(self, cfg: dict, sweep_key: str, overrides: list[str], ends_parent: bool = True):
         self.cfg, self.uri = cfg, tracking_uri(cfg)
+        self.ends_parent = ends_parent  # False in a --multirun: its ParentRun ends the parent after every job
         self.client = MlflowClient(self.uri)
         self._ids: dict[str, str] = {}
         self._error: BaseException | None = None
@@ -269,7 +271,8 @@ class LiveRun:
                     mlflow.log_input(dataset, context="pairs")
         finally:
             mlflow.end_run(status)
-            self.client.set_terminated(self.ids["parent_run_id"], status=status)
+            if self.ends_parent:
+                self.client.set_terminated(self.ids["parent_run_id"], status=status)
 
 
 def log_finished(cfg: dict, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
@@ -350,3 +353,64 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- the parent run of a --multirun ------------------------------------------------------------------
+
+COMPARISON_TABLE = "tables/comparison.json"
+
+
+class ParentRun:
+    """The parent run of a --multirun whose jobs run at once (pipeline.run.multirun): created before they
+    start (their child runs find it by its tag and leave ending it to this), with the params the jobs share
+    and what tells them apart. Once they end: the comparison (comparison.png, the table as an MLflow table
+    and as comparison.md; the table is also the run's description), each sweep's summary metrics, FINISHED
+    or FAILED when a job failed."""
+
+    def __init__(self, cfgs: list[dict], sweep_key: str, labels: list[str]):
+        self.cfg, self.uri = cfgs[0], tracking_uri(cfgs[0])
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = _experiment_id(self.client, self.cfg)
+        self.run_id = _parent_run(self.client, self.experiment_id, self.cfg, sweep_key)
+        flat = [flatten({k: v for k, v in cfg.items() if k != "hydra"}) for cfg in cfgs]
+        shared = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
+        params = {**shared, "jobs": str(len(cfgs)), "jobs.labels": " | ".join(labels),
+                  "jobs.swept": ", ".join(sorted({k for f in flat for k in f if k not in shared}))}
+        items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit: 100 params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def finish(self, compared: list, table: pd.DataFrame, files: dict[str, Path], description: str,
+               failed: list[str]) -> dict[str, str]:
+        """`compared`: the finished sweeps (pipeline.outputs.comparison.Compared) in job order, `table` their
+        comparison, `files` the comparison's files (figure, markdown), `description` the run's (markdown),
+        `failed` a line per job that failed."""
+        metrics = {"jobs/finished": len(compared), "jobs/failed": len(failed)}
+        for run, row in zip(compared, table.itertuples(index=False)):
+            name = _metric_name(run.label)
+            metrics[f"{name}/pairs_kept"] = run.n_pairs
+            for column in ("faithfulness", "circuit_nodes", "direction_best_depth", "resid_pre_peak_depth",
+                           "attn_out_peak_depth", "mlp_out_peak_depth"):
+                value = getattr(row, column)
+                if value is not None and not pd.isna(value):
+                    metrics[f"{name}/{column}"] = float(value)
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0)
+                                                    for k, v in metrics.items()])
+        self.client.log_table(self.run_id, table.astype(object).where(table.notna(), None), COMPARISON_TABLE)
+        for path in files.values():
+            self.client.log_artifact(self.run_id, str(path))
+        if failed:
+            description += "\n**Failed jobs**\n\n" + "\n".join(f"- `{line}`" for line in failed) + "\n"
+        self.client.set_tag(self.run_id, DESCRIPTION, description)
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        return {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id,
+                "ui_path": f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{MODEL_TRAINING}"}
+
+    def fail(self, status: str = "FAILED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _metric_name(label: str) -> str:
+    """A sweep's label as a metric-name prefix (MLflow allows letters, digits, _ - . / and spaces)."""
+    return re.sub(r"[^\w\-. /]", "_", label)

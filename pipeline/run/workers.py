@@ -35,6 +35,7 @@ from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.run.logs import LOG_FILE, actor_logging
+from pipeline.run.scheduler import Room
 from pipeline.stages import STAGES
 from pipeline.store import file_entry
 
@@ -238,32 +239,79 @@ def notice(message: str) -> None:
 
 @dataclass
 class WorkerPool:
-    """A fixed set of model actors fed from a bounded window of work items.
+    """The model actors of one sweep, fed from a bounded window of work items.
 
     An actor takes work once Ray has placed it (its first ping answered). While none is placed, the
     pool says every `PLACEMENT_NOTICE_S` how long it has waited and gives up after
-    resources.placement_timeout_s."""
+    resources.placement_timeout_s. Alone, the pool starts resources.actors actors at once; sharing a
+    `room` with other sweeps (pipeline.run.scheduler), it starts as many as its work and its share of the
+    room allow, up to resources.actors, and gives actors back when another sweep needs the room."""
 
     cfg: dict
-    actors: list = field(default_factory=list)
+    room: Room | None = None
+    actors: list = field(default_factory=list)  # every actor started; a retired one stays as None (indices hold)
     placed: set = field(default_factory=set)  # indices of actors Ray has placed
     placing: dict = field(default_factory=dict)  # first-ping ref -> actor index, for actors not yet placed
-    created: float = 0.0
+    created: float = 0.0  # when the pool's first actor was started (its placement time limit counts from then)
+    # Actor index -> its process id and when (time.time()) Ray placed it and the pool let it go: what the
+    # sweep's actors cost, and how busy they were kept (bench/bench_scheduler.py).
+    lifetimes: dict = field(default_factory=dict)
+    draining: set = field(default_factory=set)  # actors given back to the room: fed no more, retired once idle
 
     def __post_init__(self):
         res = self.cfg["resources"]
         check_room(self.cfg)
-        options = dict(num_cpus=res["cpus_per_actor"], num_gpus=res["gpus_per_actor"],
-                       max_restarts=res["max_retries"])
-        log_path = str(Path(self.cfg["output_dir"]).resolve() / LOG_FILE)
-        self.actors = [ModelWorker.options(**options).remote(self.cfg["model"], res, log_path)
-                       for _ in range(res["actors"])]
-        self.placing = {actor.ping.remote(): index for index, actor in enumerate(self.actors)}
-        self.created = time.monotonic()
+        self._options = dict(num_cpus=res["cpus_per_actor"], num_gpus=res["gpus_per_actor"],
+                             max_restarts=res["max_retries"])
+        self._log_path = str(Path(self.cfg["output_dir"]).resolve() / LOG_FILE)
+        if self.room is None:
+            self._start(res["actors"])
+        else:
+            self.room.join(self, res["cpus_per_actor"], res["gpus_per_actor"])
+
+    def _start(self, n: int) -> None:
+        if not self.actors:
+            self.created = time.monotonic()
+        for _ in range(n):
+            actor = ModelWorker.options(**self._options).remote(self.cfg["model"], self.cfg["resources"],
+                                                                self._log_path)
+            self.placing[actor.ping.remote()] = len(self.actors)
+            self.actors.append(actor)
+
+    def _retire(self, index: int) -> None:
+        for ref, placing in list(self.placing.items()):
+            if placing == index:
+                del self.placing[ref]
+        self.placed.discard(index)
+        if index in self.lifetimes:
+            self.lifetimes[index]["retired"] = time.time()
+        ray.kill(self.actors[index])
+        self.actors[index] = None
+
+    def _rebalance(self, wanted: int, load: list[int], recovering: dict) -> None:
+        """Sharing a room: start the actors the pool's work could use and its share allows, or, while another
+        sweep waits below its share, stop feeding some (draining) and retire each once its items are done."""
+        if self.room is None:
+            return
+        if self.room.stopping.is_set():
+            raise KeyboardInterrupt
+        change = self.room.resize(self, wanted)
+        if change > 0:
+            self._start(change)
+            load.extend([0] * change)
+        elif change < 0:
+            # The least loaded drain soonest; actors still waiting for placement have loaded nothing yet.
+            fed = [a for a in range(len(self.actors)) if self.actors[a] is not None and a not in self.draining
+                   and a not in recovering.values()]
+            self.draining.update(sorted(fed, key=lambda a: (load[a], a in self.placed))[:-change])
+        for index in [a for a in self.draining if load[a] == 0 and a not in recovering.values()]:
+            self.draining.discard(index)
+            self._retire(index)
 
     def describe(self) -> dict:
         """The model as the first placed actor loaded it (see ModelWorker.describe)."""
         while not self.placed:
+            self._rebalance(1, [0] * len(self.actors), {})
             self._await_placement([])
         try:
             return ray.get(self.actors[min(self.placed)].describe.remote())
@@ -277,6 +325,9 @@ class WorkerPool:
         finished ones among `others`. Says how long it has waited while no actor is placed."""
         refs = list(self.placing) + others
         res = self.cfg["resources"]
+        if not refs:  # sharing a room that has none for this pool yet: wait for another pool to give some back
+            self.room.wait(PLACEMENT_NOTICE_S)
+            return []
         left = res["placement_timeout_s"] - (time.monotonic() - self.created)
         done, _ = ray.wait(refs, num_returns=1, timeout=PLACEMENT_NOTICE_S if self.placed else
                            min(PLACEMENT_NOTICE_S, max(left, 0.1)))
@@ -284,10 +335,11 @@ class WorkerPool:
             if ref in self.placing:
                 index = self.placing.pop(ref)
                 try:
-                    ray.get(ref)
+                    pid = ray.get(ref)
                 except ray.exceptions.RayActorError as err:
                     raise WorkFailed(f"a model actor could not start ({_first_line(err)}): check resources") from None
                 self.placed.add(index)
+                self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
         if not done and not self.placed:
             waited = time.monotonic() - self.created
             free = ray.available_resources()
@@ -320,20 +372,23 @@ class WorkerPool:
         with tqdm(total=len(items) + stats.reused, initial=stats.reused, desc=f"{stats.stage:>9}", unit="item",
                   dynamic_ncols=True, leave=True) as bar:
             while pending or in_flight:
-                ready = [a for a in sorted(self.placed) if a not in recovering.values()]
+                self._rebalance(min(res["actors"], len(pending) + len(in_flight)), load, recovering)
+                ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining]
                 while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
                     actor = min(ready, key=lambda a: load[a])
                     index = pending.popleft()
                     in_flight[self.actors[actor].run.remote(stage, items[index])] = (index, actor)
                     load[actor] += 1
                 waiting = list(in_flight) + list(recovering)
-                if self.placing:  # an actor still waiting for room joins as soon as Ray places it
+                # An actor still waiting for room joins as soon as Ray places it; a pool sharing a room
+                # looks up every second (Ctrl-C, room given back by another sweep).
+                if self.placing or not waiting:
                     finished = self._await_placement(waiting)
-                    if not finished:
-                        continue
-                    ref = finished[0]
                 else:
-                    [ref], _ = ray.wait(waiting, num_returns=1)
+                    finished, _ = ray.wait(waiting, num_returns=1, timeout=None if self.room is None else 1.0)
+                if not finished:
+                    continue
+                ref = finished[0]
                 if ref in recovering:
                     self._recovered(recovering, ref)
                     continue
@@ -358,6 +413,8 @@ class WorkerPool:
                 if on_result is not None:
                     on_result(items[index], result)
                 bar.update()
+        # Between stages the sweep keeps one actor (its model loaded); the others may go to another sweep.
+        self._rebalance(1, load, recovering)
         return results
 
     def _recovered(self, recovering: dict, ping) -> None:
@@ -372,10 +429,25 @@ class WorkerPool:
             raise WorkFailed(f"a model actor died for good (restarted resources.max_retries times): "
                              f"{_first_line(err)}") from None
 
+    def keep(self, n: int) -> None:
+        """Between stages, when the rest of the sweep runs at most `n` items at a time: let every other actor
+        go (to another sweep sharing the room, or back to the cluster)."""
+        live = [a for a, actor in enumerate(self.actors) if actor is not None]
+        # Placed actors (their model loaded) are the ones kept; the room already counts draining ones as given back.
+        for index in sorted(live, key=lambda a: (a in self.draining, a not in self.placed))[n:]:
+            if index in self.draining:
+                self.draining.discard(index)
+            elif self.room is not None:
+                self.room.released(self, 1)
+            self._retire(index)
+
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        for index, actor in enumerate(self.actors):
+            if actor is not None:
+                self._retire(index)
         self.actors = []
+        if self.room is not None:
+            self.room.leave(self)
 
 
 def _first_line(err: BaseException) -> str:
