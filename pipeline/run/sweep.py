@@ -432,21 +432,11 @@ def stage_circuit(sweep: Sweep) -> None:
         return
     item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
             "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
-            "provenance": sweep.provenance, "torch_threads": alone_threads(cfg, sweep.pool.room)}
+            "provenance": sweep.provenance}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
     with follow_progress(sweep.run_dir):
         sweep.run_once("circuit", item, key, ("circuit.json",))
-
-
-def alone_threads(cfg: dict, room: Room | None) -> int | None:
-    """Intra-op threads for the sweep's last work item on a private local Ray instance that no other sweep
-    shares: the CPUs its other actors held and gave back have nothing else to run. None (the actor's own
-    threads) on a GPU, on a cluster or in a multirun, where other work takes them."""
-    resources = cfg["resources"]
-    if resources["device"] != "cpu" or cfg["ray"]["address"] != "local" or room is not None:
-        return None
-    return resources["actors"] * resources["torch_threads"]
 
 
 def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:
