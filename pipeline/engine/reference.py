@@ -8,11 +8,18 @@ to float tolerance:
   reference_group_path_patch circuits.group_path_patch
   interpolated_metric        attribution.attribution_patching: the exact metric of a patch scaled by
                              alpha, whose slope at alpha -> 0 the estimate must equal
+  orthogonalised_copy        directions.ablation_hooks: the direction taken out of the weights that
+                             write to the residual stream instead (Arditi et al.'s weight orthogonalisation)
+  reference_greedy           generation under hooks (model.generate, KV-cached): one full forward per
+                             new token, no cache
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapters import Adapter, get_adapter
 from .circuits import EMBED, HEAD, MLP, OUTPUT, Nodes, is_path
@@ -254,3 +261,46 @@ def interpolated_metric(model: nn.Module, base_ids: torch.Tensor, source_ids: to
     with installed([edit_activation(adapter, component, layer, move)]), capture(adapter, ()) as run:
         model.base_model(input_ids=base_ids, use_cache=False)
     return measure(adapter, metric, answers, run.final, torch.arange(base_ids.shape[0])).cpu()
+
+
+# The modules that write to the residual stream, by the last part of their name, per family: the
+# embeddings, the attention output projection, the MLP's output projection.
+RESIDUAL_WRITERS = {"llama": ("embed_tokens", "o_proj", "down_proj"), "gpt2": ("wte", "wpe", "c_proj"),
+                    "gpt_neox": ("embed_in", "dense", "dense_4h_to_h")}
+
+
+@torch.no_grad()
+def orthogonalised_copy(model: nn.Module, direction: torch.Tensor) -> nn.Module:
+    """A copy of `model` whose every residual-stream writer has `direction` [d] removed from its output
+    space (W <- W - u u^T W, and its bias): a model that can never write the direction, with no hooks.
+    A tied unembedding is untied first (it reads the stream; it must stay as it was)."""
+    adapter = get_adapter(model)
+    out = copy.deepcopy(model)
+    unembed = out.get_output_embeddings()
+    unembed.weight = nn.Parameter(unembed.weight.detach().clone())
+    unit = (direction.float() / direction.float().norm()).to(unembed.weight.device)
+    for name, module in out.named_modules():
+        if name.split(".")[-1] not in RESIDUAL_WRITERS[adapter.family]:
+            continue
+        weight = module.weight
+        u = unit.to(weight.dtype)
+        if isinstance(module, (nn.Embedding, Conv1D)):
+            weight -= (weight @ u)[:, None] * u  # rows (Embedding [V, d]) or columns' outputs (Conv1D [in, d])
+        else:  # nn.Linear [d, in]
+            weight -= u[:, None] * (u @ weight)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            bias -= (bias @ u) * u
+    return out
+
+
+@torch.no_grad()
+def reference_greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, handles_for=None) -> torch.Tensor:
+    """[R, max_new_tokens] greedy tokens after `ids` [R, T]: each step one full forward pass over the whole
+    sequence so far, no KV cache, with the hooks `handles_for(model)` returns in place (none if None)."""
+    seq = ids
+    with installed(handles_for(model) if handles_for else []):
+        for _ in range(max_new_tokens):
+            next_token = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, next_token[:, None]], dim=1)
+    return seq[:, ids.shape[1]:]
