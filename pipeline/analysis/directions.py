@@ -264,3 +264,12 @@ def intervention_cost(model, tokenizer, intervention: Intervention, harmless_pro
     return {"kl_harmless": kl_total / max(1, len(prompts)), "n_harmless": len(prompts),
             "ce_plain": ce["plain"] / n_tokens, "ce_intervened": ce["intervened"] / n_tokens,
             "ce_change": (ce["intervened"] - ce["plain"]) / n_tokens, "n_sentences": len(texts), "n_tokens": n_tokens}
+
+
+def format_intervention(summary: dict) -> str:
+    """Two lines for a terminal: which intervention, and its cost."""
+    setting, cost = summary["intervention"], summary["cost"]
+    where = "every layer" if setting["mode"] == "ablate" else f"layer {setting['layer']}, scale {setting['scale']:.3g}"
+    return (f"under the refusal direction of {setting['run']} ({setting['mode']}, {where}): KL on the "
+            f"{cost['n_harmless']} harmless prompts {cost['kl_harmless']:.3f}; cross-entropy on the general text "
+            f"{cost['ce_plain']:.3f} -> {cost['ce_intervened']:.3f} ({cost['ce_change']:+.3f}, {cost['n_tokens']} tokens)")

@@ -66,6 +66,44 @@ def addition_hooks(adapter: Adapter, vector: torch.Tensor, layer: int) -> list:
     return [edit_activation(adapter, "resid_pre", layer, lambda x: x + vector.to(x.device, x.dtype))]
 
 
+INTERVENTIONS = ("ablate", "add")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One intervention on one direction: "ablate" projects it out everywhere; "add" adds
+    scale * its unit vector to the residual entering `layer`, at every position."""
+
+    mode: str
+    direction: torch.Tensor  # [d]
+    layer: int
+    scale: float
+
+    def __post_init__(self):
+        if self.mode not in INTERVENTIONS:
+            raise ValueError(f"unknown intervention {self.mode!r}: choose one of {list(INTERVENTIONS)}")
+
+    def hooks(self, adapter: Adapter) -> list:
+        unit = unit_vectors(self.direction)
+        if self.mode == "ablate":
+            return ablation_hooks(adapter, unit)
+        return addition_hooks(adapter, self.scale * unit, self.layer)
+
+
+@contextmanager
+def intervened(model: nn.Module, intervention: Intervention | None):
+    """Everything the model computes in the with-block is under `intervention` (nothing when None)."""
+    if intervention is None:
+        yield
+        return
+    adapter = get_adapter(model)
+    if intervention.direction.shape[-1] != adapter.d_model:
+        raise ValueError(f"the direction has {intervention.direction.shape[-1]} dimensions but the model's residual "
+                         f"stream has {adapter.d_model}: use a direction found on this model")
+    with installed(intervention.hooks(adapter)):
+        yield
+
+
 def ablate_direction_metrics(model: nn.Module, ids: torch.Tensor, answers: Answers, directions: torch.Tensor,
                              metric: str = "logit_diff", max_batch_rows: int | None = None) -> torch.Tensor:
     """The metric [D, P] with direction d projected out of the residual stream everywhere (`ablation_hooks`)."""
