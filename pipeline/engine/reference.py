@@ -12,6 +12,8 @@ to float tolerance:
                              write to the residual stream instead (Arditi et al.'s weight orthogonalisation)
   reference_greedy           generation under hooks (model.generate, KV-cached): one full forward per
                              new token, no cache
+  reference_prompt_patched_greedy  circuits.prompt_patch_hooks during generation: the same, with one hook
+                             per head or MLP setting its patched prompt positions at every step
 """
 from __future__ import annotations
 
@@ -304,3 +306,33 @@ def reference_greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, h
             next_token = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1)
             seq = torch.cat([seq, next_token[:, None]], dim=1)
     return seq[:, ids.shape[1]:]
+
+
+@torch.no_grad()
+def reference_prompt_patched_greedy(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor,
+                                    patched_heads: torch.Tensor, patched_mlps: torch.Tensor,
+                                    max_new_tokens: int) -> torch.Tensor:
+    """[max_new_tokens] greedy tokens after one base prompt [1, T] whose heads and MLPs are set to the
+    source run's at the prompt positions patched_heads [L, T, H] / patched_mlps [L, T] say: every step
+    recomputes the whole sequence with those prompt positions overwritten (causal attention leaves them
+    the same at every step), the generated positions computed as they come."""
+    adapter = get_adapter(model)
+    source = _activations(model, adapter, source_ids)
+    seq_len = base_ids.shape[1]
+    seq = base_ids
+    for _ in range(max_new_tokens):
+        pad = torch.zeros(seq.shape[1] - seq_len, dtype=torch.bool)
+        handles = []
+        for layer in range(adapter.n_layers):
+            for head in range(adapter.n_heads):
+                if patched_heads[layer, :, head].any():
+                    where = torch.cat([patched_heads[layer, :, head], pad])
+                    value = torch.nn.functional.pad(source["head"][layer], (0, 0, 0, len(pad)))
+                    handles.append(_node_hook(adapter, HEAD, layer, head, where, value))
+            if patched_mlps[layer].any():
+                where = torch.cat([patched_mlps[layer], pad])
+                value = torch.nn.functional.pad(source["mlp_out"][layer], (0, 0, 0, len(pad)))
+                handles.append(_node_hook(adapter, MLP, layer, -1, where, value))
+        next_token = _final_logits(model, seq, handles).argmax(-1)
+        seq = torch.cat([seq, next_token[:, None]], dim=1)
+    return seq[0, seq_len:]

@@ -136,7 +136,19 @@ def _circuit_lines(circuit: dict | None) -> list[str]:
             f"stability: core {stability['core_size']} / {len(nodes)} nodes (in >= "
             f"{100 * stability['core_threshold']:.0f}% of {stability['n_resamples']} bootstrap resamples of the pairs; "
             f"their circuits have {stability['size_median']:.0f} nodes, median)",
-            f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"]
+            f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"
+            ] + _knockout_lines(circuit.get("knockout_generation"))
+
+
+def _knockout_lines(knockout: dict | None) -> list[str]:
+    """The circuit judged by generation (circuit.json's knockout_generation), when the run has it."""
+    if not knockout:
+        return []
+    rate = knockout["refusal_rate"]
+    return [f"by generation ({knockout['n_pairs']} harmful prompts, {knockout['max_new_tokens']} greedy tokens, patched "
+            f"at the prompt only): refused {100 * rate['plain']:.0f}% as they are, "
+            f"{100 * rate['circuit_knocked_out']:.0f}% with the circuit knocked out (its nodes from the harmless twin), "
+            f"{100 * rate['circuit_alone']:.0f}% with the circuit alone (everything else from the twin)"]
 
 
 def _supernode_lines(circuit: dict) -> list[str]:
