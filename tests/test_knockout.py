@@ -48,6 +48,8 @@ def test_prompt_patched_generation_equals_a_step_by_step_loop(tiny, circuit_alon
         source = run_with_cache(model, adapter, group.corrupted, ("head", "mlp_out"))
         with installed(prompt_patch_hooks(adapter, source, heads, mlps)):
             fast = greedy_generations(model, group.clean.tolist(), max_new_tokens=8, batch_size=len(group.clean))
+        plain = greedy_generations(model, group.clean.tolist(), max_new_tokens=8)
+        assert [r.ids for r in fast] != [r.ids for r in plain]  # the patch changed the replies
         for p, reply in enumerate(fast):
             expected = reference_prompt_patched_greedy(model, group.clean[p:p + 1], group.corrupted[p:p + 1], heads[p],
                                                        mlps[p], 8).tolist()
