@@ -43,6 +43,7 @@ def test_ablation_removes_exactly_the_direction(model_type):
     model, u = hand_built(model_type)
     adapter = get_adapter(model)
     ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    ids[:, :3] = ids[0, :3]  # a shared prefix (a chat template's system prompt): the batched paths run it once
     with torch.no_grad():
         assert run_with_cache(model, adapter, ids).acts["resid_pre"][:, 0].matmul(u).abs().min() > 1  # it is there
         with intervened(model, Intervention("ablate", u, 0, 0.0)), capture(adapter, ["resid_pre"]) as run:
@@ -59,6 +60,8 @@ def test_ablation_removes_exactly_the_direction(model_type):
     directions = torch.stack([u, torch.randn(len(u), generator=torch.Generator().manual_seed(3))])
     fast = ablate_direction_metrics(model, ids, answers, directions, "refusal_logodds", max_batch_rows=4)
     kl = ablate_direction_kl(model, ids, directions, max_batch_rows=4)
+    torch.testing.assert_close(ablate_direction_metrics(model, ids[:1], answers.index(torch.tensor([0])), directions,
+                                                        "refusal_logodds")[:, 0], fast[:, 0], atol=1e-4, rtol=1e-4)
     for d, direction in enumerate(directions):
         with torch.no_grad():
             logits = orthogonalised_copy(model, direction)(input_ids=ids, use_cache=False).logits[:, -1]

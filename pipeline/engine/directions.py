@@ -9,8 +9,9 @@ interventions on it (Arditi et al. 2024), as hooks usable around any forward pas
 
 Both act on whatever the model computes while they are installed, so a KV-cached generation computes
 each new token under the intervention, and its cached keys and values come from intervened residuals.
-`ablate_direction_metrics` / `add_direction_metrics` are the batched metric paths: they replay the
-decoder layers on the cached base run's residuals as (direction, pair) rows; adding at layer l starts at l.
+`ablate_direction_metrics` / `ablate_direction_kl` / `add_direction_metrics` are the batched metric
+paths, as (direction, pair) rows: ablation computes the positions every prompt shares once per direction;
+addition replays the decoder layers from layer l on the cached base run's residuals.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .hooks import edit_activation, installed, rows_that_fit, run_layers, run_with_cache
+from .hooks import (capture, edit_activation, first_difference, installed, prefix_cache, rows_that_fit, run_layers,
+                    run_with_cache)
 from .metrics import Answers, check_metric, kl_to_source, measure
 
 
@@ -125,24 +127,36 @@ def ablate_direction_kl(model: nn.Module, ids: torch.Tensor, directions: torch.T
 @torch.no_grad()
 def _under_ablation(model: nn.Module, ids: torch.Tensor, directions: torch.Tensor, max_batch_rows: int | None,
                     read) -> torch.Tensor:
-    """read(adapter, final residuals [R, d], pair rows [R]) -> [R], for every (direction, pair)
-    row run with that direction ablated (inside the hooks: the final norm reads the residual ablated); [D, P]."""
+    """read(adapter, final residuals [R, d], pair rows [R]) -> [R], for every (direction, pair) row run with
+    that direction ablated (inside the hooks: the final norm reads the residual ablated); [D, P].
+
+    The positions every prompt shares (a chat template's system prompt, often most of a short prompt) are
+    the same in every row of one direction, ablated or not: they run once per direction, and each row runs
+    its own positions after them on those keys and values."""
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     ids = ids.to(device)
     units = unit_vectors(directions).to(device)
-    base = run_with_cache(model, adapter, ids)
     n_pairs, seq_len = ids.shape
-    batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
+    shared = min(int(first_difference(ids[:1].expand_as(ids), ids).min()), seq_len - 1)  # positions in every row
+    batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len - shared)
     n_rows = len(directions) * n_pairs
     out = torch.empty(n_rows)
     for start in range(0, n_rows, batch_rows):
         flat = torch.arange(start, min(start + batch_rows, n_rows))
-        unit, pair = units[(flat // n_pairs).to(device)][:, None], (flat % n_pairs).to(device)  # [R, 1, d]
-        # layer 0's input is the embeddings: the cached base run's are the same for every row
-        with installed(ablation_hooks(adapter, unit)):
-            final = run_layers(adapter, base.acts["resid_pre"][pair, 0], 0, base.layer_inputs)  # [R, d]
-            out[flat] = read(adapter, final, pair).float().cpu()
+        direction, pair = flat // n_pairs, (flat % n_pairs).to(device)
+        used, row_direction = torch.unique(direction, return_inverse=True)  # the chunk's directions; each row's
+        cache = None
+        if shared:
+            with installed(ablation_hooks(adapter, units[used.to(device)][:, None])):  # [D', shared] prefix rows
+                prefix = model.base_model(input_ids=ids[:1, :shared].expand(len(used), -1), use_cache=True)
+            prefix_kv = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
+            kv = [(layer.keys, layer.values) for layer in prefix_kv.layers]
+            cache = prefix_cache(model, kv, row_direction.to(device), shared)
+        with installed(ablation_hooks(adapter, units[direction.to(device)][:, None])):  # [R, 1, d]
+            with capture(adapter, ()) as run:
+                model.base_model(input_ids=ids[pair, shared:], cache=cache, use_cache=cache is not None)
+            out[flat] = read(adapter, run.final, pair).float().cpu()
     return out.reshape(len(directions), n_pairs)
 
 
