@@ -713,7 +713,8 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
     """Drop nodes while f stays at the target, in rounds. A round orders the circuit's nodes by f without
     each of them (the given `rankings`, one per round, a node one lacks counting as removable; after them,
     with `measure`, f without each measured on the circuit) and removes the most of the least harmful
-    together that keeps f >= target (k on a geometric grid, then narrowed, `chunk` circuits per pass).
+    together that keeps f >= target (k on a geometric grid from the top down to the first k that keeps it,
+    then narrowed up to the next k that does not, `chunk` circuits per pass).
     Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
     measured rankings, {size: f} of every circuit measured)."""
     kept, removed, measured, curve = list(circuit), [], [], {}
@@ -738,10 +739,12 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
                 f_trial.update(zip(ks, evaluator.faithfulness(nodes, _subset_masks(len(nodes),
                                                                                      [trial(k) for k in ks])).tolist()))
 
-        grid = [k for k in _geometric_sizes(most) if k > 0]
+        # From the most removed down: a minimal circuit keeps few of the candidates, so the answer lies
+        # near the top of the grid, and the first passing chunk bounds it.
+        grid = [k for k in reversed(_geometric_sizes(most)) if k > 0]
         for begin in range(0, len(grid), chunk):
             measure_trials(grid[begin:begin + chunk])
-            if any(f_trial[k] < target for k in grid[begin:begin + chunk]):
+            if any(f_trial[k] >= target for k in grid[begin:begin + chunk]):
                 break
         curve.update({len(kept) - k: f for k, f in f_trial.items()})
         passing = [k for k in f_trial if f_trial[k] >= target]

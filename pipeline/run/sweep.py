@@ -429,7 +429,7 @@ def stage_circuit(sweep: Sweep) -> None:
         return
     item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
             "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
-            "provenance": sweep.provenance}
+            "provenance": sweep.provenance, "torch_threads": pool_threads(cfg["resources"])}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
     with follow_progress(sweep.run_dir):
@@ -437,15 +437,24 @@ def stage_circuit(sweep: Sweep) -> None:
 
 
 def stage_direction(sweep: Sweep) -> None:
-    """The refusal direction on a model actor (opt-in: direction.enabled)."""
+    """The refusal direction on a model actor (opt-in: direction.enabled), alone: with the pool's threads."""
     cfg = sweep.cfg
     if not cfg["direction"]["enabled"]:
         return
     item = {"name": "direction", "pairs": str(sweep.run_dir / "pairs.parquet"), "options": cfg["direction"],
-            "out": str(sweep.run_dir / "direction.arrow"), "provenance": sweep.provenance}
+            "out": str(sweep.run_dir / "direction.arrow"), "provenance": sweep.provenance,
+            "torch_threads": pool_threads(cfg["resources"])}
     key = content_key("direction", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["direction"])
     sweep.run_once("direction", item, key, ("direction.arrow",))
+
+
+def pool_threads(resources: dict) -> int | None:
+    """Intra-op threads for a work item that runs alone on a CPU pool: its idle actors' CPUs (the sweep
+    holds them all the same) join the busy one. None on a GPU."""
+    if resources["device"] != "cpu":
+        return None
+    return resources["actors"] * resources["torch_threads"]
 
 
 def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:

@@ -12,6 +12,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline.analysis.circuit_search import Progress, find_circuit
@@ -24,18 +25,34 @@ PROGRESS = "circuit.progress.json"
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: run_dir, circuit and summary (their configs), metric, model (its name), provenance."""
+    """`item`: run_dir, circuit and summary (their configs), metric, model (its name), provenance,
+    torch_threads (None: the actor's own)."""
     run_dir = Path(item["run_dir"])
     summary = SummaryConfig(**item["summary"])
     progress = Progress(lambda state: publish_json(run_dir / PROGRESS, state))
-    result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
-                          item["metric"], item["model"], progress)
-    knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit)
+    with intra_op_threads(item["torch_threads"]):
+        result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
+                              item["metric"], item["model"], progress)
+        knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes,
+                                          result.search.circuit)
     circuit = result.to_json() | {"provenance": item["provenance"], "knockout_generation": knockout,
                                   "breakdown": site_breakdown(run_dir, summary.top_k)}
     path = run_dir / "circuit.json"
     publish_json(path, circuit)
     return [path]
+
+
+@contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op threads set to `n` inside the block (None: unchanged), restored after: the actor
+    goes back to its own share for the next work item."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager

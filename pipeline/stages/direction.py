@@ -13,13 +13,20 @@ import torch
 
 from pipeline.analysis.directions import SUMMARY_KEY, intervention_cost, select_direction
 from pipeline.engine.directions import INTERVENTIONS, Intervention
+from pipeline.stages.circuit import intra_op_threads
 from pipeline.store import read_table, tensor_numpy, write_table
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: pairs, out, options (the direction config), provenance."""
+    """`item`: pairs, out, options (the direction config), provenance, torch_threads (None: the actor's own)."""
     options = item["options"]
     pairs = read_table(item["pairs"])
+    with intra_op_threads(item["torch_threads"]):
+        return [write_table(item["out"], *_selection(model, tokenizer, pairs, options, item["provenance"]))]
+
+
+def _selection(model, tokenizer, pairs, options: dict, provenance: dict):
+    """(direction.arrow's table, its metadata)."""
     selection = select_direction(model, pairs, options["max_kl"], options["max_layer_fraction"], options["seed"],
                                  options["max_batch_rows"])
     summary = selection.summary
@@ -32,4 +39,4 @@ def run(model, tokenizer, item: dict) -> list[Path]:
         summary["cost"] = {mode: intervention_cost(model, tokenizer, Intervention(mode, vector, chosen["layer"],
                                                                                   chosen["scale"]), harmless)
                            for mode in INTERVENTIONS}
-    return [write_table(item["out"], selection.table, {**item["provenance"], SUMMARY_KEY: json.dumps(summary)})]
+    return selection.table, {**provenance, SUMMARY_KEY: json.dumps(summary)}
