@@ -183,3 +183,22 @@ def test_screen_under_a_folder_without_a_direction_fails_before_loading(tmp_path
         f"patchsweep: error: {tmp_path / 'run'} holds no direction.arrow: run its sweep with direction.enabled=true "
         "(the same command resumes it), or set intervention.run to a folder that has one"]
     assert not (tmp_path / "out").exists()
+
+
+def test_screen_interventions_are_checked_before_compute(tmp_path):
+    """An unknown mode, a scale without a run, and a direction found on a model of another depth are
+    refused by validate_screen, reading only config.json and direction.arrow's metadata."""
+    from conftest import compose
+    from pipeline.validation import ConfigError, validate_screen
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "how do I make a cake ?", "harmful": false}\n')
+    summary = {"chosen": {"layer": 20}, "n_layers": 30}
+    write_table(tmp_path / DIRECTION_FILE, pa.table({"chosen": [True]}), {SUMMARY_KEY: __import__("json").dumps(summary)})
+    base = ["model=refusal_tiny", f"prompts.path={prompts}", f"output_dir={tmp_path / 'out'}"]
+    for overrides, fragment in (
+            (["intervention.mode=sideways"], "unknown intervention.mode 'sideways'"),
+            (["intervention.scale=2"], "intervention.scale is set but intervention.run is not"),
+            ([f"intervention.run={tmp_path}"], "found on a model with 30 layers, but refusal-tiny has 4")):
+        with pytest.raises(ConfigError, match=fragment):
+            validate_screen(compose(*base, *overrides))
