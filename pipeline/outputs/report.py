@@ -228,7 +228,8 @@ def _direction_lines(run_dir: Path, rows_shown: int = 10) -> list[str]:
               "| layer | position | token | bypass | induce | KL | filtered |", "|---|---|---|---|---|---|---|"]
     for r in scored:
         mark = " (chosen)" if r["chosen"] else ""
-        lines.append(f"| {r['layer']} | {r['position_from_end']} | `{r['token']}` | {r['bypass_score']:+.2f} | "
+        token = str(r["token"]).replace("|", "\\|")  # chat tokens such as <|im_end|> hold the table's separator
+        lines.append(f"| {r['layer']} | {r['position_from_end']} | `{token}` | {r['bypass_score']:+.2f} | "
                      f"{r['induce_score']:+.2f} | {r['kl']:.3f} | {r['filtered'] or 'passes'}{mark} |")
     return lines
 
