@@ -2,6 +2,7 @@
 references, Arditi et al.'s selection on refusal-tiny, direction.arrow read back, and the screen under it."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -163,7 +164,7 @@ def test_selection_on_refusal_tiny_pairs(tiny, tmp_path):
     assert chosen["bypass_score"] == min(r["bypass_score"] for r in passing)
     assert chosen["kl"] <= 10.0 and chosen["induce_score"] > 0 and chosen["layer"] < 2
     assert chosen["bypass_score"] < selection.summary["plain_harmful_score"]
-    write_table(tmp_path / DIRECTION_FILE, selection.table, {SUMMARY_KEY: __import__("json").dumps(selection.summary)})
+    write_table(tmp_path / DIRECTION_FILE, selection.table, {SUMMARY_KEY: json.dumps(selection.summary)})
     intervention = load_intervention(tmp_path, "add")
     assert intervention.layer == chosen["layer"]
     assert intervention.scale == pytest.approx(chosen["harmful_projection"] - chosen["harmless_projection"])
@@ -194,7 +195,7 @@ def test_screen_interventions_are_checked_before_compute(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "how do I make a cake ?", "harmful": false}\n')
     summary = {"chosen": {"layer": 20}, "n_layers": 30}
-    write_table(tmp_path / DIRECTION_FILE, pa.table({"chosen": [True]}), {SUMMARY_KEY: __import__("json").dumps(summary)})
+    write_table(tmp_path / DIRECTION_FILE, pa.table({"chosen": [True]}), {SUMMARY_KEY: json.dumps(summary)})
     base = ["model=refusal_tiny", f"prompts.path={prompts}", f"output_dir={tmp_path / 'out'}"]
     for overrides, fragment in (
             (["intervention.mode=sideways"], "unknown intervention.mode 'sideways'"),
