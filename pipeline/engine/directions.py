@@ -53,7 +53,7 @@ def ablation_hooks(adapter: Adapter, unit: torch.Tensor) -> list:
     Every write is projected (layer 0's input is the embeddings' write; attn_out and mlp_out at every
     layer), which for a residual stream that is the sum of its writes removes the direction from every
     residual. Every read is projected too (each layer's input, the final norm's input): projection is
-    idempotent, so it costs nothing there, and it keeps the direction out where a family transforms a
+    idempotent, so it changes nothing there, and it keeps the direction out where a family transforms a
     write before adding it (a post-sublayer norm)."""
     ablate = lambda x: project_out(x, unit)  # noqa: E731
     handles = []
