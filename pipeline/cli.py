@@ -3,6 +3,7 @@
     patchsweep [key=value ...]                      a sweep (Hydra overrides)
     patchsweep --multirun model=a,b [key=x,y ...]   several sweeps at once on one Ray instance, compared
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
+        [intervention.run=<run folder> intervention.mode=ablate|add [intervention.scale=<s>]]
     patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
 
 Errors in the config or the input are printed as one line naming the problem and the key to fix,
@@ -14,6 +15,7 @@ that fails once running ends alone and is reported after the others have finishe
 """
 from __future__ import annotations
 
+import json
 import logging.config
 import os
 import sys
@@ -29,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.behaviour import format_summary, screen
+from pipeline.analysis.directions import format_intervention, intervention_cost, load_intervention
 from pipeline.analysis.prompt_files import load_screen_prompts
 from pipeline.config import CONF_DIR, tracking_uri
 from pipeline.engine.loading import load_model
@@ -190,7 +193,8 @@ def _one_line(err: BaseException) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def screen_command(cfg: DictConfig) -> None:
-    """Greedy generation and the first-token metric on a file of prompts -> screen.arrow."""
+    """Greedy generation and the first-token metric on a file of prompts -> screen.arrow; with
+    intervention.run, under that run's refusal direction (and its cost on ordinary text)."""
     if not any(o.startswith("output_dir=") for o in HydraConfig.get().overrides.task):
         cfg.output_dir = "${output_root}/screen/${model.name}-${prompts.name}"  # not a sweep's folder
     try:
@@ -202,13 +206,23 @@ def screen_command(cfg: DictConfig) -> None:
     model, tokenizer = load_model(resolve(plain["model"]["path"]), dtype=plain["model"]["dtype"],
                                   device=plain["resources"]["device"],
                                   trust_remote_code=plain["model"]["trust_remote_code"])
+    setting = plain["intervention"]
+    intervention = (load_intervention(setting["run"], setting["mode"], setting["scale"]) if setting["run"] else None)
     result = screen(model, tokenizer, prompts, max_new_tokens=plain["prompts"]["max_new_tokens"],
                     refusal_tokens=plain["prompts"]["refusal_tokens"],
                     compliance_tokens=plain["prompts"]["compliance_tokens"],
-                    answer_top_k=plain["prompts"]["answer_top_k"])
-    path = write_table(Path(plain["output_dir"]) / "screen.arrow", result.table,
+                    answer_top_k=plain["prompts"]["answer_top_k"], intervention=intervention)
+    table, lines = result.table, format_summary(result.summary)
+    if intervention is not None:
+        harmless = [p for p, h in zip(prompts.column("prompt").to_pylist(), prompts.column("harmful").to_pylist()) if not h]
+        cost = intervention_cost(model, tokenizer, intervention, harmless)
+        summary = result.summary | {"intervention": setting | {"layer": intervention.layer, "scale": intervention.scale},
+                                    "cost": cost}
+        table = table.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
+        lines += "\n" + format_intervention(summary)
+    path = write_table(Path(plain["output_dir"]) / "screen.arrow", table,
                        {"model_id": plain["model"]["path"], "prompts": plain["prompts"]["path"]})
-    print(f"screen of {plain['model']['name']} on {plain['prompts']['path']}:\n{format_summary(result.summary)}\n"
+    print(f"screen of {plain['model']['name']} on {plain['prompts']['path']}:\n{lines}\n"
           f"per-prompt results: {path.resolve()}", flush=True)
 
 

@@ -1,6 +1,6 @@
 """The typed configuration of a sweep: the single source of every default, registered in Hydra's ConfigStore.
 
-conf/ holds the config groups (model/ prompts/ patching/ summary/ circuit/ resources/ tracking/
+conf/ holds the config groups (model/ prompts/ patching/ summary/ circuit/ direction/ resources/ tracking/
 experiment/); their YAML is merged onto `PatchsweepConfig`, so a misspelt key or a wrong type fails at
 compose time. `pipeline.validation` then checks what types cannot, before any compute.
 """
@@ -94,6 +94,24 @@ class CircuitConfig:
 
 
 @dataclass
+class DirectionConfig:
+    """The refusal direction as Arditi et al. select it (pipeline.analysis.directions) -> direction.arrow."""
+    enabled: bool = False  # opt-in: it scores every layer x post-instruction position (minutes on a CPU)
+    max_kl: float = 0.1  # candidates whose ablation moves harmless prompts' next-token distribution more are out
+    max_layer_fraction: float = 0.8  # candidates at layers >= this fraction of the depth are out (not scored)
+    seed: int = 0  # the split of the pairs into the half that gives the means and the half that scores them
+    max_batch_rows: Optional[int] = None  # rows per forward; None = from free memory
+
+
+@dataclass
+class InterventionConfig:
+    """`patchsweep screen` under the run's refusal direction: intervention.run=<a run folder with direction.arrow>."""
+    run: Optional[str] = None  # None = the plain screen
+    mode: str = "ablate"  # "ablate": projected out everywhere; "add": added at its layer, every position
+    scale: Optional[float] = None  # addition's multiple of the unit direction; None = the run's (see analysis.directions)
+
+
+@dataclass
 class ResourcesConfig:
     device: str = "cpu"  # torch device the model actors use: cpu or cuda
     num_cpus: Optional[int] = None  # CPUs of the private local Ray instance (None = all)
@@ -134,6 +152,8 @@ class PatchsweepConfig:
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+    intervention: InterventionConfig = field(default_factory=InterventionConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -186,7 +206,7 @@ def _conf_dir() -> Path:
 CONF_DIR = _conf_dir()
 
 # The parts of a config that determine the expensive results (pairs, activations, effects); the rest
-# (summary, circuit, resources, tracking, ray) can change between runs over the same output folder.
+# (summary, circuit, direction, intervention, resources, tracking, ray) can change between runs over the same output folder.
 SCIENCE_KEYS = ("model", "prompts", "patching")
 
 

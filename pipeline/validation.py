@@ -19,9 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer
 
+from pipeline.analysis.directions import direction_summary
 from pipeline.analysis.pairs import file_pairs, tokenize_pairs
 from pipeline.config import config_hash, to_dict, tracking_uri
 from pipeline.engine.adapters import FAMILIES
+from pipeline.engine.directions import INTERVENTIONS
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
 from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
@@ -47,6 +49,7 @@ def validate(cfg: DictConfig | dict) -> dict:
     _check_patching(plain)
     _check_sizes(plain)
     _check_circuit(plain)
+    _check_direction(plain)
     _check_resources(plain)
     _check_ray(plain)
     _check_prompts(plain)
@@ -73,6 +76,7 @@ def validate_screen(cfg: DictConfig | dict) -> dict:
         raise ConfigError(f"output folder {plain['output_dir']} cannot be written ({problem}): set output_dir to "
                           "a writable folder")
     _check_model(plain)
+    _check_intervention(plain)
     return plain
 
 
@@ -147,6 +151,42 @@ def _check_circuit(cfg: dict) -> None:
     if circuit["max_batch_rows"] is not None and circuit["max_batch_rows"] < 1:
         raise ConfigError(f"circuit.max_batch_rows={circuit['max_batch_rows']} must be positive (or null: "
                           "chosen from free memory)")
+
+
+def _check_direction(cfg: dict) -> None:
+    """The refusal direction's filters (checked with the step off too: a later run may turn it on)."""
+    direction = cfg["direction"]
+    if direction["max_kl"] <= 0:
+        raise ConfigError(f"direction.max_kl={direction['max_kl']} must be positive: it is the largest KL (nats) a "
+                          "candidate's ablation may cause on harmless prompts (e.g. 0.1)")
+    if not 0 < direction["max_layer_fraction"] <= 1:
+        raise ConfigError(f"direction.max_layer_fraction={direction['max_layer_fraction']} must be in (0, 1]: "
+                          "candidates are taken at layers below this fraction of the depth (e.g. 0.8)")
+    if direction["max_batch_rows"] is not None and direction["max_batch_rows"] < 1:
+        raise ConfigError(f"direction.max_batch_rows={direction['max_batch_rows']} must be positive (or null: "
+                          "chosen from free memory)")
+
+
+def _check_intervention(cfg: dict) -> None:
+    """`patchsweep screen` under a run's direction: the mode is known and the run folder has a chosen
+    direction found on a model of this one's depth (its file's metadata only: no weights, no tensors)."""
+    intervention = cfg["intervention"]
+    if intervention["mode"] not in INTERVENTIONS:
+        raise ConfigError(f"unknown intervention.mode {intervention['mode']!r}: choose from {list(INTERVENTIONS)}")
+    if intervention["run"] is None:
+        if intervention["scale"] is not None:
+            raise ConfigError("intervention.scale is set but intervention.run is not: set intervention.run=<a run "
+                              "folder with direction.arrow>")
+        return
+    try:
+        summary = direction_summary(intervention["run"])
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    n_layers = _model_shape(resolve(cfg["model"]["path"]), cfg)[0]
+    if summary["n_layers"] != n_layers:
+        raise ConfigError(f"the direction in {intervention['run']} was found on a model with {summary['n_layers']} "
+                          f"layers, but {cfg['model']['path']} has {n_layers}: set intervention.run to a run of "
+                          "this model")
 
 
 def _check_resources(cfg: dict) -> None:

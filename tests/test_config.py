@@ -110,6 +110,8 @@ def test_valid_config_passes(valid):
     ("resources=gpu", ("GPU", "resources=cpu")),
     ("tracking.uri=file:///tmp/mlruns", ("plain folder store", "tracking.uri")),
     ("prompts.align=middle", ("prompts.align",)),
+    ("direction.max_kl=0", ("direction.max_kl=0",)),
+    ("direction.max_layer_fraction=1.5", ("direction.max_layer_fraction=1.5",)),
 ])
 def test_each_bad_value_is_named(valid, override, fragments):
     pytest.importorskip("torch")

@@ -22,6 +22,7 @@ from typing import Iterator, NamedTuple, Sequence
 import pyarrow as pa
 import torch
 
+from pipeline.engine.directions import Intervention, intervened
 from pipeline.engine.metrics import Answers, answer_metric
 
 # Refusal phrases across the shipped organisms and common instruction-tuned models (lower case).
@@ -235,9 +236,12 @@ class ScreenResult(NamedTuple):
 
 def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 8, batch_size: int = 64,
            refusal_tokens: Sequence[int | str] | None = None,
-           compliance_tokens: Sequence[int | str] | None = None, answer_top_k: int = 1) -> ScreenResult:
+           compliance_tokens: Sequence[int | str] | None = None, answer_top_k: int = 1,
+           intervention: Intervention | None = None) -> ScreenResult:
     """Screen `table` (columns prompt: string, harmful: bool, e.g. from `load_screen_prompts`);
-    `answer_top_k` first tokens of each kind of reply are the answer tokens (see derive_answer_tokens)."""
+    `answer_top_k` first tokens of each kind of reply are the answer tokens (see derive_answer_tokens).
+    Under `intervention`, every forward pass (each generated token's, and the first-token metric's) runs
+    with it in place; the answer tokens are then those of the intervened replies, unless named."""
     for col in ("prompt", "harmful"):
         if col not in table.column_names:
             raise ValueError(f"screen table has no {col!r} column (found {table.column_names}): "
@@ -247,12 +251,14 @@ def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 8, batch_
     prompts = table.column("prompt").to_pylist()
     harmful = table.column("harmful").to_pylist()
     ids = [chat_ids(tokenizer, p) for p in prompts]
-    generations = greedy_generate(model, ids, max_new_tokens, batch_size)
+    with intervened(model, intervention):
+        generations = greedy_generate(model, ids, max_new_tokens, batch_size)
     texts = [decode(tokenizer, g) for g in generations]
     refused = [is_refusal(t) for t in texts]
     answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens, answer_top_k)
     token_ids = answers.refusal + answers.compliance
-    logits = final_answer_logits(model, ids, token_ids, batch_size)
+    with intervened(model, intervention):
+        logits = final_answer_logits(model, ids, token_ids, batch_size)
     metric = answer_metric(SCREEN_METRIC, logits, answers.answers(len(ids))).tolist()
     by_metric = [m > 0 for m in metric]
     out = pa.table({

@@ -565,3 +565,55 @@ def _with_receiver_outputs(adapter: Adapter, base: RunCache, prefix: PrefixReuse
     layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hooks: it may run the model
     with installed([replace(i) for i in range(len(receivers))]):
         return run_layers(adapter, base.acts["resid_pre"][rows, layer, first:], layer, layer_inputs)
+
+
+# ---- a circuit at generation time ------------------------------------------------------------------
+
+def node_masks(adapter: Adapter, nodes: Nodes, selected: torch.Tensor, position_classes: torch.Tensor):
+    """Where the `selected` nodes ([N] bool) act, per pair: heads [P, L, T, H] and MLPs [P, L, T] bool
+    (a node covers its layer, its head or the MLP, and every position of its class)."""
+    n_pairs, seq_len = position_classes.shape
+    heads = torch.zeros(n_pairs, adapter.n_layers, seq_len, adapter.n_heads, dtype=torch.bool)
+    mlps = torch.zeros(n_pairs, adapter.n_layers, seq_len, dtype=torch.bool)
+    for n in torch.nonzero(selected).flatten().tolist():
+        kind, layer, head, cls = nodes.key(n)
+        where = position_classes == cls  # [P, T]
+        if kind == HEAD:
+            heads[:, layer, :, head] |= where
+        elif kind == MLP:
+            mlps[:, layer] |= where
+    return heads, mlps
+
+
+def prompt_patch_hooks(adapter: Adapter, source: RunCache, patched_heads: torch.Tensor,
+                       patched_mlps: torch.Tensor) -> list:
+    """Hooks setting each head and MLP output to the source run's wherever patched_heads [P, L, T, H] /
+    patched_mlps [P, L, T] say, on a forward over the whole T-token prompt (a generation's first pass).
+    The passes after it compute one new token each from the KV cache and are not patched: a generated
+    position has no source counterpart, and it reads the patched prompt through the cached keys/values."""
+    n_pairs, n_layers, seq_len, n_heads = patched_heads.shape
+    device = source.final_resid.device
+    heads, mlps = patched_heads.to(device), patched_mlps.to(device)
+
+    def patch_heads(layer):
+        def edit(x):  # [P, T, H * d_head]
+            if x.shape[1] != seq_len:
+                return x
+            split = lambda t: t.reshape(n_pairs, seq_len, n_heads, -1)  # noqa: E731
+            return torch.where(heads[:, layer, :, :, None], split(source.acts["head"][:, layer]), split(x)).reshape(x.shape)
+        return edit
+
+    def patch_mlp(layer):
+        def edit(x):  # [P, T, d]
+            if x.shape[1] != seq_len:
+                return x
+            return torch.where(mlps[:, layer, :, None], source.acts["mlp_out"][:, layer], x)
+        return edit
+
+    handles = []
+    for layer in range(n_layers):
+        if heads[:, layer].any():
+            handles.append(edit_activation(adapter, "head", layer, patch_heads(layer)))
+        if mlps[:, layer].any():
+            handles.append(edit_activation(adapter, "mlp_out", layer, patch_mlp(layer)))
+    return handles

@@ -8,11 +8,20 @@ to float tolerance:
   reference_group_path_patch circuits.group_path_patch
   interpolated_metric        attribution.attribution_patching: the exact metric of a patch scaled by
                              alpha, whose slope at alpha -> 0 the estimate must equal
+  orthogonalised_copy        directions.ablation_hooks: the direction taken out of the weights that
+                             write to the residual stream instead (Arditi et al.'s weight orthogonalisation)
+  reference_greedy           generation under hooks (model.generate, KV-cached): one full forward per
+                             new token, no cache
+  reference_prompt_patched_greedy  circuits.prompt_patch_hooks during generation: the same, with one hook
+                             per head or MLP setting its patched prompt positions at every step
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapters import Adapter, get_adapter
 from .circuits import EMBED, HEAD, MLP, OUTPUT, Nodes, is_path
@@ -254,3 +263,76 @@ def interpolated_metric(model: nn.Module, base_ids: torch.Tensor, source_ids: to
     with installed([edit_activation(adapter, component, layer, move)]), capture(adapter, ()) as run:
         model.base_model(input_ids=base_ids, use_cache=False)
     return measure(adapter, metric, answers, run.final, torch.arange(base_ids.shape[0])).cpu()
+
+
+# The modules that write to the residual stream, by the last part of their name, per family: the
+# embeddings, the attention output projection, the MLP's output projection.
+RESIDUAL_WRITERS = {"llama": ("embed_tokens", "o_proj", "down_proj"), "gpt2": ("wte", "wpe", "c_proj"),
+                    "gpt_neox": ("embed_in", "dense", "dense_4h_to_h")}
+
+
+@torch.no_grad()
+def orthogonalised_copy(model: nn.Module, direction: torch.Tensor) -> nn.Module:
+    """A copy of `model` whose every residual-stream writer has `direction` [d] removed from its output
+    space (W <- W - u u^T W, and its bias): a model that can never write the direction, with no hooks.
+    A tied unembedding is untied first (it reads the stream; it must stay as it was)."""
+    adapter = get_adapter(model)
+    out = copy.deepcopy(model)
+    unembed = out.get_output_embeddings()
+    unembed.weight = nn.Parameter(unembed.weight.detach().clone())
+    unit = (direction.float() / direction.float().norm()).to(unembed.weight.device)
+    for name, module in out.named_modules():
+        if name.split(".")[-1] not in RESIDUAL_WRITERS[adapter.family]:
+            continue
+        weight = module.weight
+        u = unit.to(weight.dtype)
+        if isinstance(module, (nn.Embedding, Conv1D)):
+            weight -= (weight @ u)[:, None] * u  # rows (Embedding [V, d]) or columns' outputs (Conv1D [in, d])
+        else:  # nn.Linear [d, in]
+            weight -= u[:, None] * (u @ weight)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            bias -= (bias @ u) * u
+    return out
+
+
+@torch.no_grad()
+def reference_greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, handles_for=None) -> torch.Tensor:
+    """[R, max_new_tokens] greedy tokens after `ids` [R, T]: each step one full forward pass over the whole
+    sequence so far, no KV cache, with the hooks `handles_for(model)` returns in place (none if None)."""
+    seq = ids
+    with installed(handles_for(model) if handles_for else []):
+        for _ in range(max_new_tokens):
+            next_token = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, next_token[:, None]], dim=1)
+    return seq[:, ids.shape[1]:]
+
+
+@torch.no_grad()
+def reference_prompt_patched_greedy(model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor,
+                                    patched_heads: torch.Tensor, patched_mlps: torch.Tensor,
+                                    max_new_tokens: int) -> torch.Tensor:
+    """[max_new_tokens] greedy tokens after one base prompt [1, T] whose heads and MLPs are set to the
+    source run's at the prompt positions patched_heads [L, T, H] / patched_mlps [L, T] say: every step
+    recomputes the whole sequence with those prompt positions overwritten (causal attention leaves them
+    the same at every step), the generated positions computed as they come."""
+    adapter = get_adapter(model)
+    source = _activations(model, adapter, source_ids)
+    seq_len = base_ids.shape[1]
+    seq = base_ids
+    for _ in range(max_new_tokens):
+        pad = torch.zeros(seq.shape[1] - seq_len, dtype=torch.bool)
+        handles = []
+        for layer in range(adapter.n_layers):
+            for head in range(adapter.n_heads):
+                if patched_heads[layer, :, head].any():
+                    where = torch.cat([patched_heads[layer, :, head], pad])
+                    value = torch.nn.functional.pad(source["head"][layer], (0, 0, 0, len(pad)))
+                    handles.append(_node_hook(adapter, HEAD, layer, head, where, value))
+            if patched_mlps[layer].any():
+                where = torch.cat([patched_mlps[layer], pad])
+                value = torch.nn.functional.pad(source["mlp_out"][layer], (0, 0, 0, len(pad)))
+                handles.append(_node_hook(adapter, MLP, layer, -1, where, value))
+        next_token = _final_logits(model, seq, handles).argmax(-1)
+        seq = torch.cat([seq, next_token[:, None]], dim=1)
+    return seq[0, seq_len:]

@@ -31,6 +31,8 @@ OUTPUT_FILES = (
     OutputFile("circuit_nodes.svg", "the circuit diagram: every node"),
     OutputFile("circuit_nodes.png", "the circuit diagram: every node"),
     OutputFile("circuit.dot", "the circuit as Graphviz DOT (a cluster per supernode)"),
+    OutputFile("direction.arrow", "the refusal direction: every candidate (layer x post-instruction position), its "
+               "scores, the chosen one (direction.enabled)"),
     OutputFile("report.md", "this report: what a person reads first"),
     OutputFile("run.log", "what the driver and the model actors logged, run after run", checked=False),
     OutputFile(MANIFEST, "every file above with its sha256, written last"),

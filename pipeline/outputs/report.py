@@ -2,17 +2,20 @@
 
 Both say: how many pairs the behaviour screen kept, the layers that matter most (attention and MLP
 outputs per layer) with their 95% bootstrap confidence intervals, where the residual stream carries the
-effect layer by layer, the circuit and its faithfulness, where the files are and how to open the UI.
+effect layer by layer, the circuit and its faithfulness, the refusal direction (when selected), where the
+files are and how to open the UI.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.analysis.directions import DIRECTION_FILE, SUMMARY_KEY
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
 from pipeline.outputs.files import MANIFEST, OUTPUT_FILES
-from pipeline.store import publish_bytes
+from pipeline.store import provenance, publish_bytes, read_table
 
 DIRECTION_MEANING = {
     "denoise": "clean (harmful) activation patched into the harmless run: is it enough to cause refusal?",
@@ -133,7 +136,19 @@ def _circuit_lines(circuit: dict | None) -> list[str]:
             f"stability: core {stability['core_size']} / {len(nodes)} nodes (in >= "
             f"{100 * stability['core_threshold']:.0f}% of {stability['n_resamples']} bootstrap resamples of the pairs; "
             f"their circuits have {stability['size_median']:.0f} nodes, median)",
-            f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"]
+            f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"
+            ] + _knockout_lines(circuit.get("knockout_generation"))
+
+
+def _knockout_lines(knockout: dict | None) -> list[str]:
+    """The circuit judged by generation (circuit.json's knockout_generation), when the run has it."""
+    if not knockout:
+        return []
+    rate = knockout["refusal_rate"]
+    return [f"by generation ({knockout['n_pairs']} harmful prompts, {knockout['max_new_tokens']} greedy tokens, patched "
+            f"at the prompt only): refused {100 * rate['plain']:.0f}% as they are, "
+            f"{100 * rate['circuit_knocked_out']:.0f}% with the circuit knocked out (its nodes from the harmless twin), "
+            f"{100 * rate['circuit_alone']:.0f}% with the circuit alone (everything else from the twin)"]
 
 
 def _supernode_lines(circuit: dict) -> list[str]:
@@ -174,6 +189,48 @@ def _stability_lines(circuit: dict) -> list[str]:
     if stability["frequent_outside"]:
         lines += ["", "Found in at least half of the resamples but not in the circuit: " + ", ".join(
             f"{n['id']} ({n['frequency']:.2f})" for n in stability["frequent_outside"])]
+    return lines
+
+
+def _direction_lines(run_dir: Path, rows_shown: int = 10) -> list[str]:
+    """report.md's section on the refusal direction (direction.arrow), or nothing when the run has none."""
+    path = run_dir / DIRECTION_FILE
+    if not path.is_file():
+        return []
+    table = read_table(path)
+    summary = json.loads(provenance(table)[SUMMARY_KEY])
+    first, last = summary["scored_layers"]
+    lines = ["", "## Refusal direction", "",
+             f"Difference-of-means candidates at each of {summary['n_layers']} layers x {summary['n_post_instruction']} "
+             f"post-instruction positions (Arditi et al. 2024), means from {len(summary['mean_pair_ids'])} pairs, scored on "
+             f"the other {len(summary['score_pair_ids'])} with `{summary['metric']}` (> 0 = refuses): bypass = harmful "
+             "prompts with it ablated everywhere, induce = harmless prompts with it added at its layer, KL = harmless "
+             f"prompts' next-token distribution under ablation. Scored layers {first}..{last} (the last "
+             f"{100 * (1 - summary['max_layer_fraction']):.0f}% left out); filters KL <= {summary['max_kl']}, induce > 0: "
+             f"{summary['n_passing']} of {summary['n_scored']} pass. Unintervened: harmful "
+             f"{summary['plain_harmful_score']:+.2f}, harmless {summary['plain_harmless_score']:+.2f}.", ""]
+    chosen = summary["chosen"]
+    if chosen is None:
+        lines.append("No candidate passes the filters: the run has no refusal direction to intervene with "
+                     "(loosen direction.max_kl to choose among them; every candidate's scores are in direction.arrow).")
+    else:
+        lines.append(f"Chosen: layer {chosen['layer']}, position {chosen['position_from_end']} {chosen['token']!r}: "
+                     f"bypass {chosen['bypass_score']:+.2f}, induce {chosen['induce_score']:+.2f}, KL {chosen['kl']:.3f}; "
+                     f"addition scale {chosen['scale']:.2f} (mean projection harmful {chosen['harmful_projection']:+.2f} "
+                     f"minus harmless {chosen['harmless_projection']:+.2f}).")
+        for mode, cost in summary.get("cost", {}).items():
+            lines.append(f"- {mode}: KL on the {cost['n_harmless']} scoring harmless prompts {cost['kl_harmless']:.3f}; "
+                         f"cross-entropy on the general text {cost['ce_plain']:.3f} -> {cost['ce_intervened']:.3f} "
+                         f"({cost['ce_change']:+.3f} nats/token, {cost['n_tokens']} tokens)")
+    scored = sorted((r for r in table.drop(["direction"]).to_pylist() if r["bypass_score"] is not None),
+                    key=lambda r: r["bypass_score"])[:rows_shown]
+    lines += ["", f"The {len(scored)} candidates with the lowest bypass score (all in direction.arrow):", "",
+              "| layer | position | token | bypass | induce | KL | filtered |", "|---|---|---|---|---|---|---|"]
+    for r in scored:
+        mark = " (chosen)" if r["chosen"] else ""
+        token = str(r["token"]).replace("|", "\\|")  # chat tokens such as <|im_end|> hold the table's separator
+        lines.append(f"| {r['layer']} | {r['position_from_end']} | `{token}` | {r['bypass_score']:+.2f} | "
+                     f"{r['induce_score']:+.2f} | {r['kl']:.3f} | {r['filtered'] or 'passes'}{mark} |")
     return lines
 
 
@@ -224,6 +281,7 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     if circuit and (run_dir / "circuit_nodes.svg").is_file():
         lines += ["", "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
                   "", "![circuit nodes](circuit_nodes.svg)"]
+    lines += _direction_lines(run_dir)
     lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
     for file in OUTPUT_FILES:
         if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", MANIFEST):

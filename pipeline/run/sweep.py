@@ -1,4 +1,4 @@
-"""The stage graph of one model's sweep: pairs -> cache -> patch -> summary -> circuit -> render.
+"""The stage graph of one model's sweep: pairs -> cache -> patch -> summary -> circuit -> direction -> render.
 
 Each stage's work items go to the model actors (pipeline.run.workers); what they publish is recorded
 with its checksum in a manifest, so a re-run reuses every finished file (listed, under the same content
@@ -165,6 +165,9 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
             stage_circuit(sweep)
             if cfg["circuit"]["enabled"]:
                 sweep.finished("circuit")
+            stage_direction(sweep)
+            if cfg["direction"]["enabled"]:
+                sweep.finished("direction")
             pool.close()
             with timed(sweep.stage("render")):
                 stamp_run_tables(sweep)
@@ -437,6 +440,18 @@ def stage_circuit(sweep: Sweep) -> None:
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
     with follow_progress(sweep.run_dir):
         sweep.run_once("circuit", item, key, ("circuit.json",))
+
+
+def stage_direction(sweep: Sweep) -> None:
+    """The refusal direction on a model actor (opt-in: direction.enabled)."""
+    cfg = sweep.cfg
+    if not cfg["direction"]["enabled"]:
+        return
+    item = {"name": "direction", "pairs": str(sweep.run_dir / "pairs.parquet"), "options": cfg["direction"],
+            "out": str(sweep.run_dir / "direction.arrow"), "provenance": sweep.provenance}
+    key = content_key("direction", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
+                      cfg["direction"])
+    sweep.run_once("direction", item, key, ("direction.arrow",))
 
 
 def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:

@@ -147,6 +147,8 @@ def result_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, flo
     scalars = {"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]}
     if outcome.circuit is not None:
         scalars["circuit/faithfulness"] = outcome.circuit["faithfulness"]
+        for condition, rate in outcome.circuit.get("knockout_generation", {}).get("refusal_rate", {}).items():
+            scalars[f"circuit/refusal_rate_{condition}"] = rate  # by generation: plain, circuit_knocked_out, circuit_alone
     return curves, scalars
 
 

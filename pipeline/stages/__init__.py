@@ -8,7 +8,7 @@ runner's business.
 """
 from __future__ import annotations
 
-from pipeline.stages import cache, circuit, pairs, patch, summary
+from pipeline.stages import cache, circuit, direction, pairs, patch, summary
 
 STAGES = {
     "pairs": pairs.run,  # prompt pairs, screened on the model -> pairs.parquet
@@ -16,4 +16,5 @@ STAGES = {
     "patch": patch.run,  # one (pair shard, component, direction) -> effects/<key>.arrow
     "summary": summary.run,  # effect shards -> effects.parquet, summary.parquet
     "circuit": circuit.run,  # the circuit search -> circuit.json
+    "direction": direction.run,  # the refusal direction (opt-in) -> direction.arrow
 }

@@ -1,5 +1,6 @@
 """The circuit search on the screened pairs (pipeline.analysis.circuit_search) -> circuit.json, with
-the strongest sites' behaviour flips and per-category effects from effects.parquet.
+the strongest sites' behaviour flips and per-category effects from effects.parquet, and the circuit's
+knock-out by generation (pipeline.analysis.knockout).
 
 The search runs on a model actor; it writes where it is (phase, steps done, time left) to PROGRESS in
 the run folder, and `follow_progress` draws that on the driver while the item runs."""
@@ -14,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.analysis.circuit_search import Progress, find_circuit
+from pipeline.analysis.knockout import knockout_by_generation
 from pipeline.analysis.statistics import site_breakdown
 from pipeline.config import CircuitConfig, SummaryConfig
 from pipeline.store import publish_json, read_table
@@ -28,7 +30,8 @@ def run(model, tokenizer, item: dict) -> list[Path]:
     progress = Progress(lambda state: publish_json(run_dir / PROGRESS, state))
     result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
                           item["metric"], item["model"], progress)
-    circuit = result.to_json() | {"provenance": item["provenance"],
+    knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit)
+    circuit = result.to_json() | {"provenance": item["provenance"], "knockout_generation": knockout,
                                   "breakdown": site_breakdown(run_dir, summary.top_k)}
     path = run_dir / "circuit.json"
     publish_json(path, circuit)
