@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import ARCHITECTURES, random_pairs
 from conftest import random_model as tiny_model
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
-from pipeline.analysis.circuit_search import _subset_masks
 from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
 from pipeline.engine.metrics import Answers
