@@ -3,8 +3,8 @@
     python bench/outputs_digest.py save    <run folder> <digest folder>
     python bench/outputs_digest.py compare <run folder> <digest folder> [--atol 1e-6]
 
-The digest holds effects.parquet and summary.parquet (sorted by their keys) and circuit.json's values
-flattened to (path, value) rows: the numbers a refactoring must not change. Run times, the run id (new
+The digest holds effects.parquet and summary.parquet (sorted by their keys) and the values of circuit.json
+and sites.json flattened to (path, value) rows: the numbers a refactoring must not change. Run times, the run id (new
 every run) and the config hash (which follows the config's layout, not its meaning) are left out.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pipeline.store import read_table  # noqa: E402
 
 EFFECT_KEY = ["direction", "component", "layer", "head", "position", "pair_id"]
 SUMMARY_KEY = ["direction", "component", "layer", "head", "position_from_end"]
-CIRCUIT_SKIPPED = ("seconds", "provenance.config_hash")
+JSON_FILES = ("circuit.json", "sites.json")
+JSON_SKIPPED = ("seconds", "provenance.config_hash")
 TABLE_SKIPPED = ["run_id", "config_hash"]
 
 
@@ -35,7 +36,7 @@ def _sorted(table: pa.Table, key: list[str]) -> pa.Table:
 
 
 def flatten_json(value, path: str = "") -> list[tuple[str, object]]:
-    """circuit.json -> [(path, leaf)] with list indices in the path."""
+    """A JSON file's value -> [(path, leaf)] with list indices in the path."""
     if isinstance(value, dict):
         return [row for k in sorted(value) for row in flatten_json(value[k], f"{path}.{k}" if path else k)]
     if isinstance(value, list):
@@ -43,9 +44,8 @@ def flatten_json(value, path: str = "") -> list[tuple[str, object]]:
     return [(path, value)]
 
 
-def circuit_rows(run_dir: Path) -> list[tuple[str, object]]:
-    rows = flatten_json(json.loads((run_dir / "circuit.json").read_text()))
-    return [(p, v) for p, v in rows if not p.startswith(CIRCUIT_SKIPPED)]
+def json_rows(path: Path) -> list[tuple[str, object]]:
+    return [(p, v) for p, v in flatten_json(json.loads(path.read_text())) if not p.startswith(JSON_SKIPPED)]
 
 
 def save(run_dir: Path, out: Path) -> None:
@@ -54,7 +54,8 @@ def save(run_dir: Path, out: Path) -> None:
                    compression="zstd")
     pq.write_table(_sorted(read_table(run_dir / "summary.parquet"), SUMMARY_KEY), out / "summary.parquet",
                    compression="zstd")
-    (out / "circuit.json").write_text(json.dumps(circuit_rows(run_dir), indent=0) + "\n")
+    for name in JSON_FILES:
+        (out / name).write_text(json.dumps(json_rows(run_dir / name), indent=0) + "\n")
 
 
 def _close(a, b, atol: float) -> bool:
@@ -83,15 +84,16 @@ def compare(run_dir: Path, digest: Path, atol: float = 1e-6) -> list[str]:
                     problems.append(f"{name}.{column}: largest difference {worst:.3g} > {atol}")
             elif a.to_pylist() != b.to_pylist():
                 problems.append(f"{name}.{column}: values differ")
-    want_rows = [tuple(r) for r in json.loads((digest / "circuit.json").read_text())]
-    got_rows = circuit_rows(run_dir)
-    if [p for p, _ in got_rows] != [p for p, _ in want_rows]:
-        missing = sorted({p for p, _ in want_rows} - {p for p, _ in got_rows})
-        extra = sorted({p for p, _ in got_rows} - {p for p, _ in want_rows})
-        problems.append(f"circuit.json: fields missing {missing[:5]}, new {extra[:5]}")
-    else:
-        problems += [f"circuit.json {p}: {a!r} != stored {b!r}" for (p, a), (_, b) in zip(got_rows, want_rows)
-                     if not _close(a, b, atol)][:10]
+    for name in JSON_FILES:
+        want_rows = [tuple(r) for r in json.loads((digest / name).read_text())]
+        got_rows = json_rows(run_dir / name)
+        if [p for p, _ in got_rows] != [p for p, _ in want_rows]:
+            missing = sorted({p for p, _ in want_rows} - {p for p, _ in got_rows})
+            extra = sorted({p for p, _ in got_rows} - {p for p, _ in want_rows})
+            problems.append(f"{name}: fields missing {missing[:5]}, new {extra[:5]}")
+        else:
+            problems += [f"{name} {p}: {a!r} != stored {b!r}" for (p, a), (_, b) in zip(got_rows, want_rows)
+                         if not _close(a, b, atol)][:10]
     return problems
 
 

@@ -159,7 +159,8 @@ def tiny_sweep(ray_session, tmp_path_factory):
     from pipeline.validation import validate
 
     root = tmp_path_factory.mktemp("sweep")
-    overrides = [*TINY_SWEEP, f"output_root={root}"]
+    # Two actors: the circuit step runs on one of them beside cache, patch and summary.
+    overrides = [*TINY_SWEEP, "resources.actors=2", f"output_root={root}"]
     cfg = validate(compose(*overrides))
     start = time.perf_counter()
     live = LiveRun(cfg, "test-session", overrides)

@@ -1,6 +1,7 @@
 """The whole pipeline on refusal-tiny: a real local Ray instance, real Parquet and Arrow files, a real
 SQLite MLflow store. Checks the output contract, the numbers against the engine's plain reference, the
 MLflow run, and that re-running reuses finished shards and recomputes a damaged one."""
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,11 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from conftest import REPO, TINY_SWEEP, write_jsonl
+from conftest import REPO, TINY_SWEEP, compose, write_jsonl
 from pipeline import store
 from pipeline.run.sweep import run_sweep
 
-CONTRACT = ["config.yaml", "overrides.yaml", "pairs.parquet", "activations", "effects.parquet", "summary.parquet",
+CONTRACT = ["config.yaml", "overrides.yaml", "pairs.parquet", "activations", "effects.parquet", "summary.parquet", "sites.json",
             "circuit.json", "circuit.svg", "circuit.png", "layers.png", "report.md", "run.log", "_manifest.json"]
 
 
@@ -64,6 +65,44 @@ def test_pairs_and_provenance(run):
         assert meta["weights_hash"] == prov["weights_hash"] and len(prov["weights_hash"]) == 64
         assert meta["pairs_hash"] == prov["pairs_hash"]
         assert meta["model_id"] == run["cfg"]["model"]["path"]
+
+
+def test_sites_hold_the_strongest_sites_flips_and_categories(run):
+    """sites.json: per direction the summary.top_k strongest sites, each with the fraction of pairs whose
+    behaviour its patch flips (recounted here from effects.parquet) and its mean effect per category."""
+    run_dir = run["outcome"].run_dir
+    sites = json.loads((run_dir / "sites.json").read_text())["sites"]
+    effects = store.read_table(run_dir / "effects.parquet").to_pandas()
+    directions = run["cfg"]["patching"]["directions"]
+    assert sorted({s["direction"] for s in sites}) == sorted(directions)
+    assert len(sites) == len(directions) * run["cfg"]["summary"]["top_k"]
+    categories = set(store.read_table(run_dir / "pairs.parquet")["category"].to_pylist())
+    for site in sites:
+        rows = effects
+        for column, value in [("direction", site["direction"]), ("component", site["component"]),
+                              ("layer", site["layer"]), ("head", site["head"]), ("position_from_end", site["position"])]:
+            rows = rows[rows[column].isna() if value is None else rows[column] == value]
+        assert len(rows) > 0 and site["mean"] == pytest.approx(rows["effect"].mean(), abs=1e-6)
+        base = rows["metric_corrupted"] if site["direction"] == "denoise" else rows["metric_clean"]
+        flips = ((rows["metric_patched"] > 0) != (base > 0)).mean()
+        assert site["flip_fraction"] == pytest.approx(flips, abs=1e-12)
+        assert set(site["per_category"]) <= categories and sum(c["n"] for c in site["per_category"].values()) == len(rows)
+
+
+def test_circuit_beside_the_sweep_is_the_circuit_after_it(run, ray_session, tmp_path):
+    """The session's sweep has two actors: its circuit step ran on one of them beside cache, patch and
+    summary. With one actor it runs after them, with the same result."""
+    from pipeline.validation import validate
+
+    beside = run["outcome"].run_dir
+    assert "circuit: on an actor of its own" in (beside / "run.log").read_text()
+    cfg = validate(compose(*TINY_SWEEP, "resources.actors=1", f"output_root={tmp_path}", "tracking.enabled=false"))
+    after = run_sweep(cfg).run_dir
+    assert "circuit: on an actor of its own" not in (after / "run.log").read_text()
+    got, want = (json.loads((folder / "circuit.json").read_text()) for folder in (beside, after))
+    assert [n["id"] for n in got["nodes"]] == [n["id"] for n in want["nodes"]] and len(got["nodes"]) > 0
+    for key in ("faithfulness", "faithfulness_ci", "random_control", "stability"):
+        assert got[key] == want[key], key
 
 
 def test_activation_shards_are_memory_mapped_tensors(run, model):

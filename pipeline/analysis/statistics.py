@@ -187,10 +187,9 @@ def category_means(effects, pairs: pa.Table) -> pd.DataFrame:
     return grouped.agg(mean="mean", n="count").reset_index()
 
 
-def site_breakdown(run_dir: Path, top_k: int) -> list[dict]:
-    """The strongest sites per direction with their flip fraction and per-category mean effects."""
-    effects = read_effects(run_dir / "effects.parquet")
-    pairs = read_table(run_dir / "pairs.parquet")
+def site_breakdown(effects: pd.DataFrame, pairs: pa.Table, top_k: int) -> list[dict]:
+    """The strongest sites per direction (`read_effects`' frame) with their flip fraction and per-category
+    mean effects."""
     means = effects.groupby(KEY, dropna=False, sort=True)["effect"].mean().rename("mean").reset_index()
     flips = flip_fractions(effects)
     cats = category_means(effects, pairs)

@@ -24,6 +24,8 @@ OUTPUT_FILES = (
     OutputFile("effects/", "the effect shards, one per (pair shard, component, direction), Arrow IPC", False),
     OutputFile("effects.parquet", "one row per (model, pair, direction, component, layer, head, position)"),
     OutputFile("summary.parquet", "mean effect, 95% bootstrap CI and n per site"),
+    OutputFile("sites.json", "the strongest sites per direction: the fraction of pairs whose behaviour the patch "
+               "flips, the mean effect per prompt category"),
     OutputFile("layers.png", "layer x position / head heatmaps"),
     OutputFile("circuit.json", "the minimal circuit: nodes, edges, faithfulness, controls, refusal direction"),
     OutputFile("circuit.svg", "the circuit diagram: supernodes and the path effects between them"),

@@ -1,4 +1,5 @@
-"""The stage graph of one model's sweep: pairs -> cache -> patch -> summary -> circuit -> direction -> render.
+"""The stage graph of one model's sweep: pairs -> cache -> patch -> summary -> direction -> render, and the
+circuit step after pairs (beside cache, patch and summary on an actor of its own where the pool has one to spare).
 
 Each stage's work items go to the model actors (pipeline.run.workers); what they publish is recorded
 with its checksum in a manifest, so a re-run reuses every finished file (listed, under the same content
@@ -155,16 +156,14 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
             sweep.finished("pairs")
             sweep.provenance["pairs_hash"] = pairs_hash(pairs)
             sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
-            stage_cache(sweep)
-            sweep.finished("cache")
-            effect_shards = stage_patch(sweep)
-            pool.keep(1)  # the summary and the circuit step are one work item each
-            stage_summary(sweep, effect_shards)
-            sweep.finished("patch")
-            sweep.finished("summary")
-            stage_circuit(sweep)
-            if cfg["circuit"]["enabled"]:
-                sweep.finished("circuit")
+            with stage_circuit(sweep):  # it needs only the pairs: it runs beside these stages where it can
+                stage_cache(sweep)
+                sweep.finished("cache")
+                effect_shards = stage_patch(sweep)
+                pool.keep(1)  # the summary is one work item
+                stage_summary(sweep, effect_shards)
+                sweep.finished("patch")
+                sweep.finished("summary")
             stage_direction(sweep)
             if cfg["direction"]["enabled"]:
                 sweep.finished("direction")
@@ -419,27 +418,41 @@ def bucket_shards(shards: list[dict], pairs_per_item: int) -> list[list[dict]]:
 
 
 def stage_summary(sweep: Sweep, effect_shards: list[Path]) -> None:
-    """Effect shards -> effects.parquet and summary.parquet."""
+    """Effect shards -> effects.parquet, summary.parquet and sites.json."""
     options = sweep.cfg["summary"]
     item = {"name": "summary", "shards": [str(p) for p in effect_shards], "pairs": str(sweep.run_dir / "pairs.parquet"),
             "effects": str(sweep.run_dir / "effects.parquet"), "summary": str(sweep.run_dir / "summary.parquet"),
-            "options": options, "run": sweep.run, "provenance": sweep.provenance}
+            "sites": str(sweep.run_dir / "sites.json"), "options": options, "run": sweep.run, "provenance": sweep.provenance}
     key = content_key("summary", PRODUCER, [p.name for p in effect_shards], options)
-    sweep.run_once("summary", item, key, ("effects.parquet", "summary.parquet"))
+    sweep.run_once("summary", item, key, ("effects.parquet", "summary.parquet", "sites.json"))
 
 
-def stage_circuit(sweep: Sweep) -> None:
-    """The circuit search on a model actor (it needs forward passes), while the actors are up."""
+@contextmanager
+def stage_circuit(sweep: Sweep):
+    """The circuit search on a model actor (it needs forward passes). It reads only the screened pairs, so
+    it runs on an actor of its own beside the stages in the block (the sweep's cache, patch and summary)
+    where the pool has one to spare, else after them; the block's end waits for it."""
     cfg = sweep.cfg
     if not cfg["circuit"]["enabled"]:
+        yield
         return
     item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
             "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
             "provenance": sweep.provenance}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
                       cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
+    stats = sweep.stage("circuit")
     with follow_progress(sweep.run_dir):
-        sweep.run_once("circuit", item, key, ("circuit.json",))
+        job = None if sweep.manifest.is_valid("circuit.json", key) else sweep.pool.start("circuit", item)
+        if job is not None:
+            log.info("circuit: on an actor of its own, beside the cache, patch and summary stages")
+        yield
+        if job is None:
+            sweep.run_once("circuit", item, key, ("circuit.json",))
+        else:
+            for entry in sweep.pool.finish(job, stats):
+                sweep.manifest.record(entry, key=key)
+    sweep.finished("circuit")
 
 
 def stage_direction(sweep: Sweep) -> None:

@@ -185,6 +185,17 @@ class StageStats:
     seconds: float = 0.0
 
 
+@dataclass
+class Background:
+    """One work item on an actor of its own (`WorkerPool.start`) while `map` feeds the pool's other actors."""
+    stage: Stage
+    item: dict
+    actor: int  # its index in the pool
+    ref: ray.ObjectRef
+    started: float  # time.perf_counter()
+    ended: float | None = None  # when the pool saw its result come in
+
+
 def actors_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
     """How many actors of `cpus` CPUs (> 0) and `gpus` GPUs the nodes (each a dict of total resources, as
     `ray.nodes()` reports them) can hold at once. (The small tolerance keeps 0.1 x 10 from falling short of 1.)"""
@@ -257,6 +268,7 @@ class WorkerPool:
     # sweep's actors cost, and how busy they were kept (bench/bench_scheduler.py).
     lifetimes: dict = field(default_factory=dict)
     draining: set = field(default_factory=set)  # actors given back to the room: fed no more, retired once idle
+    background: dict = field(default_factory=dict)  # actor index -> the Background item it runs (map skips it)
 
     def __post_init__(self):
         res = self.cfg["resources"]
@@ -295,14 +307,14 @@ class WorkerPool:
             return
         if self.room.stopping.is_set():
             raise KeyboardInterrupt
-        change = self.room.resize(self, wanted)
+        change = self.room.resize(self, min(wanted + len(self.background), self.cfg["resources"]["actors"]))
         if change > 0:
             self._start(change)
             load.extend([0] * change)
         elif change < 0:
             # The least loaded drain soonest; actors still waiting for placement have loaded nothing yet.
             fed = [a for a in range(len(self.actors)) if self.actors[a] is not None and a not in self.draining
-                   and a not in recovering.values()]
+                   and a not in recovering.values() and a not in self.background]
             self.draining.update(sorted(fed, key=lambda a: (load[a], a in self.placed))[:-change])
         for index in [a for a in self.draining if load[a] == 0 and a not in recovering.values()]:
             self.draining.discard(index)
@@ -333,13 +345,7 @@ class WorkerPool:
                            min(PLACEMENT_NOTICE_S, max(left, 0.1)))
         for ref in done:
             if ref in self.placing:
-                index = self.placing.pop(ref)
-                try:
-                    pid = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    raise WorkFailed(f"a model actor could not start ({_first_line(err)}): check resources") from None
-                self.placed.add(index)
-                self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
+                self._placed(ref)
         if not done and not self.placed:
             waited = time.monotonic() - self.created
             free = ray.available_resources()
@@ -352,6 +358,48 @@ class WorkerPool:
             notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
                     f"resources.placement_timeout_s={res['placement_timeout_s']:g} s")
         return [ref for ref in done if ref in set(others)]
+
+    def _placed(self, ping) -> None:
+        """An actor's first ping answered: Ray has placed it."""
+        index = self.placing.pop(ping)
+        try:
+            pid = ray.get(ping)
+        except ray.exceptions.RayActorError as err:
+            raise WorkFailed(f"a model actor could not start ({_first_line(err)}): check resources") from None
+        self.placed.add(index)
+        self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
+
+    def start(self, stage: Stage, item: dict) -> Background | None:
+        """Run one work item on a placed actor of its own, beside the stages `map` runs on the others, until
+        `finish`. None when the pool has no actor to spare (fewer than two placed): run it with `map` then."""
+        done, _ = ray.wait(list(self.placing), num_returns=len(self.placing), timeout=0)
+        for ping in done:
+            self._placed(ping)
+        free = [a for a in sorted(self.placed) if a not in self.draining and a not in self.background]
+        if len(free) < 2:
+            return None
+        actor = free[-1]
+        self.background[actor] = Background(stage, item, actor, self.actors[actor].run.remote(stage, item),
+                                            time.perf_counter())
+        return self.background[actor]
+
+    def finish(self, job: Background, stats: StageStats) -> list[dict]:
+        """Wait for a `start`ed item's files. Its seconds count from its start to its result; an actor that
+        died on it is restarted by Ray and the item runs again through `map` (resources.max_retries)."""
+        try:
+            result = ray.get(job.ref)
+        except ray.exceptions.RayTaskError as err:
+            raise _user_error(err) from None
+        except ray.exceptions.RayActorError:
+            result = None
+        stats.seconds += (job.ended or time.perf_counter()) - job.started
+        del self.background[job.actor]
+        if result is None:
+            stats.retried += 1
+            with timed(stats):
+                return self.map(job.stage, [job.item], stats=stats)[0]
+        stats.computed += 1
+        return result
 
     def map(self, stage: Stage, items: list[dict], on_result: Callable[[dict, list[dict]], None] | None = None,
             stats: StageStats | None = None) -> list[list[dict]]:
@@ -373,22 +421,28 @@ class WorkerPool:
                   dynamic_ncols=True, leave=True) as bar:
             while pending or in_flight:
                 self._rebalance(min(res["actors"], len(pending) + len(in_flight)), load, recovering)
-                ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining]
+                ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining
+                         and a not in self.background]
                 while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
                     actor = min(ready, key=lambda a: load[a])
                     index = pending.popleft()
                     in_flight[self.actors[actor].run.remote(stage, items[index])] = (index, actor)
                     load[actor] += 1
                 waiting = list(in_flight) + list(recovering)
+                running = {job.ref: job for job in self.background.values() if job.ended is None}
                 # An actor still waiting for room joins as soon as Ray places it; a pool sharing a room
                 # looks up every second (Ctrl-C, room given back by another sweep).
                 if self.placing or not waiting:
-                    finished = self._await_placement(waiting)
+                    finished = self._await_placement(waiting + list(running))
                 else:
-                    finished, _ = ray.wait(waiting, num_returns=1, timeout=None if self.room is None else 1.0)
+                    finished, _ = ray.wait(waiting + list(running), num_returns=1,
+                                           timeout=None if self.room is None else 1.0)
                 if not finished:
                     continue
                 ref = finished[0]
+                if ref in running:  # a background item's result is in: its time ends here (read by `finish`)
+                    running[ref].ended = time.perf_counter()
+                    continue
                 if ref in recovering:
                     self._recovered(recovering, ref)
                     continue
@@ -430,9 +484,9 @@ class WorkerPool:
                              f"{_first_line(err)}") from None
 
     def keep(self, n: int) -> None:
-        """Between stages, when the rest of the sweep runs at most `n` items at a time: let every other actor
-        go (to another sweep sharing the room, or back to the cluster)."""
-        live = [a for a, actor in enumerate(self.actors) if actor is not None]
+        """Between stages, when the rest of the sweep runs at most `n` items at a time (besides its
+        background items): let every other actor go (to another sweep sharing the room, or back to the cluster)."""
+        live = [a for a, actor in enumerate(self.actors) if actor is not None and a not in self.background]
         # Placed actors (their model loaded) are the ones kept; the room already counts draining ones as given back.
         for index in sorted(live, key=lambda a: (a in self.draining, a not in self.placed))[n:]:
             if index in self.draining:
@@ -445,7 +499,7 @@ class WorkerPool:
         for index, actor in enumerate(self.actors):
             if actor is not None:
                 self._retire(index)
-        self.actors = []
+        self.actors, self.background = [], {}
         if self.room is not None:
             self.room.leave(self)
 

@@ -1,6 +1,5 @@
-"""The circuit search on the screened pairs (pipeline.analysis.circuit_search) -> circuit.json, with
-the strongest sites' behaviour flips and per-category effects from effects.parquet, and the circuit's
-knock-out by generation (pipeline.analysis.knockout).
+"""The circuit search on the screened pairs (pipeline.analysis.circuit_search) -> circuit.json, with the
+circuit's knock-out by generation (pipeline.analysis.knockout).
 
 The search runs on a model actor; it writes where it is (phase, steps done, time left) to PROGRESS in
 the run folder, and `follow_progress` draws that on the driver while the item runs."""
@@ -16,7 +15,6 @@ from tqdm import tqdm
 
 from pipeline.analysis.circuit_search import Progress, find_circuit
 from pipeline.analysis.knockout import knockout_by_generation
-from pipeline.analysis.statistics import site_breakdown
 from pipeline.config import CircuitConfig, SummaryConfig
 from pipeline.store import publish_json, read_table
 
@@ -31,8 +29,7 @@ def run(model, tokenizer, item: dict) -> list[Path]:
     result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
                           item["metric"], item["model"], progress)
     knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit)
-    circuit = result.to_json() | {"provenance": item["provenance"], "knockout_generation": knockout,
-                                  "breakdown": site_breakdown(run_dir, summary.top_k)}
+    circuit = result.to_json() | {"provenance": item["provenance"], "knockout_generation": knockout}
     path = run_dir / "circuit.json"
     publish_json(path, circuit)
     return [path]

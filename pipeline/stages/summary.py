@@ -9,8 +9,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.analysis.positions import position_tokens
-from pipeline.analysis.statistics import read_effects, summarise
-from pipeline.store import read_table, with_columns, write_table
+from pipeline.analysis.statistics import read_effects, site_breakdown, summarise
+from pipeline.store import publish_json, read_table, with_columns, write_table
 
 SUMMARY_SCHEMA = pa.schema([
     ("model", pa.string()), ("direction", pa.string()), ("component", pa.string()),
@@ -32,15 +32,17 @@ def summary_table(summary: pd.DataFrame, seq_lens: set[int]) -> pa.Table:
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: shards (effect shard paths), pairs, effects and summary (the outputs), options (the
+    """`item`: shards (effect shard paths), pairs, effects, summary and sites (the outputs), options (the
     summary config), run (the run's own columns), provenance. The model is not used: the summary is
     arithmetic over pairs."""
     effects = pa.concat_tables([read_table(p) for p in item["shards"]]).replace_schema_metadata(None)
     effects_path = write_table(item["effects"], with_columns(effects, item["run"]), item["provenance"])
     options = item["options"]
     pairs = read_table(item["pairs"])
-    summary = summarise(read_effects(effects_path), options["n_bootstrap"], options["ci"], options["seed"],
-                        position_tokens(pairs))
+    effects = read_effects(effects_path)
+    summary = summarise(effects, options["n_bootstrap"], options["ci"], options["seed"], position_tokens(pairs))
     meta = {**item["provenance"], "n_bootstrap": options["n_bootstrap"], "ci": options["ci"]}
     table = with_columns(summary_table(summary, set(pairs.column("seq_len").to_pylist())), item["run"])
-    return [effects_path, write_table(item["summary"], table, meta)]
+    publish_json(item["sites"], {"provenance": item["provenance"],
+                                 "sites": site_breakdown(effects, pairs, options["top_k"])})
+    return [effects_path, write_table(item["summary"], table, meta), Path(item["sites"])]
