@@ -12,7 +12,8 @@ in one process on the same pairs: the circuit step's path before single-node ver
 circuit per node, every node kept but one, through `CircuitRunner.metrics` of pipeline/engine/circuits.py
 as of commit --baseline, loaded from git) and today's `CircuitRunner.single_node_metrics`. Prints both
 wall and CPU times (this process's, less moved by other jobs), rows (node x pair) per second, the ratios
-and the largest difference, with the load average before and after (the machine is shared: ratios within
+and the largest difference, the (position, layer) cells each path computes (`token_layers`: how much of
+the ratio is work left out, how much is work done faster), with the load average before and after (the machine is shared: ratios within
 one run are what counts).
 """
 from __future__ import annotations
@@ -106,6 +107,27 @@ def baseline_runner(revision: str):
     return module.CircuitRunner
 
 
+def token_layers(evaluator, nodes, n_layers: int) -> tuple[int, int]:
+    """(before, single-node): the (position, layer) cells each path computes for every (node, pair) row,
+    counting the last layer as the final position alone (both paths run its MLP and output projection
+    there only). Before: from the node's layer at every position from the first differing token; single
+    node: from the node's layer at the positions from its class's first one, and nothing for a pair
+    without a position of the node's class."""
+    before = single = 0
+    for runner in evaluator.runners:
+        classes = runner.classes  # [P, T'] from the first differing token
+        n_pairs, width = classes.shape
+        for i in range(len(nodes)):
+            layer, cls = int(nodes.layer[i]), int(nodes.cls[i])
+            in_class = classes == cls
+            if layer == n_layers - 1:
+                in_class[:, :-1] = False
+            begin = in_class.float().argmax(1)
+            before += n_pairs * ((n_layers - 1 - layer) * width + 1)
+            single += int((in_class.any(1) * ((n_layers - 1 - layer) * (width - begin) + 1)).sum())
+    return before, single
+
+
 def verify(args) -> None:
     from pipeline.analysis.circuit_search import prepare
     from pipeline.config import CircuitConfig
@@ -127,6 +149,7 @@ def verify(args) -> None:
     before_s, before_cpu = time.perf_counter() - clock, time.process_time() - cpu
     load_after = os.getloadavg()
     effects_fast, effects_before = evaluator.effects(fast), evaluator.effects(before)
+    cells_before, cells_single = token_layers(evaluator, nodes, setup.n_layers)
     print(json.dumps({
         "organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes), "rows": n_rows,
         "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
@@ -135,6 +158,9 @@ def verify(args) -> None:
         "ratio": round(before_s / fast_s, 2),
         "before_cpu_s": round(before_cpu, 1), "single_node_cpu_s": round(fast_cpu, 1),
         "ratio_cpu": round(before_cpu / fast_cpu, 2),
+        "length_groups": [len(g.rows) for g in setup.groups],
+        "token_layers_before": cells_before, "token_layers_single_node": cells_single,
+        "token_layer_ratio": round(cells_before / cells_single, 2),
         "max_abs_diff_metric": float((fast - before).abs().max()),
         "max_abs_diff_effect": float((effects_fast - effects_before).abs().max()),
         "load_average_before": [round(x, 2) for x in load_before],

@@ -56,6 +56,9 @@ def test_masked_circuits_match_the_hook_per_node_reference(model_type):
     torch.testing.assert_close(fast[1], runner.metric_empty, atol=2e-5, rtol=1e-5)
     # Float masks interpolate: all-ones and all-zeros as floats equal the bool circuits.
     torch.testing.assert_close(runner.metrics(nodes, masks[:2].float()), fast[:2], atol=2e-5, rtol=1e-5)
+    # Some of the pairs, in any order (a bootstrap resample computes the pairs it drew).
+    some = torch.tensor([2, 0])
+    torch.testing.assert_close(runner.metrics(nodes, masks, some), fast[:, some], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
@@ -414,7 +417,7 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
             self.weights = torch.tensor(weights, dtype=torch.float32)  # [N, P]
             self.n_pairs, self.metric_full, self.metric_empty = n_pairs, torch.ones(n_pairs), torch.zeros(n_pairs)
 
-        def metrics(self, nodes, masks):
+        def metrics(self, nodes, masks, pairs=None):  # every pair (a resample reads the ones it drew)
             return masks.float() @ self.weights
 
         def without_each(self, nodes, members):

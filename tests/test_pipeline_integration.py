@@ -274,7 +274,7 @@ def test_rerun_reuses_shards_and_recomputes_a_damaged_one(run):
 def test_command_line_reuses_the_finished_run(run):
     """`python -m pipeline experiment=refusal_tiny` over the same output root: nothing recomputed, the
     summary printed, a second MLflow run logged."""
-    result = subprocess.run([sys.executable, "-m", "pipeline", *TINY_SWEEP, f"output_root={run['root']}"],
+    result = subprocess.run([sys.executable, "-m", "pipeline", *run["overrides"]],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

@@ -239,7 +239,8 @@ def test_cluster_refuses_a_driver_without_the_token(setup, tmp_path):
 
 def test_worker_killed_mid_sweep(setup, undisturbed):
     """SIGKILL one model actor while patch shards are being published: Ray restarts it, the driver
-    resubmits its items, the sweep finishes with the undisturbed effects (the second model's)."""
+    resubmits its items (patch items, or the circuit step it runs beside them), the sweep finishes with the
+    undisturbed effects (the second model's)."""
     model = setup["models"][1]
     output_root = setup["root"] / "worker-killed"
     process = start(setup, output_root, [model])
@@ -254,12 +255,12 @@ def test_worker_killed_mid_sweep(setup, undisturbed):
         if process.poll() is None:
             process.kill()
     log = (output_root.parent / "worker-killed.log").read_text()
-    assert re.search(r"patch \d+ computed/0 reused/[1-9]\d* retried", log), log[-3000:]
+    retried = re.search(r"(patch|circuit) \d+ computed/0 reused/([1-9]\d*) retried", log)
+    assert retried, log[-3000:]
     got = effects(output_root, model)
     assert_same_effects(got, effects(undisturbed["root"], model))
-    retried = re.search(r"patch \d+ computed/0 reused/(\d+) retried", log).group(1)
-    print(f"worker killed after {published} published shards, {retried} items retried; {len(got)} effect rows "
-          "identical to the undisturbed run's")
+    print(f"worker killed after {published} published shards, {retried.group(2)} {retried.group(1)} items retried; "
+          f"{len(got)} effect rows identical to the undisturbed run's")
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,7 @@ class CircuitRunner:
     """Evaluates many circuits on one group of pairs of equal length, packed.
 
     `metrics(nodes, masks)` -> [C, P]: the metric of every pair with circuit c (row c of masks [C, N],
-    bool or float in [0, 1]) kept and every other node patched from the source run.
+    bool or float in [0, 1]) kept and every other node patched from the source run (`pairs`: of some).
     """
 
     @torch.no_grad()
@@ -265,13 +265,14 @@ class CircuitRunner:
             raise ValueError("embedding nodes are inputs, not circuit members: leave them out of circuit masks")
 
     @torch.no_grad()
-    def metrics(self, nodes: Nodes, masks: torch.Tensor) -> torch.Tensor:
-        """masks [C, N] (bool, or float for interpolation) -> metric [C, P]."""
+    def metrics(self, nodes: Nodes, masks: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """masks [C, N] (bool, or float for interpolation) -> metric [C, P'] on `pairs` (indices, default all P)."""
         masks = masks.cpu()
         if masks.ndim != 2 or masks.shape[1] != len(nodes):
             raise ValueError(f"masks must be [circuits, {len(nodes)} nodes], got {tuple(masks.shape)}")
         self._check_nodes(nodes)
-        n_circuits, n_pairs = masks.shape[0], self.n_pairs
+        pairs = torch.arange(self.n_pairs) if pairs is None else pairs.cpu().long()
+        n_circuits, n_pairs = masks.shape[0], len(pairs)
         keep_head, keep_mlp = _dense_keep(nodes, masks, self.adapter.n_layers, self.n_classes, self.adapter.n_heads)
         start_layer, from_base = self._start_layers(keep_head, keep_mlp)
         # Circuits in order of their start layer, so a batch's rows share (nearly) one start layer.
@@ -280,10 +281,11 @@ class CircuitRunner:
         n_rows = n_circuits * n_pairs
         for begin in range(0, n_rows, self.batch_rows):
             flat = torch.arange(begin, min(begin + self.batch_rows, n_rows))
-            circuit, pair = order[flat // n_pairs], flat % n_pairs
+            circuit, column = order[flat // n_pairs], flat % n_pairs
+            pair = pairs[column]
             final = self._final_resid(pair, keep_head[circuit], keep_mlp[circuit], int(start_layer[circuit].min()),
                                       from_base[circuit])
-            out[circuit, pair] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
+            out[circuit, column] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
         return out
 
     @torch.no_grad()
