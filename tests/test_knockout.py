@@ -27,11 +27,12 @@ def tiny():
     return load_model(resolve("refusal-tiny"))
 
 
-def _group(tokenizer, pairs) -> PairGroup:
-    """One length group of pairs; position class 1 = the harmful word, 0 = every other position."""
+def _group(tokenizer, pairs, first_row: int = 0) -> PairGroup:
+    """One length group of pairs (rows first_row...); position class 1 = the harmful word, 0 = every other position."""
     batch = pairs_from_strings(tokenizer, pairs)
     clean, corrupted = batch["clean_ids"], batch["corrupted_ids"]
-    return PairGroup(torch.arange(len(clean)), clean, corrupted, batch["answers"], (clean != corrupted).long())
+    return PairGroup(torch.arange(first_row, first_row + len(clean)), clean, corrupted, batch["answers"],
+                     (clean != corrupted).long())
 
 
 @pytest.mark.parametrize("circuit_alone", [False, True])
@@ -62,7 +63,7 @@ def test_knockout_rates_on_refusal_tiny(tiny):
     reaches the output through the residual stream alone; the circuit alone is the plain model. An empty
     circuit knocked out is the plain model too."""
     model, tokenizer = tiny
-    groups = [_group(tokenizer, [p]) for p in PAIRS]
+    groups = [_group(tokenizer, [p], row) for row, p in enumerate(PAIRS)]
     nodes = Nodes.grid(get_adapter(model), [0, 1])
     everything = knockout_by_generation(model, tokenizer, groups, nodes, list(range(len(nodes))))
     assert everything["n_pairs"] == 3 and everything["refusal_rate"]["plain"] == 1.0
@@ -70,3 +71,8 @@ def test_knockout_rates_on_refusal_tiny(tiny):
     assert everything["examples"]["circuit_alone"] == everything["examples"]["plain"]
     nothing = knockout_by_generation(model, tokenizer, groups, nodes, [])
     assert nothing["examples"]["circuit_knocked_out"] == nothing["examples"]["plain"]
+    # The plain replies handed in (the behaviour screen's, by row) are those it would generate.
+    screened = nothing["examples"]["plain"]  # one pair per group, three groups: every reply
+    assert knockout_by_generation(model, tokenizer, groups, nodes, [], plain=screened) == nothing
+    flipped = knockout_by_generation(model, tokenizer, groups, nodes, [], plain=["Sure, here it is."] * 3)
+    assert flipped["refusal_rate"]["plain"] == 0.0 and flipped["refusal_rate"]["circuit_knocked_out"] == 1.0

@@ -19,7 +19,8 @@ from pipeline.engine.adapters import get_adapter
 from pipeline.engine.circuits import Nodes, node_masks, prompt_patch_hooks
 from pipeline.engine.hooks import installed, run_with_cache
 
-# As the behaviour screen's replies (prompts.max_new_tokens' default): the decision shows in the first tokens.
+# As the behaviour screen's replies (prompts.max_new_tokens, which the sweep passes): the decision shows in
+# the first tokens.
 KNOCKOUT_NEW_TOKENS = 8
 CONDITIONS = {
     "plain": "the harmful prompt as it is",
@@ -30,8 +31,11 @@ CONDITIONS = {
 
 @torch.no_grad()
 def knockout_by_generation(model, tokenizer, groups: Sequence[PairGroup], nodes: Nodes, circuit: Sequence[int],
-                           max_new_tokens: int = KNOCKOUT_NEW_TOKENS, n_examples: int = 3) -> dict:
-    """Refusal rates of the harmful prompts' greedy replies under each of CONDITIONS, with a few replies."""
+                           max_new_tokens: int = KNOCKOUT_NEW_TOKENS, n_examples: int = 3,
+                           plain: Sequence[str] | None = None) -> dict:
+    """Refusal rates of the harmful prompts' greedy replies under each of CONDITIONS, with a few replies.
+    `plain`: the harmful prompts' replies as they are, when already generated the same way (the behaviour
+    screen's, `max_new_tokens` long), by the row the groups index; else they are generated here."""
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     selected = torch.zeros(len(nodes), dtype=torch.bool)
@@ -44,10 +48,13 @@ def knockout_by_generation(model, tokenizer, groups: Sequence[PairGroup], nodes:
         patched = {"plain": None, "circuit_knocked_out": (heads, mlps), "circuit_alone": (~heads, ~mlps)}
         prompts = group.clean.tolist()
         for name, masks in patched.items():
-            hooks = [] if masks is None else prompt_patch_hooks(adapter, source, *masks)
-            with installed(hooks):  # one batch of the whole group: its rows are the hooks' pair rows
-                replies = greedy_generations(model, prompts, max_new_tokens, batch_size=len(prompts))
-            texts = [decode(tokenizer, r.ids) for r in replies]
+            if masks is None and plain is not None:
+                texts = [plain[int(row)] for row in group.rows]
+            else:
+                hooks = [] if masks is None else prompt_patch_hooks(adapter, source, *masks)
+                with installed(hooks):  # one batch of the whole group: its rows are the hooks' pair rows
+                    replies = greedy_generations(model, prompts, max_new_tokens, batch_size=len(prompts))
+                texts = [decode(tokenizer, r.ids) for r in replies]
             refused[name] += [is_refusal(t) for t in texts]
             examples[name] += texts[:max(0, n_examples - len(examples[name]))]
     n = len(refused["plain"])

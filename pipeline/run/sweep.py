@@ -438,9 +438,9 @@ def stage_circuit(sweep: Sweep):
         return
     item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
             "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
-            "provenance": sweep.provenance}
+            "max_new_tokens": cfg["prompts"]["max_new_tokens"], "provenance": sweep.provenance}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
-                      cfg["circuit"], cfg["summary"], cfg["patching"]["metric"])
+                      cfg["circuit"], cfg["summary"], cfg["patching"]["metric"], cfg["prompts"]["max_new_tokens"])
     stats = sweep.stage("circuit")
     with follow_progress(sweep.run_dir):
         job = None if sweep.manifest.is_valid("circuit.json", key) else sweep.pool.start("circuit", item)

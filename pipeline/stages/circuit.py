@@ -22,13 +22,17 @@ PROGRESS = "circuit.progress.json"
 
 
 def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: run_dir, circuit and summary (their configs), metric, model (its name), provenance."""
+    """`item`: run_dir, circuit and summary (their configs), metric, model (its name), max_new_tokens (the
+    screen's reply length: the knock-out's too), provenance."""
     run_dir = Path(item["run_dir"])
     summary = SummaryConfig(**item["summary"])
     progress = Progress(lambda state: publish_json(run_dir / PROGRESS, state))
     result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
                           item["metric"], item["model"], progress)
-    knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit)
+    # The harmful prompts' replies as they are: the behaviour screen's, when it generated them (as long).
+    screened = result.setup.pairs.column("clean_generation")
+    knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit,
+                                      item["max_new_tokens"], plain=None if screened.null_count else screened.to_pylist())
     circuit = result.to_json() | {"provenance": item["provenance"], "knockout_generation": knockout}
     path = run_dir / "circuit.json"
     publish_json(path, circuit)
