@@ -315,13 +315,13 @@ def build_pairs_file(sweep: Sweep, key: str) -> None:
     put together into pairs.parquet. Only a batch's pairs are in an actor's memory at a time, and every
     file is named by a content key, so a resumed run reuses the batches it finished."""
     prompts, folder, prov = sweep.cfg["prompts"], sweep.run_dir / "pairs", sweep.provenance
-    [tokens] = run_sharded(sweep, "pairs", folder / "tokens", [
+    [tokens_file] = run_sharded(sweep, "pairs", folder / "tokens", [
         {"name": "pairs", "model_path": sweep.cfg["model"]["path"], "prompts": prompts,
          "out": str(folder / "tokens" / f"{key}.arrow"), "provenance": prov}])
-    n, size = read_table(tokens).num_rows, sweep.cfg["resources"]["pairs_shard_size"]
+    n, size = read_table(tokens_file).num_rows, sweep.cfg["resources"]["pairs_shard_size"]
     batches = [(start, min(start + size, n)) for start in range(0, n, size)]
     replies = run_pairs_phase(sweep, "replies", folder / "replies", [
-        {"name": f"replies {start}-{stop}", "tokens": str(tokens), "start": start, "stop": stop,
+        {"name": f"replies {start}-{stop}", "tokens": str(tokens_file), "start": start, "stop": stop,
          "max_new_tokens": prompts["max_new_tokens"], "provenance": prov,
          "out": str(folder / "replies" / f"{content_key('replies', key, start, stop)}.arrow")}
         for start, stop in batches] if prompts["generate"] else [])
@@ -330,13 +330,13 @@ def build_pairs_file(sweep: Sweep, key: str) -> None:
         {"name": "answers", "replies": [str(path) for path in replies], "prompts": prompts,
          "out": str(folder / "answers" / f"{answers_key}.json")}])
     screened = run_pairs_phase(sweep, "screen", folder / "screen", [
-        {"name": f"screen {start}-{stop}", "tokens": str(tokens), "start": start, "stop": stop,
+        {"name": f"screen {start}-{stop}", "tokens": str(tokens_file), "start": start, "stop": stop,
          "replies": str(replies[i]) if replies else None, "answers": str(answers), "provenance": prov,
          "out": str(folder / "screen" / f"{content_key('screen', answers_key, start, stop)}.arrow")}
         for i, (start, stop) in enumerate(batches)])
     with timed(sweep.stage("pairs")):
         counts = sum((pairs_stage.read_counts(path) for path in screened), ScreenCounts())
-        report = pairs_report(counts, pairs_stage.n_duplicates(tokens), prompts["align"], prompts["generate"],
+        report = pairs_report(counts, pairs_stage.n_duplicates(tokens_file), prompts["align"], prompts["generate"],
                               pairs_stage.read_answers(answers))
         kept = pa.concat_tables([read_table(path).replace_schema_metadata(None) for path in screened])
         path = write_table(sweep.run_dir / "pairs.parquet", with_columns(with_report(kept, report), sweep.run),

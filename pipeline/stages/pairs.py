@@ -37,7 +37,8 @@ def run(model, tokenizer, item: dict) -> list[Path]:
                          seed=prompts["seed"], split=prompts["split"])
     tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, pairs, prompts["align"]))
     check_answer_source(prompts["generate"], prompts["refusal_tokens"], prompts["compliance_tokens"])
-    return [write_table(item["out"], tokens_table(tokenized), {**item["provenance"], "n_duplicates": str(n_duplicates)})]
+    return [write_table(item["out"], tokens_table(tokenized),
+                        {**item["provenance"], "n_duplicates": str(n_duplicates)})]
 
 
 def tokens_table(tokenized: list[TokenizedPair]) -> pa.Table:
@@ -84,9 +85,10 @@ def read_replies(path: str | Path) -> Replies:
 def answers(model, tokenizer, item: dict) -> list[Path]:
     """`item`: replies (every batch's replies file, in pair order), prompts, out."""
     prompts = item["prompts"]
-    tokens = answers_from_replies(tokenizer, [read_replies(p) for p in item["replies"]], prompts["refusal_tokens"],
-                                  prompts["compliance_tokens"], prompts["answer_top_k"])
-    publish_json(item["out"], tokens.to_dict(tokenizer))
+    answer_tokens = answers_from_replies(tokenizer, [read_replies(p) for p in item["replies"]],
+                                         prompts["refusal_tokens"], prompts["compliance_tokens"],
+                                         prompts["answer_top_k"])
+    publish_json(item["out"], answer_tokens.to_dict(tokenizer))
     return [Path(item["out"])]
 
 
@@ -99,9 +101,9 @@ def screen(model, tokenizer, item: dict) -> list[Path]:
     """`item`: tokens, start, stop, replies (this batch's replies file, None when generation is off), answers
     (the answers file), out, provenance."""
     saved = read_answers(item["answers"])
-    tokens = AnswerTokens(tuple(saved["refusal_ids"]), tuple(saved["compliance_ids"]), saved["answer_source"])
+    answer_tokens = AnswerTokens(tuple(saved["refusal_ids"]), tuple(saved["compliance_ids"]), saved["answer_source"])
     batch = read_tokens(item["tokens"], item["start"], item["stop"])
-    screened = screen_batch(model, batch, read_replies(item["replies"]) if item["replies"] else None, tokens)
+    screened = screen_batch(model, batch, read_replies(item["replies"]) if item["replies"] else None, answer_tokens)
     # The clean prompt's tokens as strings: labels for positions in heatmaps and diagrams.
     labels = [tokenizer.convert_ids_to_tokens(ids) for ids in screened.table.column("clean_ids").to_pylist()]
     table = screened.table.append_column("clean_tokens", pa.array(labels, pa.list_(pa.string())))
