@@ -122,6 +122,7 @@ class ResourcesConfig:
     max_in_flight: int = 2  # work items queued per actor (bounded window)
     max_retries: int = 3  # resubmissions of a work item whose actor died
     shard_size: int = 16  # pairs per work item
+    pairs_shard_size: int = 128  # pairs per work item of the pairs stage (greedy replies, screen)
     placement_timeout_s: float = 600.0  # how long the sweep waits for room for its first model actor
 
 

@@ -107,6 +107,7 @@ def _check_sizes(cfg: dict) -> None:
         "patching.batch_size": cfg["patching"]["batch_size"],
         "prompts.n_pairs": cfg["prompts"]["n_pairs"],
         "resources.shard_size": cfg["resources"]["shard_size"],
+        "resources.pairs_shard_size": cfg["resources"]["pairs_shard_size"],
         "prompts.answer_top_k": cfg["prompts"]["answer_top_k"],
         "resources.actors": cfg["resources"]["actors"],
         "resources.cpus_per_actor": cfg["resources"]["cpus_per_actor"],

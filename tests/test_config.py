@@ -107,6 +107,7 @@ def test_valid_config_passes(valid):
     ("patching.batch_size=0", ("patching.batch_size=0",)),
     ("patching.batch_size=-8", ("patching.batch_size=-8",)),
     ("resources.shard_size=0", ("resources.shard_size",)),
+    ("resources.pairs_shard_size=0", ("resources.pairs_shard_size",)),
     ("resources=gpu", ("GPU", "resources=cpu")),
     ("tracking.uri=file:///tmp/mlruns", ("plain folder store", "tracking.uri")),
     ("prompts.align=middle", ("prompts.align",)),

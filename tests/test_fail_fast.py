@@ -331,22 +331,6 @@ def test_killed_and_interrupted_sweeps_resume(tmp_path):
     assert reused >= finished, resumed.stdout
 
 
-def test_many_generated_pairs_get_an_estimate(tmp_path):
-    """The pairs stage is one work item that shows no progress: for many generated pairs the sweep first
-    times a sample and says how long the whole set will take, then runs it (no sample file left behind)."""
-    from pipeline.run.sweep import ESTIMATE_PAIRS_ABOVE
-
-    out = tmp_path / "out"
-    n = ESTIMATE_PAIRS_ABOVE + 88
-    ran = succeeds(*CHEAP, f"prompts.n_pairs={n}", "resources.shard_size=64", f"output_root={tmp_path}",
-                   f"output_dir={out}")
-    [line] = [line for line in ran.stderr.splitlines() if "pairs: generating and screening" in line]
-    assert re.search(rf"^patchsweep: pairs: generating and screening {n} pairs in one work item takes about \d+ "
-                     r"(s|min) at the \d+ pairs/s of a 64-pair sample", line), line
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
-    print(f"\n{n} generated pairs, {ran.seconds:.1f} s in all: {line}")
-
-
 HOLD = """
 import ray, sys
 ray.init(address=sys.argv[1], logging_level="error", log_to_driver=False)

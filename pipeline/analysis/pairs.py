@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterable, Literal, NamedTuple, Sequence
 
@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.analysis.behaviour import (SCREEN_METRIC, chat_text, decode, derive_answer_tokens, final_answer_logits,
-                                         greedy_generate, is_refusal)
+from pipeline.analysis.behaviour import (SCREEN_METRIC, AnswerTokens, chat_text, decode, derive_answer_tokens,
+                                         final_answer_logits, greedy_generate, is_refusal)
 from pipeline.analysis.prompt_files import read_user_file
 from pipeline.engine.metrics import Answers, answer_metric
 from pipeline.organisms import GRAMMAR_ORGANISMS
@@ -194,10 +194,126 @@ def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:
 
 
 # --- answer tokens, screen and table -----------------------------------------------------------------
+#
+# The screen runs in three phases, so that a large set can go in batches with the result of one pass:
+# replies (greedy generation and the judge, per batch), answer tokens (once, from every batch's replies:
+# first-token counts add up over batches) and the screen proper (first-token metric and keep, per batch).
+# `build_pairs` runs them on the whole set at once; the pairs stage runs them as work items.
 
 class PairsResult(NamedTuple):
     table: pa.Table   # the pairs.parquet contract (module docstring), screened pairs only
     report: dict      # counts, fraction kept, rates, answer tokens
+
+
+class Replies(NamedTuple):
+    """The greedy replies of a batch of pairs, clean prompts first then corrupted (2 x pairs entries each)."""
+    texts: list[str]
+    refused: list[bool]
+    first_tokens: list[int | None]  # each reply's first token (None: an empty reply), what answer tokens come from
+
+
+def check_answer_source(generate: bool, refusal_tokens, compliance_tokens) -> None:
+    """Answer tokens come from the replies unless both are named: without generation both must be named."""
+    if not generate and (refusal_tokens is None or compliance_tokens is None):
+        raise ValueError("answer tokens are derived from the model's generations: set generate=true or name "
+                         "both prompts.refusal_tokens and prompts.compliance_tokens")
+
+
+def screen_prompts(tokenized: Sequence[TokenizedPair]) -> list[list[int]]:
+    return [t.clean_ids for t in tokenized] + [t.corrupted_ids for t in tokenized]
+
+
+def pair_replies(model, tokenizer, tokenized: Sequence[TokenizedPair], max_new_tokens: int = 8,
+                 batch_size: int = 64) -> Replies:
+    """Greedy replies to the pairs' clean and corrupted prompts, judged (`is_refusal`)."""
+    generations = greedy_generate(model, screen_prompts(tokenized), max_new_tokens, batch_size)
+    texts = [decode(tokenizer, g) for g in generations]
+    return Replies(texts, [is_refusal(t) for t in texts], [g[0] if g else None for g in generations])
+
+
+def answers_from_replies(tokenizer, batches: Sequence[Replies], refusal_tokens=None, compliance_tokens=None,
+                         top_k: int = 1) -> AnswerTokens:
+    """The answer tokens of the whole set from its batches' replies (in pair order): every clean reply
+    before every corrupted one, the order of the all-at-once screen, so that ties in the first-token counts
+    break the same way."""
+    firsts, refused = [], []
+    for half in (0, 1):
+        for replies in batches:
+            n = len(replies.first_tokens) // 2
+            firsts += replies.first_tokens[half * n:(half + 1) * n]
+            refused += replies.refused[half * n:(half + 1) * n]
+    generations = [[] if token is None else [token] for token in firsts]
+    return derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens, top_k)
+
+
+@dataclass(frozen=True)
+class ScreenCounts:
+    """What the pairs report counts, for a batch or (added up) for the whole set."""
+    n_pairs: int = 0
+    n_kept: int = 0
+    n_aligned_unequal: int = 0
+    clean_refused_by_metric: int = 0
+    corrupted_refused_by_metric: int = 0
+    clean_refused_by_generation: int = 0
+    corrupted_refused_by_generation: int = 0
+
+    def __add__(self, other: ScreenCounts) -> ScreenCounts:
+        return ScreenCounts(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+class ScreenedBatch(NamedTuple):
+    table: pa.Table        # the kept pairs (pairs.parquet's columns)
+    counts: ScreenCounts
+
+
+def screen_batch(model, tokenized: Sequence[TokenizedPair], replies: Replies | None, answers: AnswerTokens,
+                 batch_size: int = 64) -> ScreenedBatch:
+    """The first-token metric of each pair under `answers`, and the pairs kept: the model refuses the clean
+    prompt and complies with the corrupted one, by the metric (> 0 on clean, < 0 on corrupted) and, with
+    `replies` (generation on), by the replies too."""
+    n = len(tokenized)
+    logits = final_answer_logits(model, screen_prompts(tokenized), answers.refusal + answers.compliance, batch_size)
+    metric = answer_metric(SCREEN_METRIC, logits, answers.answers(2 * n)).tolist()
+    metric_clean, metric_corrupted = metric[:n], metric[n:]
+    texts, refused = (replies.texts, replies.refused) if replies is not None else ([None] * (2 * n), [None] * (2 * n))
+    keep = [metric_clean[i] > 0 > metric_corrupted[i] and (replies is None or (refused[i] and not refused[n + i]))
+            for i in range(n)]
+    counts = ScreenCounts(
+        n_pairs=n, n_kept=sum(keep), n_aligned_unequal=sum(t.align_offset != 0 for t in tokenized),
+        clean_refused_by_metric=sum(m > 0 for m in metric_clean),
+        corrupted_refused_by_metric=sum(m > 0 for m in metric_corrupted),
+        clean_refused_by_generation=sum(refused[:n]) if replies is not None else 0,
+        corrupted_refused_by_generation=sum(refused[n:]) if replies is not None else 0)
+    rows = [i for i in range(n) if keep[i]]
+    return ScreenedBatch(pairs_table(tokenized, rows, answers, metric_clean, metric_corrupted, texts[:n], texts[n:]),
+                         counts)
+
+
+def pairs_report(counts: ScreenCounts, n_duplicates: int, align: Align, generate: bool, answers: dict) -> dict:
+    """The pairs report (pairs.parquet's `pairs_report`) from the whole set's counts; `answers`:
+    `AnswerTokens.to_dict`. Raises when no pair survived the screen."""
+    n = counts.n_pairs
+    report = {
+        "n_pairs": n, "n_duplicates": n_duplicates, "n_kept": counts.n_kept, "fraction_kept": counts.n_kept / n,
+        "align": align,
+        "n_aligned_unequal": counts.n_aligned_unequal,
+        "clean_refused_by_metric": counts.clean_refused_by_metric / n,
+        "corrupted_refused_by_metric": counts.corrupted_refused_by_metric / n,
+        "clean_refused_by_generation": counts.clean_refused_by_generation / n if generate else None,
+        "corrupted_refused_by_generation": counts.corrupted_refused_by_generation / n if generate else None,
+    } | answers
+    if not counts.n_kept:
+        raise ValueError(
+            f"no pair survived the behaviour screen ({n} pairs; the model refused "
+            f"{100 * report['clean_refused_by_metric']:.0f}% of clean and "
+            f"{100 * report['corrupted_refused_by_metric']:.0f}% of corrupted prompts by the first-token metric, "
+            f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}): use a model that refuses "
+            f"harmful prompts, other pairs, or name the answer tokens (prompts.refusal_tokens/compliance_tokens)")
+    return report
+
+
+def with_report(table: pa.Table, report: dict) -> pa.Table:
+    return table.replace_schema_metadata({b"pairs_report": json.dumps(report).encode()})
 
 
 def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Align = "none",
@@ -206,7 +322,7 @@ def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Al
                 answer_top_k: int = 1, generate: bool = True, max_new_tokens: int = 8,
                 batch_size: int = 64) -> PairsResult:
     """Tokenize, drop repeated pairs (`unique_pairs`; the report counts them), derive answer tokens,
-    screen, and tabulate `pairs` for `model`.
+    screen, and tabulate `pairs` for `model`, all at once (the pairs stage runs the same phases in batches).
 
     A pair is kept when the model refuses its clean prompt and complies with its corrupted one: by the
     first-token metric (refusal_logodds > 0 on clean, < 0 on corrupted) and, with `generate`, also by
@@ -215,43 +331,13 @@ def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Al
     or vocabulary strings) name them.
     """
     tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, pairs, align))
-    if not generate and (refusal_tokens is None or compliance_tokens is None):
-        raise ValueError("answer tokens are derived from the model's generations: set generate=true or name "
-                         "both prompts.refusal_tokens and prompts.compliance_tokens")
-    prompts = [t.clean_ids for t in tokenized] + [t.corrupted_ids for t in tokenized]
-    n = len(tokenized)
-    if generate:
-        generations = greedy_generate(model, prompts, max_new_tokens, batch_size)
-        texts = [decode(tokenizer, g) for g in generations]
-        refused = [is_refusal(t) for t in texts]
-    else:
-        generations, texts, refused = [], [None] * (2 * n), [None] * (2 * n)
-    answers = derive_answer_tokens(tokenizer, generations, refused, refusal_tokens, compliance_tokens, answer_top_k)
-    logits = final_answer_logits(model, prompts, answers.refusal + answers.compliance, batch_size)
-    metric = answer_metric(SCREEN_METRIC, logits, answers.answers(2 * n)).tolist()
-    metric_clean, metric_corrupted = metric[:n], metric[n:]
-
-    keep = [metric_clean[i] > 0 > metric_corrupted[i]
-            and (not generate or (refused[i] and not refused[n + i])) for i in range(n)]
-    report = {
-        "n_pairs": n, "n_duplicates": n_duplicates, "n_kept": sum(keep), "fraction_kept": sum(keep) / n,
-        "align": align,
-        "n_aligned_unequal": sum(t.align_offset != 0 for t in tokenized),
-        "clean_refused_by_metric": sum(m > 0 for m in metric_clean) / n,
-        "corrupted_refused_by_metric": sum(m > 0 for m in metric_corrupted) / n,
-        "clean_refused_by_generation": sum(refused[:n]) / n if generate else None,
-        "corrupted_refused_by_generation": sum(refused[n:]) / n if generate else None,
-    } | answers.to_dict(tokenizer)
-    if not any(keep):
-        raise ValueError(
-            f"no pair survived the behaviour screen ({n} pairs; the model refused "
-            f"{100 * report['clean_refused_by_metric']:.0f}% of clean and "
-            f"{100 * report['corrupted_refused_by_metric']:.0f}% of corrupted prompts by the first-token metric, "
-            f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}): use a model that refuses "
-            f"harmful prompts, other pairs, or name the answer tokens (prompts.refusal_tokens/compliance_tokens)")
-    rows = [i for i in range(n) if keep[i]]
-    table = pairs_table(tokenized, rows, answers, metric_clean, metric_corrupted, texts[:n], texts[n:])
-    return PairsResult(table.replace_schema_metadata({b"pairs_report": json.dumps(report).encode()}), report)
+    check_answer_source(generate, refusal_tokens, compliance_tokens)
+    replies = pair_replies(model, tokenizer, tokenized, max_new_tokens, batch_size) if generate else None
+    answers = answers_from_replies(tokenizer, [replies] if generate else [], refusal_tokens, compliance_tokens,
+                                   answer_top_k)
+    screened = screen_batch(model, tokenized, replies, answers, batch_size)
+    report = pairs_report(screened.counts, n_duplicates, align, generate, answers.to_dict(tokenizer))
+    return PairsResult(with_report(screened.table, report), report)
 
 
 def pairs_table(tokenized: Sequence[TokenizedPair], rows: Sequence[int], answers, metric_clean, metric_corrupted,

@@ -19,6 +19,8 @@ OUTPUT_FILES = (
     OutputFile("config.yaml", "the resolved config"),
     OutputFile("overrides.yaml", "the command-line overrides the config was composed with"),
     OutputFile("pairs.parquet", "the screened prompt pairs: texts, token ids, answer tokens, spans"),
+    OutputFile("pairs/", "the pairs stage's batch files: the tokenized pairs, greedy replies, answer tokens, "
+               "screened rows", False),
     OutputFile("activations/", "cached residual streams, one row per (pair, prompt, layer, position), Arrow IPC shards",
                False),
     OutputFile("effects/", "the effect shards, one per (pair shard, component, direction), Arrow IPC", False),

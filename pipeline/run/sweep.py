@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 from omegaconf import OmegaConf
 
+from pipeline.analysis.pairs import ScreenCounts, pairs_report, with_report
 from pipeline.analysis.statistics import LayerPoint, layer_curves, read_summary
 from pipeline.config import config_hash
 from pipeline.outputs.diagram import render_circuit
@@ -36,6 +37,7 @@ from pipeline.outputs.report import write_report
 from pipeline.run.logs import run_log
 from pipeline.run.scheduler import Room
 from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
+from pipeline.stages import pairs as pairs_stage
 from pipeline.stages.circuit import follow_progress
 from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
                             read_schema, read_table, sha256_file, with_columns, write_table)
@@ -290,42 +292,67 @@ def stamp_run_tables(sweep: Sweep) -> None:
 # ---- the stages ---------------------------------------------------------------------------------------
 
 def stage_pairs(sweep: Sweep) -> pa.Table:
+    """pairs.parquet, reused when finished under the same content key, else built by `build_pairs_file`."""
     cfg = sweep.cfg
     # A user's prompt file counts by its content: an edited file gives new pairs, never the old ones.
     prompts_file = sha256_file(cfg["prompts"]["path"]) if cfg["prompts"]["path"] else None
     key = content_key("pairs", PRODUCER, sweep.model_info["weights_hash"], cfg["model"]["path"], cfg["prompts"],
                       prompts_file)
-    item = {"name": "pairs", "model_path": cfg["model"]["path"], "prompts": cfg["prompts"],
-            "out": str(sweep.run_dir / "pairs.parquet"), "run": sweep.run, "provenance": sweep.provenance}
-    if (not cfg["prompts"]["path"] and cfg["prompts"]["n_pairs"] > ESTIMATE_PAIRS_ABOVE
-            and not sweep.manifest.is_valid("pairs.parquet", key)):
-        estimate_pairs(sweep, item)
-    sweep.run_once("pairs", item, key, ("pairs.parquet",))
+    if sweep.manifest.is_valid("pairs.parquet", key):
+        sweep.stage("pairs").reused += 1
+    else:
+        build_pairs_file(sweep, key)
     pairs = read_table(sweep.run_dir / "pairs.parquet")
     sweep.pairs_report = json.loads(provenance(pairs)["pairs_report"])
     return pairs
 
 
-# The pairs stage is one work item, which shows no progress until it ends: beyond this many generated
-# pairs it is timed on a sample first, and the sweep says how long it will take.
-ESTIMATE_PAIRS_ABOVE = 512
-PAIRS_SAMPLE = 64
+def build_pairs_file(sweep: Sweep, key: str) -> None:
+    """The pairs stage's phases (pipeline.stages.pairs) as work items spread over the actors: the whole set
+    tokenized once (repeats dropped across it), then batches of resources.pairs_shard_size pairs replied to,
+    the answer tokens derived once from every batch's replies, the batches screened, and their kept rows
+    put together into pairs.parquet. Only a batch's pairs are in an actor's memory at a time, and every
+    file is named by a content key, so a resumed run reuses the batches it finished."""
+    prompts, folder, prov = sweep.cfg["prompts"], sweep.run_dir / "pairs", sweep.provenance
+    [tokens_file] = run_sharded(sweep, "pairs", folder / "tokens", [
+        {"name": "pairs", "model_path": sweep.cfg["model"]["path"], "prompts": prompts,
+         "out": str(folder / "tokens" / f"{key}.arrow"), "provenance": prov}])
+    n, size = read_table(tokens_file).num_rows, sweep.cfg["resources"]["pairs_shard_size"]
+    batches = [(start, min(start + size, n)) for start in range(0, n, size)]
+    replies = run_pairs_phase(sweep, "replies", folder / "replies", [
+        {"name": f"replies {start}-{stop}", "tokens": str(tokens_file), "start": start, "stop": stop,
+         "max_new_tokens": prompts["max_new_tokens"], "provenance": prov,
+         "out": str(folder / "replies" / f"{content_key('replies', key, start, stop)}.arrow")}
+        for start, stop in batches] if prompts["generate"] else [])
+    answers_key = content_key("answers", key, [path.name for path in replies])
+    [answers] = run_pairs_phase(sweep, "answers", folder / "answers", [
+        {"name": "answers", "replies": [str(path) for path in replies], "prompts": prompts,
+         "out": str(folder / "answers" / f"{answers_key}.json")}])
+    screened = run_pairs_phase(sweep, "screen", folder / "screen", [
+        {"name": f"screen {start}-{stop}", "tokens": str(tokens_file), "start": start, "stop": stop,
+         "replies": str(replies[i]) if replies else None, "answers": str(answers), "provenance": prov,
+         "out": str(folder / "screen" / f"{content_key('screen', answers_key, start, stop)}.arrow")}
+        for i, (start, stop) in enumerate(batches)])
+    with timed(sweep.stage("pairs")):
+        counts = sum((pairs_stage.read_counts(path) for path in screened), ScreenCounts())
+        report = pairs_report(counts, pairs_stage.n_duplicates(tokens_file), prompts["align"], prompts["generate"],
+                              pairs_stage.read_answers(answers))
+        kept = pa.concat_tables([read_table(path).replace_schema_metadata(None) for path in screened])
+        path = write_table(sweep.run_dir / "pairs.parquet", with_columns(with_report(kept, report), sweep.run),
+                           {**prov, "pairs_report": json.dumps(report)})
+        sweep.manifest.record(file_entry(path), key=key)
 
 
-def estimate_pairs(sweep: Sweep, item: dict) -> None:
-    """Generate and screen PAIRS_SAMPLE of the pairs (a throw-away file) and say what the whole set will
-    take at that rate."""
-    n = item["prompts"]["n_pairs"]
-    sample = {**item, "name": "pairs sample", "prompts": {**item["prompts"], "n_pairs": PAIRS_SAMPLE},
-              "out": str(sweep.run_dir / f".pairs-sample-{os.getpid()}.parquet")}
-    start = time.perf_counter()
-    sweep.pool.map("pairs", [sample], stats=StageStats("sample"))
-    seconds = time.perf_counter() - start
-    Path(sample["out"]).unlink()
-    minutes = seconds * n / PAIRS_SAMPLE / 60
-    notice(f"pairs: generating and screening {n} pairs in one work item takes about "
-           f"{f'{minutes:.0f} min' if minutes >= 1 else f'{60 * minutes:.0f} s'} at the {PAIRS_SAMPLE / seconds:.0f} "
-           f"pairs/s of a {PAIRS_SAMPLE}-pair sample (no progress shows until it ends; prompts.n_pairs sets how many)")
+def run_pairs_phase(sweep: Sweep, phase: str, folder: Path, items: list[dict]) -> list[Path]:
+    """`run_sharded` for one phase of the pairs stage after its first: a progress bar of its own, its
+    counts and time the pairs stage's."""
+    paths = run_sharded(sweep, phase, folder, items)
+    done, pairs = sweep.stats.pop(phase), sweep.stage("pairs")
+    pairs.computed += done.computed
+    pairs.reused += done.reused
+    pairs.retried += done.retried
+    pairs.seconds += done.seconds
+    return paths
 
 
 def plan_shards(pairs: pa.Table, shard_size: int) -> list[dict]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from pipeline.stages import cache, circuit, direction, pairs, patch, summary
 
 STAGES = {
-    "pairs": pairs.run,  # prompt pairs, screened on the model -> pairs.parquet
+    "pairs": pairs.run,  # the prompt pairs, tokenized, repeats dropped -> pairs/tokens/<key>.arrow
+    "replies": pairs.replies,  # one batch of pairs' greedy replies -> pairs/replies/<key>.arrow
+    "answers": pairs.answers,  # the answer tokens from every batch's replies -> pairs/answers/<key>.json
+    "screen": pairs.screen,  # one batch of pairs screened -> pairs/screen/<key>.arrow (the driver: pairs.parquet)
     "cache": cache.run,  # one pair shard's clean and corrupted residuals -> activations/<key>.arrow
     "patch": patch.run,  # one (pair shard, component, direction) -> effects/<key>.arrow
     "summary": summary.run,  # effect shards -> effects.parquet, summary.parquet
