@@ -25,6 +25,7 @@ from typing import Protocol
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from pipeline.analysis.pairs import ScreenCounts, pairs_report, with_report
@@ -282,9 +283,15 @@ def stamp_run_tables(sweep: Sweep) -> None:
     (the numbers are the same; the manifest keeps their content key, with the new checksum)."""
     for name in RUN_TABLES:
         path = sweep.run_dir / name
-        table = read_table(path)
-        if table.num_rows == 0 or all(table.column(c)[0].as_py() == sweep.run[c] for c in RUN_COLUMNS):
+        # The run columns are constant: the first row group's say whose the table is (a finished run's
+        # effects.parquet is not read whole to find out).
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows == 0:
             continue
+        first = parquet.read_row_group(0, columns=list(RUN_COLUMNS))
+        if all(first.column(c)[0].as_py() == sweep.run[c] for c in RUN_COLUMNS):
+            continue
+        table = read_table(path)
         write_table(path, with_columns(table, sweep.run), provenance(table))
         sweep.manifest.record(file_entry(path), key=sweep.manifest.files[name]["key"])
 
