@@ -3,9 +3,12 @@ results it gets alone; the parent MLflow run compares them; a job that fails end
 config is wrong stops the command before anything runs. Real command, real organisms, real Ray, a real
 SQLite MLflow store."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +141,37 @@ def test_a_job_with_a_wrong_config_stops_the_multirun_before_anything_runs(tmp_p
     assert errors[1].endswith("1 of 2 jobs refused, nothing was run: fix the overrides named above and run the "
                               "command again")
     assert not list(tmp_path.rglob("config.yaml"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_job_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) while two sweeps run at once,
+    each with its circuit step beside its patch stage: the command stops every job, says so in a line per
+    job, exits with 130; the same command then finishes both, reusing the items they had finished."""
+    command = [sys.executable, "-m", "pipeline", "--multirun", *TINY_SWEEP, "model=refusal_tiny,refusal_tiny_gpt2",
+               "resources.actors=2", "resources.shard_size=1", "patching.per_position=[resid_pre,head]",
+               "tracking.enabled=false", f"output_root={tmp_path}"]
+    with open(tmp_path / "interrupted.log", "w+") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO, start_new_session=True)
+        deadline = time.time() + 300
+        while len(list(tmp_path.glob("refusal_tiny/*/*/effects/*.arrow"))) < 4:
+            assert run.poll() is None and time.time() < deadline, "the command ended before it could be stopped"
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGINT)
+        signalled = time.perf_counter()
+        status = run.wait(timeout=120)
+        seconds = time.perf_counter() - signalled
+        log.seek(0)
+        stopped = log.read()
+    assert status == 130, stopped[-3000:]
+    assert seconds < 60 and "run the same command to resume" in stopped, stopped[-3000:]
+    lines = stopped.splitlines()
+    for name in ("refusal-tiny", "refusal-tiny-gpt2"):  # each job by its label
+        assert any(line.startswith(f"patchsweep: {name}: ") for line in lines), stopped[-3000:]
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    works = [line.split("Work: ")[1] for line in resumed.stdout.splitlines() if line.startswith("Work: ")]
+    assert len(works) == 2
+    reused = sum(int(part.split(" reused")[0].split("/")[1]) for work in works for part in work.split(", "))
+    assert reused >= 4, resumed.stdout
+    print(f"\nCtrl-C stopped both jobs in {seconds:.1f} s; the same command reused {reused} finished items")

@@ -372,9 +372,10 @@ class WorkerPool:
     def start(self, stage: Stage, item: dict) -> Background | None:
         """Run one work item on a placed actor of its own, beside the stages `map` runs on the others, until
         `finish`. None when the pool has no actor to spare (fewer than two placed): run it with `map` then."""
-        done, _ = ray.wait(list(self.placing), num_returns=len(self.placing), timeout=0)
-        for ping in done:
-            self._placed(ping)
+        if self.placing:
+            done, _ = ray.wait(list(self.placing), num_returns=len(self.placing), timeout=0)
+            for ping in done:
+                self._placed(ping)
         free = [a for a in sorted(self.placed) if a not in self.draining and a not in self.background]
         if len(free) < 2:
             return None
@@ -386,6 +387,10 @@ class WorkerPool:
     def finish(self, job: Background, stats: StageStats) -> list[dict]:
         """Wait for a `start`ed item's files. Its seconds count from its start to its result; an actor that
         died on it is restarted by Ray and the item runs again through `map` (resources.max_retries)."""
+        # A pool sharing a room looks up every second, as `map` does: Ctrl-C stops every sweep of a multirun.
+        while not ray.wait([job.ref], timeout=1.0)[0]:
+            if self.room is not None and self.room.stopping.is_set():
+                raise KeyboardInterrupt
         try:
             result = ray.get(job.ref)
         except ray.exceptions.RayTaskError as err:
