@@ -454,8 +454,8 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
 def stability(setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
               progress: Progress | None = None) -> Stability:
     """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
-    by its own mean scores in the first round and measures faithfulness on its own pairs (every circuit's
-    metrics are computed once for all pairs and reused); its later rounds take the main search's measured
+    by its own mean scores in the first round and measures faithfulness on its own pairs (a circuit's
+    metric is computed on the pairs a resample drew, once per pair, and reused by later resamples); its later rounds take the main search's measured
     rankings, round by round, as many rounds as the main search pruned in. Its own random stream: the other
     phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
