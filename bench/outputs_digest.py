@@ -1,11 +1,15 @@
 """A stored digest of a run's numbers, and the check that a later run reproduces them.
 
     python bench/outputs_digest.py save    <run folder> <digest folder>
-    python bench/outputs_digest.py compare <run folder> <digest folder> [--atol 1e-6]
+    python bench/outputs_digest.py compare <run folder> <digest folder> [--rtol 1e-5] [--atol 1e-5]
 
 The digest holds effects.parquet and summary.parquet (sorted by their keys) and the values of circuit.json
 and sites.json flattened to (path, value) rows: the numbers a refactoring must not change. Run times, the run id (new
 every run) and the config hash (which follows the config's layout, not its meaning) are left out.
+
+Numbers are compared within atol + rtol * |stored|: float32 results are reproducible to the last few bits only
+on one CPU and batch shape (metrics near 30 move by ~5e-6 between machines, a few ulps), so the tolerance is
+relative to each value's magnitude, while a change of 1e-4 in an effect near 1 still fails.
 """
 from __future__ import annotations
 
@@ -58,32 +62,42 @@ def save(run_dir: Path, out: Path) -> None:
         (out / name).write_text(json.dumps(json_rows(run_dir / name), indent=0) + "\n")
 
 
-def _close(a, b, atol: float) -> bool:
+RTOL = ATOL = 1e-5
+
+
+def _close(a, b, rtol: float, atol: float) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol
+        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol + rtol * abs(b)
     return a == b
 
 
-def compare(run_dir: Path, digest: Path, atol: float = 1e-6) -> list[str]:
-    """Differences between the run and the digest (empty: the same numbers within atol)."""
+def compare_table(name: str, got: pa.Table, want: pa.Table, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
+    """Differences between two tables of the same rows in the same order (empty: the same within tolerance)."""
+    if got.schema.names != want.schema.names or got.num_rows != want.num_rows:
+        return [f"{name}: columns {got.schema.names} x {got.num_rows} rows, stored {want.schema.names} x "
+                f"{want.num_rows}"]
+    problems = []
+    for column in want.schema.names:
+        a, b = got.column(column), want.column(column)
+        if pa.types.is_floating(b.type):
+            x = a.to_numpy(zero_copy_only=False).astype(np.float64)
+            y = b.to_numpy(zero_copy_only=False).astype(np.float64)
+            excess = np.abs(x - y) - (atol + rtol * np.abs(y))
+            if not np.array_equal(np.isnan(x), np.isnan(y)) or (len(x) and np.nanmax(excess) > 0):
+                worst = int(np.nanargmax(excess))
+                problems.append(f"{name}.{column}: row {worst} is {x[worst]!r}, stored {y[worst]!r} (more than "
+                                f"atol {atol:g} + rtol {rtol:g} x |stored| apart)")
+        elif a.to_pylist() != b.to_pylist():
+            problems.append(f"{name}.{column}: values differ")
+    return problems
+
+
+def compare(run_dir: Path, digest: Path, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
+    """Differences between the run and the digest (empty: the same numbers within atol + rtol * |stored|)."""
     problems = []
     for name, key in (("effects", EFFECT_KEY), ("summary", SUMMARY_KEY)):
-        want = pq.read_table(digest / f"{name}.parquet")
-        got = _sorted(read_table(run_dir / f"{name}.parquet"), key)
-        if got.schema.names != want.schema.names or got.num_rows != want.num_rows:
-            problems.append(f"{name}: columns {got.schema.names} x {got.num_rows} rows, stored "
-                            f"{want.schema.names} x {want.num_rows}")
-            continue
-        for column in want.schema.names:
-            a, b = got.column(column), want.column(column)
-            if pa.types.is_floating(b.type):
-                x = a.to_numpy(zero_copy_only=False).astype(np.float64)
-                y = b.to_numpy(zero_copy_only=False).astype(np.float64)
-                worst = np.nanmax(np.abs(x - y)) if len(x) else 0.0
-                if not (np.array_equal(np.isnan(x), np.isnan(y)) and worst <= atol):
-                    problems.append(f"{name}.{column}: largest difference {worst:.3g} > {atol}")
-            elif a.to_pylist() != b.to_pylist():
-                problems.append(f"{name}.{column}: values differ")
+        problems += compare_table(name, _sorted(read_table(run_dir / f"{name}.parquet"), key),
+                                  pq.read_table(digest / f"{name}.parquet"), rtol, atol)
     for name in JSON_FILES:
         want_rows = [tuple(r) for r in json.loads((digest / name).read_text())]
         got_rows = json_rows(run_dir / name)
@@ -93,7 +107,7 @@ def compare(run_dir: Path, digest: Path, atol: float = 1e-6) -> list[str]:
             problems.append(f"{name}: fields missing {missing[:5]}, new {extra[:5]}")
         else:
             problems += [f"{name} {p}: {a!r} != stored {b!r}" for (p, a), (_, b) in zip(got_rows, want_rows)
-                         if not _close(a, b, atol)][:10]
+                         if not _close(a, b, rtol, atol)][:10]
     return problems
 
 
@@ -102,14 +116,16 @@ def main() -> None:
     parser.add_argument("mode", choices=["save", "compare"])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("digest", type=Path)
-    parser.add_argument("--atol", type=float, default=1e-6)
+    parser.add_argument("--rtol", type=float, default=RTOL)
+    parser.add_argument("--atol", type=float, default=ATOL)
     args = parser.parse_args()
     if args.mode == "save":
         save(args.run_dir, args.digest)
         print(f"saved the digest of {args.run_dir} to {args.digest}")
         return
-    problems = compare(args.run_dir, args.digest, args.atol)
-    print("\n".join(problems) if problems else f"{args.run_dir}: the same numbers as {args.digest} (atol {args.atol})")
+    problems = compare(args.run_dir, args.digest, args.rtol, args.atol)
+    print("\n".join(problems) if problems else
+          f"{args.run_dir}: the same numbers as {args.digest} (rtol {args.rtol:g}, atol {args.atol:g})")
     sys.exit(1 if problems else 0)
 
 
