@@ -49,7 +49,7 @@ def test_unequal_pairs_are_patched_aligned_from_the_end(tiny, tmp_path):
         ref = reference_sweep(model, clean, corrupted, answers,
                               variants_for(get_adapter(model), "resid_pre", clean.shape[1]), align_end=True)
         torch.testing.assert_close(torch.tensor(effects.column("metric_patched").to_numpy()),
-                                   ref.metric_patched[0], atol=1e-5, rtol=0)
+                                   ref.metric_patched[0], atol=1e-5, rtol=1e-5)
         # the harmful word's position, aligned, restores refusal at layer 0 (it is the whole difference)
         harmful = pair["harmful_positions"]
         layer0 = effects.filter(pa.compute.equal(effects.column("layer"), 0)).to_pylist()

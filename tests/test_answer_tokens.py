@@ -78,7 +78,7 @@ def test_refusal_tiny_pairs_are_unchanged_by_top_k(tiny):
     assert report["refusal_tokens"] == ["I"] and report["compliance_tokens"] == ["Sure"]
     prompts = one.column("clean_ids").to_pylist()
     logits = final_answer_logits(model, prompts, [tok.convert_tokens_to_ids(w) for w in ("I", "Sure")])
-    assert torch.allclose(torch.tensor(one.column("metric_clean").to_pylist()), logits[:, 0] - logits[:, 1], atol=1e-6)
+    assert torch.allclose(torch.tensor(one.column("metric_clean").to_pylist()), logits[:, 0] - logits[:, 1], atol=1e-5, rtol=1e-5)
 
 
 def test_several_answer_tokens_reach_the_engine_as_sets(tiny, tmp_path):
