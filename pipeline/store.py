@@ -16,10 +16,12 @@
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import uuid
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,55 @@ def content_key(*parts) -> str:
     """A short stable key for anything JSON-serialisable (used as a shard's file name)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=None)
+def code_identity(module: str, package: Path = PACKAGE) -> str:
+    """A short hash of the source of `module` (a dotted name inside the package) and of every module of the
+    package it imports, transitively: part of the content key of what the module computes, so a result made
+    by other code (an upgrade, a local edit) is computed again rather than reused."""
+    digest = hashlib.sha256()
+    for path in sorted(_imported_sources(module, package)):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _source(module: str, package: Path) -> Path | None:
+    """The file of a dotted module name inside the package (None: not one of its modules)."""
+    top, _, rest = module.partition(".")
+    if top != package.name:
+        return None
+    base = package.joinpath(*rest.split(".")) if rest else package
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_sources(module: str, package: Path) -> set[Path]:
+    """The source files of `module` and of every module of the package it imports, transitively (a module's
+    parent packages too: importing it runs their __init__)."""
+    seen: set[Path] = set()
+    parts = module.split(".")
+    todo = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    while todo:
+        name = todo.pop()
+        path = _source(name, package)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo += [name.rsplit(".", 1)[0]] if "." in name else []
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from a.b import c`: c may be a module of a.b or a name defined in it
+                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return seen
 
 
 def sha256_file(path: str | Path) -> str:

@@ -139,3 +139,20 @@ def test_dataset_readers_skip_the_manifest(tmp_path):
     manifest.finish([f"{store.content_key(i)}.arrow" for i in range(3)])
     assert manifest.path.name == "_manifest.json" and manifest.path.is_file()
     assert sorted(ds.dataset(tmp_path, format="ipc").to_table()["x"].to_pylist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_code_identity_follows_the_modules_a_stage_imports(tmp_path):
+    """A stage's code identity changes with any module it imports, transitively, and only with those."""
+    import shutil
+
+    from pipeline.store import PACKAGE, code_identity
+
+    copy = tmp_path / "pipeline"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.jsonl", "*.json", "__pycache__"))
+    before = {m: code_identity(m, copy) for m in ("pipeline.stages.patch", "pipeline.analysis.statistics")}
+    assert before == {m: code_identity(m) for m in before}  # a copy of the same code: the same identity
+    with open(copy / "engine" / "patching.py", "a") as f:
+        f.write("\nUNUSED = 1\n")
+    code_identity.cache_clear()
+    assert code_identity("pipeline.stages.patch", copy) != before["pipeline.stages.patch"]
+    assert code_identity("pipeline.analysis.statistics", copy) == before["pipeline.analysis.statistics"]
