@@ -20,6 +20,9 @@ def read_user_file(path: str | Path, text_columns: Sequence[str], what: str) -> 
     """Read a JSONL / CSV / Parquet file and check that `text_columns` exist and hold text in every
     row. `what` names the file's role in error messages (e.g. "prompt-pair file")."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} is not a regular file (a folder, pipe or device): point "
+                         "prompts.path at a JSONL, CSV or Parquet file")
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} does not exist: check prompts.path")
     fmt = FILE_FORMATS.get(path.suffix.lower())
@@ -63,9 +66,10 @@ def _read(path: Path, fmt: str, text_columns: Sequence[str], what: str) -> pa.Ta
         if "harmful" in names:
             types["harmful"] = pa.bool_()
         return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(column_types=types))
-    # JSONL, parsed line by line so a bad line or cell is named precisely.
+    # JSONL, parsed line by line so a bad line or cell is named precisely. Lines end at "\n" only: JSON
+    # strings may hold U+2028 and other characters that str.splitlines() would break a line at.
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -20,12 +20,27 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", trust_rem
             f"model path {path!r} is not a model folder (no config.json there): set model.path to a folder "
             "saved with save_pretrained, a hub id, or a shipped organism name"
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         str(Path(path).expanduser()) if looks_local else path,
         dtype=DTYPES[dtype],
         trust_remote_code=trust_remote_code,
+        output_loading_info=True,
     )
+    check_loading_info(path, info)
     tokenizer = AutoTokenizer.from_pretrained(
         str(Path(path).expanduser()) if looks_local else path, trust_remote_code=trust_remote_code
     )
     return model.to(device).eval(), tokenizer
+
+
+def check_loading_info(path: str, info: dict) -> None:
+    """Refuse a checkpoint whose tensors do not match the model it declares: transformers would initialise
+    the missing ones at random (different numbers every run) and drop the unexpected ones, silently."""
+    problems = {what: sorted(info.get(key) or []) for what, key in (
+        ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("of another shape", "mismatched_keys"))}
+    problems = {what: names for what, names in problems.items() if names}
+    if problems:
+        listed = "; ".join(f"{len(names)} {what}: {', '.join(map(str, names[:3]))}{', ...' if len(names) > 3 else ''}"
+                           for what, names in problems.items())
+        raise ValueError(f"model {path!r} has weights that do not match its config.json ({listed}): restore the "
+                         "checkpoint's weight files, or set model.path to a complete checkpoint")
