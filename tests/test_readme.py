@@ -40,10 +40,21 @@ def test_python_blocks_run(document, tiny_sweep, tmp_path):
     assert f"{len(blocks)} blocks" in result.stdout
 
 
-def test_readme_is_a_short_guide_linking_the_docs():
+def headings(page) -> set[str]:
+    """The anchors a Markdown page's headings get (GitHub's rule: lower case, punctuation dropped, - for space)."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_readme_is_a_short_guide_and_its_links_resolve():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 300
-    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
-        assert (REPO / link).is_file(), f"README links to a missing {link}"
     for doc in ("docs/findings.md", "docs/performance.md", "docs/statistics.md", "docs/design.md"):
         assert f"]({doc}" in readme, f"README does not link {doc}"
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            linked = page.parent / target if target else page
+            assert linked.exists(), f"{page.name} links to a missing {target}"
+            assert not anchor or anchor in headings(linked), f"{page.name} links to a missing #{anchor} in {linked.name}"
