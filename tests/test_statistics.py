@@ -1,5 +1,5 @@
 """Statistics that cannot mislead: no interval below the minimum n, the coverage quoted at a run's n backed
-by the simulation (bench/interval_coverage.py) and shown in the README, repeated pairs counted once and
+by the simulation (bench/interval_coverage.py) and shown in docs/statistics.md, repeated pairs counted once and
 repeated layers swept once, through the real command."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_no_interval_below_the_minimum_n():
 
 def test_coverage_table_is_the_simulations():
     """The stored table agrees with a fresh, smaller run of the simulation (synthetic populations; the
-    refusal-tiny column needs the model and minutes), and the README shows the stored table."""
+    refusal-tiny column needs the model and minutes), and docs/statistics.md shows the stored table."""
     rng = np.random.default_rng(1)
     for population in ("normal", "skewed"):
         column = COVERAGE_POPULATIONS.index(population)
@@ -50,10 +50,10 @@ def test_coverage_table_is_the_simulations():
     # Below the minimum, no population gets near 95%; from the minimum on, normal data gets 90% or more.
     assert all(COVERAGE[n][0] < 0.9 for n in COVERAGE_NS if n < MIN_PAIRS_FOR_INTERVAL)
     assert all(COVERAGE[n][0] >= 0.895 for n in COVERAGE_NS if n >= MIN_PAIRS_FOR_INTERVAL)
-    readme = (REPO / "README.md").read_text().split("### Statistics")[1].split("\n#")[0]
+    page = (REPO / "docs" / "statistics.md").read_text().split("## Coverage by number of pairs")[1].split("\n## ")[0]
     for n, row in COVERAGE.items():
-        cells = re.search(rf"^\| {n} \| (.+) \|$", readme, re.M)
-        assert cells, f"README lacks the coverage row for n = {n}"
+        cells = re.search(rf"^\| {n} \| (.+) \|$", page, re.M)
+        assert cells, f"docs/statistics.md lacks the coverage row for n = {n}"
         shown = [float(cell.split()[0]) for cell in cells.group(1).split(" | ")]
         assert shown == [round(c, 2) for c in row], (n, shown, row)
     assert interval_coverage(32) == (min(COVERAGE[32]), max(COVERAGE[32]))
