@@ -47,7 +47,9 @@ def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
 
 
 def circuit(args) -> None:
-    from pipeline.analysis.circuit_search import Progress, find_circuit
+    from pipeline.analysis.circuit.method import find_circuit
+    from pipeline.analysis.circuit.progress import Progress
+    from pipeline.analysis.circuit.result import circuit_from_json
     from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.store import publish_json
@@ -62,10 +64,10 @@ def circuit(args) -> None:
     built = time.perf_counter()
     out = Path(args.out)
     publish_json(out / "circuit.json", found)
-    render_circuit(found, out)
+    render_circuit(circuit_from_json(found), out)
     rendered = time.perf_counter()
 
-    agree, rnd, direction = found["attribution"], found["random_control"], found["refusal_direction"]
+    agree, rnd, direction = found["attribution"], found["random_control"], found["mean_difference"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
     stability = found["stability"]
     report = {
@@ -80,7 +82,7 @@ def circuit(args) -> None:
         "spearman": round(agree["spearman"], 4), "top_k_recall": agree["top_k_recall"], "k": agree["k"],
         "verified": agree["n_verified"], "missed_strong_estimate": agree["missed_strong_estimate"],
         "missed_strong_upper95": round(agree["missed_strong_upper95"], 2),
-        "refusal_direction_layer": direction["best_layer"], "ablation": round(best["ablation_effect"], 4),
+        "mean_difference_layer": direction["best_layer"], "ablation": round(best["ablation_effect"], 4),
         "addition": round(best["addition_effect"], 4),
         "nodes": [n["id"] for n in found["nodes"]],
         "edges_drawn": sum(e["drawn"] for e in found["edges"]),
@@ -129,7 +131,7 @@ def token_layers(evaluator, nodes, n_layers: int) -> tuple[int, int]:
 
 
 def verify(args) -> None:
-    from pipeline.analysis.circuit_search import prepare
+    from pipeline.analysis.circuit.method import prepare
     from pipeline.config import CircuitConfig
 
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)

@@ -66,7 +66,7 @@ class SummaryConfig:
 
 @dataclass
 class CircuitConfig:
-    """The circuit search (pipeline.analysis.circuit_search): its intervals follow `summary`."""
+    """The circuit search (pipeline.analysis.circuit): its intervals follow `summary`."""
     enabled: bool = True  # run the circuit step after the summary
     seed: int = 0  # the pair sample, the verified nodes' random sample, the random control circuits
     target: float = 0.8  # faithfulness the circuit must reach

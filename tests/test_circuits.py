@@ -272,7 +272,7 @@ class AdditiveFaithfulness:
 def test_pruning_from_every_node_keeps_what_the_target_needs():
     """Round one in the scores' order removes the nodes that carry nothing; a measured round then drops node
     11 (0.04, which the scores overrate): the target does not need it. Without measured rounds it stays."""
-    from pipeline.analysis.circuit_search import prune
+    from pipeline.analysis.circuit.method import prune
 
     weights = [0.0] * 60
     weights[7], weights[3], weights[50], weights[11] = 0.5, 0.25, 0.1, 0.04  # 0.89 in all
@@ -291,7 +291,8 @@ def test_pruning_from_every_node_keeps_what_the_target_needs():
 @pytest.fixture(scope="module")
 def tiny_circuit(tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
-    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.analysis.circuit.method import find_circuit
+    from pipeline.analysis.circuit.result import circuit_from_json
     from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.engine.loading import load_model
@@ -306,7 +307,7 @@ def tiny_circuit(tmp_path_factory):
     circuit = find_circuit(model, table, CircuitConfig(n_random=16), SummaryConfig(n_bootstrap=200), "logit_diff",
                            "refusal-tiny").to_json()
     out = tmp_path_factory.mktemp("circuit")
-    paths = render_circuit(json.loads(json.dumps(circuit)), out)
+    paths = render_circuit(circuit_from_json(json.loads(json.dumps(circuit))), out)
     return circuit, paths
 
 
@@ -324,7 +325,7 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert 0 <= circuit["mib"]["cmd"] <= 1 and circuit["mib"]["cpr"] > 0.5
     assert circuit["attribution"]["spearman"] > 0.5 and circuit["attribution"]["exhaustive"]
     assert len(circuit["scores"]["exact"]) == circuit["candidates"] and None not in circuit["scores"]["exact"]
-    direction = circuit["refusal_direction"]
+    direction = circuit["mean_difference"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
     assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5  # removing it lowers refusal, adding it causes it
     groups = circuit["supernodes"]
@@ -342,6 +343,26 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     ids = {n["id"] for n in circuit["nodes"]}
     assert all(e["from"] in ids | {"EMB@harm"} and e["to"] in ids | {"logits"} for e in circuit["edges"])
     assert any(e["to"] == "logits" and e["drawn"] for e in circuit["edges"])
+
+
+def test_circuit_json_reads_back_typed(tiny_circuit):
+    """circuit.json's content read back as a Circuit: every phase ran in PHASES' order, and the typed nodes,
+    edges, supernodes, stability and mean difference hold the written values."""
+    from pipeline.analysis.circuit.method import PHASES
+    from pipeline.analysis.circuit.result import circuit_from_json
+
+    circuit, _ = tiny_circuit
+    typed = circuit_from_json(json.loads(json.dumps(circuit)))
+    assert list(circuit["seconds"]) == list(PHASES) == list(typed.seconds)
+    assert [n.id for n in typed.nodes] == [n["id"] for n in circuit["nodes"]]
+    assert [(n.core, n.mean_difference_projection) for n in typed.nodes] == [
+        (n["core"], n["mean_difference_projection"]) for n in circuit["nodes"]]
+    assert [(e.sender, e.receiver, e.effect) for e in typed.edges] == [(e["from"], e["to"], e["effect"])
+                                                                       for e in circuit["edges"]]
+    assert [g.members for g in typed.supernodes] == [tuple(g["members"]) for g in circuit["supernodes"]]
+    assert typed.stability.core == tuple(circuit["stability"]["core"]) and typed.faithfulness == circuit["faithfulness"]
+    assert typed.mean_difference.best_layer == circuit["mean_difference"]["best_layer"]
+    assert len(typed.mean_difference.per_layer) == typed.n_layers + 1 and typed.knockout is None
 
 
 def test_circuit_diagram_files(tiny_circuit):
@@ -407,7 +428,9 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
     4-7: all three reach the target together, and a resample drawing pairs 0-3 three times in four (or
     4-7 six times in seven) needs only two of them. So node 0 is in every resample's circuit, nodes 1 and
     2 in most, the rest in none."""
-    from pipeline.analysis.circuit_search import NodeScores, Resample, Setup, search_circuit, stability
+    from pipeline.analysis.circuit.evaluator import Resample
+    from pipeline.analysis.circuit.method import search_circuit, stability
+    from pipeline.analysis.circuit.result import NodeScores, Setup
     from pipeline.config import CircuitConfig
 
     n_pairs, n_nodes = 8, 12
@@ -467,18 +490,20 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
     import io
     import time
 
-    from pipeline.analysis.circuit_search import Progress
+    from pipeline.analysis.circuit.method import PHASES
+    from pipeline.analysis.circuit.progress import Progress
     from pipeline.stages.circuit import PROGRESS, follow_progress
     from pipeline.store import publish_json
 
     states = []
     progress = Progress(states.append)
-    progress.start("caches")
-    progress.end()
-    progress.start("scores")
-    progress.expect(10)
-    progress.advance(4)
-    state = progress.state()
+    progress.plan(PHASES)
+    with progress.phase("caches"):
+        pass
+    with progress.phase("scores"):
+        progress.expect(10)
+        progress.advance(4)
+        state = progress.state()
     assert [s["phase"] for s in states[:2]] == ["caches", "scores"] and states[-1]["total"] == 10
     assert state["index"] == 2 and state["done"] == 4 and state["rows"] == 4 and state["left"] is not None
     assert "caches" in state["seconds"]
@@ -488,12 +513,17 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
         time.sleep(0.5)
     assert "circuit 2/7 scores" in shown.getvalue() and "4/10" in shown.getvalue()
     assert not (tmp_path / PROGRESS).exists()
+    out_of_order = Progress()
+    out_of_order.plan(PHASES)
+    with pytest.raises(RuntimeError, match="'scores' started where 'caches' was planned"):
+        with out_of_order.phase("scores"):
+            pass
 
 
 def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
     """circuit.search_pairs: the search sees a seeded sample of the pairs; faithfulness and its interval
     are measured on every pair and on the held-out rest alone."""
-    from pipeline.analysis.circuit_search import find_circuit
+    from pipeline.analysis.circuit.method import find_circuit
     from pipeline.analysis.pairs import build_pairs, source_pairs
     from pipeline.config import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model

@@ -23,6 +23,7 @@ from pipeline.engine.loading import load_model
 from pipeline.engine.metrics import Answers, answer_metric, kl_to_source
 from pipeline.engine.reference import orthogonalised_copy, reference_greedy
 from pipeline.organisms import resolve
+from pipeline.outputs.comparison import MEAN_DIFFERENCE, SELECTED, Compared, comparison_table
 from pipeline.store import write_table
 
 
@@ -170,6 +171,21 @@ def test_selection_on_refusal_tiny_pairs(tiny, tmp_path):
     assert intervention.scale == pytest.approx(chosen["harmful_projection"] - chosen["harmless_projection"])
     assert intervention.scale == pytest.approx(chosen["norm"], rel=1e-4)  # adding scale x unit is adding the mean difference
     assert direction_summary(tmp_path)["chosen"]["layer"] == chosen["layer"]
+    row = comparison_table([Compared("tiny", "refusal-tiny", "llama", 4, 12, {}, None, tmp_path)]).iloc[0]
+    assert row["direction_from"] == SELECTED and row["direction_best_depth"] == round(chosen["layer"] / 3, 3)
+
+
+def test_without_a_selected_direction_the_outputs_say_what_they_show(tiny_sweep):
+    """A run without direction.arrow: the comparison table shows the layer where the circuit's final-token
+    mean difference works best and names it so; report.md says no direction was selected."""
+    outcome = tiny_sweep["outcome"]
+    assert not (outcome.run_dir / DIRECTION_FILE).exists()
+    n_layers = outcome.model_info["n_layers"]
+    row = comparison_table([Compared("tiny", "refusal-tiny", "llama", n_layers, 12, outcome.curves, outcome.circuit,
+                                     outcome.run_dir)]).iloc[0]
+    best = outcome.circuit.mean_difference.best_layer
+    assert row["direction_from"] == MEAN_DIFFERENCE and row["direction_best_depth"] == round(best / (n_layers - 1), 3)
+    assert f"best at layer {best} by addition and ablation" in (outcome.run_dir / "report.md").read_text()
 
 
 def test_screen_under_a_folder_without_a_direction_fails_before_loading(tmp_path):

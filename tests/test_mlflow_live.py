@@ -62,7 +62,7 @@ def test_live_run(tiny_sweep):
     assert len(summary) == len(on_disk) and list(summary.columns) == list(on_disk.columns)
     np.testing.assert_allclose(summary["mean"], on_disk["mean"], atol=1e-9)  # JSON keeps 10 digits
     nodes = client.load_table(tracking["experiment_id"], "tables/circuit_nodes.json", run_ids=[run.info.run_id])
-    assert sorted(nodes["id"]) == sorted(n["id"] for n in outcome.circuit["nodes"])
+    assert sorted(nodes["id"]) == sorted(n.id for n in outcome.circuit.nodes)
     # The pairs as a dataset input, and the command line in the run folder and on the run.
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.name == "pairs" and "pairs.parquet" in dataset.dataset.source

@@ -1,5 +1,7 @@
 """The refusal direction as Arditi et al. 2024 select it, its interventions read back from a run folder,
-and what an intervention costs on ordinary text.
+and what an intervention costs on ordinary text. This is the run's one refusal direction (direction.arrow);
+the circuit step's final-token mean difference per layer (circuit.json's mean_difference) only reads the
+circuit's nodes.
 
 Selection (`select_direction`), on a run's screened pairs (harmful = clean, harmless = corrupted), split
 by a seeded permutation into a half that gives the means and a half that scores them:
@@ -201,16 +203,22 @@ def _plain_metric(model, ids: Sequence[Sequence[int]], pairs: pa.Table) -> float
 
 # ---- a run's direction, read back --------------------------------------------------------------------
 
+def selection_summary(run_dir: str | Path) -> dict | None:
+    """The summary direction.arrow carries (cheap: the file's schema only), None when the run has none."""
+    path = Path(run_dir) / DIRECTION_FILE
+    return json.loads(provenance(read_schema(path))[SUMMARY_KEY]) if path.is_file() else None
+
+
 def direction_summary(run_dir: str | Path) -> dict:
-    """The summary direction.arrow carries (cheap: the file's schema only). A one-line error, before any
-    model is loaded, when the folder has no direction or its selection chose none."""
+    """The summary of a run whose selection chose a direction. A one-line error, before any model is
+    loaded, when the folder has no direction or its selection chose none."""
     path = Path(run_dir) / DIRECTION_FILE
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist: set intervention.run to a sweep's run folder")
-    if not path.is_file():
+    summary = selection_summary(run_dir)
+    if summary is None:
         raise ValueError(f"{run_dir} holds no {DIRECTION_FILE}: run its sweep with direction.enabled=true (the same "
                          "command resumes it), or set intervention.run to a folder that has one")
-    summary = json.loads(provenance(read_schema(path))[SUMMARY_KEY])
     if summary["chosen"] is None:
         raise ValueError(f"{path}: no candidate direction passed the filters (see its report.md): nothing to "
                          "intervene with; loosen direction.max_kl or use another run")

@@ -4,8 +4,10 @@ comparison.md and the table both are drawn from.
 Models differ in depth, so layers are put on one axis as relative depth: 0 is the first layer, 1 the
 last. The figure has a panel per component (resid_pre, attn_out, mlp_out) with a line per sweep: each
 layer's strongest site (as in the layer curves of the run's summary), denoising direction. The table has a
-row per sweep: where each component's effect peaks, the circuit's size and faithfulness, and the layer
-whose refusal direction works best (circuit.json's refusal_direction), each as relative depth too.
+row per sweep: where each component's effect peaks, the circuit's size and faithfulness, and the layer of
+the refusal direction, each as relative depth too: the selected direction (direction.arrow) where the sweep
+has one, else the circuit's best final-token mean difference (circuit.json's mean_difference), and the
+`direction_from` column says which.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.analysis.circuit.result import Circuit  # noqa: E402
+from pipeline.analysis.directions import DIRECTION_FILE, selection_summary  # noqa: E402
 from pipeline.analysis.statistics import LayerPoint  # noqa: E402
 from pipeline.store import publish_file  # noqa: E402
 
@@ -34,7 +38,8 @@ class Compared:
     n_layers: int
     n_pairs: int  # pairs kept by the screen
     curves: dict[tuple[str, str], list[LayerPoint]]  # (direction, component) -> per-layer strongest site
-    circuit: dict | None
+    circuit: Circuit | None
+    run_dir: Path
 
 
 def relative_depth(layer: int, n_layers: int) -> float:
@@ -47,10 +52,19 @@ def direction_of(curves: dict) -> str:
     return "denoise" if "denoise" in directions or not directions else sorted(directions)[0]
 
 
-def best_direction_layer(circuit: dict | None) -> int | None:
-    """The layer whose refusal direction works best, as the circuit search chose it, or None without one."""
-    direction = (circuit or {}).get("refusal_direction") or {}
-    return direction.get("best_layer")
+SELECTED = f"selected ({DIRECTION_FILE})"
+MEAN_DIFFERENCE = "circuit's final-token mean difference"
+
+
+def direction_layer(run: Compared) -> tuple[int | None, str | None]:
+    """(layer, where it comes from): the selected refusal direction's layer, else the layer where the
+    circuit's final-token mean difference works best, else (None, None)."""
+    summary = selection_summary(run.run_dir)
+    if summary is not None and summary["chosen"] is not None:
+        return summary["chosen"]["layer"], SELECTED
+    if run.circuit is not None:
+        return run.circuit.mean_difference.best_layer, MEAN_DIFFERENCE
+    return None, None
 
 
 def comparison_table(runs: list[Compared]) -> pd.DataFrame:
@@ -65,13 +79,14 @@ def comparison_table(runs: list[Compared]) -> pd.DataFrame:
             row[f"{component}_peak_depth"] = round(relative_depth(peak.layer, run.n_layers), 3) if peak else None
             row[f"{component}_peak_effect"] = round(peak.mean, 4) if peak else None
         circuit = run.circuit
-        row["circuit_nodes"] = circuit["size"] if circuit else None
-        row["circuit_fraction"] = round(circuit["fraction"], 4) if circuit else None
-        row["faithfulness"] = round(circuit["faithfulness"], 4) if circuit else None
-        ci = circuit.get("faithfulness_ci") if circuit else None
+        row["circuit_nodes"] = circuit.size if circuit else None
+        row["circuit_fraction"] = round(circuit.fraction, 4) if circuit else None
+        row["faithfulness"] = round(circuit.faithfulness, 4) if circuit else None
+        ci = circuit.faithfulness_ci if circuit else None
         row["faithfulness_ci"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else None
-        best = best_direction_layer(circuit)
-        row["direction_best_depth"] = round(relative_depth(best, run.n_layers), 3) if best is not None else None
+        layer, source = direction_layer(run)
+        row["direction_best_depth"] = round(relative_depth(layer, run.n_layers), 3) if layer is not None else None
+        row["direction_from"] = source
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -88,7 +103,7 @@ def comparison_png(runs: list[Compared], path: Path, title: str) -> Path:
             depth = [relative_depth(p.layer, run.n_layers) for p in points]
             label = run.label
             if run.circuit:
-                label += f" ({run.circuit['size']} nodes, faith. {run.circuit['faithfulness']:.2f})"
+                label += f" ({run.circuit.size} nodes, faith. {run.circuit.faithfulness:.2f})"
             [line] = ax.plot(depth, [p.mean for p in points], marker="o", markersize=3, label=label)
             ax.fill_between(depth, [p.ci_low for p in points], [p.ci_high for p in points], color=line.get_color(),
                             alpha=0.15, linewidth=0)
@@ -116,6 +131,7 @@ def comparison_markdown(table: pd.DataFrame, title: str, figure: str | None = No
     lines.append("|" + "---|" * len(shown.columns))
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
     lines += ["", "Depths are relative (0 = first layer, 1 = last); peaks are each component's strongest layer in "
-              "the denoising direction; `direction_best_depth` is where the refusal direction (difference of means "
-              "at the final token) works best."]
+              "the denoising direction; `direction_best_depth` is the refusal direction's layer: the selected one "
+              f"({DIRECTION_FILE}: Arditi et al.'s selection) where `direction_from` says so, else the layer where the "
+              "circuit's difference of means at the final token works best by addition and ablation."]
     return "\n".join(lines) + "\n"

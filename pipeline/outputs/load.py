@@ -3,7 +3,8 @@
     run = pipeline.load_run("outputs/refusal_tiny/refusal-tiny-generated")
     run.summary                 # pandas: one row per site, mean effect and its interval
     run.effects, run.pairs      # pandas (nullable integers stay integers)
-    run.circuit                 # circuit.json as a dict (None when the circuit step was off)
+    run.circuit                 # circuit.json as a typed Circuit (None when the circuit step was off)
+    run.circuit.nodes[0].id, run.circuit.faithfulness, run.circuit.stability.core
     run.config, run.overrides   # the resolved config and the command line it came from
     run.activations()           # a pyarrow dataset over every activation shard
 
@@ -13,7 +14,6 @@ or half-copied folder is refused rather than read.
 """
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
+from pipeline.analysis.circuit.result import Circuit, read_circuit
 from pipeline.outputs.files import OUTPUT_FILES
 from pipeline.store import MANIFEST, Manifest, read_table
 
@@ -64,9 +65,8 @@ class Run:
         return self.read("summary").to_pandas()
 
     @cached_property
-    def circuit(self) -> dict | None:
-        path = self.path / "circuit.json"
-        return json.loads(path.read_text()) if "circuit.json" in self.files else None
+    def circuit(self) -> Circuit | None:
+        return read_circuit(self.path / "circuit.json") if "circuit.json" in self.files else None
 
     @cached_property
     def config(self) -> dict:

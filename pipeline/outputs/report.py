@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.analysis.circuit.result import Circuit, Knockout
 from pipeline.analysis.directions import DIRECTION_FILE, SUMMARY_KEY
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
 from pipeline.outputs.files import MANIFEST, OUTPUT_FILES
@@ -122,81 +123,87 @@ def ui_hint(cfg: dict, ui_path: str = "") -> str:
     return f"open the UI with {command}, then http://127.0.0.1:5000/{ui_path}"
 
 
-def _circuit_lines(circuit: dict | None) -> list[str]:
+def _circuit_lines(circuit: Circuit | None) -> list[str]:
     if not circuit:
         return ["No circuit in this run (circuit.json absent)."]
-    nodes = [n["id"] for n in circuit["nodes"]]
-    low, high = circuit["faithfulness_ci"]
-    control = circuit["random_control"]
-    stability = circuit["stability"]
+    nodes = [n.id for n in circuit.nodes]
+    low, high = circuit.faithfulness_ci
+    control, stability = circuit.random_control, circuit.stability
     return [f"{len(nodes)} nodes ({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}), "
-            f"{len(circuit['edges'])} edges",
-            f"faithfulness {circuit['faithfulness']:.3f} [{low:.3f}, {high:.3f}] with {100 * circuit['fraction']:.1f}% "
-            f"of {circuit['candidates']} candidate nodes, on {circuit['n_pairs']} pairs",
-            f"stability: core {stability['core_size']} / {len(nodes)} nodes (in >= "
-            f"{100 * stability['core_threshold']:.0f}% of {stability['n_resamples']} bootstrap resamples of the pairs; "
-            f"their circuits have {stability['size_median']:.0f} nodes, median)",
-            f"random circuits of the same size: faithfulness {control['mean']:.3f} on average (n={control['n']})"
-            ] + _knockout_lines(circuit.get("knockout_generation"))
+            f"{len(circuit.edges)} edges",
+            f"faithfulness {circuit.faithfulness:.3f} [{low:.3f}, {high:.3f}] with {100 * circuit.fraction:.1f}% "
+            f"of {circuit.candidates} candidate nodes, on {circuit.n_pairs} pairs",
+            f"stability: core {stability.core_size} / {len(nodes)} nodes (in >= "
+            f"{100 * stability.core_threshold:.0f}% of {stability.n_resamples} bootstrap resamples of the pairs; "
+            f"their circuits have {stability.size_median:.0f} nodes, median)",
+            f"random circuits of the same size: faithfulness {control.mean:.3f} on average (n={control.n})"
+            ] + _knockout_lines(circuit.knockout)
 
 
-def _knockout_lines(knockout: dict | None) -> list[str]:
+def _knockout_lines(knockout: Knockout | None) -> list[str]:
     """The circuit judged by generation (circuit.json's knockout_generation), when the run has it."""
     if not knockout:
         return []
-    rate = knockout["refusal_rate"]
-    return [f"by generation ({knockout['n_pairs']} harmful prompts, {knockout['max_new_tokens']} greedy tokens, patched "
+    rate = knockout.refusal_rate
+    return [f"by generation ({knockout.n_pairs} harmful prompts, {knockout.max_new_tokens} greedy tokens, patched "
             f"at the prompt only): refused {100 * rate['plain']:.0f}% as they are, "
             f"{100 * rate['circuit_knocked_out']:.0f}% with the circuit knocked out (its nodes from the harmless twin), "
             f"{100 * rate['circuit_alone']:.0f}% with the circuit alone (everything else from the twin)"]
 
 
-def _supernode_lines(circuit: dict) -> list[str]:
+def _supernode_lines(circuit: Circuit) -> list[str]:
     """report.md's table of supernodes and the strongest path effects between them."""
-    core = {n["id"] for n in circuit["nodes"] if n["core"]}
+    core = {n.id for n in circuit.nodes if n.core}
     lines = ["", "### Supernodes", "", "The circuit's heads (or MLPs) at one position, over nearby layers; in-circuit "
              "effect = the share of faithfulness lost when the group takes the harmless value.", "",
              "| supernode | token | nodes | core | in-circuit effect |", "|---|---|---|---|---|"]
-    for group in circuit["supernodes"]:
-        lines.append(f"| {group['id']} | {group['token']!r} | {len(group['members'])} | "
-                     f"{sum(m in core for m in group['members'])} | {group['in_circuit_effect']:+.3f} |")
-    edges = [e for e in circuit["supernode_edges"] if e["drawn"]]
-    between = sorted((e for e in edges if e["from"] != e["to"]), key=lambda e: -abs(e["effect"]))[:10]
-    within = sorted((e for e in edges if e["from"] == e["to"]), key=lambda e: -abs(e["effect"]))
+    for group in circuit.supernodes:
+        lines.append(f"| {group.id} | {group.token!r} | {len(group.members)} | "
+                     f"{sum(m in core for m in group.members)} | {group.in_circuit_effect:+.3f} |")
+    edges = [e for e in circuit.supernode_edges if e.drawn]
+    between = sorted((e for e in edges if e.sender != e.receiver), key=lambda e: -abs(e.effect))[:10]
+    within = sorted((e for e in edges if e.sender == e.receiver), key=lambda e: -abs(e.effect))
     if between:
         lines += ["", "Strongest path effects between them: " + "; ".join(
-            f"{e['from']} -> {e['to']} {e['effect']:+.2f}" for e in between)]
+            f"{e.sender} -> {e.receiver} {e.effect:+.2f}" for e in between)]
     if within:
         lines += ["", "Within a supernode (its earlier members to its later ones): " + "; ".join(
-            f"{e['from']} {e['effect']:+.2f}" for e in within)]
+            f"{e.sender} {e.effect:+.2f}" for e in within)]
     return lines
 
 
-def _stability_lines(circuit: dict) -> list[str]:
+def _stability_lines(circuit: Circuit) -> list[str]:
     """report.md's table of the circuit's nodes by how often resampled searches keep them."""
-    stability = circuit["stability"]
-    lines = ["", f"### Stability over {stability['n_resamples']} bootstrap resamples of the pairs", "",
-             f"How: {stability['method']}. Core nodes (in >= "
-             f"{100 * stability['core_threshold']:.0f}% of the resamples): {stability['core_size']} of "
-             f"{len(circuit['nodes'])}. Resampled circuits: {stability['size_median']:.0f} nodes (median, range "
-             f"{stability['size_range'][0]}-{stability['size_range'][1]}).", "",
+    stability = circuit.stability
+    lines = ["", f"### Stability over {stability.n_resamples} bootstrap resamples of the pairs", "",
+             f"How: {stability.method}. Core nodes (in >= "
+             f"{100 * stability.core_threshold:.0f}% of the resamples): {stability.core_size} of "
+             f"{len(circuit.nodes)}. Resampled circuits: {stability.size_median:.0f} nodes (median, range "
+             f"{stability.size_range[0]}-{stability.size_range[1]}).", "",
              "| node | token | inclusion frequency | single-node effect | in-circuit effect |", "|---|---|---|---|---|"]
-    for node in sorted(circuit["nodes"], key=lambda n: -n["inclusion_frequency"]):
-        effect = "" if node["effect"] is None else f"{node['effect']:+.3f}"
-        in_circuit = "" if node["in_circuit_effect"] is None else f"{node['in_circuit_effect']:+.3f}"
-        lines.append(f"| {node['id']}{' (core)' if node['core'] else ''} | {node['token']!r} | "
-                     f"{node['inclusion_frequency']:.2f} | {effect} | {in_circuit} |")
-    if stability["frequent_outside"]:
+    for node in sorted(circuit.nodes, key=lambda n: -n.inclusion_frequency):
+        effect = "" if node.effect is None else f"{node.effect:+.3f}"
+        in_circuit = "" if node.in_circuit_effect is None else f"{node.in_circuit_effect:+.3f}"
+        lines.append(f"| {node.id}{' (core)' if node.core else ''} | {node.token!r} | "
+                     f"{node.inclusion_frequency:.2f} | {effect} | {in_circuit} |")
+    if stability.frequent_outside:
         lines += ["", "Found in at least half of the resamples but not in the circuit: " + ", ".join(
-            f"{n['id']} ({n['frequency']:.2f})" for n in stability["frequent_outside"])]
+            f"{node_id} ({frequency:.2f})" for node_id, frequency in stability.frequent_outside)]
     return lines
 
 
-def _direction_lines(run_dir: Path, rows_shown: int = 10) -> list[str]:
-    """report.md's section on the refusal direction (direction.arrow), or nothing when the run has none."""
+def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 10) -> list[str]:
+    """report.md's section on the refusal direction (direction.arrow); without one, what the run has instead."""
     path = run_dir / DIRECTION_FILE
     if not path.is_file():
-        return []
+        if circuit is None:
+            return []
+        readout = circuit.mean_difference
+        return ["", "## Refusal direction", "",
+                "None selected in this run (direction.enabled=true selects one: direction.arrow). circuit.json's "
+                f"`mean_difference` holds the {readout.position}'s difference of means per layer, best at layer "
+                f"{readout.best_layer} by addition and ablation: the direction the circuit's nodes are projected on, "
+                "not one selected as the refusal direction."]
     table = read_table(path)
     summary = json.loads(provenance(table)[SUMMARY_KEY])
     first, last = summary["scored_layers"]
@@ -235,7 +242,7 @@ def _direction_lines(run_dir: Path, rows_shown: int = 10) -> list[str]:
 
 
 def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, stats: list,
-                 summary: pd.DataFrame, curves: dict, circuit: dict | None) -> Path:
+                 summary: pd.DataFrame, curves: dict, circuit: Circuit | None) -> Path:
     run_dir = path.parent
     k = cfg["summary"]["top_k"]
     lines = [
@@ -281,7 +288,7 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     if circuit and (run_dir / "circuit_nodes.svg").is_file():
         lines += ["", "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
                   "", "![circuit nodes](circuit_nodes.svg)"]
-    lines += _direction_lines(run_dir)
+    lines += _direction_lines(run_dir, circuit)
     lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
     for file in OUTPUT_FILES:
         if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", MANIFEST):
@@ -296,7 +303,7 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
 
 
 def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, curves: dict,
-                    summary: pd.DataFrame, circuit: dict | None, tracking: dict | None) -> str:
+                    summary: pd.DataFrame, circuit: Circuit | None, tracking: dict | None) -> str:
     k = cfg["summary"]["top_k"]
     lines = [f"patchsweep {cfg['name']}: {cfg['model']['name']}", "  " + _pairs_line(pairs_report)]
     strongest = top_layers(summary, k)

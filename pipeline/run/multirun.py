@@ -131,7 +131,7 @@ def compare(jobs: list[Job], parent: ParentRun | None, sweep_key: str) -> Compar
     finished = [job for job in jobs if job.outcome is not None]
     compared = [Compared(job.label, job.cfg["model"]["name"], job.outcome.model_info.get("family", ""),
                          job.outcome.model_info["n_layers"], job.outcome.pairs_report["n_kept"], job.outcome.curves,
-                         job.outcome.circuit) for job in finished]
+                         job.outcome.circuit, job.outcome.run_dir) for job in finished]
     title = f"{first['name']}: {len(finished)} of {len(jobs)} sweeps compared"
     table = comparison_table(compared)
     files = {}

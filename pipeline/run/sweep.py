@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
+from pipeline.analysis.circuit.result import Circuit, read_circuit
 from pipeline.analysis.pairs import ScreenCounts, pairs_report, with_report
 from pipeline.analysis.statistics import LayerPoint, layer_curves, read_summary
 from pipeline.config import config_hash
@@ -98,7 +99,7 @@ class SweepOutcome:
     stats: list[StageStats]
     summary: pd.DataFrame
     curves: dict[tuple[str, str], list[LayerPoint]]
-    circuit: dict | None
+    circuit: Circuit | None
 
 
 class Tracker(Protocol):
@@ -267,7 +268,7 @@ def finished_run(run_dir: Path) -> tuple[dict, SweepOutcome]:
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     pairs_report = json.loads(provenance(read_schema(run_dir / "pairs.parquet"))["pairs_report"])
     summary = read_summary(run_dir / "summary.parquet")
-    circuit = json.loads((run_dir / "circuit.json").read_text()) if "circuit.json" in manifest.files else None
+    circuit = read_circuit(run_dir / "circuit.json") if "circuit.json" in manifest.files else None
     lineage = json.loads((run_dir / MANIFEST).read_text())["provenance"]
     return cfg, SweepOutcome(run_dir, str(summary["run_id"].iloc[0]), {}, lineage, pairs_report, [], summary,
                              layer_curves(summary), circuit)
@@ -501,12 +502,12 @@ def stage_direction(sweep: Sweep) -> None:
     sweep.run_once("direction", item, key, ("direction.arrow",))
 
 
-def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:
+def render(sweep: Sweep) -> tuple[pd.DataFrame, Circuit | None]:
     """layers.png, the circuit diagram and report.md, from the run folder's files."""
     cfg, run_dir = sweep.cfg, sweep.run_dir
     summary = read_summary(run_dir / "summary.parquet")
     circuit_path = run_dir / "circuit.json"
-    circuit = json.loads(circuit_path.read_text()) if sweep.manifest.is_valid("circuit.json") else None
+    circuit = read_circuit(circuit_path) if sweep.manifest.is_valid("circuit.json") else None
     written = [layers_png(summary, run_dir / "layers.png", f"{cfg['name']}: {cfg['model']['name']}")]
     if circuit is not None:
         written += render_circuit(circuit, run_dir).values()

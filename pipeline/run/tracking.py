@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read when mlflow is imported
@@ -145,9 +146,10 @@ def result_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, flo
         curves[f"{direction}_ci/{component}_high"] = [(p.layer, p.ci_high) for p in points]
     report = outcome.pairs_report
     scalars = {"pairs/kept": report["n_kept"], "pairs/fraction_kept": report["fraction_kept"]}
-    if outcome.circuit is not None:
-        scalars["circuit/faithfulness"] = outcome.circuit["faithfulness"]
-        for condition, rate in outcome.circuit.get("knockout_generation", {}).get("refusal_rate", {}).items():
+    circuit = outcome.circuit
+    if circuit is not None:
+        scalars["circuit/faithfulness"] = circuit.faithfulness
+        for condition, rate in (circuit.knockout.refusal_rate if circuit.knockout else {}).items():
             scalars[f"circuit/refusal_rate_{condition}"] = rate  # by generation: plain, circuit_knocked_out, circuit_alone
     return curves, scalars
 
@@ -296,7 +298,7 @@ def tables(outcome: SweepOutcome) -> dict[str, pd.DataFrame]:
     summary = read_table(outcome.run_dir / "summary.parquet").to_pandas()
     out = {"summary": summary.astype(object).where(summary.notna(), None)}
     if outcome.circuit is not None:
-        nodes = pd.DataFrame(outcome.circuit["nodes"])
+        nodes = pd.DataFrame([asdict(node) for node in outcome.circuit.nodes])
         first = [c for c in NODE_COLUMNS if c in nodes.columns]
         nodes = nodes[first + [c for c in nodes.columns if c not in first]]
         out["circuit_nodes"] = nodes.astype(object).where(nodes.notna(), None)

@@ -1,4 +1,4 @@
-"""The circuit search on the screened pairs (pipeline.analysis.circuit_search) -> circuit.json, with the
+"""The circuit search on the screened pairs (pipeline.analysis.circuit) -> circuit.json, with the
 circuit's knock-out by generation (pipeline.analysis.knockout).
 
 The search runs on a model actor; it writes where it is (phase, steps done, time left) to PROGRESS in
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.analysis.circuit_search import Progress, find_circuit
+from pipeline.analysis.circuit.method import find_circuit
+from pipeline.analysis.circuit.progress import Progress
 from pipeline.analysis.knockout import knockout_by_generation
 from pipeline.config import CircuitConfig, SummaryConfig
 from pipeline.store import publish_json, read_table

@@ -1,0 +1,501 @@
+"""The circuit search: from a model and its screened pairs to a minimal, faithful circuit (circuit.json).
+
+Nodes are attention heads and MLPs at position classes (pipeline.analysis.positions), so that pairs of
+different lengths line up. A circuit is evaluated on the harmful prompt with every head and MLP outside
+it patched from the harmless twin (`pipeline.engine.circuits`, through
+pipeline.analysis.circuit.evaluator); its faithfulness is f(C) = (m(C) - m(empty)) / (m(full) - m(empty)),
+m averaged over pairs.
+
+`find_circuit` reads like the method, a phase per step (PHASES), each returning a small typed result
+(pipeline.analysis.circuit.result):
+1. `prepare`: the pairs of equal length, their position classes, every candidate node, the caches.
+2. `score_nodes`: attribution patching (noise direction) scores every node; exact single-node effects
+   verify every node when cheap, else attribution's top-k plus a random sample of the rest.
+3. `search_circuit`: pruning from every node, in rounds, each ordering the nodes by the faithfulness
+   without each (first from the scores, then measured on the circuit) and removing the most of the least
+   harmful together that keeps f at the target (optionally on a sample of the pairs: `search_pairs`).
+4. `measure_faithfulness`: f with a bootstrap interval over pairs (all, and those the search did not
+   see), per category, and the fraction of pairs whose refusal the circuit alone keeps; `controls`: the
+   faithfulness curve at MIB's circuit sizes (CPR: area under f, nodes ranked by signed score; CMD: area
+   between f and 1, ranked by |score|) and random circuits of the same size.
+5. `stability`: the search re-run on bootstrap resamples of the pairs -> each node's inclusion frequency.
+6. `supernodes` and `edges`: the circuit grouped (one kind at one position over nearby layers); path
+   patching between the groups and among the strongest nodes, from the harmful tokens' embeddings and to
+   the logits.
+7. `mean_difference_directions`: mean(harmful) - mean(harmless) residual at the final position per layer, its
+   ablation and addition effects, and each circuit node's projection on the best layer's direction: a
+   reading of the nodes, not the run's refusal direction (pipeline.analysis.directions selects that).
+Agreement between attribution and exact patching (rank correlation, top-k recall, an estimate with an
+upper bound of the strong nodes attribution missed) is written with the scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.analysis.circuit.evaluator import Evaluator, Resample, subset_masks
+from pipeline.analysis.circuit.progress import Progress
+from pipeline.analysis.circuit.result import (CircuitResult, Controls, Edges, Faithfulness, MeanDifference, NodeScores,
+                                              Search, Setup, Stability, Supernodes, node_id, supernode_id)
+from pipeline.analysis.positions import PairGroup, group_pairs, position_classes, select_pairs
+from pipeline.analysis.statistics import bootstrap_mean_ci, bootstrap_ratio_ci
+from pipeline.config import CircuitConfig, SummaryConfig
+from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
+from pipeline.engine.attribution import attribution_patching
+from pipeline.engine.circuits import (HEAD, Nodes, check_path_patching, faithfulness, group_path_patch,
+                                      node_writes)
+from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics, mean_difference
+from pipeline.engine.metrics import check_metric
+
+log = logging.getLogger(__name__)
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+PHASES = ("caches", "scores", "pruning", "faithfulness, curves, controls", "stability", "supernodes and edges",
+          "mean difference")
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: SummaryConfig, metric: str,
+                 model_name: str | None = None, progress: Progress | None = None) -> CircuitResult:
+    """pairs.parquet (screened pairs) -> the minimal circuit and the evidence for it."""
+    check_metric(metric)
+    if not 0 < options.target <= 1:
+        raise ValueError(f"circuit.target={options.target} must be in (0, 1]")
+    progress, rng = progress or Progress(), np.random.default_rng(options.seed)
+    progress.plan(PHASES)
+    with progress.phase("caches"):
+        setup = prepare(model, pairs, options, metric, progress)
+    with progress.phase("scores"):
+        scores = score_nodes(model, setup, options, summary, metric, rng, progress)
+    with progress.phase("pruning"):
+        search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), options.target,
+                                rounds=options.prune_rounds)
+    with progress.phase("faithfulness, curves, controls"):
+        faith = measure_faithfulness(setup, search.circuit, summary, rng)
+        checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
+    with progress.phase("stability", options.n_resamples, "resamples"):
+        resamples = stability(setup, scores, search, options, progress)
+    with progress.phase("supernodes and edges"):
+        groups = supernodes(setup, search, options.group_gap)
+        links = edges(model, setup, search, groups, options, metric)
+    with progress.phase("mean difference"):
+        readout = mean_difference_directions(model, setup, search.circuit, options, metric)
+    forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows if setup.search is not setup.evaluator else 0)
+    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
+                         groups, links, readout, forward_rows, progress.seconds)
+
+
+# ---- the phases ----------------------------------------------------------------------------------------
+
+def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progress: Progress | None = None) -> Setup:
+    """The pairs (equal-length, at most options.max_pairs), their classes, every candidate node, and the
+    evaluator holding each length group's clean and corrupted caches."""
+    pairs, n_unequal = select_pairs(pairs, options.max_pairs, options.seed)
+    names, labels, class_maps = position_classes(pairs)
+    groups = group_pairs(pairs, class_maps)
+    adapter = get_adapter(model)
+    nodes = Nodes.grid(adapter, list(range(len(names))))
+    progress = progress or Progress()
+    evaluator = Evaluator(model, groups, len(names), metric, options.max_batch_rows, progress)
+    searched, search = np.arange(pairs.num_rows), evaluator
+    if options.search_pairs is not None and options.search_pairs < pairs.num_rows:
+        searched = np.sort(np.random.default_rng([options.seed, 2]).choice(pairs.num_rows, options.search_pairs,
+                                                                           replace=False))
+        search = Evaluator(model, group_pairs(pairs.take(pa.array(searched)), [class_maps[i] for i in searched]),
+                           len(names), metric, options.max_batch_rows, progress)
+    return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads,
+                 search, searched)
+
+
+def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryConfig, metric: str,
+                rng: np.random.Generator, progress: Progress) -> NodeScores:
+    """Attribution for every node; exact single-node effects (with intervals) for the verified ones."""
+    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
+    attribution_pairs = attribution_scores(model, setup.search.groups, setup.nodes, len(setup.names), metric, n_pairs)
+    attribution = attribution_pairs.mean(1).numpy()
+    verified, top, sample = choose_verified(attribution, n_pairs, options, rng)
+    progress.expect(len(verified) * n_pairs)
+    exact_pairs = single_node_effects(setup.search, setup.nodes, verified.tolist())
+    exact = np.full(n_nodes, np.nan)
+    exact[verified] = exact_pairs.mean(1).numpy()
+    exact_ci = np.full((n_nodes, 2), np.nan)
+    exact_ci[verified] = bootstrap_mean_ci(exact_pairs.numpy(), summary.n_bootstrap, summary.ci, rng)
+    per_pair = np.full((n_nodes, n_pairs), np.nan)
+    per_pair[verified] = exact_pairs.numpy()
+    return NodeScores(attribution, exact, exact_ci, top, sample, attribution_pairs.numpy(), per_pair)
+
+
+def search_circuit(evaluator: Evaluator | Resample, nodes: Nodes, estimate: dict[int, float], target: float,
+                   rankings: list[dict[int, float]] = (), measure: bool = True, rounds: int = 6) -> Search:
+    """Pruning from every node: the first round ranks the nodes by `estimate` (f without each, from the
+    scores), later ones by the given `rankings`, then (with `measure`) by f without each measured on the
+    circuit of that round. Ordered by place."""
+    circuit, pruned, f_without, measured, curve = prune(evaluator, nodes, list(range(len(nodes))), target,
+                                                        [estimate, *rankings], measure, rounds)
+    log.debug("circuit search: %d nodes kept", len(circuit))
+    by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
+                                                          int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
+    f_without = f_without[by_place] if len(f_without) else f_without
+    circuit = [circuit[j] for j in by_place]
+    f = float(evaluator.faithfulness(nodes, subset_masks(len(nodes), [circuit]))[0])
+    return Search(circuit, pruned, f_without, curve, measured, f)
+
+
+def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
+                         rng: np.random.Generator) -> Faithfulness:
+    """f of the circuit with its bootstrap interval over pairs, per category, and refusal kept."""
+    evaluator = setup.evaluator
+    metric_circuit, metric_none = evaluator.metrics(setup.nodes, subset_masks(len(setup.nodes), [circuit, []]))
+    full, empty = evaluator.metric_full, evaluator.metric_empty
+    f = float(faithfulness(metric_circuit[None], full, empty)[0])
+    f_ci = bootstrap_ratio_ci(metric_circuit.numpy() - empty.numpy(), full.numpy() - empty.numpy(),
+                              summary.n_bootstrap, summary.ci, rng)
+    categories = setup.pairs.column("category").to_pylist()
+    per_category = {}
+    for category in sorted(set(categories)):
+        rows = torch.tensor([i for i, c in enumerate(categories) if c == category])
+        per_category[category] = {
+            "n": len(rows),
+            "faithfulness": float(faithfulness(metric_circuit[rows][None], full[rows], empty[rows])[0]),
+            "refusal_kept": float((metric_circuit[rows] > 0).float().mean()),
+        }
+    held_out = None
+    rest = np.setdiff1d(np.arange(evaluator.n_pairs), setup.searched)
+    if len(rest):
+        numerator, denominator = metric_circuit.numpy()[rest] - empty.numpy()[rest], full.numpy()[rest] - empty.numpy()[rest]
+        held_out = {"n": len(rest), "faithfulness": float(numerator.mean() / denominator.mean()),
+                    "ci": list(bootstrap_ratio_ci(numerator, denominator, summary.n_bootstrap, summary.ci, rng))}
+    return Faithfulness(f, f_ci, metric_circuit, metric_none, per_category,
+                        float((metric_circuit > 0).float().mean()), held_out)
+
+
+def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np.random.Generator) -> Controls:
+    """The MIB faithfulness curve and random circuits of the circuit's size."""
+    n_nodes = len(setup.nodes)
+    mib = mib_curve(setup.evaluator, setup.nodes, scores.best)
+    random_sets = [rng.choice(n_nodes, size, replace=False) for _ in range(n_random)]
+    return Controls(mib, setup.evaluator.faithfulness(setup.nodes, subset_masks(n_nodes, random_sets)).numpy())
+
+
+def stability(setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
+              progress: Progress | None = None) -> Stability:
+    """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
+    by its own mean scores in the first round and measures faithfulness on its own pairs (a circuit's
+    metric is computed on the pairs a resample drew, once per pair, and reused by later resamples); its later rounds take the main search's measured
+    rankings, round by round, as many rounds as the main search pruned in. Its own random stream: the other
+    phases' draws stay."""
+    rng = np.random.default_rng([options.seed, 1])
+    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
+    frequency, sizes, faith = np.zeros(n_nodes), [], []
+    for _ in range(options.n_resamples):
+        weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
+        view = Resample(setup.search, weights)
+        found = search_circuit(view, setup.nodes, scores.without_estimate(weights), options.target,
+                               search.rankings[:options.prune_rounds - 1], measure=False).circuit
+        frequency[found] += 1
+        sizes.append(len(found))
+        faith.append(float(view.faithfulness(setup.nodes, subset_masks(n_nodes, [found]))[0]))
+        if progress is not None:
+            progress.advance(1, "resamples")
+    n = max(options.n_resamples, 1)
+    return Stability(frequency / n, np.array(sizes), np.array(faith), options.core_threshold)
+
+
+def supernodes(setup: Setup, search: Search, gap: int) -> Supernodes:
+    """The circuit's nodes of one kind at one position class, split where `gap` or more layers pass without
+    one, and the faithfulness of the circuit without each group."""
+    nodes, circuit = setup.nodes, search.circuit
+    by_place: dict[tuple[int, int], list[int]] = {}
+    for j, i in enumerate(circuit):
+        by_place.setdefault((int(nodes.cls[i]), int(nodes.kind[i])), []).append(j)
+    members = []
+    for place in sorted(by_place):
+        run = []
+        for j in sorted(by_place[place], key=lambda j: int(nodes.layer[circuit[j]])):
+            if run and int(nodes.layer[circuit[j]]) - int(nodes.layer[circuit[run[-1]]]) > gap:
+                members.append(run)
+                run = []
+            run.append(j)
+        members.append(run)
+    members.sort(key=lambda group: (min(int(nodes.layer[circuit[j]]) for j in group), int(nodes.cls[circuit[group[0]]])))
+    names = [supernode_id(nodes, [circuit[j] for j in group], setup.names) for group in members]
+    without = [[circuit[j] for j in range(len(circuit)) if j not in set(group)] for group in members]
+    f_without = setup.evaluator.faithfulness(nodes, subset_masks(len(nodes), without)).numpy() if members else np.array([])
+    return Supernodes(members, names, f_without)
+
+
+def edges(model, setup: Setup, search: Search, groups: Supernodes, options: CircuitConfig, metric: str) -> Edges:
+    """Path effects between the supernodes (from the harmful tokens' embeddings, to the logits), and
+    among the circuit's strongest nodes (by in-circuit effect, at most options.edge_nodes), on at most
+    options.edge_pairs pairs."""
+    circuit = search.circuit
+    if not options.edges or not circuit:
+        return Edges()
+    try:
+        check_path_patching(model, get_adapter(model))
+    except UnsupportedArchitecture as err:
+        return Edges(note=str(err))
+    pair_groups = _first_pairs(setup.groups, options.edge_pairs)
+    nodes, names = setup.nodes, setup.names
+    tokens = Nodes.embeddings([names.index("harm")])
+    members = [nodes.select([circuit[j] for j in group]) for group in groups.members]
+    between = group_effects(model, pair_groups, [tokens] + members, members, options, metric)
+    group_edges = _edge_rows(between, ["EMB@harm"] + groups.names, groups.names, options.edge_min)
+    strongest = sorted(np.argsort(-(search.f - search.f_without), kind="stable")[:options.edge_nodes].tolist())
+    chosen = nodes.select([circuit[j] for j in strongest])
+    senders = Nodes.concat([tokens, chosen])
+    found = group_effects(model, pair_groups, [senders.select([i]) for i in range(len(senders))],
+                          [chosen.select([i]) for i in range(len(chosen))], options, metric)
+    node_edges = _edge_rows(found, [node_id(senders, i, names) for i in range(len(senders))],
+                            [node_id(chosen, i, names) for i in range(len(chosen))], options.edge_min)
+    n_pairs = sum(len(g.rows) for g in pair_groups)
+    note = (f"node edges measured among the {len(strongest)} nodes with the largest in-circuit effect"
+            if len(strongest) < len(circuit) else None)
+    if n_pairs < setup.evaluator.n_pairs:
+        note = (note + "; " if note else "") + f"edges on {n_pairs} of the {setup.evaluator.n_pairs} pairs"
+    return Edges(node_edges, group_edges, note)
+
+
+def mean_difference_directions(model, setup: Setup, circuit: list[int], options: CircuitConfig,
+                               metric: str) -> MeanDifference:
+    """The final token's difference-of-means direction per layer and each circuit node's projection on
+    the best one."""
+    found = mean_difference_by_layer(model, setup.evaluator, metric, options.direction_layers,
+                                     max_batch_rows=options.max_batch_rows)
+    vector = found.pop("vector")
+    projections = node_projections(model, setup.evaluator, setup.nodes.select(circuit), vector) if circuit else []
+    return MeanDifference(found, projections)
+
+
+# ---- scores: attribution and exact single-node effects -------------------------------------------
+
+def attribution_scores(model, groups: list[PairGroup], nodes: Nodes, n_classes: int, metric: str,
+                       n_pairs: int) -> torch.Tensor:
+    """Attribution patching's estimate of each node's noise effect, per pair: [N, P] normalised."""
+    out = torch.empty(len(nodes), n_pairs)
+    for group in groups:
+        result = attribution_patching(model, group.clean, group.corrupted, group.answers, direction="noise",
+                                      metric=metric, components=("head", "mlp_out"))
+        onehot = torch.nn.functional.one_hot(group.classes.clamp(min=0), n_classes).float()
+        onehot[group.classes < 0] = 0  # [P, T, K]
+        heads = torch.einsum("pltk,ptc->plck", result.scores["head"], onehot)  # [P, L, K, H]
+        mlps = torch.einsum("plt,ptc->plc", result.scores["mlp_out"], onehot)  # [P, L, K]
+        is_head = nodes.kind == HEAD
+        score = torch.empty(len(group.rows), len(nodes))
+        score[:, is_head] = heads[:, nodes.layer[is_head], nodes.cls[is_head], nodes.head[is_head]]
+        score[:, ~is_head] = mlps[:, nodes.layer[~is_head], nodes.cls[~is_head]]
+        gap = (result.metric_corrupted - result.metric_clean)[:, None]
+        out[:, group.rows] = (score / gap).T
+    return out
+
+
+def single_node_effects(evaluator: Evaluator, nodes: Nodes, which: list[int]) -> torch.Tensor:
+    """Exact noise effect [len(which), P] of patching each node alone (the rest of the model kept)."""
+    return evaluator.effects(evaluator.single_node_metrics(nodes.select(which)))
+
+
+def choose_verified(attribution: np.ndarray, n_pairs: int, options: CircuitConfig, rng: np.random.Generator):
+    """(nodes to verify, attribution's top set, the random sample of the rest)."""
+    n = len(attribution)
+    order = np.argsort(-attribution, kind="stable")
+    top = order[:min(options.verify_top, n)]
+    if n * n_pairs <= options.verify_all_rows:
+        return np.arange(n), top, np.setdiff1d(np.arange(n), top)
+    rest = np.setdiff1d(np.arange(n), top)
+    sample = np.sort(rng.choice(rest, min(options.verify_random, len(rest)), replace=False))
+    return np.union1d(top, sample), top, sample
+
+
+# ---- pruning, curves --------------------------------------------------------------------------------
+
+def _geometric_sizes(n: int) -> list[int]:
+    sizes, k = {0, n}, 1
+    while k < n:
+        sizes.add(k)
+        k = max(k + 1, int(math.ceil(k * 1.4)))
+    return sorted(sizes)
+
+
+def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
+          rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6,
+          chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
+    """Drop nodes while f stays at the target, in rounds. A round orders the circuit's nodes by f without
+    each of them (the given `rankings`, one per round, a node one lacks counting as removable; after them,
+    with `measure`, f without each measured on the circuit) and removes the most of the least harmful
+    together that keeps f >= target (k on a geometric grid from the top down to the first k that keeps it,
+    then narrowed up to the next k that does not, `chunk` circuits per pass).
+    Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
+    measured rankings, {size: f} of every circuit measured)."""
+    kept, removed, measured, curve = list(circuit), [], [], {}
+    measured_for = None  # the circuit the last measured ranking belongs to
+    for round_ in range(max_rounds if measure else len(rankings)):
+        if round_ < len(rankings):
+            f_without = np.array([rankings[round_].get(i, np.inf) for i in kept])
+        else:
+            f_without = evaluator.faithfulness_without_each(nodes, kept)
+            measured.append(dict(zip(kept, f_without.tolist())))
+            measured_for = kept
+        order = np.argsort(-f_without, kind="stable")
+        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        if most == 0:
+            break
+        trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
+        f_trial = {}
+
+        def measure_trials(ks):
+            ks = [k for k in ks if k not in f_trial]
+            if ks:
+                f_trial.update(zip(ks, evaluator.faithfulness(nodes, subset_masks(len(nodes),
+                                                                                     [trial(k) for k in ks])).tolist()))
+
+        # From the most removed down: a minimal circuit keeps few of the candidates, so the answer lies
+        # near the top of the grid, and the first passing chunk bounds it.
+        grid = [k for k in reversed(_geometric_sizes(most)) if k > 0]
+        for begin in range(0, len(grid), chunk):
+            measure_trials(grid[begin:begin + chunk])
+            if any(f_trial[k] >= target for k in grid[begin:begin + chunk]):
+                break
+        curve.update({len(kept) - k: f for k, f in f_trial.items()})
+        passing = [k for k in f_trial if f_trial[k] >= target]
+        if not passing:
+            break
+        lo = max(passing)
+        hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [most + 1])
+        while hi - lo > 1:  # lo keeps the target; hi (or beyond `most`) does not
+            measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
+            lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
+            hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+            curve.update({len(kept) - k: f for k, f in f_trial.items()})
+        removed += [c for c in kept if c not in trial(lo)]
+        kept = trial(lo)
+        log.debug("circuit search: round %d kept %d nodes (f %.3f)", round_ + 1, len(kept), f_trial[lo])
+    if not measure:
+        return kept, removed, np.zeros(0), measured, curve
+    if measured_for != kept:
+        f_without = evaluator.faithfulness_without_each(nodes, kept)
+        measured.append(dict(zip(kept, f_without.tolist())))
+    return kept, removed, np.array([measured[-1][i] for i in kept]), measured, curve
+
+
+def mib_curve(evaluator: Evaluator, nodes: Nodes, scores: np.ndarray) -> dict:
+    """Faithfulness at MIB's circuit sizes (fractions of the candidate nodes); CPR = area under f with
+    nodes ranked by signed score, CMD = area between f and 1 with nodes ranked by |score| (trapezoids
+    over the fraction, as the MIB circuit track computes them)."""
+    n = len(scores)
+    sizes = [int(f * n) for f in MIB_FRACTIONS]
+    signed, absolute = np.argsort(-scores, kind="stable"), np.argsort(-np.abs(scores), kind="stable")
+    masks = subset_masks(n, [signed[:k] for k in sizes] + [absolute[:k] for k in sizes])
+    f = evaluator.faithfulness(nodes, masks).tolist()
+    f_signed, f_abs = f[:len(sizes)], f[len(sizes):]
+    x = np.array(MIB_FRACTIONS)
+    cpr = float(np.trapezoid(f_signed, x))
+    cmd = float(np.trapezoid(np.abs(1 - np.array(f_abs)), x))
+    return {"fraction": list(MIB_FRACTIONS), "size": sizes, "faithfulness_signed": f_signed,
+            "faithfulness_absolute": f_abs, "cpr": cpr, "cmd": cmd}
+
+
+# ---- edges and the mean difference -----------------------------------------------------------------
+
+def group_effects(model, pair_groups: list[PairGroup], senders: list[Nodes], receivers: list[Nodes],
+                  options: CircuitConfig, metric: str) -> torch.Tensor:
+    """Mean path effects [S, R + 1] between groups of nodes (the last receiver: the logits); nan = no path."""
+    n_pairs = sum(len(g.rows) for g in pair_groups)
+    effects = torch.full((len(senders), len(receivers) + 1, n_pairs), float("nan"))
+    done = 0
+    for group in pair_groups:
+        result = group_path_patch(model, group.clean, group.corrupted, group.answers, group.classes, senders,
+                                  receivers, metric, options.max_batch_rows)
+        effects[:, :, done:done + len(group.rows)] = result.effects()
+        done += len(group.rows)
+    return effects.nanmean(-1)
+
+
+def _edge_rows(mean: torch.Tensor, senders: list[str], receivers: list[str], edge_min: float) -> list[dict]:
+    rows = []
+    for s, sender in enumerate(senders):
+        for r, receiver in enumerate(receivers + ["logits"]):
+            if not torch.isnan(mean[s, r]):
+                value = float(mean[s, r])
+                rows.append({"from": sender, "to": receiver, "effect": value, "drawn": abs(value) >= edge_min})
+    return rows
+
+
+def _first_pairs(groups: list[PairGroup], n: int) -> list[PairGroup]:
+    """The length groups cut to their first `n` pairs in all (the edges' pairs)."""
+    out, left = [], n
+    for group in groups:
+        if left <= 0:
+            break
+        take = min(left, len(group.rows))
+        out.append(PairGroup(group.rows[:take], group.clean[:take], group.corrupted[:take],
+                             group.answers.index(torch.arange(take)), group.classes[:take]))
+        left -= take
+    return out
+
+
+def mean_difference_by_layer(model, evaluator: Evaluator, metric: str, max_layers: int, n_ablations: int = 3,
+                       max_batch_rows=None) -> dict:
+    """Difference-of-means direction per layer at the final position. Its addition effect (added to the
+    harmless run's residual entering the layer: does it cause refusal?) is measured at up to
+    `max_layers` layers (cheap: each run starts at its layer), its ablation effect (projected out of the
+    harmful run everywhere: does refusal stop?) at the `n_ablations` layers where addition works best;
+    the best layer has the largest mean of the two."""
+    adapter = get_adapter(model)
+    n_layers = adapter.n_layers
+
+    def final_residuals(cache):  # [P, L + 1, d]: entering each layer, then after the last
+        return torch.cat([cache.acts["resid_pre"][:, :, -1], cache.final_resid[:, None]], dim=1).float().cpu()
+
+    harmful = torch.cat([final_residuals(r.base) for r in evaluator.runners])
+    harmless = torch.cat([final_residuals(r.source) for r in evaluator.runners])
+    directions = mean_difference(harmful, harmless)  # [L + 1, d]
+    norms = directions.norm(dim=-1)
+    live = [layer for layer in range(n_layers) if norms[layer] > 1e-6 * float(norms.max())]
+    tested = live[::max(1, math.ceil(len(live) / max_layers))]
+    addition = torch.empty(len(tested), evaluator.n_pairs)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        added = add_direction_metrics(model, group.corrupted, group.answers, directions[tested], tested, metric,
+                                      max_batch_rows)
+        addition[:, group.rows] = (added - runner.metric_empty) / (runner.metric_full - runner.metric_empty)
+    ablated_layers = [tested[i] for i in addition.mean(1).argsort(descending=True)[:n_ablations].tolist()]
+    ablation = torch.empty(len(ablated_layers), evaluator.n_pairs)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        ablated = ablate_direction_metrics(model, group.clean, group.answers, directions[ablated_layers], metric,
+                                           max_batch_rows)
+        ablation[:, group.rows] = (ablated - runner.metric_full) / (runner.metric_empty - runner.metric_full)
+    score = ablation.mean(1) + addition[[tested.index(layer) for layer in ablated_layers]].mean(1)
+    best = ablated_layers[int(score.argmax())]
+    per_layer = []
+    for layer in range(n_layers + 1):
+        row = {"layer": layer, "norm": float(norms[layer]), "addition_effect": None, "ablation_effect": None}
+        if layer in tested:
+            row["addition_effect"] = float(addition[tested.index(layer)].mean())
+        if layer in ablated_layers:
+            row["ablation_effect"] = float(ablation[ablated_layers.index(layer)].mean())
+        per_layer.append(row)
+    return {"position": "final token", "best_layer": best, "vector": directions[best], "per_layer": per_layer}
+
+
+def node_projections(model, evaluator: Evaluator, nodes: Nodes, direction: torch.Tensor) -> np.ndarray:
+    """Each node's mean write difference (harmful - harmless run) per position of its class, projected
+    on the unit direction and as a cosine: [N, 2]."""
+    adapter = get_adapter(model)
+    unit = direction / direction.norm()
+    total = torch.zeros(len(nodes), adapter.d_model)
+    for group, runner in zip(evaluator.groups, evaluator.runners):
+        classes = group.classes.to(runner.base.final_resid.device)
+        with torch.no_grad():
+            diff = node_writes(adapter, runner.base, nodes, classes) - node_writes(adapter, runner.source, nodes, classes)
+        counts = torch.stack([(group.classes == int(c)).sum(-1) for c in nodes.cls]).clamp(min=1)  # [N, P]
+        total += (diff.float().cpu().sum(2) / counts[..., None]).sum(1)
+    mean = total / evaluator.n_pairs
+    projection = mean @ unit
+    cosine = projection / mean.norm(dim=-1).clamp(min=1e-12)
+    return torch.stack([projection, cosine], dim=1).numpy()
+
+
