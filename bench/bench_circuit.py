@@ -48,7 +48,7 @@ def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
 
 def circuit(args) -> None:
     from pipeline.analysis.circuit_search import Progress, find_circuit
-    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.store import publish_json
 
@@ -130,7 +130,7 @@ def token_layers(evaluator, nodes, n_layers: int) -> tuple[int, int]:
 
 def verify(args) -> None:
     from pipeline.analysis.circuit_search import prepare
-    from pipeline.config import CircuitConfig
+    from pipeline.schema import CircuitConfig
 
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")

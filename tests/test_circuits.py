@@ -292,7 +292,7 @@ def test_pruning_from_every_node_keeps_what_the_target_needs():
 def tiny_circuit(tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
     from pipeline.analysis.circuit_search import find_circuit
-    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
@@ -408,7 +408,7 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
     4-7 six times in seven) needs only two of them. So node 0 is in every resample's circuit, nodes 1 and
     2 in most, the rest in none."""
     from pipeline.analysis.circuit_search import NodeScores, Resample, Setup, search_circuit, stability
-    from pipeline.config import CircuitConfig
+    from pipeline.schema import CircuitConfig
 
     n_pairs, n_nodes = 8, 12
 
@@ -495,7 +495,7 @@ def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
     are measured on every pair and on the held-out rest alone."""
     from pipeline.analysis.circuit_search import find_circuit
     from pipeline.analysis.pairs import build_pairs, source_pairs
-    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
 

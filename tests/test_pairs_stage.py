@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_SWEEP, compose, write_jsonl
 from pipeline.analysis.pairs import build_pairs, file_pairs
-from pipeline.config import to_dict
+from pipeline.validation import typed
 from pipeline.organisms.refusal_tiny import grammar, model_dir
 from pipeline.run.sweep import RUN_COLUMNS, Sweep, stage_pairs
 from pipeline.run.workers import WorkerPool
@@ -38,7 +38,7 @@ def pairs_file(tmp_path_factory):
 def sweep_of(ray_session, run_dir, *overrides: str) -> Sweep:
     """What `run_sweep` sets up before its pairs stage: a pool of real model actors, the run's columns and
     provenance."""
-    cfg = to_dict(compose(*TINY_SWEEP, f"output_dir={run_dir}", "resources.actors=2", "resources.num_cpus=2",
+    cfg = typed(compose(*TINY_SWEEP, f"output_dir={run_dir}", "resources.actors=2", "resources.num_cpus=2",
                           f"resources.pairs_shard_size={BATCH}", *overrides))
     sweep = Sweep(cfg, run_dir, WorkerPool(cfg), Manifest(run_dir, "run"))
     sweep.model_info = sweep.pool.describe()

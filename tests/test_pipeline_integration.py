@@ -304,10 +304,10 @@ def test_work_survives_an_actor_death(ray_session, tmp_path):
     """An actor process that dies mid-item is restarted by Ray and the item resubmitted; with no retries
     left the sweep stops with a clear error."""
     from conftest import compose, exit_once
-    from pipeline.config import to_dict
+    from pipeline.validation import typed
     from pipeline.run.workers import StageStats, WorkerPool, WorkFailed
 
-    cfg = to_dict(compose(*TINY_SWEEP, "resources.max_retries=2"))
+    cfg = typed(compose(*TINY_SWEEP, "resources.max_retries=2"))
     pool = WorkerPool(cfg)
     try:
         first_pid = pool.describe()["pid"]
@@ -318,7 +318,7 @@ def test_work_survives_an_actor_death(ray_session, tmp_path):
     finally:
         pool.close()
 
-    pool = WorkerPool(to_dict(compose(*TINY_SWEEP, "resources.max_retries=0")))
+    pool = WorkerPool(typed(compose(*TINY_SWEEP, "resources.max_retries=0")))
     try:
         with pytest.raises(WorkFailed, match="failed 1 times"):
             pool.map(exit_once, [{"name": "die", "marker": str(tmp_path / "b")}])

@@ -39,7 +39,7 @@ from scipy import stats
 
 from pipeline.analysis.positions import PairGroup, group_pairs, position_classes, select_pairs
 from pipeline.analysis.statistics import bootstrap_mean_ci, bootstrap_ratio_ci
-from pipeline.config import CircuitConfig, SummaryConfig
+from pipeline.schema import CircuitConfig, SummaryConfig
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.attribution import attribution_patching
 from pipeline.engine.circuits import (EMBED, HEAD, KINDS, CircuitRunner, Nodes, check_path_patching, faithfulness,

@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 
 from pipeline.analysis.pairs import ScreenCounts, pairs_report, with_report
 from pipeline.analysis.statistics import LayerPoint, layer_curves, read_summary
-from pipeline.config import config_hash
 from pipeline.outputs.diagram import render_circuit
 from pipeline.outputs.files import MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
@@ -38,6 +37,7 @@ from pipeline.outputs.report import write_report
 from pipeline.run.logs import run_log
 from pipeline.run.scheduler import Room
 from pipeline.run.workers import StageStats, WorkerPool, notice, start_ray, timed
+from pipeline.schema import PatchsweepConfig, config_hash, from_plain, to_plain
 from pipeline.stages import pairs as pairs_stage
 from pipeline.stages.circuit import follow_progress
 from pipeline.store import (MANIFEST, PRODUCER, Manifest, content_key, file_entry, provenance, publish_bytes,
@@ -53,7 +53,7 @@ RUN_COLUMNS = ("run_id", "config_hash", "model")
 class Sweep:
     """What the stages of one model's sweep share."""
 
-    cfg: dict
+    cfg: PatchsweepConfig
     run_dir: Path
     pool: WorkerPool
     manifest: Manifest  # the run folder's
@@ -112,9 +112,9 @@ class Tracker(Protocol):
         """A stage is done (its time and work counts)."""
 
 
-def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | None = None,
+def run_sweep(cfg: PatchsweepConfig, tracker: Tracker | None = None, overrides: list[str] | None = None,
               room: Room | None = None) -> SweepOutcome:
-    """Every stage of one model's sweep, into cfg["output_dir"]. `cfg` is validated and plain.
+    """Every stage of one model's sweep, into cfg.output_dir. `cfg` is validated.
 
     The folder is locked for the whole sweep (`folder_lock`). Nothing is written into it until Ray has
     placed a model actor and the model has loaded, so a sweep that cannot start leaves the folder as it
@@ -124,11 +124,11 @@ def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | 
     sweeps run at once on the same Ray instance (pipeline.run.multirun). Everything is logged to the run
     folder's run.log, an error with its traceback included.
     """
-    run_dir = Path(cfg["output_dir"])
+    run_dir = Path(cfg.output_dir)
     # A cluster is joined before the folder is locked: a cluster that never answers ends the process at
     # ray.connect_timeout_s, which would leave the lock behind. A private instance is started after, so
     # that a folder in use is refused before Ray starts.
-    joins_cluster = cfg["ray"]["address"] != "local"
+    joins_cluster = cfg.ray.address != "local"
     if joins_cluster:
         start_ray(cfg)
     with folder_lock(run_dir):
@@ -137,7 +137,7 @@ def run_sweep(cfg: dict, tracker: Tracker | None = None, overrides: list[str] | 
         return _run_stages(cfg, run_dir, tracker, overrides or [], room)
 
 
-def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: list[str],
+def _run_stages(cfg: PatchsweepConfig, run_dir: Path, tracker: Tracker | None, overrides: list[str],
                 room: Room | None) -> SweepOutcome:
     pool = WorkerPool(cfg, room)
     sweep = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), tracker=tracker)
@@ -149,16 +149,16 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
             write_config(run_dir, cfg)
             publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
             sweep.run = {"run_id": tracker.run_id if tracker is not None else uuid.uuid4().hex,
-                         "config_hash": config_hash(cfg), "model": cfg["model"]["name"]}
-            log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg["name"], cfg["model"]["name"],
+                         "config_hash": config_hash(cfg), "model": cfg.model.name}
+            log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg.name, cfg.model.name,
                      config_hash(cfg), sweep.run["run_id"], run_dir.resolve(), " ".join(overrides) or "none")
             sweep.finished("load")
-            sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg["model"]["path"],
+            sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg.model.path,
                                 "weights_hash": sweep.model_info["weights_hash"]}
             pairs = stage_pairs(sweep)
             sweep.finished("pairs")
             sweep.provenance["pairs_hash"] = pairs_hash(pairs)
-            sweep.shards = plan_shards(pairs, cfg["resources"]["shard_size"])
+            sweep.shards = plan_shards(pairs, cfg.resources.shard_size)
             with stage_circuit(sweep):  # it needs only the pairs: it runs beside these stages where it can
                 stage_cache(sweep)
                 sweep.finished("cache")
@@ -168,7 +168,7 @@ def _run_stages(cfg: dict, run_dir: Path, tracker: Tracker | None, overrides: li
                 sweep.finished("patch")
                 sweep.finished("summary")
             stage_direction(sweep)
-            if cfg["direction"]["enabled"]:
+            if cfg.direction.enabled:
                 sweep.finished("direction")
             pool.close()
             with timed(sweep.stage("render")):
@@ -252,7 +252,7 @@ def _lock_holder(fd: int) -> str:
         return ""
 
 
-def finished_run(run_dir: Path) -> tuple[dict, SweepOutcome]:
+def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
     """The config and outcome of a finished sweep, read back from its folder (what `patchsweep log`
     logs): its manifest must be complete and every file it lists intact. Stage times are not kept in
     the folder's files (report.md lists them), so the outcome has none."""
@@ -264,7 +264,7 @@ def finished_run(run_dir: Path) -> tuple[dict, SweepOutcome]:
     if damaged:
         raise ValueError(f"{run_dir} has files that no longer match its {MANIFEST} ({', '.join(damaged)}): run "
                          "the sweep again (the same command) to recompute them")
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    cfg = from_plain(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
     pairs_report = json.loads(provenance(read_schema(run_dir / "pairs.parquet"))["pairs_report"])
     summary = read_summary(run_dir / "summary.parquet")
     circuit = json.loads((run_dir / "circuit.json").read_text()) if "circuit.json" in manifest.files else None
@@ -273,9 +273,9 @@ def finished_run(run_dir: Path) -> tuple[dict, SweepOutcome]:
                              layer_curves(summary), circuit)
 
 
-def write_config(run_dir: Path, cfg: dict) -> None:
+def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
     """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation)."""
-    publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
+    publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))).encode())
 
 
 def stamp_run_tables(sweep: Sweep) -> None:
@@ -302,8 +302,8 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
     """pairs.parquet, reused when finished under the same content key, else built by `build_pairs_file`."""
     cfg = sweep.cfg
     # A user's prompt file counts by its content: an edited file gives new pairs, never the old ones.
-    prompts_file = sha256_file(cfg["prompts"]["path"]) if cfg["prompts"]["path"] else None
-    key = content_key("pairs", PRODUCER, sweep.model_info["weights_hash"], cfg["model"]["path"], cfg["prompts"],
+    prompts_file = sha256_file(cfg.prompts.path) if cfg.prompts.path else None
+    key = content_key("pairs", PRODUCER, sweep.model_info["weights_hash"], cfg.model.path, asdict(cfg.prompts),
                       prompts_file)
     if sweep.manifest.is_valid("pairs.parquet", key):
         sweep.stage("pairs").reused += 1
@@ -320,11 +320,11 @@ def build_pairs_file(sweep: Sweep, key: str) -> None:
     the answer tokens derived once from every batch's replies, the batches screened, and their kept rows
     put together into pairs.parquet. Only a batch's pairs are in an actor's memory at a time, and every
     file is named by a content key, so a resumed run reuses the batches it finished."""
-    prompts, folder, prov = sweep.cfg["prompts"], sweep.run_dir / "pairs", sweep.provenance
+    prompts, folder, prov = asdict(sweep.cfg.prompts), sweep.run_dir / "pairs", sweep.provenance
     [tokens_file] = run_sharded(sweep, "pairs", folder / "tokens", [
-        {"name": "pairs", "model_path": sweep.cfg["model"]["path"], "prompts": prompts,
+        {"name": "pairs", "model_path": sweep.cfg.model.path, "prompts": prompts,
          "out": str(folder / "tokens" / f"{key}.arrow"), "provenance": prov}])
-    n, size = read_table(tokens_file).num_rows, sweep.cfg["resources"]["pairs_shard_size"]
+    n, size = read_table(tokens_file).num_rows, sweep.cfg.resources.pairs_shard_size
     batches = [(start, min(start + size, n)) for start in range(0, n, size)]
     replies = run_pairs_phase(sweep, "replies", folder / "replies", [
         {"name": f"replies {start}-{stop}", "tokens": str(tokens_file), "start": start, "stop": stop,
@@ -422,9 +422,9 @@ def stage_cache(sweep: Sweep) -> list[Path]:
 
 def stage_patch(sweep: Sweep) -> list[Path]:
     folder = sweep.run_dir / "effects"
-    patching, weights = sweep.cfg["patching"], sweep.model_info["weights_hash"]
+    patching, weights = asdict(sweep.cfg.patching), sweep.model_info["weights_hash"]
     items = []
-    for bucket in bucket_shards(sweep.shards, sweep.cfg["resources"]["shard_size"]):
+    for bucket in bucket_shards(sweep.shards, sweep.cfg.resources.shard_size):
         for component in patching["components"]:
             for direction in patching["directions"]:
                 work = {"component": component, "direction": direction, "metric": patching["metric"],
@@ -433,7 +433,7 @@ def stage_patch(sweep: Sweep) -> list[Path]:
                 key = content_key("patch", PRODUCER, weights, [shard["key"] for shard in bucket], work)
                 items.append({**work, "name": f"patch {component} {direction} {key}",
                               "pairs": str(sweep.run_dir / "pairs.parquet"), "shards": [shard["rows"] for shard in bucket],
-                              "model": sweep.cfg["model"]["name"], "batch_size": patching["batch_size"],
+                              "model": sweep.cfg.model.name, "batch_size": patching["batch_size"],
                               "out": str(folder / f"{key}.arrow"), "provenance": sweep.provenance})
     return run_sharded(sweep, "patch", folder, items)
 
@@ -453,7 +453,7 @@ def bucket_shards(shards: list[dict], pairs_per_item: int) -> list[list[dict]]:
 
 def stage_summary(sweep: Sweep, effect_shards: list[Path]) -> None:
     """Effect shards -> effects.parquet, summary.parquet and sites.json."""
-    options = sweep.cfg["summary"]
+    options = asdict(sweep.cfg.summary)
     item = {"name": "summary", "shards": [str(p) for p in effect_shards], "pairs": str(sweep.run_dir / "pairs.parquet"),
             "effects": str(sweep.run_dir / "effects.parquet"), "summary": str(sweep.run_dir / "summary.parquet"),
             "sites": str(sweep.run_dir / "sites.json"), "options": options, "run": sweep.run, "provenance": sweep.provenance}
@@ -467,14 +467,14 @@ def stage_circuit(sweep: Sweep):
     it runs on an actor of its own beside the stages in the block (the sweep's cache, patch and summary)
     where the pool has one to spare, else after them; the block's end waits for it."""
     cfg = sweep.cfg
-    if not cfg["circuit"]["enabled"]:
+    if not cfg.circuit.enabled:
         yield
         return
-    item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg["model"]["name"],
-            "circuit": cfg["circuit"], "summary": cfg["summary"], "metric": cfg["patching"]["metric"],
-            "max_new_tokens": cfg["prompts"]["max_new_tokens"], "provenance": sweep.provenance}
+    item = {"name": "circuit", "run_dir": str(sweep.run_dir), "model": cfg.model.name,
+            "circuit": asdict(cfg.circuit), "summary": asdict(cfg.summary), "metric": cfg.patching.metric,
+            "max_new_tokens": cfg.prompts.max_new_tokens, "provenance": sweep.provenance}
     key = content_key("circuit", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
-                      cfg["circuit"], cfg["summary"], cfg["patching"]["metric"], cfg["prompts"]["max_new_tokens"])
+                      asdict(cfg.circuit), asdict(cfg.summary), cfg.patching.metric, cfg.prompts.max_new_tokens)
     stats = sweep.stage("circuit")
     with follow_progress(sweep.run_dir):
         job = None if sweep.manifest.is_valid("circuit.json", key) else sweep.pool.start("circuit", item)
@@ -492,12 +492,12 @@ def stage_circuit(sweep: Sweep):
 def stage_direction(sweep: Sweep) -> None:
     """The refusal direction on a model actor (opt-in: direction.enabled)."""
     cfg = sweep.cfg
-    if not cfg["direction"]["enabled"]:
+    if not cfg.direction.enabled:
         return
-    item = {"name": "direction", "pairs": str(sweep.run_dir / "pairs.parquet"), "options": cfg["direction"],
+    item = {"name": "direction", "pairs": str(sweep.run_dir / "pairs.parquet"), "options": asdict(cfg.direction),
             "out": str(sweep.run_dir / "direction.arrow"), "provenance": sweep.provenance}
     key = content_key("direction", PRODUCER, sweep.model_info["weights_hash"], sweep.provenance["pairs_hash"],
-                      cfg["direction"])
+                      asdict(cfg.direction))
     sweep.run_once("direction", item, key, ("direction.arrow",))
 
 
@@ -507,7 +507,7 @@ def render(sweep: Sweep) -> tuple[pd.DataFrame, dict | None]:
     summary = read_summary(run_dir / "summary.parquet")
     circuit_path = run_dir / "circuit.json"
     circuit = json.loads(circuit_path.read_text()) if sweep.manifest.is_valid("circuit.json") else None
-    written = [layers_png(summary, run_dir / "layers.png", f"{cfg['name']}: {cfg['model']['name']}")]
+    written = [layers_png(summary, run_dir / "layers.png", f"{cfg.name}: {cfg.model.name}")]
     if circuit is not None:
         written += render_circuit(circuit, run_dir).values()
     written.append(write_report(run_dir / "report.md", cfg, sweep.model_info, sweep.pairs_report,

@@ -36,6 +36,7 @@ from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.run.scheduler import Room
+from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig
 from pipeline.stages import STAGES
 from pipeline.store import file_entry
 
@@ -44,7 +45,7 @@ from pipeline.store import file_entry
 Stage = Union[str, Callable[..., "list[Path]"]]
 
 
-def start_ray(cfg: dict) -> None:
+def start_ray(cfg: PatchsweepConfig) -> None:
     """Join the configured Ray cluster, or start a private local instance; reused across calls.
 
     A cluster that cannot be reached is named in one line: at once when nothing listens at its address,
@@ -52,19 +53,19 @@ def start_ray(cfg: dict) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from an offline machine
-    options = dict(namespace=cfg["ray"]["namespace"], log_to_driver=cfg["ray"]["log_to_driver"],
+    options = dict(namespace=cfg.ray.namespace, log_to_driver=cfg.ray.log_to_driver,
                    include_dashboard=False, configure_logging=True, logging_level="warning")
-    address = cfg["ray"]["address"]
+    address = cfg.ray.address
     if address == "local":
         # Ray binds every server (GCS, raylet, workers, agents) to the node's IP address, which it takes
         # to be the loopback address only when this flag is off; there is no public option. A private
         # instance serves this machine alone, so it listens on 127.0.0.1 only.
         ray_constants.ENABLE_RAY_CLUSTER = False
         # address="local": a private instance even when a `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=cfg["resources"]["num_cpus"],
-                 num_gpus=None if cfg["resources"]["gpus_per_actor"] else 0, **options)
+        ray.init(address="local", num_cpus=cfg.resources.num_cpus,
+                 num_gpus=None if cfg.resources.gpus_per_actor else 0, **options)
     else:
-        seconds = cfg["ray"]["connect_timeout_s"]
+        seconds = cfg.ray.connect_timeout_s
         _probe_cluster(address, seconds)
         with _deadline(seconds, f"the Ray cluster at ray.address={address} did not answer within "
                                 f"{seconds:g} s (ray.connect_timeout_s): check that it is a Ray head's address"):
@@ -129,18 +130,18 @@ class ModelWorker:
     placed it, so the pool can tell an actor waiting for room from one loading its model (and a
     restarted actor reloads it with its first item)."""
 
-    def __init__(self, model: dict, resources: dict, log_path: str):
+    def __init__(self, model: ModelConfig, resources: ResourcesConfig, log_path: str):
         actor_logging(log_path)
-        torch.set_num_threads(resources["torch_threads"])
-        self.spec, self.device = model, resources["device"]
+        torch.set_num_threads(resources.torch_threads)
+        self.spec, self.device = model, resources.device
         self.model = self.tokenizer = None
         self._weights_hash = None
 
     def _load(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer = load_model(resolve(self.spec["path"]), dtype=self.spec["dtype"],
+            self.model, self.tokenizer = load_model(resolve(self.spec.path), dtype=self.spec.dtype,
                                                     device=self.device,
-                                                    trust_remote_code=self.spec["trust_remote_code"])
+                                                    trust_remote_code=self.spec.trust_remote_code)
 
     def describe(self) -> dict:
         """The model's shape and the hash of its weights as loaded (adapters merged, dtype applied)."""
@@ -206,35 +207,35 @@ def actors_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
     return fit
 
 
-def _asks(res: dict) -> str:
+def _asks(res: ResourcesConfig) -> str:
     """What one model actor asks Ray for, in words."""
-    gpus = f" and {res['gpus_per_actor']:g} GPU" if res["gpus_per_actor"] else ""
-    return f"{res['cpus_per_actor']:g} CPU{gpus} (resources.cpus_per_actor{', resources.gpus_per_actor' if gpus else ''})"
+    gpus = f" and {res.gpus_per_actor:g} GPU" if res.gpus_per_actor else ""
+    return f"{res.cpus_per_actor:g} CPU{gpus} (resources.cpus_per_actor{', resources.gpus_per_actor' if gpus else ''})"
 
 
-def check_room(cfg: dict, nodes: list[dict] | None = None) -> int:
+def check_room(cfg: PatchsweepConfig, nodes: list[dict] | None = None) -> int:
     """Refuse at once, naming what was asked, what Ray has and which key to lower, a request for model
     actors that can never be placed; returns how many fit. A cluster (which may grow) that fits some
     but not all of them is told so, and the rest wait for room. `nodes`: each node's total resources
     (default: the running Ray's live nodes)."""
-    res = cfg["resources"]
+    res = cfg.resources
     if nodes is None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     has = f"{total_cpus:g} CPU{'s' if total_cpus != 1 else ''}, {total_gpus:g} GPU{'s' if total_gpus != 1 else ''}"
-    where = "this machine's Ray instance" if cfg["ray"]["address"] == "local" else "the Ray cluster"
-    fit = actors_that_fit(nodes, res["cpus_per_actor"], res["gpus_per_actor"])
+    where = "this machine's Ray instance" if cfg.ray.address == "local" else "the Ray cluster"
+    fit = actors_that_fit(nodes, res.cpus_per_actor, res.gpus_per_actor)
     if fit == 0:
         raise RayUnavailable(f"a model actor asks {_asks(res)}, more than any node of {where} has ({has} "
                              f"over {len(nodes)} node{'s' if len(nodes) != 1 else ''}): lower them, or add a node "
                              "that has them")
-    if fit < res["actors"]:
-        if cfg["ray"]["address"] == "local":  # a private instance never grows
-            raise RayUnavailable(f"resources.actors={res['actors']} model actors of {_asks(res)} do not fit "
+    if fit < res.actors:
+        if cfg.ray.address == "local":  # a private instance never grows
+            raise RayUnavailable(f"resources.actors={res.actors} model actors of {_asks(res)} do not fit "
                                  f"in {where} ({has}): set resources.actors={fit} or lower "
                                  "resources.cpus_per_actor")
-        notice(f"{where} holds {fit} of the {res['actors']} model actors asked for (each {_asks(res)}; it has "
+        notice(f"{where} holds {fit} of the {res.actors} model actors asked for (each {_asks(res)}; it has "
                 f"{has}): the sweep starts on those placed, the rest join as room frees up "
                 "(lower resources.actors to ask for fewer)")
     return fit
@@ -258,7 +259,7 @@ class WorkerPool:
     `room` with other sweeps (pipeline.run.scheduler), it starts as many as its work and its share of the
     room allow, up to resources.actors, and gives actors back when another sweep needs the room."""
 
-    cfg: dict
+    cfg: PatchsweepConfig
     room: Room | None = None
     actors: list = field(default_factory=list)  # every actor started; a retired one stays as None (indices hold)
     placed: set = field(default_factory=set)  # indices of actors Ray has placed
@@ -271,21 +272,21 @@ class WorkerPool:
     background: dict = field(default_factory=dict)  # actor index -> the Background item it runs (map skips it)
 
     def __post_init__(self):
-        res = self.cfg["resources"]
+        res = self.cfg.resources
         check_room(self.cfg)
-        self._options = dict(num_cpus=res["cpus_per_actor"], num_gpus=res["gpus_per_actor"],
-                             max_restarts=res["max_retries"])
-        self._log_path = str(Path(self.cfg["output_dir"]).resolve() / LOG_FILE)
+        self._options = dict(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
+                             max_restarts=res.max_retries)
+        self._log_path = str(Path(self.cfg.output_dir).resolve() / LOG_FILE)
         if self.room is None:
-            self._start(res["actors"])
+            self._start(res.actors)
         else:
-            self.room.join(self, res["cpus_per_actor"], res["gpus_per_actor"])
+            self.room.join(self, res.cpus_per_actor, res.gpus_per_actor)
 
     def _start(self, n: int) -> None:
         if not self.actors:
             self.created = time.monotonic()
         for _ in range(n):
-            actor = ModelWorker.options(**self._options).remote(self.cfg["model"], self.cfg["resources"],
+            actor = ModelWorker.options(**self._options).remote(self.cfg.model, self.cfg.resources,
                                                                 self._log_path)
             self.placing[actor.ping.remote()] = len(self.actors)
             self.actors.append(actor)
@@ -307,7 +308,7 @@ class WorkerPool:
             return
         if self.room.stopping.is_set():
             raise KeyboardInterrupt
-        change = self.room.resize(self, min(wanted + len(self.background), self.cfg["resources"]["actors"]))
+        change = self.room.resize(self, min(wanted + len(self.background), self.cfg.resources.actors))
         if change > 0:
             self._start(change)
             load.extend([0] * change)
@@ -336,11 +337,11 @@ class WorkerPool:
         """Wait for an actor to be placed or for one of `others` (object refs) to finish; returns the
         finished ones among `others`. Says how long it has waited while no actor is placed."""
         refs = list(self.placing) + others
-        res = self.cfg["resources"]
+        res = self.cfg.resources
         if not refs:  # sharing a room that has none for this pool yet: wait for another pool to give some back
             self.room.wait(PLACEMENT_NOTICE_S)
             return []
-        left = res["placement_timeout_s"] - (time.monotonic() - self.created)
+        left = res.placement_timeout_s - (time.monotonic() - self.created)
         done, _ = ray.wait(refs, num_returns=1, timeout=PLACEMENT_NOTICE_S if self.placed else
                            min(PLACEMENT_NOTICE_S, max(left, 0.1)))
         for ref in done:
@@ -351,12 +352,12 @@ class WorkerPool:
             free = ray.available_resources()
             room = (f"each asks {_asks(res)} and the cluster has {free.get('CPU', 0):g} CPUs, "
                     f"{free.get('GPU', 0):g} GPUs free")
-            if waited >= res["placement_timeout_s"]:
+            if waited >= res.placement_timeout_s:
                 raise RayUnavailable(f"no model actor was placed within resources.placement_timeout_s="
-                                     f"{res['placement_timeout_s']:g} s ({room}): free room on the cluster, or "
+                                     f"{res.placement_timeout_s:g} s ({room}): free room on the cluster, or "
                                      "lower resources.cpus_per_actor")
             notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
-                    f"resources.placement_timeout_s={res['placement_timeout_s']:g} s")
+                    f"resources.placement_timeout_s={res.placement_timeout_s:g} s")
         return [ref for ref in done if ref in set(others)]
 
     def _placed(self, ping) -> None:
@@ -414,7 +415,7 @@ class WorkerPool:
         the driver as each finishes (to update a manifest). When an actor dies, Ray restarts it (reloading the model); its items are
         resubmitted, up to resources.max_retries times each, once a ping says it is back.
         """
-        res = self.cfg["resources"]
+        res = self.cfg.resources
         stats = stats or StageStats(stage if isinstance(stage, str) else stage.__name__)
         results: list[list[dict] | None] = [None] * len(items)
         pending = deque(range(len(items)))
@@ -425,10 +426,10 @@ class WorkerPool:
         with tqdm(total=len(items) + stats.reused, initial=stats.reused, desc=f"{stats.stage:>9}", unit="item",
                   dynamic_ncols=True, leave=True) as bar:
             while pending or in_flight:
-                self._rebalance(min(res["actors"], len(pending) + len(in_flight)), load, recovering)
+                self._rebalance(min(res.actors, len(pending) + len(in_flight)), load, recovering)
                 ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining
                          and a not in self.background]
-                while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
+                while pending and ready and min(load[a] for a in ready) < res.max_in_flight:
                     actor = min(ready, key=lambda a: load[a])
                     index = pending.popleft()
                     in_flight[self.actors[actor].run.remote(stage, items[index])] = (index, actor)
@@ -457,7 +458,7 @@ class WorkerPool:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as err:
                     attempts[index] += 1
-                    if attempts[index] > res["max_retries"]:
+                    if attempts[index] > res.max_retries:
                         raise WorkFailed(f"{stats.stage} item {items[index].get('name', index)} failed "
                                          f"{attempts[index]} times, last: {_first_line(err)}") from None
                     stats.retried += 1

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.analysis.circuit_search import Progress, find_circuit
 from pipeline.analysis.knockout import knockout_by_generation
-from pipeline.config import CircuitConfig, SummaryConfig
+from pipeline.schema import CircuitConfig, SummaryConfig
 from pipeline.store import publish_json, read_table
 
 PROGRESS = "circuit.progress.json"
