@@ -26,24 +26,26 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 import yaml
 
 
 def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
     """(model, pairs table with clean_tokens): a run's pairs.parquet when given, else built and screened here."""
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    import tempfile
+
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
+    from pipeline.schema import PromptsConfig
+    from pipeline.stages.pairs import run_in_process
     from pipeline.store import read_table
 
     model, tokenizer = load_model(resolve(organism))
     if path:
         return model, read_table(path)
-    pairs = build_pairs(model, tokenizer, source_pairs(organism, tokenizer, n=n_pairs, seed=seed)).table
-    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
-    return model, pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+    with tempfile.TemporaryDirectory() as folder:  # the pairs stage run in this process
+        return model, run_in_process(model, tokenizer, organism, PromptsConfig(n_pairs=n_pairs, seed=seed),
+                                     Path(folder))[0]
 
 
 def circuit(args) -> None:

@@ -39,10 +39,11 @@ from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.outputs.report import console_summary, ui_hint
 from pipeline.run.multirun import Job, check_jobs, run_jobs
-from pipeline.run.sweep import FolderBusy, Interrupted, finished_run, run_sweep
+from pipeline.run.folder import FolderBusy, finished_run
+from pipeline.run.sweep import Interrupted, run_sweep
 from pipeline.run.tracking import LiveRun, log_finished
 from pipeline.run.workers import RayUnavailable, WorkFailed
-from pipeline.schema import TrackingConfig, from_plain, to_plain, tracking_uri
+from pipeline.schema import PatchsweepConfig, TrackingConfig, from_plain, to_plain, tracking_uri
 from pipeline.store import write_table
 from pipeline.validation import ConfigError, validate, validate_screen, validate_tracking
 

@@ -296,10 +296,11 @@ def tiny_circuit(tmp_path_factory):
     from pipeline.outputs.diagram import render_circuit
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from conftest import screened_pairs
+    from pipeline.analysis.pairs import source_pairs
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
-    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
                         refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in table.column("clean_ids").to_pylist()]
     table = table.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
@@ -494,13 +495,14 @@ def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
     """circuit.search_pairs: the search sees a seeded sample of the pairs; faithfulness and its interval
     are measured on every pair and on the held-out rest alone."""
     from pipeline.analysis.circuit_search import find_circuit
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from conftest import screened_pairs
+    from pipeline.analysis.pairs import source_pairs
     from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
-    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,
                         refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     table = table.append_column("clean_tokens", pa.array([tokenizer.convert_ids_to_tokens(i) for i in
                                                           table.column("clean_ids").to_pylist()], pa.list_(pa.string())))

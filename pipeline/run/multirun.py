@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipeline.outputs.comparison import Compared, comparison_markdown, comparison_png, comparison_table
 from pipeline.run.scheduler import Room
-from pipeline.run.sweep import SweepOutcome, run_sweep
+from pipeline.run.runner import SweepOutcome
+from pipeline.run.sweep import run_sweep
 from pipeline.run.tracking import LiveRun, ParentRun
 from pipeline.run.workers import start_ray
 from pipeline.schema import PatchsweepConfig

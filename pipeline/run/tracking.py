@@ -48,7 +48,8 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  #
 from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS  # noqa: E402
 from pipeline.run.logs import LOG_FILE  # noqa: E402
-from pipeline.run.sweep import Interrupted, SweepOutcome  # noqa: E402
+from pipeline.run.runner import SweepOutcome  # noqa: E402
+from pipeline.run.sweep import Interrupted  # noqa: E402
 from pipeline.run.workers import StageStats  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 

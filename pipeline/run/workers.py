@@ -1,7 +1,8 @@
 """Ray: model-holding actors, a bounded window of work items, retries, a progress bar per stage.
 
-Actors load the model once and then take many work items. A work item is a small plain dict
-(stage, paths, row indices, component, direction): tensors never travel through Ray, each item reads
+Actors load the model once and then take many work items. A work item is a stage's small frozen
+dataclass (paths, row indices, its part of the config), handed over with the stage's compute function
+itself (pipeline.stages): tensors never travel through Ray, each item reads
 its inputs from Arrow files and publishes its output atomically under a content-keyed name, so
 running an item twice is harmless. That is what makes retries safe: when an actor dies (its process
 killed, its node lost) Ray restarts it, and the driver resubmits the items it held.
@@ -24,7 +25,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -37,12 +38,11 @@ from pipeline.organisms import resolve
 from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.run.scheduler import Room
 from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig
-from pipeline.stages import STAGES
 from pipeline.store import file_entry
 
-# A stage's name in pipeline.stages.STAGES, or any callable (model, tokenizer, item) -> published paths
-# (the scheduler's tests use stand-ins whose compute is a wait or a crash).
-Stage = Union[str, Callable[..., "list[Path]"]]
+# A stage's compute function, (model, tokenizer, item) -> the paths it published (pipeline.stages; the
+# scheduler's tests hand over stand-ins whose compute is a wait or a crash).
+Compute = Callable[..., "list[Path]"]
 
 
 def start_ray(cfg: PatchsweepConfig) -> None:
@@ -155,11 +155,10 @@ class ModelWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, stage: Stage, item: dict) -> list[dict]:
-        """Run one work item of `stage`; returns each file it published as {"path", "sha256", "rows"},
-        the entries the driver records in its manifest."""
+    def run(self, compute: Compute, item: Any) -> list[dict]:
+        """Run one work item; returns each file it published as {"path", "sha256", "rows"}, the entries
+        the driver records in its manifest."""
         self._load()
-        compute = STAGES[stage] if isinstance(stage, str) else stage
         return [file_entry(path) for path in compute(self.model, self.tokenizer, item)]
 
 
@@ -189,8 +188,8 @@ class StageStats:
 @dataclass
 class Background:
     """One work item on an actor of its own (`WorkerPool.start`) while `map` feeds the pool's other actors."""
-    stage: Stage
-    item: dict
+    compute: Compute
+    item: Any
     actor: int  # its index in the pool
     ref: ray.ObjectRef
     started: float  # time.perf_counter()
@@ -247,6 +246,30 @@ PLACEMENT_NOTICE_S = 30.0
 def notice(message: str) -> None:
     """A line on the terminal that leaves the progress bars intact."""
     tqdm.write(f"patchsweep: {message}", file=sys.stderr)
+
+
+@dataclass
+class _Batch:
+    """The items of one `WorkerPool.map` and where each one is."""
+    compute: Compute
+    items: list
+    stats: StageStats
+    on_result: Callable[[Any, list[dict]], None] | None
+    results: list = field(init=False)  # each item's published files, once it is done
+    pending: deque = field(init=False)  # item indices not yet submitted (or to resubmit)
+    attempts: list = field(init=False)  # per item, how many times its actor died on it
+    in_flight: dict = field(default_factory=dict)  # object ref -> (item index, actor index)
+
+    def __post_init__(self):
+        self.results = [None] * len(self.items)
+        self.pending = deque(range(len(self.items)))
+        self.attempts = [0] * len(self.items)
+
+    def done(self, index: int, files: list[dict]) -> None:
+        self.results[index] = files
+        self.stats.computed += 1
+        if self.on_result is not None:
+            self.on_result(self.items[index], files)
 
 
 @dataclass
@@ -370,7 +393,7 @@ class WorkerPool:
         self.placed.add(index)
         self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
 
-    def start(self, stage: Stage, item: dict) -> Background | None:
+    def start(self, compute: Compute, item: Any) -> Background | None:
         """Run one work item on a placed actor of its own, beside the stages `map` runs on the others, until
         `finish`. None when the pool has no actor to spare (fewer than two placed): run it with `map` then."""
         if self.placing:
@@ -381,7 +404,7 @@ class WorkerPool:
         if len(free) < 2:
             return None
         actor = free[-1]
-        self.background[actor] = Background(stage, item, actor, self.actors[actor].run.remote(stage, item),
+        self.background[actor] = Background(compute, item, actor, self.actors[actor].run.remote(compute, item),
                                             time.perf_counter())
         return self.background[actor]
 
@@ -403,79 +426,89 @@ class WorkerPool:
         if result is None:
             stats.retried += 1
             with timed(stats):
-                return self.map(job.stage, [job.item], stats=stats)[0]
+                return self.map(job.compute, [job.item], stats=stats)[0]
         stats.computed += 1
         return result
 
-    def map(self, stage: Stage, items: list[dict], on_result: Callable[[dict, list[dict]], None] | None = None,
+    def map(self, compute: Compute, items: list, on_result: Callable[[Any, list[dict]], None] | None = None,
             stats: StageStats | None = None) -> list[list[dict]]:
-        """Run `stage`'s work items on the actors, at most resources.max_in_flight queued per actor.
+        """Run `compute` on each item on the actors, at most resources.max_in_flight queued per actor.
 
         Results (each item's published files) come back in item order; `on_result(item, files)` runs on
-        the driver as each finishes (to update a manifest). When an actor dies, Ray restarts it (reloading the model); its items are
-        resubmitted, up to resources.max_retries times each, once a ping says it is back.
-        """
-        res = self.cfg.resources
-        stats = stats or StageStats(stage if isinstance(stage, str) else stage.__name__)
-        results: list[list[dict] | None] = [None] * len(items)
-        pending = deque(range(len(items)))
-        attempts = [0] * len(items)
-        load = [0] * len(self.actors)
-        in_flight: dict = {}  # object ref -> (item index, actor index)
+        the driver as each finishes (to update a manifest). When an actor dies, Ray restarts it (reloading
+        the model); its items are resubmitted, up to resources.max_retries times each, once a ping says it
+        is back. Between waits the pool looks at the room (actors to start, give back, or Ctrl-C)."""
+        batch = _Batch(compute, items, stats or StageStats(compute.__name__), on_result)
+        load = [0] * len(self.actors)  # items queued on each actor
         recovering: dict = {}  # ping ref -> actor index, for actors being restarted
-        with tqdm(total=len(items) + stats.reused, initial=stats.reused, desc=f"{stats.stage:>9}", unit="item",
-                  dynamic_ncols=True, leave=True) as bar:
-            while pending or in_flight:
-                self._rebalance(min(res.actors, len(pending) + len(in_flight)), load, recovering)
-                ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining
-                         and a not in self.background]
-                while pending and ready and min(load[a] for a in ready) < res.max_in_flight:
-                    actor = min(ready, key=lambda a: load[a])
-                    index = pending.popleft()
-                    in_flight[self.actors[actor].run.remote(stage, items[index])] = (index, actor)
-                    load[actor] += 1
-                waiting = list(in_flight) + list(recovering)
-                running = {job.ref: job for job in self.background.values() if job.ended is None}
-                # An actor still waiting for room joins as soon as Ray places it; a pool sharing a room
-                # looks up every second (Ctrl-C, room given back by another sweep).
-                if self.placing or not waiting:
-                    finished = self._await_placement(waiting + list(running))
-                else:
-                    finished, _ = ray.wait(waiting + list(running), num_returns=1,
-                                           timeout=None if self.room is None else 1.0)
-                if not finished:
-                    continue
-                ref = finished[0]
-                if ref in running:  # a background item's result is in: its time ends here (read by `finish`)
-                    running[ref].ended = time.perf_counter()
-                    continue
-                if ref in recovering:
-                    self._recovered(recovering, ref)
-                    continue
-                index, actor = in_flight.pop(ref)
-                load[actor] -= 1
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    attempts[index] += 1
-                    if attempts[index] > res.max_retries:
-                        raise WorkFailed(f"{stats.stage} item {items[index].get('name', index)} failed "
-                                         f"{attempts[index]} times, last: {_first_line(err)}") from None
-                    stats.retried += 1
-                    pending.appendleft(index)
-                    if actor not in recovering.values():
-                        recovering[self.actors[actor].ping.remote()] = actor
-                    continue
-                except ray.exceptions.RayTaskError as err:
-                    raise _user_error(err) from None
-                results[index] = result
-                stats.computed += 1
-                if on_result is not None:
-                    on_result(items[index], result)
-                bar.update()
+        with tqdm(total=len(items) + batch.stats.reused, initial=batch.stats.reused, desc=f"{batch.stats.stage:>9}",
+                  unit="item", dynamic_ncols=True, leave=True) as bar:
+            while batch.pending or batch.in_flight:
+                self._rebalance(min(self.cfg.resources.actors, len(batch.pending) + len(batch.in_flight)), load,
+                                recovering)
+                self._dispatch(batch, load, recovering)
+                for ref in self._wait(batch, recovering):
+                    if self._settle(ref, batch, load, recovering):
+                        bar.update()
         # Between stages the sweep keeps one actor (its model loaded); the others may go to another sweep.
         self._rebalance(1, load, recovering)
-        return results
+        return batch.results
+
+    def _dispatch(self, batch: _Batch, load: list[int], recovering: dict) -> None:
+        """Queued items to the least loaded actors that take work, up to resources.max_in_flight each."""
+        ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining
+                 and a not in self.background]
+        while batch.pending and ready and min(load[a] for a in ready) < self.cfg.resources.max_in_flight:
+            actor = min(ready, key=lambda a: load[a])
+            index = batch.pending.popleft()
+            batch.in_flight[self.actors[actor].run.remote(batch.compute, batch.items[index])] = (index, actor)
+            load[actor] += 1
+
+    def _wait(self, batch: _Batch, recovering: dict) -> list:
+        """Until an item, a restarting actor's ping or a background item is done (at most one of them):
+        while an actor waits for placement, it joins as soon as Ray places it; a pool sharing a room looks
+        up every second (Ctrl-C, room given back by another sweep)."""
+        waiting = list(batch.in_flight) + list(recovering)
+        running = [job.ref for job in self.background.values() if job.ended is None]
+        if self.placing or not waiting:
+            return self._await_placement(waiting + running)
+        done, _ = ray.wait(waiting + running, num_returns=1, timeout=None if self.room is None else 1.0)
+        return done
+
+    def _settle(self, ref, batch: _Batch, load: list[int], recovering: dict) -> bool:
+        """What a finished ref means: a background item's end (its time stops here; `finish` reads it), a
+        restarted actor back in service, or one of the batch's items done (True) or lost with its actor."""
+        background = {job.ref: job for job in self.background.values()}
+        if ref in background:
+            background[ref].ended = time.perf_counter()
+            return False
+        if ref in recovering:
+            self._recovered(recovering, ref)
+            return False
+        index, actor = batch.in_flight.pop(ref)
+        load[actor] -= 1
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            self._resubmit(batch, index, actor, err, recovering)
+            return False
+        except ray.exceptions.RayTaskError as err:
+            raise _user_error(err) from None
+        batch.done(index, result)
+        return True
+
+    def _resubmit(self, batch: _Batch, index: int, actor: int, err: BaseException, recovering: dict) -> None:
+        """An item whose actor died goes back to the front of the queue, at most resources.max_retries
+        times; its actor takes work again once a ping says Ray has restarted it."""
+        batch.attempts[index] += 1
+        if batch.attempts[index] > self.cfg.resources.max_retries:
+            name = getattr(batch.items[index], "name", index)
+            raise WorkFailed(f"{batch.stats.stage} item {name} failed {batch.attempts[index]} times, last: "
+                             f"{_first_line(err)}") from None
+        batch.stats.retried += 1
+        batch.pending.appendleft(index)
+        if actor not in recovering.values():
+            recovering[self.actors[actor].ping.remote()] = actor
 
     def _recovered(self, recovering: dict, ping) -> None:
         """A restarting actor answered its ping (back in service), or is still coming up (ping again)."""
