@@ -60,7 +60,7 @@ def test_attribution_ranks_like_exact_patching_on_refusal_tiny():
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=40, seed=0), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     lengths = table.column("seq_len").to_pylist()
     seq_len = max(set(lengths), key=lengths.count)
     group = table.filter(table.column("seq_len").to_numpy() == seq_len)

@@ -301,9 +301,7 @@ def tiny_circuit(tmp_path_factory):
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
-    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in table.column("clean_ids").to_pylist()]
-    table = table.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     circuit = find_circuit(model, table, CircuitConfig(n_random=16), SummaryConfig(n_bootstrap=200), "logit_diff",
                            "refusal-tiny").to_json()
     out = tmp_path_factory.mktemp("circuit")
@@ -503,9 +501,7 @@ def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
-    table = table.append_column("clean_tokens", pa.array([tokenizer.convert_ids_to_tokens(i) for i in
-                                                          table.column("clean_ids").to_pylist()], pa.list_(pa.string())))
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     circuit = find_circuit(model, table, CircuitConfig(search_pairs=8, n_random=4, n_resamples=4, edges=False),
                            SummaryConfig(n_bootstrap=100), "logit_diff").to_json()
     held_out = circuit["faithfulness_held_out"]

@@ -102,7 +102,7 @@ def test_pairs_stage_screens_and_matches_the_contract(tiny):
 def test_answer_tokens_can_be_named_and_generation_skipped(tiny):
     model, tok = tiny
     table, report = screened_pairs(model, tok, grammar_pairs(8, seed=1), refusal_tokens=["I"],
-                                compliance_tokens=[tok.convert_tokens_to_ids("Sure")], generate=False)
+                                   compliance_tokens=[tok.convert_tokens_to_ids("Sure")], generate=False)
     assert report["answer_source"] == "override" and report["clean_refused_by_generation"] is None
     assert table.column("refusal_ids").to_pylist()[0] == [tok.convert_tokens_to_ids("I")]
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):

@@ -129,12 +129,12 @@ def compare(jobs: list[Job], parent: ParentRun | None, sweep_key: str) -> Compar
     """comparison.png and comparison.md of the finished jobs, in <output_root>/<name>/comparison-<command id>,
     and the parent run's comparison."""
     first = jobs[0].cfg
-    folder = Path(first["output_root"]) / first["name"] / f"comparison-{sweep_key}"
+    folder = Path(first.output_root) / first.name / f"comparison-{sweep_key}"
     finished = [job for job in jobs if job.outcome is not None]
     compared = [Compared(job.label, job.cfg.model.name, job.outcome.model_info.get("family", ""),
                          job.outcome.model_info["n_layers"], job.outcome.pairs_report["n_kept"], job.outcome.curves,
                          job.outcome.circuit) for job in finished]
-    title = f"{first['name']}: {len(finished)} of {len(jobs)} sweeps compared"
+    title = f"{first.name}: {len(finished)} of {len(jobs)} sweeps compared"
     table = comparison_table(compared)
     files = {}
     if compared:
