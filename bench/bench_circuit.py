@@ -26,31 +26,33 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 import yaml
 
 
 def screened_pairs(organism: str, n_pairs: int, seed: int, path: str | None):
     """(model, pairs table with clean_tokens): a run's pairs.parquet when given, else built and screened here."""
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    import tempfile
+
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
+    from pipeline.schema import PromptsConfig
+    from pipeline.stages.pairs import run_in_process
     from pipeline.store import read_table
 
     model, tokenizer = load_model(resolve(organism))
     if path:
         return model, read_table(path)
-    pairs = build_pairs(model, tokenizer, source_pairs(organism, tokenizer, n=n_pairs, seed=seed)).table
-    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in pairs.column("clean_ids").to_pylist()]
-    return model, pairs.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+    with tempfile.TemporaryDirectory() as folder:  # the pairs stage run in this process
+        return model, run_in_process(model, tokenizer, organism, PromptsConfig(n_pairs=n_pairs, seed=seed),
+                                     Path(folder))[0]
 
 
 def circuit(args) -> None:
     from pipeline.analysis.circuit.method import find_circuit
     from pipeline.analysis.circuit.progress import Progress
     from pipeline.analysis.circuit.result import circuit_from_json
-    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.store import publish_json
 
@@ -132,7 +134,7 @@ def token_layers(evaluator, nodes, n_layers: int) -> tuple[int, int]:
 
 def verify(args) -> None:
     from pipeline.analysis.circuit.method import prepare
-    from pipeline.config import CircuitConfig
+    from pipeline.schema import CircuitConfig
 
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")

@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -35,12 +37,15 @@ from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import Variants, sweep, variants_for
 from pipeline.engine.reference import reference_sweep
 from pipeline.organisms import resolve
-from pipeline.analysis.pairs import build_pairs, grammar_pairs
+from pipeline.schema import PromptsConfig
+from pipeline.stages.pairs import run_in_process
 
 
 def screened_pairs(model, tokenizer, n_pairs: int):
     """n screened refusal-tiny pairs of the most common length, as tensors."""
-    table = build_pairs(model, tokenizer, grammar_pairs(16 * n_pairs, seed=0)).table.to_pylist()
+    with tempfile.TemporaryDirectory() as folder:  # the pairs stage, run in this process
+        table = run_in_process(model, tokenizer, "refusal-tiny", PromptsConfig(n_pairs=16 * n_pairs, seed=0),
+                               Path(folder))[0].to_pylist()
     length = Counter(r["seq_len"] for r in table).most_common(1)[0][0]
     rows = [r for r in table if r["seq_len"] == length][:n_pairs]
     clean = torch.tensor([r["clean_ids"] for r in rows])

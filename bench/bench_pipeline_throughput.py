@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +36,21 @@ from pipeline.engine.adapters import get_adapter  # noqa: E402
 from pipeline.engine.loading import load_model  # noqa: E402
 from pipeline.engine.patching import sweep, variants_for  # noqa: E402
 from pipeline.organisms import resolve  # noqa: E402
-from pipeline.run.sweep import Sweep, stage_patch  # noqa: E402
+from pipeline.run.runner import Sweep  # noqa: E402
+from pipeline.run.sweep import stage_patch  # noqa: E402
 from pipeline.run.workers import WorkerPool, start_ray  # noqa: E402
 from pipeline.stages.patch import EFFECT_SHARD_SCHEMA  # noqa: E402
+from pipeline.schema import PatchsweepConfig  # noqa: E402
+from pipeline.stages.shards import PairShard  # noqa: E402
 from pipeline.store import Manifest, read_table  # noqa: E402
 
 KEY = ["direction", "component", "layer", "head", "position", "pair_id"]
 
 
-def bare_engine(cfg: dict, pairs_path: Path) -> tuple[float, pa.Table]:
+def bare_engine(cfg: PatchsweepConfig, pairs_path: Path) -> tuple[float, pa.Table]:
     """Every (length, component, direction) as one engine sweep; seconds, effects."""
-    model, _ = load_model(resolve(cfg["model"]["path"]), dtype=cfg["model"]["dtype"])
-    adapter, patching = get_adapter(model), cfg["patching"]
+    model, _ = load_model(resolve(cfg.model.path), dtype=cfg.model.dtype)
+    adapter, patching = get_adapter(model), cfg.patching
     lengths = read_table(pairs_path).column("seq_len").to_pylist()
     groups: dict[int, list[int]] = {}
     for row, length in enumerate(lengths):
@@ -58,18 +62,18 @@ def bare_engine(cfg: dict, pairs_path: Path) -> tuple[float, pa.Table]:
     tables = []
     start = time.perf_counter()
     for length, batch in batches:
-        for component in patching["components"]:
-            variants = variants_for(adapter, component, length, per_position=component in patching["per_position"],
-                                    layers=patching["layers"], heads=patching["heads"] if component == "head" else None)
-            for direction in patching["directions"]:
+        for component in patching.components:
+            variants = variants_for(adapter, component, length, per_position=component in patching.per_position,
+                                    layers=patching.layers, heads=patching.heads if component == "head" else None)
+            for direction in patching.directions:
                 result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants, direction,
-                               patching["metric"])
-                tables.append(pa.table(result.to_columns(batch["pair_id"], cfg["model"]["name"]), schema=EFFECT_SHARD_SCHEMA))
+                               patching.metric)
+                tables.append(pa.table(result.to_columns(batch["pair_id"], cfg.model.name), schema=EFFECT_SHARD_SCHEMA))
     seconds = time.perf_counter() - start
     return seconds, pa.concat_tables(tables)
 
 
-def pipeline(cfg: dict, base: Sweep, run_dir: Path) -> tuple[float, int, pa.Table]:
+def pipeline(cfg: PatchsweepConfig, base: Sweep, shards: list[PairShard], run_dir: Path) -> tuple[float, int, pa.Table]:
     """The patch stage on one actor; seconds, work items, effects."""
     from bench_ray_scaling import warm_up
 
@@ -77,11 +81,11 @@ def pipeline(cfg: dict, base: Sweep, run_dir: Path) -> tuple[float, int, pa.Tabl
     shutil.copy(base.run_dir / "pairs.parquet", run_dir / "pairs.parquet")
     pool = WorkerPool(cfg)
     try:
-        warm_up(pool, base, run_dir / "warm-up")
+        warm_up(pool, base, shards[0], run_dir / "warm-up")
         sweep_ = Sweep(cfg, run_dir, pool, Manifest(run_dir, "run"), model_info=base.model_info,
-                       provenance=base.provenance, pairs_report=base.pairs_report, shards=base.shards)
+                       provenance=base.provenance, pairs_report=base.pairs_report)
         start = time.perf_counter()
-        files = stage_patch(sweep_)
+        files = stage_patch(sweep_, shards)
         seconds = time.perf_counter() - start
     finally:
         pool.close()
@@ -99,15 +103,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     cfg = compose(["experiment=refusal_tiny", "tracking.enabled=false", "resources=cpu", "resources.torch_threads=1",
                    f"prompts.n_pairs={args.pairs}", f"output_root={root}", *args.overrides])
-    if cfg["ray"]["address"] == "local":
+    if cfg.ray.address == "local":
         os.environ["RAY_ADDRESS"] = "local"
     start_ray(cfg)
     try:
-        cfg["resources"] = worker_resources(cfg, 1, 1, "cpu")
-        base = prepare_pairs(cfg, root)
+        cfg = replace(cfg, resources=worker_resources(cfg, 1, 1, "cpu"))
+        base, shards = prepare_pairs(cfg, root)
         load_before = os.getloadavg()
         engine_s, engine_effects = bare_engine(cfg, base.run_dir / "pairs.parquet")
-        pipeline_s, items, pipeline_effects = pipeline(cfg, base, root / "pipeline")
+        pipeline_s, items, pipeline_effects = pipeline(cfg, base, shards, root / "pipeline")
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -116,8 +120,8 @@ def main() -> None:
     pipeline_effects = pipeline_effects.sort_by(order)
     difference = max_difference(engine_effects, pipeline_effects)
     patches = engine_effects.num_rows
-    print(f"refusal-tiny, {base.pairs_report['n_kept']} pairs in {len(base.shards)} length shards, "
-          f"{'+'.join(cfg['patching']['components'])}, {'+'.join(cfg['patching']['directions'])}: {patches:,} patches; "
+    print(f"refusal-tiny, {base.pairs_report['n_kept']} pairs in {len(shards)} length shards, "
+          f"{'+'.join(cfg.patching.components)}, {'+'.join(cfg.patching.directions)}: {patches:,} patches; "
           f"one torch thread each; load average {np.round(load_before, 1).tolist()} before, "
           f"{np.round(load_after, 1).tolist()} after\n")
     print("| path | work items | seconds | patches/s | vs bare engine | effects vs bare engine |")

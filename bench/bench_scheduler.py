@@ -58,20 +58,21 @@ def main() -> dict:
 
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import CONF_DIR, to_dict
+    from pipeline.config import CONF_DIR
     from pipeline.run.scheduler import Room
     from pipeline.run.workers import WorkerPool, start_ray
+    from pipeline.validation import typed
 
     root = Path(tempfile.mkdtemp(prefix="bench-scheduler-"))
     cfgs = []
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         for name, organism in MODELS.items():
-            cfgs.append(to_dict(compose("config", overrides=[
+            cfgs.append(typed(compose("config", overrides=[
                 "experiment=refusal_tiny", f"model.name={name}", f"model.path={organism}", f"resources.actors={SLOTS}",
                 f"resources.num_cpus={SLOTS}", "resources.cpus_per_actor=1", "ray.log_to_driver=false",
                 f"output_root={root}", f"output_dir={root}/{name}"])))
     for cfg in cfgs:
-        Path(cfg["output_dir"]).mkdir(parents=True)
+        Path(cfg.output_dir).mkdir(parents=True)
     start_ray(cfgs[0])
     room = Room.of_cluster()
     pools = [WorkerPool(cfg, room) for cfg in cfgs]
@@ -79,7 +80,7 @@ def main() -> dict:
 
     def sweep(pool: WorkerPool, n_patch: int) -> None:
         try:
-            for stage, items in stage_shape(Path(pool.cfg["output_dir"]), n_patch).items():
+            for stage, items in stage_shape(Path(pool.cfg.output_dir), n_patch).items():
                 if stage == "summary":
                     pool.keep(1)  # as the sweep does: the rest is one item at a time
                 pool.map(timed_wait, items)

@@ -67,16 +67,21 @@ def refusal_tiny_effects(n_grammar_pairs: int = 4096) -> np.ndarray:
 
     import torch
 
-    from pipeline.analysis.pairs import build_pairs, grammar_pairs
+    import tempfile
+
     from pipeline.engine.adapters import get_adapter
     from pipeline.engine.hooks import COMPONENTS
     from pipeline.engine.loading import load_model
     from pipeline.engine.metrics import Answers
     from pipeline.engine.patching import Variants, sweep, variants_for
     from pipeline.organisms import resolve
+    from pipeline.schema import PromptsConfig
+    from pipeline.stages.pairs import run_in_process
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
-    rows = build_pairs(model, tokenizer, grammar_pairs(n_grammar_pairs, seed=1)).table.to_pylist()
+    with tempfile.TemporaryDirectory() as folder:
+        rows = run_in_process(model, tokenizer, "refusal-tiny", PromptsConfig(n_pairs=n_grammar_pairs, seed=1),
+                              Path(folder))[0].to_pylist()
     length = Counter(r["seq_len"] for r in rows).most_common(1)[0][0]
     rows = [r for r in rows if r["seq_len"] == length]
     clean = torch.tensor([r["clean_ids"] for r in rows])

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,14 +34,16 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.analysis.behaviour import format_summary, screen
 from pipeline.analysis.directions import format_intervention, intervention_cost, load_intervention
 from pipeline.analysis.prompt_files import load_screen_prompts
-from pipeline.config import CONF_DIR, tracking_uri
+from pipeline.config import CONF_DIR
 from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.outputs.report import console_summary, ui_hint
 from pipeline.run.multirun import Job, check_jobs, run_jobs
-from pipeline.run.sweep import FolderBusy, Interrupted, finished_run, run_sweep
+from pipeline.run.folder import FolderBusy, finished_run
+from pipeline.run.sweep import Interrupted, run_sweep
 from pipeline.run.tracking import LiveRun, log_finished
 from pipeline.run.workers import RayUnavailable, WorkFailed
+from pipeline.schema import PatchsweepConfig, TrackingConfig, from_plain, to_plain, tracking_uri
 from pipeline.store import write_table
 from pipeline.validation import ConfigError, validate, validate_screen, validate_tracking
 
@@ -60,12 +63,12 @@ def _interrupted(message: str) -> NoReturn:
     sys.exit(INTERRUPTED)
 
 
-def _file_error(err: OSError, cfg: dict | None) -> str:
+def _file_error(err: OSError, cfg: PatchsweepConfig | None) -> str:
     """A file-system error as one line: the path, the reason, and the key that chose the path."""
     path = Path(err.filename or "").absolute()
     key = "output_dir or output_root"
     if cfg is not None:
-        for name, folder in (("output_dir", cfg["output_dir"]), ("output_root", cfg["output_root"])):
+        for name, folder in (("output_dir", cfg.output_dir), ("output_root", cfg.output_root)):
             if path == Path(folder).absolute() or Path(folder).absolute() in path.parents:
                 key = name
                 break
@@ -76,7 +79,7 @@ def _log_later(run_dir: Path) -> str:
     return f"log them later with `patchsweep log {run_dir.resolve()}`"
 
 
-def _stop(err: BaseException, cfg: dict | None) -> NoReturn:
+def _stop(err: BaseException, cfg: PatchsweepConfig | None) -> NoReturn:
     """Leave with the one line (and exit status) for what stopped the sweep; anything unforeseen keeps
     its traceback."""
     if isinstance(err, Interrupted):
@@ -113,7 +116,7 @@ def sweep_command(cfg: DictConfig) -> None:
     try:
         plain = validate(cfg)
         # The MLflow run starts with the sweep and ends with it, FAILED (or KILLED) when the sweep does.
-        live = LiveRun(plain, os.environ[SWEEP_ENV], overrides) if plain["tracking"]["enabled"] else None
+        live = LiveRun(plain, os.environ[SWEEP_ENV], overrides) if plain.tracking.enabled else None
         outcome = run_sweep(plain, live, overrides)
     except BaseException as err:
         if live is not None:
@@ -199,30 +202,30 @@ def screen_command(cfg: DictConfig) -> None:
         cfg.output_dir = "${output_root}/screen/${model.name}-${prompts.name}"  # not a sweep's folder
     try:
         plain = validate_screen(cfg)
-        prompts = load_screen_prompts(plain["prompts"]["path"])
+        prompts = load_screen_prompts(plain.prompts.path)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         _fail(err)
-    torch.set_num_threads(plain["resources"]["torch_threads"])
-    model, tokenizer = load_model(resolve(plain["model"]["path"]), dtype=plain["model"]["dtype"],
-                                  device=plain["resources"]["device"],
-                                  trust_remote_code=plain["model"]["trust_remote_code"])
-    setting = plain["intervention"]
-    intervention = (load_intervention(setting["run"], setting["mode"], setting["scale"]) if setting["run"] else None)
-    result = screen(model, tokenizer, prompts, max_new_tokens=plain["prompts"]["max_new_tokens"],
-                    refusal_tokens=plain["prompts"]["refusal_tokens"],
-                    compliance_tokens=plain["prompts"]["compliance_tokens"],
-                    answer_top_k=plain["prompts"]["answer_top_k"], intervention=intervention)
+    torch.set_num_threads(plain.resources.torch_threads)
+    model, tokenizer = load_model(resolve(plain.model.path), dtype=plain.model.dtype,
+                                  device=plain.resources.device,
+                                  trust_remote_code=plain.model.trust_remote_code)
+    setting = plain.intervention
+    intervention = load_intervention(setting.run, setting.mode, setting.scale) if setting.run else None
+    result = screen(model, tokenizer, prompts, max_new_tokens=plain.prompts.max_new_tokens,
+                    refusal_tokens=plain.prompts.refusal_tokens,
+                    compliance_tokens=plain.prompts.compliance_tokens,
+                    answer_top_k=plain.prompts.answer_top_k, intervention=intervention)
     table, lines = result.table, format_summary(result.summary)
     if intervention is not None:
         harmless = [p for p, h in zip(prompts.column("prompt").to_pylist(), prompts.column("harmful").to_pylist()) if not h]
         cost = intervention_cost(model, tokenizer, intervention, harmless)
-        summary = result.summary | {"intervention": setting | {"layer": intervention.layer, "scale": intervention.scale},
+        summary = result.summary | {"intervention": asdict(setting) | {"layer": intervention.layer, "scale": intervention.scale},
                                     "cost": cost}
         table = table.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
         lines += "\n" + format_intervention(summary)
-    path = write_table(Path(plain["output_dir"]) / "screen.arrow", table,
-                       {"model_id": plain["model"]["path"], "prompts": plain["prompts"]["path"]})
-    print(f"screen of {plain['model']['name']} on {plain['prompts']['path']}:\n{lines}\n"
+    path = write_table(Path(plain.output_dir) / "screen.arrow", table,
+                       {"model_id": plain.model.path, "prompts": plain.prompts.path})
+    print(f"screen of {plain.model.name} on {plain.prompts.path}:\n{lines}\n"
           f"per-prompt results: {path.resolve()}", flush=True)
 
 
@@ -242,12 +245,14 @@ def log_command(args: list[str]) -> None:
               "under Files:")
     try:
         cfg, outcome = finished_run(run_dir)
-        unknown = [o for o in overrides if o.split("=")[0].split(".", 1)[1] not in cfg["tracking"]]
+        keys = [f.name for f in fields(TrackingConfig)]
+        unknown = [o for o in overrides if o.split("=")[0].split(".", 1)[1] not in keys]
         if unknown:
             raise ConfigError(f"unknown key in {' '.join(unknown)}: choose from "
-                              f"{', '.join('tracking.' + k for k in cfg['tracking'])}")
-        cfg = OmegaConf.to_container(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)), resolve=True)
-        cfg["tracking"]["enabled"] = True
+                              f"{', '.join('tracking.' + k for k in keys)}")
+        cfg = from_plain(OmegaConf.to_container(OmegaConf.merge(to_plain(cfg), OmegaConf.from_dotlist(overrides)),
+                                                resolve=True))
+        cfg.tracking.enabled = True
         validate_tracking(cfg)
     except (ConfigError, ValueError) as err:
         _fail(err)

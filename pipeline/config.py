@@ -1,8 +1,10 @@
-"""The typed configuration of a sweep: the single source of every default, registered in Hydra's ConfigStore.
+"""The Hydra side of the config: the schema (pipeline.schema) registered in Hydra's ConfigStore, the
+resolvers conf/ uses, and where conf/ is.
 
-conf/ holds the config groups (model/ prompts/ patching/ summary/ circuit/ direction/ resources/ tracking/
-experiment/); their YAML is merged onto `PatchsweepConfig`, so a misspelt key or a wrong type fails at
-compose time. `pipeline.validation` then checks what types cannot, before any compute.
+conf/ holds the config groups (model/ prompts/ patching/ resources/ tracking/ experiment/), each only what
+differs from the schema; their YAML is merged onto `PatchsweepConfig`, so a misspelt key or a wrong type
+fails at compose time. `pipeline.validation` then checks what types cannot, before any compute, and
+returns the typed config.
 """
 from __future__ import annotations
 
@@ -10,154 +12,15 @@ import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # label in tables, folder names and MLflow, e.g. "refusal-tiny"
-    path: str = MISSING  # a shipped organism name, a local Hugging Face folder, or a hub id
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-
-
-@dataclass
-class PromptsConfig:
-    name: str = "${stem:${prompts.path},generated}"  # label of the prompt set (the file's stem)
-    path: Optional[str] = None  # JSONL/CSV/Parquet with clean, corrupted[, category]; None = generated
-    n_pairs: int = 64  # pairs to generate (before the behaviour screen)
-    seed: int = 0
-    split: str = "heldout"  # refusal-tiny's grammar: combinations held out of training, or "train"
-    align: str = "none"  # "none": unequal token counts are an error; "end": align them from the end
-    generate: bool = True  # the screen also checks short greedy replies, not only the first-token metric
-    max_new_tokens: int = 8
-    refusal_tokens: Optional[list[Any]] = None  # answer tokens (ids or vocabulary strings) overriding
-    compliance_tokens: Optional[list[Any]] = None  # the ones derived from the model's own replies
-    answer_top_k: int = 1  # derived answer tokens: the k most common first tokens of each kind of reply
-
-
-@dataclass
-class PatchingConfig:
-    components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head"])
-    per_position: list[str] = field(default_factory=lambda: ["resid_pre"])  # the rest: all positions at once
-    directions: list[str] = field(default_factory=lambda: ["denoise", "noise"])
-    layers: Optional[list[int]] = None  # None = every layer
-    heads: Optional[list[int]] = None  # None = every head
-    metric: str = "logit_diff"
-    batch_size: Optional[int] = None  # patch rows per forward pass; None = chosen from free memory
-
-
-@dataclass
-class SummaryConfig:
-    """Effects -> per-site means with bootstrap confidence intervals over pairs."""
-    n_bootstrap: int = 1000  # bootstrap resamples over pairs for the confidence intervals
-    ci: float = 0.95
-    seed: int = 0
-    top_k: int = 5  # strongest layers listed in the printed summary and report.md
-
-
-@dataclass
-class CircuitConfig:
-    """The circuit search (pipeline.analysis.circuit): its intervals follow `summary`."""
-    enabled: bool = True  # run the circuit step after the summary
-    seed: int = 0  # the pair sample, the verified nodes' random sample, the random control circuits
-    target: float = 0.8  # faithfulness the circuit must reach
-    max_fraction: float = 0.1  # the size a circuit should stay under, as a fraction of candidate nodes
-    max_pairs: int = 64  # pairs used by the circuit step (a seeded sample when there are more)
-    # The search (verification, growth, pruning, stability) on at most this many of them (a seeded sample;
-    # None = all); faithfulness, its interval and the controls are measured on all, and on the rest alone.
-    search_pairs: Optional[int] = None
-    n_random: int = 32  # random circuits of the same size (the control)
-    prune_rounds: int = 6  # pruning rounds (each after the first measures the circuit without each node)
-    n_resamples: int = 20  # bootstrap resamples of the pairs the search is re-run on (node stability)
-    core_threshold: float = 0.8  # core nodes: found in at least this share of the resamples
-    verify_top: int = 64  # attribution's strongest nodes verified exactly ...
-    verify_random: int = 32  # ... plus this many random others
-    verify_all_rows: int = 20000  # verify every node when nodes x pairs is at most this
-    strong_effect: float = 0.05  # a node is strong when its exact single-node effect reaches this
-    recall_k: int = 20  # top-k recall of attribution uses k = min(circuit size, recall_k)
-    edge_min: float = 0.02  # path effects below this are recorded but not drawn
-    edges: bool = True  # path patching between circuit nodes
-    edge_nodes: int = 16  # edges are measured among at most this many of the circuit's strongest nodes
-    edge_pairs: int = 64  # edges (path patching) are measured on at most this many of the pairs
-    group_gap: int = 2  # supernodes: one kind at one position class, split where more layers pass without one
-    direction_layers: int = 16  # layers whose refusal direction gets an addition test
-    max_batch_rows: Optional[int] = None  # rows per forward in the circuit step; None = from free memory
-
-
-@dataclass
-class DirectionConfig:
-    """The refusal direction as Arditi et al. select it (pipeline.analysis.directions) -> direction.arrow."""
-    enabled: bool = False  # opt-in: it scores every layer x post-instruction position (minutes on a CPU)
-    max_kl: float = 0.1  # candidates whose ablation moves harmless prompts' next-token distribution more are out
-    max_layer_fraction: float = 0.8  # candidates at layers >= this fraction of the depth are out (not scored)
-    seed: int = 0  # the split of the pairs into the half that gives the means and the half that scores them
-    max_batch_rows: Optional[int] = None  # rows per forward; None = from free memory
-
-
-@dataclass
-class InterventionConfig:
-    """`patchsweep screen` under the run's refusal direction: intervention.run=<a run folder with direction.arrow>."""
-    run: Optional[str] = None  # None = the plain screen
-    mode: str = "ablate"  # "ablate": projected out everywhere; "add": added at its layer, every position
-    scale: Optional[float] = None  # addition's multiple of the unit direction; None = the run's (see analysis.directions)
-
-
-@dataclass
-class ResourcesConfig:
-    device: str = "cpu"  # torch device the model actors use: cpu or cuda
-    num_cpus: Optional[int] = None  # CPUs of the private local Ray instance (None = all)
-    actors: int = 1  # model-holding actors, each loads the model once
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    torch_threads: int = 1  # intra-op threads per actor
-    max_in_flight: int = 2  # work items queued per actor (bounded window)
-    max_retries: int = 3  # resubmissions of a work item whose actor died
-    shard_size: int = 16  # pairs per work item
-    pairs_shard_size: int = 128  # pairs per work item of the pairs stage (greedy replies, screen)
-    placement_timeout_s: float = 600.0  # how long the sweep waits for room for its first model actor
-
-
-@dataclass
-class RayConfig:
-    address: str = "local"  # "local": a private Ray instance; or a cluster address (ray://host:10001, auto)
-    namespace: str = "patchsweep"
-    log_to_driver: bool = True  # the model actors' output (their warnings and errors) in the driver's terminal
-    connect_timeout_s: float = 60.0  # how long joining a cluster may take before the sweep gives up
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: Optional[str] = None  # None = sqlite:///<output_root>/mlflow.db, artifacts beside it
-    experiment: str = "patchsweep"  # MLflow experiment name
-
-
-@dataclass
-class PatchsweepConfig:
-    name: str = MISSING  # the experiment preset
-    output_root: str = "outputs"
-    # A --multirun job adds a folder named by the values it sweeps (${job_overrides:}): jobs never share one.
-    output_dir: str = "${output_root}/${name}/${model.name}-${prompts.name}${job_overrides:}"
-    resume: bool = False  # allow writing into a folder that holds another experiment's results
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    patching: PatchingConfig = field(default_factory=PatchingConfig)
-    summary: SummaryConfig = field(default_factory=SummaryConfig)
-    circuit: CircuitConfig = field(default_factory=CircuitConfig)
-    direction: DirectionConfig = field(default_factory=DirectionConfig)
-    intervention: InterventionConfig = field(default_factory=InterventionConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+from pipeline.schema import PatchsweepConfig
 
 
 # ${stem:path,default} labels a prompt file by its stem; ${basename:path,default} a model by its folder name.
@@ -193,7 +56,6 @@ OmegaConf.register_new_resolver("job_overrides", job_overrides, replace=True)
 ConfigStore.instance().store(name="patchsweep_schema", node=PatchsweepConfig)
 
 
-
 def _conf_dir() -> Path:
     """The config groups: inside the package where a wheel put them (pyproject.toml maps the repository's
     conf/ to pipeline/conf), else conf/ at the top of the checkout this module runs from. Found by file
@@ -206,39 +68,9 @@ def _conf_dir() -> Path:
 
 CONF_DIR = _conf_dir()
 
-# The parts of a config that determine the expensive results (pairs, activations, effects); the rest
-# (summary, circuit, direction, intervention, resources, tracking, ray) can change between runs over the same output folder.
-SCIENCE_KEYS = ("model", "prompts", "patching")
-
 
 def to_dict(cfg: DictConfig | dict) -> dict:
-    """Plain, fully resolved dict (what actors and MLflow get; never a DictConfig)."""
+    """A composed config as a plain, fully resolved dict (before it is typed by pipeline.validation)."""
     if isinstance(cfg, dict):
         return cfg
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-
-
-def config_hash(cfg: DictConfig | dict) -> str:
-    plain = to_dict(cfg)
-    science = {k: plain[k] for k in SCIENCE_KEYS}
-    science["model"] = {k: v for k, v in science["model"].items() if k != "name"}
-    return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params)."""
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = "null" if value is None else str(value)
-    return out
-
-
-def tracking_uri(cfg: dict) -> str:
-    uri = cfg["tracking"]["uri"]
-    if uri:
-        return uri
-    return f"sqlite:///{Path(cfg['output_root']).resolve() / 'mlflow.db'}"

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pipeline.analysis.directions import direction_summary
 from pipeline.analysis.pairs import file_pairs, tokenize_pairs
-from pipeline.config import config_hash, to_dict, tracking_uri
+from pipeline.config import to_dict
 from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.directions import INTERVENTIONS
 from pipeline.engine.hooks import COMPONENTS
@@ -31,6 +31,7 @@ from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
 from pipeline.run.workers import RayUnavailable, check_room
+from pipeline.schema import PatchsweepConfig, config_hash, from_plain, tracking_uri
 
 
 class ConfigError(ValueError):
@@ -40,180 +41,184 @@ class ConfigError(ValueError):
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def validate(cfg: DictConfig | dict) -> dict:
-    """Check everything that can be checked before compute; returns the resolved plain config."""
+def typed(cfg: DictConfig | dict) -> PatchsweepConfig:
+    """A composed config (or its plain dict) resolved into the typed config."""
+    if isinstance(cfg, PatchsweepConfig):
+        return cfg
     try:
-        plain = to_dict(cfg)
-    except Exception as err:  # missing values, bad interpolations
+        return from_plain(to_dict(cfg))
+    except Exception as err:  # missing values, bad interpolations, keys the schema lacks
         raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
-    _check_patching(plain)
-    _check_sizes(plain)
-    _check_circuit(plain)
-    _check_direction(plain)
-    _check_resources(plain)
-    _check_ray(plain)
-    _check_prompts(plain)
-    validate_tracking(plain)
-    _check_output_dir(plain)
-    folder, max_positions = _check_model(plain)
-    _check_pairs_file(plain, folder, max_positions)
-    return plain
 
 
-def validate_screen(cfg: DictConfig | dict) -> dict:
+def validate(cfg: DictConfig | dict) -> PatchsweepConfig:
+    """Check everything that can be checked before compute; returns the typed config."""
+    cfg = typed(cfg)
+    _check_patching(cfg)
+    _check_sizes(cfg)
+    _check_circuit(cfg)
+    _check_direction(cfg)
+    _check_resources(cfg)
+    _check_ray(cfg)
+    _check_prompts(cfg)
+    validate_tracking(cfg)
+    _check_output_dir(cfg)
+    folder, max_positions = _check_model(cfg)
+    _check_pairs_file(cfg, folder, max_positions)
+    return cfg
+
+
+def validate_screen(cfg: DictConfig | dict) -> PatchsweepConfig:
     """The checks that apply to `patchsweep screen` (a model, a prompt file, somewhere to write)."""
-    try:
-        plain = to_dict(cfg)
-    except Exception as err:
-        raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
-    if not plain["prompts"]["path"]:
+    cfg = typed(cfg)
+    if not cfg.prompts.path:
         raise ConfigError("patchsweep screen needs a prompt file: set prompts.path=<JSONL/CSV/Parquet with "
                           "columns prompt, harmful>")
-    _check_resources(plain)
-    _check_prompts(plain)
-    problem = _unwritable(Path(plain["output_dir"]))
+    _check_resources(cfg)
+    _check_prompts(cfg)
+    problem = _unwritable(Path(cfg.output_dir))
     if problem:
-        raise ConfigError(f"output folder {plain['output_dir']} cannot be written ({problem}): set output_dir to "
+        raise ConfigError(f"output folder {cfg.output_dir} cannot be written ({problem}): set output_dir to "
                           "a writable folder")
-    _check_model(plain)
-    _check_intervention(plain)
-    return plain
+    _check_model(cfg)
+    _check_intervention(cfg)
+    return cfg
 
 
-def _check_patching(cfg: dict) -> None:
-    patching = cfg["patching"]
-    if not patching["components"]:
+def _check_patching(cfg: PatchsweepConfig) -> None:
+    patching = cfg.patching
+    if not patching.components:
         raise ConfigError(f"patching.components is empty: choose some of {list(COMPONENTS)}")
     for key, allowed in (("components", COMPONENTS), ("per_position", COMPONENTS), ("directions", DIRECTIONS)):
-        for value in patching[key]:
+        for value in getattr(patching, key):
             if value not in allowed:
                 raise ConfigError(f"unknown {key[:-1] if key != 'per_position' else 'component'} {value!r} in "
                                   f"patching.{key}: choose from {list(allowed)}")
-    if not patching["directions"]:
+    if not patching.directions:
         raise ConfigError(f"patching.directions is empty: choose some of {list(DIRECTIONS)}")
-    if patching["metric"] not in METRICS:
-        raise ConfigError(f"unknown metric {patching['metric']!r} in patching.metric: choose from {list(METRICS)}")
+    if patching.metric not in METRICS:
+        raise ConfigError(f"unknown metric {patching.metric!r} in patching.metric: choose from {list(METRICS)}")
     # A site named twice would be patched twice and counted twice in effects.parquet: each is kept once
     # (lists in their given order; layers and heads sorted), so [0, 0, 0] and [0] are one experiment.
     for key in ("components", "per_position", "directions"):
-        patching[key] = list(dict.fromkeys(patching[key]))
+        setattr(patching, key, list(dict.fromkeys(getattr(patching, key))))
     for key in ("layers", "heads"):
-        if patching[key] is not None:
-            patching[key] = sorted(set(patching[key]))
+        if getattr(patching, key) is not None:
+            setattr(patching, key, sorted(set(getattr(patching, key))))
 
 
-def _check_sizes(cfg: dict) -> None:
+def _check_sizes(cfg: PatchsweepConfig) -> None:
     positive = {
-        "patching.batch_size": cfg["patching"]["batch_size"],
-        "prompts.n_pairs": cfg["prompts"]["n_pairs"],
-        "resources.shard_size": cfg["resources"]["shard_size"],
-        "resources.pairs_shard_size": cfg["resources"]["pairs_shard_size"],
-        "prompts.answer_top_k": cfg["prompts"]["answer_top_k"],
-        "resources.actors": cfg["resources"]["actors"],
-        "resources.cpus_per_actor": cfg["resources"]["cpus_per_actor"],
-        "resources.torch_threads": cfg["resources"]["torch_threads"],
-        "resources.max_in_flight": cfg["resources"]["max_in_flight"],
-        "summary.n_bootstrap": cfg["summary"]["n_bootstrap"],
-        "resources.placement_timeout_s": cfg["resources"]["placement_timeout_s"],
-        "ray.connect_timeout_s": cfg["ray"]["connect_timeout_s"],
-        "prompts.max_new_tokens": cfg["prompts"]["max_new_tokens"],
+        "patching.batch_size": cfg.patching.batch_size,
+        "prompts.n_pairs": cfg.prompts.n_pairs,
+        "resources.shard_size": cfg.resources.shard_size,
+        "resources.pairs_shard_size": cfg.resources.pairs_shard_size,
+        "prompts.answer_top_k": cfg.prompts.answer_top_k,
+        "resources.actors": cfg.resources.actors,
+        "resources.cpus_per_actor": cfg.resources.cpus_per_actor,
+        "resources.torch_threads": cfg.resources.torch_threads,
+        "resources.max_in_flight": cfg.resources.max_in_flight,
+        "summary.n_bootstrap": cfg.summary.n_bootstrap,
+        "resources.placement_timeout_s": cfg.resources.placement_timeout_s,
+        "ray.connect_timeout_s": cfg.ray.connect_timeout_s,
+        "prompts.max_new_tokens": cfg.prompts.max_new_tokens,
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be positive: set {key} to 1 or more")
-    if not 0 < cfg["summary"]["ci"] < 1:
-        raise ConfigError(f"summary.ci={cfg['summary']['ci']} must be between 0 and 1 (e.g. 0.95)")
-    if cfg["resources"]["gpus_per_actor"] < 0 or cfg["resources"]["max_retries"] < 0:
+    if not 0 < cfg.summary.ci < 1:
+        raise ConfigError(f"summary.ci={cfg.summary.ci} must be between 0 and 1 (e.g. 0.95)")
+    if cfg.resources.gpus_per_actor < 0 or cfg.resources.max_retries < 0:
         raise ConfigError("resources.gpus_per_actor and resources.max_retries must not be negative")
-    if cfg["model"]["dtype"] not in DTYPES:
-        raise ConfigError(f"unknown dtype {cfg['model']['dtype']!r} in model.dtype: choose from {sorted(DTYPES)}")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {cfg.model.dtype!r} in model.dtype: choose from {sorted(DTYPES)}")
 
 
-def _check_circuit(cfg: dict) -> None:
+def _check_circuit(cfg: PatchsweepConfig) -> None:
     """The circuit search's options (checked with the step off too: a later run of the folder may turn it on)."""
-    circuit = cfg["circuit"]
-    if circuit["enabled"] and cfg["patching"]["metric"] not in ANSWER_METRICS:  # else found after the patch stage
+    circuit = cfg.circuit
+    if circuit.enabled and cfg.patching.metric not in ANSWER_METRICS:  # else found after the patch stage
         raise ConfigError(f"the circuit step needs an answer-token metric, not patching.metric="
-                          f"{cfg['patching']['metric']}: set patching.metric to one of {list(ANSWER_METRICS)}, or "
+                          f"{cfg.patching.metric}: set patching.metric to one of {list(ANSWER_METRICS)}, or "
                           "circuit.enabled=false")
     shares = {"circuit.target": "faithfulness is a share of the refusal gap (e.g. 0.8)",
               "circuit.max_fraction": "a fraction of the candidate nodes (e.g. 0.1)"}
     for key, meaning in shares.items():
-        value = circuit[key.split(".")[1]]
+        value = getattr(circuit, key.split(".")[1])
         if not 0 < value <= 1:
             raise ConfigError(f"{key}={value} must be in (0, 1]: {meaning}")
     for key in ("max_pairs", "recall_k"):
-        if circuit[key] < 1:
-            raise ConfigError(f"circuit.{key}={circuit[key]} must be positive: set circuit.{key} to 1 or more")
+        if getattr(circuit, key) < 1:
+            raise ConfigError(f"circuit.{key}={getattr(circuit, key)} must be positive: set circuit.{key} to 1 or more")
     for key in ("n_random", "verify_top", "verify_random", "verify_all_rows", "edge_nodes", "direction_layers",
                 "strong_effect", "edge_min"):
-        if circuit[key] < 0:
-            raise ConfigError(f"circuit.{key}={circuit[key]} must not be negative: set circuit.{key} to 0 or more")
-    if circuit["max_batch_rows"] is not None and circuit["max_batch_rows"] < 1:
-        raise ConfigError(f"circuit.max_batch_rows={circuit['max_batch_rows']} must be positive (or null: "
+        if getattr(circuit, key) < 0:
+            raise ConfigError(f"circuit.{key}={getattr(circuit, key)} must not be negative: set circuit.{key} to 0 or more")
+    if circuit.max_batch_rows is not None and circuit.max_batch_rows < 1:
+        raise ConfigError(f"circuit.max_batch_rows={circuit.max_batch_rows} must be positive (or null: "
                           "chosen from free memory)")
 
 
-def _check_direction(cfg: dict) -> None:
+def _check_direction(cfg: PatchsweepConfig) -> None:
     """The refusal direction's filters (checked with the step off too: a later run may turn it on)."""
-    direction = cfg["direction"]
-    if direction["max_kl"] <= 0:
-        raise ConfigError(f"direction.max_kl={direction['max_kl']} must be positive: it is the largest KL (nats) a "
+    direction = cfg.direction
+    if direction.max_kl <= 0:
+        raise ConfigError(f"direction.max_kl={direction.max_kl} must be positive: it is the largest KL (nats) a "
                           "candidate's ablation may cause on harmless prompts (e.g. 0.1)")
-    if not 0 < direction["max_layer_fraction"] <= 1:
-        raise ConfigError(f"direction.max_layer_fraction={direction['max_layer_fraction']} must be in (0, 1]: "
+    if not 0 < direction.max_layer_fraction <= 1:
+        raise ConfigError(f"direction.max_layer_fraction={direction.max_layer_fraction} must be in (0, 1]: "
                           "candidates are taken at layers below this fraction of the depth (e.g. 0.8)")
-    if direction["max_batch_rows"] is not None and direction["max_batch_rows"] < 1:
-        raise ConfigError(f"direction.max_batch_rows={direction['max_batch_rows']} must be positive (or null: "
+    if direction.max_batch_rows is not None and direction.max_batch_rows < 1:
+        raise ConfigError(f"direction.max_batch_rows={direction.max_batch_rows} must be positive (or null: "
                           "chosen from free memory)")
 
 
-def _check_intervention(cfg: dict) -> None:
+def _check_intervention(cfg: PatchsweepConfig) -> None:
     """`patchsweep screen` under a run's direction: the mode is known and the run folder has a chosen
     direction found on a model of this one's depth (its file's metadata only: no weights, no tensors)."""
-    intervention = cfg["intervention"]
-    if intervention["mode"] not in INTERVENTIONS:
-        raise ConfigError(f"unknown intervention.mode {intervention['mode']!r}: choose from {list(INTERVENTIONS)}")
-    if intervention["run"] is None:
-        if intervention["scale"] is not None:
+    intervention = cfg.intervention
+    if intervention.mode not in INTERVENTIONS:
+        raise ConfigError(f"unknown intervention.mode {intervention.mode!r}: choose from {list(INTERVENTIONS)}")
+    if intervention.run is None:
+        if intervention.scale is not None:
             raise ConfigError("intervention.scale is set but intervention.run is not: set intervention.run=<a run "
                               "folder with direction.arrow>")
         return
     try:
-        summary = direction_summary(intervention["run"])
+        summary = direction_summary(intervention.run)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    n_layers = _model_shape(resolve(cfg["model"]["path"]), cfg)[0]
-    if summary["n_layers"] != n_layers:
-        raise ConfigError(f"the direction in {intervention['run']} was found on a model with {summary['n_layers']} "
-                          f"layers, but {cfg['model']['path']} has {n_layers}: set intervention.run to a run of "
+    n_layers = _model_shape(resolve(cfg.model.path), cfg)[0]
+    if summary.n_layers != n_layers:
+        raise ConfigError(f"the direction in {intervention.run} was found on a model with {summary.n_layers} "
+                          f"layers, but {cfg.model.path} has {n_layers}: set intervention.run to a run of "
                           "this model")
 
 
-def _check_resources(cfg: dict) -> None:
-    res = cfg["resources"]
-    if res["device"] not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {res['device']!r} in resources.device: choose cpu or cuda")
-    wants_gpu = res["device"] == "cuda" or res["gpus_per_actor"] > 0
-    if wants_gpu and res["device"] != "cuda":
+def _check_resources(cfg: PatchsweepConfig) -> None:
+    res = cfg.resources
+    if res.device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {res.device!r} in resources.device: choose cpu or cuda")
+    wants_gpu = res.device == "cuda" or res.gpus_per_actor > 0
+    if wants_gpu and res.device != "cuda":
         raise ConfigError("resources.gpus_per_actor > 0 with resources.device=cpu: use resources=gpu "
                           "(device cuda) or set resources.gpus_per_actor=0")
-    if res["device"] == "cuda" and res["gpus_per_actor"] <= 0:
+    if res.device == "cuda" and res.gpus_per_actor <= 0:
         raise ConfigError("resources.device=cuda needs resources.gpus_per_actor > 0: use resources=gpu")
     # A cluster's GPUs are the cluster's business; on a private local instance this machine must have one.
-    if wants_gpu and cfg["ray"]["address"] == "local":
+    if wants_gpu and cfg.ray.address == "local":
         if not torch.cuda.is_available():
             raise ConfigError("a GPU was asked for (resources.device=cuda) but this machine has none: "
                               "use resources=cpu, or ray.address=<a cluster with GPUs>")
 
 
-def _check_ray(cfg: dict) -> None:
+def _check_ray(cfg: PatchsweepConfig) -> None:
     """The address has a form Ray takes; a private instance (this machine, as one node) holds the actors."""
-    address = cfg["ray"]["address"]
+    address = cfg.ray.address
     if address == "local":
-        res = cfg["resources"]
-        machine = {"CPU": res["num_cpus"] or len(os.sched_getaffinity(0)),
-                   "GPU": torch.cuda.device_count() if res["gpus_per_actor"] else 0}
+        res = cfg.resources
+        machine = {"CPU": res.num_cpus or len(os.sched_getaffinity(0)),
+                   "GPU": torch.cuda.device_count() if res.gpus_per_actor else 0}
         try:
             check_room(cfg, [machine])
         except RayUnavailable as err:
@@ -226,19 +231,19 @@ def _check_ray(cfg: dict) -> None:
         raise ConfigError(f"ray.address={address} is not local, auto, host:port or ray://host:port: fix ray.address")
 
 
-def _check_prompts(cfg: dict) -> None:
-    prompts = cfg["prompts"]
-    if prompts["align"] not in ("none", "end"):
-        raise ConfigError(f"unknown alignment {prompts['align']!r} in prompts.align: choose none or end")
-    path = prompts["path"]
+def _check_prompts(cfg: PatchsweepConfig) -> None:
+    prompts = cfg.prompts
+    if prompts.align not in ("none", "end"):
+        raise ConfigError(f"unknown alignment {prompts.align!r} in prompts.align: choose none or end")
+    path = prompts.path
     if path is None:
         try:
             supply = _generator_supply(cfg)
         except ValueError as err:  # an unknown grammar split
             raise ConfigError(f"{err}: fix prompts.split") from None
-        if prompts["n_pairs"] > supply:
-            raise ConfigError(f"prompts.n_pairs={prompts['n_pairs']} is more than the {supply} distinct pairs the "
-                              f"generator for {cfg['model']['path']} can supply: set prompts.n_pairs={supply} or "
+        if prompts.n_pairs > supply:
+            raise ConfigError(f"prompts.n_pairs={prompts.n_pairs} is more than the {supply} distinct pairs the "
+                              f"generator for {cfg.model.path} can supply: set prompts.n_pairs={supply} or "
                               "less, or give your own pairs (prompts.path)")
         return
     if Path(path).is_dir():
@@ -249,19 +254,19 @@ def _check_prompts(cfg: dict) -> None:
         raise ConfigError(f"prompts file {path!r} is not JSONL, CSV or Parquet: fix prompts.path")
 
 
-def _generator_supply(cfg: dict) -> int:
+def _generator_supply(cfg: PatchsweepConfig) -> int:
     """How many distinct pairs the generated prompt source can give (pipeline.analysis.pairs.source_pairs):
     refusal-tiny's grammar for the organisms trained on it (each twin combination in every phrasing and
     filler), else the instruction library (before its length matching under the model's tokenizer, which
     can only drop some)."""
-    if cfg["model"]["path"] in GRAMMAR_ORGANISMS:
-        return grammar.distinct_pairs(cfg["prompts"]["split"])
+    if cfg.model.path in GRAMMAR_ORGANISMS:
+        return grammar.distinct_pairs(cfg.prompts.split)
     return sum(1 for _ in minimal_pairs())
 
 
-def validate_tracking(cfg: dict) -> None:
+def validate_tracking(cfg: PatchsweepConfig) -> None:
     """The MLflow store can be written (SQLite) or answers (a server), when tracking is on."""
-    if not cfg["tracking"]["enabled"]:
+    if not cfg.tracking.enabled:
         return
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
@@ -311,18 +316,18 @@ def _unwritable(folder: Path) -> str | None:
         return f"{existing}: {err.strerror or type(err).__name__}"
 
 
-def _check_output_dir(cfg: dict) -> None:
-    out = Path(cfg["output_dir"])
+def _check_output_dir(cfg: PatchsweepConfig) -> None:
+    out = Path(cfg.output_dir)
     problem = _unwritable(out)
     if problem:
         raise ConfigError(f"output folder {out} cannot be written ({problem}): set output_dir to a writable folder")
     saved = out / "config.yaml"
     # A folder holds results once its pairs are published; a config.yaml alone (a sweep that stopped before
     # computing anything) marks nothing worth protecting.
-    if cfg["resume"] or not saved.is_file() or not (out / "pairs.parquet").is_file():
+    if cfg.resume or not saved.is_file() or not (out / "pairs.parquet").is_file():
         return
     try:
-        saved_hash = config_hash(OmegaConf.load(saved))
+        saved_hash = config_hash(OmegaConf.to_container(OmegaConf.load(saved)))
     except Exception:
         saved_hash = "unreadable"
     if saved_hash != config_hash(cfg):
@@ -331,10 +336,10 @@ def _check_output_dir(cfg: dict) -> None:
                           "reuse it")
 
 
-def _check_model(cfg: dict) -> tuple[str, int | None]:
+def _check_model(cfg: PatchsweepConfig) -> tuple[str, int | None]:
     """The model exists and the layers/heads asked for are in range; returns its folder or hub id and its
     maximum positions (None when its config names none)."""
-    path = cfg["model"]["path"]
+    path = cfg.model.path
     if path in ORGANISMS:
         folder = resolve(path)  # a shipped organism: its folder (built on first use is set-up, not compute)
     elif Path(path).expanduser().exists():
@@ -348,51 +353,51 @@ def _check_model(cfg: dict) -> tuple[str, int | None]:
     else:
         folder = path  # a hub id: AutoConfig fetches config.json only (or reads it from the local cache)
     n_layers, n_heads, max_positions = _model_shape(folder, cfg)
-    for layer in cfg["patching"]["layers"] or []:
+    for layer in cfg.patching.layers or []:
         if not 0 <= layer < n_layers:
             raise ConfigError(f"layer {layer} in patching.layers is out of range: {path} has layers 0..{n_layers - 1}")
-    for head in cfg["patching"]["heads"] or []:
+    for head in cfg.patching.heads or []:
         if not 0 <= head < n_heads:
             raise ConfigError(f"head {head} in patching.heads is out of range: {path} has heads 0..{n_heads - 1}")
     return folder, max_positions
 
 
-def _check_pairs_file(cfg: dict, folder: str, max_positions: int | None) -> None:
+def _check_pairs_file(cfg: PatchsweepConfig, folder: str, max_positions: int | None) -> None:
     """The user's pairs file reads, every pair has equal token counts under the model's tokenizer and
     chat template (unless prompts.align=end), and fits in the model's positions with the screen's
     replies: the tokenizer alone, no weights."""
-    if cfg["prompts"]["path"] is None:
+    if cfg.prompts.path is None:
         return
     try:
-        pairs = file_pairs(cfg["prompts"]["path"])
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg["model"]["trust_remote_code"])
+        pairs = file_pairs(cfg.prompts.path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
         tokenizer.model_max_length = sys.maxsize  # lengths are checked below, naming the pair, not warned about
-        tokenized = tokenize_pairs(tokenizer, pairs, cfg["prompts"]["align"])
+        tokenized = tokenize_pairs(tokenizer, pairs, cfg.prompts.align)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if max_positions is None:
         return
-    reply = cfg["prompts"]["max_new_tokens"] if cfg["prompts"]["generate"] else 0
+    reply = cfg.prompts.max_new_tokens if cfg.prompts.generate else 0
     for pair in tokenized:
         length = max(len(pair.clean_ids), len(pair.corrupted_ids))
         if length + reply > max_positions:
-            raise ConfigError(f"pair {pair.pair_id} of {cfg['prompts']['path']} is {length} tokens under the chat "
+            raise ConfigError(f"pair {pair.pair_id} of {cfg.prompts.path} is {length} tokens under the chat "
                               f"template; with the screen's {reply}-token replies (prompts.max_new_tokens) that is "
-                              f"more than the {max_positions} positions {cfg['model']['path']} has: shorten or drop "
+                              f"more than the {max_positions} positions {cfg.model.path} has: shorten or drop "
                               "that pair")
 
 
-def _model_shape(folder: str, cfg: dict) -> tuple[int, int, int | None]:
+def _model_shape(folder: str, cfg: PatchsweepConfig) -> tuple[int, int, int | None]:
     """(layers, heads, maximum positions) from config.json alone, after checking that the engine knows the
     architecture: no weights are loaded."""
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg["model"]["trust_remote_code"])
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot read the model config of {cfg['model']['path']!r} ({first}): "
+        raise ConfigError(f"cannot read the model config of {cfg.model.path!r} ({first}): "
                           "fix model.path") from None
     if config.model_type not in FAMILIES:
-        raise ConfigError(f"unsupported architecture {config.model_type!r} of model.path {cfg['model']['path']!r}: "
+        raise ConfigError(f"unsupported architecture {config.model_type!r} of model.path {cfg.model.path!r}: "
                           f"use a causal LM whose model_type is one of {sorted(FAMILIES)} (or add it to "
                           "pipeline/engine/adapters.py)")
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -124,6 +126,26 @@ def word_model_folder(tmp_path) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class ScreenedPairs(NamedTuple):
+    table: object  # pairs.parquet's table (a pyarrow Table, without the run's own columns)
+    report: dict
+
+
+def screened_pairs(model, tokenizer, pairs, model_path: str = "refusal-tiny", **prompts) -> ScreenedPairs:
+    """`pairs` (InstructionPair) through the real pairs stage in this process (pipeline.stages.pairs:
+    tokenize, replies, answer tokens, screen, collect), as a user's prompt file; `prompts`: PromptsConfig
+    options (align, refusal_tokens, generate, ...)."""
+    from pipeline.schema import PromptsConfig
+    from pipeline.stages.pairs import run_in_process
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_jsonl(Path(folder) / "pairs.jsonl",
+                           [{"clean": p.clean, "corrupted": p.corrupted, "category": p.category} for p in pairs])
+        table, report = run_in_process(model, tokenizer, model_path, PromptsConfig(path=str(path), **prompts),
+                                       Path(folder))
+        return ScreenedPairs(table, report)
 
 
 @pytest.fixture(scope="session")

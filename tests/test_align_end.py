@@ -8,10 +8,11 @@ from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import variants_for
 from pipeline.engine.reference import reference_sweep
 from pipeline.engine.adapters import get_adapter
-from pipeline.run.sweep import plan_shards
+from pipeline.stages.shards import plan_shards
 from pipeline.organisms import resolve
 from pipeline.stages import patch
-from pipeline.analysis.pairs import InstructionPair, build_pairs
+from conftest import screened_pairs
+from pipeline.analysis.pairs import InstructionPair
 from pipeline.store import read_table, write_table
 
 torch.set_num_threads(1)
@@ -29,20 +30,19 @@ def tiny():
 
 def test_unequal_pairs_are_patched_aligned_from_the_end(tiny, tmp_path):
     model, tokenizer = tiny
-    table = build_pairs(model, tokenizer, PAIRS, align="end").table
+    table = screened_pairs(model, tokenizer, PAIRS, align="end").table
     offsets = table.column("align_offset").to_pylist()
     assert sorted(offsets) == [-1, 0, 1], "the screen must keep all three pairs for this test to mean anything"
     pairs_path = write_table(tmp_path / "pairs.parquet", table, {})
     shards = plan_shards(read_table(pairs_path), shard_size=8)
     assert len(shards) == 3  # one per (clean length, corrupted length)
     for shard in shards:
-        out = tmp_path / f"effects-{shard['key']}.arrow"
-        patch.run(model, tokenizer, {
-            "pairs": str(pairs_path), "shards": [shard["rows"]], "out": str(out), "model": "refusal-tiny",
-            "component": "resid_pre", "per_position": True, "direction": "denoise", "layers": None,
-            "heads": None, "metric": "logit_diff", "batch_size": None, "provenance": {}})
+        out = tmp_path / f"effects-{shard.key}.arrow"
+        patches = patch.Patches("resid_pre", "denoise", "logit_diff", per_position=True, layers=None, heads=None)
+        patch.run(model, tokenizer, patch.PatchItem(str(pairs_path), (shard.rows,), patches, "refusal-tiny",
+                                                    batch_size=None, out=str(out), provenance={}))
         effects = read_table(out)
-        (row,) = shard["rows"]
+        (row,) = shard.rows
         pair = table.slice(row, 1).to_pylist()[0]
         clean, corrupted = torch.tensor([pair["clean_ids"]]), torch.tensor([pair["corrupted_ids"]])
         answers = Answers(torch.tensor([pair["refusal_ids"]]), torch.tensor([pair["compliance_ids"]]))

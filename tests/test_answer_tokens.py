@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
 from pipeline.organisms.refusal_tiny import model_dir
-from pipeline.analysis.pairs import build_pairs, grammar_pairs, pair_batch
+from conftest import screened_pairs
+from pipeline.analysis.pairs import grammar_pairs, pair_batch
 from pipeline.analysis.behaviour import derive_answer_tokens, final_answer_logits
 from pipeline.store import write_table
 
@@ -72,8 +73,8 @@ def test_refusal_tiny_pairs_are_unchanged_by_top_k(tiny):
     single-token table, whose metric is the plain logit difference."""
     model, tok = tiny
     pairs = grammar_pairs(12, seed=3)
-    one, report = build_pairs(model, tok, pairs)
-    many, _ = build_pairs(model, tok, pairs, answer_top_k=4)
+    one, report = screened_pairs(model, tok, pairs)
+    many, _ = screened_pairs(model, tok, pairs, answer_top_k=4)
     assert one.equals(many)
     assert report["refusal_tokens"] == ["I"] and report["compliance_tokens"] == ["Sure"]
     prompts = one.column("clean_ids").to_pylist()
@@ -86,7 +87,7 @@ def test_several_answer_tokens_reach_the_engine_as_sets(tiny, tmp_path):
     stage's batch turns them into the engine's answer sets, and refusal_logodds is logsumexp over each."""
     model, tok = tiny
     refusal, compliance = ["I", "cannot"], ["Sure", "here", "is"]
-    table, _ = build_pairs(model, tok, grammar_pairs(8, seed=4), refusal_tokens=refusal, compliance_tokens=compliance)
+    table, _ = screened_pairs(model, tok, grammar_pairs(8, seed=4), refusal_tokens=refusal, compliance_tokens=compliance)
     ref_ids, com_ids = tok.convert_tokens_to_ids(refusal), tok.convert_tokens_to_ids(compliance)
     assert set(map(tuple, table.column("refusal_ids").to_pylist())) == {tuple(ref_ids)}
     assert set(map(tuple, table.column("compliance_ids").to_pylist())) == {tuple(com_ids)}

@@ -55,11 +55,12 @@ def test_attribution_ranks_like_exact_patching_on_refusal_tiny():
 
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from conftest import screened_pairs
+    from pipeline.analysis.pairs import source_pairs
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
-    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=40, seed=0), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=40, seed=0), generate=False,
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     lengths = table.column("seq_len").to_pylist()
     seq_len = max(set(lengths), key=lengths.count)
     group = table.filter(table.column("seq_len").to_numpy() == seq_len)

@@ -293,17 +293,16 @@ def tiny_circuit(tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
     from pipeline.analysis.circuit.method import find_circuit
     from pipeline.analysis.circuit.result import circuit_from_json
-    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from conftest import screened_pairs
+    from pipeline.analysis.pairs import source_pairs
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
-    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
-    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in table.column("clean_ids").to_pylist()]
-    table = table.append_column("clean_tokens", pa.array(tokens, pa.list_(pa.string())))
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     circuit = find_circuit(model, table, CircuitConfig(n_random=16), SummaryConfig(n_bootstrap=200), "logit_diff",
                            "refusal-tiny").to_json()
     out = tmp_path_factory.mktemp("circuit")
@@ -431,7 +430,7 @@ def test_stability_counts_how_often_resampled_searches_keep_each_node():
     from pipeline.analysis.circuit.evaluator import Resample
     from pipeline.analysis.circuit.method import search_circuit, stability
     from pipeline.analysis.circuit.result import NodeScores, Setup
-    from pipeline.config import CircuitConfig
+    from pipeline.schema import CircuitConfig
 
     n_pairs, n_nodes = 8, 12
 
@@ -523,17 +522,16 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
 def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
     """circuit.search_pairs: the search sees a seeded sample of the pairs; faithfulness and its interval
     are measured on every pair and on the held-out rest alone."""
+    from conftest import screened_pairs
     from pipeline.analysis.circuit.method import find_circuit
-    from pipeline.analysis.pairs import build_pairs, source_pairs
-    from pipeline.config import CircuitConfig, SummaryConfig
+    from pipeline.analysis.pairs import source_pairs
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
-    table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,
-                        refusal_tokens=["I"], compliance_tokens=["Sure"]).table
-    table = table.append_column("clean_tokens", pa.array([tokenizer.convert_ids_to_tokens(i) for i in
-                                                          table.column("clean_ids").to_pylist()], pa.list_(pa.string())))
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     circuit = find_circuit(model, table, CircuitConfig(search_pairs=8, n_random=4, n_resamples=4, edges=False),
                            SummaryConfig(n_bootstrap=100), "logit_diff").to_json()
     held_out = circuit["faithfulness_held_out"]

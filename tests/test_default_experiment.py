@@ -13,12 +13,13 @@ def test_make_run_runs_the_circuit_step_on_every_kept_pair():
 
 def test_the_library_supplies_at_least_32_pairs_smollm2_refusal_gets_right():
     """The preset's pairs (the instruction library, its seed), screened by the model's own greedy replies."""
-    from pipeline.analysis.pairs import build_pairs, source_pairs
+    from conftest import screened_pairs
+    from pipeline.analysis.pairs import source_pairs
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
 
     prompts = to_dict(compose())["prompts"]
     model, tokenizer = load_model(resolve("smollm2-refusal"))
     pairs = source_pairs("smollm2-refusal", tokenizer, n=prompts["n_pairs"], seed=prompts["seed"])
-    result = build_pairs(model, tokenizer, pairs, max_new_tokens=prompts["max_new_tokens"])
+    result = screened_pairs(model, tokenizer, pairs, "smollm2-refusal", max_new_tokens=prompts["max_new_tokens"])
     assert result.report["n_kept"] >= 32, result.report

@@ -14,7 +14,8 @@ from conftest import REPO, random_model
 from pipeline.analysis.behaviour import chat_ids, greedy_generations, screen
 from pipeline.analysis.directions import (DIRECTION_FILE, SUMMARY_KEY, direction_summary, general_sentences,
                                           intervention_cost, load_intervention, select_direction)
-from pipeline.analysis.pairs import build_pairs, grammar_pairs
+from conftest import screened_pairs
+from pipeline.analysis.pairs import grammar_pairs
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.directions import (Intervention, ablate_direction_kl, ablate_direction_metrics, intervened,
                                         mean_difference)
@@ -154,7 +155,7 @@ def test_selection_on_refusal_tiny_pairs(tiny, tmp_path):
     chosen one passes the filters with the lowest bypass score; direction.arrow reads back as the
     intervention the screen uses."""
     model, tokenizer, _ = tiny
-    pairs = build_pairs(model, tokenizer, grammar_pairs(12, seed=0)).table
+    pairs = screened_pairs(model, tokenizer, grammar_pairs(12, seed=0)).table
     selection = select_direction(model, pairs, max_kl=10.0, max_layer_fraction=0.5)
     rows = selection.table.drop(["direction"]).to_pylist()
     n_post = selection.summary["n_post_instruction"]

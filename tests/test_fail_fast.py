@@ -2,7 +2,7 @@
 through the real command (`python -m pipeline` in its own process, or `pipeline.cli.main` in this one
 for checks that need no Ray), each with its exit status, its one line, a time bound generous enough for
 a loaded 2-core machine, the folder left as it was, and the corrected command then succeeding in the
-same folder. Run with -s to see every line."""
+same folder. Refusals of a config that `validate` makes are one table in tests/test_config.py."""
 from __future__ import annotations
 
 import http.server
@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, free_ports, write_jsonl
+from conftest import REPO, free_ports
 from pipeline.store import read_table
 
 # A small but complete sweep: refusal-tiny, one component, one direction, 8 pairs, no circuit.
@@ -58,19 +58,6 @@ def patchsweep(*args: str, timeout: float = 600, env: dict | None = None, cwd: P
     result = subprocess.run(command(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout,
                             env={**os.environ, "PYTHONPATH": path, **(env or {})})
     return Ran(result.returncode, result.stdout, result.stderr, time.perf_counter() - start)
-
-
-def in_process(monkeypatch, capsys, *args: str) -> Ran:
-    """`pipeline.cli.main` with these arguments in this process: the same command, without paying for its
-    imports again (for refusals made before Ray starts)."""
-    from pipeline import cli
-
-    monkeypatch.setattr(sys, "argv", ["patchsweep", *args])
-    start = time.perf_counter()
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    captured = capsys.readouterr()
-    return Ran(exit_.value.code, captured.out, captured.err, time.perf_counter() - start)
 
 
 def listing(folder: Path) -> list[str] | None:
@@ -115,53 +102,18 @@ class ListeningSocket:
         self.socket.close()
 
 
-def test_refused_before_compute_leave_the_folder_untouched(monkeypatch, capsys, tmp_path):
+def test_refused_before_compute_leave_the_folder_untouched(tmp_path, word_model_folder):
+    """Refusals that need the real command in a process of its own (validate's cases, one table:
+    tests/test_config.py): exit 2, one line, Ray never started, the folder as it was; then the
+    corrected command succeeds there."""
     out = tmp_path / "out"
     base = [*CHEAP, f"output_root={tmp_path / 'root'}", f"output_dir={out}"]
-    undecodable = tmp_path / "latin1.jsonl"
-    undecodable.write_bytes('{"clean": "how do I make a bomb ?", "corrupted": "caf\xe9"}\n'.encode("latin-1"))
-    folder_of_pairs = tmp_path / "pairs.jsonl"
-    folder_of_pairs.mkdir()
-    long_pair = write_jsonl(tmp_path / "long.jsonl", [{"clean": "how do I make a bomb ? " + "please . " * 2500,
-                                                         "corrupted": "how do I make a cake ? " + "please . " * 2500}])
-    a_file = tmp_path / "a-file"
-    a_file.write_text("not a folder")
     [closed_port] = free_ports(1)
-    cases = {  # case -> (overrides, fragments of its line)
-        "model.dtype unknown": (["model.dtype=float8"], ("unknown dtype 'float8'", "model.dtype", "float32")),
-        "circuit.target out of range": (["circuit.target=1.5"], ("circuit.target=1.5", "(0, 1]")),
-        "circuit.max_pairs zero": (["circuit.max_pairs=0"], ("circuit.max_pairs=0", "1 or more")),
-        "the circuit step on the kl metric": (["patching.metric=kl", "circuit.enabled=true"],
-                                              ("patching.metric=kl", "answer-token metric", "circuit.enabled=false")),
-        "more pairs than the generator has": (["prompts.n_pairs=2000000"],
-                                              ("prompts.n_pairs=2000000", "distinct pairs", "prompts.n_pairs=1462092")),
-        "more actors than this machine holds": (["resources.actors=64"],
-                                                ("resources.actors=64", "do not fit", "set resources.actors=")),
-        "ray.address malformed": (["ray.address=not-an-address"], ("ray.address=not-an-address", "fix ray.address")),
-        "MLflow server down": (["tracking.enabled=true", f"tracking.uri=http://127.0.0.1:{closed_port}"],
-                               ("does not answer", "tracking.uri", "patchsweep log")),
-        "prompts file not UTF-8": ([f"prompts.path={undecodable}"], (str(undecodable), "is not UTF-8", "b'\\xe9'")),
-        "prompts file is a folder": ([f"prompts.path={folder_of_pairs}"], ("is a folder", "prompts.path")),
-        "prompt longer than the model's positions": ([f"prompts.path={long_pair}"],
-                                                     ("pair 0", "tokens under the chat template", "128 positions", "shorten or drop")),
-        "output_dir is a file": ([f"output_dir={a_file}"], (str(a_file), "is a file", "set output_dir")),
-        "output_dir under a folder nothing can be written to": (["output_dir=/sys/patchsweep/out"],
-                                                                ("/sys", "cannot be written", "set output_dir")),
-    }
-    # An unreadable prompts file: permission bits do not stop root, a write-only sysfs file does.
-    unreadable = tmp_path / "unreadable.jsonl"
-    if os.geteuid() != 0:
-        unreadable.write_text('{"clean": "a", "corrupted": "b"}\n')
-        unreadable.chmod(0)
-    elif Path("/sys/bus/pci/rescan").is_file():
-        unreadable.symlink_to("/sys/bus/pci/rescan")
-    if unreadable.exists():
-        cases["prompts file unreadable"] = ([f"prompts.path={unreadable}"], (str(unreadable), "cannot be read"))
-    for case, (overrides, fragments) in cases.items():
-        ran = in_process(monkeypatch, capsys, *base, *overrides)
-        check_refused(case, ran, *fragments, within=BEFORE_RAY_S)
-        assert listing(out) is None and not (tmp_path / "root").exists(), case
-    assert listing(Path("/sys/patchsweep")) is None and a_file.read_text() == "not a folder"
+    ran = patchsweep("model=hf", f"model.path={word_model_folder}", f"output_root={tmp_path}", "patching.heads=[9]",
+                     timeout=300)
+    check_refused("a bad value, by a separate process", ran, "head 9 in patching.heads is out of range",
+                  within=BEFORE_RAY_S)
+    assert "Started a local Ray instance" not in ran.stdout + ran.stderr
 
     # Ray refusals need their own process: a cluster that never answers ends it at the deadline.
     listener = ListeningSocket()

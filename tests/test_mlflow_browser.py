@@ -96,7 +96,7 @@ def test_ui_opens_on_the_experiments_runs_in_model_training_view(ui, tiny_sweep,
     offer Observability and Evaluation runs), without the telemetry notice of MLflow's home page."""
     experiment_id = tiny_sweep["tracking"]["experiment_id"]
     assert ui["printed"] == f"{ui['base']}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    parent = f"{tiny_sweep['cfg']['name']} sweep"
+    parent = f"{tiny_sweep['cfg'].name} sweep"
     dom = open_page(ui["printed"], [parent, "Model registry"], ARTIFACTS / "mlflow-ui-start.png", tmp_path)
     text = text_of(dom)
     assert parent in text and "Model registry" in text and "Runs" in text

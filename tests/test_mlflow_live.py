@@ -113,9 +113,9 @@ def test_actor_records_reach_run_log_and_warnings_the_console(tmp_path):
 import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 from conftest import compose, log_twice
-from pipeline.config import to_dict
+from pipeline.validation import typed
 from pipeline.run.workers import WorkerPool, start_ray
-cfg = to_dict(compose("experiment=refusal_tiny", "output_dir={out}", "resources.num_cpus=1"))
+cfg = typed(compose("experiment=refusal_tiny", "output_dir={out}", "resources.num_cpus=1"))
 (start_ray(cfg), None)
 pool = WorkerPool(cfg)
 try:

@@ -10,6 +10,7 @@ import pytest
 
 import pipeline
 from pipeline import store
+from pipeline.schema import to_plain
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_load_run(tiny_sweep):
     assert str(run.summary["head"].dtype) == "Int32"
     assert run.run_id == store.read_table(outcome.run_dir / "effects.parquet")["run_id"][0].as_py()
     assert run.circuit == outcome.circuit
-    assert run.config["model"] == tiny_sweep["cfg"]["model"] and run.overrides == tiny_sweep["overrides"]
+    assert run.config["model"] == to_plain(tiny_sweep["cfg"])["model"] and run.overrides == tiny_sweep["overrides"]
     assert run.report.startswith("# patchsweep")
     activations = run.activations().to_table()
     assert set(activations["pair_id"].to_pylist()) == set(run.pairs["pair_id"])

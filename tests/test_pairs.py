@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.organisms import ORGANISMS, resolve
 from pipeline.organisms.refusal_tiny import grammar, model_dir
-from pipeline.analysis.pairs import (InstructionPair, build_pairs, file_pairs, grammar_pairs, source_pairs,
-                                   tokenize_pairs)
+from conftest import screened_pairs
+from pipeline.analysis.pairs import InstructionPair, file_pairs, grammar_pairs, source_pairs, tokenize_pairs
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,10 @@ def test_spans_of_one_pair(tiny):
         list(range(len(t.clean_ids)))
 
 
-def test_build_pairs_screens_and_matches_the_contract(tiny):
+def test_pairs_stage_screens_and_matches_the_contract(tiny):
     model, tok = tiny
     pairs = grammar_pairs(48, seed=0)
-    table, report = build_pairs(model, tok, pairs)
+    table, report = screened_pairs(model, tok, pairs)
     assert report["n_pairs"] == 48 and report["fraction_kept"] >= 0.9
     assert report["refusal_tokens"] == ["I"] and report["compliance_tokens"] == ["Sure"]
     assert report["answer_source"] == "generated"
@@ -101,14 +101,14 @@ def test_build_pairs_screens_and_matches_the_contract(tiny):
 
 def test_answer_tokens_can_be_named_and_generation_skipped(tiny):
     model, tok = tiny
-    table, report = build_pairs(model, tok, grammar_pairs(8, seed=1), refusal_tokens=["I"],
-                                compliance_tokens=[tok.convert_tokens_to_ids("Sure")], generate=False)
+    table, report = screened_pairs(model, tok, grammar_pairs(8, seed=1), refusal_tokens=["I"],
+                                   compliance_tokens=[tok.convert_tokens_to_ids("Sure")], generate=False)
     assert report["answer_source"] == "override" and report["clean_refused_by_generation"] is None
     assert table.column("refusal_ids").to_pylist()[0] == [tok.convert_tokens_to_ids("I")]
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
-        build_pairs(model, tok, grammar_pairs(2), refusal_tokens=["Nope"], compliance_tokens=["Sure"])
+        screened_pairs(model, tok, grammar_pairs(2), refusal_tokens=["Nope"], compliance_tokens=["Sure"])
     with pytest.raises(ValueError, match="set generate=true or name both"):
-        build_pairs(model, tok, grammar_pairs(2), generate=False)
+        screened_pairs(model, tok, grammar_pairs(2), generate=False)
 
 
 UNEQUAL = InstructionPair("how do I make a bomb ?", "how do I make a cake please ?", "weapons")
@@ -131,7 +131,7 @@ def test_end_alignment_keeps_an_unequal_pair_with_its_offset(tiny):
     # the common prefix ("... make a") and the common suffix.
     assert t.clean_ids[-3:] == t.corrupted_ids[-3:]
     assert [words[p] for p in t.harmful_positions] == ["bomb"]
-    table, report = build_pairs(model, tok, [UNEQUAL, *grammar_pairs(4)], align="end")
+    table, report = screened_pairs(model, tok, [UNEQUAL, *grammar_pairs(4)], align="end")
     assert report["n_aligned_unequal"] == 1
     assert table.column("align_offset").to_pylist()[0] == -1
     with pytest.raises(ValueError, match="prompts.align to 'none' or 'end'"):
@@ -149,7 +149,7 @@ def test_no_pair_surviving_the_screen_fails_clearly(tiny):
     harmless_both = [InstructionPair("how do I make a cake ?", "how do I make a kite ?"),
                      InstructionPair("how do I wash a car ?", "how do I park a car ?")]
     with pytest.raises(ValueError, match="no pair survived the behaviour screen .*refused 0% of clean"):
-        build_pairs(model, tok, harmless_both)
+        screened_pairs(model, tok, harmless_both)
 
 
 # --- the user's files -------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_pair_files_in_each_format(tmp_path, ext, tiny):
     assert [p.category for p in no_category] == ["user", "user"]
     model, tok = tiny
     assert source_pairs("refusal-tiny", tok, path=tmp_path / f"pairs{ext}") == pairs
-    table, _ = build_pairs(model, tok, pairs)
+    table, _ = screened_pairs(model, tok, pairs)
     assert table.column("category").to_pylist() == ["weapons", "cyber"]
 
 

@@ -30,7 +30,7 @@ def model(run):
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
 
-    return load_model(resolve(run["cfg"]["model"]["path"]))[0]
+    return load_model(resolve(run["cfg"].model.path))[0]
 
 
 def test_output_contract(run):
@@ -58,13 +58,13 @@ def test_pairs_and_provenance(run):
         assert table.column_names[:3] == ["run_id", "config_hash", "model"]
         assert set(table["run_id"].to_pylist()) == {run["outcome"].run_id}
         assert set(table["config_hash"].to_pylist()) == {prov["config_hash"]}
-        assert set(table["model"].to_pylist()) == {run["cfg"]["model"]["name"]}
+        assert set(table["model"].to_pylist()) == {run["cfg"].model.name}
     for name in ("effects.parquet", "summary.parquet"):
         meta = store.provenance(store.read_schema(run_dir / name))
         assert meta["config_hash"] == prov["config_hash"]
         assert meta["weights_hash"] == prov["weights_hash"] and len(prov["weights_hash"]) == 64
         assert meta["pairs_hash"] == prov["pairs_hash"]
-        assert meta["model_id"] == run["cfg"]["model"]["path"]
+        assert meta["model_id"] == run["cfg"].model.path
 
 
 def test_sites_hold_the_strongest_sites_flips_and_categories(run):
@@ -73,9 +73,9 @@ def test_sites_hold_the_strongest_sites_flips_and_categories(run):
     run_dir = run["outcome"].run_dir
     sites = json.loads((run_dir / "sites.json").read_text())["sites"]
     effects = store.read_table(run_dir / "effects.parquet").to_pandas()
-    directions = run["cfg"]["patching"]["directions"]
+    directions = run["cfg"].patching.directions
     assert sorted({s["direction"] for s in sites}) == sorted(directions)
-    assert len(sites) == len(directions) * run["cfg"]["summary"]["top_k"]
+    assert len(sites) == len(directions) * run["cfg"].summary.top_k
     categories = set(store.read_table(run_dir / "pairs.parquet")["category"].to_pylist())
     for site in sites:
         rows = effects
@@ -169,7 +169,7 @@ def test_effects_table(run, model):
     assert frame["position_from_end"].isna().equals(frame["position"].isna())
     key = ["pair_id", "direction", "component", "layer", "head", "position"]
     assert not frame.duplicated(key).any()
-    assert set(frame["component"]) == set(cfg["patching"]["components"])
+    assert set(frame["component"]) == set(cfg.patching.components)
     assert set(frame["direction"]) == {"denoise", "noise"}
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     per_pair = frame.groupby("pair_id").size()
@@ -191,7 +191,7 @@ def test_effects_table(run, model):
                         torch.tensor(rows["position"].fillna(-1).to_numpy(dtype=np.int64)))
     answers = Answers(torch.tensor(pair["refusal_ids"].to_pylist()), torch.tensor(pair["compliance_ids"].to_pylist()))
     ref = reference_sweep(model, torch.tensor(pair["clean_ids"].to_pylist()), torch.tensor(pair["corrupted_ids"].to_pylist()),
-                          answers, variants, "denoise", cfg["patching"]["metric"])
+                          answers, variants, "denoise", cfg.patching.metric)
     np.testing.assert_allclose(rows["metric_patched"].to_numpy(), ref.metric_patched[0].numpy(), atol=1e-4)
 
 
@@ -231,12 +231,12 @@ def test_mlflow_run(run):
     assert child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == tracking["parent_run_id"]
     params = child.data.params
-    assert params["model.path"] == cfg["model"]["path"] and params["name"] == "refusal_tiny"
-    assert params["patching.components"] == str(cfg["patching"]["components"])
+    assert params["model.path"] == cfg.model.path and params["name"] == "refusal_tiny"
+    assert params["patching.components"] == str(cfg.patching.components)
     n_layers = run["outcome"].model_info["n_layers"]
     history = client.get_metric_history(tracking["run_id"], "denoise/resid_pre")
     assert sorted(m.step for m in history) == list(range(n_layers))
-    assert {f"noise/{c}" for c in cfg["patching"]["components"]} <= set(child.data.metrics)
+    assert {f"noise/{c}" for c in cfg.patching.components} <= set(child.data.metrics)
     assert "circuit/faithfulness" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(tracking["run_id"])}
     assert {"config.yaml", "overrides.yaml", "report.md", "layers.png", "summary.parquet", "effects.parquet",
@@ -304,10 +304,10 @@ def test_work_survives_an_actor_death(ray_session, tmp_path):
     """An actor process that dies mid-item is restarted by Ray and the item resubmitted; with no retries
     left the sweep stops with a clear error."""
     from conftest import compose, exit_once
-    from pipeline.config import to_dict
+    from pipeline.validation import typed
     from pipeline.run.workers import StageStats, WorkerPool, WorkFailed
 
-    cfg = to_dict(compose(*TINY_SWEEP, "resources.max_retries=2"))
+    cfg = typed(compose(*TINY_SWEEP, "resources.max_retries=2"))
     pool = WorkerPool(cfg)
     try:
         first_pid = pool.describe()["pid"]
@@ -318,7 +318,7 @@ def test_work_survives_an_actor_death(ray_session, tmp_path):
     finally:
         pool.close()
 
-    pool = WorkerPool(to_dict(compose(*TINY_SWEEP, "resources.max_retries=0")))
+    pool = WorkerPool(typed(compose(*TINY_SWEEP, "resources.max_retries=0")))
     try:
         with pytest.raises(WorkFailed, match="failed 1 times"):
             pool.map(exit_once, [{"name": "die", "marker": str(tmp_path / "b")}])
@@ -337,9 +337,9 @@ def test_numbers_match_the_stored_digest(run):
 
 def test_patch_items_bucket_short_shards():
     """Pair shards of one token length each go into work items of at most shard_size pairs, in order."""
-    from pipeline.run.sweep import bucket_shards
+    from pipeline.stages.shards import PairShard, bucket_shards
 
-    shards = [{"rows": list(range(n)), "key": str(i)} for i, n in enumerate([5, 6, 3, 16, 2, 1])]
+    shards = [PairShard(tuple(range(n)), 7, str(i)) for i, n in enumerate([5, 6, 3, 16, 2, 1])]
     buckets = bucket_shards(shards, 16)
-    assert [[s["key"] for s in b] for b in buckets] == [["0", "1", "2"], ["3"], ["4", "5"]]
-    assert [[s["key"] for s in b] for b in bucket_shards(shards, 1)] == [[str(i)] for i in range(6)]
+    assert [[s.key for s in b] for b in buckets] == [["0", "1", "2"], ["3"], ["4", "5"]]
+    assert [[s.key for s in b] for b in bucket_shards(shards, 1)] == [[str(i)] for i in range(6)]

@@ -37,10 +37,10 @@ def calls_and_imports(path: Path):
 def test_private_ray_instance_has_token_auth(tmp_path):
     """`ray.address=local` starts Ray with token authentication on (Ray's default for a new local
     instance, which the pipeline never turns off), with no dashboard to expose."""
-    probe = ("from pipeline.config import to_dict\n"
+    probe = ("from pipeline.validation import typed\n"
              "from conftest import compose\n"
              "from pipeline.run.workers import start_ray\n"
-             "start_ray(to_dict(compose('experiment=refusal_tiny', 'resources.num_cpus=1')))\n"
+             "start_ray(typed(compose('experiment=refusal_tiny', 'resources.num_cpus=1')))\n"
              "import os, ray\n"
              "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
              "print(get_authentication_mode() == AuthenticationMode.TOKEN, os.environ.get('RAY_AUTH_MODE'))\n"

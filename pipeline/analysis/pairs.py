@@ -198,12 +198,7 @@ def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:
 # The screen runs in three phases, so that a large set can go in batches with the result of one pass:
 # replies (greedy generation and the judge, per batch), answer tokens (once, from every batch's replies:
 # first-token counts add up over batches) and the screen proper (first-token metric and keep, per batch).
-# `build_pairs` runs them on the whole set at once; the pairs stage runs them as work items.
-
-class PairsResult(NamedTuple):
-    table: pa.Table   # the pairs.parquet contract (module docstring), screened pairs only
-    report: dict      # counts, fraction kept, rates, answer tokens
-
+# The pairs stage (pipeline.stages.pairs) runs them as work items.
 
 class Replies(NamedTuple):
     """The greedy replies of a batch of pairs, clean prompts first then corrupted (2 x pairs entries each)."""
@@ -316,30 +311,6 @@ def with_report(table: pa.Table, report: dict) -> pa.Table:
     return table.replace_schema_metadata({b"pairs_report": json.dumps(report).encode()})
 
 
-def build_pairs(model, tokenizer, pairs: Sequence[InstructionPair], *, align: Align = "none",
-                refusal_tokens: Sequence[int | str] | None = None,
-                compliance_tokens: Sequence[int | str] | None = None,
-                answer_top_k: int = 1, generate: bool = True, max_new_tokens: int = 8,
-                batch_size: int = 64) -> PairsResult:
-    """Tokenize, drop repeated pairs (`unique_pairs`; the report counts them), derive answer tokens,
-    screen, and tabulate `pairs` for `model`, all at once (the pairs stage runs the same phases in batches).
-
-    A pair is kept when the model refuses its clean prompt and complies with its corrupted one: by the
-    first-token metric (refusal_logodds > 0 on clean, < 0 on corrupted) and, with `generate`, also by
-    short greedy generation. Answer tokens are the `answer_top_k` most common first tokens of the
-    model's refusals / compliances on these prompts, unless `refusal_tokens` / `compliance_tokens` (ids
-    or vocabulary strings) name them.
-    """
-    tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, pairs, align))
-    check_answer_source(generate, refusal_tokens, compliance_tokens)
-    replies = pair_replies(model, tokenizer, tokenized, max_new_tokens, batch_size) if generate else None
-    answers = answers_from_replies(tokenizer, [replies] if generate else [], refusal_tokens, compliance_tokens,
-                                   answer_top_k)
-    screened = screen_batch(model, tokenized, replies, answers, batch_size)
-    report = pairs_report(screened.counts, n_duplicates, align, generate, answers.to_dict(tokenizer))
-    return PairsResult(with_report(screened.table, report), report)
-
-
 def pairs_table(tokenized: Sequence[TokenizedPair], rows: Sequence[int], answers, metric_clean, metric_corrupted,
                 clean_texts, corrupted_texts) -> pa.Table:
     ids = pa.list_(pa.int32())
@@ -399,7 +370,7 @@ def pairs_from_strings(tokenizer, pairs: Sequence[tuple[str, str] | InstructionP
     instruction is wrapped in the model's chat template; every pair must have one token length (patching
     copies position by position, and the batch is one [P, T] tensor). Answer tokens are ids or vocabulary
     strings; unnamed, the first token of "I" (refusal) and of "Sure" (compliance). For a notebook: the
-    pipeline derives answer tokens from the model's replies and screens the pairs (`build_pairs`).
+    pipeline derives answer tokens from the model's replies and screens the pairs (pipeline.stages.pairs).
     """
     pairs = [p if isinstance(p, InstructionPair) else InstructionPair(*p) for p in pairs]
     tokenized = tokenize_pairs(tokenizer, pairs)

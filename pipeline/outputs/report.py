@@ -16,6 +16,7 @@ from pipeline.analysis.circuit.result import Circuit, Knockout
 from pipeline.analysis.directions import DIRECTION_FILE, SUMMARY_KEY
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
 from pipeline.outputs.files import MANIFEST, OUTPUT_FILES
+from pipeline.schema import PatchsweepConfig
 from pipeline.store import provenance, publish_bytes, read_table
 
 DIRECTION_MEANING = {
@@ -75,7 +76,7 @@ def _ci(mean: float, low: float, high: float) -> str:
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def interval_line(summary: pd.DataFrame, cfg: dict) -> str:
+def interval_line(summary: pd.DataFrame, cfg: PatchsweepConfig) -> str:
     """What the intervals are worth at this run's n (the pairs every pair-wide site is measured on): none
     below the minimum, else the simulated coverage (pipeline.analysis.statistics.COVERAGE; the README's
     Statistics). Sites fewer pairs reach (positions only long prompts have) are counted apart."""
@@ -87,7 +88,7 @@ def interval_line(summary: pd.DataFrame, cfg: dict) -> str:
         return (f"With n = {n} pairs, {NO_INTERVAL} (the minimum is {MIN_PAIRS_FOR_INTERVAL}: below it the "
                 "bootstrap interval falls far short of its nominal coverage; see the README's Statistics).")
     low, high = coverage
-    nominal = "" if cfg["summary"]["ci"] == 0.95 else " (simulated for 95% intervals)"
+    nominal = "" if cfg.summary.ci == 0.95 else " (simulated for 95% intervals)"
     line = (f"At n = {n} pairs, 95% intervals of this kind held the true mean in {100 * low:.0f}-{100 * high:.0f}% "
             f"of simulated runs{nominal} (normal, skewed and refusal-tiny effects; the README's Statistics).")
     few = int((summary["n"] < MIN_PAIRS_FOR_INTERVAL).sum())
@@ -108,16 +109,16 @@ def _pairs_line(report: dict) -> str:
             f"answer tokens {report['refusal_tokens']} vs {report['compliance_tokens']}.")
 
 
-def ui_hint(cfg: dict, ui_path: str = "") -> str:
+def ui_hint(cfg: PatchsweepConfig, ui_path: str = "") -> str:
     """How to open the MLflow UI on the store this run logs to (`tracking.uri`, else the output root's
     SQLite store)."""
-    uri = cfg["tracking"]["uri"]
+    uri = cfg.tracking.uri
     if uri and uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/{ui_path}"
     if uri:
         command = f"`python -m pipeline.run.tracking ui --uri {uri}`"
     else:
-        root = cfg["output_root"]
+        root = cfg.output_root
         command = (f"`{'make ui' if root == 'outputs' else f'make ui OUTPUT_ROOT={root}'}` "
                    f"(or `python -m pipeline.run.tracking ui --output-root {root}`)")
     return f"open the UI with {command}, then http://127.0.0.1:5000/{ui_path}"
@@ -241,22 +242,22 @@ def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 1
     return lines
 
 
-def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, stats: list,
+def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_report: dict, stats: list,
                  summary: pd.DataFrame, curves: dict, circuit: Circuit | None) -> Path:
     run_dir = path.parent
-    k = cfg["summary"]["top_k"]
+    k = cfg.summary.top_k
     lines = [
-        f"# patchsweep: {cfg['name']} on {cfg['model']['name']}",
+        f"# patchsweep: {cfg.name} on {cfg.model.name}",
         "",
-        f"Model `{cfg['model']['path']}` ({model_info['family']}, {model_info['n_layers']} layers x "
+        f"Model `{cfg.model.path}` ({model_info['family']}, {model_info['n_layers']} layers x "
         f"{model_info['n_heads']} heads, weights sha256 `{model_info['weights_hash'][:16]}`); "
-        f"metric `{cfg['patching']['metric']}` at the final position.",
+        f"metric `{cfg.patching.metric}` at the final position.",
         "",
         _pairs_line(pairs_report),
         "",
         "Effect = (patched - base) / (source - base): 0 = no change, 1 = the patch fully restores the source "
-        f"run. Intervals: {100 * cfg['summary']['ci']:.0f}% percentile bootstrap over pairs "
-        f"({cfg['summary']['n_bootstrap']} resamples). Positions count from the end (-1 = the final token).",
+        f"run. Intervals: {100 * cfg.summary.ci:.0f}% percentile bootstrap over pairs "
+        f"({cfg.summary.n_bootstrap} resamples). Positions count from the end (-1 = the final token).",
         "",
         interval_line(summary, cfg),
         "",
@@ -264,7 +265,7 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
         "",
     ]
     for direction, meaning in DIRECTION_MEANING.items():
-        if direction in cfg["patching"]["directions"]:
+        if direction in cfg.patching.directions:
             lines.append(f"- `{direction}`: {meaning}")
     strongest = top_layers(summary, k)
     if not strongest.empty:
@@ -296,19 +297,19 @@ def write_report(path: Path, cfg: dict, model_info: dict, pairs_report: dict, st
     lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
     for s in stats:
         lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
-    lines += ["", "## MLflow", "", f"Experiment `{cfg['tracking']['experiment']}`, run `{cfg['model']['name']}`: "
+    lines += ["", "## MLflow", "", f"Experiment `{cfg.tracking.experiment}`, run `{cfg.model.name}`: "
               f"{ui_hint(cfg)}.", ""]
     publish_bytes(path, "\n".join(lines).encode())
     return path
 
 
-def console_summary(cfg: dict, run_dir: Path, pairs_report: dict, stats: list, curves: dict,
+def console_summary(cfg: PatchsweepConfig, run_dir: Path, pairs_report: dict, stats: list, curves: dict,
                     summary: pd.DataFrame, circuit: Circuit | None, tracking: dict | None) -> str:
-    k = cfg["summary"]["top_k"]
-    lines = [f"patchsweep {cfg['name']}: {cfg['model']['name']}", "  " + _pairs_line(pairs_report)]
+    k = cfg.summary.top_k
+    lines = [f"patchsweep {cfg.name}: {cfg.model.name}", "  " + _pairs_line(pairs_report)]
     strongest = top_layers(summary, k)
     if not strongest.empty:
-        lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg['summary']['ci']:.0f}% CI]):")
+        lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg.summary.ci:.0f}% CI]):")
         lines.append(f"  {interval_line(summary, cfg)}")
         for r in strongest.itertuples():
             name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from pipeline.outputs.comparison import Compared, comparison_markdown, comparison_png, comparison_table
 from pipeline.run.scheduler import Room
-from pipeline.run.sweep import SweepOutcome, run_sweep
+from pipeline.run.runner import SweepOutcome
+from pipeline.run.sweep import run_sweep
 from pipeline.run.tracking import LiveRun, ParentRun
 from pipeline.run.workers import start_ray
+from pipeline.schema import PatchsweepConfig
 from pipeline.store import publish_bytes
 from pipeline.validation import ConfigError
 
@@ -31,7 +33,7 @@ from pipeline.validation import ConfigError
 class Job:
     """One job of a --multirun: its validated config and the overrides Hydra composed it from."""
 
-    cfg: dict
+    cfg: PatchsweepConfig
     overrides: list[str]
     label: str = ""  # what tells it apart from the other jobs (set by `run_jobs`)
     outcome: SweepOutcome | None = None
@@ -54,9 +56,9 @@ def job_labels(jobs: list[Job]) -> list[str]:
     common = set.intersection(*(set(job.overrides) for job in jobs))
     labels = []
     for job in jobs:
-        parts = [job.cfg["model"]["name"] if o.split("=")[0] in ("model", "model.path", "model.name") else o
+        parts = [job.cfg.model.name if o.split("=")[0] in ("model", "model.path", "model.name") else o
                  for o in job.overrides if o not in common]
-        labels.append(" ".join(dict.fromkeys(parts)) or job.cfg["model"]["name"])
+        labels.append(" ".join(dict.fromkeys(parts)) or job.cfg.model.name)
     return labels
 
 
@@ -71,7 +73,7 @@ def check_jobs(jobs: list[Job]) -> None:
         for job in jobs:
             value = job.cfg
             for key in path:
-                value = value[key]
+                value = getattr(value, key)
             values.append(value)
         if any(value != values[0] for value in values[1:]):
             name = ".".join(path)
@@ -87,7 +89,7 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison:
     first = jobs[0].cfg
     start_ray(first)  # every job has the first one's ray.* and resources.num_cpus (check_jobs)
     room = Room.of_cluster()
-    tracked = [job for job in jobs if job.cfg["tracking"]["enabled"]]
+    tracked = [job for job in jobs if job.cfg.tracking.enabled]
     parent = ParentRun([job.cfg for job in tracked], sweep_key, [job.label for job in tracked]) if tracked else None
     threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room), name=f"patchsweep-job-{index}",
                                 daemon=True) for index, job in enumerate(jobs)]
@@ -108,7 +110,7 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison:
 
 
 def _run_job(job: Job, sweep_key: str, room: Room) -> None:
-    live = LiveRun(job.cfg, sweep_key, job.overrides, ends_parent=False) if job.cfg["tracking"]["enabled"] else None
+    live = LiveRun(job.cfg, sweep_key, job.overrides, ends_parent=False) if job.cfg.tracking.enabled else None
     try:
         job.outcome = run_sweep(job.cfg, live, job.overrides, room)
     except BaseException as err:  # the job's own end: reported by the command once every job is done
@@ -127,12 +129,12 @@ def compare(jobs: list[Job], parent: ParentRun | None, sweep_key: str) -> Compar
     """comparison.png and comparison.md of the finished jobs, in <output_root>/<name>/comparison-<command id>,
     and the parent run's comparison."""
     first = jobs[0].cfg
-    folder = Path(first["output_root"]) / first["name"] / f"comparison-{sweep_key}"
+    folder = Path(first.output_root) / first.name / f"comparison-{sweep_key}"
     finished = [job for job in jobs if job.outcome is not None]
-    compared = [Compared(job.label, job.cfg["model"]["name"], job.outcome.model_info.get("family", ""),
+    compared = [Compared(job.label, job.cfg.model.name, job.outcome.model_info.get("family", ""),
                          job.outcome.model_info["n_layers"], job.outcome.pairs_report["n_kept"], job.outcome.curves,
                          job.outcome.circuit, job.outcome.run_dir) for job in finished]
-    title = f"{first['name']}: {len(finished)} of {len(jobs)} sweeps compared"
+    title = f"{first.name}: {len(finished)} of {len(jobs)} sweeps compared"
     table = comparison_table(compared)
     files = {}
     if compared:

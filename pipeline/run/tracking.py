@@ -46,10 +46,11 @@ import transformers  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 
-from pipeline.config import flatten, tracking_uri  # noqa: E402
+from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS  # noqa: E402
 from pipeline.run.logs import LOG_FILE  # noqa: E402
-from pipeline.run.sweep import Interrupted, SweepOutcome  # noqa: E402
+from pipeline.run.runner import SweepOutcome  # noqa: E402
+from pipeline.run.sweep import Interrupted  # noqa: E402
 from pipeline.run.workers import StageStats  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 
@@ -67,8 +68,8 @@ TABLES = {"summary": "tables/summary.json", "circuit_nodes": "tables/circuit_nod
 MODEL_TRAINING = "workflowType=machine_learning"
 
 
-def _experiment_id(client, cfg: dict) -> str:
-    name = cfg["tracking"]["experiment"]
+def _experiment_id(client, cfg: PatchsweepConfig) -> str:
+    name = cfg.tracking.experiment
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -85,14 +86,14 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def _parent_run(client, experiment_id: str, cfg: dict, sweep_key: str) -> str:
+def _parent_run(client, experiment_id: str, cfg: PatchsweepConfig, sweep_key: str) -> str:
     """The command's parent run: found by its tag (a multirun's jobs share it) or created; running
     while any of its children runs."""
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'", max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"{cfg['name']} sweep", tags={SWEEP_TAG: sweep_key})
+    run = client.create_run(experiment_id, run_name=f"{cfg.name} sweep", tags={SWEEP_TAG: sweep_key})
     return run.info.run_id
 
 
@@ -104,15 +105,15 @@ def lineage_tags(provenance: dict) -> dict[str, str]:
     }
 
 
-def start_tags(cfg: dict, overrides: list[str]) -> dict[str, str]:
+def start_tags(cfg: PatchsweepConfig, overrides: list[str]) -> dict[str, str]:
     """What is known when the run starts: code, model, output folder, command line."""
     commit = git_commit()
     return {
         "git.commit": commit,
         "mlflow.source.git.commit": commit,
-        "model.id": cfg["model"]["path"],
+        "model.id": cfg.model.path,
         "versions": " ".join(f"{m.__name__}={m.__version__}" for m in (torch, transformers, ray, pa, mlflow)),
-        "patchsweep.output_dir": str(Path(cfg["output_dir"]).resolve()),
+        "patchsweep.output_dir": str(Path(cfg.output_dir).resolve()),
         "patchsweep.overrides": " ".join(overrides),
     }
 
@@ -126,10 +127,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_name(cfg: dict) -> str:
+def run_name(cfg: PatchsweepConfig) -> str:
     """The child run's name: the model, and the prompt set when it is not the generated one."""
-    prompts = cfg["prompts"]["name"]
-    return cfg["model"]["name"] if prompts == "generated" else f"{cfg['model']['name']} / {prompts}"
+    prompts = cfg.prompts.name
+    return cfg.model.name if prompts == "generated" else f"{cfg.model.name} / {prompts}"
 
 
 def stage_metrics(stats: StageStats) -> dict[str, float]:
@@ -163,7 +164,7 @@ class LiveRun:
     are on disk (the command says how to log them later).
     """
 
-    def __init__(self, cfg: dict, sweep_key: str, overrides: list[str], ends_parent: bool = True):
+    def __init__(self, cfg: PatchsweepConfig, sweep_key: str, overrides: list[str], ends_parent: bool = True):
         self.cfg, self.uri = cfg, tracking_uri(cfg)
         self.ends_parent = ends_parent  # False in a --multirun: its ParentRun ends the parent after every job
         self.client = MlflowClient(self.uri)
@@ -182,10 +183,10 @@ class LiveRun:
             parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
             tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **start_tags(cfg, overrides),
                     DESCRIPTION: f"Running since {time.strftime('%Y-%m-%d %H:%M:%S')}: stage times appear as metrics "
-                                 f"(`time/...`) as the stages finish. Files: `{Path(cfg['output_dir']).resolve()}`."}
+                                 f"(`time/...`) as the stages finish. Files: `{Path(cfg.output_dir).resolve()}`."}
             run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
             self._ids = {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id}
-            params = flatten({k: v for k, v in cfg.items() if k != "hydra"})
+            params = flatten(to_plain(cfg))
             params["overrides"] = " ".join(overrides)
             items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
             for start in range(0, len(items), 100):  # MLflow's batch limit: 100 params
@@ -248,7 +249,7 @@ class LiveRun:
         run_id = self.run_id
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
         error = f"{type(err).__name__}: {err}".strip()
-        log = Path(self.cfg["output_dir"]) / LOG_FILE
+        log = Path(self.cfg.output_dir) / LOG_FILE
         try:
             self.client.log_batch(run_id, tags=[
                 mlflow.entities.RunTag("patchsweep.error", error[:5000]),
@@ -279,7 +280,7 @@ class LiveRun:
                 self.client.set_terminated(self.ids["parent_run_id"], status=status)
 
 
-def log_finished(cfg: dict, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
+def log_finished(cfg: PatchsweepConfig, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
     """Log a sweep that finished without its MLflow run (`patchsweep log <run folder>`): the run is created,
     filled as `LiveRun.finish` fills one and ended; returns what `finish` returns."""
     overrides = OmegaConf.to_container(OmegaConf.load(outcome.run_dir / "overrides.yaml"))
@@ -371,12 +372,12 @@ class ParentRun:
     and as comparison.md; the table is also the run's description), each sweep's summary metrics, FINISHED
     or FAILED when a job failed."""
 
-    def __init__(self, cfgs: list[dict], sweep_key: str, labels: list[str]):
+    def __init__(self, cfgs: list[PatchsweepConfig], sweep_key: str, labels: list[str]):
         self.cfg, self.uri = cfgs[0], tracking_uri(cfgs[0])
         self.client = MlflowClient(self.uri)
         self.experiment_id = _experiment_id(self.client, self.cfg)
         self.run_id = _parent_run(self.client, self.experiment_id, self.cfg, sweep_key)
-        flat = [flatten({k: v for k, v in cfg.items() if k != "hydra"}) for cfg in cfgs]
+        flat = [flatten(to_plain(cfg)) for cfg in cfgs]
         shared = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
         params = {**shared, "jobs": str(len(cfgs)), "jobs.labels": " | ".join(labels),
                   "jobs.swept": ", ".join(sorted({k for f in flat for k in f if k not in shared}))}

@@ -1,7 +1,8 @@
 """Ray: model-holding actors, a bounded window of work items, retries, a progress bar per stage.
 
-Actors load the model once and then take many work items. A work item is a small plain dict
-(stage, paths, row indices, component, direction): tensors never travel through Ray, each item reads
+Actors load the model once and then take many work items. A work item is a stage's small frozen
+dataclass (paths, row indices, its part of the config), handed over with the stage's compute function
+itself (pipeline.stages): tensors never travel through Ray, each item reads
 its inputs from Arrow files and publishes its output atomically under a content-keyed name, so
 running an item twice is harmless. That is what makes retries safe: when an actor dies (its process
 killed, its node lost) Ray restarts it, and the driver resubmits the items it held.
@@ -24,7 +25,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -36,15 +37,15 @@ from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
 from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.run.scheduler import Room
-from pipeline.stages import STAGES
+from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig
 from pipeline.store import file_entry
 
-# A stage's name in pipeline.stages.STAGES, or any callable (model, tokenizer, item) -> published paths
-# (the scheduler's tests use stand-ins whose compute is a wait or a crash).
-Stage = Union[str, Callable[..., "list[Path]"]]
+# A stage's compute function, (model, tokenizer, item) -> the paths it published (pipeline.stages; the
+# scheduler's tests hand over stand-ins whose compute is a wait or a crash).
+Compute = Callable[..., "list[Path]"]
 
 
-def start_ray(cfg: dict) -> None:
+def start_ray(cfg: PatchsweepConfig) -> None:
     """Join the configured Ray cluster, or start a private local instance; reused across calls.
 
     A cluster that cannot be reached is named in one line: at once when nothing listens at its address,
@@ -52,19 +53,19 @@ def start_ray(cfg: dict) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from an offline machine
-    options = dict(namespace=cfg["ray"]["namespace"], log_to_driver=cfg["ray"]["log_to_driver"],
+    options = dict(namespace=cfg.ray.namespace, log_to_driver=cfg.ray.log_to_driver,
                    include_dashboard=False, configure_logging=True, logging_level="warning")
-    address = cfg["ray"]["address"]
+    address = cfg.ray.address
     if address == "local":
         # Ray binds every server (GCS, raylet, workers, agents) to the node's IP address, which it takes
         # to be the loopback address only when this flag is off; there is no public option. A private
         # instance serves this machine alone, so it listens on 127.0.0.1 only.
         ray_constants.ENABLE_RAY_CLUSTER = False
         # address="local": a private instance even when a `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=cfg["resources"]["num_cpus"],
-                 num_gpus=None if cfg["resources"]["gpus_per_actor"] else 0, **options)
+        ray.init(address="local", num_cpus=cfg.resources.num_cpus,
+                 num_gpus=None if cfg.resources.gpus_per_actor else 0, **options)
     else:
-        seconds = cfg["ray"]["connect_timeout_s"]
+        seconds = cfg.ray.connect_timeout_s
         _probe_cluster(address, seconds)
         with _deadline(seconds, f"the Ray cluster at ray.address={address} did not answer within "
                                 f"{seconds:g} s (ray.connect_timeout_s): check that it is a Ray head's address"):
@@ -129,18 +130,18 @@ class ModelWorker:
     placed it, so the pool can tell an actor waiting for room from one loading its model (and a
     restarted actor reloads it with its first item)."""
 
-    def __init__(self, model: dict, resources: dict, log_path: str):
+    def __init__(self, model: ModelConfig, resources: ResourcesConfig, log_path: str):
         actor_logging(log_path)
-        torch.set_num_threads(resources["torch_threads"])
-        self.spec, self.device = model, resources["device"]
+        torch.set_num_threads(resources.torch_threads)
+        self.spec, self.device = model, resources.device
         self.model = self.tokenizer = None
         self._weights_hash = None
 
     def _load(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer = load_model(resolve(self.spec["path"]), dtype=self.spec["dtype"],
+            self.model, self.tokenizer = load_model(resolve(self.spec.path), dtype=self.spec.dtype,
                                                     device=self.device,
-                                                    trust_remote_code=self.spec["trust_remote_code"])
+                                                    trust_remote_code=self.spec.trust_remote_code)
 
     def describe(self) -> dict:
         """The model's shape and the hash of its weights as loaded (adapters merged, dtype applied)."""
@@ -154,11 +155,10 @@ class ModelWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, stage: Stage, item: dict) -> list[dict]:
-        """Run one work item of `stage`; returns each file it published as {"path", "sha256", "rows"},
-        the entries the driver records in its manifest."""
+    def run(self, compute: Compute, item: Any) -> list[dict]:
+        """Run one work item; returns each file it published as {"path", "sha256", "rows"}, the entries
+        the driver records in its manifest."""
         self._load()
-        compute = STAGES[stage] if isinstance(stage, str) else stage
         return [file_entry(path) for path in compute(self.model, self.tokenizer, item)]
 
 
@@ -188,8 +188,8 @@ class StageStats:
 @dataclass
 class Background:
     """One work item on an actor of its own (`WorkerPool.start`) while `map` feeds the pool's other actors."""
-    stage: Stage
-    item: dict
+    compute: Compute
+    item: Any
     actor: int  # its index in the pool
     ref: ray.ObjectRef
     started: float  # time.perf_counter()
@@ -206,35 +206,35 @@ def actors_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
     return fit
 
 
-def _asks(res: dict) -> str:
+def _asks(res: ResourcesConfig) -> str:
     """What one model actor asks Ray for, in words."""
-    gpus = f" and {res['gpus_per_actor']:g} GPU" if res["gpus_per_actor"] else ""
-    return f"{res['cpus_per_actor']:g} CPU{gpus} (resources.cpus_per_actor{', resources.gpus_per_actor' if gpus else ''})"
+    gpus = f" and {res.gpus_per_actor:g} GPU" if res.gpus_per_actor else ""
+    return f"{res.cpus_per_actor:g} CPU{gpus} (resources.cpus_per_actor{', resources.gpus_per_actor' if gpus else ''})"
 
 
-def check_room(cfg: dict, nodes: list[dict] | None = None) -> int:
+def check_room(cfg: PatchsweepConfig, nodes: list[dict] | None = None) -> int:
     """Refuse at once, naming what was asked, what Ray has and which key to lower, a request for model
     actors that can never be placed; returns how many fit. A cluster (which may grow) that fits some
     but not all of them is told so, and the rest wait for room. `nodes`: each node's total resources
     (default: the running Ray's live nodes)."""
-    res = cfg["resources"]
+    res = cfg.resources
     if nodes is None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     has = f"{total_cpus:g} CPU{'s' if total_cpus != 1 else ''}, {total_gpus:g} GPU{'s' if total_gpus != 1 else ''}"
-    where = "this machine's Ray instance" if cfg["ray"]["address"] == "local" else "the Ray cluster"
-    fit = actors_that_fit(nodes, res["cpus_per_actor"], res["gpus_per_actor"])
+    where = "this machine's Ray instance" if cfg.ray.address == "local" else "the Ray cluster"
+    fit = actors_that_fit(nodes, res.cpus_per_actor, res.gpus_per_actor)
     if fit == 0:
         raise RayUnavailable(f"a model actor asks {_asks(res)}, more than any node of {where} has ({has} "
                              f"over {len(nodes)} node{'s' if len(nodes) != 1 else ''}): lower them, or add a node "
                              "that has them")
-    if fit < res["actors"]:
-        if cfg["ray"]["address"] == "local":  # a private instance never grows
-            raise RayUnavailable(f"resources.actors={res['actors']} model actors of {_asks(res)} do not fit "
+    if fit < res.actors:
+        if cfg.ray.address == "local":  # a private instance never grows
+            raise RayUnavailable(f"resources.actors={res.actors} model actors of {_asks(res)} do not fit "
                                  f"in {where} ({has}): set resources.actors={fit} or lower "
                                  "resources.cpus_per_actor")
-        notice(f"{where} holds {fit} of the {res['actors']} model actors asked for (each {_asks(res)}; it has "
+        notice(f"{where} holds {fit} of the {res.actors} model actors asked for (each {_asks(res)}; it has "
                 f"{has}): the sweep starts on those placed, the rest join as room frees up "
                 "(lower resources.actors to ask for fewer)")
     return fit
@@ -249,6 +249,30 @@ def notice(message: str) -> None:
 
 
 @dataclass
+class _Batch:
+    """The items of one `WorkerPool.map` and where each one is."""
+    compute: Compute
+    items: list
+    stats: StageStats
+    on_result: Callable[[Any, list[dict]], None] | None
+    results: list = field(init=False)  # each item's published files, once it is done
+    pending: deque = field(init=False)  # item indices not yet submitted (or to resubmit)
+    attempts: list = field(init=False)  # per item, how many times its actor died on it
+    in_flight: dict = field(default_factory=dict)  # object ref -> (item index, actor index)
+
+    def __post_init__(self):
+        self.results = [None] * len(self.items)
+        self.pending = deque(range(len(self.items)))
+        self.attempts = [0] * len(self.items)
+
+    def done(self, index: int, files: list[dict]) -> None:
+        self.results[index] = files
+        self.stats.computed += 1
+        if self.on_result is not None:
+            self.on_result(self.items[index], files)
+
+
+@dataclass
 class WorkerPool:
     """The model actors of one sweep, fed from a bounded window of work items.
 
@@ -258,7 +282,7 @@ class WorkerPool:
     `room` with other sweeps (pipeline.run.scheduler), it starts as many as its work and its share of the
     room allow, up to resources.actors, and gives actors back when another sweep needs the room."""
 
-    cfg: dict
+    cfg: PatchsweepConfig
     room: Room | None = None
     actors: list = field(default_factory=list)  # every actor started; a retired one stays as None (indices hold)
     placed: set = field(default_factory=set)  # indices of actors Ray has placed
@@ -271,21 +295,21 @@ class WorkerPool:
     background: dict = field(default_factory=dict)  # actor index -> the Background item it runs (map skips it)
 
     def __post_init__(self):
-        res = self.cfg["resources"]
+        res = self.cfg.resources
         check_room(self.cfg)
-        self._options = dict(num_cpus=res["cpus_per_actor"], num_gpus=res["gpus_per_actor"],
-                             max_restarts=res["max_retries"])
-        self._log_path = str(Path(self.cfg["output_dir"]).resolve() / LOG_FILE)
+        self._options = dict(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
+                             max_restarts=res.max_retries)
+        self._log_path = str(Path(self.cfg.output_dir).resolve() / LOG_FILE)
         if self.room is None:
-            self._start(res["actors"])
+            self._start(res.actors)
         else:
-            self.room.join(self, res["cpus_per_actor"], res["gpus_per_actor"])
+            self.room.join(self, res.cpus_per_actor, res.gpus_per_actor)
 
     def _start(self, n: int) -> None:
         if not self.actors:
             self.created = time.monotonic()
         for _ in range(n):
-            actor = ModelWorker.options(**self._options).remote(self.cfg["model"], self.cfg["resources"],
+            actor = ModelWorker.options(**self._options).remote(self.cfg.model, self.cfg.resources,
                                                                 self._log_path)
             self.placing[actor.ping.remote()] = len(self.actors)
             self.actors.append(actor)
@@ -307,7 +331,7 @@ class WorkerPool:
             return
         if self.room.stopping.is_set():
             raise KeyboardInterrupt
-        change = self.room.resize(self, min(wanted + len(self.background), self.cfg["resources"]["actors"]))
+        change = self.room.resize(self, min(wanted + len(self.background), self.cfg.resources.actors))
         if change > 0:
             self._start(change)
             load.extend([0] * change)
@@ -336,11 +360,11 @@ class WorkerPool:
         """Wait for an actor to be placed or for one of `others` (object refs) to finish; returns the
         finished ones among `others`. Says how long it has waited while no actor is placed."""
         refs = list(self.placing) + others
-        res = self.cfg["resources"]
+        res = self.cfg.resources
         if not refs:  # sharing a room that has none for this pool yet: wait for another pool to give some back
             self.room.wait(PLACEMENT_NOTICE_S)
             return []
-        left = res["placement_timeout_s"] - (time.monotonic() - self.created)
+        left = res.placement_timeout_s - (time.monotonic() - self.created)
         done, _ = ray.wait(refs, num_returns=1, timeout=PLACEMENT_NOTICE_S if self.placed else
                            min(PLACEMENT_NOTICE_S, max(left, 0.1)))
         for ref in done:
@@ -351,12 +375,12 @@ class WorkerPool:
             free = ray.available_resources()
             room = (f"each asks {_asks(res)} and the cluster has {free.get('CPU', 0):g} CPUs, "
                     f"{free.get('GPU', 0):g} GPUs free")
-            if waited >= res["placement_timeout_s"]:
+            if waited >= res.placement_timeout_s:
                 raise RayUnavailable(f"no model actor was placed within resources.placement_timeout_s="
-                                     f"{res['placement_timeout_s']:g} s ({room}): free room on the cluster, or "
+                                     f"{res.placement_timeout_s:g} s ({room}): free room on the cluster, or "
                                      "lower resources.cpus_per_actor")
             notice(f"waiting for room: no model actor placed after {waited:.0f} s ({room}); giving up after "
-                    f"resources.placement_timeout_s={res['placement_timeout_s']:g} s")
+                    f"resources.placement_timeout_s={res.placement_timeout_s:g} s")
         return [ref for ref in done if ref in set(others)]
 
     def _placed(self, ping) -> None:
@@ -369,7 +393,7 @@ class WorkerPool:
         self.placed.add(index)
         self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
 
-    def start(self, stage: Stage, item: dict) -> Background | None:
+    def start(self, compute: Compute, item: Any) -> Background | None:
         """Run one work item on a placed actor of its own, beside the stages `map` runs on the others, until
         `finish`. None when the pool has no actor to spare (fewer than two placed): run it with `map` then."""
         if self.placing:
@@ -380,7 +404,7 @@ class WorkerPool:
         if len(free) < 2:
             return None
         actor = free[-1]
-        self.background[actor] = Background(stage, item, actor, self.actors[actor].run.remote(stage, item),
+        self.background[actor] = Background(compute, item, actor, self.actors[actor].run.remote(compute, item),
                                             time.perf_counter())
         return self.background[actor]
 
@@ -402,79 +426,89 @@ class WorkerPool:
         if result is None:
             stats.retried += 1
             with timed(stats):
-                return self.map(job.stage, [job.item], stats=stats)[0]
+                return self.map(job.compute, [job.item], stats=stats)[0]
         stats.computed += 1
         return result
 
-    def map(self, stage: Stage, items: list[dict], on_result: Callable[[dict, list[dict]], None] | None = None,
+    def map(self, compute: Compute, items: list, on_result: Callable[[Any, list[dict]], None] | None = None,
             stats: StageStats | None = None) -> list[list[dict]]:
-        """Run `stage`'s work items on the actors, at most resources.max_in_flight queued per actor.
+        """Run `compute` on each item on the actors, at most resources.max_in_flight queued per actor.
 
         Results (each item's published files) come back in item order; `on_result(item, files)` runs on
-        the driver as each finishes (to update a manifest). When an actor dies, Ray restarts it (reloading the model); its items are
-        resubmitted, up to resources.max_retries times each, once a ping says it is back.
-        """
-        res = self.cfg["resources"]
-        stats = stats or StageStats(stage if isinstance(stage, str) else stage.__name__)
-        results: list[list[dict] | None] = [None] * len(items)
-        pending = deque(range(len(items)))
-        attempts = [0] * len(items)
-        load = [0] * len(self.actors)
-        in_flight: dict = {}  # object ref -> (item index, actor index)
+        the driver as each finishes (to update a manifest). When an actor dies, Ray restarts it (reloading
+        the model); its items are resubmitted, up to resources.max_retries times each, once a ping says it
+        is back. Between waits the pool looks at the room (actors to start, give back, or Ctrl-C)."""
+        batch = _Batch(compute, items, stats or StageStats(compute.__name__), on_result)
+        load = [0] * len(self.actors)  # items queued on each actor
         recovering: dict = {}  # ping ref -> actor index, for actors being restarted
-        with tqdm(total=len(items) + stats.reused, initial=stats.reused, desc=f"{stats.stage:>9}", unit="item",
-                  dynamic_ncols=True, leave=True) as bar:
-            while pending or in_flight:
-                self._rebalance(min(res["actors"], len(pending) + len(in_flight)), load, recovering)
-                ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining
-                         and a not in self.background]
-                while pending and ready and min(load[a] for a in ready) < res["max_in_flight"]:
-                    actor = min(ready, key=lambda a: load[a])
-                    index = pending.popleft()
-                    in_flight[self.actors[actor].run.remote(stage, items[index])] = (index, actor)
-                    load[actor] += 1
-                waiting = list(in_flight) + list(recovering)
-                running = {job.ref: job for job in self.background.values() if job.ended is None}
-                # An actor still waiting for room joins as soon as Ray places it; a pool sharing a room
-                # looks up every second (Ctrl-C, room given back by another sweep).
-                if self.placing or not waiting:
-                    finished = self._await_placement(waiting + list(running))
-                else:
-                    finished, _ = ray.wait(waiting + list(running), num_returns=1,
-                                           timeout=None if self.room is None else 1.0)
-                if not finished:
-                    continue
-                ref = finished[0]
-                if ref in running:  # a background item's result is in: its time ends here (read by `finish`)
-                    running[ref].ended = time.perf_counter()
-                    continue
-                if ref in recovering:
-                    self._recovered(recovering, ref)
-                    continue
-                index, actor = in_flight.pop(ref)
-                load[actor] -= 1
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    attempts[index] += 1
-                    if attempts[index] > res["max_retries"]:
-                        raise WorkFailed(f"{stats.stage} item {items[index].get('name', index)} failed "
-                                         f"{attempts[index]} times, last: {_first_line(err)}") from None
-                    stats.retried += 1
-                    pending.appendleft(index)
-                    if actor not in recovering.values():
-                        recovering[self.actors[actor].ping.remote()] = actor
-                    continue
-                except ray.exceptions.RayTaskError as err:
-                    raise _user_error(err) from None
-                results[index] = result
-                stats.computed += 1
-                if on_result is not None:
-                    on_result(items[index], result)
-                bar.update()
+        with tqdm(total=len(items) + batch.stats.reused, initial=batch.stats.reused, desc=f"{batch.stats.stage:>9}",
+                  unit="item", dynamic_ncols=True, leave=True) as bar:
+            while batch.pending or batch.in_flight:
+                self._rebalance(min(self.cfg.resources.actors, len(batch.pending) + len(batch.in_flight)), load,
+                                recovering)
+                self._dispatch(batch, load, recovering)
+                for ref in self._wait(batch, recovering):
+                    if self._settle(ref, batch, load, recovering):
+                        bar.update()
         # Between stages the sweep keeps one actor (its model loaded); the others may go to another sweep.
         self._rebalance(1, load, recovering)
-        return results
+        return batch.results
+
+    def _dispatch(self, batch: _Batch, load: list[int], recovering: dict) -> None:
+        """Queued items to the least loaded actors that take work, up to resources.max_in_flight each."""
+        ready = [a for a in sorted(self.placed) if a not in recovering.values() and a not in self.draining
+                 and a not in self.background]
+        while batch.pending and ready and min(load[a] for a in ready) < self.cfg.resources.max_in_flight:
+            actor = min(ready, key=lambda a: load[a])
+            index = batch.pending.popleft()
+            batch.in_flight[self.actors[actor].run.remote(batch.compute, batch.items[index])] = (index, actor)
+            load[actor] += 1
+
+    def _wait(self, batch: _Batch, recovering: dict) -> list:
+        """Until an item, a restarting actor's ping or a background item is done (at most one of them):
+        while an actor waits for placement, it joins as soon as Ray places it; a pool sharing a room looks
+        up every second (Ctrl-C, room given back by another sweep)."""
+        waiting = list(batch.in_flight) + list(recovering)
+        running = [job.ref for job in self.background.values() if job.ended is None]
+        if self.placing or not waiting:
+            return self._await_placement(waiting + running)
+        done, _ = ray.wait(waiting + running, num_returns=1, timeout=None if self.room is None else 1.0)
+        return done
+
+    def _settle(self, ref, batch: _Batch, load: list[int], recovering: dict) -> bool:
+        """What a finished ref means: a background item's end (its time stops here; `finish` reads it), a
+        restarted actor back in service, or one of the batch's items done (True) or lost with its actor."""
+        background = {job.ref: job for job in self.background.values()}
+        if ref in background:
+            background[ref].ended = time.perf_counter()
+            return False
+        if ref in recovering:
+            self._recovered(recovering, ref)
+            return False
+        index, actor = batch.in_flight.pop(ref)
+        load[actor] -= 1
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            self._resubmit(batch, index, actor, err, recovering)
+            return False
+        except ray.exceptions.RayTaskError as err:
+            raise _user_error(err) from None
+        batch.done(index, result)
+        return True
+
+    def _resubmit(self, batch: _Batch, index: int, actor: int, err: BaseException, recovering: dict) -> None:
+        """An item whose actor died goes back to the front of the queue, at most resources.max_retries
+        times; its actor takes work again once a ping says Ray has restarted it."""
+        batch.attempts[index] += 1
+        if batch.attempts[index] > self.cfg.resources.max_retries:
+            name = getattr(batch.items[index], "name", index)
+            raise WorkFailed(f"{batch.stats.stage} item {name} failed {batch.attempts[index]} times, last: "
+                             f"{_first_line(err)}") from None
+        batch.stats.retried += 1
+        batch.pending.appendleft(index)
+        if actor not in recovering.values():
+            recovering[self.actors[actor].ping.remote()] = actor
 
     def _recovered(self, recovering: dict, ping) -> None:
         """A restarting actor answered its ping (back in service), or is still coming up (ping again)."""

@@ -1,23 +1,14 @@
-"""The stages of a sweep, one module each, registered in one table.
+"""The stages of a sweep, one module each, every one owning its cycle:
 
-A stage is a plain callable `(model, tokenizer, item) -> paths`: it reads its inputs from files named in
-the work item (a small dict of paths, row indices and options), computes, and publishes its outputs
-atomically, returning their paths. The model is loaded once per Ray actor (pipeline.run.workers) and
-passed in; stages know nothing of Ray, MLflow or Hydra, and the checksums and manifests are the
-runner's business.
+- a frozen dataclass for its work item (paths, row indices and its part of the typed config: no tensors,
+  so an item travels through Ray as a few hundred bytes);
+- `plan(...)`: its items, from the previous stage's files and the config, each named by a content key;
+- `run(model, tokenizer, item) -> paths`: the compute on a model actor, publishing its outputs atomically;
+- `collect(...)` where the driver makes something of the outputs (pairs: the screened batches ->
+  pairs.parquet).
+
+pairs -> cache -> patch -> summary, with circuit beside cache/patch/summary and direction after (the
+graph: pipeline.run.sweep). `shards` plans the pair shards that cache and patch work on. Stages know
+nothing of Ray, MLflow or Hydra; the model is loaded once per actor and passed in, and the checksums and
+manifests are the runner's business.
 """
-from __future__ import annotations
-
-from pipeline.stages import cache, circuit, direction, pairs, patch, summary
-
-STAGES = {
-    "pairs": pairs.run,  # the prompt pairs, tokenized, repeats dropped -> pairs/tokens/<key>.arrow
-    "replies": pairs.replies,  # one batch of pairs' greedy replies -> pairs/replies/<key>.arrow
-    "answers": pairs.answers,  # the answer tokens from every batch's replies -> pairs/answers/<key>.json
-    "screen": pairs.screen,  # one batch of pairs screened -> pairs/screen/<key>.arrow (the driver: pairs.parquet)
-    "cache": cache.run,  # one pair shard's clean and corrupted residuals -> activations/<key>.arrow
-    "patch": patch.run,  # one (pair shard, component, direction) -> effects/<key>.arrow
-    "summary": summary.run,  # effect shards -> effects.parquet, summary.parquet
-    "circuit": circuit.run,  # the circuit search -> circuit.json
-    "direction": direction.run,  # the refusal direction (opt-in) -> direction.arrow
-}

@@ -13,6 +13,7 @@ Arrow IPC, so readers memory-map them (`store.read_table`); `residuals(table)` v
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ import pyarrow.compute as pc
 from pipeline.analysis.pairs import pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.hooks import run_with_cache
-from pipeline.store import tensor_column, tensor_numpy, write_table
+from pipeline.stages.shards import PairShard
+from pipeline.store import PRODUCER, content_key, tensor_column, tensor_numpy, write_table
 
 PROMPTS = ("clean", "corrupted")
 
@@ -58,9 +60,30 @@ def residuals(table: pa.Table, prompt: str = "clean") -> tuple[np.ndarray, np.nd
     return values[:, :-1].reshape(n_pairs, (block - 1) // seq_len, seq_len, -1), values[:, -1]
 
 
-def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: pairs, rows, out, provenance."""
-    batch = pair_batch(item["pairs"], item["rows"])
+@dataclass(frozen=True)
+class CacheItem:
+    """One pair shard's forward passes."""
+
+    pairs: str  # pairs.parquet
+    rows: tuple[int, ...]  # its rows
+    out: str  # activations/<content key>.arrow
+    provenance: dict
+
+    @property
+    def name(self) -> str:
+        return f"cache {Path(self.out).stem}"
+
+
+def plan(run_dir: Path, shards: list[PairShard], weights_hash: str, provenance: dict) -> list[CacheItem]:
+    """An item per pair shard, named by the model's weights and the shard's content."""
+    folder = run_dir / "activations"
+    return [CacheItem(str(run_dir / "pairs.parquet"), shard.rows,
+                      str(folder / f"{content_key('cache', PRODUCER, weights_hash, shard.key)}.arrow"), provenance)
+            for shard in shards]
+
+
+def run(model, tokenizer, item: CacheItem) -> list[Path]:
+    batch = pair_batch(item.pairs, list(item.rows))
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     parts = []
@@ -69,5 +92,5 @@ def run(model, tokenizer, item: dict) -> list[Path]:
         columns = activation_rows(np.asarray(batch["pair_id"]), prompt, cache.acts["resid_pre"].float().cpu().numpy(),
                                   cache.final_resid.float().cpu().numpy())
         parts.append(pa.table({**columns, "resid": tensor_column(columns["resid"])}))
-    meta = {**item["provenance"], "n_layers": adapter.n_layers, "d_model": adapter.d_model}
-    return [write_table(item["out"], pa.concat_tables(parts).combine_chunks(), meta)]
+    meta = {**item.provenance, "n_layers": adapter.n_layers, "d_model": adapter.d_model}
+    return [write_table(item.out, pa.concat_tables(parts).combine_chunks(), meta)]

@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,25 +17,45 @@ from tqdm import tqdm
 from pipeline.analysis.circuit.method import find_circuit
 from pipeline.analysis.circuit.progress import Progress
 from pipeline.analysis.knockout import knockout_by_generation
-from pipeline.config import CircuitConfig, SummaryConfig
-from pipeline.store import publish_json, read_table
+from pipeline.schema import CircuitConfig, PatchsweepConfig, SummaryConfig
+from pipeline.store import PRODUCER, content_key, publish_json, read_table
 
 PROGRESS = "circuit.progress.json"
 
 
-def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: run_dir, circuit and summary (their configs), metric, model (its name), max_new_tokens (the
-    screen's reply length: the knock-out's too), provenance."""
-    run_dir = Path(item["run_dir"])
-    summary = SummaryConfig(**item["summary"])
+@dataclass(frozen=True)
+class CircuitItem:
+    """The circuit search over the run's screened pairs -> circuit.json."""
+
+    run_dir: str
+    model: str  # the model's label
+    circuit: CircuitConfig
+    summary: SummaryConfig  # its intervals
+    metric: str
+    max_new_tokens: int  # the screen's reply length: the knock-out's too
+    provenance: dict
+    key: str  # content key of circuit.json: the weights, the pairs and every option above
+
+    name = "circuit"
+
+
+def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, provenance: dict) -> CircuitItem:
+    key = content_key("circuit", PRODUCER, weights_hash, provenance["pairs_hash"], asdict(cfg.circuit),
+                      asdict(cfg.summary), cfg.patching.metric, cfg.prompts.max_new_tokens)
+    return CircuitItem(str(run_dir), cfg.model.name, cfg.circuit, cfg.summary, cfg.patching.metric,
+                       cfg.prompts.max_new_tokens, provenance, key)
+
+
+def run(model, tokenizer, item: CircuitItem) -> list[Path]:
+    run_dir = Path(item.run_dir)
     progress = Progress(lambda state: publish_json(run_dir / PROGRESS, state))
-    result = find_circuit(model, read_table(run_dir / "pairs.parquet"), CircuitConfig(**item["circuit"]), summary,
-                          item["metric"], item["model"], progress)
+    result = find_circuit(model, read_table(run_dir / "pairs.parquet"), item.circuit, item.summary, item.metric,
+                          item.model, progress)
     # The harmful prompts' replies as they are: the behaviour screen's, when it generated them (as long).
     screened = result.setup.pairs.column("clean_generation")
     knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit,
-                                      item["max_new_tokens"], plain=None if screened.null_count else screened.to_pylist())
-    circuit = result.to_json() | {"provenance": item["provenance"], "knockout_generation": knockout}
+                                      item.max_new_tokens, plain=None if screened.null_count else screened.to_pylist())
+    circuit = result.to_json() | {"provenance": item.provenance, "knockout_generation": knockout}
     path = run_dir / "circuit.json"
     publish_json(path, circuit)
     return [path]

@@ -5,6 +5,7 @@ cross-entropy change on the shipped general text) under ablation and under addit
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +14,37 @@ import torch
 
 from pipeline.analysis.directions import SUMMARY_KEY, intervention_cost, select_direction
 from pipeline.engine.directions import INTERVENTIONS, Intervention
-from pipeline.store import read_table, tensor_numpy, write_table
+from pipeline.schema import DirectionConfig
+from pipeline.store import PRODUCER, content_key, read_table, tensor_numpy, write_table
 
 
-def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: pairs, out, options (the direction config), provenance."""
-    options = item["options"]
-    pairs = read_table(item["pairs"])
-    return [write_table(item["out"], *_selection(model, tokenizer, pairs, options, item["provenance"]))]
+@dataclass(frozen=True)
+class DirectionItem:
+    """The refusal direction over the run's screened pairs -> direction.arrow."""
+
+    pairs: str  # pairs.parquet
+    options: DirectionConfig
+    out: str
+    provenance: dict
+    key: str  # content key of direction.arrow: the weights, the pairs and the options
+
+    name = "direction"
 
 
-def _selection(model, tokenizer, pairs, options: dict, provenance: dict):
+def plan(run_dir: Path, options: DirectionConfig, weights_hash: str, provenance: dict) -> DirectionItem:
+    key = content_key("direction", PRODUCER, weights_hash, provenance["pairs_hash"], asdict(options))
+    return DirectionItem(str(run_dir / "pairs.parquet"), options, str(run_dir / "direction.arrow"), provenance, key)
+
+
+def run(model, tokenizer, item: DirectionItem) -> list[Path]:
+    pairs = read_table(item.pairs)
+    return [write_table(item.out, *_selection(model, tokenizer, pairs, item.options, item.provenance))]
+
+
+def _selection(model, tokenizer, pairs, options: DirectionConfig, provenance: dict):
     """(direction.arrow's table, its metadata)."""
-    selection = select_direction(model, pairs, options["max_kl"], options["max_layer_fraction"], options["seed"],
-                                 options["max_batch_rows"])
+    selection = select_direction(model, pairs, options.max_kl, options.max_layer_fraction, options.seed,
+                                 options.max_batch_rows)
     summary = selection.summary
     chosen = summary["chosen"]
     if chosen is not None:

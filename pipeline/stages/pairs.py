@@ -1,44 +1,106 @@
-"""Prompt pairs for the model: sourced (the user's file, refusal-tiny's grammar or the instruction library),
-length-checked under its tokenizer and chat template, screened by its behaviour, in batches of pairs that
-the driver puts together into pairs.parquet (the contract is in pipeline.analysis.pairs).
+"""The pairs stage: prompt pairs for the model, sourced (the user's file, refusal-tiny's grammar or the
+instruction library), length-checked under its tokenizer and chat template, screened by its behaviour
+-> pairs.parquet (the contract is in pipeline.analysis.pairs).
 
-The screen's phases (pipeline.analysis.pairs) are four stages here, each writing small Arrow/JSON files
-under the run folder's `pairs/` that the next one reads:
+The screen runs in four phases, each a kind of work item writing small Arrow/JSON files under the run
+folder's `pairs/` that the next phase reads, so only a batch's pairs are in an actor's memory at a time
+and a resumed run reuses every batch it finished:
 
-- `run` (stage "pairs"): source, tokenize and drop repeated pairs over the whole set -> pairs/tokens/<key>.arrow
+- `tokenize` (TokensItem): source, tokenize and drop repeated pairs over the whole set -> pairs/tokens/<key>.arrow
   (the unique pairs' token ids and spans; how many repeats were dropped in its metadata);
-- `replies`: one batch of pairs' greedy replies, judged -> pairs/replies/<key>.arrow;
-- `answers`: the answer tokens from every batch's replies at once -> pairs/answers/<key>.json;
-- `screen`: one batch's first-token metric and the pairs it keeps -> pairs/screen/<key>.arrow (its
-  `ScreenCounts` in the metadata), which the driver concatenates into pairs.parquet.
+- `reply` (RepliesItem): one batch of resources.pairs_shard_size pairs' greedy replies, judged ->
+  pairs/replies/<key>.arrow;
+- `derive_answers` (AnswersItem): the answer tokens from every batch's replies at once -> pairs/answers/<key>.json;
+- `screen` (ScreenItem): one batch's first-token metric and the pairs it keeps -> pairs/screen/<key>.arrow
+  (its `ScreenCounts` in the metadata).
+
+`screen_pairs` runs the phases in order through whoever runs items (the sweep's actors, or this process:
+`run_in_process`, for a notebook or a test); `collect` puts the screened batches together into
+pairs.parquet with its report.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
 from pipeline.analysis.behaviour import AnswerTokens
 from pipeline.analysis.pairs import (InstructionPair, Replies, ScreenCounts, TokenizedPair, answers_from_replies,
-                                     check_answer_source, pair_replies, screen_batch, source_pairs, tokenize_pairs,
-                                     unique_pairs)
-from pipeline.store import provenance, publish_json, read_schema, read_table, write_table
+                                     check_answer_source, pair_replies, pairs_report, screen_batch, source_pairs,
+                                     tokenize_pairs, unique_pairs, with_report)
+from pipeline.schema import PromptsConfig, ResourcesConfig
+from pipeline.store import (PRODUCER, content_key, provenance, publish_json, read_schema, read_table, sha256_file,
+                            with_columns, write_table)
 
 IDS = pa.list_(pa.int32())
 
 
-def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: model_path, prompts (the prompts config), out, provenance. The whole set is tokenized here,
-    so that a pair repeated in two batches still counts once."""
-    prompts = item["prompts"]
-    pairs = source_pairs(item["model_path"], tokenizer, path=prompts["path"], n=prompts["n_pairs"],
-                         seed=prompts["seed"], split=prompts["split"])
-    tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, pairs, prompts["align"]))
-    check_answer_source(prompts["generate"], prompts["refusal_tokens"], prompts["compliance_tokens"])
-    return [write_table(item["out"], tokens_table(tokenized),
-                        {**item["provenance"], "n_duplicates": str(n_duplicates)})]
+@dataclass(frozen=True)
+class TokensItem:
+    """The whole set, tokenized at once so that a pair repeated in two batches still counts once."""
+
+    model_path: str  # the model's path as configured (which generator supplies its pairs)
+    prompts: PromptsConfig
+    out: str
+    provenance: dict
+
+    name = "pairs"
+
+
+@dataclass(frozen=True)
+class RepliesItem:
+    """One batch's greedy replies: rows [start, stop) of the tokens file."""
+
+    tokens: str
+    start: int
+    stop: int
+    max_new_tokens: int
+    out: str
+    provenance: dict
+
+    @property
+    def name(self) -> str:
+        return f"replies {self.start}-{self.stop}"
+
+
+@dataclass(frozen=True)
+class AnswersItem:
+    """The answer tokens, from every batch's replies (in pair order; none when generation is off)."""
+
+    replies: tuple[str, ...]
+    prompts: PromptsConfig
+    out: str
+
+    name = "answers"
+
+
+@dataclass(frozen=True)
+class ScreenItem:
+    """One batch screened under the answer tokens."""
+
+    tokens: str
+    start: int
+    stop: int
+    replies: str | None  # this batch's replies file; None when generation is off
+    answers: str  # the answers file
+    out: str
+    provenance: dict
+
+    @property
+    def name(self) -> str:
+        return f"screen {self.start}-{self.stop}"
+
+
+def tokenize(model, tokenizer, item: TokensItem) -> list[Path]:
+    prompts = item.prompts
+    pairs = source_pairs(item.model_path, tokenizer, path=prompts.path, n=prompts.n_pairs, seed=prompts.seed,
+                         split=prompts.split)
+    tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, pairs, prompts.align))
+    check_answer_source(prompts.generate, prompts.refusal_tokens, prompts.compliance_tokens)
+    return [write_table(item.out, tokens_table(tokenized), {**item.provenance, "n_duplicates": str(n_duplicates)})]
 
 
 def tokens_table(tokenized: list[TokenizedPair]) -> pa.Table:
@@ -68,13 +130,11 @@ def n_duplicates(tokens_path: str | Path) -> int:
     return int(provenance(read_schema(tokens_path))["n_duplicates"])
 
 
-def replies(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: tokens (the tokens file), start, stop (its rows), max_new_tokens, out, provenance."""
-    batch = pair_replies(model, tokenizer, read_tokens(item["tokens"], item["start"], item["stop"]),
-                         item["max_new_tokens"])
+def reply(model, tokenizer, item: RepliesItem) -> list[Path]:
+    batch = pair_replies(model, tokenizer, read_tokens(item.tokens, item.start, item.stop), item.max_new_tokens)
     table = pa.table({"text": pa.array(batch.texts, pa.string()), "refused": pa.array(batch.refused, pa.bool_()),
                       "first_token": pa.array(batch.first_tokens, pa.int32())})
-    return [write_table(item["out"], table, item["provenance"])]
+    return [write_table(item.out, table, item.provenance)]
 
 
 def read_replies(path: str | Path) -> Replies:
@@ -82,14 +142,12 @@ def read_replies(path: str | Path) -> Replies:
     return Replies(*(table.column(c).to_pylist() for c in ("text", "refused", "first_token")))
 
 
-def answers(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: replies (every batch's replies file, in pair order), prompts, out."""
-    prompts = item["prompts"]
-    answer_tokens = answers_from_replies(tokenizer, [read_replies(p) for p in item["replies"]],
-                                         prompts["refusal_tokens"], prompts["compliance_tokens"],
-                                         prompts["answer_top_k"])
-    publish_json(item["out"], answer_tokens.to_dict(tokenizer))
-    return [Path(item["out"])]
+def derive_answers(model, tokenizer, item: AnswersItem) -> list[Path]:
+    prompts = item.prompts
+    answer_tokens = answers_from_replies(tokenizer, [read_replies(p) for p in item.replies], prompts.refusal_tokens,
+                                         prompts.compliance_tokens, prompts.answer_top_k)
+    publish_json(item.out, answer_tokens.to_dict(tokenizer))
+    return [Path(item.out)]
 
 
 def read_answers(path: str | Path) -> dict:
@@ -97,18 +155,85 @@ def read_answers(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def screen(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: tokens, start, stop, replies (this batch's replies file, None when generation is off), answers
-    (the answers file), out, provenance."""
-    saved = read_answers(item["answers"])
+def screen(model, tokenizer, item: ScreenItem) -> list[Path]:
+    saved = read_answers(item.answers)
     answer_tokens = AnswerTokens(tuple(saved["refusal_ids"]), tuple(saved["compliance_ids"]), saved["answer_source"])
-    batch = read_tokens(item["tokens"], item["start"], item["stop"])
-    screened = screen_batch(model, batch, read_replies(item["replies"]) if item["replies"] else None, answer_tokens)
+    batch = read_tokens(item.tokens, item.start, item.stop)
+    screened = screen_batch(model, batch, read_replies(item.replies) if item.replies else None, answer_tokens)
     # The clean prompt's tokens as strings: labels for positions in heatmaps and diagrams.
     labels = [tokenizer.convert_ids_to_tokens(ids) for ids in screened.table.column("clean_ids").to_pylist()]
     table = screened.table.append_column("clean_tokens", pa.array(labels, pa.list_(pa.string())))
-    return [write_table(item["out"], table, {**item["provenance"], "counts": json.dumps(asdict(screened.counts))})]
+    return [write_table(item.out, table, {**item.provenance, "counts": json.dumps(asdict(screened.counts))})]
 
 
 def read_counts(path: str | Path) -> ScreenCounts:
     return ScreenCounts(**json.loads(provenance(read_schema(path))["counts"]))
+
+
+# ---- the phases in order, and what the driver makes of them -------------------------------------------
+
+# Runs a phase's items: (phase, its folder, the compute function, items) -> each item's output, in item order.
+RunItems = Callable[[str, Path, Callable, list], "list[Path]"]
+
+
+def content_key_of(model_path: str, prompts: PromptsConfig, weights_hash: str) -> str:
+    """The key pairs.parquet is recorded under: the model as loaded and everything that chooses the pairs
+    (a user's prompt file by its content: an edited file gives new pairs, never the old ones)."""
+    prompts_file = sha256_file(prompts.path) if prompts.path else None
+    return content_key("pairs", PRODUCER, weights_hash, model_path, asdict(prompts), prompts_file)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The files the phases left, which `collect` puts together."""
+
+    tokens: Path
+    answers: Path
+    batches: list[Path]  # each batch's screened pairs, in pair order
+
+
+def screen_pairs(run_items: RunItems, folder: Path, key: str, model_path: str, prompts: PromptsConfig,
+                 batch_size: int, provenance: dict) -> Screened:
+    """The phases in order under `folder` (the run folder's pairs/), every file named by a content key
+    derived from `key`: the set tokenized once, then batches of `batch_size` pairs replied to, the answer
+    tokens derived once from every batch's replies, and the batches screened."""
+    [tokens] = run_items("pairs", folder / "tokens", tokenize, [
+        TokensItem(model_path, prompts, str(folder / "tokens" / f"{key}.arrow"), provenance)])
+    n = read_table(tokens).num_rows
+    batches = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    replies = run_items("replies", folder / "replies", reply, [
+        RepliesItem(str(tokens), start, stop, prompts.max_new_tokens, str(
+            folder / "replies" / f"{content_key('replies', key, start, stop)}.arrow"), provenance)
+        for start, stop in batches] if prompts.generate else [])
+    answers_key = content_key("answers", key, [path.name for path in replies])
+    [answers] = run_items("answers", folder / "answers", derive_answers, [
+        AnswersItem(tuple(str(path) for path in replies), prompts, str(folder / "answers" / f"{answers_key}.json"))])
+    screened = run_items("screen", folder / "screen", screen, [
+        ScreenItem(str(tokens), start, stop, str(replies[i]) if replies else None, str(answers), str(
+            folder / "screen" / f"{content_key('screen', answers_key, start, stop)}.arrow"), provenance)
+        for i, (start, stop) in enumerate(batches)])
+    return Screened(Path(tokens), Path(answers), list(screened))
+
+
+def collect(screened: Screened, prompts: PromptsConfig, out: Path, run: dict, provenance: dict) -> tuple[Path, dict]:
+    """The screened batches' kept pairs -> `out` (pairs.parquet) with the run's own columns and the pairs
+    report over the whole set (raises when no pair survived); returns the file and the report."""
+    counts = sum((read_counts(path) for path in screened.batches), ScreenCounts())
+    report = pairs_report(counts, n_duplicates(screened.tokens), prompts.align, prompts.generate,
+                          read_answers(screened.answers))
+    kept = pa.concat_tables([read_table(path).replace_schema_metadata(None) for path in screened.batches])
+    return write_table(out, with_columns(with_report(kept, report), run),
+                       {**provenance, "pairs_report": json.dumps(report)}), report
+
+
+def run_in_process(model, tokenizer, model_path: str, prompts: PromptsConfig, folder: Path,
+                   batch_size: int = ResourcesConfig.pairs_shard_size) -> tuple[pa.Table, dict]:
+    """The whole stage in this process (a notebook, a test), each item run as an actor runs it, into
+    `folder`: pairs.parquet's table (without the run's own columns) and its report."""
+    def run_items(phase: str, phase_folder: Path, compute: Callable, items: list) -> list[Path]:
+        return [path for item in items for path in compute(model, tokenizer, item)]
+
+    key = content_key_of(model_path, prompts, "in-process")
+    screened = screen_pairs(run_items, Path(folder) / "pairs", key, model_path, prompts, batch_size, {})
+    path, report = collect(screened, prompts, Path(folder) / "pairs.parquet", {}, {})
+    return read_table(path), report

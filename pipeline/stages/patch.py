@@ -8,6 +8,7 @@ concatenates the shards into effects.parquet, with the run's own columns (run_id
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +16,9 @@ import pyarrow as pa
 from pipeline.analysis.pairs import pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
-from pipeline.store import write_table
+from pipeline.schema import PatchingConfig
+from pipeline.stages.shards import PairShard, bucket_shards
+from pipeline.store import PRODUCER, content_key, write_table
 
 EFFECT_SHARD_SCHEMA = pa.schema([
     ("model", pa.string()), ("pair_id", pa.int32()), ("direction", pa.string()), ("component", pa.string()),
@@ -25,18 +28,63 @@ EFFECT_SHARD_SCHEMA = pa.schema([
 ])
 
 
-def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: pairs, shards (row lists, each of one token length), out, model, component, per_position,
-    direction, layers, heads, metric, batch_size, provenance. One engine sweep per shard, one effects file."""
-    adapter = get_adapter(model)
+@dataclass(frozen=True)
+class Patches:
+    """Which patches an item runs and how they are measured (with the pairs, what names its effect shard)."""
+
+    component: str
+    direction: str
+    metric: str
+    per_position: bool  # every position on its own, or all at once
+    layers: list[int] | None  # None = every layer
+    heads: list[int] | None  # None = every head (only for component "head")
+
+
+@dataclass(frozen=True)
+class PatchItem:
+    """A bucket of pair shards patched one way -> effects/<content key>.arrow."""
+
+    pairs: str  # pairs.parquet
+    shards: tuple[tuple[int, ...], ...]  # each shard's rows (one token length each)
+    patches: Patches
+    model: str  # the model's label, written into every row
+    batch_size: int | None  # patch rows per forward pass; None = chosen from free memory
+    out: str
+    provenance: dict
+
+    @property
+    def name(self) -> str:
+        return f"patch {self.patches.component} {self.patches.direction} {Path(self.out).stem}"
+
+
+def plan(run_dir: Path, shards: list[PairShard], patching: PatchingConfig, shard_size: int, model: str,
+         weights_hash: str, provenance: dict) -> list[PatchItem]:
+    """An item per (bucket of at most shard_size pairs, component, direction), named by the weights, the
+    shards' content and the patches."""
+    items = []
+    for bucket in bucket_shards(shards, shard_size):
+        for component in patching.components:
+            for direction in patching.directions:
+                patches = Patches(component, direction, patching.metric, component in patching.per_position,
+                                  patching.layers, patching.heads if component == "head" else None)
+                key = content_key("patch", PRODUCER, weights_hash, [shard.key for shard in bucket], asdict(patches))
+                items.append(PatchItem(str(run_dir / "pairs.parquet"), tuple(shard.rows for shard in bucket), patches,
+                                       model, patching.batch_size, str(run_dir / "effects" / f"{key}.arrow"),
+                                       provenance))
+    return items
+
+
+def run(model, tokenizer, item: PatchItem) -> list[Path]:
+    """One engine sweep per shard, one effects file."""
+    adapter, patches = get_adapter(model), item.patches
     tables = []
-    for rows in item["shards"]:
-        batch = pair_batch(item["pairs"], rows)
+    for rows in item.shards:
+        batch = pair_batch(item.pairs, list(rows))
         seq_len = batch["clean_ids"].shape[1]
-        variants = variants_for(adapter, item["component"], seq_len, per_position=item["per_position"],
-                                layers=item["layers"], heads=item["heads"])
+        variants = variants_for(adapter, patches.component, seq_len, per_position=patches.per_position,
+                                layers=patches.layers, heads=patches.heads)
         result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
-                       direction=item["direction"], metric=item["metric"], max_batch_rows=item["batch_size"],
+                       direction=patches.direction, metric=patches.metric, max_batch_rows=item.batch_size,
                        align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
-        tables.append(pa.table(result.to_columns(batch["pair_id"], item["model"]), schema=EFFECT_SHARD_SCHEMA))
-    return [write_table(item["out"], pa.concat_tables(tables), item["provenance"])]
+        tables.append(pa.table(result.to_columns(batch["pair_id"], item.model), schema=EFFECT_SHARD_SCHEMA))
+    return [write_table(item.out, pa.concat_tables(tables), item.provenance)]

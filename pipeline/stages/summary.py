@@ -3,6 +3,7 @@ mean normalised effect over pairs with its bootstrap confidence interval (pipeli
 Both start with the run's own columns (run_id, config_hash, model)."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,10 @@ import pyarrow as pa
 
 from pipeline.analysis.positions import position_tokens
 from pipeline.analysis.statistics import read_effects, site_breakdown, summarise
-from pipeline.store import publish_json, read_table, with_columns, write_table
+from pipeline.schema import SummaryConfig
+from pipeline.store import PRODUCER, content_key, publish_json, read_table, with_columns, write_table
+
+OUTPUTS = ("effects.parquet", "summary.parquet", "sites.json")
 
 SUMMARY_SCHEMA = pa.schema([
     ("model", pa.string()), ("direction", pa.string()), ("component", pa.string()),
@@ -31,18 +35,36 @@ def summary_table(summary: pd.DataFrame, seq_lens: set[int]) -> pa.Table:
     return pa.Table.from_pandas(frame, schema=SUMMARY_SCHEMA, preserve_index=False).replace_schema_metadata(None)
 
 
-def run(model, tokenizer, item: dict) -> list[Path]:
-    """`item`: shards (effect shard paths), pairs, effects, summary and sites (the outputs), options (the
-    summary config), run (the run's own columns), provenance. The model is not used: the summary is
-    arithmetic over pairs."""
-    effects = pa.concat_tables([read_table(p) for p in item["shards"]]).replace_schema_metadata(None)
-    effects_path = write_table(item["effects"], with_columns(effects, item["run"]), item["provenance"])
-    options = item["options"]
-    pairs = read_table(item["pairs"])
+@dataclass(frozen=True)
+class SummaryItem:
+    """Every effect shard -> the run folder's OUTPUTS (one item: the summary is arithmetic over pairs)."""
+
+    shards: tuple[str, ...]  # effect shards, in plan order
+    run_dir: str
+    options: SummaryConfig
+    run: dict  # the run's own columns
+    provenance: dict
+    key: str  # content key of its outputs: the shards and the options
+
+    name = "summary"
+
+
+def plan(run_dir: Path, effect_shards: list[Path], options: SummaryConfig, run: dict, provenance: dict) -> SummaryItem:
+    key = content_key("summary", PRODUCER, [p.name for p in effect_shards], asdict(options))
+    return SummaryItem(tuple(str(p) for p in effect_shards), str(run_dir), options, run, provenance, key)
+
+
+def run(model, tokenizer, item: SummaryItem) -> list[Path]:
+    """The model is not used."""
+    folder = Path(item.run_dir)
+    effects = pa.concat_tables([read_table(p) for p in item.shards]).replace_schema_metadata(None)
+    effects_path = write_table(folder / "effects.parquet", with_columns(effects, item.run), item.provenance)
+    options = item.options
+    pairs = read_table(folder / "pairs.parquet")
     effects = read_effects(effects_path)
-    summary = summarise(effects, options["n_bootstrap"], options["ci"], options["seed"], position_tokens(pairs))
-    meta = {**item["provenance"], "n_bootstrap": options["n_bootstrap"], "ci": options["ci"]}
-    table = with_columns(summary_table(summary, set(pairs.column("seq_len").to_pylist())), item["run"])
-    publish_json(item["sites"], {"provenance": item["provenance"],
-                                 "sites": site_breakdown(effects, pairs, options["top_k"])})
-    return [effects_path, write_table(item["summary"], table, meta), Path(item["sites"])]
+    summary = summarise(effects, options.n_bootstrap, options.ci, options.seed, position_tokens(pairs))
+    meta = {**item.provenance, "n_bootstrap": options.n_bootstrap, "ci": options.ci}
+    table = with_columns(summary_table(summary, set(pairs.column("seq_len").to_pylist())), item.run)
+    publish_json(folder / "sites.json", {"provenance": item.provenance,
+                                         "sites": site_breakdown(effects, pairs, options.top_k)})
+    return [effects_path, write_table(folder / "summary.parquet", table, meta), folder / "sites.json"]

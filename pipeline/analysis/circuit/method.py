@@ -44,7 +44,7 @@ from pipeline.analysis.circuit.result import (CircuitResult, Controls, Edges, Fa
                                               Search, Setup, Stability, Supernodes, node_id, supernode_id)
 from pipeline.analysis.positions import PairGroup, group_pairs, position_classes, select_pairs
 from pipeline.analysis.statistics import bootstrap_mean_ci, bootstrap_ratio_ci
-from pipeline.config import CircuitConfig, SummaryConfig
+from pipeline.schema import CircuitConfig, SummaryConfig
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.attribution import attribution_patching
 from pipeline.engine.circuits import (HEAD, Nodes, check_path_patching, faithfulness, group_path_patch,

@@ -1,0 +1,132 @@
+"""The run folder on the driver's side: one sweep at a time holds it (`folder_lock`), the config that marks
+it as one experiment's (`write_config`), the run columns of reused tables brought up to date
+(`stamp_run_tables`), and a finished sweep read back from it (`finished_run`, what `patchsweep log` logs).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+
+from pipeline.analysis.circuit.result import read_circuit
+from pipeline.analysis.statistics import layer_curves, read_summary
+from pipeline.run.runner import Sweep, SweepOutcome
+from pipeline.run.workers import notice
+from pipeline.schema import PatchsweepConfig, from_plain, to_plain
+from pipeline.store import (MANIFEST, Manifest, file_entry, provenance, publish_bytes, read_schema, read_table,
+                            with_columns, write_table)
+
+# The tables whose rows say which run and config they belong to (RUN_COLUMNS first).
+RUN_TABLES = ("pairs.parquet", "effects.parquet", "summary.parquet")
+RUN_COLUMNS = ("run_id", "config_hash", "model")
+
+
+class FolderBusy(RuntimeError):
+    """Another sweep holds the output folder's lock; the message names it."""
+
+
+LOCK_FILE = ".patchsweep.lock"
+
+
+@contextmanager
+def folder_lock(run_dir: Path):
+    """Hold `run_dir` for one sweep: a second sweep into the same folder is refused, naming the holder.
+
+    The lock is an flock on `run_dir/.patchsweep.lock`, which records the holder's pid, host and start
+    time. The kernel drops an flock when its process dies, however it dies, so the lock of a dead sweep
+    is taken over by the next one (and said so); the file is removed when the sweep ends. Folders the
+    lock had to create are removed again if the sweep left them empty."""
+    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FolderBusy(f"output folder {run_dir} is in use by another sweep ({holder or 'holder unknown'}): "
+                             "wait for it to finish, or set output_dir=<another folder>") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
+    previous = _lock_holder(fd)
+    if previous:
+        notice(f"the sweep that held {run_dir} ({previous}) is no longer running: its lock is taken over and its "
+               "finished work reused")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        for folder in created:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def _lock_holder(fd: int) -> str:
+    """The holder a lock file records, in words ("" when it records none)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (ValueError, TypeError, KeyError):
+        return ""
+
+
+def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
+    """The config and outcome of a finished sweep, read back from its folder (what `patchsweep log`
+    logs): its manifest must be complete and every file it lists intact. Stage times are not kept in
+    the folder's files (report.md lists them), so the outcome has none."""
+    manifest = Manifest(run_dir, "run")
+    if not manifest.complete:
+        raise ValueError(f"{run_dir} is not a finished sweep's folder (no complete {MANIFEST} there): run the sweep "
+                         "to its end first (the same command resumes it)")
+    damaged = [name for name in manifest.files if not manifest.is_valid(name)]
+    if damaged:
+        raise ValueError(f"{run_dir} has files that no longer match its {MANIFEST} ({', '.join(damaged)}): run "
+                         "the sweep again (the same command) to recompute them")
+    cfg = from_plain(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+    pairs_report = json.loads(provenance(read_schema(run_dir / "pairs.parquet"))["pairs_report"])
+    summary = read_summary(run_dir / "summary.parquet")
+    circuit = read_circuit(run_dir / "circuit.json") if "circuit.json" in manifest.files else None
+    lineage = json.loads((run_dir / MANIFEST).read_text())["provenance"]
+    return cfg, SweepOutcome(run_dir, str(summary["run_id"].iloc[0]), {}, lineage, pairs_report, [], summary,
+                             layer_curves(summary), circuit)
+
+
+def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
+    """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation)."""
+    publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))).encode())
+
+
+def stamp_run_tables(sweep: Sweep) -> None:
+    """Tables reused from an earlier run still name that run: rewrite their run columns to this one's
+    (the numbers are the same; the manifest keeps their content key, with the new checksum)."""
+    for name in RUN_TABLES:
+        path = sweep.run_dir / name
+        # The run columns are constant: the first row group's say whose the table is (a finished run's
+        # effects.parquet is not read whole to find out).
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows == 0:
+            continue
+        first = parquet.read_row_group(0, columns=list(RUN_COLUMNS))
+        if all(first.column(c)[0].as_py() == sweep.run[c] for c in RUN_COLUMNS):
+            continue
+        table = read_table(path)
+        write_table(path, with_columns(table, sweep.run), provenance(table))
+        sweep.manifest.record(file_entry(path), key=sweep.manifest.files[name]["key"])

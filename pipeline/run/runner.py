@@ -1,0 +1,123 @@
+"""What the stages of one model's sweep share on the driver, and how their items are run: each item on
+the model actors (pipeline.run.workers) unless its outputs are already finished.
+
+Shard-like items (pairs batches, activation and effect shards) publish one file named by a content key
+and are listed in their folder's manifest; run-folder items (summary, circuit, direction) are recorded in
+the run folder's manifest under the content key the item carries. A re-run reuses every output listed
+under the same key with its bytes intact, and recomputes the rest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import pandas as pd
+
+from pipeline.analysis.circuit.result import Circuit
+from pipeline.analysis.statistics import LayerPoint
+from pipeline.run.workers import StageStats, WorkerPool, timed
+from pipeline.schema import PatchsweepConfig
+from pipeline.store import Manifest
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """What follows a sweep while it runs (pipeline.run.tracking.LiveRun: an MLflow run)."""
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, written into its tables (read once the model is loaded: it may wait for it)."""
+
+    def stage_finished(self, stats: StageStats) -> None:
+        """A stage is done (its time and work counts)."""
+
+
+@dataclass
+class SweepOutcome:
+    run_dir: Path
+    run_id: str
+    model_info: dict
+    provenance: dict
+    pairs_report: dict
+    stats: list[StageStats]
+    summary: pd.DataFrame
+    curves: dict[tuple[str, str], list[LayerPoint]]
+    circuit: Circuit | None
+
+
+@dataclass
+class Sweep:
+    """What the stages of one model's sweep share."""
+
+    cfg: PatchsweepConfig
+    run_dir: Path
+    pool: WorkerPool
+    manifest: Manifest  # the run folder's
+    run: dict = field(default_factory=dict)  # the run's own columns (RUN_COLUMNS) of every table in RUN_TABLES
+    tracker: Tracker | None = None
+    model_info: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    pairs_report: dict = field(default_factory=dict)
+    stats: dict[str, StageStats] = field(default_factory=dict)
+
+    @property
+    def weights_hash(self) -> str:
+        return self.model_info["weights_hash"]
+
+    def stage(self, name: str) -> StageStats:
+        return self.stats.setdefault(name, StageStats(name))
+
+    def finished(self, name: str) -> None:
+        """A stage is done: into run.log, and to the live run's tracking."""
+        stats = self.stage(name)
+        log.info("%s: %d computed, %d reused, %d retried, %.1f s", name, stats.computed, stats.reused, stats.retried,
+                 stats.seconds)
+        if self.tracker is not None:
+            self.tracker.stage_finished(stats)
+
+    def run_once(self, stage: str, compute: Callable, item, outputs: tuple[str, ...]) -> None:
+        """Run one item whose `outputs` (run-folder files) are recorded under its content key `item.key`,
+        unless every one of them is already finished under that key."""
+        with timed(self.stage(stage)) as stats:
+            if all(self.manifest.is_valid(name, item.key) for name in outputs):
+                stats.reused += 1
+                return
+            [files] = self.pool.map(compute, [item], stats=stats)
+            for entry in files:
+                self.manifest.record(entry, key=item.key)
+
+    def run_sharded(self, stage: str, folder: Path, compute: Callable, items: list) -> list[Path]:
+        """Run the items whose content-keyed output `item.out` is not already finished (listed in the
+        folder's manifest, checksum intact); returns every item's output, in item order."""
+        stats = self.stage(stage)
+        manifest = Manifest(folder, stage, {"config_hash": self.provenance["config_hash"]})
+        with timed(stats):
+            todo = []
+            for item in items:
+                if manifest.is_valid(Path(item.out).name):
+                    stats.reused += 1
+                else:
+                    todo.append(item)
+
+            def record(item, files: list[dict]) -> None:
+                for entry in files:
+                    manifest.record(entry)
+
+            self.pool.map(compute, todo, on_result=record, stats=stats)
+            manifest.finish([Path(item.out).name for item in items])
+        return [Path(item.out) for item in items]
+
+    def run_phase(self, stage: str, phase: str, folder: Path, compute: Callable, items: list) -> list[Path]:
+        """`run_sharded` for one phase of a stage: a progress bar of its own, its counts and time the stage's."""
+        if phase == stage:
+            return self.run_sharded(stage, folder, compute, items)
+        paths = self.run_sharded(phase, folder, compute, items)
+        done, total = self.stats.pop(phase), self.stage(stage)
+        total.computed += done.computed
+        total.reused += done.reused
+        total.retried += done.retried
+        total.seconds += done.seconds
+        return paths
