@@ -27,6 +27,7 @@ from pipeline.engine.directions import INTERVENTIONS
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
 from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
+from pipeline.messages import first_line
 from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
@@ -45,7 +46,7 @@ def validate(cfg: DictConfig | dict) -> dict:
     try:
         plain = to_dict(cfg)
     except Exception as err:  # missing values, bad interpolations
-        raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
+        raise ConfigError(f"config does not resolve: {first_line(err)}") from None
     _check_patching(plain)
     _check_sizes(plain)
     _check_circuit(plain)
@@ -65,7 +66,7 @@ def validate_screen(cfg: DictConfig | dict) -> dict:
     try:
         plain = to_dict(cfg)
     except Exception as err:
-        raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
+        raise ConfigError(f"config does not resolve: {first_line(err)}") from None
     if not plain["prompts"]["path"]:
         raise ConfigError("patchsweep screen needs a prompt file: set prompts.path=<JSONL/CSV/Parquet with "
                           "columns prompt, harmful>")
@@ -388,8 +389,7 @@ def _model_shape(folder: str, cfg: dict) -> tuple[int, int, int | None]:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg["model"]["trust_remote_code"])
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot read the model config of {cfg['model']['path']!r} ({first}): "
+        raise ConfigError(f"cannot read the model config of {cfg['model']['path']!r} ({first_line(err)}): "
                           "fix model.path") from None
     if config.model_type not in FAMILIES:
         raise ConfigError(f"unsupported architecture {config.model_type!r} of model.path {cfg['model']['path']!r}: "
