@@ -11,10 +11,11 @@ A sweep is a command of one job, a --multirun one of several: both take the same
 (pipeline.run.multirun). Errors in the command line, the config or the input are printed as one line
 naming the problem and the key to fix, before any compute starts (exit status 2); a --multirun runs
 nothing when one job's config is wrong (a line per refused job). Ctrl-C prints one line saying how much
-work finished (exit status 130); the same command then resumes. A job that fails once running ends alone
-and is reported after the others have finished (exit status 1). An MLflow store that fails once the
-results are computed leaves them on disk: the summary is printed with the `patchsweep log` command that
-logs them later (exit status 1).
+work finished (exit status 130); the same command then resumes. A sweep stopped by its input once
+running says so in its one line (exit status 2); a job of a --multirun that fails ends alone and is
+reported after the others have finished (exit status 1). An MLflow store that fails once the results are
+computed leaves them on disk: the summary is printed with the `patchsweep log` command that logs them
+later (exit status 1).
 
 torch, Ray, MLflow and transformers are imported inside the commands that use them, not here: `--help`
 and tab completion (`--shell-completion`) answer without them.
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -40,6 +41,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from pipeline import __version__
 from pipeline.config import CONF_DIR
 from pipeline.messages import INTERRUPTED, error_line, first_line, notice_line
+
+if TYPE_CHECKING:  # imported by the commands that run them
+    from pipeline.run.multirun import Comparison, Job
 
 SWEEP_ENV = "PATCHSWEEP_SWEEP_ID"
 
@@ -124,7 +128,7 @@ class Jobs:
     """The command's jobs as Hydra composes them, each validated (or refused) at once: nothing runs
     until every job of a --multirun is known to be valid."""
 
-    valid: list = field(default_factory=list)  # pipeline.run.multirun.Job
+    valid: list[Job] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (overrides, why) per job refused
     logging: dict = field(default_factory=dict)  # Hydra's job logging (conf/config.yaml), for the jobs' run
 
@@ -149,37 +153,60 @@ def sweep_command(args: list[str]) -> None:
     compose_and_call(jobs.add, args)
     if not len(jobs):  # --help, --cfg, --shell-completion: Hydra has answered
         return
-    if len(jobs) == 1 and jobs.refused:
-        leave(2, jobs.refused[0][1])
     if jobs.refused:
-        say([error_line(f"job {overrides}: {message}") for overrides, message in jobs.refused])
-        leave(2, f"{len(jobs.refused)} of {len(jobs)} jobs refused, nothing was run: fix the overrides named above "
-                 "and run the command again")
+        refuse(jobs)
     # Hydra put back its own logging once it had composed the jobs; theirs applies while they run.
     logging.config.dictConfig(jobs.logging)
-    run_and_report(jobs.valid)
+    comparison = run(jobs.valid)
+    print_results(jobs.valid, comparison)
+    leave_for(jobs.valid, comparison)
 
 
-def run_and_report(jobs: list) -> None:
-    """Run the jobs; print each finished job's summary and, of several, their comparison; then leave with
-    the line (with several: a line per job, then a count) and exit status for whatever ended a job or its
-    logging."""
-    from pipeline.outputs.report import console_summary, ui_hint
-    from pipeline.run.multirun import check_jobs, end_of, job_end, run_jobs
+def refuse(jobs: Jobs) -> NoReturn:
+    """Nothing runs: a lone job's line, or a line per refused job of several and the count."""
+    if len(jobs) == 1:
+        leave(2, jobs.refused[0][1])
+    say([error_line(f"job {overrides}: {message}") for overrides, message in jobs.refused])
+    leave(2, f"{len(jobs.refused)} of {len(jobs)} jobs refused, nothing was run: fix the overrides named above and "
+             "run the command again")
+
+
+def run(jobs: list[Job]) -> Comparison | None:
+    """Every job's sweep (pipeline.run.multirun.run_jobs); returns the comparison of several."""
+    from pipeline.run.multirun import check_jobs, end_of, run_jobs
 
     try:
         check_jobs(jobs)
-        comparison = run_jobs(jobs, os.environ[SWEEP_ENV])
-    except BaseException as err:  # Ray that cannot start, Ctrl-C before the jobs start
+        return run_jobs(jobs, os.environ[SWEEP_ENV])
+    except BaseException as err:  # jobs that cannot share Ray, Ray that cannot start, Ctrl-C before they start
         end = end_of(err, jobs[0].cfg)
         if end.unforeseen is not None:
             raise
         leave(end.status, end.message)
+
+
+def print_results(jobs: list[Job], comparison: Comparison | None) -> None:
+    """Each finished job's summary; of several, where their comparison is."""
+    from pipeline.outputs.report import console_summary, ui_hint
+
     for job in jobs:
         if job.outcome is not None:
             o = job.outcome
             print("\n" + console_summary(job.cfg, o.run_dir, o.pairs_report, o.stats, o.curves, o.summary, o.circuit,
                                          job.tracking), flush=True)
+    if comparison is not None and comparison.files:
+        print(f"\nComparison of the {sum(job.outcome is not None for job in jobs)} finished sweeps: "
+              f"{comparison.folder.resolve()} (comparison.md, comparison.png)", flush=True)
+    if comparison is not None and comparison.tracking:
+        print(f"MLflow: {comparison.tracking['uri']}  parent run {comparison.tracking['run_id']}\n"
+              f"  {ui_hint(jobs[0].cfg, comparison.tracking['ui_path'])}", flush=True)
+
+
+def leave_for(jobs: list[Job], comparison: Comparison | None) -> None:
+    """Leave with the line and exit status of whatever ended a job or its logging: a lone job's own (an
+    error nobody foresaw keeps its traceback); with several, a line per job, then what they add up to."""
+    from pipeline.run.multirun import job_end
+
     ends = {job.label: job_end(job) for job in jobs}
     if len(jobs) == 1:
         [end] = ends.values()
@@ -188,12 +215,7 @@ def run_and_report(jobs: list) -> None:
         if end is not None:
             leave(end.status, end.message)
         return
-    if comparison is not None and comparison.files:
-        print(f"\nComparison of the {sum(job.outcome is not None for job in jobs)} finished sweeps: "
-              f"{comparison.folder.resolve()} (comparison.md, comparison.png)", flush=True)
-    if comparison is not None and comparison.tracking:
-        print(f"MLflow: {comparison.tracking['uri']}  parent run {comparison.tracking['run_id']}\n"
-              f"  {ui_hint(jobs[0].cfg, comparison.tracking['ui_path'])}", flush=True)
+    ended = [end for end in ends.values() if end is not None]
     lines = [notice_line(f"{label}: {end.message}") if end.status == INTERRUPTED else
              error_line(f"{label}{' failed' if end.failed else ''}: {end.message}")
              for label, end in ends.items() if end is not None]
@@ -201,8 +223,8 @@ def run_and_report(jobs: list) -> None:
         lines.append(error_line(f"MLflow store failed logging the comparison ({comparison.tracking_error}): it is in "
                                 f"{comparison.folder.resolve()}"))
     say(lines)
-    failed = sum(end is not None and end.failed for end in ends.values())
-    if any(end is not None and end.status == INTERRUPTED for end in ends.values()):
+    failed = sum(end.failed for end in ended)
+    if any(end.status == INTERRUPTED for end in ended):
         leave(INTERRUPTED, "interrupted: run the same command to resume")
     if failed:
         leave(1, f"{failed} of {len(jobs)} jobs failed" + (", the others finished" if failed < len(jobs) else ""))
