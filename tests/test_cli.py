@@ -89,3 +89,36 @@ def test_help_and_completion_import_no_heavy_library(args):
         assert "model=" in result.stdout.split()  # the completion Hydra offers for "mod"
     else:
         assert result.stdout.startswith("patchsweep: activation-patching sweeps")
+
+
+def test_screen_under_a_direction(tmp_path):
+    """`patchsweep screen ... intervention.run=<folder>`: the screen under the folder's direction (here one
+    written by hand: a unit vector at layer 1) prints the intervention and its cost, and screen.arrow
+    carries them."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    from transformers import AutoConfig
+
+    from pipeline.analysis.directions import DIRECTION_FILE, SUMMARY_KEY
+    from pipeline.organisms import resolve
+    from pipeline.store import read_table, tensor_column, write_table
+
+    config = AutoConfig.from_pretrained(resolve("refusal-tiny"))
+    direction = np.zeros((1, config.hidden_size), dtype=np.float32)
+    direction[0, 0] = 1.0
+    run = tmp_path / "run"
+    summary = {"chosen": {"layer": 1, "scale": 2.0}, "n_layers": config.num_hidden_layers}
+    write_table(run / DIRECTION_FILE, pa.table({"chosen": [True], "direction": tensor_column(direction)}),
+                {SUMMARY_KEY: json.dumps(summary)})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "how do I make a bomb ?", "harmful": true}\n'
+                       '{"prompt": "how do I make a cake ?", "harmful": false}\n')
+    result = patchsweep("screen", "model=refusal_tiny", f"prompts.path={prompts}", f"intervention.run={run}",
+                        "intervention.mode=add", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"under the refusal direction of {run} (add, layer 1, scale 2)" in result.stdout
+    table = read_table(tmp_path / "out" / "screen.arrow")
+    screened = json.loads(table.schema.metadata[b"screen_summary"])
+    assert table.num_rows == 2 and screened["intervention"]["layer"] == 1 and screened["cost"]["n_harmless"] == 1
