@@ -116,7 +116,7 @@ def compose_error(err: HydraException, args: list[str]) -> str:
         options = f": choose one of {', '.join(err.options)}" if err.options else ""
         return f"no option {option!r} in the config group {group or option!r}{options}"
     if isinstance(err, OverrideParseException):
-        return (f"cannot read the override {err.override!r} ({err.message.splitlines()[0]}): write key=value, a "
+        return (f"cannot read the override {err.override!r} ({first_line(err)}): write key=value, a "
                 "list as key=[a,b], a --multirun sweep as key=a,b")
     return first_line(err)
 
