@@ -5,244 +5,287 @@
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
         [intervention.run=<run folder> intervention.mode=ablate|add [intervention.scale=<s>]]
     patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
+    patchsweep --version
 
-Errors in the config or the input are printed as one line naming the problem and the key to fix,
-before any compute starts (exit status 2). Ctrl-C prints one line saying how much work finished (exit
-status 130); the same command then resumes. An MLflow store that fails once the results are computed
-leaves them on disk: the summary is printed with the `patchsweep log` command that logs them later
-(exit status 1). A --multirun runs nothing when one job's config is wrong (a line per refused job); a job
-that fails once running ends alone and is reported after the others have finished (exit status 1).
+A sweep is a command of one job, a --multirun one of several: both take the same path
+(pipeline.run.multirun). Errors in the command line, the config or the input are printed as one line
+naming the problem and the key to fix, before any compute starts (exit status 2); a --multirun runs
+nothing when one job's config is wrong (a line per refused job). Ctrl-C prints one line saying how much
+work finished (exit status 130); the same command then resumes. A sweep stopped by its input once
+running says so in its one line (exit status 2); a job of a --multirun that fails ends alone and is
+reported after the others have finished (exit status 1). An MLflow store that fails once the results are
+computed leaves them on disk: the summary is printed with the `patchsweep log` command that logs them
+later (exit status 1).
+
+torch, Ray, MLflow and transformers are imported inside the commands that use them, not here: `--help`
+and tab completion (`--shell-completion`) answer without them.
 """
 from __future__ import annotations
 
-import json
 import logging.config
 import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from pipeline.analysis.behaviour import format_summary, screen
-from pipeline.analysis.directions import format_intervention, intervention_cost, load_intervention
-from pipeline.analysis.prompt_files import load_screen_prompts
+from pipeline import __version__
 from pipeline.config import CONF_DIR
-from pipeline.engine.loading import load_model
-from pipeline.organisms import resolve
-from pipeline.outputs.report import console_summary, ui_hint
-from pipeline.run.multirun import Job, check_jobs, run_jobs
-from pipeline.run.folder import FolderBusy, finished_run
-from pipeline.run.sweep import Interrupted, run_sweep
-from pipeline.run.tracking import LiveRun, log_finished
-from pipeline.run.workers import RayUnavailable, WorkFailed
-from pipeline.schema import PatchsweepConfig, TrackingConfig, from_plain, to_plain, tracking_uri
-from pipeline.store import write_table
-from pipeline.validation import ConfigError, validate, validate_screen, validate_tracking
+from pipeline.messages import INTERRUPTED, error_line, first_line, notice_line
+
+if TYPE_CHECKING:  # imported by the commands that run them
+    from pipeline.run.multirun import Comparison, Job
 
 SWEEP_ENV = "PATCHSWEEP_SWEEP_ID"
-INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
-# What stops a sweep before it computes, or what it met computing, in one line that names the fix.
-REFUSALS = (ConfigError, ValueError, FileNotFoundError, WorkFailed, RayUnavailable, FolderBusy)
 
 
-def _fail(message: BaseException | str, status: int = 2) -> NoReturn:
-    print(f"patchsweep: error: {message}", file=sys.stderr, flush=True)
+def main() -> None:
+    _command_environment()
+    args = sys.argv[1:]
+    command, args = (COMMANDS[args[0]], args[1:]) if args and args[0] in COMMANDS else (sweep_command, args)
+    try:
+        command(args)
+    except KeyboardInterrupt:  # while Hydra composes, or a screen generates (it saves only at its end)
+        leave(INTERRUPTED, "interrupted: nothing was saved; run the same command again")
+
+
+def _command_environment() -> None:
+    # One id per command: the jobs of a --multirun share it, so they become children of one parent run.
+    os.environ.setdefault(SWEEP_ENV, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    # MLflow's client retries a failing server for minutes by default (7 retries, 120 s each); a sweep's
+    # results are on disk by then and `patchsweep log` sends them later, so a request gives up after about
+    # 15 s when the server refuses connections, 100 s when it never answers.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def leave(status: int, message: str) -> NoReturn:
+    """The command's last line, and its exit status (2 refused, 1 failed, 130 interrupted)."""
+    print(notice_line(message) if status == INTERRUPTED else error_line(message), file=sys.stderr, flush=True)
     sys.exit(status)
 
 
-def _interrupted(message: str) -> NoReturn:
-    print(f"patchsweep: {message}", file=sys.stderr, flush=True)
-    sys.exit(INTERRUPTED)
+def say(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
 
 
-def _file_error(err: OSError, cfg: PatchsweepConfig | None) -> str:
-    """A file-system error as one line: the path, the reason, and the key that chose the path."""
-    path = Path(err.filename or "").absolute()
-    key = "output_dir or output_root"
-    if cfg is not None:
-        for name, folder in (("output_dir", cfg.output_dir), ("output_root", cfg.output_root)):
-            if path == Path(folder).absolute() or Path(folder).absolute() in path.parents:
-                key = name
-                break
-    return f"{err.filename or 'a file'}: {err.strerror or type(err).__name__}: set {key} to a writable folder"
+# ---- Hydra ----------------------------------------------------------------------------------------
+
+def compose_and_call(task: Callable[[DictConfig], None], args: list[str]) -> None:
+    """Hydra reads `args` (overrides, --multirun, --help, --cfg, --shell-completion ...) and calls `task`
+    with each job's composed config. hydra.main, Hydra's public entry point, parses sys.argv and takes no
+    argument list, so `args` stand in sys.argv while it runs (pipeline.config's job_overrides reads the
+    swept overrides there too). A command line Hydra cannot compose ends in one line, exit status 2."""
+    argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [argv[0], *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors come here, not printed over several lines
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    except HydraException as err:
+        leave(2, compose_error(err, args))
+    finally:
+        sys.argv = argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
-def _log_later(run_dir: Path) -> str:
-    return f"log them later with `patchsweep log {run_dir.resolve()}`"
+def compose_error(err: HydraException, args: list[str]) -> str:
+    """Hydra's error composing the command line `args`, as one line naming the key and the fix."""
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return f"unknown key {key!r} on the command line: check its spelling (`patchsweep --help` lists every key)"
+    if key:
+        given = next((a for a in args if a.lstrip("+~").split("=")[0] == key), key)
+        return (f"{given}: {first_line(cause).rstrip('.')}: give {key} a value of its type (`patchsweep --cfg job` "
+                "prints the config)")
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        options = f": choose one of {', '.join(err.options)}" if err.options else ""
+        return f"no option {option!r} in the config group {group or option!r}{options}"
+    if isinstance(err, OverrideParseException):
+        return (f"cannot read the override {err.override!r} ({first_line(err)}): write key=value, a "
+                "list as key=[a,b], a --multirun sweep as key=a,b")
+    return first_line(err)
 
 
-def _stop(err: BaseException, cfg: PatchsweepConfig | None) -> NoReturn:
-    """Leave with the one line (and exit status) for what stopped the sweep; anything unforeseen keeps
-    its traceback."""
-    if isinstance(err, Interrupted):
-        _interrupted(str(err))
-    if isinstance(err, KeyboardInterrupt):
-        _interrupted("interrupted before any work started: run the same command to start again")
-    if isinstance(err, REFUSALS):
-        _fail(err)
-    if isinstance(err, OSError):
-        _fail(_file_error(err, cfg))
-    raise err
+# ---- a sweep: one job, or each of a --multirun's -------------------------------------------------
 
+@dataclass
+class Jobs:
+    """The command's jobs as Hydra composes them, each validated (or refused) at once: nothing runs
+    until every job of a --multirun is known to be valid."""
 
-# A --multirun's jobs: Hydra's launcher composes them one after another and `sweep_command` validates and
-# collects each; `multirun_command` then runs them all at once (pipeline.run.multirun).
-JOBS: list[Job] = []
-REFUSED: list[str] = []  # a line per job whose config was refused
-JOB_LOGGING: dict = {}  # Hydra's job logging (conf/config.yaml), set again for the jobs' run once Hydra restored its own
+    valid: list[Job] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (overrides, why) per job refused
+    logging: dict = field(default_factory=dict)  # Hydra's job logging (conf/config.yaml), for the jobs' run
 
+    def add(self, cfg: DictConfig) -> None:
+        """Hydra's task function: called once per job (torch, Ray, MLflow are first imported here)."""
+        from pipeline.run.multirun import REFUSALS, Job, end_of
+        from pipeline.validation import validate
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def sweep_command(cfg: DictConfig) -> None:
-    overrides = list(HydraConfig.get().overrides.task)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        JOB_LOGGING.update(OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True))
+        overrides = list(HydraConfig.get().overrides.task)
+        self.logging = OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)
         try:
-            JOBS.append(Job(validate(cfg), overrides))
-        except (ConfigError, ValueError, FileNotFoundError, RayUnavailable, FolderBusy) as err:
-            REFUSED.append(f"job {' '.join(overrides)}: {err}")
-        except OSError as err:
-            REFUSED.append(f"job {' '.join(overrides)}: {_file_error(err, None)}")
+            self.valid.append(Job(validate(cfg), overrides))
+        except (*REFUSALS, OSError) as err:
+            self.refused.append((" ".join(overrides), end_of(err, None).message))
+
+    def __len__(self) -> int:
+        return len(self.valid) + len(self.refused)
+
+
+def sweep_command(args: list[str]) -> None:
+    jobs = Jobs()
+    compose_and_call(jobs.add, args)
+    if not len(jobs):  # --help, --cfg, --shell-completion: Hydra has answered
         return
-    plain, live = None, None
-    try:
-        plain = validate(cfg)
-        # The MLflow run starts with the sweep and ends with it, FAILED (or KILLED) when the sweep does.
-        live = LiveRun(plain, os.environ[SWEEP_ENV], overrides) if plain.tracking.enabled else None
-        outcome = run_sweep(plain, live, overrides)
-    except BaseException as err:
-        if live is not None:
-            live.fail(err)
-        _stop(err, plain)
-    tracking, problem = None, None
-    if live is not None:
-        try:
-            tracking = live.finish(outcome)
-        except KeyboardInterrupt:
-            _interrupted(f"interrupted while logging to MLflow: the results are complete in "
-                         f"{outcome.run_dir.resolve()}; {_log_later(outcome.run_dir)}")
-        except Exception as err:  # the store's own errors are many; the results are safe on disk whatever they are
-            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print("\n" + console_summary(plain, outcome.run_dir, outcome.pairs_report, outcome.stats, outcome.curves,
-                                 outcome.summary, outcome.circuit, tracking), flush=True)
-    if problem:
-        _fail(f"MLflow store {tracking_uri(plain)} failed ({problem}): the results are complete in "
-              f"{outcome.run_dir.resolve()}; {_log_later(outcome.run_dir)}", status=1)
+    if jobs.refused:
+        refuse(jobs)
+    # Hydra put back its own logging once it had composed the jobs; theirs applies while they run.
+    logging.config.dictConfig(jobs.logging)
+    comparison = run(jobs.valid)
+    print_results(jobs.valid, comparison)
+    leave_for(jobs.valid, comparison)
 
 
-def multirun_command() -> None:
-    """Run the collected jobs at once; print each finished job's summary, the comparison, then a line per
-    job that failed (exit status 1), or per job interrupted (130)."""
-    if REFUSED:
-        for line in REFUSED:
-            print(f"patchsweep: error: {line}", file=sys.stderr, flush=True)
-        _fail(f"{len(REFUSED)} of {len(REFUSED) + len(JOBS)} jobs refused, nothing was run: fix the overrides named "
-              "above and run the command again")
-    logging.config.dictConfig(JOB_LOGGING)
+def refuse(jobs: Jobs) -> NoReturn:
+    """Nothing runs: a lone job's line, or a line per refused job of several and the count."""
+    if len(jobs) == 1:
+        leave(2, jobs.refused[0][1])
+    say([error_line(f"job {overrides}: {message}") for overrides, message in jobs.refused])
+    leave(2, f"{len(jobs.refused)} of {len(jobs)} jobs refused, nothing was run: fix the overrides named above and "
+             "run the command again")
+
+
+def run(jobs: list[Job]) -> Comparison | None:
+    """Every job's sweep (pipeline.run.multirun.run_jobs); returns the comparison of several."""
+    from pipeline.run.multirun import check_jobs, end_of, run_jobs
+
     try:
-        check_jobs(JOBS)
-        comparison = run_jobs(JOBS, os.environ[SWEEP_ENV])
-    except KeyboardInterrupt:
-        for job in JOBS:
-            print(f"patchsweep: {job.label}: {job.error or 'interrupted'}", file=sys.stderr, flush=True)
-        _interrupted(f"interrupted: {len(JOBS)} jobs stopped; run the same command to resume them")
-    except BaseException as err:
-        _stop(err, JOBS[0].cfg)
-    for job in JOBS:
+        check_jobs(jobs)
+        return run_jobs(jobs, os.environ[SWEEP_ENV])
+    except BaseException as err:  # jobs that cannot share Ray, Ray that cannot start, Ctrl-C before they start
+        end = end_of(err, jobs[0].cfg)
+        if end.unforeseen is not None:
+            raise
+        leave(end.status, end.message)
+
+
+def print_results(jobs: list[Job], comparison: Comparison | None) -> None:
+    """Each finished job's summary; of several, where their comparison is."""
+    from pipeline.outputs.report import console_summary, ui_hint
+
+    for job in jobs:
         if job.outcome is not None:
             o = job.outcome
             print("\n" + console_summary(job.cfg, o.run_dir, o.pairs_report, o.stats, o.curves, o.summary, o.circuit,
                                          job.tracking), flush=True)
-    if comparison.files:
-        print(f"\nComparison of the {sum(job.outcome is not None for job in JOBS)} finished sweeps: "
+    if comparison is not None and comparison.files:
+        print(f"\nComparison of the {sum(job.outcome is not None for job in jobs)} finished sweeps: "
               f"{comparison.folder.resolve()} (comparison.md, comparison.png)", flush=True)
-    if comparison.tracking:
+    if comparison is not None and comparison.tracking:
         print(f"MLflow: {comparison.tracking['uri']}  parent run {comparison.tracking['run_id']}\n"
-              f"  {ui_hint(JOBS[0].cfg, comparison.tracking['ui_path'])}", flush=True)
-    problems = [f"{job.label}: MLflow store {tracking_uri(job.cfg)} failed ({job.tracking_error}): the results are "
-                f"complete in {job.outcome.run_dir.resolve()}; {_log_later(job.outcome.run_dir)}"
-                for job in JOBS if job.tracking_error]
-    if comparison.tracking_error:
-        problems.append(f"MLflow store failed logging the comparison ({comparison.tracking_error}): it is in "
-                        f"{comparison.folder.resolve()}")
-    failed = [job for job in JOBS if job.error is not None]
-    problems += [f"{job.label} failed: {_one_line(job.error)}" for job in failed]
-    for line in problems:
-        print(f"patchsweep: error: {line}", file=sys.stderr, flush=True)
-    if any(isinstance(job.error, (Interrupted, KeyboardInterrupt)) for job in failed):
-        _interrupted("interrupted: run the same command to resume")
+              f"  {ui_hint(jobs[0].cfg, comparison.tracking['ui_path'])}", flush=True)
+
+
+def leave_for(jobs: list[Job], comparison: Comparison | None) -> None:
+    """Leave with the line and exit status of whatever ended a job or its logging: a lone job's own (an
+    error nobody foresaw keeps its traceback); with several, a line per job, then what they add up to."""
+    from pipeline.run.multirun import job_end
+
+    ends = {job.label: job_end(job) for job in jobs}
+    if len(jobs) == 1:
+        [end] = ends.values()
+        if end is not None and end.unforeseen is not None:
+            raise end.unforeseen
+        if end is not None:
+            leave(end.status, end.message)
+        return
+    ended = [end for end in ends.values() if end is not None]
+    lines = [notice_line(f"{label}: {end.message}") if end.status == INTERRUPTED else
+             error_line(f"{label}{' failed' if end.failed else ''}: {end.message}")
+             for label, end in ends.items() if end is not None]
+    if comparison is not None and comparison.tracking_error:
+        lines.append(error_line(f"MLflow store failed logging the comparison ({comparison.tracking_error}): it is in "
+                                f"{comparison.folder.resolve()}"))
+    say(lines)
+    failed = sum(end.failed for end in ended)
+    if any(end.status == INTERRUPTED for end in ended):
+        leave(INTERRUPTED, "interrupted: run the same command to resume")
     if failed:
-        _fail(f"{len(failed)} of {len(JOBS)} jobs failed" + (", the others finished" if len(failed) < len(JOBS) else ""),
-              status=1)
-    if problems:
-        _fail("every job finished, but not all of it reached MLflow (above)", status=1)
+        leave(1, f"{failed} of {len(jobs)} jobs failed" + (", the others finished" if failed < len(jobs) else ""))
+    if lines:
+        leave(1, "every job finished, but not all of it reached MLflow (above)")
 
 
-def _one_line(err: BaseException) -> str:
-    """What ended a job, in one line (run.log in its folder has the traceback of anything unforeseen)."""
-    if isinstance(err, REFUSALS + (Interrupted,)):
-        return str(err)
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+# ---- screen and log ----------------------------------------------------------------------------
+
+def screen_command(args: list[str]) -> None:
+    compose_and_call(screen_task, args)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def screen_command(cfg: DictConfig) -> None:
+def screen_task(cfg: DictConfig) -> None:
     """Greedy generation and the first-token metric on a file of prompts -> screen.arrow; with
     intervention.run, under that run's refusal direction (and its cost on ordinary text)."""
+    from pipeline.analysis.prompt_files import load_screen_prompts
+    from pipeline.run.screen import run_screen
+    from pipeline.validation import ConfigError, validate_screen
+
     if not any(o.startswith("output_dir=") for o in HydraConfig.get().overrides.task):
         cfg.output_dir = "${output_root}/screen/${model.name}-${prompts.name}"  # not a sweep's folder
     try:
         plain = validate_screen(cfg)
         prompts = load_screen_prompts(plain.prompts.path)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        _fail(err)
-    torch.set_num_threads(plain.resources.torch_threads)
-    model, tokenizer = load_model(resolve(plain.model.path), dtype=plain.model.dtype,
-                                  device=plain.resources.device,
-                                  trust_remote_code=plain.model.trust_remote_code)
-    setting = plain.intervention
-    intervention = load_intervention(setting.run, setting.mode, setting.scale) if setting.run else None
-    result = screen(model, tokenizer, prompts, max_new_tokens=plain.prompts.max_new_tokens,
-                    refusal_tokens=plain.prompts.refusal_tokens,
-                    compliance_tokens=plain.prompts.compliance_tokens,
-                    answer_top_k=plain.prompts.answer_top_k, intervention=intervention)
-    table, lines = result.table, format_summary(result.summary)
-    if intervention is not None:
-        harmless = [p for p, h in zip(prompts.column("prompt").to_pylist(), prompts.column("harmful").to_pylist()) if not h]
-        cost = intervention_cost(model, tokenizer, intervention, harmless)
-        summary = result.summary | {"intervention": asdict(setting) | {"layer": intervention.layer, "scale": intervention.scale},
-                                    "cost": cost}
-        table = table.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
-        lines += "\n" + format_intervention(summary)
-    path = write_table(Path(plain.output_dir) / "screen.arrow", table,
-                       {"model_id": plain.model.path, "prompts": plain.prompts.path})
-    print(f"screen of {plain.model.name} on {plain.prompts.path}:\n{lines}\n"
-          f"per-prompt results: {path.resolve()}", flush=True)
+        leave(2, str(err))
+    screened = run_screen(plain, prompts)
+    print(f"screen of {plain.model.name} on {plain.prompts.path}:\n{screened.text}\n"
+          f"per-prompt results: {screened.path.resolve()}", flush=True)
+
+
+LOG_USAGE = "patchsweep log <run folder> [tracking.<key>=<value> ...]"
+LOG_HELP = f"""usage: {LOG_USAGE}
+
+Log a finished sweep's folder to MLflow as the sweep would have (params, per-layer curves, artifacts,
+lineage tags), computing nothing. The store is the one in the folder's config.yaml unless tracking.*
+overrides name another (e.g. tracking.uri=sqlite:///elsewhere/mlflow.db)."""
 
 
 def log_command(args: list[str]) -> None:
-    """`patchsweep log <run folder> [tracking.<key>=<value> ...]`: log a finished sweep's folder to MLflow
-    as the sweep would have (params, per-layer curves, artifacts, lineage tags), computing nothing. The
-    store is the one in the folder's config.yaml unless tracking.* overrides name another."""
+    """`patchsweep log`: see LOG_HELP."""
+    if args[:1] in (["--help"], ["-h"]):
+        print(LOG_HELP)
+        return
     if not args or args[0].startswith("-"):
-        _fail("patchsweep log needs a run folder: patchsweep log <run folder> [tracking.uri=<store>]")
+        leave(2, f"patchsweep log needs a run folder: {LOG_USAGE}")
     run_dir, overrides = Path(args[0]), args[1:]
     wrong = [o for o in overrides if not o.startswith("tracking.") or "=" not in o]
     if wrong:
-        _fail(f"patchsweep log takes only tracking.<key>=<value> overrides, not {' '.join(wrong)}: the results "
-              "are already computed")
+        leave(2, f"patchsweep log takes only tracking.<key>=<value> overrides, not {' '.join(wrong)}: the results "
+                 "are already computed")
     if not (run_dir / "config.yaml").is_file():
-        _fail(f"{run_dir} is not a sweep's run folder (no config.yaml there): give the folder a sweep printed "
-              "under Files:")
+        leave(2, f"{run_dir} is not a sweep's run folder (no config.yaml there): give the folder a sweep printed "
+                 "under Files:")
+    from pipeline.outputs.report import ui_hint
+    from pipeline.run.folder import finished_run
+    from pipeline.run.tracking import log_finished
+    from pipeline.schema import TrackingConfig, from_plain, to_plain, tracking_uri
+    from pipeline.validation import ConfigError, validate_tracking
+
     try:
         cfg, outcome = finished_run(run_dir)
         keys = [f.name for f in fields(TrackingConfig)]
@@ -255,41 +298,26 @@ def log_command(args: list[str]) -> None:
         cfg.tracking.enabled = True
         validate_tracking(cfg)
     except (ConfigError, ValueError) as err:
-        _fail(err)
+        leave(2, str(err))
     except OSError as err:
-        _fail(f"{err.filename or run_dir}: {err.strerror or type(err).__name__}: check the run folder")
+        leave(2, f"{err.filename or run_dir}: {err.strerror or type(err).__name__}: check the run folder")
     try:
         tracking = log_finished(cfg, outcome, os.environ[SWEEP_ENV])
     except KeyboardInterrupt:
-        _interrupted("interrupted: the run was not logged completely; run the same command again")
+        leave(INTERRUPTED, "interrupted: the run was not logged completely; run the same command again")
     except Exception as err:  # the store's own errors are many: one line, and the same command retries
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fail(f"MLflow store {tracking_uri(cfg)} failed ({first}): fix the store or set tracking.uri=<another "
-              "store>, then run the same command", status=1)
+        leave(1, f"MLflow store {tracking_uri(cfg)} failed ({first_line(err)}): fix the store or set "
+                 "tracking.uri=<another store>, then run the same command")
     print(f"logged {run_dir.resolve()} to MLflow {tracking['uri']}: run {tracking['run_id']}\n"
           f"  {ui_hint(cfg, tracking['ui_path'])}", flush=True)
 
 
-def main() -> None:
-    # One id per command: the jobs of a --multirun share it, so they become children of one parent run.
-    os.environ.setdefault(SWEEP_ENV, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    # MLflow's client retries a failing server for minutes by default (7 retries, 120 s each); a sweep's
-    # results are on disk by then and `patchsweep log` sends them later, so a request gives up after about
-    # 15 s when the server refuses connections, 100 s when it never answers.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    try:
-        if len(sys.argv) > 1 and sys.argv[1] == "screen":
-            del sys.argv[1]
-            screen_command()
-        elif len(sys.argv) > 1 and sys.argv[1] == "log":
-            log_command(sys.argv[2:])
-        else:
-            sweep_command()
-            if JOBS or REFUSED:
-                multirun_command()
-    except KeyboardInterrupt:  # while Hydra composes, or a screen generates (it saves only at its end)
-        _interrupted("interrupted: nothing was saved; run the same command again")
+def version_command(args: list[str]) -> None:
+    print(f"patchsweep {__version__}")
+
+
+# The first argument names a command; anything else is a sweep's Hydra command line.
+COMMANDS = {"screen": screen_command, "log": log_command, "--version": version_command}
 
 
 if __name__ == "__main__":

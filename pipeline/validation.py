@@ -26,6 +26,7 @@ from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.directions import INTERVENTIONS
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
+from pipeline.messages import first_line
 from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
 from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
@@ -48,7 +49,7 @@ def typed(cfg: DictConfig | dict) -> PatchsweepConfig:
     try:
         return from_plain(to_dict(cfg))
     except Exception as err:  # missing values, bad interpolations, keys the schema lacks
-        raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
+        raise ConfigError(f"config does not resolve: {first_line(err)}") from None
 
 
 def validate(cfg: DictConfig | dict) -> PatchsweepConfig:
@@ -393,8 +394,7 @@ def _model_shape(folder: str, cfg: PatchsweepConfig) -> tuple[int, int, int | No
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot read the model config of {cfg.model.path!r} ({first}): "
+        raise ConfigError(f"cannot read the model config of {cfg.model.path!r} ({first_line(err)}): "
                           "fix model.path") from None
     if config.model_type not in FAMILIES:
         raise ConfigError(f"unsupported architecture {config.model_type!r} of model.path {cfg.model.path!r}: "

@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from pipeline.messages import first_line
+
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -36,7 +38,7 @@ def read_user_file(path: str | Path, text_columns: Sequence[str], what: str) -> 
         table = _read(path, fmt, text_columns, what)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ValueError(f"{what} {str(path)!r} could not be read as {fmt} "
-                         f"({str(e).splitlines()[0]}): fix the file's format") from None
+                         f"({first_line(e)}): fix the file's format") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
                          f"{e.start}): save it as UTF-8") from None

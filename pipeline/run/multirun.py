@@ -1,16 +1,17 @@
-"""A --multirun's sweeps, run at once on one Ray instance, then compared.
+"""The sweeps of one command, run at once on one Ray instance, then compared; a single sweep is a
+command of one job.
 
-Hydra's basic launcher runs a multirun's jobs one after another. patchsweep's task function, in a
-multirun, only composes and validates each job (so every job's config errors are found before anything is
-computed) and collects it; `run_jobs` then runs every job's stage graph (pipeline.run.sweep.run_sweep) in
-a driver thread of its own, all against one Ray instance and one `Room` (pipeline.run.scheduler) that
-shares the cluster's CPUs and GPUs out between the jobs' actor pools as their work asks. Each job's items
-go to its own model's actors, so the jobs' work is interleaved over the cluster, and a job whose actors do
-not fit waits until another gives room back. Each job writes only its own folder, so its files are those
-it would write alone.
+Hydra composes the command's jobs (one, or each of a --multirun's, which its basic launcher composes one
+after another); the command validates each before anything runs, so every job's config errors are found
+before any compute. `run_jobs` then runs every job's stage graph (pipeline.run.sweep.run_sweep): a lone
+job in the driver's own thread, several each in a driver thread of its own, all against one Ray instance
+and one `Room` (pipeline.run.scheduler) that shares the cluster's CPUs and GPUs out between the jobs'
+actor pools as their work asks. Each job's items go to its own model's actors, so the jobs' work is
+interleaved over the cluster, and a job whose actors do not fit waits until another gives room back. Each
+job writes only its own folder, so its files are those it would write alone.
 
-A job that fails ends alone: the others run on, and the command reports it once they are done. Ctrl-C stops
-every job (each says what it finished; the same command resumes them all).
+A job that fails ends alone: the others run on, and the command reports it once they are done (`End`).
+Ctrl-C stops every job (each says what it finished; the same command resumes them all).
 """
 from __future__ import annotations
 
@@ -18,20 +19,25 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.messages import INTERRUPTED, first_line
 from pipeline.outputs.comparison import Compared, comparison_markdown, comparison_png, comparison_table
 from pipeline.run.scheduler import Room
+from pipeline.run.folder import FolderBusy
 from pipeline.run.runner import SweepOutcome
-from pipeline.run.sweep import run_sweep
+from pipeline.run.sweep import Interrupted, run_sweep
 from pipeline.run.tracking import LiveRun, ParentRun
-from pipeline.run.workers import start_ray
-from pipeline.schema import PatchsweepConfig
+from pipeline.run.workers import RayUnavailable, WorkFailed, start_ray
+from pipeline.schema import PatchsweepConfig, tracking_uri
 from pipeline.store import publish_bytes
 from pipeline.validation import ConfigError
+
+# What stops a job before it computes, or what it met computing, in one line that names the fix.
+REFUSALS = (ConfigError, ValueError, FileNotFoundError, WorkFailed, RayUnavailable, FolderBusy)
 
 
 @dataclass
 class Job:
-    """One job of a --multirun: its validated config and the overrides Hydra composed it from."""
+    """One job of the command: its validated config and the overrides Hydra composed it from."""
 
     cfg: PatchsweepConfig
     overrides: list[str]
@@ -39,7 +45,17 @@ class Job:
     outcome: SweepOutcome | None = None
     tracking: dict | None = None
     error: BaseException | None = None  # what ended its sweep
-    tracking_error: str | None = None  # the MLflow store failed after the results were on disk
+    tracking_error: BaseException | None = None  # what stopped its MLflow logging once the results were on disk
+
+
+@dataclass(frozen=True)
+class End:
+    """What ended a job (or its logging to MLflow) as the command reports it."""
+
+    status: int  # the exit status it calls for: 2 refused, 1 failed (finished results kept), 130 interrupted
+    message: str  # one line: the problem and the fix
+    failed: bool = True  # the job's sweep ended with it (not only its logging)
+    unforeseen: BaseException | None = None  # an error no line was written for: its traceback is what tells
 
 
 @dataclass
@@ -81,17 +97,21 @@ def check_jobs(jobs: list[Job]) -> None:
                               f"give {name} one value for all of them")
 
 
-def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison:
+def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison | None:
     """Run every job's sweep at once (see the module's doc); each job gets its outcome or its error.
-    Returns the comparison of the finished ones."""
+    Returns the comparison of the finished ones (None for a lone job, or when Ctrl-C stopped them)."""
     for job, label in zip(jobs, job_labels(jobs)):
         job.label = label
-    first = jobs[0].cfg
-    start_ray(first)  # every job has the first one's ray.* and resources.num_cpus (check_jobs)
+    if len(jobs) == 1:
+        # In this thread, its pool alone on the cluster: Ctrl-C reaches the sweep where it is, and its
+        # MLflow run is the parent run's only child (it ends the parent).
+        _run_job(jobs[0], sweep_key, room=None, ends_parent=True)
+        return None
+    start_ray(jobs[0].cfg)  # every job has the first one's ray.* and resources.num_cpus (check_jobs)
     room = Room.of_cluster()
     tracked = [job for job in jobs if job.cfg.tracking.enabled]
     parent = ParentRun([job.cfg for job in tracked], sweep_key, [job.label for job in tracked]) if tracked else None
-    threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room), name=f"patchsweep-job-{index}",
+    threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room, False), name=f"patchsweep-job-{index}",
                                 daemon=True) for index, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
@@ -105,13 +125,16 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison:
             thread.join()
         if parent is not None:
             parent.fail("KILLED")
-        raise
+        return None
     return compare(jobs, parent, sweep_key)
 
 
-def _run_job(job: Job, sweep_key: str, room: Room) -> None:
-    live = LiveRun(job.cfg, sweep_key, job.overrides, ends_parent=False) if job.cfg.tracking.enabled else None
+def _run_job(job: Job, sweep_key: str, room: Room | None, ends_parent: bool) -> None:
+    live = None
     try:
+        # The MLflow run starts with the sweep and ends with it, FAILED (or KILLED) when the sweep does.
+        if job.cfg.tracking.enabled:
+            live = LiveRun(job.cfg, sweep_key, job.overrides, ends_parent=ends_parent)
         job.outcome = run_sweep(job.cfg, live, job.overrides, room)
     except BaseException as err:  # the job's own end: reported by the command once every job is done
         job.error = err
@@ -121,8 +144,48 @@ def _run_job(job: Job, sweep_key: str, room: Room) -> None:
     if live is not None:
         try:
             job.tracking = live.finish(job.outcome)
-        except Exception as err:  # the store's own errors are many; the results are safe on disk
-            job.tracking_error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        except BaseException as err:  # the store's own errors are many, or Ctrl-C: the results are safe on disk
+            job.tracking_error = err
+
+
+def end_of(err: BaseException, cfg: dict | None) -> End:
+    """`err`, which stopped a job whose config is `cfg` (None: not valid yet), as the command reports it."""
+    if isinstance(err, Interrupted):
+        return End(INTERRUPTED, str(err))
+    if isinstance(err, KeyboardInterrupt):
+        return End(INTERRUPTED, "interrupted before any work started: run the same command to start again")
+    if isinstance(err, REFUSALS):
+        return End(2, str(err))
+    if isinstance(err, OSError):
+        return End(2, file_error(err, cfg))
+    return End(1, f"{type(err).__name__}: {first_line(err)}", unforeseen=err)
+
+
+def job_end(job: Job) -> End | None:
+    """What ended the job, or its MLflow logging (None: it finished, and MLflow has it where asked)."""
+    if job.error is not None:
+        return end_of(job.error, job.cfg)
+    if job.tracking_error is None:
+        return None
+    folder = job.outcome.run_dir.resolve()
+    later = f"log them later with `patchsweep log {folder}`"
+    if isinstance(job.tracking_error, KeyboardInterrupt):
+        return End(INTERRUPTED, f"interrupted while logging to MLflow: the results are complete in {folder}; {later}",
+                   failed=False)
+    return End(1, f"MLflow store {tracking_uri(job.cfg)} failed ({first_line(job.tracking_error)}): the results "
+                  f"are complete in {folder}; {later}", failed=False)
+
+
+def file_error(err: OSError, cfg: PatchsweepConfig | None) -> str:
+    """A file-system error as one line: the path, the reason, and the key that chose the path."""
+    path = Path(err.filename or "").absolute()
+    key = "output_dir or output_root"
+    if cfg is not None:
+        for name, folder in (("output_dir", cfg.output_dir), ("output_root", cfg.output_root)):
+            if path == Path(folder).absolute() or Path(folder).absolute() in path.parents:
+                key = name
+                break
+    return f"{err.filename or 'a file'}: {err.strerror or type(err).__name__}: set {key} to a writable folder"
 
 
 def compare(jobs: list[Job], parent: ParentRun | None, sweep_key: str) -> Comparison:
@@ -149,5 +212,5 @@ def compare(jobs: list[Job], parent: ParentRun | None, sweep_key: str) -> Compar
             description = comparison_markdown(table, title) if compared else "No sweep of this command finished.\n"
             tracking = parent.finish(compared, table, files, description, failed)
         except Exception as err:  # the comparison is on disk
-            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problem = first_line(err)
     return Comparison(folder, files, tracking, problem)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
 from pipeline.organisms import resolve
+from pipeline.messages import error_line, first_line, notice_line
 from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.run.scheduler import Room
 from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig
@@ -72,7 +73,7 @@ def start_ray(cfg: PatchsweepConfig) -> None:
             try:
                 ray.init(address=address, **options)
             except ConnectionError as err:
-                raise RayUnavailable(f"cannot join a Ray cluster at ray.address={address} ({_first_line(err)}): "
+                raise RayUnavailable(f"cannot join a Ray cluster at ray.address={address} ({first_line(err)}): "
                                      "start one (ray start --head), or use ray.address=local") from None
     atexit.register(ray.shutdown)
 
@@ -107,7 +108,7 @@ def _deadline(seconds: float, message: str):
     os.dup2(held.fileno(), 2)
 
     def give_up():
-        os.write(terminal, f"patchsweep: error: {message}\n".encode())
+        os.write(terminal, f"{error_line(message)}\n".encode())
         os._exit(2)
 
     timer = threading.Timer(seconds, give_up)
@@ -245,7 +246,7 @@ PLACEMENT_NOTICE_S = 30.0
 
 def notice(message: str) -> None:
     """A line on the terminal that leaves the progress bars intact."""
-    tqdm.write(f"patchsweep: {message}", file=sys.stderr)
+    tqdm.write(notice_line(message), file=sys.stderr)
 
 
 @dataclass
@@ -353,7 +354,7 @@ class WorkerPool:
             return ray.get(self.actors[min(self.placed)].describe.remote())
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
             cause = getattr(err, "cause", None) or err
-            raise WorkFailed(f"the model could not be loaded ({_first_line(cause)}): check model.path and "
+            raise WorkFailed(f"the model could not be loaded ({first_line(cause)}): check model.path and "
                              "model.dtype") from None
 
     def _await_placement(self, others: list) -> list:
@@ -389,7 +390,7 @@ class WorkerPool:
         try:
             pid = ray.get(ping)
         except ray.exceptions.RayActorError as err:
-            raise WorkFailed(f"a model actor could not start ({_first_line(err)}): check resources") from None
+            raise WorkFailed(f"a model actor could not start ({first_line(err)}): check resources") from None
         self.placed.add(index)
         self.lifetimes[index] = {"pid": pid, "placed": time.time(), "retired": None}
 
@@ -504,7 +505,7 @@ class WorkerPool:
         if batch.attempts[index] > self.cfg.resources.max_retries:
             name = getattr(batch.items[index], "name", index)
             raise WorkFailed(f"{batch.stats.stage} item {name} failed {batch.attempts[index]} times, last: "
-                             f"{_first_line(err)}") from None
+                             f"{first_line(err)}") from None
         batch.stats.retried += 1
         batch.pending.appendleft(index)
         if actor not in recovering.values():
@@ -520,7 +521,7 @@ class WorkerPool:
             recovering[self.actors[actor].ping.remote()] = actor
         except ray.exceptions.ActorDiedError as err:
             raise WorkFailed(f"a model actor died for good (restarted resources.max_retries times): "
-                             f"{_first_line(err)}") from None
+                             f"{first_line(err)}") from None
 
     def keep(self, n: int) -> None:
         """Between stages, when the rest of the sweep runs at most `n` items at a time (besides its
@@ -542,10 +543,6 @@ class WorkerPool:
         if self.room is not None:
             self.room.leave(self)
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _user_error(err: ray.exceptions.RayTaskError) -> BaseException:

@@ -20,7 +20,7 @@ from scipy import stats
 
 from pipeline.analysis.circuit.evaluator import Evaluator
 from pipeline.analysis.positions import PairGroup
-from pipeline.config import CircuitConfig, SummaryConfig
+from pipeline.schema import CircuitConfig, SummaryConfig
 from pipeline.engine.circuits import EMBED, HEAD, KINDS, Nodes
 
 

@@ -1,0 +1,51 @@
+"""`patchsweep screen`: the behaviour screen alone, in the driver (no Ray: one model, one pass over a
+file of prompts). Greedy generation and the first-token metric on each prompt -> screen.arrow in
+output_dir; with intervention.run, under that run's refusal direction, with its cost on ordinary text."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from pipeline.analysis.behaviour import format_summary, screen
+from pipeline.analysis.directions import format_intervention, intervention_cost, load_intervention
+from pipeline.engine.loading import load_model
+from pipeline.organisms import resolve
+from pipeline.schema import PatchsweepConfig
+from pipeline.store import write_table
+
+
+@dataclass(frozen=True)
+class Screened:
+    path: Path  # screen.arrow: a row per prompt, the summary in its metadata
+    summary: dict  # refusal rates, agreement, answer tokens; with an intervention, its setting and cost
+    text: str  # the summary in lines for a terminal
+
+
+def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
+    """Screen `prompts` (prompt, harmful columns) with the model of the validated `cfg`."""
+    torch.set_num_threads(cfg.resources.torch_threads)
+    model, tokenizer = load_model(resolve(cfg.model.path), dtype=cfg.model.dtype,
+                                  device=cfg.resources.device,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    setting = cfg.intervention
+    intervention = load_intervention(setting.run, setting.mode, setting.scale) if setting.run else None
+    result = screen(model, tokenizer, prompts, max_new_tokens=cfg.prompts.max_new_tokens,
+                    refusal_tokens=cfg.prompts.refusal_tokens,
+                    compliance_tokens=cfg.prompts.compliance_tokens,
+                    answer_top_k=cfg.prompts.answer_top_k, intervention=intervention)
+    table, summary, text = result.table, result.summary, format_summary(result.summary)
+    if intervention is not None:
+        harmless = [p for p, harmful in zip(prompts.column("prompt").to_pylist(),
+                                            prompts.column("harmful").to_pylist()) if not harmful]
+        cost = intervention_cost(model, tokenizer, intervention, harmless)
+        summary = summary | {"intervention": asdict(setting) | {"layer": intervention.layer, "scale": intervention.scale},
+                             "cost": cost}
+        table = table.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
+        text += "\n" + format_intervention(summary)
+    path = write_table(Path(cfg.output_dir) / "screen.arrow", table,
+                       {"model_id": cfg.model.path, "prompts": cfg.prompts.path})
+    return Screened(path, summary, text)
