@@ -190,8 +190,8 @@ def _check_intervention(cfg: PatchsweepConfig) -> None:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     n_layers = _model_shape(resolve(cfg.model.path), cfg)[0]
-    if summary.n_layers != n_layers:
-        raise ConfigError(f"the direction in {intervention.run} was found on a model with {summary.n_layers} "
+    if summary["n_layers"] != n_layers:
+        raise ConfigError(f"the direction in {intervention.run} was found on a model with {summary['n_layers']} "
                           f"layers, but {cfg.model.path} has {n_layers}: set intervention.run to a run of "
                           "this model")
 
