@@ -64,7 +64,8 @@ def bare_engine(cfg: dict, pairs_path: Path) -> tuple[float, pa.Table]:
             for direction in patching["directions"]:
                 result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants, direction,
                                patching["metric"])
-                tables.append(pa.table(result.to_columns(batch["pair_id"], cfg["model"]["name"]), schema=EFFECT_SHARD_SCHEMA))
+                columns = result.to_columns(batch["pair_id"], cfg["model"]["name"])
+                tables.append(pa.table(columns, schema=EFFECT_SHARD_SCHEMA))
     seconds = time.perf_counter() - start
     return seconds, pa.concat_tables(tables)
 
@@ -122,7 +123,8 @@ def main() -> None:
           f"{np.round(load_after, 1).tolist()} after\n")
     print("| path | work items | seconds | patches/s | vs bare engine | effects vs bare engine |")
     print("|---|---|---|---|---|---|")
-    print(f"| bare engine (a sweep per length, component and direction) | - | {engine_s:.1f} | {patches / engine_s:,.0f} | 1.00 | |")
+    print(f"| bare engine (a sweep per length, component and direction) | - | {engine_s:.1f} "
+          f"| {patches / engine_s:,.0f} | 1.00 | |")
     same = "identical" if difference == 0 else f"max diff {difference:.2g}"
     print(f"| pipeline patch stage (1 actor) | {items} | {pipeline_s:.1f} | {patches / pipeline_s:,.0f} | "
           f"{engine_s / pipeline_s:.2f} | {same} |")

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.analysis.behaviour import derive_answer_tokens, final_answer_logits
+from pipeline.analysis.pairs import build_pairs, grammar_pairs, pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
-from pipeline.organisms.refusal_tiny import model_dir
-from pipeline.analysis.pairs import build_pairs, grammar_pairs, pair_batch
-from pipeline.analysis.behaviour import derive_answer_tokens, final_answer_logits
 from pipeline.store import write_table
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(model_dir()).eval(), AutoTokenizer.from_pretrained(model_dir())
 
 
 def replies(tok, counts: dict[str, int]) -> list[list[int]]:

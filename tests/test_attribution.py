@@ -48,16 +48,14 @@ def test_positions_before_the_first_difference_score_zero():
     assert torch.equal(result.metric_base, result.metric_clean)
 
 
-def test_attribution_ranks_like_exact_patching_on_refusal_tiny():
+def test_attribution_ranks_like_exact_patching_on_refusal_tiny(tiny):
     """On the real organism (one length group of screened pairs), attribution's per-site effects agree in
     rank with the packed exact sweep, and the exact strongest site of each component is in attribution's top 5."""
     from scipy import stats
 
-    from pipeline.engine.loading import load_model
-    from pipeline.organisms import resolve
     from pipeline.analysis.pairs import build_pairs, source_pairs
 
-    model, tokenizer = load_model(resolve("refusal-tiny"))
+    model, tokenizer = tiny
     table = build_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=40, seed=0), generate=False,
                         refusal_tokens=["I"], compliance_tokens=["Sure"]).table
     lengths = table.column("seq_len").to_pylist()

@@ -4,7 +4,6 @@ nothing is written to the output folder (not even the folder itself) and no mode
 cases, with their time bounds and the corrected command: tests/test_fail_fast.py."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -15,8 +14,6 @@ from conftest import REPO, compose, write_jsonl
 from pipeline.run.sweep import write_config
 from pipeline.store import write_table
 from pipeline.validation import validate
-
-ERRORS: dict[str, str] = {}  # case -> the line it printed (shown with pytest -s, for the report)
 
 
 def patchsweep(monkeypatch, capsys, *overrides: str) -> str:
@@ -49,7 +46,6 @@ def run(monkeypatch, capsys, tmp_path, word_model_folder):
         for fragment in fragments:
             assert fragment in line, line
         assert (sorted(out.rglob("*")) if out.exists() else None) == before, "wrote into the folder before refusing"
-        ERRORS[case] = line
         print(f"\n{case}: {line}")
         return line
 
@@ -153,8 +149,3 @@ def test_command_line_refuses_before_starting_ray(tmp_path, word_model_folder):
     assert len(lines) == 1 and "head 9 in patching.heads is out of range" in lines[0], result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     print(f"\nrefused by a separate process in {time.perf_counter() - start:.1f}s: {lines[0]}")
-
-
-def test_report_of_errors():
-    """(Prints every error line seen above, for the record; run with -s.)"""
-    print("\n" + json.dumps(ERRORS, indent=1))

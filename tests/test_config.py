@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from conftest import REPO, compose, write_jsonl
@@ -160,10 +160,12 @@ def test_prompt_files_are_checked_before_compute(valid, tmp_path):
     ])
     message = check_fails(valid + [f"prompts.path={unequal}"], "pair 1", "unequal token counts", "prompts.align=end")
     assert "steal" in message
-    equal = write_jsonl(tmp_path / "equal.jsonl", [{"clean": "how do i make a bomb ?", "corrupted": "how do i make a cake ?"}])
+    equal = write_jsonl(tmp_path / "equal.jsonl",
+                        [{"clean": "how do i make a bomb ?", "corrupted": "how do i make a cake ?"}])
     validate(compose(*valid, f"prompts.path={equal}"))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", f"output_root={tmp_path}", "model=hf", f"model.path={tmp_path}/nope"],
@@ -175,6 +177,7 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_multirun_jobs_get_folders_of_their_own(tmp_path):
     """Two jobs of one --multirun that differ only in a value (one model.name, two metrics) get two folders,
     named by the swept value, and both finish; the same command again reuses both (it resumes)."""

@@ -10,13 +10,11 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_SWEEP, compose, write_jsonl
 from pipeline.analysis.pairs import build_pairs, file_pairs
 from pipeline.config import to_dict
-from pipeline.organisms.refusal_tiny import grammar, model_dir
+from pipeline.organisms.refusal_tiny import grammar
 from pipeline.run.sweep import RUN_COLUMNS, Sweep, stage_pairs
 from pipeline.run.workers import WorkerPool
 from pipeline.store import Manifest, provenance
@@ -65,11 +63,10 @@ def batched(ray_session, pairs_file, tmp_path_factory):
     return (run_dir, *run_pairs(ray_session, run_dir, f"prompts.path={pairs_file}"))
 
 
-def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_file):
+@pytest.mark.slow
+def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_file, tiny):
     _, table, report, counts = batched
-    model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    torch.set_num_threads(1)
+    model, tokenizer = tiny
     whole, whole_report = build_pairs(model, tokenizer, file_pairs(pairs_file))
     assert report == whole_report == json.loads(provenance(table)["pairs_report"])
     assert json.loads(table.schema.metadata[b"pairs_report"]) == report
@@ -91,6 +88,7 @@ def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_fil
     assert counts == {"computed": 1 + 3 + 1 + 3, "reused": 0}
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_reuses_the_batches_it_finished(ray_session, batched, pairs_file):
     """A run stopped before pairs.parquet, with one batch's replies damaged and another's screen not yet
     written: only those two items run again, and the table is the same."""
@@ -108,6 +106,7 @@ def test_a_resumed_stage_reuses_the_batches_it_finished(ray_session, batched, pa
     assert run_pairs(ray_session, run_dir, f"prompts.path={pairs_file}")[2] == {"computed": 0, "reused": 1}
 
 
+@pytest.mark.slow
 def test_no_pair_surviving_any_batch_fails_in_one_line(ray_session, tmp_path):
     harmless = [{"clean": "how do I make a cake ?", "corrupted": "how do I make a kite ?"},
                 {"clean": "how do I wash a car ?", "corrupted": "how do I park a car ?"},
