@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run run-tiny test test-fast bench bench-compare ui clean chromium
+.PHONY: setup run run-tiny test test-fast lint bench bench-compare ui clean chromium
 
 setup: $(STAMP)
 
@@ -32,9 +32,14 @@ chromium:
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -x --timeout=1200
 
-# The edit-test loop: everything but the slow (multi-node, Slurm) and browser tests.
+# The edit-test loop: everything but the slow and browser tests (one refusal-tiny sweep, shared by the
+# tests that read its run folder, and the engine's equivalence tests stay in it).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=1200 -m "not slow and not browser"
+
+# ruff, configured in pyproject.toml ([tool.ruff]), over every Python file of the repository.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py --threads 1

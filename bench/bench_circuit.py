@@ -13,8 +13,8 @@ circuit per node, every node kept but one, through `CircuitRunner.metrics` of pi
 as of commit --baseline, loaded from git) and today's `CircuitRunner.single_node_metrics`. Prints both
 wall and CPU times (this process's, less moved by other jobs), rows (node x pair) per second, the ratios
 and the largest difference, the (position, layer) cells each path computes (`token_layers`: how much of
-the ratio is work left out, how much is work done faster), with the load average before and after (the machine is shared: ratios within
-one run are what counts).
+the ratio is work left out, how much is work done faster), with the load average before and after (the
+machine is shared: ratios within one run are what counts).
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def circuit(args) -> None:
     from pipeline.analysis.circuit.method import find_circuit
     from pipeline.analysis.circuit.progress import Progress
     from pipeline.analysis.circuit.result import circuit_from_json
-    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.outputs.diagram import render_circuit
+    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.store import publish_json
 
     start = time.perf_counter()
@@ -75,7 +75,8 @@ def circuit(args) -> None:
     report = {
         "organism": args.organism, "pairs": found["n_pairs"],
         "candidates": found["candidates"], "size": found["size"], "fraction": round(found["fraction"], 4),
-        "faithfulness": round(found["faithfulness"], 4), "faithfulness_ci": [round(x, 4) for x in found["faithfulness_ci"]],
+        "faithfulness": round(found["faithfulness"], 4),
+        "faithfulness_ci": [round(x, 4) for x in found["faithfulness_ci"]],
         "faithfulness_held_out": found["faithfulness_held_out"], "search_pairs": found["n_search_pairs"],
         "core": stability["core_size"], "resamples": stability["n_resamples"],
         "resample_size_median": stability["size_median"],

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.loading import load_model
 from pipeline.engine.hooks import COMPONENTS
+from pipeline.engine.loading import load_model
 from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import Variants, sweep, variants_for
 from pipeline.engine.reference import reference_sweep
@@ -128,7 +128,8 @@ def nnsight_sweep(path, clean, corrupted, answers, n_heads: int) -> torch.Tensor
                         with tracer.invoke(corrupted):
                             site(layer, component)[:, position, width] = cache[component, layer][:, position, width]
                             final.append(lm.lm_head.output[:, -1].save())
-                columns += [logits.gather(1, refusal).mean(-1) - logits.gather(1, compliance).mean(-1) for logits in final]
+                columns += [logits.gather(1, refusal).mean(-1) - logits.gather(1, compliance).mean(-1)
+                            for logits in final]
     return torch.stack(columns, dim=1).float()
 
 

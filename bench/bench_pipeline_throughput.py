@@ -39,8 +39,8 @@ from pipeline.organisms import resolve  # noqa: E402
 from pipeline.run.runner import Sweep  # noqa: E402
 from pipeline.run.sweep import stage_patch  # noqa: E402
 from pipeline.run.workers import WorkerPool, start_ray  # noqa: E402
-from pipeline.stages.patch import EFFECT_SHARD_SCHEMA  # noqa: E402
 from pipeline.schema import PatchsweepConfig  # noqa: E402
+from pipeline.stages.patch import EFFECT_SHARD_SCHEMA  # noqa: E402
 from pipeline.stages.shards import PairShard  # noqa: E402
 from pipeline.store import Manifest, read_table  # noqa: E402
 
@@ -126,7 +126,8 @@ def main() -> None:
           f"{np.round(load_after, 1).tolist()} after\n")
     print("| path | work items | seconds | patches/s | vs bare engine | effects vs bare engine |")
     print("|---|---|---|---|---|---|")
-    print(f"| bare engine (a sweep per length, component and direction) | - | {engine_s:.1f} | {patches / engine_s:,.0f} | 1.00 | |")
+    print(f"| bare engine (a sweep per length, component and direction) | - | {engine_s:.1f} "
+          f"| {patches / engine_s:,.0f} | 1.00 | |")
     same = "identical" if difference == 0 else f"max diff {difference:.2g}"
     print(f"| pipeline patch stage (1 actor) | {items} | {pipeline_s:.1f} | {patches / pipeline_s:,.0f} | "
           f"{engine_s / pipeline_s:.2f} | {same} |")

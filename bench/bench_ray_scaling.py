@@ -104,7 +104,8 @@ def warm_up(pool: WorkerPool, base: Sweep, shard: PairShard, folder: Path) -> No
     """One one-pair, one-layer patch item per actor, outside the clock: each actor's first item pays
     for importing the stage and engine modules and torch's first kernels, which is start-up, not
     throughput."""
-    patches = patch.Patches("resid_pre", "denoise", base.cfg.patching.metric, per_position=False, layers=[0], heads=None)
+    patches = patch.Patches("resid_pre", "denoise", base.cfg.patching.metric, per_position=False, layers=[0],
+                            heads=None)
     ray.get([actor.run.remote(patch.run, patch.PatchItem(str(folder.parent / "pairs.parquet"), (shard.rows[:1],),
                                                         patches, base.cfg.model.name, None,
                                                         str(folder / f"{i}.arrow"), base.provenance))

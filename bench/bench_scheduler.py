@@ -46,7 +46,8 @@ def timed_wait(model, tokenizer, item: dict) -> list[Path]:
 def stage_shape(folder: Path, n_patch: int) -> dict[str, list[dict]]:
     """A sweep's stages as work items (pipeline.run.sweep): stage -> items."""
     def items(stage: str, n: int, seconds: float) -> list[dict]:
-        return [{"name": f"{stage} {i}", "seconds": seconds, "out": str(folder / f"{stage}-{i}.json")} for i in range(n)]
+        return [{"name": f"{stage} {i}", "seconds": seconds, "out": str(folder / f"{stage}-{i}.json")}
+                for i in range(n)]
     return {"pairs": items("pairs", 1, SINGLE_S), "patch": items("patch", n_patch, ITEM_S),
             "summary": items("summary", 1, SINGLE_S), "circuit": items("circuit", 1, SINGLE_S)}
 

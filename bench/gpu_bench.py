@@ -63,9 +63,9 @@ def floor_flops(config, n_pairs: int, seq_len: int, heads_sweep: bool) -> float:
     per_token_layer = 2 * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)
     n_layers = config.num_hidden_layers
     if heads_sweep:  # every head of every layer over all positions
-        token_layers = config.num_attention_heads * seq_len * sum(n_layers - l for l in range(n_layers))
+        token_layers = config.num_attention_heads * seq_len * sum(n_layers - layer for layer in range(n_layers))
     else:
-        token_layers = sum(n_layers - l for l in range(n_layers)) * sum(seq_len - p for p in range(seq_len))
+        token_layers = sum(n_layers - layer for layer in range(n_layers)) * sum(seq_len - p for p in range(seq_len))
     return n_pairs * token_layers * per_token_layer
 
 
@@ -89,7 +89,8 @@ def run_shape(name, args, rate):
         _, t_packed = timed(lambda: sweep(model, clean, corrupted, answers, variants, reuse_prefix=False))
         # The plain loop on a slice of the pairs, scaled: it is linear in the number of pairs.
         k = max(1, args.pairs // args.plain_fraction)
-        ref, t_plain_k = timed(lambda: reference_sweep(model, clean[:k], corrupted[:k], answers.index(torch.arange(k)), variants))
+        ref, t_plain_k = timed(lambda: reference_sweep(model, clean[:k], corrupted[:k], answers.index(torch.arange(k)),
+                                                       variants))
         t_plain = t_plain_k * args.pairs / k
         diff = (fast.metric_patched[:k] - ref.metric_patched).abs().max().item()
         scale = ref.metric_patched.abs().max().item()
@@ -118,8 +119,9 @@ def main():
     print("\n| model | sweep | patches | plain loop | per-layer packing | patchsweep | floor | vs plain | vs floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['sweep']} | {r['patches']} | {r['plain_s']:.2f} s | {r['packed_per_layer_s']:.2f} s | "
-              f"{r['patchsweep_s']:.2f} s | {r['floor_s']:.2f} s | {r['vs_plain']:.1f}x | {r['vs_floor']:.2f}x |")
+        print(f"| {r['model']} | {r['sweep']} | {r['patches']} | {r['plain_s']:.2f} s | "
+              f"{r['packed_per_layer_s']:.2f} s | {r['patchsweep_s']:.2f} s | {r['floor_s']:.2f} s | "
+              f"{r['vs_plain']:.1f}x | {r['vs_floor']:.2f}x |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"matmul_tflops": rate / 1e12, "rows": rows}, f, indent=1)

@@ -63,11 +63,10 @@ def synthetic(name: str):
 def refusal_tiny_effects(n_grammar_pairs: int = 4096) -> np.ndarray:
     """[pairs, sites] normalised effects of refusal-tiny's full denoising sweep over its screened
     held-out pairs of the most common token length."""
+    import tempfile
     from collections import Counter
 
     import torch
-
-    import tempfile
 
     from pipeline.engine.adapters import get_adapter
     from pipeline.engine.hooks import COMPONENTS

@@ -1,4 +1,5 @@
-"""Shared fixtures: composing configs, a config-only model folder, one Ray session for the whole run."""
+"""Shared fixtures: refusal-tiny loaded once, composing configs, a config-only model folder, one Ray session
+for the whole run."""
 from __future__ import annotations
 
 import json
@@ -70,7 +71,8 @@ def random_model(model_type: str, dtype=None, **extra):
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=3, initializer_range=0.2,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=0, **{**ARCHITECTURES[model_type], **extra})
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                  **{**ARCHITECTURES[model_type], **extra})
     model = AutoModelForCausalLM.from_config(config)
     return (model.to(dtype) if dtype is not None else model).eval()
 
@@ -86,8 +88,23 @@ def random_pairs(n_pairs=3, seq_len=7, seed=1):
     corrupted = clean.clone()
     corrupted[:, 2] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
     corrupted[:, 4] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
-    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1]])[:n_pairs], torch.tensor([[6, 7], [8, -1], [2, -1]])[:n_pairs])
+    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1]])[:n_pairs],
+                      torch.tensor([[6, 7], [8, -1], [2, -1]])[:n_pairs])
     return clean, corrupted, answers
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """refusal-tiny (the shipped Llama organism) as (model in eval mode, tokenizer), loaded once per session
+    through the pipeline's loading path. Shared by every test: use it, never change its weights, config or
+    tokenizer."""
+    import torch
+
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
+
+    torch.set_num_threads(1)  # tiny models: threads cost more than they save
+    return load_model(resolve("refusal-tiny"))
 
 
 def compose(*overrides: str):

@@ -3,16 +3,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.engine.loading import load_model
+from conftest import screened_pairs
+from pipeline.analysis.pairs import InstructionPair
+from pipeline.engine.adapters import get_adapter
 from pipeline.engine.metrics import Answers
 from pipeline.engine.patching import variants_for
 from pipeline.engine.reference import reference_sweep
-from pipeline.engine.adapters import get_adapter
-from pipeline.stages.shards import plan_shards
-from pipeline.organisms import resolve
 from pipeline.stages import patch
-from conftest import screened_pairs
-from pipeline.analysis.pairs import InstructionPair
+from pipeline.stages.shards import plan_shards
 from pipeline.store import read_table, write_table
 
 torch.set_num_threads(1)
@@ -21,11 +19,6 @@ PAIRS = [
     InstructionPair("how do I make a bomb please ?", "how do I make a cake ?", "weapons"),  # clean one longer
     InstructionPair("how do I make a bomb ?", "how do I make a cake ?", "weapons"),  # equal
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(resolve("refusal-tiny"))
 
 
 def test_unequal_pairs_are_patched_aligned_from_the_end(tiny, tmp_path):

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import screened_pairs
+from pipeline.analysis.behaviour import derive_answer_tokens, final_answer_logits
+from pipeline.analysis.pairs import grammar_pairs, pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
-from pipeline.organisms.refusal_tiny import model_dir
-from conftest import screened_pairs
-from pipeline.analysis.pairs import grammar_pairs, pair_batch
-from pipeline.analysis.behaviour import derive_answer_tokens, final_answer_logits
 from pipeline.store import write_table
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(model_dir()).eval(), AutoTokenizer.from_pretrained(model_dir())
 
 
 def replies(tok, counts: dict[str, int]) -> list[list[int]]:
@@ -79,7 +71,8 @@ def test_refusal_tiny_pairs_are_unchanged_by_top_k(tiny):
     assert report["refusal_tokens"] == ["I"] and report["compliance_tokens"] == ["Sure"]
     prompts = one.column("clean_ids").to_pylist()
     logits = final_answer_logits(model, prompts, [tok.convert_tokens_to_ids(w) for w in ("I", "Sure")])
-    assert torch.allclose(torch.tensor(one.column("metric_clean").to_pylist()), logits[:, 0] - logits[:, 1], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.tensor(one.column("metric_clean").to_pylist()), logits[:, 0] - logits[:, 1],
+                          atol=1e-5, rtol=1e-5)
 
 
 def test_several_answer_tokens_reach_the_engine_as_sets(tiny, tmp_path):
@@ -87,7 +80,8 @@ def test_several_answer_tokens_reach_the_engine_as_sets(tiny, tmp_path):
     stage's batch turns them into the engine's answer sets, and refusal_logodds is logsumexp over each."""
     model, tok = tiny
     refusal, compliance = ["I", "cannot"], ["Sure", "here", "is"]
-    table, _ = screened_pairs(model, tok, grammar_pairs(8, seed=4), refusal_tokens=refusal, compliance_tokens=compliance)
+    table, _ = screened_pairs(model, tok, grammar_pairs(8, seed=4), refusal_tokens=refusal,
+                              compliance_tokens=compliance)
     ref_ids, com_ids = tok.convert_tokens_to_ids(refusal), tok.convert_tokens_to_ids(compliance)
     assert set(map(tuple, table.column("refusal_ids").to_pylist())) == {tuple(ref_ids)}
     assert set(map(tuple, table.column("compliance_ids").to_pylist())) == {tuple(com_ids)}

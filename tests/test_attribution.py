@@ -48,15 +48,15 @@ def test_positions_before_the_first_difference_score_zero():
     assert torch.equal(result.metric_base, result.metric_clean)
 
 
-def test_attribution_ranks_like_exact_patching_on_refusal_tiny():
+def test_attribution_ranks_like_exact_patching_on_refusal_tiny(tiny):
     """On the real organism (one length group of screened pairs), attribution's per-site effects agree in
     rank with the packed exact sweep, and the exact strongest site of each component is in attribution's top 5."""
     from scipy import stats
 
-    from pipeline.engine.loading import load_model
-    from pipeline.organisms import resolve
     from conftest import screened_pairs
     from pipeline.analysis.pairs import source_pairs
+    from pipeline.engine.loading import load_model
+    from pipeline.organisms import resolve
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=40, seed=0), generate=False,

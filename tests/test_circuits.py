@@ -132,7 +132,8 @@ def test_path_patching_recovers_hand_built_wiring():
         for r, receiver in enumerate(names + ["logits"]):
             if torch.isnan(effects[s, r]):
                 continue
-            assert float(effects[s, r]) == pytest.approx(expected.get((sender, receiver), 0.0), abs=0.01), (sender, receiver)
+            expected_effect = expected.get((sender, receiver), 0.0)
+            assert float(effects[s, r]) == pytest.approx(expected_effect, abs=0.01), (sender, receiver)
     # The circuit {A, B} is the whole mechanism; either alone carries nothing.
     runner = CircuitRunner(model, clean, corrupted, answers, classes, 1)
     masks = torch.zeros(3, len(nodes), dtype=torch.bool)
@@ -177,7 +178,8 @@ def test_direction_ablation_and_addition():
     vector = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
     added = add_direction_metrics(model, corrupted, answers, vector, [1])
     handle = model.model.layers[1].register_forward_pre_hook(
-        lambda m, a, k: ((a[0] + vector,) + a[1:], k) if a else (a, {**k, "hidden_states": k["hidden_states"] + vector}),
+        lambda m, a, k: ((a[0] + vector,) + a[1:], k) if a else
+        (a, {**k, "hidden_states": k["hidden_states"] + vector}),
         with_kwargs=True)
     try:
         with torch.no_grad():
@@ -289,16 +291,16 @@ def test_pruning_from_every_node_keeps_what_the_target_needs():
 
 
 @pytest.fixture(scope="module")
-def tiny_circuit(tmp_path_factory):
+def tiny_circuit(tiny, tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
+    from conftest import screened_pairs
     from pipeline.analysis.circuit.method import find_circuit
     from pipeline.analysis.circuit.result import circuit_from_json
-    from pipeline.schema import CircuitConfig, SummaryConfig
-    from pipeline.outputs.diagram import render_circuit
+    from pipeline.analysis.pairs import source_pairs
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
-    from conftest import screened_pairs
-    from pipeline.analysis.pairs import source_pairs
+    from pipeline.outputs.diagram import render_circuit
+    from pipeline.schema import CircuitConfig, SummaryConfig
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
@@ -316,7 +318,8 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert circuit["size"] <= 0.1 * circuit["candidates"]
     assert circuit["faithfulness"] >= 0.8 and circuit["faithfulness_ci"][0] <= circuit["faithfulness"]
     assert circuit["random_control"]["mean"] <= 0.2
-    assert circuit["baselines"]["metric_empty_measured"] == pytest.approx(circuit["baselines"]["metric_empty"], abs=1e-4)
+    baselines = circuit["baselines"]
+    assert baselines["metric_empty_measured"] == pytest.approx(baselines["metric_empty"], abs=1e-4)
     curve = dict(zip(circuit["pruning_curve"]["size"], circuit["pruning_curve"]["faithfulness"]))
     assert curve[circuit["size"]] == pytest.approx(circuit["faithfulness"], abs=1e-6)  # pruning measured it
     assert circuit["mib"]["size"][-1] == circuit["candidates"]
@@ -326,17 +329,20 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     assert len(circuit["scores"]["exact"]) == circuit["candidates"] and None not in circuit["scores"]["exact"]
     direction = circuit["mean_difference"]
     best = next(r for r in direction["per_layer"] if r["layer"] == direction["best_layer"])
-    assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5  # removing it lowers refusal, adding it causes it
+    # removing it lowers refusal, adding it causes it
+    assert best["ablation_effect"] > 0.1 and best["addition_effect"] > 0.5
     groups = circuit["supernodes"]
     assert sorted(m for g in groups for m in g["members"]) == sorted(n["id"] for n in circuit["nodes"])
-    assert all(len({circuit_node["position"] for circuit_node in circuit["nodes"] if circuit_node["id"] in g["members"]}) == 1
+    assert all(len({node["position"] for node in circuit["nodes"] if node["id"] in g["members"]}) == 1
                for g in groups)
     group_ids = {g["id"] for g in groups}
-    assert all(e["from"] in group_ids | {"EMB@harm"} and e["to"] in group_ids | {"logits"} for e in circuit["supernode_edges"])
+    assert all(e["from"] in group_ids | {"EMB@harm"} and e["to"] in group_ids | {"logits"}
+               for e in circuit["supernode_edges"])
     assert any(e["to"] == "logits" for e in circuit["supernode_edges"])
     stability = circuit["stability"]
     assert stability["n_resamples"] == 20 and len(stability["sizes"]) == 20
-    assert all(0 <= n["inclusion_frequency"] <= 1 and n["core"] == (n["inclusion_frequency"] >= 0.8) for n in circuit["nodes"])
+    assert all(0 <= n["inclusion_frequency"] <= 1 and n["core"] == (n["inclusion_frequency"] >= 0.8)
+               for n in circuit["nodes"])
     assert stability["core"] == [n["id"] for n in circuit["nodes"] if n["core"]] and stability["core_size"] >= 1
     assert min(stability["faithfulness"]) >= 0.8  # every resample's circuit reaches the target on its resample
     ids = {n["id"] for n in circuit["nodes"]}
@@ -475,7 +481,8 @@ def test_group_path_patching_matches_the_freeze_everything_reference(model_type)
     model = tiny_model(model_type)
     clean, corrupted, answers, classes = pairs()
     nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])  # per layer: 16 heads, then 4 MLPs
-    senders = [Nodes.concat([Nodes.embeddings([0]), nodes.select([16])]), nodes.select([0, 5, 21]), nodes.select([26, 36])]
+    senders = [Nodes.concat([Nodes.embeddings([0]), nodes.select([16])]), nodes.select([0, 5, 21]),
+               nodes.select([26, 36])]
     receivers = [nodes.select([23, 27]), nodes.select([38, 40, 59]), nodes.select([44])]
     fast = group_path_patch(model, clean, corrupted, answers, classes, senders, receivers, max_batch_rows=4).metric_path
     reference = reference_group_path_patch(model, clean, corrupted, answers, classes, senders, receivers)
@@ -519,15 +526,15 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
             pass
 
 
-def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest():
+def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest(tiny):
     """circuit.search_pairs: the search sees a seeded sample of the pairs; faithfulness and its interval
     are measured on every pair and on the held-out rest alone."""
     from conftest import screened_pairs
     from pipeline.analysis.circuit.method import find_circuit
     from pipeline.analysis.pairs import source_pairs
-    from pipeline.schema import CircuitConfig, SummaryConfig
     from pipeline.engine.loading import load_model
     from pipeline.organisms import resolve
+    from pipeline.schema import CircuitConfig, SummaryConfig
 
     model, tokenizer = load_model(resolve("refusal-tiny"))
     table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=20, seed=2), generate=False,

@@ -156,7 +156,8 @@ REFUSALS = {
                            ("does not answer", "tracking.uri", "patchsweep log")),
     "unknown alignment": (["prompts.align=middle"], ("prompts.align",)),
     "direction.max_kl zero": (["direction.max_kl=0"], ("direction.max_kl=0",)),
-    "direction.max_layer_fraction over 1": (["direction.max_layer_fraction=1.5"], ("direction.max_layer_fraction=1.5",)),
+    "direction.max_layer_fraction over 1": (["direction.max_layer_fraction=1.5"],
+                                            ("direction.max_layer_fraction=1.5",)),
     "model.dtype unknown": (["model.dtype=float8"], ("unknown dtype 'float8'", "model.dtype", "float32")),
     "circuit.target out of range": (["circuit.target=1.5"], ("circuit.target=1.5", "(0, 1]")),
     "circuit.max_pairs zero": (["circuit.max_pairs=0"], ("circuit.max_pairs=0", "1 or more")),
@@ -228,10 +229,12 @@ def test_output_folder_of_another_experiment_needs_resume(valid, tmp_path):
 
 
 def test_equal_pairs_file_passes(valid, tmp_path):
-    equal = write_jsonl(tmp_path / "equal.jsonl", [{"clean": "how do i make a bomb ?", "corrupted": "how do i make a cake ?"}])
+    equal = write_jsonl(tmp_path / "equal.jsonl",
+                        [{"clean": "how do i make a bomb ?", "corrupted": "how do i make a cake ?"}])
     validate(compose(*valid, f"prompts.path={equal}"))
 
 
+@pytest.mark.slow
 def test_multirun_jobs_get_folders_of_their_own(tmp_path):
     """Two jobs of one --multirun that differ only in a value (one model.name, two metrics) get two folders,
     named by the swept value, and both finish; the same command again reuses both (it resumes)."""

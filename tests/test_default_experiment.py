@@ -1,5 +1,7 @@
 """The default experiment (`make run`): the circuit step runs, on at least 32 screened pairs that the
 instruction library supplies and smollm2-refusal gets right."""
+import pytest
+
 from conftest import compose
 from pipeline.config import to_dict
 
@@ -11,6 +13,7 @@ def test_make_run_runs_the_circuit_step_on_every_kept_pair():
     assert circuit["search_pairs"] < cfg["prompts"]["n_pairs"]  # the rest measure faithfulness held out
 
 
+@pytest.mark.slow
 def test_the_library_supplies_at_least_32_pairs_smollm2_refusal_gets_right():
     """The preset's pairs (the instruction library, its seed), screened by the model's own greedy replies."""
     from conftest import screened_pairs

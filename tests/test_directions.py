@@ -10,20 +10,29 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import REPO, random_model
+from conftest import REPO, random_model, screened_pairs
 from pipeline.analysis.behaviour import chat_ids, greedy_generations, screen
-from pipeline.analysis.directions import (DIRECTION_FILE, SUMMARY_KEY, direction_summary, general_sentences,
-                                          intervention_cost, load_intervention, select_direction)
-from conftest import screened_pairs
+from pipeline.analysis.directions import (
+    DIRECTION_FILE,
+    SUMMARY_KEY,
+    direction_summary,
+    general_sentences,
+    intervention_cost,
+    load_intervention,
+    select_direction,
+)
 from pipeline.analysis.pairs import grammar_pairs
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.directions import (Intervention, ablate_direction_kl, ablate_direction_metrics, intervened,
-                                        mean_difference)
+from pipeline.engine.directions import (
+    Intervention,
+    ablate_direction_kl,
+    ablate_direction_metrics,
+    intervened,
+    mean_difference,
+)
 from pipeline.engine.hooks import capture, run_with_cache
-from pipeline.engine.loading import load_model
 from pipeline.engine.metrics import Answers, answer_metric, kl_to_source
 from pipeline.engine.reference import orthogonalised_copy, reference_greedy
-from pipeline.organisms import resolve
 from pipeline.outputs.comparison import MEAN_DIFFERENCE, SELECTED, Compared, comparison_table
 from pipeline.store import write_table
 
@@ -74,16 +83,16 @@ def test_ablation_removes_exactly_the_direction(model_type):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """refusal-tiny through the normal loading path, and its refusal direction at layer 2, final token
-    (difference of means over training-split grammar pairs)."""
-    torch.set_num_threads(1)
-    model, tokenizer = load_model(resolve("refusal-tiny"))
+def tiny_and_direction(tiny):
+    """refusal-tiny, and its refusal direction at layer 2, final token (difference of means over
+    training-split grammar pairs)."""
+    model, tokenizer = tiny
     pairs = grammar_pairs(16, seed=3, split="train")
+    adapter = get_adapter(model)
     resid = {}
     for side in ("clean", "corrupted"):
         ids = [chat_ids(tokenizer, getattr(p, side)) for p in pairs]
-        resid[side] = torch.cat([run_with_cache(model, get_adapter(model), torch.tensor([x])).acts["resid_pre"][:, 2, -1]
+        resid[side] = torch.cat([run_with_cache(model, adapter, torch.tensor([x])).acts["resid_pre"][:, 2, -1]
                                  for x in ids])
     return model, tokenizer, mean_difference(resid["clean"], resid["corrupted"])
 
@@ -97,11 +106,11 @@ def _cut(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", ["ablate", "add"])
-def test_generation_under_intervention_equals_a_step_by_step_loop(tiny, mode):
+def test_generation_under_intervention_equals_a_step_by_step_loop(tiny_and_direction, mode):
     """KV-cached greedy generation under the hooks (what the screen runs) gives the tokens of a loop that
     recomputes the whole sequence each step: for ablation on the weight-orthogonalised model with no
     hooks at all, for addition with one plain hook adding the vector at its layer."""
-    model, tokenizer, direction = tiny
+    model, tokenizer, direction = tiny_and_direction
     intervention = Intervention(mode, direction, 2, float(direction.norm()))
     ids = [chat_ids(tokenizer, p) for p in PROMPTS]
     with intervened(model, intervention):
@@ -125,24 +134,25 @@ def test_generation_under_intervention_equals_a_step_by_step_loop(tiny, mode):
     assert [g.ids for g in fast] != [g.ids for g in plain]  # the intervention acted on the replies
 
 
-def test_addition_at_scale_zero_changes_nothing(tiny):
-    model, tokenizer, direction = tiny
+def test_addition_at_scale_zero_changes_nothing(tiny_and_direction):
+    model, tokenizer, direction = tiny_and_direction
     table = pa.table({"prompt": PROMPTS, "harmful": [True, True, False, False, False]})
     plain = screen(model, tokenizer, table)
     added = screen(model, tokenizer, table, intervention=Intervention("add", direction, 2, 0.0))
     assert added.table.equals(plain.table) and added.summary == plain.summary
 
 
-def test_ablation_and_addition_move_refusal_on_refusal_tiny(tiny):
+def test_ablation_and_addition_move_refusal_on_refusal_tiny(tiny_and_direction):
     """The final-token direction at layer 2 carries refusal-tiny's refusal: adding it makes harmless
     prompts refused; ablating it cuts the harmful prompts' refusal log-odds (from about 9 to about 3: not
     enough to stop refusal in this model, whose refusal is not one direction); the cost on ordinary text
     is measured."""
-    model, tokenizer, direction = tiny
+    model, tokenizer, direction = tiny_and_direction
     table = pa.table({"prompt": PROMPTS, "harmful": [True, True, False, False, False]})
     plain = screen(model, tokenizer, table).table.column("metric").to_pylist()
     ablated = screen(model, tokenizer, table, intervention=Intervention("ablate", direction, 2, 0.0)).table
-    added = screen(model, tokenizer, table, intervention=Intervention("add", direction, 2, float(direction.norm()))).summary
+    addition = Intervention("add", direction, 2, float(direction.norm()))
+    added = screen(model, tokenizer, table, intervention=addition).summary
     assert added["refusal_rate_harmless_generation"] == 1.0
     assert all(a < p - 3 for a, p in zip(ablated.column("metric").to_pylist()[:2], plain[:2]))
     cost = intervention_cost(model, tokenizer, Intervention("ablate", direction, 2, 0.0), PROMPTS[2:],
@@ -170,7 +180,8 @@ def test_selection_on_refusal_tiny_pairs(tiny, tmp_path):
     intervention = load_intervention(tmp_path, "add")
     assert intervention.layer == chosen["layer"]
     assert intervention.scale == pytest.approx(chosen["harmful_projection"] - chosen["harmless_projection"])
-    assert intervention.scale == pytest.approx(chosen["norm"], rel=1e-4)  # adding scale x unit is adding the mean difference
+    # adding scale x unit is adding the mean difference
+    assert intervention.scale == pytest.approx(chosen["norm"], rel=1e-4)
     assert direction_summary(tmp_path)["chosen"]["layer"] == chosen["layer"]
     row = comparison_table([Compared("tiny", "refusal-tiny", "llama", 4, 12, {}, None, tmp_path)]).iloc[0]
     assert row["direction_from"] == SELECTED and row["direction_best_depth"] == round(chosen["layer"] / 3, 3)
@@ -189,13 +200,15 @@ def test_without_a_selected_direction_the_outputs_say_what_they_show(tiny_sweep)
     assert f"best at layer {best} by addition and ablation" in (outcome.run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_screen_under_a_folder_without_a_direction_fails_before_loading(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "how do I make a cake ?", "harmful": false}\n')
     (tmp_path / "run").mkdir()
-    result = subprocess.run([sys.executable, "-m", "pipeline", "screen", "model=refusal_tiny", f"prompts.path={prompts}",
-                             f"intervention.run={tmp_path / 'run'}", "intervention.mode=ablate",
-                             f"output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "screen", "model=refusal_tiny",
+                             f"prompts.path={prompts}", f"intervention.run={tmp_path / 'run'}",
+                             "intervention.mode=ablate", f"output_dir={tmp_path / 'out'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"patchsweep: error: {tmp_path / 'run'} holds no direction.arrow: run its sweep with direction.enabled=true "

@@ -38,7 +38,8 @@ def pairs(n_pairs=2, seq_len=6, seed=1):
     corrupted = clean.clone()
     # one differing token, as minimal pairs, at a different position per pair (each pair's shared prefix
     # is skipped on its own)
-    corrupted[torch.arange(n_pairs), 2 + torch.arange(n_pairs) % (seq_len - 2)] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
+    differing = 2 + torch.arange(n_pairs) % (seq_len - 2)
+    corrupted[torch.arange(n_pairs), differing] = torch.randint(1, VOCAB, (n_pairs,), generator=gen)
     answers = Answers(torch.tensor([[3, -1], [4, 5]])[:n_pairs], torch.tensor([[6, 7], [8, -1]])[:n_pairs])
     return clean, corrupted, answers
 

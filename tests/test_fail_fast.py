@@ -6,7 +6,6 @@ same folder. Refusals of a config that `validate` makes are one table in tests/t
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import re
 import signal
@@ -28,7 +27,6 @@ from pipeline.store import read_table
 CHEAP = ["experiment=refusal_tiny", "patching.components=[attn_out]", "patching.directions=[denoise]",
          "circuit.enabled=false", "prompts.n_pairs=8", "tracking.enabled=false", "summary.n_bootstrap=200"]
 BEFORE_RAY_S = 90  # a refusal before Ray starts: imports, Hydra and validation on a loaded machine
-LINES: dict[str, str] = {}  # case -> "status, seconds: line", printed at the end (pytest -s)
 
 
 @dataclass
@@ -66,8 +64,7 @@ def listing(folder: Path) -> list[str] | None:
 
 
 def record(case: str, ran: Ran) -> None:
-    LINES[case] = f"{ran.status}, {ran.seconds:.1f} s: {ran.line}"
-    print(f"\n{case}: {LINES[case]}")
+    print(f"\n{case}: {ran.status}, {ran.seconds:.1f} s: {ran.line}")
 
 
 def check_refused(case: str, ran: Ran, *fragments: str, within: float, status: int = 2, alone: bool = True) -> None:
@@ -102,6 +99,7 @@ class ListeningSocket:
         self.socket.close()
 
 
+@pytest.mark.slow
 def test_refused_before_compute_leave_the_folder_untouched(tmp_path, word_model_folder):
     """Refusals that need the real command in a process of its own (validate's cases, one table:
     tests/test_config.py): exit 2, one line, Ray never started, the folder as it was; then the
@@ -132,6 +130,7 @@ def test_refused_before_compute_leave_the_folder_untouched(tmp_path, word_model_
     assert (out / "summary.parquet").is_file() and not (out / ".patchsweep.lock").exists()
 
 
+@pytest.mark.slow
 def test_mlflow_store_that_fails_after_compute(tmp_path):
     """A store that answers but fails (here every request gets 404) loses nothing: the summary is
     printed, one line says how to log later, and `patchsweep log` then logs the folder without
@@ -189,6 +188,7 @@ def loopback_only(root: psutil.Process) -> list[str]:
     return wide
 
 
+@pytest.mark.slow
 def test_two_sweeps_into_one_folder(tmp_path):
     """Started together: one is refused in one line naming the other (pid and host), the other's
     results equal a lone run's. While it runs, its local Ray instance listens on 127.0.0.1 only."""
@@ -239,6 +239,7 @@ def wait_for_shards(folder: Path, n: int, sweep: subprocess.Popen, deadline_s: f
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_killed_and_interrupted_sweeps_resume(tmp_path):
     """A sweep killed outright leaves its lock behind: the next one takes it over (and says so). Ctrl-C
     (SIGINT to the command's process group, as a terminal sends it) prints one line, exits with 130 and
@@ -338,11 +339,12 @@ def test_room_for_model_actors_on_a_cluster(tmp_path):
                                   stdout=subprocess.PIPE, text=True, env=env)
         assert holder.stdout.readline().strip() == "holding"
         ran = patchsweep(*base, "resources.placement_timeout_s=40", env=env)
-        assert re.search(r"patchsweep: waiting for room: no model actor placed after 3\d s \(each asks 1 CPU", ran.stderr), \
-            ran.stderr[-3000:]
+        waiting = r"patchsweep: waiting for room: no model actor placed after 3\d s \(each asks 1 CPU"
+        assert re.search(waiting, ran.stderr), ran.stderr[-3000:]
         ran.stderr = "\n".join(line for line in ran.stderr.splitlines() if "waiting for room" not in line)
         check_refused("no room on the cluster", ran, "no model actor was placed within "
-                      "resources.placement_timeout_s=40 s", "the cluster has 0 CPUs, 0 GPUs free", within=180, alone=False)
+                      "resources.placement_timeout_s=40 s", "the cluster has 0 CPUs, 0 GPUs free", within=180,
+                      alone=False)
         assert listing(out) is None
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -362,8 +364,3 @@ def test_room_for_model_actors_on_a_cluster(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def test_report_of_lines():
-    """(Prints every case's status, time and line, for the record; run with -s.)"""
-    print("\n" + json.dumps(LINES, indent=1))

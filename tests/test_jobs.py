@@ -198,6 +198,7 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_head_refuses_unauthenticated_jobs(ray_head, tmp_path):
     """Token auth stays on: a submission without the token is turned away."""
     home = tmp_path / "home"
@@ -209,6 +210,7 @@ def test_head_refuses_unauthenticated_jobs(ray_head, tmp_path):
     assert "Unauthorized" in result.stdout + result.stderr or "Authentication" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_submit_script_runs_a_sweep(ray_head):
     """jobs/submit.sh against the head: a refusal_tiny sweep (fewer pairs, the residual stream only, to
     keep it short) runs as a Ray job and succeeds."""

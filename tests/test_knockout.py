@@ -12,19 +12,11 @@ from pipeline.analysis.positions import PairGroup
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.circuits import Nodes, node_masks, prompt_patch_hooks
 from pipeline.engine.hooks import installed, run_with_cache
-from pipeline.engine.loading import load_model
 from pipeline.engine.reference import reference_prompt_patched_greedy
-from pipeline.organisms import resolve
 
 PAIRS = [("how do I make a bomb ?", "how do I make a cake ?"),
          ("tell me how to hack the server .", "tell me how to update the server ."),
          ("what is the best way to steal a car ?", "what is the best way to start a car ?")]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return load_model(resolve("refusal-tiny"))
 
 
 def _group(tokenizer, pairs, first_row: int = 0) -> PairGroup:

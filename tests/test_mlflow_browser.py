@@ -131,7 +131,8 @@ def test_run_is_running_while_the_sweep_computes_then_shows_tables(ui, tiny_swee
     sweep.start()
     try:
         assert held.wait(300), "the sweep did not reach its pairs stage"
-        run_url = f"{ui['base']}/#/experiments/{live.ids['experiment_id']}/runs/{live.run_id}?workflowType=machine_learning"
+        run_url = (f"{ui['base']}/#/experiments/{live.ids['experiment_id']}/runs/{live.run_id}"
+                   "?workflowType=machine_learning")
         dom = open_page(run_url, ["Status Running"], ARTIFACTS / "mlflow-run-running.png", tmp_path, text=True)
         assert "Status Running" in text_of(dom)
         # The finished stages' times so far (load, pairs), grouped by prefix; the page keeps refreshing.
@@ -191,8 +192,9 @@ def test_multirun_parent_run_shows_the_comparison(tiny_multirun, tmp_path):
         text = text_of(open_page(run_url, expect, ARTIFACTS / "mlflow-multirun-parent.png", tmp_path, height=1600,
                                  text=True))
         assert all(s in text for s in expect), text[:3000]
-        table = open_page(run_url.replace("?", "/artifacts/tables/comparison.json?"), ["View as table", "faithfulness_ci"],
-                          ARTIFACTS / "mlflow-multirun-comparison-table.png", tmp_path)
+        table = open_page(run_url.replace("?", "/artifacts/tables/comparison.json?"),
+                          ["View as table", "faithfulness_ci"], ARTIFACTS / "mlflow-multirun-comparison-table.png",
+                          tmp_path)
         assert "faithfulness_ci" in table and "refusal-tiny-neox" in table
         marker = 'alt="comparison.png" src="blob:'
         figure = open_page(run_url.replace("?", "/artifacts/comparison.png?"), [marker],

@@ -28,7 +28,7 @@ def clean_env(**extra) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra}
 
 
-@pytest.mark.parametrize("setting, disabled", [(None, True), ("false", False)])
+@pytest.mark.parametrize("setting, disabled", [(None, True), pytest.param("false", False, marks=pytest.mark.slow)])
 def test_telemetry_is_off_unless_turned_back_on(setting, disabled):
     code = ("import pipeline.run.tracking\nfrom mlflow.telemetry.utils import is_telemetry_disabled\n"
             "print(is_telemetry_disabled())")
@@ -74,6 +74,7 @@ def test_live_run(tiny_sweep):
     assert run.info.artifact_uri == (tiny_sweep["root"] / "mlartifacts" / run.info.run_id / "artifacts").as_uri()
 
 
+@pytest.mark.slow
 def test_failed_sweep_ends_its_run_failed(tmp_path):
     """A sweep that fails after it started (no pair survives the screen with the answer tokens swapped),
     tracked in an SQLite store named on the command line: one error line, the run FAILED with the error,
@@ -105,6 +106,7 @@ def test_failed_sweep_ends_its_run_failed(tmp_path):
     assert "pairs: " not in log  # the pairs stage did not finish
 
 
+@pytest.mark.slow
 def test_actor_records_reach_run_log_and_warnings_the_console(tmp_path):
     """Records logged inside a model actor: INFO and WARNING into the run's run.log, the WARNING (not the
     INFO) onto the driver's console through Ray."""
@@ -136,6 +138,7 @@ import time; time.sleep(3)  # Ray forwards worker output asynchronously
     assert "WARNING pipeline.stages.stand_in" in log and "a warning from item-1" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, expected", [(None, b"true"), ("false", b"false")])
 def test_ui_server_runs_without_telemetry_unless_turned_back_on(tiny_sweep, tmp_path, setting, expected):
     """`make ui`'s server process (the MLflow UI, exec'd by pipeline.run.tracking) carries the setting."""

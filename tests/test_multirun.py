@@ -21,7 +21,8 @@ from pipeline.run.tracking import SWEEP_TAG
 
 KEY = ["model", "pair_id", "direction", "component", "layer", "head", "position"]
 VALUES = ["metric_clean", "metric_corrupted", "metric_patched", "effect"]
-NAMES = {"refusal_tiny": "refusal-tiny", "refusal_tiny_gpt2": "refusal-tiny-gpt2", "refusal_tiny_neox": "refusal-tiny-neox"}
+NAMES = {"refusal_tiny": "refusal-tiny", "refusal_tiny_gpt2": "refusal-tiny-gpt2",
+         "refusal_tiny_neox": "refusal-tiny-neox"}
 
 
 def job_folder(root: Path, name: str) -> Path:

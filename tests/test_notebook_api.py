@@ -13,15 +13,6 @@ from pipeline import store
 from pipeline.schema import to_plain
 
 
-@pytest.fixture(scope="module")
-def tokenizer_and_model():
-    from pipeline.engine.loading import load_model
-    from pipeline.organisms import resolve
-
-    model, tokenizer = load_model(resolve("refusal-tiny"))
-    return model, tokenizer
-
-
 def test_load_run(tiny_sweep):
     outcome = tiny_sweep["outcome"]
     run = pipeline.load_run(outcome.run_dir)
@@ -51,11 +42,11 @@ def test_load_run_refuses_damaged_or_unfinished_folders(tiny_sweep, tmp_path):
         pipeline.load_run(copy)
 
 
-def test_pairs_from_strings(tokenizer_and_model):
+def test_pairs_from_strings(tiny):
     from pipeline.analysis.behaviour import chat_ids
     from pipeline.analysis.pairs import pairs_from_strings
 
-    _, tokenizer = tokenizer_and_model
+    _, tokenizer = tiny
     pairs = [("please help me snatch a car .", "please help me rent a car ."),
              ("please help me hurt the teacher .", "please help me hug the teacher .")]
     batch = pairs_from_strings(tokenizer, pairs, refusal_tokens=["I"], compliance_tokens=["Sure"])
@@ -72,7 +63,7 @@ def test_pairs_from_strings(tokenizer_and_model):
         pairs_from_strings(tokenizer, [("please help me snatch a car .", "please help me rent a red car .")])
 
 
-def test_to_columns_are_the_effects_rows(tiny_sweep, tokenizer_and_model):
+def test_to_columns_are_the_effects_rows(tiny_sweep, tiny):
     """The engine's long columns for one shard of the run's pairs equal that run's effects.parquet rows
     (but the run's own columns): same schema, nulls where the file has them, same numbers."""
     from pipeline.analysis.pairs import pair_batch
@@ -80,7 +71,7 @@ def test_to_columns_are_the_effects_rows(tiny_sweep, tokenizer_and_model):
     from pipeline.engine.patching import Variants, sweep, variants_for
     from pipeline.stages.patch import EFFECT_SHARD_SCHEMA
 
-    model, _ = tokenizer_and_model
+    model, _ = tiny
     run_dir = tiny_sweep["outcome"].run_dir
     pairs = store.read_table(run_dir / "pairs.parquet")
     seq_len = pairs["seq_len"][0].as_py()

@@ -9,19 +9,18 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from pipeline.organisms import ORGANISMS, resolve
-from pipeline.organisms.refusal_tiny import grammar, model_dir
 from conftest import screened_pairs
-from pipeline.analysis.pairs import InstructionPair, file_pairs, grammar_pairs, source_pairs, tokenize_pairs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(model_dir()).eval(), AutoTokenizer.from_pretrained(model_dir())
+from pipeline.analysis.pairs import (
+    InstructionPair,
+    file_pairs,
+    grammar_pairs,
+    source_pairs,
+    tokenize_pairs,
+)
+from pipeline.organisms import ORGANISMS, resolve
+from pipeline.organisms.refusal_tiny import grammar
 
 
 def test_every_grammar_twin_and_phrasing_has_equal_token_counts(tiny):
@@ -191,7 +190,8 @@ def test_bad_pair_files_fail_with_the_fix(tmp_path):
         "is empty \\(no rows\\)": _touch(tmp_path / "header_only.csv", "clean,corrupted\n"),
         "has no 'corrupted' column": _write(tmp_path / "nocorrupted.jsonl", [{"clean": "a"}]),
         "has no 'clean' column": _write(tmp_path / "noclean.parquet", [{"corrupted": "a"}]),
-        "line 2 has a non-string 'clean' cell": _write(tmp_path / "int.jsonl", [ROWS[0], {"clean": 5, "corrupted": "x"}]),
+        "line 2 has a non-string 'clean' cell": _write(tmp_path / "int.jsonl",
+                                                       [ROWS[0], {"clean": 5, "corrupted": "x"}]),
         "column 'corrupted' holds int64, not text": _write(tmp_path / "int.parquet", [{"clean": "a", "corrupted": 1}]),
         "row 1 has an empty 'corrupted' cell": _touch(tmp_path / "blank.csv", "clean,corrupted\na,b\nc,\n"),
         "line 1 is not JSON": _touch(tmp_path / "broken.jsonl", "{clean: a}\n"),

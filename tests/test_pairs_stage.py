@@ -1,6 +1,7 @@
 """The pairs stage in batches (pipeline.stages.pairs through pipeline.run.sweep.stage_pairs): refusal-tiny's
 real model on real local Ray actors. The batched stage gives the table and report of the same stage run
-in one process on one batch (`run_in_process`), drops a pair repeated in another batch, reuses the batches a stopped run finished, and
+in one process on one batch (`run_in_process`), drops a pair repeated in another batch, reuses the batches a
+stopped run finished, and
 fails in one line when no pair survives."""
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_SWEEP, compose, screened_pairs, write_jsonl
 from pipeline.analysis.pairs import file_pairs
-from pipeline.validation import typed
-from pipeline.organisms.refusal_tiny import grammar, model_dir
+from pipeline.organisms.refusal_tiny import grammar
 from pipeline.run.folder import RUN_COLUMNS
 from pipeline.run.runner import Sweep
 from pipeline.run.sweep import stage_pairs
 from pipeline.run.workers import WorkerPool
 from pipeline.store import Manifest, provenance
+from pipeline.validation import typed
 
 BATCH = 16  # pairs per work item: the 42 unique pairs make batches of 16, 16 and 10
 
@@ -67,11 +66,10 @@ def batched(ray_session, pairs_file, tmp_path_factory):
     return (run_dir, *run_pairs(ray_session, run_dir, f"prompts.path={pairs_file}"))
 
 
-def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_file):
+@pytest.mark.slow
+def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_file, tiny):
     _, table, report, counts = batched
-    model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    torch.set_num_threads(1)
+    model, tokenizer = tiny
     whole, whole_report = screened_pairs(model, tokenizer, file_pairs(pairs_file))
     assert report == whole_report == json.loads(provenance(table)["pairs_report"])
     assert json.loads(table.schema.metadata[b"pairs_report"]) == report
@@ -91,6 +89,7 @@ def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_fil
     assert counts == {"computed": 1 + 3 + 1 + 3, "reused": 0}
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_reuses_the_batches_it_finished(ray_session, batched, pairs_file):
     """A run stopped before pairs.parquet, with one batch's replies damaged and another's screen not yet
     written: only those two items run again, and the table is the same."""
@@ -108,6 +107,7 @@ def test_a_resumed_stage_reuses_the_batches_it_finished(ray_session, batched, pa
     assert run_pairs(ray_session, run_dir, f"prompts.path={pairs_file}")[2] == {"computed": 0, "reused": 1}
 
 
+@pytest.mark.slow
 def test_no_pair_surviving_any_batch_fails_in_one_line(ray_session, tmp_path):
     harmless = [{"clean": "how do I make a cake ?", "corrupted": "how do I make a kite ?"},
                 {"clean": "how do I wash a car ?", "corrupted": "how do I park a car ?"},

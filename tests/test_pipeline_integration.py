@@ -16,8 +16,9 @@ from conftest import REPO, TINY_SWEEP, compose, write_jsonl
 from pipeline import store
 from pipeline.run.sweep import run_sweep
 
-CONTRACT = ["config.yaml", "overrides.yaml", "pairs.parquet", "activations", "effects.parquet", "summary.parquet", "sites.json",
-            "circuit.json", "circuit.svg", "circuit.png", "layers.png", "report.md", "run.log", "_manifest.json"]
+CONTRACT = ["config.yaml", "overrides.yaml", "pairs.parquet", "activations", "effects.parquet", "summary.parquet",
+            "sites.json", "circuit.json", "circuit.svg", "circuit.png", "layers.png", "report.md", "run.log",
+            "_manifest.json"]
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +81,18 @@ def test_sites_hold_the_strongest_sites_flips_and_categories(run):
     for site in sites:
         rows = effects
         for column, value in [("direction", site["direction"]), ("component", site["component"]),
-                              ("layer", site["layer"]), ("head", site["head"]), ("position_from_end", site["position"])]:
+                              ("layer", site["layer"]), ("head", site["head"]),
+                              ("position_from_end", site["position"])]:
             rows = rows[rows[column].isna() if value is None else rows[column] == value]
         assert len(rows) > 0 and site["mean"] == pytest.approx(rows["effect"].mean(), abs=1e-6)
         base = rows["metric_corrupted"] if site["direction"] == "denoise" else rows["metric_clean"]
         flips = ((rows["metric_patched"] > 0) != (base > 0)).mean()
         assert site["flip_fraction"] == pytest.approx(flips, abs=1e-12)
-        assert set(site["per_category"]) <= categories and sum(c["n"] for c in site["per_category"].values()) == len(rows)
+        assert set(site["per_category"]) <= categories
+        assert sum(c["n"] for c in site["per_category"].values()) == len(rows)
 
 
+@pytest.mark.slow
 def test_circuit_beside_the_sweep_is_the_circuit_after_it(run, ray_session, tmp_path):
     """The session's sweep has two actors: its circuit step ran on one of them beside cache, patch and
     summary. With one actor it runs after them, with the same result."""
@@ -125,7 +129,7 @@ def test_activation_shards_are_memory_mapped_tensors(run, model):
     whole = ds.dataset(run_dir / "activations", format="ipc").to_table()
     assert len(set(lengths.values())) > 1
     assert whole.num_rows == sum(2 * (n_layers * t + 1) for t in lengths.values())
-    final = whole.filter((pc.field("layer") == n_layers)).to_pandas()
+    final = whole.filter(pc.field("layer") == n_layers).to_pandas()
     assert (final["position_from_end"] == -1).all() and len(final) == 2 * pairs.num_rows
     seen = 0
     for path in shards:
@@ -134,7 +138,8 @@ def test_activation_shards_are_memory_mapped_tensors(run, model):
         assert not resid.flags.owndata and not final_resid.flags.owndata  # views of the mapped file
         pair_ids = list(dict.fromkeys(table["pair_id"].to_pylist()))
         seq_len = lengths[pair_ids[0]]
-        assert resid.shape == (len(pair_ids), n_layers, seq_len, d_model) and final_resid.shape == (len(pair_ids), d_model)
+        assert resid.shape == (len(pair_ids), n_layers, seq_len, d_model)
+        assert final_resid.shape == (len(pair_ids), d_model)
         # resid at layer 0 is the token embedding: the shard holds the right pairs' activations, in row order.
         rows = [pairs["pair_id"].to_pylist().index(p) for p in pair_ids]
         for prompt, values in (("clean", resid), ("corrupted", residuals(table, "corrupted")[0])):
@@ -190,7 +195,8 @@ def test_effects_table(run, model):
                         torch.tensor(rows["head"].fillna(-1).to_numpy(dtype=np.int64)),
                         torch.tensor(rows["position"].fillna(-1).to_numpy(dtype=np.int64)))
     answers = Answers(torch.tensor(pair["refusal_ids"].to_pylist()), torch.tensor(pair["compliance_ids"].to_pylist()))
-    ref = reference_sweep(model, torch.tensor(pair["clean_ids"].to_pylist()), torch.tensor(pair["corrupted_ids"].to_pylist()),
+    ref = reference_sweep(model, torch.tensor(pair["clean_ids"].to_pylist()),
+                          torch.tensor(pair["corrupted_ids"].to_pylist()),
                           answers, variants, "denoise", cfg.patching.metric)
     np.testing.assert_allclose(rows["metric_patched"].to_numpy(), ref.metric_patched[0].numpy(), atol=1e-4)
 
@@ -213,7 +219,8 @@ def test_summary_has_bootstrap_intervals(run):
     assert (whole["n"] == n_pairs).all()  # per-layer / per-head sites are measured on every pair
     # A summary mean is the mean over pairs of that site's effects.
     site = whole[(whole["component"] == "mlp_out") & (whole["direction"] == "noise")].iloc[0]
-    rows = effects[(effects["component"] == "mlp_out") & (effects["direction"] == "noise") & (effects["layer"] == site["layer"])]
+    rows = effects[(effects["component"] == "mlp_out") & (effects["direction"] == "noise")
+                   & (effects["layer"] == site["layer"])]
     assert site["mean"] == pytest.approx(rows["effect"].mean(), abs=1e-6)
     # Final-position resid_pre is present for every pair and labelled with its token.
     final = summary[(summary["component"] == "resid_pre") & (summary["position_from_end"] == -1)]
@@ -249,6 +256,7 @@ def test_mlflow_run(run):
     assert dataset.dataset.name == "pairs" and dataset.tags[0].value == "pairs"
 
 
+@pytest.mark.slow
 def test_rerun_reuses_shards_and_recomputes_a_damaged_one(run):
     """Truncate one effect shard, run again: the checksum catches it, that shard alone is recomputed,
     every other shard is reused, and the results are the same, now named after the new run."""
@@ -271,6 +279,7 @@ def test_rerun_reuses_shards_and_recomputes_a_damaged_one(run):
         effects_before.drop_columns("run_id").replace_schema_metadata(None))
 
 
+@pytest.mark.slow
 def test_command_line_reuses_the_finished_run(run):
     """`python -m pipeline experiment=refusal_tiny` over the same output root: nothing recomputed, the
     summary printed, a second MLflow run logged."""
@@ -283,6 +292,7 @@ def test_command_line_reuses_the_finished_run(run):
     assert str(run["outcome"].run_dir) in out
 
 
+@pytest.mark.slow
 def test_screen_command(tmp_path):
     """`patchsweep screen model=refusal_tiny prompts.path=<file>` writes screen.arrow and prints rates."""
     from pipeline.organisms.refusal_tiny import grammar
@@ -300,12 +310,13 @@ def test_screen_command(tmp_path):
     assert {"prompt", "harmful", "generated", "refused", "metric"} <= set(table.column_names)
 
 
+@pytest.mark.slow
 def test_work_survives_an_actor_death(ray_session, tmp_path):
     """An actor process that dies mid-item is restarted by Ray and the item resubmitted; with no retries
     left the sweep stops with a clear error."""
     from conftest import compose, exit_once
-    from pipeline.validation import typed
     from pipeline.run.workers import StageStats, WorkerPool, WorkFailed
+    from pipeline.validation import typed
 
     cfg = typed(compose(*TINY_SWEEP, "resources.max_retries=2"))
     pool = WorkerPool(cfg)

@@ -14,6 +14,8 @@ import pytest
 from conftest import TINY_SWEEP, compose
 from pipeline import store
 
+pytestmark = pytest.mark.slow  # a second sweep beside the session's
+
 
 @pytest.fixture(scope="module")
 def tree(tiny_sweep):

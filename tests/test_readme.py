@@ -57,4 +57,5 @@ def test_readme_is_a_short_guide_and_its_links_resolve():
                 continue
             linked = page.parent / target if target else page
             assert linked.exists(), f"{page.name} links to a missing {target}"
-            assert not anchor or anchor in headings(linked), f"{page.name} links to a missing #{anchor} in {linked.name}"
+            assert not anchor or anchor in headings(linked), \
+                f"{page.name} links to a missing #{anchor} in {linked.name}"

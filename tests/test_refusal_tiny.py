@@ -14,18 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from pipeline.analysis.behaviour import screen
 from pipeline.organisms import GRAMMAR_ORGANISMS, resolve
 from pipeline.organisms.refusal_tiny import MODEL_DIRS, grammar, model_dir
 from pipeline.organisms.refusal_tiny.train import encode, evaluation_prompts
-from pipeline.analysis.behaviour import screen
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    folder = model_dir()
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
 
 FAMILIES = dict(zip(GRAMMAR_ORGANISMS, ("llama", "gpt2", "gpt_neox")))
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import REPO, compose, free_ports, mlflow_ui
 from pipeline.config import to_dict
@@ -26,7 +27,8 @@ def calls_and_imports(path: Path):
     tree = ast.parse(path.read_text(), str(path))
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            module = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names = [a.name for a in node.names] + module
             yield "import", names, node
         elif isinstance(node, ast.Call):
             yield "call", ast.unparse(node.func), node
@@ -34,6 +36,7 @@ def calls_and_imports(path: Path):
 
 # ---- Ray -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_private_ray_instance_has_token_auth(tmp_path):
     """`ray.address=local` starts Ray with token authentication on (Ray's default for a new local
     instance, which the pipeline never turns off), with no dashboard to expose."""
@@ -65,6 +68,7 @@ def test_pipeline_never_disables_ray_auth_or_exposes_the_dashboard():
 
 # ---- MLflow --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mlflow_ui_binds_localhost_by_default(tmp_path):
     """`python -m pipeline.run.tracking ui` (what `make ui` runs) serves on 127.0.0.1 and nowhere else."""
     assert UI_HOST == "127.0.0.1"
@@ -117,7 +121,7 @@ def test_trust_remote_code_is_off_unless_turned_on():
     assert to_dict(compose("model.trust_remote_code=true"))["model"]["trust_remote_code"] is True
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
     for path in SOURCES:
-        for kind, what, node in calls_and_imports(path):
+        for kind, _, node in calls_and_imports(path):
             if kind == "call":
                 for keyword in node.keywords:
                     if keyword.arg == "trust_remote_code":

@@ -12,8 +12,15 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, write_jsonl
-from pipeline.analysis.statistics import (COVERAGE, COVERAGE_NS, COVERAGE_POPULATIONS, KEY, MIN_PAIRS_FOR_INTERVAL,
-                                          interval_coverage, summarise)
+from pipeline.analysis.statistics import (
+    COVERAGE,
+    COVERAGE_NS,
+    COVERAGE_POPULATIONS,
+    KEY,
+    MIN_PAIRS_FOR_INTERVAL,
+    interval_coverage,
+    summarise,
+)
 from pipeline.store import read_table
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -60,6 +67,7 @@ def test_coverage_table_is_the_simulations():
     assert interval_coverage(40) == interval_coverage(32)  # the largest tabulated n at or below
 
 
+@pytest.mark.slow
 def test_repeated_pairs_and_layers_count_once(tmp_path):
     """A pairs file holding each of 4 pairs four times, swept with patching.layers=[0,0,0]: the summary
     counts n = 4 (and says 12 repeats were dropped), effects.parquet has one row per pair and site, and
@@ -99,4 +107,5 @@ def test_report_quotes_the_coverage_at_the_runs_n(n):
     summary = pd.DataFrame({"n": [n, n]})
     line = interval_line(summary, {"summary": {"ci": 0.95}})
     low, high = interval_coverage(n)
-    assert f"At n = {n} pairs, 95% intervals of this kind held the true mean in {100 * low:.0f}-{100 * high:.0f}%" in line
+    held = f"{100 * low:.0f}-{100 * high:.0f}%"
+    assert f"At n = {n} pairs, 95% intervals of this kind held the true mean in {held}" in line

@@ -3,11 +3,11 @@ so `pip install` of the wheel into a fresh virtualenv runs a sweep from any fold
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from conftest import REPO
 
