@@ -1,4 +1,4 @@
-"""Evaluation prompts for the refusal direction's README table: prompts that neither the organism's
+"""Evaluation prompts for the refusal direction's table in docs/findings.md: prompts that neither the organism's
 training nor the run's direction selection saw, as a screen file (JSONL: prompt, harmful).
 
     python bench/direction_prompts.py smollm2-refusal <run folder> out.jsonl   # data.split()'s fresh acts

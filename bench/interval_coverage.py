@@ -12,7 +12,7 @@ of n pairs drawn from three populations:
                 length; each site's pairs are the population and their mean the truth; sites whose
                 effect is the same on every pair are left out (any interval covers a constant)
 
-It prints the table in the README (Statistics) and the `COVERAGE` rows of pipeline/analysis/statistics.py,
+It prints the table in docs/statistics.md and the `COVERAGE` rows of pipeline/analysis/statistics.py,
 which the report quotes at a run's n; tests/test_statistics.py re-runs a cheap part and checks both.
 
     python bench/interval_coverage.py                  # the full table (a few minutes on 2 cores)

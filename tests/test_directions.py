@@ -164,7 +164,7 @@ def test_selection_on_refusal_tiny_pairs(tiny, tmp_path):
     """Every layer x post-instruction position is a candidate; the last 20% of layers are not scored; the
     chosen one passes the filters with the lowest bypass score; direction.arrow reads back as the
     intervention the screen uses."""
-    model, tokenizer, _ = tiny
+    model, tokenizer = tiny
     pairs = screened_pairs(model, tokenizer, grammar_pairs(12, seed=0)).table
     selection = select_direction(model, pairs, max_kl=10.0, max_layer_fraction=0.5)
     rows = selection.table.drop(["direction"]).to_pylist()

@@ -105,7 +105,7 @@ def test_report_quotes_the_coverage_at_the_runs_n(n):
     from pipeline.outputs.report import interval_line
 
     summary = pd.DataFrame({"n": [n, n]})
-    line = interval_line(summary, {"summary": {"ci": 0.95}})
+    line = interval_line(summary, 0.95)
     low, high = interval_coverage(n)
     held = f"{100 * low:.0f}-{100 * high:.0f}%"
     assert f"At n = {n} pairs, 95% intervals of this kind held the true mean in {held}" in line

@@ -1,5 +1,5 @@
 """The files of a run folder: one registry, read by the report's file table, the run manifest, the MLflow
-artifacts and `pipeline.load_run` (the README's output contract lists the same files), and `RunFolder`, the
+artifacts and `pipeline.load_run` (the README's output files lists the same files), and `RunFolder`, the
 one place their names are written: the rest of the package asks it for a path by what the file holds."""
 from __future__ import annotations
 

@@ -76,21 +76,21 @@ def _ci(mean: float, low: float, high: float) -> str:
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def interval_line(summary: pd.DataFrame, cfg: PatchsweepConfig) -> str:
-    """What the intervals are worth at this run's n (the pairs every pair-wide site is measured on): none
-    below the minimum, else the simulated coverage (pipeline.analysis.statistics.COVERAGE; the README's
-    Statistics). Sites fewer pairs reach (positions only long prompts have) are counted apart."""
+def interval_line(summary: pd.DataFrame, ci: float) -> str:
+    """What the `ci` intervals are worth at this run's n (the pairs every pair-wide site is measured on): none
+    below the minimum, else the simulated coverage (pipeline.analysis.statistics.COVERAGE; docs/statistics.md).
+    Sites fewer pairs reach (positions only long prompts have) are counted apart."""
     if summary.empty:
         return ""
     n = int(summary["n"].max())
     coverage = interval_coverage(n)
     if coverage is None:
         return (f"With n = {n} pairs, {NO_INTERVAL} (the minimum is {MIN_PAIRS_FOR_INTERVAL}: below it the "
-                "bootstrap interval falls far short of its nominal coverage; see the README's Statistics).")
+                "bootstrap interval falls far short of its nominal coverage; see docs/statistics.md).")
     low, high = coverage
-    nominal = "" if cfg.summary.ci == 0.95 else " (simulated for 95% intervals)"
+    nominal = "" if ci == 0.95 else " (simulated for 95% intervals)"
     line = (f"At n = {n} pairs, 95% intervals of this kind held the true mean in {100 * low:.0f}-{100 * high:.0f}% "
-            f"of simulated runs{nominal} (normal, skewed and refusal-tiny effects; the README's Statistics).")
+            f"of simulated runs{nominal} (normal, skewed and refusal-tiny effects; docs/statistics.md).")
     few = int((summary["n"] < MIN_PAIRS_FOR_INTERVAL).sum())
     if few:
         line += (f" {few} site{'s' if few != 1 else ''} reached by fewer than {MIN_PAIRS_FOR_INTERVAL} pairs "
@@ -259,7 +259,7 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
         f"run. Intervals: {100 * cfg.summary.ci:.0f}% percentile bootstrap over pairs "
         f"({cfg.summary.n_bootstrap} resamples). Positions count from the end (-1 = the final token).",
         "",
-        interval_line(summary, cfg),
+        interval_line(summary, cfg.summary.ci),
         "",
         "## Layers that matter most",
         "",
@@ -310,7 +310,7 @@ def console_summary(cfg: PatchsweepConfig, run_dir: Path, pairs_report: dict, st
     strongest = top_layers(summary, k)
     if not strongest.empty:
         lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg.summary.ci:.0f}% CI]):")
-        lines.append(f"  {interval_line(summary, cfg)}")
+        lines.append(f"  {interval_line(summary, cfg.summary.ci)}")
         for r in strongest.itertuples():
             name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
             lines.append(f"  {r.direction:<8} {name:<14} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
