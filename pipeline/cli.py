@@ -277,7 +277,9 @@ def log_command(args: list[str]) -> None:
     if wrong:
         leave(2, f"patchsweep log takes only tracking.<key>=<value> overrides, not {' '.join(wrong)}: the results "
                  "are already computed")
-    if not (run_dir / "config.yaml").is_file():
+    from pipeline.outputs.files import CONFIG
+
+    if not (run_dir / CONFIG.name).is_file():
         leave(2, f"{run_dir} is not a sweep's run folder (no config.yaml there): give the folder a sweep printed "
                  "under Files:")
     from pipeline.outputs.report import ui_hint

@@ -21,16 +21,18 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pipeline.analysis.directions import direction_summary
 from pipeline.analysis.pairs import file_pairs, tokenize_pairs
+from pipeline.analysis.prompt_files import FILE_FORMATS
 from pipeline.config import to_dict
 from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.directions import INTERVENTIONS
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
-from pipeline.messages import first_line
 from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
+from pipeline.messages import first_line
 from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
+from pipeline.outputs.files import RunFolder
 from pipeline.run.workers import RayUnavailable, check_room
 from pipeline.schema import PatchsweepConfig, config_hash, from_plain, tracking_uri
 
@@ -249,10 +251,14 @@ def _check_prompts(cfg: PatchsweepConfig) -> None:
         return
     if Path(path).is_dir():
         raise ConfigError(f"prompts file {path!r} is a folder: set prompts.path to a JSONL, CSV or Parquet file")
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConfigError(f"prompts file {path!r} does not exist: set prompts.path to a JSONL, CSV or Parquet file")
-    if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
-        raise ConfigError(f"prompts file {path!r} is not JSONL, CSV or Parquet: fix prompts.path")
+    if not Path(path).is_file():
+        raise ConfigError(f"prompts file {path!r} is not a regular file (a pipe or device): set prompts.path to a "
+                          "JSONL, CSV or Parquet file")
+    if Path(path).suffix.lower() not in FILE_FORMATS:
+        raise ConfigError(f"prompts file {path!r} has the extension {Path(path).suffix!r}, not one of "
+                          f"{', '.join(FILE_FORMATS)} (JSONL, CSV or Parquet): fix prompts.path")
 
 
 def _generator_supply(cfg: PatchsweepConfig) -> int:
@@ -322,10 +328,10 @@ def _check_output_dir(cfg: PatchsweepConfig) -> None:
     problem = _unwritable(out)
     if problem:
         raise ConfigError(f"output folder {out} cannot be written ({problem}): set output_dir to a writable folder")
-    saved = out / "config.yaml"
+    saved = RunFolder(out).config
     # A folder holds results once its pairs are published; a config.yaml alone (a sweep that stopped before
     # computing anything) marks nothing worth protecting.
-    if cfg.resume or not saved.is_file() or not (out / "pairs.parquet").is_file():
+    if cfg.resume or not saved.is_file() or not RunFolder(out).pairs.is_file():
         return
     try:
         saved_hash = config_hash(OmegaConf.to_container(OmegaConf.load(saved)))

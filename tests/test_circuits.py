@@ -498,7 +498,8 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
 
     from pipeline.analysis.circuit.method import PHASES
     from pipeline.analysis.circuit.progress import Progress
-    from pipeline.stages.circuit import PROGRESS, follow_progress
+    from pipeline.outputs.files import RunFolder
+    from pipeline.stages.circuit import follow_progress
     from pipeline.store import publish_json
 
     states = []
@@ -515,10 +516,10 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
     assert "caches" in state["seconds"]
     shown = io.StringIO()
     with follow_progress(tmp_path, interval=0.05, file=shown):
-        publish_json(tmp_path / PROGRESS, state)
+        publish_json(RunFolder(tmp_path).circuit_progress, state)
         time.sleep(0.5)
     assert "circuit 2/7 scores" in shown.getvalue() and "4/10" in shown.getvalue()
-    assert not (tmp_path / PROGRESS).exists()
+    assert not RunFolder(tmp_path).circuit_progress.exists()
     out_of_order = Progress()
     out_of_order.plan(PHASES)
     with pytest.raises(RuntimeError, match="'scores' started where 'caches' was planned"):

@@ -13,7 +13,6 @@ import torch
 from conftest import REPO, random_model, screened_pairs
 from pipeline.analysis.behaviour import chat_ids, greedy_generations, screen
 from pipeline.analysis.directions import (
-    DIRECTION_FILE,
     SUMMARY_KEY,
     direction_summary,
     general_sentences,
@@ -34,6 +33,7 @@ from pipeline.engine.hooks import capture, run_with_cache
 from pipeline.engine.metrics import Answers, answer_metric, kl_to_source
 from pipeline.engine.reference import orthogonalised_copy, reference_greedy
 from pipeline.outputs.comparison import MEAN_DIFFERENCE, SELECTED, Compared, comparison_table
+from pipeline.outputs.files import DIRECTION
 from pipeline.store import write_table
 
 
@@ -176,7 +176,7 @@ def test_selection_on_refusal_tiny_pairs(tiny, tmp_path):
     assert chosen["bypass_score"] == min(r["bypass_score"] for r in passing)
     assert chosen["kl"] <= 10.0 and chosen["induce_score"] > 0 and chosen["layer"] < 2
     assert chosen["bypass_score"] < selection.summary["plain_harmful_score"]
-    write_table(tmp_path / DIRECTION_FILE, selection.table, {SUMMARY_KEY: json.dumps(selection.summary)})
+    write_table(tmp_path / DIRECTION.name, selection.table, {SUMMARY_KEY: json.dumps(selection.summary)})
     intervention = load_intervention(tmp_path, "add")
     assert intervention.layer == chosen["layer"]
     assert intervention.scale == pytest.approx(chosen["harmful_projection"] - chosen["harmless_projection"])
@@ -191,7 +191,7 @@ def test_without_a_selected_direction_the_outputs_say_what_they_show(tiny_sweep)
     """A run without direction.arrow: the comparison table shows the layer where the circuit's final-token
     mean difference works best and names it so; report.md says no direction was selected."""
     outcome = tiny_sweep["outcome"]
-    assert not (outcome.run_dir / DIRECTION_FILE).exists()
+    assert not (outcome.run_dir / DIRECTION.name).exists()
     n_layers = outcome.model_info["n_layers"]
     row = comparison_table([Compared("tiny", "refusal-tiny", "llama", n_layers, 12, outcome.curves, outcome.circuit,
                                      outcome.run_dir)]).iloc[0]
@@ -225,7 +225,7 @@ def test_screen_interventions_are_checked_before_compute(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "how do I make a cake ?", "harmful": false}\n')
     summary = {"chosen": {"layer": 20}, "n_layers": 30}
-    write_table(tmp_path / DIRECTION_FILE, pa.table({"chosen": [True]}), {SUMMARY_KEY: json.dumps(summary)})
+    write_table(tmp_path / DIRECTION.name, pa.table({"chosen": [True]}), {SUMMARY_KEY: json.dumps(summary)})
     base = ["model=refusal_tiny", f"prompts.path={prompts}", f"output_dir={tmp_path / 'out'}"]
     for overrides, fragment in (
             (["intervention.mode=sideways"], "unknown intervention.mode 'sideways'"),

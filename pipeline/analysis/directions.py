@@ -35,13 +35,20 @@ import torch
 
 from pipeline.analysis.behaviour import SCREEN_METRIC, chat_ids, length_batches
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.directions import (Intervention, ablate_direction_kl, ablate_direction_metrics,
-                                        add_direction_metrics, intervened, mean_difference, unit_vectors)
+from pipeline.engine.directions import (
+    Intervention,
+    ablate_direction_kl,
+    ablate_direction_metrics,
+    add_direction_metrics,
+    intervened,
+    mean_difference,
+    unit_vectors,
+)
 from pipeline.engine.hooks import run_with_cache
 from pipeline.engine.metrics import Answers, kl_to_source, measure
+from pipeline.outputs.files import DIRECTION, RunFolder
 from pipeline.store import provenance, read_schema, read_table, tensor_column, tensor_numpy
 
-DIRECTION_FILE = "direction.arrow"
 SUMMARY_KEY = "direction_summary"
 # Ordinary English sentences written for this project (not from any training data): the cross-entropy
 # cost of an intervention on text that has nothing to do with refusal.
@@ -205,19 +212,19 @@ def _plain_metric(model, ids: Sequence[Sequence[int]], pairs: pa.Table) -> float
 
 def selection_summary(run_dir: str | Path) -> dict | None:
     """The summary direction.arrow carries (cheap: the file's schema only), None when the run has none."""
-    path = Path(run_dir) / DIRECTION_FILE
+    path = RunFolder(run_dir).direction
     return json.loads(provenance(read_schema(path))[SUMMARY_KEY]) if path.is_file() else None
 
 
 def direction_summary(run_dir: str | Path) -> dict:
     """The summary of a run whose selection chose a direction. A one-line error, before any model is
     loaded, when the folder has no direction or its selection chose none."""
-    path = Path(run_dir) / DIRECTION_FILE
+    path = RunFolder(run_dir).direction
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist: set intervention.run to a sweep's run folder")
     summary = selection_summary(run_dir)
     if summary is None:
-        raise ValueError(f"{run_dir} holds no {DIRECTION_FILE}: run its sweep with direction.enabled=true (the same "
+        raise ValueError(f"{run_dir} holds no {DIRECTION.name}: run its sweep with direction.enabled=true (the same "
                          "command resumes it), or set intervention.run to a folder that has one")
     if summary["chosen"] is None:
         raise ValueError(f"{path}: no candidate direction passed the filters (see its report.md): nothing to "
@@ -228,7 +235,7 @@ def direction_summary(run_dir: str | Path) -> dict:
 def load_intervention(run_dir: str | Path, mode: str, scale: float | None = None) -> Intervention:
     """The run's chosen direction as an intervention; addition's scale defaults to the run's (see above)."""
     summary = direction_summary(run_dir)
-    table = read_table(Path(run_dir) / DIRECTION_FILE)
+    table = read_table(RunFolder(run_dir).direction)
     row = table.column("chosen").to_pylist().index(True)
     vector = torch.from_numpy(np.array(tensor_numpy(table.column("direction"))[row]))
     chosen = summary["chosen"]

@@ -39,8 +39,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.analysis.behaviour import (SCREEN_METRIC, AnswerTokens, chat_text, decode, derive_answer_tokens,
-                                         final_answer_logits, greedy_generate, is_refusal)
+from pipeline.analysis.behaviour import (
+    SCREEN_METRIC,
+    AnswerTokens,
+    chat_text,
+    decode,
+    derive_answer_tokens,
+    final_answer_logits,
+    greedy_generate,
+    is_refusal,
+)
 from pipeline.analysis.prompt_files import read_user_file
 from pipeline.engine.metrics import Answers, answer_metric
 from pipeline.organisms import GRAMMAR_ORGANISMS

@@ -35,8 +35,19 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture, get_adapter
-from .hooks import (PrefixReuse, Rows, RunCache, capture, edit_activation, first_difference, installed,
-                    output_tensor, rows_that_fit, run_layers, run_with_cache)
+from .hooks import (
+    PrefixReuse,
+    Rows,
+    RunCache,
+    capture,
+    edit_activation,
+    first_difference,
+    installed,
+    output_tensor,
+    rows_that_fit,
+    run_layers,
+    run_with_cache,
+)
 from .metrics import Answers, check_metric, measure
 
 HEAD, MLP, EMBED = 0, 1, 2

@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.analysis.circuit.result import Circuit  # noqa: E402
-from pipeline.analysis.directions import DIRECTION_FILE, selection_summary  # noqa: E402
+from pipeline.analysis.directions import selection_summary  # noqa: E402
 from pipeline.analysis.statistics import LayerPoint  # noqa: E402
+from pipeline.outputs.files import DIRECTION  # noqa: E402
 from pipeline.store import publish_file  # noqa: E402
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
@@ -52,7 +53,7 @@ def direction_of(curves: dict) -> str:
     return "denoise" if "denoise" in directions or not directions else sorted(directions)[0]
 
 
-SELECTED = f"selected ({DIRECTION_FILE})"
+SELECTED = f"selected ({DIRECTION.name})"
 MEAN_DIFFERENCE = "circuit's final-token mean difference"
 
 
@@ -132,6 +133,6 @@ def comparison_markdown(table: pd.DataFrame, title: str, figure: str | None = No
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
     lines += ["", "Depths are relative (0 = first layer, 1 = last); peaks are each component's strongest layer in "
               "the denoising direction; `direction_best_depth` is the refusal direction's layer: the selected one "
-              f"({DIRECTION_FILE}: Arditi et al.'s selection) where `direction_from` says so, else the layer where the "
+              f"({DIRECTION.name}: Arditi et al.'s selection) where `direction_from` says so, else the layer where the "
               "circuit's difference of means at the final token works best by addition and ablation."]
     return "\n".join(lines) + "\n"

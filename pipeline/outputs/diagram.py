@@ -26,6 +26,14 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from pipeline.analysis.circuit.result import Circuit, CircuitNode, Edge  # noqa: E402
+from pipeline.outputs.files import (  # noqa: E402
+    CIRCUIT_DOT,
+    CIRCUIT_NODES_PNG,
+    CIRCUIT_NODES_SVG,
+    CIRCUIT_PNG,
+    CIRCUIT_SVG,
+    RunFolder,
+)
 from pipeline.store import publish_bytes, publish_file  # noqa: E402
 
 CMAP = "RdBu_r"
@@ -241,13 +249,14 @@ def _escape(text: str) -> str:
 def render_circuit(circuit: Circuit, out_dir: str | Path) -> dict[str, Path]:
     """Write circuit.svg/png (supernodes), circuit_nodes.svg/png (every node) and circuit.dot into out_dir
     (each published atomically)."""
-    out_dir = Path(out_dir)
+    folder = RunFolder(out_dir)
     paths = {}
-    for stem, figure in (("circuit", draw_groups(circuit)), ("circuit_nodes", draw(circuit))):
-        paths[f"{stem}.svg"], paths[f"{stem}.png"] = out_dir / f"{stem}.svg", out_dir / f"{stem}.png"
-        publish_file(paths[f"{stem}.svg"], lambda tmp, fig=figure: fig.savefig(tmp, format="svg"))
-        publish_file(paths[f"{stem}.png"], lambda tmp, fig=figure: fig.savefig(tmp, format="png", dpi=130))
+    for (svg, png), figure in (((CIRCUIT_SVG, CIRCUIT_PNG), draw_groups(circuit)),
+                               ((CIRCUIT_NODES_SVG, CIRCUIT_NODES_PNG), draw(circuit))):
+        paths[svg.name], paths[png.name] = folder / svg, folder / png
+        publish_file(folder / svg, lambda tmp, fig=figure: fig.savefig(tmp, format="svg"))
+        publish_file(folder / png, lambda tmp, fig=figure: fig.savefig(tmp, format="png", dpi=130))
         plt.close(figure)
-    paths["circuit.dot"] = out_dir / "circuit.dot"
-    publish_bytes(paths["circuit.dot"], to_dot(circuit).encode())
+    paths[CIRCUIT_DOT.name] = folder / CIRCUIT_DOT
+    publish_bytes(folder / CIRCUIT_DOT, to_dot(circuit).encode())
     return paths

@@ -50,7 +50,7 @@ ARTIFACTS = tuple(f.name for f in OUTPUT_FILES if f.artifact)
 # Files listed in the run folder's own manifest (the shard folders keep manifests of their own).
 MANIFESTED = tuple(f.name for f in OUTPUT_FILES if f.artifact and f.checked and f.name != MANIFEST)
 # Working files a sweep keeps in the folder while it runs (never results).
-LOCK = ".patchsweep.lock"  # the sweep that holds the folder (pipeline.run.sweep.folder_lock)
+LOCK = ".patchsweep.lock"  # the sweep that holds the folder (pipeline.run.folder.folder_lock)
 CIRCUIT_PROGRESS = "circuit.progress.json"  # where the circuit step is, drawn on the driver
 
 

@@ -23,10 +23,10 @@ import pyarrow.dataset as ds
 import yaml
 
 from pipeline.analysis.circuit.result import Circuit, read_circuit
-from pipeline.outputs.files import OUTPUT_FILES
+from pipeline.outputs.files import CIRCUIT, EFFECTS, PAIRS, SUMMARY, RunFolder
 from pipeline.store import MANIFEST, Manifest, read_table
 
-TABLES = {Path(f.name).stem: f.name for f in OUTPUT_FILES if f.name.endswith(".parquet")}
+TABLES = {Path(f.name).stem: f for f in (PAIRS, EFFECTS, SUMMARY)}
 
 
 class Run:
@@ -34,6 +34,7 @@ class Run:
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
+        self.folder = RunFolder(self.path)
         manifest = Manifest(self.path, "run")
         if not manifest.complete:
             raise ValueError(f"{self.path} holds no finished run ({MANIFEST} missing or incomplete): "
@@ -50,7 +51,7 @@ class Run:
         """A table as pyarrow, by its name: "pairs", "effects" or "summary"."""
         if name not in TABLES:
             raise ValueError(f"no table {name!r}: choose from {sorted(TABLES)}")
-        return read_table(self.path / TABLES[name])
+        return read_table(self.folder / TABLES[name])
 
     @cached_property
     def pairs(self) -> pd.DataFrame:
@@ -66,15 +67,15 @@ class Run:
 
     @cached_property
     def circuit(self) -> Circuit | None:
-        return read_circuit(self.path / "circuit.json") if "circuit.json" in self.files else None
+        return read_circuit(self.folder.circuit) if CIRCUIT.name in self.files else None
 
     @cached_property
     def config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        return yaml.safe_load(self.folder.config.read_text())
 
     @cached_property
     def overrides(self) -> list[str]:
-        return yaml.safe_load((self.path / "overrides.yaml").read_text())
+        return yaml.safe_load(self.folder.overrides.read_text())
 
     @cached_property
     def run_id(self) -> str:
@@ -82,12 +83,12 @@ class Run:
 
     @property
     def report(self) -> str:
-        return (self.path / "report.md").read_text()
+        return self.folder.report.read_text()
 
     def activations(self) -> ds.Dataset:
         """Every activation shard as one dataset: one row per (pair, prompt, layer, position), the residual
         a [d_model] tensor (`pipeline.store.tensor_numpy(column)` makes it numpy)."""
-        return ds.dataset(self.path / "activations", format="ipc")
+        return ds.dataset(self.folder.activations, format="ipc")
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, run_id={self.run_id!r})"

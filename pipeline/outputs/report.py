@@ -13,9 +13,17 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.analysis.circuit.result import Circuit, Knockout
-from pipeline.analysis.directions import DIRECTION_FILE, SUMMARY_KEY
+from pipeline.analysis.directions import SUMMARY_KEY
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
-from pipeline.outputs.files import MANIFEST, OUTPUT_FILES
+from pipeline.outputs.files import (
+    CIRCUIT_NODES_SVG,
+    CIRCUIT_SVG,
+    LAYERS_PNG,
+    OUTPUT_FILES,
+    REPORT,
+    RUN_MANIFEST,
+    RunFolder,
+)
 from pipeline.schema import PatchsweepConfig
 from pipeline.store import provenance, publish_bytes, read_table
 
@@ -195,7 +203,7 @@ def _stability_lines(circuit: Circuit) -> list[str]:
 
 def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 10) -> list[str]:
     """report.md's section on the refusal direction (direction.arrow); without one, what the run has instead."""
-    path = run_dir / DIRECTION_FILE
+    path = RunFolder(run_dir).direction
     if not path.is_file():
         if circuit is None:
             return []
@@ -245,6 +253,7 @@ def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 1
 def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_report: dict, stats: list,
                  summary: pd.DataFrame, curves: dict, circuit: Circuit | None) -> Path:
     run_dir = path.parent
+    folder = RunFolder(run_dir)
     k = cfg.summary.top_k
     lines = [
         f"# patchsweep: {cfg.name} on {cfg.model.name}",
@@ -282,17 +291,18 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
         for direction, groups in runs.items():
             lines.append(f"- `{direction}`: " + "; ".join(_run_text(run) for run in groups))
     lines += ["", "## Circuit", ""] + _circuit_lines(circuit)
-    if circuit and (run_dir / "circuit.svg").is_file():
-        lines += ["", "![circuit](circuit.svg)"]
+    if circuit and (folder / CIRCUIT_SVG).is_file():
+        lines += ["", f"![circuit]({CIRCUIT_SVG.name})"]
     if circuit:
         lines += _supernode_lines(circuit) + _stability_lines(circuit)
-    if circuit and (run_dir / "circuit_nodes.svg").is_file():
+    if circuit and (folder / CIRCUIT_NODES_SVG).is_file():
         lines += ["", "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
-                  "", "![circuit nodes](circuit_nodes.svg)"]
+                  "", f"![circuit nodes]({CIRCUIT_NODES_SVG.name})"]
     lines += _direction_lines(run_dir, circuit)
-    lines += ["", "## Heatmaps", "", "![layers](layers.png)", "", "## Files", "", "| file | contents |", "|---|---|"]
+    lines += ["", "## Heatmaps", "", f"![layers]({LAYERS_PNG.name})", "", "## Files", "", "| file | contents |",
+              "|---|---|"]
     for file in OUTPUT_FILES:
-        if (run_dir / file.name.rstrip("/")).exists() or file.name in ("report.md", MANIFEST):
+        if (folder / file).exists() or file in (REPORT, RUN_MANIFEST):
             lines.append(f"| `{file.name}` | {file.contents} |")
     lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
     for s in stats:

@@ -17,22 +17,29 @@ from omegaconf import OmegaConf
 
 from pipeline.analysis.circuit.result import read_circuit
 from pipeline.analysis.statistics import layer_curves, read_summary
+from pipeline.outputs.files import CIRCUIT, EFFECTS, PAIRS, SUMMARY, RunFolder
 from pipeline.run.runner import Sweep, SweepOutcome
 from pipeline.run.workers import notice
 from pipeline.schema import PatchsweepConfig, from_plain, to_plain
-from pipeline.store import (MANIFEST, Manifest, file_entry, provenance, publish_bytes, read_schema, read_table,
-                            with_columns, write_table)
+from pipeline.store import (
+    MANIFEST,
+    Manifest,
+    file_entry,
+    provenance,
+    publish_bytes,
+    read_schema,
+    read_table,
+    with_columns,
+    write_table,
+)
 
 # The tables whose rows say which run and config they belong to (RUN_COLUMNS first).
-RUN_TABLES = ("pairs.parquet", "effects.parquet", "summary.parquet")
+RUN_TABLES = (PAIRS.name, EFFECTS.name, SUMMARY.name)
 RUN_COLUMNS = ("run_id", "config_hash", "model")
 
 
 class FolderBusy(RuntimeError):
     """Another sweep holds the output folder's lock; the message names it."""
-
-
-LOCK_FILE = ".patchsweep.lock"
 
 
 @contextmanager
@@ -45,7 +52,7 @@ def folder_lock(run_dir: Path):
     lock had to create are removed again if the sweep left them empty."""
     created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = RunFolder(run_dir).lock
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -100,18 +107,19 @@ def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
     if damaged:
         raise ValueError(f"{run_dir} has files that no longer match its {MANIFEST} ({', '.join(damaged)}): run "
                          "the sweep again (the same command) to recompute them")
-    cfg = from_plain(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
-    pairs_report = json.loads(provenance(read_schema(run_dir / "pairs.parquet"))["pairs_report"])
-    summary = read_summary(run_dir / "summary.parquet")
-    circuit = read_circuit(run_dir / "circuit.json") if "circuit.json" in manifest.files else None
-    lineage = json.loads((run_dir / MANIFEST).read_text())["provenance"]
+    folder = RunFolder(run_dir)
+    cfg = from_plain(OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True))
+    pairs_report = json.loads(provenance(read_schema(folder.pairs))["pairs_report"])
+    summary = read_summary(folder.summary)
+    circuit = read_circuit(folder.circuit) if CIRCUIT.name in manifest.files else None
+    lineage = json.loads(folder.manifest.read_text())["provenance"]
     return cfg, SweepOutcome(run_dir, str(summary["run_id"].iloc[0]), {}, lineage, pairs_report, [], summary,
                              layer_curves(summary), circuit)
 
 
 def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
     """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation)."""
-    publish_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))).encode())
+    publish_bytes(RunFolder(run_dir).config, OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))).encode())
 
 
 def stamp_run_tables(sweep: Sweep) -> None:

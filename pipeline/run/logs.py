@@ -17,7 +17,9 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-LOG_FILE = "run.log"
+from pipeline.outputs.files import RUN_LOG
+
+LOG_FILE = RUN_LOG.name
 FORMAT = "%(asctime)s %(levelname)s %(name)s (pid %(process)d): %(message)s"
 OWN = "pipeline"  # patchsweep's loggers: logging.getLogger(__name__) in its modules
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipeline.analysis.circuit.result import Circuit
 from pipeline.analysis.statistics import LayerPoint
+from pipeline.outputs.files import RunFolder
 from pipeline.run.workers import StageStats, WorkerPool, timed
 from pipeline.schema import PatchsweepConfig
 from pipeline.store import Manifest
@@ -62,6 +63,10 @@ class Sweep:
     provenance: dict = field(default_factory=dict)
     pairs_report: dict = field(default_factory=dict)
     stats: dict[str, StageStats] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
 
     @property
     def weights_hash(self) -> str:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from pipeline.analysis.circuit.result import Circuit, read_circuit
 from pipeline.analysis.statistics import layer_curves, read_summary
 from pipeline.outputs.diagram import render_circuit
-from pipeline.outputs.files import MANIFESTED
+from pipeline.outputs.files import CIRCUIT, DIRECTION, MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
 from pipeline.run.folder import folder_lock, stamp_run_tables, write_config
@@ -106,7 +106,7 @@ def begin(sweep: Sweep, overrides: list[str]) -> None:
     """config.yaml and overrides.yaml, the run's own columns and the provenance every file carries."""
     cfg, run_dir = sweep.cfg, sweep.run_dir
     write_config(run_dir, cfg)
-    publish_bytes(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
+    publish_bytes(sweep.folder.overrides, OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
     sweep.run = {"run_id": sweep.tracker.run_id if sweep.tracker is not None else uuid.uuid4().hex,
                  "config_hash": config_hash(cfg), "model": cfg.model.name}
     log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg.name, cfg.model.name, config_hash(cfg),
@@ -119,14 +119,14 @@ def begin(sweep: Sweep, overrides: list[str]) -> None:
 
 def stage_pairs(sweep: Sweep) -> pa.Table:
     """pairs.parquet, reused when finished under the same content key, else screened in batches."""
-    cfg, out = sweep.cfg, sweep.run_dir / "pairs.parquet"
+    cfg, out = sweep.cfg, sweep.folder.pairs
     key = pairs.content_key_of(cfg.model.path, cfg.prompts, sweep.weights_hash)
     if sweep.manifest.is_valid(out.name, key):
         sweep.stage("pairs").reused += 1
     else:
         screened = pairs.screen_pairs(
             lambda phase, folder, compute, items: sweep.run_phase("pairs", phase, folder, compute, items),
-            sweep.run_dir / "pairs", key, cfg.model.path, cfg.prompts, cfg.resources.pairs_shard_size,
+            sweep.folder.pairs_batches, key, cfg.model.path, cfg.prompts, cfg.resources.pairs_shard_size,
             sweep.provenance)
         with timed(sweep.stage("pairs")):
             path, _ = pairs.collect(screened, cfg.prompts, out, sweep.run, sweep.provenance)
@@ -140,7 +140,7 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
 
 def stage_cache(sweep: Sweep, shards: list[PairShard]) -> None:
     items = cache.plan(sweep.run_dir, shards, sweep.weights_hash, sweep.provenance)
-    sweep.run_sharded("cache", sweep.run_dir / "activations", cache.run, items)
+    sweep.run_sharded("cache", sweep.folder.activations, cache.run, items)
     sweep.finished("cache")
 
 
@@ -148,7 +148,7 @@ def stage_patch(sweep: Sweep, shards: list[PairShard]) -> list[Path]:
     cfg = sweep.cfg
     items = patch.plan(sweep.run_dir, shards, cfg.patching, cfg.resources.shard_size, cfg.model.name,
                        sweep.weights_hash, sweep.provenance)
-    return sweep.run_sharded("patch", sweep.run_dir / "effects", patch.run, items)
+    return sweep.run_sharded("patch", sweep.folder.effect_shards, patch.run, items)
 
 
 def stage_summary(sweep: Sweep, effect_shards: list[Path]) -> None:
@@ -170,12 +170,12 @@ def stage_circuit(sweep: Sweep):
     item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.provenance)
     stats = sweep.stage("circuit")  # listed after pairs, where it starts
     with circuit.follow_progress(sweep.run_dir):
-        job = None if sweep.manifest.is_valid("circuit.json", item.key) else sweep.pool.start(circuit.run, item)
+        job = None if sweep.manifest.is_valid(CIRCUIT.name, item.key) else sweep.pool.start(circuit.run, item)
         if job is not None:
             log.info("circuit: on an actor of its own, beside the cache, patch and summary stages")
         yield
         if job is None:
-            sweep.run_once("circuit", circuit.run, item, ("circuit.json",))
+            sweep.run_once("circuit", circuit.run, item, (CIRCUIT.name,))
         else:
             for entry in sweep.pool.finish(job, stats):
                 sweep.manifest.record(entry, key=item.key)
@@ -187,21 +187,20 @@ def stage_direction(sweep: Sweep) -> None:
     if not sweep.cfg.direction.enabled:
         return
     item = direction.plan(sweep.run_dir, sweep.cfg.direction, sweep.weights_hash, sweep.provenance)
-    sweep.run_once("direction", direction.run, item, ("direction.arrow",))
+    sweep.run_once("direction", direction.run, item, (DIRECTION.name,))
     sweep.finished("direction")
 
 
 def render(sweep: Sweep) -> tuple[pd.DataFrame, Circuit | None]:
     """layers.png, the circuit diagram and report.md, from the run folder's files."""
-    cfg, run_dir = sweep.cfg, sweep.run_dir
-    summary_frame = read_summary(run_dir / "summary.parquet")
-    circuit_path = run_dir / "circuit.json"
-    found_circuit = read_circuit(circuit_path) if sweep.manifest.is_valid("circuit.json") else None
-    written = [layers_png(summary_frame, run_dir / "layers.png", f"{cfg.name}: {cfg.model.name}")]
+    cfg, folder = sweep.cfg, sweep.folder
+    summary_frame = read_summary(folder.summary)
+    found_circuit = read_circuit(folder.circuit) if sweep.manifest.is_valid(CIRCUIT.name) else None
+    written = [layers_png(summary_frame, folder.layers_png, f"{cfg.name}: {cfg.model.name}")]
     if found_circuit is not None:
-        written += render_circuit(found_circuit, run_dir).values()
-    written.append(write_report(run_dir / "report.md", cfg, sweep.model_info, sweep.pairs_report,
+        written += render_circuit(found_circuit, folder.root).values()
+    written.append(write_report(folder.report, cfg, sweep.model_info, sweep.pairs_report,
                                 list(sweep.stats.values()), summary_frame, layer_curves(summary_frame), found_circuit))
-    for path in [run_dir / "config.yaml", run_dir / "overrides.yaml", *written]:
+    for path in [folder.config, folder.overrides, *written]:
         sweep.manifest.record(file_entry(path))
     return summary_frame, found_circuit

@@ -36,7 +36,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read w
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reports usage unless told not to
 
 import mlflow  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 import mlflow.data  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -45,13 +44,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
-from pipeline.outputs.files import ARTIFACTS  # noqa: E402
+from pipeline.outputs.files import ARTIFACTS, RunFolder  # noqa: E402
 from pipeline.run.logs import LOG_FILE  # noqa: E402
 from pipeline.run.runner import SweepOutcome  # noqa: E402
 from pipeline.run.sweep import Interrupted  # noqa: E402
 from pipeline.run.workers import StageStats  # noqa: E402
+from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 
 # Its start and stop notices would land between the progress bars; warnings still show.
@@ -227,17 +227,17 @@ class LiveRun:
 
     def finish(self, outcome: SweepOutcome) -> dict[str, str]:
         """The results, then FINISHED; returns the ids, the store's URI and the run's path in the UI."""
-        client, run_id, run_dir = self.client, self.run_id, outcome.run_dir
+        client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
-        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: (run_dir / "report.md").read_text()}
+        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: folder.report.read_text()}
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         for name, frame in tables(outcome).items():
             client.log_table(run_id, frame, TABLES[name])
         for name in ARTIFACTS:
-            if (run_dir / name).is_file():
-                client.log_artifact(run_id, str(run_dir / name))
-        self._end("FINISHED", dataset=pairs_dataset(run_dir / "pairs.parquet"))
+            if (folder.root / name).is_file():
+                client.log_artifact(run_id, str(folder.root / name))
+        self._end("FINISHED", dataset=pairs_dataset(folder.pairs))
         ids = self.ids
         return {**ids, "uri": self.uri, "ui_path": f"#/experiments/{ids['experiment_id']}/runs/{run_id}?{MODEL_TRAINING}"}
 
@@ -283,7 +283,7 @@ class LiveRun:
 def log_finished(cfg: PatchsweepConfig, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
     """Log a sweep that finished without its MLflow run (`patchsweep log <run folder>`): the run is created,
     filled as `LiveRun.finish` fills one and ended; returns what `finish` returns."""
-    overrides = OmegaConf.to_container(OmegaConf.load(outcome.run_dir / "overrides.yaml"))
+    overrides = OmegaConf.to_container(OmegaConf.load(RunFolder(outcome.run_dir).overrides))
     live = LiveRun(cfg, sweep_key, overrides)
     for stats in outcome.stats:
         live.stage_finished(stats)
@@ -296,7 +296,7 @@ NODE_COLUMNS = ("id", "component", "layer", "head", "position", "token", "effect
 def tables(outcome: SweepOutcome) -> dict[str, pd.DataFrame]:
     """The MLflow tables of a finished run: the summary (every site's mean and interval) and the
     circuit's nodes."""
-    summary = read_table(outcome.run_dir / "summary.parquet").to_pandas()
+    summary = read_table(RunFolder(outcome.run_dir).summary).to_pandas()
     out = {"summary": summary.astype(object).where(summary.notna(), None)}
     if outcome.circuit is not None:
         nodes = pd.DataFrame([asdict(node) for node in outcome.circuit.nodes])

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
-from pipeline.organisms import resolve
 from pipeline.messages import error_line, first_line, notice_line
+from pipeline.organisms import resolve
 from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.run.scheduler import Room
 from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig

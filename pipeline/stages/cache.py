@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from pipeline.analysis.pairs import pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.hooks import run_with_cache
+from pipeline.outputs.files import RunFolder
 from pipeline.stages.shards import PairShard
 from pipeline.store import PRODUCER, content_key, tensor_column, tensor_numpy, write_table
 
@@ -76,9 +77,9 @@ class CacheItem:
 
 def plan(run_dir: Path, shards: list[PairShard], weights_hash: str, provenance: dict) -> list[CacheItem]:
     """An item per pair shard, named by the model's weights and the shard's content."""
-    folder = run_dir / "activations"
-    return [CacheItem(str(run_dir / "pairs.parquet"), shard.rows,
-                      str(folder / f"{content_key('cache', PRODUCER, weights_hash, shard.key)}.arrow"), provenance)
+    folder = RunFolder(run_dir)
+    return [CacheItem(str(folder.pairs), shard.rows,
+                      str(folder.activations / f"{content_key('cache', PRODUCER, weights_hash, shard.key)}.arrow"), provenance)
             for shard in shards]
 
 

@@ -1,7 +1,7 @@
 """The circuit search on the screened pairs (pipeline.analysis.circuit) -> circuit.json, with the
 circuit's knock-out by generation (pipeline.analysis.knockout).
 
-The search runs on a model actor; it writes where it is (phase, steps done, time left) to PROGRESS in
+The search runs on a model actor; it writes where it is (phase, steps done, time left) to its progress file in
 the run folder, and `follow_progress` draws that on the driver while the item runs."""
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ from tqdm import tqdm
 from pipeline.analysis.circuit.method import find_circuit
 from pipeline.analysis.circuit.progress import Progress
 from pipeline.analysis.knockout import knockout_by_generation
+from pipeline.outputs.files import RunFolder
 from pipeline.schema import CircuitConfig, PatchsweepConfig, SummaryConfig
 from pipeline.store import PRODUCER, content_key, publish_json, read_table
-
-PROGRESS = "circuit.progress.json"
 
 
 @dataclass(frozen=True)
@@ -47,25 +46,24 @@ def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, provenance: di
 
 
 def run(model, tokenizer, item: CircuitItem) -> list[Path]:
-    run_dir = Path(item.run_dir)
-    progress = Progress(lambda state: publish_json(run_dir / PROGRESS, state))
-    result = find_circuit(model, read_table(run_dir / "pairs.parquet"), item.circuit, item.summary, item.metric,
+    folder = RunFolder(item.run_dir)
+    progress = Progress(lambda state: publish_json(folder.circuit_progress, state))
+    result = find_circuit(model, read_table(folder.pairs), item.circuit, item.summary, item.metric,
                           item.model, progress)
     # The harmful prompts' replies as they are: the behaviour screen's, when it generated them (as long).
     screened = result.setup.pairs.column("clean_generation")
     knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit,
                                       item.max_new_tokens, plain=None if screened.null_count else screened.to_pylist())
     circuit = result.to_json() | {"provenance": item.provenance, "knockout_generation": knockout}
-    path = run_dir / "circuit.json"
-    publish_json(path, circuit)
-    return [path]
+    publish_json(folder.circuit, circuit)
+    return [folder.circuit]
 
 
 @contextmanager
 def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
     """While the block runs, a progress bar of the circuit step: its phase, steps done of the phase's
     total (when known), rows computed and the time the phase has left. The progress file goes after."""
-    path, stop = Path(run_dir) / PROGRESS, threading.Event()
+    path, stop = RunFolder(run_dir).circuit_progress, threading.Event()
     path.unlink(missing_ok=True)  # a previous run's
 
     def draw() -> None:

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.analysis.directions import SUMMARY_KEY, intervention_cost, select_direction
 from pipeline.engine.directions import INTERVENTIONS, Intervention
+from pipeline.outputs.files import RunFolder
 from pipeline.schema import DirectionConfig
 from pipeline.store import PRODUCER, content_key, read_table, tensor_numpy, write_table
 
@@ -33,7 +34,8 @@ class DirectionItem:
 
 def plan(run_dir: Path, options: DirectionConfig, weights_hash: str, provenance: dict) -> DirectionItem:
     key = content_key("direction", PRODUCER, weights_hash, provenance["pairs_hash"], asdict(options))
-    return DirectionItem(str(run_dir / "pairs.parquet"), options, str(run_dir / "direction.arrow"), provenance, key)
+    folder = RunFolder(run_dir)
+    return DirectionItem(str(folder.pairs), options, str(folder.direction), provenance, key)
 
 
 def run(model, tokenizer, item: DirectionItem) -> list[Path]:

@@ -28,12 +28,34 @@ from typing import Callable
 import pyarrow as pa
 
 from pipeline.analysis.behaviour import AnswerTokens
-from pipeline.analysis.pairs import (InstructionPair, Replies, ScreenCounts, TokenizedPair, answers_from_replies,
-                                     check_answer_source, pair_replies, pairs_report, screen_batch, source_pairs,
-                                     tokenize_pairs, unique_pairs, with_report)
+from pipeline.analysis.pairs import (
+    InstructionPair,
+    Replies,
+    ScreenCounts,
+    TokenizedPair,
+    answers_from_replies,
+    check_answer_source,
+    pair_replies,
+    pairs_report,
+    screen_batch,
+    source_pairs,
+    tokenize_pairs,
+    unique_pairs,
+    with_report,
+)
+from pipeline.outputs.files import RunFolder
 from pipeline.schema import PromptsConfig, ResourcesConfig
-from pipeline.store import (PRODUCER, content_key, provenance, publish_json, read_schema, read_table, sha256_file,
-                            with_columns, write_table)
+from pipeline.store import (
+    PRODUCER,
+    content_key,
+    provenance,
+    publish_json,
+    read_schema,
+    read_table,
+    sha256_file,
+    with_columns,
+    write_table,
+)
 
 IDS = pa.list_(pa.int32())
 
@@ -234,6 +256,7 @@ def run_in_process(model, tokenizer, model_path: str, prompts: PromptsConfig, fo
         return [path for item in items for path in compute(model, tokenizer, item)]
 
     key = content_key_of(model_path, prompts, "in-process")
-    screened = screen_pairs(run_items, Path(folder) / "pairs", key, model_path, prompts, batch_size, {})
-    path, report = collect(screened, prompts, Path(folder) / "pairs.parquet", {}, {})
+    run_folder = RunFolder(folder)
+    screened = screen_pairs(run_items, run_folder.pairs_batches, key, model_path, prompts, batch_size, {})
+    path, report = collect(screened, prompts, run_folder.pairs, {}, {})
     return read_table(path), report

@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipeline.analysis.pairs import pair_batch
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
+from pipeline.outputs.files import RunFolder
 from pipeline.schema import PatchingConfig
 from pipeline.stages.shards import PairShard, bucket_shards
 from pipeline.store import PRODUCER, content_key, write_table
@@ -68,8 +69,9 @@ def plan(run_dir: Path, shards: list[PairShard], patching: PatchingConfig, shard
                 patches = Patches(component, direction, patching.metric, component in patching.per_position,
                                   patching.layers, patching.heads if component == "head" else None)
                 key = content_key("patch", PRODUCER, weights_hash, [shard.key for shard in bucket], asdict(patches))
-                items.append(PatchItem(str(run_dir / "pairs.parquet"), tuple(shard.rows for shard in bucket), patches,
-                                       model, patching.batch_size, str(run_dir / "effects" / f"{key}.arrow"),
+                items.append(PatchItem(str(RunFolder(run_dir).pairs), tuple(shard.rows for shard in bucket), patches,
+                                       model, patching.batch_size,
+                                       str(RunFolder(run_dir).effect_shards / f"{key}.arrow"),
                                        provenance))
     return items
 

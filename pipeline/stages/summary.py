@@ -11,10 +11,11 @@ import pyarrow as pa
 
 from pipeline.analysis.positions import position_tokens
 from pipeline.analysis.statistics import read_effects, site_breakdown, summarise
+from pipeline.outputs.files import EFFECTS, SITES, SUMMARY, RunFolder
 from pipeline.schema import SummaryConfig
 from pipeline.store import PRODUCER, content_key, publish_json, read_table, with_columns, write_table
 
-OUTPUTS = ("effects.parquet", "summary.parquet", "sites.json")
+OUTPUTS = (EFFECTS.name, SUMMARY.name, SITES.name)
 
 SUMMARY_SCHEMA = pa.schema([
     ("model", pa.string()), ("direction", pa.string()), ("component", pa.string()),
@@ -56,15 +57,15 @@ def plan(run_dir: Path, effect_shards: list[Path], options: SummaryConfig, run: 
 
 def run(model, tokenizer, item: SummaryItem) -> list[Path]:
     """The model is not used."""
-    folder = Path(item.run_dir)
+    folder = RunFolder(item.run_dir)
     effects = pa.concat_tables([read_table(p) for p in item.shards]).replace_schema_metadata(None)
-    effects_path = write_table(folder / "effects.parquet", with_columns(effects, item.run), item.provenance)
+    effects_path = write_table(folder.effects, with_columns(effects, item.run), item.provenance)
     options = item.options
-    pairs = read_table(folder / "pairs.parquet")
+    pairs = read_table(folder.pairs)
     effects = read_effects(effects_path)
     summary = summarise(effects, options.n_bootstrap, options.ci, options.seed, position_tokens(pairs))
     meta = {**item.provenance, "n_bootstrap": options.n_bootstrap, "ci": options.ci}
     table = with_columns(summary_table(summary, set(pairs.column("seq_len").to_pylist())), item.run)
-    publish_json(folder / "sites.json", {"provenance": item.provenance,
+    publish_json(folder.sites, {"provenance": item.provenance,
                                          "sites": site_breakdown(effects, pairs, options.top_k)})
-    return [effects_path, write_table(folder / "summary.parquet", table, meta), folder / "sites.json"]
+    return [effects_path, write_table(folder.summary, table, meta), folder.sites]
