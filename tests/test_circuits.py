@@ -518,7 +518,18 @@ def test_progress_reports_phases_and_the_driver_draws_them(tmp_path):
     with follow_progress(tmp_path, interval=0.05, file=shown):
         publish_json(RunFolder(tmp_path).circuit_progress, state)
         time.sleep(0.5)
-    assert "circuit 2/7 scores" in shown.getvalue() and "4/10" in shown.getvalue()
+    assert "circuit 2/7 scores: 4 of 10" in shown.getvalue()
+    assert len(shown.getvalue().splitlines()) == 1  # not a terminal: a line per phase, not per refresh
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    drawn = Terminal()
+    with follow_progress(tmp_path, interval=0.05, file=drawn):
+        publish_json(RunFolder(tmp_path).circuit_progress, state)
+        time.sleep(0.5)
+    assert "circuit 2/7 scores" in drawn.getvalue() and "4/10" in drawn.getvalue()  # a terminal: the bar
     assert not RunFolder(tmp_path).circuit_progress.exists()
     out_of_order = Progress()
     out_of_order.plan(PHASES)

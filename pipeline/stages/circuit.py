@@ -62,9 +62,13 @@ def run(model, tokenizer, item: CircuitItem) -> list[Path]:
 @contextmanager
 def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
     """While the block runs, a progress bar of the circuit step: its phase, steps done of the phase's
-    total (when known), rows computed and the time the phase has left. The progress file goes after."""
+    total (when known), rows computed and the time the phase has left. Where the stream is not a terminal
+    (a Slurm .out file, `kubectl logs`, a redirect) a bar would add a line at every refresh, so it gets one
+    line per phase instead. The progress file goes after."""
     path, stop = RunFolder(run_dir).circuit_progress, threading.Event()
     path.unlink(missing_ok=True)  # a previous run's
+    stream = file or sys.stderr
+    terminal = getattr(stream, "isatty", lambda: False)()
 
     def draw() -> None:
         bar, shown = None, None
@@ -73,13 +77,21 @@ def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
                 state = json.loads(path.read_text())
             except (FileNotFoundError, ValueError):
                 continue
+            phase = f"  circuit {state['index']}/{state['phases']} {state['phase']}"
+            if not terminal:
+                if shown != (state["index"], state["phase"]):
+                    shown = (state["index"], state["phase"])
+                    total = f" of {state['total']}" if state["total"] is not None else ""
+                    print(f"{phase}: {state['done']}{total} {state['unit']} done, {state['rows']} rows computed",
+                          file=stream, flush=True)
+                continue
             if bar is None:
-                bar = tqdm(file=file or sys.stderr, dynamic_ncols=True, leave=False)
+                bar = tqdm(file=stream, dynamic_ncols=True, leave=False)
             if shown != (state["index"], state["phase"]):
                 shown = (state["index"], state["phase"])
                 bar.reset(total=state["total"])
                 bar.unit = state["unit"]
-                bar.set_description(f"  circuit {state['index']}/{state['phases']} {state['phase']}")
+                bar.set_description(phase)
             bar.total = state["total"]
             bar.n = state["done"]
             left = f", ~{state['left']:.0f}s left" if state["left"] is not None else ""
