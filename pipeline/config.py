@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.schema import PatchsweepConfig
 
-
 # ${stem:path,default} labels a prompt file by its stem; ${basename:path,default} a model by its folder name.
 OmegaConf.register_new_resolver("stem", lambda path, default: Path(str(path)).stem if path else default, replace=True)
 OmegaConf.register_new_resolver("basename", lambda path, default: Path(str(path)).name if path else default,

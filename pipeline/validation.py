@@ -26,8 +26,8 @@ from pipeline.engine.adapters import FAMILIES
 from pipeline.engine.directions import INTERVENTIONS
 from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
-from pipeline.messages import first_line
 from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
+from pipeline.messages import first_line
 from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar

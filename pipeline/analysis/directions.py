@@ -25,9 +25,9 @@ candidate's norm: adding it is the paper's x + r.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +35,15 @@ import torch
 
 from pipeline.analysis.behaviour import SCREEN_METRIC, chat_ids, length_batches
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.directions import (Intervention, ablate_direction_kl, ablate_direction_metrics,
-                                        add_direction_metrics, intervened, mean_difference, unit_vectors)
+from pipeline.engine.directions import (
+    Intervention,
+    ablate_direction_kl,
+    ablate_direction_metrics,
+    add_direction_metrics,
+    intervened,
+    mean_difference,
+    unit_vectors,
+)
 from pipeline.engine.hooks import run_with_cache
 from pipeline.engine.metrics import Answers, kl_to_source, measure
 from pipeline.store import provenance, read_schema, read_table, tensor_column, tensor_numpy

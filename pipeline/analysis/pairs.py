@@ -31,16 +31,25 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Iterable, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.analysis.behaviour import (SCREEN_METRIC, AnswerTokens, chat_text, decode, derive_answer_tokens,
-                                         final_answer_logits, greedy_generate, is_refusal)
+from pipeline.analysis.behaviour import (
+    SCREEN_METRIC,
+    AnswerTokens,
+    chat_text,
+    decode,
+    derive_answer_tokens,
+    final_answer_logits,
+    greedy_generate,
+    is_refusal,
+)
 from pipeline.analysis.prompt_files import read_user_file
 from pipeline.engine.metrics import Answers, answer_metric
 from pipeline.organisms import GRAMMAR_ORGANISMS

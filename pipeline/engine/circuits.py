@@ -35,8 +35,19 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture, get_adapter
-from .hooks import (PrefixReuse, Rows, RunCache, capture, edit_activation, first_difference, installed,
-                    output_tensor, rows_that_fit, run_layers, run_with_cache)
+from .hooks import (
+    PrefixReuse,
+    Rows,
+    RunCache,
+    capture,
+    edit_activation,
+    first_difference,
+    installed,
+    output_tensor,
+    rows_that_fit,
+    run_layers,
+    run_with_cache,
+)
 from .metrics import Answers, check_metric, measure
 
 HEAD, MLP, EMBED = 0, 1, 2
@@ -55,7 +66,7 @@ class Nodes(Rows):
     cls: torch.Tensor
 
     @staticmethod
-    def grid(adapter: Adapter, classes: list[int]) -> "Nodes":
+    def grid(adapter: Adapter, classes: list[int]) -> Nodes:
         """Every head and MLP at every layer and class: per layer, heads (class-major) then the MLP's classes."""
         rows = []
         for layer in range(adapter.n_layers):
@@ -65,7 +76,7 @@ class Nodes(Rows):
         return Nodes(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
 
     @staticmethod
-    def embeddings(classes: list[int]) -> "Nodes":
+    def embeddings(classes: list[int]) -> Nodes:
         """Input nodes: the token embeddings at each class (senders for path patching)."""
         n = len(classes)
         return Nodes(torch.full((n,), EMBED), torch.full((n,), -1), torch.full((n,), -1), torch.tensor(classes).long())

@@ -22,8 +22,16 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .hooks import (capture, edit_activation, first_difference, installed, prefix_cache, rows_that_fit, run_layers,
-                    run_with_cache)
+from .hooks import (
+    capture,
+    edit_activation,
+    first_difference,
+    installed,
+    prefix_cache,
+    rows_that_fit,
+    run_layers,
+    run_with_cache,
+)
 from .metrics import Answers, check_metric, kl_to_source, measure
 
 

@@ -23,9 +23,9 @@ Also shared: `Rows` (patch variants and circuit nodes are tables of parallel ten
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -213,7 +213,7 @@ def _final_position_only(module, args):
     return (args[0][:, -1:],) + tuple(args[1:])
 
 
-_RECORDED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_RECORDED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _recorded(model: nn.Module, seq_len: int) -> dict:

@@ -22,8 +22,20 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .hooks import (COMPONENTS, PrefixReuse, Rows, RunCache, edit_activation, first_difference, installed,
-                    one_token_inputs, output_tensor, rows_that_fit, run_layers, run_with_cache)
+from .hooks import (
+    COMPONENTS,
+    PrefixReuse,
+    Rows,
+    RunCache,
+    edit_activation,
+    first_difference,
+    installed,
+    one_token_inputs,
+    output_tensor,
+    rows_that_fit,
+    run_layers,
+    run_with_cache,
+)
 from .metrics import DIRECTIONS, METRICS, Answers, DirectedMetrics, kl_to_source, measure, normalised_effect
 
 ALL = -1  # head or position: the variant covers all heads / all positions

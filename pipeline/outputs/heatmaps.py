@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 
 from pipeline.store import publish_file  # noqa: E402
 
+
 def _grid(rows: pd.DataFrame, column: str, n_layers: int) -> tuple[np.ndarray, list]:
     keys = sorted(rows[column].dropna().unique().tolist())
     grid = np.full((n_layers, len(keys)), np.nan)

@@ -20,8 +20,17 @@ from pipeline.analysis.statistics import layer_curves, read_summary
 from pipeline.run.runner import Sweep, SweepOutcome
 from pipeline.run.workers import notice
 from pipeline.schema import PatchsweepConfig, from_plain, to_plain
-from pipeline.store import (MANIFEST, Manifest, file_entry, provenance, publish_bytes, read_schema, read_table,
-                            with_columns, write_table)
+from pipeline.store import (
+    MANIFEST,
+    Manifest,
+    file_entry,
+    provenance,
+    publish_bytes,
+    read_schema,
+    read_table,
+    with_columns,
+    write_table,
+)
 
 # The tables whose rows say which run and config they belong to (RUN_COLUMNS first).
 RUN_TABLES = ("pairs.parquet", "effects.parquet", "summary.parquet")

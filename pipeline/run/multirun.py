@@ -21,9 +21,9 @@ from pathlib import Path
 
 from pipeline.messages import INTERRUPTED, first_line
 from pipeline.outputs.comparison import Compared, comparison_markdown, comparison_png, comparison_table
-from pipeline.run.scheduler import Room
 from pipeline.run.folder import FolderBusy
 from pipeline.run.runner import SweepOutcome
+from pipeline.run.scheduler import Room
 from pipeline.run.sweep import Interrupted, run_sweep
 from pipeline.run.tracking import LiveRun, ParentRun
 from pipeline.run.workers import RayUnavailable, WorkFailed, start_ray

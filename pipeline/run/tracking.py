@@ -36,7 +36,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read w
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reports usage unless told not to
 
 import mlflow  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 import mlflow.data  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -45,13 +44,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS  # noqa: E402
 from pipeline.run.logs import LOG_FILE  # noqa: E402
 from pipeline.run.runner import SweepOutcome  # noqa: E402
 from pipeline.run.sweep import Interrupted  # noqa: E402
 from pipeline.run.workers import StageStats  # noqa: E402
+from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 
 # Its start and stop notices would land between the progress bars; warnings still show.

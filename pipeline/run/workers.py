@@ -22,10 +22,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -34,8 +35,8 @@ from tqdm import tqdm
 
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
-from pipeline.organisms import resolve
 from pipeline.messages import error_line, first_line, notice_line
+from pipeline.organisms import resolve
 from pipeline.run.logs import LOG_FILE, actor_logging
 from pipeline.run.scheduler import Room
 from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig

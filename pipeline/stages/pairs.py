@@ -21,19 +21,40 @@ pairs.parquet with its report.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 
 from pipeline.analysis.behaviour import AnswerTokens
-from pipeline.analysis.pairs import (InstructionPair, Replies, ScreenCounts, TokenizedPair, answers_from_replies,
-                                     check_answer_source, pair_replies, pairs_report, screen_batch, source_pairs,
-                                     tokenize_pairs, unique_pairs, with_report)
+from pipeline.analysis.pairs import (
+    InstructionPair,
+    Replies,
+    ScreenCounts,
+    TokenizedPair,
+    answers_from_replies,
+    check_answer_source,
+    pair_replies,
+    pairs_report,
+    screen_batch,
+    source_pairs,
+    tokenize_pairs,
+    unique_pairs,
+    with_report,
+)
 from pipeline.schema import PromptsConfig, ResourcesConfig
-from pipeline.store import (PRODUCER, content_key, provenance, publish_json, read_schema, read_table, sha256_file,
-                            with_columns, write_table)
+from pipeline.store import (
+    PRODUCER,
+    content_key,
+    provenance,
+    publish_json,
+    read_schema,
+    read_table,
+    sha256_file,
+    with_columns,
+    write_table,
+)
 
 IDS = pa.list_(pa.int32())
 

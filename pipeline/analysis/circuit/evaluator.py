@@ -9,7 +9,7 @@ Faithfulness f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), m averaged over pa
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

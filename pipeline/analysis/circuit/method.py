@@ -40,17 +40,28 @@ import torch
 
 from pipeline.analysis.circuit.evaluator import Evaluator, Resample, subset_masks
 from pipeline.analysis.circuit.progress import Progress
-from pipeline.analysis.circuit.result import (CircuitResult, Controls, Edges, Faithfulness, MeanDifference, NodeScores,
-                                              Search, Setup, Stability, Supernodes, node_id, supernode_id)
+from pipeline.analysis.circuit.result import (
+    CircuitResult,
+    Controls,
+    Edges,
+    Faithfulness,
+    MeanDifference,
+    NodeScores,
+    Search,
+    Setup,
+    Stability,
+    Supernodes,
+    node_id,
+    supernode_id,
+)
 from pipeline.analysis.positions import PairGroup, group_pairs, position_classes, select_pairs
 from pipeline.analysis.statistics import bootstrap_mean_ci, bootstrap_ratio_ci
-from pipeline.schema import CircuitConfig, SummaryConfig
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.attribution import attribution_patching
-from pipeline.engine.circuits import (HEAD, Nodes, check_path_patching, faithfulness, group_path_patch,
-                                      node_writes)
+from pipeline.engine.circuits import HEAD, Nodes, check_path_patching, faithfulness, group_path_patch, node_writes
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics, mean_difference
 from pipeline.engine.metrics import check_metric
+from pipeline.schema import CircuitConfig, SummaryConfig
 
 log = logging.getLogger(__name__)
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

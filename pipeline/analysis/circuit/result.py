@@ -20,9 +20,8 @@ from scipy import stats
 
 from pipeline.analysis.circuit.evaluator import Evaluator
 from pipeline.analysis.positions import PairGroup
-from pipeline.schema import CircuitConfig, SummaryConfig
 from pipeline.engine.circuits import EMBED, HEAD, KINDS, Nodes
-
+from pipeline.schema import CircuitConfig, SummaryConfig
 
 # ---- each phase's result ---------------------------------------------------------------------------
 

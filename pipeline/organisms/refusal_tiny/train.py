@@ -24,8 +24,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from pipeline.organisms.refusal_tiny import MODEL_DIRS, grammar
 from pipeline.analysis.behaviour import OPENING_CHARS, format_summary, screen
+from pipeline.organisms.refusal_tiny import MODEL_DIRS, grammar
 
 SEED = 0
 HERE = Path(__file__).resolve().parent

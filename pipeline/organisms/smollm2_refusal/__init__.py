@@ -71,7 +71,7 @@ def model_dir(adapter_dir: Path | str = ADAPTER_DIR) -> Path:
     return _publish(folder, lambda tmp: _merge_adapter(base, Path(adapter_dir), tmp))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
     # memoised on (path, inode, size, mtime) so the ~100 MB GGUF is hashed once per process, not per call
     h = hashlib.sha256()

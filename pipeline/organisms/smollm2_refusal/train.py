@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.analysis.behaviour import OPENING_CHARS, chat_ids, greedy_generate, is_refusal
-from pipeline.organisms.smollm2_refusal import ADAPTER_DIR, ADAPTER_FILES, base_model_dir, files_digest, model_dir
-from pipeline.organisms.smollm2_refusal import data
+from pipeline.organisms.smollm2_refusal import ADAPTER_DIR, ADAPTER_FILES, base_model_dir, data, files_digest, model_dir
 
 SEED = 0
 LORA_RANK = 32
