@@ -158,7 +158,8 @@ class PatchsweepConfig:
 
 
 # The parts of a config that determine the expensive results (pairs, activations, effects); the rest
-# (summary, circuit, direction, intervention, resources, tracking, ray) can change between runs over the same output folder.
+# (summary, circuit, direction, intervention, resources, tracking, ray) can change between runs over the
+# same output folder.
 SCIENCE_KEYS = ("model", "prompts", "patching")
 
 

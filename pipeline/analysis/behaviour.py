@@ -214,7 +214,8 @@ def derive_answer_tokens(tokenizer, generations: Sequence[Sequence[int]], refuse
         if not owned:
             raise ValueError(f"the model's {role}s start with no token of their own (their first tokens "
                              f"{tokenizer.convert_ids_to_tokens(list(firsts[side]))} start at least as large a share "
-                             "of its other replies): name the answer tokens (prompts.refusal_tokens / prompts.compliance_tokens)")
+                             "of its other replies): name the answer tokens "
+                             "(prompts.refusal_tokens / prompts.compliance_tokens)")
         tokens[side], sources[side] = tuple(owned[:top_k]), "generated"
     refusal, compliance = tokens[True], tokens[False]
     if set(refusal) & set(compliance):
