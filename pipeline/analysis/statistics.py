@@ -196,7 +196,7 @@ def site_breakdown(effects: pd.DataFrame, pairs: pa.Table, top_k: int) -> list[d
     cats = category_means(effects, pairs)
     table = means.merge(flips, on=KEY)
     out = []
-    for direction, rows in table.groupby("direction"):
+    for _, rows in table.groupby("direction"):
         for r in rows.sort_values("mean", ascending=False).head(top_k).itertuples():
             key = {c: getattr(r, c) for c in KEY}
             match = cats

@@ -230,8 +230,9 @@ class CircuitRunner:
                     computed_h, computed_m = computed_h & final, computed_m & final
                 source_z = self.source.acts["head"][rows, at, offset:]
                 source_z = source_z.reshape(*source_z.shape[:-1], n_heads, -1)  # [R, T'', H, d_head]
+                keep_heads = keep_h[..., None].to(device)  # [R, T'', H, 1]
 
-                def mix_heads(z, keep=keep_h[..., None].to(device), source=source_z):
+                def mix_heads(z, keep=keep_heads, source=source_z):
                     return _mix(keep, z.reshape(source.shape), source).reshape(z.shape)
 
                 handles += _computed_only(adapter.out_proj[at], computed_h.to(device),
