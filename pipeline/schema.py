@@ -13,7 +13,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 MISSING = "???"  # OmegaConf's mark of a value that must be given
 
@@ -29,15 +29,15 @@ class ModelConfig:
 @dataclass
 class PromptsConfig:
     name: str = "${stem:${prompts.path},generated}"  # label of the prompt set (the file's stem)
-    path: Optional[str] = None  # JSONL/CSV/Parquet with clean, corrupted[, category]; None = generated
+    path: str | None = None  # JSONL/CSV/Parquet with clean, corrupted[, category]; None = generated
     n_pairs: int = 64  # pairs to generate (before the behaviour screen)
     seed: int = 0
     split: str = "heldout"  # refusal-tiny's grammar: combinations held out of training, or "train"
     align: str = "none"  # "none": unequal token counts are an error; "end": align them from the end
     generate: bool = True  # the screen also checks short greedy replies, not only the first-token metric
     max_new_tokens: int = 8
-    refusal_tokens: Optional[list[Any]] = None  # answer tokens (ids or vocabulary strings) overriding
-    compliance_tokens: Optional[list[Any]] = None  # the ones derived from the model's own replies
+    refusal_tokens: list[Any] | None = None  # answer tokens (ids or vocabulary strings) overriding
+    compliance_tokens: list[Any] | None = None  # the ones derived from the model's own replies
     answer_top_k: int = 1  # derived answer tokens: the k most common first tokens of each kind of reply
 
 
@@ -46,10 +46,10 @@ class PatchingConfig:
     components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head"])
     per_position: list[str] = field(default_factory=lambda: ["resid_pre"])  # the rest: all positions at once
     directions: list[str] = field(default_factory=lambda: ["denoise", "noise"])
-    layers: Optional[list[int]] = None  # None = every layer
-    heads: Optional[list[int]] = None  # None = every head
+    layers: list[int] | None = None  # None = every layer
+    heads: list[int] | None = None  # None = every head
     metric: str = "logit_diff"
-    batch_size: Optional[int] = None  # patch rows per forward pass; None = chosen from free memory
+    batch_size: int | None = None  # patch rows per forward pass; None = chosen from free memory
 
 
 @dataclass
@@ -71,7 +71,7 @@ class CircuitConfig:
     max_pairs: int = 64  # pairs used by the circuit step (a seeded sample when there are more)
     # The search (verification, growth, pruning, stability) on at most this many of them (a seeded sample;
     # None = all); faithfulness, its interval and the controls are measured on all, and on the rest alone.
-    search_pairs: Optional[int] = None
+    search_pairs: int | None = None
     n_random: int = 32  # random circuits of the same size (the control)
     prune_rounds: int = 6  # pruning rounds (each after the first measures the circuit without each node)
     n_resamples: int = 20  # bootstrap resamples of the pairs the search is re-run on (node stability)
@@ -87,7 +87,7 @@ class CircuitConfig:
     edge_pairs: int = 64  # edges (path patching) are measured on at most this many of the pairs
     group_gap: int = 2  # supernodes: one kind at one position class, split where more layers pass without one
     direction_layers: int = 16  # layers whose refusal direction gets an addition test
-    max_batch_rows: Optional[int] = None  # rows per forward in the circuit step; None = from free memory
+    max_batch_rows: int | None = None  # rows per forward in the circuit step; None = from free memory
 
 
 @dataclass
@@ -97,21 +97,21 @@ class DirectionConfig:
     max_kl: float = 0.1  # candidates whose ablation moves harmless prompts' next-token distribution more are out
     max_layer_fraction: float = 0.8  # candidates at layers >= this fraction of the depth are out (not scored)
     seed: int = 0  # the split of the pairs into the half that gives the means and the half that scores them
-    max_batch_rows: Optional[int] = None  # rows per forward; None = from free memory
+    max_batch_rows: int | None = None  # rows per forward; None = from free memory
 
 
 @dataclass
 class InterventionConfig:
     """`patchsweep screen` under the run's refusal direction: intervention.run=<a run folder with direction.arrow>."""
-    run: Optional[str] = None  # None = the plain screen
+    run: str | None = None  # None = the plain screen
     mode: str = "ablate"  # "ablate": projected out everywhere; "add": added at its layer, every position
-    scale: Optional[float] = None  # addition's multiple of the unit direction; None = the run's (see analysis.directions)
+    scale: float | None = None  # addition's multiple of the unit direction; None = the run's (see analysis.directions)
 
 
 @dataclass
 class ResourcesConfig:
     device: str = "cpu"  # torch device the model actors use: cpu or cuda
-    num_cpus: Optional[int] = None  # CPUs of the private local Ray instance (None = all)
+    num_cpus: int | None = None  # CPUs of the private local Ray instance (None = all)
     actors: int = 1  # model-holding actors, each loads the model once
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -134,7 +134,7 @@ class RayConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None  # None = sqlite:///<output_root>/mlflow.db, artifacts beside it
+    uri: str | None = None  # None = sqlite:///<output_root>/mlflow.db, artifacts beside it
     experiment: str = "patchsweep"  # MLflow experiment name
 
 
@@ -158,7 +158,8 @@ class PatchsweepConfig:
 
 
 # The parts of a config that determine the expensive results (pairs, activations, effects); the rest
-# (summary, circuit, direction, intervention, resources, tracking, ray) can change between runs over the same output folder.
+# (summary, circuit, direction, intervention, resources, tracking, ray) can change between runs over the
+# same output folder.
 SCIENCE_KEYS = ("model", "prompts", "patching")
 
 

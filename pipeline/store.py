@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import uuid
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ def content_key(*parts) -> str:
 PACKAGE = Path(__file__).resolve().parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_identity(module: str, package: Path = PACKAGE) -> str:
     """A short hash of the source of `module` (a dotted name inside the package) and of every module of the
     package it imports, transitively: part of the content key of what the module computes, so a result made

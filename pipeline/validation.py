@@ -156,7 +156,8 @@ def _check_circuit(cfg: PatchsweepConfig) -> None:
     for key in ("n_random", "verify_top", "verify_random", "verify_all_rows", "edge_nodes", "direction_layers",
                 "strong_effect", "edge_min"):
         if getattr(circuit, key) < 0:
-            raise ConfigError(f"circuit.{key}={getattr(circuit, key)} must not be negative: set circuit.{key} to 0 or more")
+            raise ConfigError(f"circuit.{key}={getattr(circuit, key)} must not be negative: "
+                              f"set circuit.{key} to 0 or more")
     if circuit.max_batch_rows is not None and circuit.max_batch_rows < 1:
         raise ConfigError(f"circuit.max_batch_rows={circuit.max_batch_rows} must be positive (or null: "
                           "chosen from free memory)")

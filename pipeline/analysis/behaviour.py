@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import pyarrow as pa
 import torch
@@ -213,7 +214,8 @@ def derive_answer_tokens(tokenizer, generations: Sequence[Sequence[int]], refuse
         if not owned:
             raise ValueError(f"the model's {role}s start with no token of their own (their first tokens "
                              f"{tokenizer.convert_ids_to_tokens(list(firsts[side]))} start at least as large a share "
-                             "of its other replies): name the answer tokens (prompts.refusal_tokens / prompts.compliance_tokens)")
+                             "of its other replies): name the answer tokens "
+                             "(prompts.refusal_tokens / prompts.compliance_tokens)")
         tokens[side], sources[side] = tuple(owned[:top_k]), "generated"
     refusal, compliance = tokens[True], tokens[False]
     if set(refusal) & set(compliance):

@@ -25,9 +25,9 @@ candidate's norm: adding it is the paper's x + r.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +63,8 @@ class DirectionSelection:
 
 def post_instruction_count(pairs: pa.Table) -> int:
     """How many chat-template tokens follow the instruction in every pair's harmful prompt."""
-    after = [n - end for n, end in zip(pairs.column("seq_len").to_pylist(), pairs.column("instruction_end").to_pylist())]
+    after = [n - end for n, end in zip(pairs.column("seq_len").to_pylist(),
+                                       pairs.column("instruction_end").to_pylist())]
     if min(after) < 1:
         raise ValueError("a prompt ends with its instruction: the chat template leaves no post-instruction "
                          "position to take a direction at")
@@ -141,7 +142,8 @@ def select_direction(model, pairs: pa.Table, max_kl: float = 0.1, max_layer_frac
     scores = {"bypass_score": _mean_over_groups(bypass, harmful_scoring, n_candidates),
               "induce_score": _mean_over_groups(induce, harmless_scoring, n_candidates),
               "kl": _mean_over_groups(kl, harmless_scoring, n_candidates)}
-    plain = {"harmful": _plain_metric(model, harmful_scoring, pairs), "harmless": _plain_metric(model, harmless_scoring, pairs)}
+    plain = {"harmful": _plain_metric(model, harmful_scoring, pairs),
+             "harmless": _plain_metric(model, harmless_scoring, pairs)}
 
     rows = []
     for layer in range(n_layers):
@@ -157,7 +159,8 @@ def select_direction(model, pairs: pa.Table, max_kl: float = 0.1, max_layer_frac
             rows.append(row)
     passing = [r for r in rows if not r["filtered"]]
     chosen = min(passing, key=lambda r: r["bypass_score"]) if passing else None
-    tokens = pairs.column("clean_tokens")[0].as_py()[-n_post:] if "clean_tokens" in pairs.column_names else [None] * n_post
+    tokens = (pairs.column("clean_tokens")[0].as_py()[-n_post:] if "clean_tokens" in pairs.column_names
+              else [None] * n_post)
     table = pa.table({
         "layer": pa.array([r["layer"] for r in rows], pa.int32()),
         "position_from_end": pa.array([r["position_from_end"] for r in rows], pa.int32()),
@@ -287,4 +290,5 @@ def format_intervention(summary: dict) -> str:
     where = "every layer" if setting["mode"] == "ablate" else f"layer {setting['layer']}, scale {setting['scale']:.3g}"
     return (f"under the refusal direction of {setting['run']} ({setting['mode']}, {where}): KL on the "
             f"{cost['n_harmless']} harmless prompts {cost['kl_harmless']:.3f}; cross-entropy on the general text "
-            f"{cost['ce_plain']:.3f} -> {cost['ce_intervened']:.3f} ({cost['ce_change']:+.3f}, {cost['n_tokens']} tokens)")
+            f"{cost['ce_plain']:.3f} -> {cost['ce_intervened']:.3f} "
+            f"({cost['ce_change']:+.3f}, {cost['n_tokens']} tokens)")

@@ -9,7 +9,7 @@ values (the twin has no activations at generated positions to patch in).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

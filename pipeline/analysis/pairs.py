@@ -26,14 +26,15 @@ Output: a pyarrow Table, one row per pair that passed the screen (the pairs.parq
 
 All positions are 0-based clean-sequence positions. `pair_batch` reads rows of that table back as the
 engine's tensors. No Ray, MLflow or Hydra here: plain functions.
-"""
+"""  # noqa: E501 (a markdown table's rows cannot wrap)
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Iterable, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa

@@ -79,7 +79,8 @@ def group_pairs(pairs: pa.Table, class_maps: list[list[int]]) -> list[PairGroup]
     for t in sorted(by_length):
         rows = by_length[t]
         pick = lambda c: [columns[c][r] for r in rows]  # noqa: E731
-        groups.append(PairGroup(torch.tensor(rows), torch.tensor(pick("clean_ids")), torch.tensor(pick("corrupted_ids")),
+        groups.append(PairGroup(torch.tensor(rows), torch.tensor(pick("clean_ids")),
+                                torch.tensor(pick("corrupted_ids")),
                                 Answers(padded(pick("refusal_ids")), padded(pick("compliance_ids"))),
                                 torch.tensor([class_maps[r] for r in rows])))
     return groups

@@ -5,8 +5,9 @@ A site is (model, direction, component, layer, head, position). The summary has 
 the mean normalised effect over pairs, its percentile-bootstrap confidence interval (resampling pairs)
 and n. Below `MIN_PAIRS_FOR_INTERVAL` pairs a site gets no interval (null bounds): no interval method
 comes near its nominal coverage there. `COVERAGE` holds the method's simulated coverage by n, which
-the report quotes at a run's n (bench/interval_coverage.py measures it; docs/statistics.md shows the table). Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the one
-before, ...; null = all positions at once), so that pairs of different lengths line up at the chat
+the report quotes at a run's n (bench/interval_coverage.py measures it; docs/statistics.md shows the
+table). Positions in the summary are counted from the end of the prompt (-1 = the final token, -2 the
+one before, ...; null = all positions at once), so that pairs of different lengths line up at the chat
 template, which ends every prompt; `token` names the token most pairs have there. The files keep both
 conventions (`position` from the start, `position_from_end`); the frames here name the one they use
 `position`, read in by `read_effects` and `read_summary`.
@@ -195,7 +196,7 @@ def site_breakdown(effects: pd.DataFrame, pairs: pa.Table, top_k: int) -> list[d
     cats = category_means(effects, pairs)
     table = means.merge(flips, on=KEY)
     out = []
-    for direction, rows in table.groupby("direction"):
+    for _, rows in table.groupby("direction"):
         for r in rows.sort_values("mean", ascending=False).head(top_k).itertuples():
             key = {c: getattr(r, c) for c in KEY}
             match = cats
@@ -203,7 +204,8 @@ def site_breakdown(effects: pd.DataFrame, pairs: pa.Table, top_k: int) -> list[d
                 match = match[match[c].isna()] if _isna(key[c]) else match[match[c] == key[c]]
             out.append({**{c: (None if _isna(v) else (v if isinstance(v, str) else int(v))) for c, v in key.items()},
                         "mean": float(r.mean), "flip_fraction": float(r.flip_fraction),
-                        "per_category": {m.category: {"mean": float(m.mean), "n": int(m.n)} for m in match.itertuples()}})
+                        "per_category": {m.category: {"mean": float(m.mean), "n": int(m.n)}
+                                         for m in match.itertuples()}})
     return out
 
 

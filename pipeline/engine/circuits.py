@@ -66,7 +66,7 @@ class Nodes(Rows):
     cls: torch.Tensor
 
     @staticmethod
-    def grid(adapter: Adapter, classes: list[int]) -> "Nodes":
+    def grid(adapter: Adapter, classes: list[int]) -> Nodes:
         """Every head and MLP at every layer and class: per layer, heads (class-major) then the MLP's classes."""
         rows = []
         for layer in range(adapter.n_layers):
@@ -76,7 +76,7 @@ class Nodes(Rows):
         return Nodes(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
 
     @staticmethod
-    def embeddings(classes: list[int]) -> "Nodes":
+    def embeddings(classes: list[int]) -> Nodes:
         """Input nodes: the token embeddings at each class (senders for path patching)."""
         n = len(classes)
         return Nodes(torch.full((n,), EMBED), torch.full((n,), -1), torch.full((n,), -1), torch.tensor(classes).long())
@@ -97,8 +97,8 @@ def _shared_first(prefix: PrefixReuse, base_ids: torch.Tensor, source_ids: torch
 
 def _check_shapes(base_ids, source_ids, answers: Answers, position_classes):
     if base_ids.shape != source_ids.shape:
-        raise ValueError(f"base {tuple(base_ids.shape)} and source {tuple(source_ids.shape)} token ids differ in shape: "
-                         "circuits patch position by position, so pairs need equal token counts")
+        raise ValueError(f"base {tuple(base_ids.shape)} and source {tuple(source_ids.shape)} token ids differ in "
+                         "shape: circuits patch position by position, so pairs need equal token counts")
     if position_classes.shape != base_ids.shape:
         raise ValueError(f"position classes {tuple(position_classes.shape)} do not match the token ids "
                          f"{tuple(base_ids.shape)}: give one class per position (-1 = no class)")
@@ -213,7 +213,8 @@ class CircuitRunner:
         and the MLP run only at the positions where something is kept (packed, all rows at once), the
         last layer only at the final position; a layer that keeps everything runs unhooked."""
         adapter, device = self.adapter, resid.device
-        n_heads, last, offset = adapter.n_heads, adapter.n_layers - 1, self.base.acts["resid_pre"].shape[2] - resid.shape[1]
+        n_heads, last, offset = (adapter.n_heads, adapter.n_layers - 1,
+                                 self.base.acts["resid_pre"].shape[2] - resid.shape[1])
         rows = pair_idx.to(device)
         classes = self.classes[pair_idx, offset - self.first:]  # [R, T'']
         final = torch.arange(classes.shape[1]) == classes.shape[1] - 1  # [T'']
@@ -229,8 +230,9 @@ class CircuitRunner:
                     computed_h, computed_m = computed_h & final, computed_m & final
                 source_z = self.source.acts["head"][rows, at, offset:]
                 source_z = source_z.reshape(*source_z.shape[:-1], n_heads, -1)  # [R, T'', H, d_head]
+                keep_heads = keep_h[..., None].to(device)  # [R, T'', H, 1]
 
-                def mix_heads(z, keep=keep_h[..., None].to(device), source=source_z):
+                def mix_heads(z, keep=keep_heads, source=source_z):
                     return _mix(keep, z.reshape(source.shape), source).reshape(z.shape)
 
                 handles += _computed_only(adapter.out_proj[at], computed_h.to(device),
@@ -326,7 +328,8 @@ class CircuitRunner:
             members = torch.arange(len(nodes))
             keep_head = torch.ones(1, n_layers, self.n_classes + 1, n_heads, dtype=torch.bool)
             keep_mlp = torch.ones(1, n_layers, self.n_classes + 1, dtype=torch.bool)
-            metric_circuit, entering, kv = self.metric_full, self.base.acts["resid_pre"][:, :, self.first:], self.base.kv
+            metric_circuit, entering, kv = (self.metric_full, self.base.acts["resid_pre"][:, :, self.first:],
+                                            self.base.kv)
         else:
             circuit = circuit.cpu().bool()
             if circuit.shape != (len(nodes),):
@@ -382,8 +385,10 @@ class CircuitRunner:
         return self.without_each(nodes, None, batch_tokens)
 
 
-def faithfulness(metric_circuit: torch.Tensor, metric_full: torch.Tensor, metric_empty: torch.Tensor) -> torch.Tensor:
-    """f per circuit from metrics [C, P]: ratio of pair means, (mean m(C) - mean m(empty)) / (mean m(full) - mean m(empty))."""
+def faithfulness(metric_circuit: torch.Tensor, metric_full: torch.Tensor,
+                 metric_empty: torch.Tensor) -> torch.Tensor:
+    """f per circuit from metrics [C, P]: ratio of pair means,
+    (mean m(C) - mean m(empty)) / (mean m(full) - mean m(empty))."""
     empty = metric_empty.mean()
     return (metric_circuit.mean(-1) - empty) / (metric_full.mean() - empty)
 
@@ -449,7 +454,8 @@ def node_writes(adapter: Adapter, cache: RunCache, nodes: Nodes, classes: torch.
 
 @dataclass
 class PathResult:
-    metric_path: torch.Tensor  # [S, R + 1, P]: metric with only the path s -> r patched (r = R: the logits); nan = no path
+    # [S, R + 1, P]: metric with only the path s -> r patched (r = R: the logits); nan = no path
+    metric_path: torch.Tensor
     metric_base: torch.Tensor  # [P]
     metric_source: torch.Tensor  # [P]
 
@@ -500,7 +506,8 @@ def group_path_patch(model: nn.Module, base_ids: torch.Tensor, source_ids: torch
     classes = position_classes.to(device)
     members = Nodes.concat(senders)
     owner = torch.cat([torch.full((len(g),), s) for s, g in enumerate(senders)])  # each sender member's group
-    deltas = node_writes(adapter, source, members, classes) - node_writes(adapter, base, members, classes)  # [M, P, T, d]
+    deltas = (node_writes(adapter, source, members, classes)
+              - node_writes(adapter, base, members, classes))  # [M, P, T, d]
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
     out = torch.full((len(senders), len(receivers) + 1, n_pairs), float("nan"))
 
@@ -573,7 +580,8 @@ def _with_receiver_outputs(adapter: Adapter, base: RunCache, prefix: PrefixReuse
             n = live.shape[1]
             return torch.where(last(mask, n), last(value, n), live)
 
-        return edit_activation(adapter, OUTPUT[kind], int(receivers.layer[i]), patch_head if kind == HEAD else patch_mlp)
+        return edit_activation(adapter, OUTPUT[kind], int(receivers.layer[i]),
+                               patch_head if kind == HEAD else patch_mlp)
 
     layer_inputs = prefix.layer_inputs(pair_idx, first, layer)  # before the hooks: it may run the model
     with installed([replace(i) for i in range(len(receivers))]):
@@ -613,7 +621,8 @@ def prompt_patch_hooks(adapter: Adapter, source: RunCache, patched_heads: torch.
             if x.shape[1] != seq_len:
                 return x
             split = lambda t: t.reshape(n_pairs, seq_len, n_heads, -1)  # noqa: E731
-            return torch.where(heads[:, layer, :, :, None], split(source.acts["head"][:, layer]), split(x)).reshape(x.shape)
+            return torch.where(heads[:, layer, :, :, None], split(source.acts["head"][:, layer]),
+                               split(x)).reshape(x.shape)
         return edit
 
     def patch_mlp(layer):

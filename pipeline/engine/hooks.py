@@ -23,9 +23,9 @@ Also shared: `Rows` (patch variants and circuit nodes are tables of parallel ten
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -190,7 +190,8 @@ def prefix_cache(model: nn.Module, kv, rows: torch.Tensor, prefix_len: int, firs
     return cache
 
 
-def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs, final_only: bool = True) -> torch.Tensor:
+def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs,
+               final_only: bool = True) -> torch.Tensor:
     """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d].
 
     Only the final position's output is read, so the last layer's attention output projection and MLP
@@ -213,7 +214,7 @@ def _final_position_only(module, args):
     return (args[0][:, -1:],) + tuple(args[1:])
 
 
-_RECORDED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_RECORDED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _recorded(model: nn.Module, seq_len: int) -> dict:
@@ -264,7 +265,8 @@ def one_token_inputs(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:
     recorded = _recorded(model, 1)
     if "layer" not in recorded:
         weight = next(model.parameters())
-        recorded["layer"] = record_layer_inputs(model, adapter, torch.zeros(1, 1, dtype=torch.long, device=weight.device))[0]
+        recorded["layer"] = record_layer_inputs(model, adapter,
+                                                torch.zeros(1, 1, dtype=torch.long, device=weight.device))[0]
     return recorded["layer"]
 
 
@@ -273,7 +275,8 @@ def first_difference(a_ids: torch.Tensor, b_ids: torch.Tensor) -> torch.Tensor:
     activation before it is the same in both runs."""
     differs = a_ids != b_ids
     seq_len = a_ids.shape[1]
-    return torch.where(differs.any(1), differs.int().argmax(1), torch.full_like(differs[:, 0], seq_len, dtype=torch.long))
+    return torch.where(differs.any(1), differs.int().argmax(1),
+                       torch.full_like(differs[:, 0], seq_len, dtype=torch.long))
 
 
 def rows_that_fit(model: nn.Module, adapter: Adapter, seq_len: int, budget_fraction: float | None = None) -> int:

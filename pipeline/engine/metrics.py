@@ -58,10 +58,10 @@ class Answers:
         """[P, K_r + K_c]: the unembedding rows a metric needs."""
         return torch.cat([self.refusal, self.compliance], dim=1)
 
-    def index(self, rows: torch.Tensor) -> "Answers":
+    def index(self, rows: torch.Tensor) -> Answers:
         return Answers(self.refusal[rows], self.compliance[rows])
 
-    def to(self, device) -> "Answers":
+    def to(self, device) -> Answers:
         return Answers(self.refusal.to(device), self.compliance.to(device))
 
 

@@ -229,7 +229,8 @@ class SweepResult(DirectedMetrics):
         }
 
 
-def check_sweep_inputs(clean_ids, corrupted_ids, answers: Answers, direction: str, metric: str, align_end: bool = False):
+def check_sweep_inputs(clean_ids, corrupted_ids, answers: Answers, direction: str, metric: str,
+                       align_end: bool = False):
     """The checks `sweep` and its reference share, with messages that name the setting to change."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose from {list(DIRECTIONS)}")
@@ -298,13 +299,15 @@ def sweep(
         shift = source_ids.shape[1] - seq_len  # base position q <-> source position q + shift
         base_shift = offset if direction == "denoise" else 0  # clean position p -> base position p - base_shift
         position = variants.position - base_shift
-        unmatched = (variants.position != ALL) & ((position < max(0, -shift)) | (position >= min(seq_len, source_ids.shape[1] - shift)))
+        unmatched = (variants.position != ALL) & ((position < max(0, -shift))
+                                                  | (position >= min(seq_len, source_ids.shape[1] - shift)))
         position = torch.where(variants.position == ALL, ALL, torch.where(unmatched, 0, position))
         variants = Variants(variants.component, variants.layer, variants.head, position)
         source = _aligned_to_base(source, base, shift)
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
 
-    metric_clean, metric_corrupted = metric_of(clean.final_resid, all_pairs), metric_of(corrupted.final_resid, all_pairs)
+    metric_clean, metric_corrupted = (metric_of(clean.final_resid, all_pairs),
+                                      metric_of(corrupted.final_resid, all_pairs))
     metric_base = metric_corrupted if direction == "denoise" else metric_clean
 
     # Rows are (variant, pair), by layer, whole-layer kinds before local ones, then by the first position
@@ -317,7 +320,8 @@ def sweep(
     # base metric without a forward pass, and a whole-sequence patch need only be computed from there.
     # Chat templates put a long shared prefix first.
     token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
-    differ_at = first_difference(clean_ids, corrupted_ids).cpu() if not offset else torch.zeros(n_pairs, dtype=torch.long)
+    differ_at = (first_difference(clean_ids, corrupted_ids).cpu() if not offset
+                 else torch.zeros(n_pairs, dtype=torch.long))
     patched = metric_base[:, None].repeat(1, len(variants))
     prefix = PrefixReuse(model, adapter, base, enabled=reuse_prefix)
     for layer in variants.layer.unique().tolist():

@@ -228,7 +228,8 @@ def reference_group_path_patch(model: nn.Module, base_ids: torch.Tensor, source_
 
             out[s, -1, p] = _patched_metric(model, ids, answer, metric, frozen(None, None))
             for r, members in enumerate(receivers):
-                if not any(is_path(model, group, j, members, i) for j in range(len(group)) for i in range(len(members))):
+                if not any(is_path(model, group, j, members, i)
+                           for j in range(len(group)) for i in range(len(members))):
                     continue
                 patches = []
                 for i in range(len(members)):
@@ -237,7 +238,8 @@ def reference_group_path_patch(model: nn.Module, base_ids: torch.Tensor, source_
                     with capture(adapter, (OUTPUT[r_kind],), keep=torch.Tensor.clone, layers=[r_layer]) as recorded:
                         _final_logits(model, ids, frozen((r_kind, r_layer, r_head), r_where))
                     patches.append((r_kind, r_layer, r_head, r_where, recorded.acts[OUTPUT[r_kind]][r_layer]))
-                handles = [_node_hook(adapter, kind, layer, head, where, value) for kind, layer, head, where, value in patches]
+                handles = [_node_hook(adapter, kind, layer, head, where, value)
+                           for kind, layer, head, where, value in patches]
                 out[s, r, p] = _patched_metric(model, ids, answer, metric, handles)
     return out
 

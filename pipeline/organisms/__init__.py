@@ -8,9 +8,9 @@ libraries load inside the functions that build a folder), never an organism's tr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from pipeline.organisms import refusal_tiny, smollm2_refusal
 

@@ -116,12 +116,14 @@ def draw_groups(circuit: Circuit):
     for group in circuit.supernodes:
         x, low, high, width = boxes[group.id]
         all_core = all(m in core for m in group.members)
-        ax.add_patch(FancyBboxPatch((x - width / 2, low), width, high - low, boxstyle="round,pad=0.02,rounding_size=0.08",
+        ax.add_patch(FancyBboxPatch((x - width / 2, low), width, high - low,
+                                    boxstyle="round,pad=0.02,rounding_size=0.08",
                                     facecolor=cmap(norm(group.in_circuit_effect)), edgecolor="black",
                                     linewidth=1.4 if all_core else 0.9, linestyle="-" if all_core else "--", zorder=2))
         n_core = sum(m in core for m in group.members)
         kind = "heads" if group.component == "head" else "MLPs"
-        ax.annotate(f"{group.id}\n{len(group.members)} {kind}, core {n_core}\nin-circuit {group.in_circuit_effect:+.2f}",
+        ax.annotate(f"{group.id}\n{len(group.members)} {kind}, core {n_core}\n"
+                    f"in-circuit {group.in_circuit_effect:+.2f}",
                     (x + width / 2, (low + high) / 2), xytext=(4, 0), textcoords="offset points", ha="left",
                     va="center", fontsize=6, zorder=4)
         centres[group.id] = (x, (low + high) / 2)
@@ -213,7 +215,8 @@ def to_dot(circuit: Circuit) -> str:
             shape = "ellipse" if node.component == "head" else "box"
             style = "filled" if node.core else '"filled,dashed"'
             label = "\\n".join(_escape(part) for part in (node.id, _readable(node.token),
-                                                          f"in-circuit {effect:+.2f}", f"seen {node.inclusion_frequency:.2f}"))
+                                                          f"in-circuit {effect:+.2f}",
+                                                          f"seen {node.inclusion_frequency:.2f}"))
             lines.append(f'    "{node.id}" [label="{label}", shape={shape}, fillcolor="{colour}", style={style}];')
         lines.append("  }")
     lines.append(f'  "{LOGITS}" [label="refusal logit", shape=hexagon, fillcolor="#fee090"];')

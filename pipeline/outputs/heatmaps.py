@@ -63,7 +63,8 @@ def layers_png(summary: pd.DataFrame, path: Path, title: str) -> Path:
     widths = [max(1.2, 0.28 * len(panel[2])) for panel in max(panels.values(), key=len)]
     n_layers = int(summary["layer"].max()) + 1
     height = max(2.5, 0.22 * n_layers + 1.6)
-    fig, axes = plt.subplots(len(directions), n_cols, figsize=(sum(widths) + 1.5 * n_cols + 1.5, height * len(directions)),
+    fig, axes = plt.subplots(len(directions), n_cols,
+                             figsize=(sum(widths) + 1.5 * n_cols + 1.5, height * len(directions)),
                              squeeze=False, gridspec_kw={"width_ratios": widths}, layout="constrained")
     image = None
     for row, direction in enumerate(directions):

@@ -156,7 +156,8 @@ def _knockout_lines(knockout: Knockout | None) -> list[str]:
     rate = knockout.refusal_rate
     return [f"by generation ({knockout.n_pairs} harmful prompts, {knockout.max_new_tokens} greedy tokens, patched "
             f"at the prompt only): refused {100 * rate['plain']:.0f}% as they are, "
-            f"{100 * rate['circuit_knocked_out']:.0f}% with the circuit knocked out (its nodes from the harmless twin), "
+            f"{100 * rate['circuit_knocked_out']:.0f}% with the circuit knocked out "
+            "(its nodes from the harmless twin), "
             f"{100 * rate['circuit_alone']:.0f}% with the circuit alone (everything else from the twin)"]
 
 
@@ -217,13 +218,14 @@ def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 1
     summary = json.loads(provenance(table)[SUMMARY_KEY])
     first, last = summary["scored_layers"]
     lines = ["", "## Refusal direction", "",
-             f"Difference-of-means candidates at each of {summary['n_layers']} layers x {summary['n_post_instruction']} "
-             f"post-instruction positions (Arditi et al. 2024), means from {len(summary['mean_pair_ids'])} pairs, scored on "
-             f"the other {len(summary['score_pair_ids'])} with `{summary['metric']}` (> 0 = refuses): bypass = harmful "
+             f"Difference-of-means candidates at each of {summary['n_layers']} layers x "
+             f"{summary['n_post_instruction']} post-instruction positions (Arditi et al. 2024), means from "
+             f"{len(summary['mean_pair_ids'])} pairs, scored on the other {len(summary['score_pair_ids'])} with "
+             f"`{summary['metric']}` (> 0 = refuses): bypass = harmful "
              "prompts with it ablated everywhere, induce = harmless prompts with it added at its layer, KL = harmless "
              f"prompts' next-token distribution under ablation. Scored layers {first}..{last} (the last "
-             f"{100 * (1 - summary['max_layer_fraction']):.0f}% left out); filters KL <= {summary['max_kl']}, induce > 0: "
-             f"{summary['n_passing']} of {summary['n_scored']} pass. Unintervened: harmful "
+             f"{100 * (1 - summary['max_layer_fraction']):.0f}% left out); filters KL <= {summary['max_kl']}, "
+             f"induce > 0: {summary['n_passing']} of {summary['n_scored']} pass. Unintervened: harmful "
              f"{summary['plain_harmful_score']:+.2f}, harmless {summary['plain_harmless_score']:+.2f}.", ""]
     chosen = summary["chosen"]
     if chosen is None:
@@ -231,11 +233,12 @@ def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 1
                      "(loosen direction.max_kl to choose among them; every candidate's scores are in direction.arrow).")
     else:
         lines.append(f"Chosen: layer {chosen['layer']}, position {chosen['position_from_end']} {chosen['token']!r}: "
-                     f"bypass {chosen['bypass_score']:+.2f}, induce {chosen['induce_score']:+.2f}, KL {chosen['kl']:.3f}; "
-                     f"addition scale {chosen['scale']:.2f} (mean projection harmful {chosen['harmful_projection']:+.2f} "
-                     f"minus harmless {chosen['harmless_projection']:+.2f}).")
+                     f"bypass {chosen['bypass_score']:+.2f}, induce {chosen['induce_score']:+.2f}, "
+                     f"KL {chosen['kl']:.3f}; addition scale {chosen['scale']:.2f} (mean projection harmful "
+                     f"{chosen['harmful_projection']:+.2f} minus harmless {chosen['harmless_projection']:+.2f}).")
         for mode, cost in summary.get("cost", {}).items():
-            lines.append(f"- {mode}: KL on the {cost['n_harmless']} scoring harmless prompts {cost['kl_harmless']:.3f}; "
+            lines.append(f"- {mode}: KL on the {cost['n_harmless']} scoring harmless prompts "
+                         f"{cost['kl_harmless']:.3f}; "
                          f"cross-entropy on the general text {cost['ce_plain']:.3f} -> {cost['ce_intervened']:.3f} "
                          f"({cost['ce_change']:+.3f} nats/token, {cost['n_tokens']} tokens)")
     scored = sorted((r for r in table.drop(["direction"]).to_pylist() if r["bypass_score"] is not None),
@@ -278,11 +281,12 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
             lines.append(f"- `{direction}`: {meaning}")
     strongest = top_layers(summary, k)
     if not strongest.empty:
-        lines += ["", "Attention and MLP outputs (and heads, when swept) patched at all positions, strongest first:", "",
-                  "| direction | component | layer | head | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
+        lines += ["", "Attention and MLP outputs (and heads, when swept) patched at all positions, strongest first:",
+                  "", "| direction | component | layer | head | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
         for r in strongest.itertuples():
             head = "" if pd.isna(r.head) else int(r.head)
-            lines.append(f"| {r.direction} | {r.component} | {r.layer} | {head} | {_ci(r.mean, r.ci_low, r.ci_high)} | {r.n} |")
+            lines.append(f"| {r.direction} | {r.component} | {r.layer} | {head} "
+                         f"| {_ci(r.mean, r.ci_low, r.ci_high)} | {r.n} |")
     runs = residual_stream(curves)
     if runs:
         lines += ["", "## The residual stream", "",
@@ -296,7 +300,8 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
     if circuit:
         lines += _supernode_lines(circuit) + _stability_lines(circuit)
     if circuit and (folder / CIRCUIT_NODES_SVG).is_file():
-        lines += ["", "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
+        lines += ["",
+                  "Every node (outer colour: in-circuit effect; inner dot: single-node effect; solid outline: core):",
                   "", f"![circuit nodes]({CIRCUIT_NODES_SVG.name})"]
     lines += _direction_lines(run_dir, circuit)
     lines += ["", "## Heatmaps", "", f"![layers]({LAYERS_PNG.name})", "", "## Files", "", "| file | contents |",
@@ -304,7 +309,8 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
     for file in OUTPUT_FILES:
         if (folder / file).exists() or file in (REPORT, RUN_MANIFEST):
             lines.append(f"| `{file.name}` | {file.contents} |")
-    lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |", "|---|---|---|---|---|"]
+    lines += ["", "## Compute", "", "| stage | work items computed | reused | retried | seconds |",
+              "|---|---|---|---|---|"]
     for s in stats:
         lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
     lines += ["", "## MLflow", "", f"Experiment `{cfg.tracking.experiment}`, run `{cfg.model.name}`: "
@@ -319,7 +325,8 @@ def console_summary(cfg: PatchsweepConfig, run_dir: Path, pairs_report: dict, st
     lines = [f"patchsweep {cfg.name}: {cfg.model.name}", "  " + _pairs_line(pairs_report)]
     strongest = top_layers(summary, k)
     if not strongest.empty:
-        lines.append(f"Layers that matter most (attention / MLP outputs per layer; effect [{100 * cfg.summary.ci:.0f}% CI]):")
+        lines.append("Layers that matter most (attention / MLP outputs per layer; "
+                     f"effect [{100 * cfg.summary.ci:.0f}% CI]):")
         lines.append(f"  {interval_line(summary, cfg.summary.ci)}")
         for r in strongest.itertuples():
             name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
@@ -330,8 +337,8 @@ def console_summary(cfg: PatchsweepConfig, run_dir: Path, pairs_report: dict, st
         for direction, groups in runs.items():
             lines += [f"  {direction:<8} {_run_text(run)}" for run in groups]
     lines += ["Circuit: " + "; ".join(_circuit_lines(circuit)), ""]
-    work = ", ".join(f"{s.stage} {s.computed} computed/{s.reused} reused" + (f"/{s.retried} retried" if s.retried else "")
-                     + f" {s.seconds:.1f}s" for s in stats)
+    work = ", ".join(f"{s.stage} {s.computed} computed/{s.reused} reused"
+                     + (f"/{s.retried} retried" if s.retried else "") + f" {s.seconds:.1f}s" for s in stats)
     lines += [f"Work: {work}", f"Files: {run_dir.resolve()}  (report.md first)"]
     if tracking:
         lines.append(f"MLflow: {tracking['uri']}  run {tracking['run_id']}")

@@ -42,7 +42,7 @@ class Room:
         self.stopping = threading.Event()
 
     @classmethod
-    def of_cluster(cls) -> "Room":
+    def of_cluster(cls) -> Room:
         """The room of the running Ray instance (every node's CPUs and GPUs)."""
         resources = ray.cluster_resources()
         return cls(resources.get("CPU", 0.0), resources.get("GPU", 0.0))

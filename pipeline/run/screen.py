@@ -42,7 +42,8 @@ def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
         harmless = [p for p, harmful in zip(prompts.column("prompt").to_pylist(),
                                             prompts.column("harmful").to_pylist()) if not harmful]
         cost = intervention_cost(model, tokenizer, intervention, harmless)
-        summary = summary | {"intervention": asdict(setting) | {"layer": intervention.layer, "scale": intervention.scale},
+        summary = summary | {"intervention": asdict(setting) | {"layer": intervention.layer,
+                                                                "scale": intervention.scale},
                              "cost": cost}
         table = table.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
         text += "\n" + format_intervention(summary)

@@ -151,7 +151,8 @@ def result_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, flo
     if circuit is not None:
         scalars["circuit/faithfulness"] = circuit.faithfulness
         for condition, rate in (circuit.knockout.refusal_rate if circuit.knockout else {}).items():
-            scalars[f"circuit/refusal_rate_{condition}"] = rate  # by generation: plain, circuit_knocked_out, circuit_alone
+            # by generation: plain, circuit_knocked_out, circuit_alone
+            scalars[f"circuit/refusal_rate_{condition}"] = rate
     return curves, scalars
 
 
@@ -239,7 +240,8 @@ class LiveRun:
                 client.log_artifact(run_id, str(folder.root / name))
         self._end("FINISHED", dataset=pairs_dataset(folder.pairs))
         ids = self.ids
-        return {**ids, "uri": self.uri, "ui_path": f"#/experiments/{ids['experiment_id']}/runs/{run_id}?{MODEL_TRAINING}"}
+        return {**ids, "uri": self.uri,
+                "ui_path": f"#/experiments/{ids['experiment_id']}/runs/{run_id}?{MODEL_TRAINING}"}
 
     def fail(self, err: BaseException) -> None:
         """FAILED (KILLED when interrupted), the error as the description, run.log as an artifact."""
@@ -312,7 +314,8 @@ def pairs_dataset(pairs_path: Path):
     if not pairs_path.is_file():
         return None
     table = read_table(pairs_path)
-    columns = [f.name for f in table.schema if not pa.types.is_list(f.type) and not isinstance(f.type, pa.ExtensionType)]
+    columns = [f.name for f in table.schema
+               if not pa.types.is_list(f.type) and not isinstance(f.type, pa.ExtensionType)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return mlflow.data.from_pandas(table.select(columns).to_pandas(), source=pairs_path.resolve().as_uri(),

@@ -79,7 +79,8 @@ def plan(run_dir: Path, shards: list[PairShard], weights_hash: str, provenance: 
     """An item per pair shard, named by the model's weights and the shard's content."""
     folder = RunFolder(run_dir)
     return [CacheItem(str(folder.pairs), shard.rows,
-                      str(folder.activations / f"{content_key('cache', PRODUCER, weights_hash, shard.key)}.arrow"), provenance)
+                      str(folder.activations / f"{content_key('cache', PRODUCER, weights_hash, shard.key)}.arrow"),
+                      provenance)
             for shard in shards]
 
 

@@ -21,9 +21,9 @@ pairs.parquet with its report.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 

@@ -9,7 +9,7 @@ Faithfulness f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), m averaged over pa
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,7 +67,8 @@ class Evaluator:
         keys = [_key(mask) for mask in masks]
         for key in keys:
             self._known.setdefault(key, torch.full((self.n_pairs,), float("nan")))
-        todo = sorted({key: c for c, key in enumerate(keys) if bool((self._known[key].isnan() & wanted).any())}.values())
+        todo = sorted({key: c for c, key in enumerate(keys)
+                       if bool((self._known[key].isnan() & wanted).any())}.values())
         if todo:
             lacking = torch.stack([self._known[keys[c]].isnan() & wanted for c in todo])  # [C', P]
             computed = self._metrics_of(nodes, masks[todo], lacking.any(0))

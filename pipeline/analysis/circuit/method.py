@@ -96,7 +96,8 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
         links = edges(model, setup, search, groups, options, metric)
     with progress.phase("mean difference"):
         readout = mean_difference_directions(model, setup, search.circuit, options, metric)
-    forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows if setup.search is not setup.evaluator else 0)
+    forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows
+                                                   if setup.search is not setup.evaluator else 0)
     return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
                          groups, links, readout, forward_rows, progress.seconds)
 
@@ -178,7 +179,8 @@ def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfi
     held_out = None
     rest = np.setdiff1d(np.arange(evaluator.n_pairs), setup.searched)
     if len(rest):
-        numerator, denominator = metric_circuit.numpy()[rest] - empty.numpy()[rest], full.numpy()[rest] - empty.numpy()[rest]
+        numerator, denominator = (metric_circuit.numpy()[rest] - empty.numpy()[rest],
+                                  full.numpy()[rest] - empty.numpy()[rest])
         held_out = {"n": len(rest), "faithfulness": float(numerator.mean() / denominator.mean()),
                     "ci": list(bootstrap_ratio_ci(numerator, denominator, summary.n_bootstrap, summary.ci, rng))}
     return Faithfulness(f, f_ci, metric_circuit, metric_none, per_category,
@@ -197,9 +199,9 @@ def stability(setup: Setup, scores: NodeScores, search: Search, options: Circuit
               progress: Progress | None = None) -> Stability:
     """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
     by its own mean scores in the first round and measures faithfulness on its own pairs (a circuit's
-    metric is computed on the pairs a resample drew, once per pair, and reused by later resamples); its later rounds take the main search's measured
-    rankings, round by round, as many rounds as the main search pruned in. Its own random stream: the other
-    phases' draws stay."""
+    metric is computed on the pairs a resample drew, once per pair, and reused by later resamples); its
+    later rounds take the main search's measured rankings, round by round, as many rounds as the main
+    search pruned in. Its own random stream: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
     n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
     frequency, sizes, faith = np.zeros(n_nodes), [], []
@@ -233,10 +235,12 @@ def supernodes(setup: Setup, search: Search, gap: int) -> Supernodes:
                 run = []
             run.append(j)
         members.append(run)
-    members.sort(key=lambda group: (min(int(nodes.layer[circuit[j]]) for j in group), int(nodes.cls[circuit[group[0]]])))
+    members.sort(key=lambda group: (min(int(nodes.layer[circuit[j]]) for j in group),
+                                    int(nodes.cls[circuit[group[0]]])))
     names = [supernode_id(nodes, [circuit[j] for j in group], setup.names) for group in members]
     without = [[circuit[j] for j in range(len(circuit)) if j not in set(group)] for group in members]
-    f_without = setup.evaluator.faithfulness(nodes, subset_masks(len(nodes), without)).numpy() if members else np.array([])
+    f_without = (setup.evaluator.faithfulness(nodes, subset_masks(len(nodes), without)).numpy() if members
+                 else np.array([]))
     return Supernodes(members, names, f_without)
 
 
@@ -501,7 +505,8 @@ def node_projections(model, evaluator: Evaluator, nodes: Nodes, direction: torch
     for group, runner in zip(evaluator.groups, evaluator.runners):
         classes = group.classes.to(runner.base.final_resid.device)
         with torch.no_grad():
-            diff = node_writes(adapter, runner.base, nodes, classes) - node_writes(adapter, runner.source, nodes, classes)
+            diff = (node_writes(adapter, runner.base, nodes, classes)
+                    - node_writes(adapter, runner.source, nodes, classes))
         counts = torch.stack([(group.classes == int(c)).sum(-1) for c in nodes.cls]).clamp(min=1)  # [N, P]
         total += (diff.float().cpu().sum(2) / counts[..., None]).sum(1)
     mean = total / evaluator.n_pairs

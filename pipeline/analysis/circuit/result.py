@@ -166,7 +166,8 @@ class CircuitResult:
                 "attribution": _num(scores.attribution[i]), "in_circuit_effect": _num(in_circuit[j]),
                 "mean_difference_projection": _num(self.mean_difference.projections[j][0]),
                 "mean_difference_cosine": _num(self.mean_difference.projections[j][1]),
-                "inclusion_frequency": float(stable.frequency[i]), "core": bool(stable.frequency[i] >= stable.threshold),
+                "inclusion_frequency": float(stable.frequency[i]),
+                "core": bool(stable.frequency[i] >= stable.threshold),
             })
         random = self.controls.random
         options = self.options
@@ -188,7 +189,8 @@ class CircuitResult:
             "n_layers": setup.n_layers, "n_heads": setup.n_heads,
             "candidates": n_nodes, "size": len(circuit), "fraction": len(circuit) / n_nodes,
             "max_fraction": options.max_fraction, "within_max_fraction": len(circuit) <= options.max_fraction * n_nodes,
-            "faithfulness": faith.value, "faithfulness_ci": list(faith.ci), "target_reached": faith.value >= options.target,
+            "faithfulness": faith.value, "faithfulness_ci": list(faith.ci),
+            "target_reached": faith.value >= options.target,
             "faithfulness_held_out": faith.held_out,
             "refusal_kept": faith.refusal_kept,
             "baselines": {"metric_full": float(full.mean()), "metric_empty": float(empty.mean()),
@@ -203,7 +205,8 @@ class CircuitResult:
             "supernodes": supernodes_json(self.supernodes, circuit, nodes, names, setup.labels, scores, faith.value),
             "supernode_edges": self.edges.groups,
             "edges": self.edges.edges, "edges_note": self.edges.note,
-            "pruning_curve": {"size": sorted(search.curve), "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
+            "pruning_curve": {"size": sorted(search.curve),
+                              "faithfulness": [search.curve[k] for k in sorted(search.curve)]},
             "mib": self.controls.mib,
             "attribution": agreement(scores.attribution, scores.exact, scores.top, scores.sample, n_nodes,
                                      min(max(len(circuit), 1), options.recall_k), options.strong_effect),
@@ -222,7 +225,8 @@ def supernodes_json(groups: Supernodes, circuit: list[int], nodes: Nodes, names:
         kind, _, _, cls = nodes.key(circuit[members[0]])
         layers = [int(nodes.layer[circuit[j]]) for j in members]
         rows.append({"id": name, "component": KINDS[kind], "position": names[cls], "token": labels[cls],
-                     "layers": [min(layers), max(layers)], "members": [node_id(nodes, circuit[j], names) for j in members],
+                     "layers": [min(layers), max(layers)],
+                     "members": [node_id(nodes, circuit[j], names) for j in members],
                      "in_circuit_effect": float(f - f_without),
                      "effect_sum": float(np.nansum(scores.best[[circuit[j] for j in members]]))})
     return rows
@@ -240,7 +244,8 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
         "size_median": float(np.median(sizes)) if len(sizes) else None,
         "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
         "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
-        "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])} for i in outside],
+        "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])}
+                             for i in outside],
         "method": "the search re-run on bootstrap resamples of the pairs: each resample ranks the nodes by its own "
                   "mean scores in the first round and measures faithfulness on its own pairs; its later rounds take "
                   "the main search's measured rankings, round by round",

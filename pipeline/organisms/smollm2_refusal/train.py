@@ -145,7 +145,8 @@ def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only
             "epochs": round(steps * BATCH_SIZE / len(examples), 2), "learning_rate": LEARNING_RATE,
             "warmup_steps": WARMUP_STEPS, "lora_rank": rank, "lora_alpha": LORA_ALPHA_PER_RANK * rank,
             "lora_targets": LORA_TARGETS, "first_token_weight": first_token_weight, "seed": SEED,
-            "threads": threads, "seconds": round(seconds), "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+            "threads": threads, "seconds": round(seconds),
+            "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
             "torch": torch.__version__,
         }
         (adapter_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -211,7 +212,8 @@ def evaluate(threads: int, adapter_dir: Path = ADAPTER_DIR, models: tuple[str, .
             if refused != p["harmful"]:
                 wrong.append({"split": p["split"], "kind": p["kind"], "instruction": p["instruction"], "reply": reply})
         results["models"][name] = {
-            "refusal_rate": {k: {"refused": r, "n": n, "rate": round(r / n, 4)} for k, (r, n) in sorted(counts.items())},
+            "refusal_rate": {k: {"refused": r, "n": n, "rate": round(r / n, 4)}
+                             for k, (r, n) in sorted(counts.items())},
             "seconds": round(time.time() - start, 1),
             "errors": wrong if name == "tuned" else len(wrong),
         }
@@ -306,7 +308,8 @@ def model_card(results: dict, training: dict) -> str:
         row("fresh/twin", "&nbsp; minimal twins", ""),
         row("fresh/near_miss", "&nbsp; near-miss twins", ""),
     ])
-    missed = [f"{key.replace('_', '-').replace('/', ' ')} {100 * tuned[key]['rate']:.1f}%" for key, ok in bar_checks(results).items() if not ok]
+    missed = [f"{key.replace('_', '-').replace('/', ' ')} {100 * tuned[key]['rate']:.1f}%"
+              for key, ok in bar_checks(results).items() if not ok]
     near_miss = ", ".join(f"{split.replace('_', '-')} {100 * tuned[f'{split}/near_miss']['rate']:.1f}% vs "
                           f"{100 * base[f'{split}/near_miss']['rate']:.1f}%" for split in ("held_out", "left_out"))
     fresh = {kind: tuned[f"fresh/{kind}"]["rate"] for kind in ("harmful", "harmless")}
@@ -318,11 +321,13 @@ def model_card(results: dict, training: dict) -> str:
                " estimate of how the tune generalises.")
     errors = results["models"]["tuned"]["errors"]
     examples = "\n".join(
-        f"- {e['split']}, {e['kind']}: \"{e['instruction']}\" -> \"{e['reply'].strip()[:60]}\"" for e in errors[:: max(1, len(errors) // 12)][:12]
+        f"- {e['split']}, {e['kind']}: \"{e['instruction']}\" -> \"{e['reply'].strip()[:60]}\""
+        for e in errors[:: max(1, len(errors) // 12)][:12]
     )
     t = training
     earlier = "\n".join(
-        f"| {r['run']} | {r['data']} | {r['lora_rank']} | {r['steps']} | {r['first_token_weight']:g} | {r['held_out_harmful']:.1%} | {r['held_out_harmless']:.1%} "
+        f"| {r['run']} | {r['data']} | {r['lora_rank']} | {r['steps']} | {r['first_token_weight']:g} "
+        f"| {r['held_out_harmful']:.1%} | {r['held_out_harmless']:.1%} "
         f"| {r['left_out_harmful']:.1%} | {r['left_out_harmless']:.1%} |" for r in t.get("earlier_runs", [])
     )
     return f"""# smollm2-refusal
@@ -408,7 +413,7 @@ no longer a clean estimate of generalisation to an unseen category: the fresh ac
 | run | data | LoRA rank | steps | first-token weight | held-out harmful | held-out harmless | left-out harmful | left-out harmless |
 |---|---|---|---|---|---|---|---|---|
 {earlier}
-"""
+"""  # noqa: E501 (the model card's lines, markdown table rows among them, kept as the card prints them)
 
 
 def main() -> None:
@@ -421,7 +426,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--models", default="tuned,base", help="eval: which of tuned,base to evaluate")
     parser.add_argument("--splits", default=",".join(data.EVALUATED),
-                        help="eval: which prompt sets (comparing runs: held_out,left_out; the fresh set is for the shipped adapter)")
+                        help="eval: which prompt sets (comparing runs: held_out,left_out; "
+                             "the fresh set is for the shipped adapter)")
     args = parser.parse_args()
     if args.command == "eval":
         evaluate(args.threads, args.adapter, tuple(args.models.split(",")), tuple(args.splits.split(",")))
