@@ -30,6 +30,7 @@ chromium:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 test: $(STAMP) chromium
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -x --timeout=1200
 
 # The edit-test loop: everything but the slow and browser tests (one refusal-tiny sweep, shared by the
