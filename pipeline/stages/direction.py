@@ -15,7 +15,7 @@ import torch
 from pipeline.analysis.directions import SUMMARY_KEY, intervention_cost, select_direction
 from pipeline.engine.directions import INTERVENTIONS, Intervention
 from pipeline.schema import DirectionConfig
-from pipeline.store import PRODUCER, content_key, read_table, tensor_numpy, write_table
+from pipeline.store import code_identity, content_key, read_table, tensor_numpy, write_table
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class DirectionItem:
 
 
 def plan(run_dir: Path, options: DirectionConfig, weights_hash: str, provenance: dict) -> DirectionItem:
-    key = content_key("direction", PRODUCER, weights_hash, provenance["pairs_hash"], asdict(options))
+    key = content_key("direction", code_identity(__name__), weights_hash, provenance["pairs_hash"], asdict(options))
     return DirectionItem(str(run_dir / "pairs.parquet"), options, str(run_dir / "direction.arrow"), provenance, key)
 
 

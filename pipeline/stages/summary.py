@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline.analysis.positions import position_tokens
 from pipeline.analysis.statistics import read_effects, site_breakdown, summarise
 from pipeline.schema import SummaryConfig
-from pipeline.store import PRODUCER, content_key, publish_json, read_table, with_columns, write_table
+from pipeline.store import code_identity, content_key, publish_json, read_table, with_columns, write_table
 
 OUTPUTS = ("effects.parquet", "summary.parquet", "sites.json")
 
@@ -50,7 +50,7 @@ class SummaryItem:
 
 
 def plan(run_dir: Path, effect_shards: list[Path], options: SummaryConfig, run: dict, provenance: dict) -> SummaryItem:
-    key = content_key("summary", PRODUCER, [p.name for p in effect_shards], asdict(options))
+    key = content_key("summary", code_identity(__name__), [p.name for p in effect_shards], asdict(options))
     return SummaryItem(tuple(str(p) for p in effect_shards), str(run_dir), options, run, provenance, key)
 
 
