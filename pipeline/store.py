@@ -79,7 +79,9 @@ def _source(module: str, package: Path) -> Path | None:
 
 def _imported_sources(module: str, package: Path) -> set[Path]:
     """The source files of `module` and of every module of the package it imports, transitively (a module's
-    parent packages too: importing it runs their __init__)."""
+    parent packages too: importing it runs their __init__). A package's __init__ counts for what importing
+    it runs, not for the imports inside its functions: those are its lazy attributes for users (`import
+    pipeline` stays light and `pipeline.load_run` reads outputs), not code of the modules beneath it."""
     seen: set[Path] = set()
     parts = module.split(".")
     todo = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
@@ -90,13 +92,21 @@ def _imported_sources(module: str, package: Path) -> set[Path]:
             continue
         seen.add(path)
         todo += [name.rsplit(".", 1)[0]] if "." in name else []
-        for node in ast.walk(ast.parse(path.read_bytes())):
+        for node in _nodes(ast.parse(path.read_bytes()), functions=path.name != "__init__.py"):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 # `from a.b import c`: c may be a module of a.b or a name defined in it
                 todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
     return seen
+
+
+def _nodes(tree: ast.AST, functions: bool):
+    """Every node of `tree`, or (functions=False) every node outside function bodies."""
+    for node in ast.iter_child_nodes(tree):
+        if functions or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield node
+            yield from _nodes(node, functions)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -169,6 +169,9 @@ def test_manifest_records_the_code_and_names_what_changed(tmp_path):
     assert saved["files"]["a.arrow"]["code"] == identity
     assert saved["code"] == {identity: store.code_files("pipeline.stages.patch")}
     assert "pipeline/engine/patching.py" in saved["code"][identity]
+    # pipeline/__init__ counts for what `import pipeline` runs, not for the reader its load_run imports on use
+    files = saved["code"][identity]
+    assert "pipeline/__init__.py" in files and "pipeline/outputs/load.py" not in files
     assert store.Manifest(tmp_path, "patch").other_code("pipeline.stages.patch") is None
     # As if written by code whose engine differed:
     saved["code"] = {"other": {**saved["code"][identity], "pipeline/engine/patching.py": "0" * 12}}
