@@ -53,10 +53,16 @@ def code_identity(module: str, package: Path = PACKAGE) -> str:
     package it imports, transitively: part of the content key of what the module computes, so a result made
     by other code (an upgrade, a local edit) is computed again rather than reused."""
     digest = hashlib.sha256()
-    for path in sorted(_imported_sources(module, package)):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
+    for path, file_hash in code_files(module, package).items():
+        digest.update(f"{path}:{file_hash};".encode())
     return digest.hexdigest()[:16]
+
+
+def code_files(module: str, package: Path = PACKAGE) -> dict[str, str]:
+    """The source files behind `module`'s code identity, each by a short hash of its bytes
+    ("pipeline/engine/patching.py" -> hash): what a manifest keeps to say which files changed."""
+    return {path.relative_to(package.parent).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            for path in sorted(_imported_sources(module, package))}
 
 
 def _source(module: str, package: Path) -> Path | None:
@@ -73,7 +79,9 @@ def _source(module: str, package: Path) -> Path | None:
 
 def _imported_sources(module: str, package: Path) -> set[Path]:
     """The source files of `module` and of every module of the package it imports, transitively (a module's
-    parent packages too: importing it runs their __init__)."""
+    parent packages too: importing it runs their __init__). A package's __init__ counts for what importing
+    it runs, not for the imports inside its functions: those are its lazy attributes for users (`import
+    pipeline` stays light and `pipeline.load_run` reads outputs), not code of the modules beneath it."""
     seen: set[Path] = set()
     parts = module.split(".")
     todo = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
@@ -84,13 +92,21 @@ def _imported_sources(module: str, package: Path) -> set[Path]:
             continue
         seen.add(path)
         todo += [name.rsplit(".", 1)[0]] if "." in name else []
-        for node in ast.walk(ast.parse(path.read_bytes())):
+        for node in _nodes(ast.parse(path.read_bytes()), functions=path.name != "__init__.py"):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 # `from a.b import c`: c may be a module of a.b or a name defined in it
                 todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
     return seen
+
+
+def _nodes(tree: ast.AST, functions: bool):
+    """Every node of `tree`, or (functions=False) every node outside function bodies."""
+    for node in ast.iter_child_nodes(tree):
+        if functions or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield node
+            yield from _nodes(node, functions)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -247,11 +263,13 @@ def file_entry(path: str | Path) -> dict:
 # ---- manifests -----------------------------------------------------------------------------------
 
 class Manifest:
-    """What a stage has produced in one folder: file name -> {sha256, key, rows, ...}.
+    """What a stage has produced in one folder: file name -> {sha256, key, code, rows, ...}.
 
     Rewritten atomically after each finished shard (so a crashed run knows what it finished) and once
     more at the end with `complete: true`. A shard counts as finished only if it is listed here and its
-    bytes still hash to the listed checksum.
+    bytes still hash to the listed checksum. A file recorded with the module that computed it carries that
+    module's code identity, and the manifest keeps, per identity, its source files' hashes (`code_files`):
+    so a re-run by other code can say which files changed.
     """
 
     def __init__(self, folder: str | Path, stage: str, provenance: dict | None = None):
@@ -260,11 +278,13 @@ class Manifest:
         self.stage = stage
         self.provenance = provenance or {}
         self.files: dict[str, dict] = {}
+        self.code: dict[str, dict[str, str]] = {}  # code identity -> code_files of the module it was taken from
         self.complete = False  # true once the stage finished: the final write lists exactly its files
         if self.path.exists():
             try:
                 saved = json.loads(self.path.read_text())
                 self.files = dict(saved.get("files", {}))
+                self.code = dict(saved.get("code", {}))
                 self.complete = bool(saved.get("complete", False))
             except (json.JSONDecodeError, OSError):
                 self.files = {}  # an unreadable manifest vouches for nothing: shards get recomputed
@@ -281,20 +301,51 @@ class Manifest:
             return False
         return True
 
-    def add(self, name: str, sha256: str | None = None, **info) -> None:
-        """Record a finished file (hashing it unless its checksum is given) and save the manifest."""
+    def add(self, name: str, sha256: str | None = None, module: str | None = None, **info) -> None:
+        """Record a finished file (hashing it unless its checksum is given), computed by `module` (a dotted
+        name: its code identity is recorded with it), and save the manifest."""
+        if module is not None:
+            info["code"] = code_identity(module)
+            if info["code"] not in self.code:
+                self.code[info["code"]] = code_files(module)
         self.files[name] = {"sha256": sha256 or sha256_file(self.folder / name), **info}
         self.save()
 
-    def record(self, entry: dict, **info) -> None:
-        """Record a published file from its `file_entry` (path, sha256[, rows]), plus `info` (a key)."""
-        self.add(Path(entry["path"]).name, entry["sha256"], **{k: v for k, v in entry.items() if k == "rows"}, **info)
+    def record(self, entry: dict, module: str | None = None, **info) -> None:
+        """Record a published file from its `file_entry` (path, sha256[, rows]), computed by `module`, plus
+        `info` (a key)."""
+        self.add(Path(entry["path"]).name, entry["sha256"], module,
+                 **{k: v for k, v in entry.items() if k == "rows"}, **info)
+
+    def rewritten(self, entry: dict) -> None:
+        """A listed file rewritten with the same content key and code (its run columns): its new checksum
+        and rows from `file_entry`, the rest of its record kept."""
+        name = Path(entry["path"]).name
+        self.files[name] = {**self.files[name], **{k: v for k, v in entry.items() if k != "path"}}
+        self.save()
+
+    def other_code(self, module: str, names=None) -> list[str] | None:
+        """Whether listed files (`names`, default every one) were computed by other code than `module`'s
+        today: None where none was, else the source files that differ (sorted; empty where the other
+        code's files are not recorded, as in a folder written before code identities were)."""
+        identity = code_identity(module)
+        listed = [self.files[name] for name in (self.files if names is None else names) if name in self.files]
+        others = {entry.get("code") for entry in listed} - {identity}
+        if not others:
+            return None
+        now, changed = code_files(module), set()
+        for before in (self.code.get(other) for other in others):
+            if before:
+                changed |= {path for path in now.keys() | before.keys() if now.get(path) != before.get(path)}
+        return sorted(changed)
 
     def save(self, complete: bool = False) -> None:
         self.complete = complete
+        used = {entry.get("code") for entry in self.files.values()}
         publish_json(self.path, {
-            "stage": self.stage, "producer": PRODUCER, "complete": complete,
-            "provenance": self.provenance, "files": self.files,
+            "stage": self.stage, "producer": PRODUCER, "complete": complete, "provenance": self.provenance,
+            "code": {identity: files for identity, files in self.code.items() if identity in used},
+            "files": self.files,
         })
 
     def finish(self, keep: list[str]) -> None:

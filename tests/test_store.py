@@ -1,4 +1,5 @@
 """The Arrow store: atomic publish, tensor columns, memory-mapped reads, manifests that catch damage."""
+import json
 import os
 
 import numpy as np
@@ -156,3 +157,24 @@ def test_code_identity_follows_the_modules_a_stage_imports(tmp_path):
     code_identity.cache_clear()
     assert code_identity("pipeline.stages.patch", copy) != before["pipeline.stages.patch"]
     assert code_identity("pipeline.analysis.statistics", copy) == before["pipeline.analysis.statistics"]
+
+
+def test_manifest_records_the_code_and_names_what_changed(tmp_path):
+    """A file recorded with the module that computed it carries that module's code identity; read back by
+    other code, the manifest names the source files that differ."""
+    store.write_table(tmp_path / "a.arrow", pa.table({"a": [1]}))
+    store.Manifest(tmp_path, "patch").add("a.arrow", module="pipeline.stages.patch")
+    saved = json.loads((tmp_path / store.MANIFEST).read_text())
+    identity = store.code_identity("pipeline.stages.patch")
+    assert saved["files"]["a.arrow"]["code"] == identity
+    assert saved["code"] == {identity: store.code_files("pipeline.stages.patch")}
+    assert "pipeline/engine/patching.py" in saved["code"][identity]
+    # pipeline/__init__ counts for what `import pipeline` runs, not for the reader its load_run imports on use
+    files = saved["code"][identity]
+    assert "pipeline/__init__.py" in files and "pipeline/outputs/load.py" not in files
+    assert store.Manifest(tmp_path, "patch").other_code("pipeline.stages.patch") is None
+    # As if written by code whose engine differed:
+    saved["code"] = {"other": {**saved["code"][identity], "pipeline/engine/patching.py": "0" * 12}}
+    saved["files"]["a.arrow"]["code"] = "other"
+    (tmp_path / store.MANIFEST).write_text(json.dumps(saved))
+    assert store.Manifest(tmp_path, "patch").other_code("pipeline.stages.patch") == ["pipeline/engine/patching.py"]

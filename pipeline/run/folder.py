@@ -137,4 +137,4 @@ def stamp_run_tables(sweep: Sweep) -> None:
             continue
         table = read_table(path)
         write_table(path, with_columns(table, sweep.run), provenance(table))
-        sweep.manifest.record(file_entry(path), key=sweep.manifest.files[name]["key"])
+        sweep.manifest.rewritten(file_entry(path))

@@ -121,7 +121,7 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
     """pairs.parquet, reused when finished under the same content key, else screened in batches."""
     cfg, out = sweep.cfg, sweep.folder.pairs
     key = pairs.content_key_of(cfg.model.path, cfg.prompts, sweep.weights_hash)
-    if sweep.manifest.is_valid(out.name, key):
+    if sweep.reusable("pairs", pairs.__name__, key, (out.name,)):
         sweep.stage("pairs").reused += 1
     else:
         screened = pairs.screen_pairs(
@@ -130,7 +130,7 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
             sweep.provenance)
         with timed(sweep.stage("pairs")):
             path, _ = pairs.collect(screened, cfg.prompts, out, sweep.run, sweep.provenance)
-            sweep.manifest.record(file_entry(path), key=key)
+            sweep.record(file_entry(path), key, pairs.__name__)
     table = read_table(out)
     sweep.pairs_report = json.loads(provenance(table)["pairs_report"])
     sweep.provenance["pairs_hash"] = pairs_hash(table)
@@ -170,7 +170,8 @@ def stage_circuit(sweep: Sweep):
     item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.provenance)
     stats = sweep.stage("circuit")  # listed after pairs, where it starts
     with circuit.follow_progress(sweep.run_dir):
-        job = None if sweep.manifest.is_valid(CIRCUIT.name, item.key) else sweep.pool.start(circuit.run, item)
+        reusable = sweep.reusable("circuit", circuit.__name__, item.key, (CIRCUIT.name,))
+        job = None if reusable else sweep.pool.start(circuit.run, item)
         if job is not None:
             log.info("circuit: on an actor of its own, beside the cache, patch and summary stages")
         yield
@@ -178,7 +179,7 @@ def stage_circuit(sweep: Sweep):
             sweep.run_once("circuit", circuit.run, item, (CIRCUIT.name,))
         else:
             for entry in sweep.pool.finish(job, stats):
-                sweep.manifest.record(entry, key=item.key)
+                sweep.record(entry, item.key, circuit.__name__)
     sweep.finished("circuit")
 
 

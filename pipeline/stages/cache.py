@@ -25,7 +25,7 @@ from pipeline.engine.adapters import get_adapter
 from pipeline.engine.hooks import run_with_cache
 from pipeline.outputs.files import RunFolder
 from pipeline.stages.shards import PairShard
-from pipeline.store import PRODUCER, content_key, tensor_column, tensor_numpy, write_table
+from pipeline.store import code_identity, content_key, tensor_column, tensor_numpy, write_table
 
 PROMPTS = ("clean", "corrupted")
 
@@ -76,10 +76,10 @@ class CacheItem:
 
 
 def plan(run_dir: Path, shards: list[PairShard], weights_hash: str, provenance: dict) -> list[CacheItem]:
-    """An item per pair shard, named by the model's weights and the shard's content."""
-    folder = RunFolder(run_dir)
+    """An item per pair shard, named by this stage's code, the model's weights and the shard's content."""
+    folder, code = RunFolder(run_dir), code_identity(__name__)
     return [CacheItem(str(folder.pairs), shard.rows,
-                      str(folder.activations / f"{content_key('cache', PRODUCER, weights_hash, shard.key)}.arrow"),
+                      str(folder.activations / f"{content_key('cache', code, weights_hash, shard.key)}.arrow"),
                       provenance)
             for shard in shards]
 

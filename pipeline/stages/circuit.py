@@ -19,7 +19,7 @@ from pipeline.analysis.circuit.progress import Progress
 from pipeline.analysis.knockout import knockout_by_generation
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import CircuitConfig, PatchsweepConfig, SummaryConfig
-from pipeline.store import PRODUCER, content_key, publish_json, read_table
+from pipeline.store import code_identity, content_key, publish_json, read_table
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class CircuitItem:
 
 
 def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, provenance: dict) -> CircuitItem:
-    key = content_key("circuit", PRODUCER, weights_hash, provenance["pairs_hash"], asdict(cfg.circuit),
+    key = content_key("circuit", code_identity(__name__), weights_hash, provenance["pairs_hash"], asdict(cfg.circuit),
                       asdict(cfg.summary), cfg.patching.metric, cfg.prompts.max_new_tokens)
     return CircuitItem(str(run_dir), cfg.model.name, cfg.circuit, cfg.summary, cfg.patching.metric,
                        cfg.prompts.max_new_tokens, provenance, key)

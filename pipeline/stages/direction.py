@@ -16,7 +16,7 @@ from pipeline.analysis.directions import SUMMARY_KEY, intervention_cost, select_
 from pipeline.engine.directions import INTERVENTIONS, Intervention
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import DirectionConfig
-from pipeline.store import PRODUCER, content_key, read_table, tensor_numpy, write_table
+from pipeline.store import code_identity, content_key, read_table, tensor_numpy, write_table
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class DirectionItem:
 
 
 def plan(run_dir: Path, options: DirectionConfig, weights_hash: str, provenance: dict) -> DirectionItem:
-    key = content_key("direction", PRODUCER, weights_hash, provenance["pairs_hash"], asdict(options))
+    key = content_key("direction", code_identity(__name__), weights_hash, provenance["pairs_hash"], asdict(options))
     folder = RunFolder(run_dir)
     return DirectionItem(str(folder.pairs), options, str(folder.direction), provenance, key)
 

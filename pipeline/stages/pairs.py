@@ -46,7 +46,7 @@ from pipeline.analysis.pairs import (
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import PromptsConfig, ResourcesConfig
 from pipeline.store import (
-    PRODUCER,
+    code_identity,
     content_key,
     provenance,
     publish_json,
@@ -202,7 +202,7 @@ def content_key_of(model_path: str, prompts: PromptsConfig, weights_hash: str) -
     """The key pairs.parquet is recorded under: the model as loaded and everything that chooses the pairs
     (a user's prompt file by its content: an edited file gives new pairs, never the old ones)."""
     prompts_file = sha256_file(prompts.path) if prompts.path else None
-    return content_key("pairs", PRODUCER, weights_hash, model_path, asdict(prompts), prompts_file)
+    return content_key("pairs", code_identity(__name__), weights_hash, model_path, asdict(prompts), prompts_file)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pipeline.engine.patching import sweep, variants_for
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import PatchingConfig
 from pipeline.stages.shards import PairShard, bucket_shards
-from pipeline.store import PRODUCER, content_key, write_table
+from pipeline.store import code_identity, content_key, write_table
 
 EFFECT_SHARD_SCHEMA = pa.schema([
     ("model", pa.string()), ("pair_id", pa.int32()), ("direction", pa.string()), ("component", pa.string()),
@@ -60,15 +60,15 @@ class PatchItem:
 
 def plan(run_dir: Path, shards: list[PairShard], patching: PatchingConfig, shard_size: int, model: str,
          weights_hash: str, provenance: dict) -> list[PatchItem]:
-    """An item per (bucket of at most shard_size pairs, component, direction), named by the weights, the
-    shards' content and the patches."""
-    items = []
+    """An item per (bucket of at most shard_size pairs, component, direction), named by this stage's code
+    (the engine's included), the weights, the shards' content and the patches."""
+    items, code = [], code_identity(__name__)
     for bucket in bucket_shards(shards, shard_size):
         for component in patching.components:
             for direction in patching.directions:
                 patches = Patches(component, direction, patching.metric, component in patching.per_position,
                                   patching.layers, patching.heads if component == "head" else None)
-                key = content_key("patch", PRODUCER, weights_hash, [shard.key for shard in bucket], asdict(patches))
+                key = content_key("patch", code, weights_hash, [shard.key for shard in bucket], asdict(patches))
                 items.append(PatchItem(str(RunFolder(run_dir).pairs), tuple(shard.rows for shard in bucket), patches,
                                        model, patching.batch_size,
                                        str(RunFolder(run_dir).effect_shards / f"{key}.arrow"),

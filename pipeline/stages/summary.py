@@ -13,7 +13,7 @@ from pipeline.analysis.positions import position_tokens
 from pipeline.analysis.statistics import read_effects, site_breakdown, summarise
 from pipeline.outputs.files import EFFECTS, SITES, SUMMARY, RunFolder
 from pipeline.schema import SummaryConfig
-from pipeline.store import PRODUCER, content_key, publish_json, read_table, with_columns, write_table
+from pipeline.store import code_identity, content_key, publish_json, read_table, with_columns, write_table
 
 OUTPUTS = (EFFECTS.name, SUMMARY.name, SITES.name)
 
@@ -51,7 +51,7 @@ class SummaryItem:
 
 
 def plan(run_dir: Path, effect_shards: list[Path], options: SummaryConfig, run: dict, provenance: dict) -> SummaryItem:
-    key = content_key("summary", PRODUCER, [p.name for p in effect_shards], asdict(options))
+    key = content_key("summary", code_identity(__name__), [p.name for p in effect_shards], asdict(options))
     return SummaryItem(tuple(str(p) for p in effect_shards), str(run_dir), options, run, provenance, key)
 
 
