@@ -85,6 +85,11 @@ def test_no_password_in_any_line_file_or_store(tmp_path):
     check_refused("MLflow server down, credentials in its URI", refused, "does not answer",
                   f"tracking.uri=http://***@127.0.0.1:{closed_port}", within=BEFORE_RAY_S)
     assert SECRET not in refused.stdout + refused.stderr
+    refused = patchsweep(*CHEAP, f"output_root={tmp_path}", f"output_dir={tmp_path / 'refused'}",
+                         f"ray.address=ray://token{SECRET}@127.0.0.1:{closed_port}")
+    check_refused("Ray cluster down, credentials in its address", refused, "ray://***@127.0.0.1",
+                  within=BEFORE_RAY_S)
+    assert SECRET not in refused.stdout + refused.stderr
 
     out = tmp_path / "out"
     with mlflow_server(tmp_path / "server") as port:
