@@ -11,11 +11,11 @@ A sweep is a command of one job, a --multirun one of several: both take the same
 (pipeline.run.multirun). Errors in the command line, the config or the input are printed as one line
 naming the problem and the key to fix, before any compute starts (exit status 2); a --multirun runs
 nothing when one job's config is wrong (a line per refused job). Ctrl-C prints one line saying how much
-work finished (exit status 130); the same command then resumes. A sweep stopped by its input once
-running says so in its one line (exit status 2); a job of a --multirun that fails ends alone and is
-reported after the others have finished (exit status 1). An MLflow store that fails once the results are
-computed leaves them on disk: the summary is printed with the `patchsweep log` command that logs them
-later (exit status 1).
+work finished (exit status 130); the same command then resumes. SIGTERM, as Slurm and Kubernetes send,
+does the same (exit status 143). A sweep stopped by its input once running says so in its one line (exit
+status 2); a job of a --multirun that fails ends alone and is reported after the others have finished
+(exit status 1). An MLflow store that fails once the results are computed leaves them on disk: the
+summary is printed with the `patchsweep log` command that logs them later (exit status 1).
 
 torch, Ray, MLflow and transformers are imported inside the commands that use them, not here: `--help`
 and tab completion (`--shell-completion`) answer without them.
@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from traceback import format_exception
 from typing import TYPE_CHECKING, NoReturn
 
 import hydra
@@ -38,9 +39,9 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from pipeline import __version__
+from pipeline import __version__, sigterm
 from pipeline.config import CONF_DIR
-from pipeline.messages import INTERRUPTED, error_line, first_line, notice_line
+from pipeline.messages import INTERRUPTED, error_line, first_line, notice_line, redact
 
 if TYPE_CHECKING:  # imported by the commands that run them
     from pipeline.run.multirun import Comparison, Job
@@ -49,6 +50,8 @@ SWEEP_ENV = "PATCHSWEEP_SWEEP_ID"
 
 
 def main() -> None:
+    sigterm.stop_like_ctrl_c()
+    sys.excepthook = _redacted_traceback
     _command_environment()
     args = sys.argv[1:]
     command, args = (COMMANDS[args[0]], args[1:]) if args and args[0] in COMMANDS else (sweep_command, args)
@@ -66,11 +69,23 @@ def _command_environment() -> None:
     # 15 s when the server refuses connections, 100 s when it never answers.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # MLflow prints each run's address on stdout as a server URI gives it, credentials included; the
+    # command's summary names the run (redacted).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def _redacted_traceback(kind, err, traceback) -> None:
+    """An error nobody wrote a line for keeps its traceback, without the credentials of a URI it quotes."""
+    print(redact("".join(format_exception(kind, err, traceback))), end="", file=sys.stderr, flush=True)
 
 
 def leave(status: int, message: str) -> NoReturn:
-    """The command's last line, and its exit status (2 refused, 1 failed, 130 interrupted)."""
-    print(notice_line(message) if status == INTERRUPTED else error_line(message), file=sys.stderr, flush=True)
+    """The command's last line, and its exit status (2 refused, 1 failed, 130 interrupted by Ctrl-C, 143
+    by SIGTERM)."""
+    if status == INTERRUPTED and sigterm.received():
+        status, message = sigterm.TERMINATED, f"SIGTERM: {message}"
+    stopped = status in (INTERRUPTED, sigterm.TERMINATED)
+    print(notice_line(message) if stopped else error_line(message), file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -155,8 +170,11 @@ def sweep_command(args: list[str]) -> None:
         return
     if jobs.refused:
         refuse(jobs)
+    from pipeline.run.logs import redact_console
+
     # Hydra put back its own logging once it had composed the jobs; theirs applies while they run.
     logging.config.dictConfig(jobs.logging)
+    redact_console(logging.getLogger())
     comparison = run(jobs.valid)
     print_results(jobs.valid, comparison)
     leave_for(jobs.valid, comparison)
@@ -198,8 +216,8 @@ def print_results(jobs: list[Job], comparison: Comparison | None) -> None:
         print(f"\nComparison of the {sum(job.outcome is not None for job in jobs)} finished sweeps: "
               f"{comparison.folder.resolve()} (comparison.md, comparison.png)", flush=True)
     if comparison is not None and comparison.tracking:
-        print(f"MLflow: {comparison.tracking['uri']}  parent run {comparison.tracking['run_id']}\n"
-              f"  {ui_hint(jobs[0].cfg, comparison.tracking['ui_path'])}", flush=True)
+        print(redact(f"MLflow: {comparison.tracking['uri']}  parent run {comparison.tracking['run_id']}\n"
+                     f"  {ui_hint(jobs[0].cfg, comparison.tracking['ui_path'])}"), flush=True)
 
 
 def leave_for(jobs: list[Job], comparison: Comparison | None) -> None:
@@ -310,8 +328,8 @@ def log_command(args: list[str]) -> None:
     except Exception as err:  # the store's own errors are many: one line, and the same command retries
         leave(1, f"MLflow store {tracking_uri(cfg)} failed ({first_line(err)}): fix the store or set "
                  "tracking.uri=<another store>, then run the same command")
-    print(f"logged {run_dir.resolve()} to MLflow {tracking['uri']}: run {tracking['run_id']}\n"
-          f"  {ui_hint(cfg, tracking['ui_path'])}", flush=True)
+    print(redact(f"logged {run_dir.resolve()} to MLflow {tracking['uri']}: run {tracking['run_id']}\n"
+                 f"  {ui_hint(cfg, tracking['ui_path'])}"), flush=True)
 
 
 def version_command(args: list[str]) -> None:

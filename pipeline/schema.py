@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.messages import redact
+
 MISSING = "???"  # OmegaConf's mark of a value that must be given
 
 
@@ -189,7 +191,8 @@ def config_hash(cfg: PatchsweepConfig | dict) -> str:
     plain = to_plain(cfg)
     science = {k: plain[k] for k in SCIENCE_KEYS}
     science["model"] = {k: v for k, v in science["model"].items() if k != "name"}
-    return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
+    # config.yaml keeps the config with its credentials redacted: its hash is the one the run's own has
+    return hashlib.sha256(redact(json.dumps(science, sort_keys=True)).encode()).hexdigest()[:16]
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -150,7 +150,8 @@ def _check_circuit(cfg: PatchsweepConfig) -> None:
         value = getattr(circuit, key.split(".")[1])
         if not 0 < value <= 1:
             raise ConfigError(f"{key}={value} must be in (0, 1]: {meaning}")
-    for key in ("max_pairs", "recall_k"):
+    # n_resamples=0 and search_pairs=0 would fail only after the whole search (no stability, no pairs to search)
+    for key in ("max_pairs", "recall_k", "n_resamples"):
         if getattr(circuit, key) < 1:
             raise ConfigError(f"circuit.{key}={getattr(circuit, key)} must be positive: set circuit.{key} to 1 or more")
     for key in ("n_random", "verify_top", "verify_random", "verify_all_rows", "edge_nodes", "direction_layers",
@@ -161,6 +162,9 @@ def _check_circuit(cfg: PatchsweepConfig) -> None:
     if circuit.max_batch_rows is not None and circuit.max_batch_rows < 1:
         raise ConfigError(f"circuit.max_batch_rows={circuit.max_batch_rows} must be positive (or null: "
                           "chosen from free memory)")
+    if circuit.search_pairs is not None and circuit.search_pairs < 1:
+        raise ConfigError(f"circuit.search_pairs={circuit.search_pairs} must be positive (or null: the search on "
+                          "every pair)")
 
 
 def _check_direction(cfg: PatchsweepConfig) -> None:
@@ -221,12 +225,20 @@ def _check_ray(cfg: PatchsweepConfig) -> None:
     address = cfg.ray.address
     if address == "local":
         res = cfg.resources
-        machine = {"CPU": res.num_cpus or len(os.sched_getaffinity(0)),
+        cores = len(os.sched_getaffinity(0))
+        machine = {"CPU": res.num_cpus or cores,
                    "GPU": torch.cuda.device_count() if res.gpus_per_actor else 0}
         try:
             check_room(cfg, [machine])
         except RayUnavailable as err:
             raise ConfigError(str(err)) from None
+        # Each actor holds a copy of the model and computes with at least one thread: a fraction of a CPU per
+        # actor (resources.cpus_per_actor < 1) packs more of them into Ray's count, not into the machine.
+        if res.actors > cores:
+            raise ConfigError(f"resources.actors={res.actors} model actors on this machine's {cores} CPU"
+                              f"{'s' if cores != 1 else ''}: each loads the model and computes, whatever "
+                              f"resources.cpus_per_actor ({res.cpus_per_actor:g}) says; set resources.actors="
+                              f"{cores} or fewer")
         return
     if address == "auto":
         return

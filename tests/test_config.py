@@ -161,6 +161,11 @@ REFUSALS = {
     "model.dtype unknown": (["model.dtype=float8"], ("unknown dtype 'float8'", "model.dtype", "float32")),
     "circuit.target out of range": (["circuit.target=1.5"], ("circuit.target=1.5", "(0, 1]")),
     "circuit.max_pairs zero": (["circuit.max_pairs=0"], ("circuit.max_pairs=0", "1 or more")),
+    "circuit.n_resamples zero": (["circuit.n_resamples=0"], ("circuit.n_resamples=0", "1 or more")),
+    "circuit.search_pairs zero": (["circuit.search_pairs=0"], ("circuit.search_pairs=0", "must be positive")),
+    "fractional CPUs for more actors than the machine has CPUs": (
+        ["resources.actors=64", "resources.cpus_per_actor=0.01"],
+        ("resources.actors=64", "cpus_per_actor (0.01)", "or fewer")),
     "the circuit step on the kl metric": (["patching.metric=kl", "circuit.enabled=true"],
                                           ("patching.metric=kl", "answer-token metric", "circuit.enabled=false")),
     "more pairs than the generator has": (["model.path=refusal-tiny", "prompts.n_pairs=2000000"],

@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline.analysis.circuit.result import Circuit, Knockout
 from pipeline.analysis.directions import SUMMARY_KEY
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
+from pipeline.messages import redact
 from pipeline.outputs.files import (
     CIRCUIT_NODES_SVG,
     CIRCUIT_SVG,
@@ -315,7 +316,7 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
         lines.append(f"| {s.stage} | {s.computed} | {s.reused} | {s.retried} | {s.seconds:.1f} |")
     lines += ["", "## MLflow", "", f"Experiment `{cfg.tracking.experiment}`, run `{cfg.model.name}`: "
               f"{ui_hint(cfg)}.", ""]
-    publish_bytes(path, "\n".join(lines).encode())
+    publish_bytes(path, redact("\n".join(lines)).encode())
     return path
 
 
@@ -343,4 +344,4 @@ def console_summary(cfg: PatchsweepConfig, run_dir: Path, pairs_report: dict, st
     if tracking:
         lines.append(f"MLflow: {tracking['uri']}  run {tracking['run_id']}")
         lines.append(f"  {ui_hint(cfg, tracking['ui_path'])}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from pipeline.analysis.circuit.result import read_circuit
 from pipeline.analysis.statistics import layer_curves, read_summary
+from pipeline.messages import redact
 from pipeline.outputs.files import CIRCUIT, EFFECTS, PAIRS, SUMMARY, RunFolder
 from pipeline.run.runner import Sweep, SweepOutcome
 from pipeline.run.workers import notice
@@ -118,8 +119,9 @@ def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
 
 
 def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
-    """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation)."""
-    publish_bytes(RunFolder(run_dir).config, OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))).encode())
+    """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation).
+    Credentials in its URIs are redacted (`patchsweep log` then takes MLflow's from the environment)."""
+    publish_bytes(RunFolder(run_dir).config, redact(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)))).encode())
 
 
 def stamp_run_tables(sweep: Sweep) -> None:

@@ -17,11 +17,30 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from pipeline.messages import redact
 from pipeline.outputs.files import RUN_LOG
 
-LOG_FILE = RUN_LOG.name
 FORMAT = "%(asctime)s %(levelname)s %(name)s (pid %(process)d): %(message)s"
 OWN = "pipeline"  # patchsweep's loggers: logging.getLogger(__name__) in its modules
+
+
+class Redacting(logging.Formatter):
+    """A formatter whose lines (a traceback included) carry no URI's credentials: a record may quote the
+    config, an override or a library's error naming the store (pipeline.messages.redact)."""
+
+    def __init__(self, inner: logging.Formatter | None = None, fmt: str | None = None):
+        super().__init__(fmt)
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record) if self.inner is not None else super().format(record))
+
+
+def redact_console(logger: logging.Logger) -> None:
+    """The handlers of `logger` (the driver's console, as Hydra's job logging sets it) redact their lines."""
+    for handler in logger.handlers:
+        if not isinstance(handler.formatter, Redacting):
+            handler.setFormatter(Redacting(handler.formatter or logging.Formatter()))
 
 
 def _ours_or_warning(record: logging.LogRecord) -> bool:
@@ -31,7 +50,7 @@ def _ours_or_warning(record: logging.LogRecord) -> bool:
 def _file_handler(path: Path) -> logging.Handler:
     # Appended to, never truncated: a re-run over the same folder adds its records after the last run's.
     handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(Redacting(fmt=FORMAT))
     handler.addFilter(_ours_or_warning)
     return handler
 
@@ -48,7 +67,7 @@ def run_log(run_dir: Path):
     the thread running the block, and of threads no other run.log belongs to. An error the block raises is
     recorded there with its traceback (the console gets the command's one-line message instead)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_handler(run_dir / LOG_FILE)
+    handler = _file_handler(run_dir / RUN_LOG.name)
     owner = threading.get_ident()
     handler.addFilter(lambda record: record.thread == owner or record.thread not in _owners)
     _owners.add(owner)
@@ -76,7 +95,7 @@ def actor_logging(log_path: str | Path) -> None:
     root = logging.getLogger()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.setFormatter(Redacting(fmt="%(levelname)s %(name)s: %(message)s"))
     root.addHandler(console)
     root.addHandler(_file_handler(Path(log_path)))
     logging.getLogger(OWN).setLevel(logging.INFO)

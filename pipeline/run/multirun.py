@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.messages import INTERRUPTED, first_line
+from pipeline.messages import INTERRUPTED, first_line, redact
 from pipeline.outputs.comparison import Compared, comparison_markdown, comparison_png, comparison_table
 from pipeline.run.folder import FolderBusy
 from pipeline.run.runner import SweepOutcome
@@ -74,7 +74,7 @@ def job_labels(jobs: list[Job]) -> list[str]:
     for job in jobs:
         parts = [job.cfg.model.name if o.split("=")[0] in ("model", "model.path", "model.name") else o
                  for o in job.overrides if o not in common]
-        labels.append(" ".join(dict.fromkeys(parts)) or job.cfg.model.name)
+        labels.append(redact(" ".join(dict.fromkeys(parts))) or job.cfg.model.name)  # titles, comparison.md, MLflow
     return labels
 
 

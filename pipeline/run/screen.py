@@ -13,6 +13,7 @@ import torch
 from pipeline.analysis.behaviour import format_summary, screen
 from pipeline.analysis.directions import format_intervention, intervention_cost, load_intervention
 from pipeline.engine.loading import load_model
+from pipeline.messages import redact
 from pipeline.organisms import resolve
 from pipeline.schema import PatchsweepConfig
 from pipeline.store import write_table
@@ -48,5 +49,5 @@ def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
         table = table.replace_schema_metadata({b"screen_summary": json.dumps(summary).encode()})
         text += "\n" + format_intervention(summary)
     path = write_table(Path(cfg.output_dir) / "screen.arrow", table,
-                       {"model_id": cfg.model.path, "prompts": cfg.prompts.path})
+                       {"model_id": redact(cfg.model.path), "prompts": cfg.prompts.path})
     return Screened(path, summary, text)

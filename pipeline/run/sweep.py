@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from pipeline.analysis.circuit.result import Circuit, read_circuit
 from pipeline.analysis.statistics import layer_curves, read_summary
+from pipeline.messages import redact
 from pipeline.outputs.diagram import render_circuit
 from pipeline.outputs.files import CIRCUIT, DIRECTION, MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
@@ -106,13 +107,14 @@ def begin(sweep: Sweep, overrides: list[str]) -> None:
     """config.yaml and overrides.yaml, the run's own columns and the provenance every file carries."""
     cfg, run_dir = sweep.cfg, sweep.run_dir
     write_config(run_dir, cfg)
-    publish_bytes(sweep.folder.overrides, OmegaConf.to_yaml(OmegaConf.create(overrides)).encode())
+    publish_bytes(sweep.folder.overrides, redact(OmegaConf.to_yaml(OmegaConf.create(overrides))).encode())
     sweep.run = {"run_id": sweep.tracker.run_id if sweep.tracker is not None else uuid.uuid4().hex,
                  "config_hash": config_hash(cfg), "model": cfg.model.name}
     log.info("%s on %s (config %s, run %s) into %s; overrides: %s", cfg.name, cfg.model.name, config_hash(cfg),
              sweep.run["run_id"], run_dir.resolve(), " ".join(overrides) or "none")
     sweep.finished("load")
-    sweep.provenance = {"config_hash": config_hash(cfg), "model_id": cfg.model.path, "weights_hash": sweep.weights_hash}
+    sweep.provenance = {"config_hash": config_hash(cfg), "model_id": redact(cfg.model.path),
+                        "weights_hash": sweep.weights_hash}
 
 
 # ---- the stages ---------------------------------------------------------------------------------------

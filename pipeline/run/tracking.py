@@ -46,8 +46,8 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.outputs.files import ARTIFACTS, RunFolder  # noqa: E402
-from pipeline.run.logs import LOG_FILE  # noqa: E402
+from pipeline.messages import redact  # noqa: E402
+from pipeline.outputs.files import ARTIFACTS, RUN_LOG, RunFolder  # noqa: E402
 from pipeline.run.runner import SweepOutcome  # noqa: E402
 from pipeline.run.sweep import Interrupted  # noqa: E402
 from pipeline.run.workers import StageStats  # noqa: E402
@@ -111,10 +111,10 @@ def start_tags(cfg: PatchsweepConfig, overrides: list[str]) -> dict[str, str]:
     return {
         "git.commit": commit,
         "mlflow.source.git.commit": commit,
-        "model.id": cfg.model.path,
+        "model.id": redact(cfg.model.path),
         "versions": " ".join(f"{m.__name__}={m.__version__}" for m in (torch, transformers, ray, pa, mlflow)),
         "patchsweep.output_dir": str(Path(cfg.output_dir).resolve()),
-        "patchsweep.overrides": " ".join(overrides),
+        "patchsweep.overrides": redact(" ".join(overrides)),
     }
 
 
@@ -189,7 +189,7 @@ class LiveRun:
             self._ids = {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id}
             params = flatten(to_plain(cfg))
             params["overrides"] = " ".join(overrides)
-            items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+            items = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in params.items()]
             for start in range(0, len(items), 100):  # MLflow's batch limit: 100 params
                 client.log_batch(run_id, params=items[start:start + 100])
             self._monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
@@ -231,7 +231,7 @@ class LiveRun:
         client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
-        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: folder.report.read_text()}
+        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: redact(folder.report.read_text())}
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         for name, frame in tables(outcome).items():
             client.log_table(run_id, frame, TABLES[name])
@@ -240,7 +240,7 @@ class LiveRun:
                 client.log_artifact(run_id, str(folder.root / name))
         self._end("FINISHED", dataset=pairs_dataset(folder.pairs))
         ids = self.ids
-        return {**ids, "uri": self.uri,
+        return {**ids, "uri": redact(self.uri),
                 "ui_path": f"#/experiments/{ids['experiment_id']}/runs/{run_id}?{MODEL_TRAINING}"}
 
     def fail(self, err: BaseException) -> None:
@@ -250,16 +250,16 @@ class LiveRun:
             return  # the store failed: nothing to mark
         run_id = self.run_id
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
-        error = f"{type(err).__name__}: {err}".strip()
-        log = Path(self.cfg.output_dir) / LOG_FILE
+        error = redact(f"{type(err).__name__}: {err}".strip())
+        run_log = RunFolder(self.cfg.output_dir).run_log
         try:
             self.client.log_batch(run_id, tags=[
                 mlflow.entities.RunTag("patchsweep.error", error[:5000]),
-                mlflow.entities.RunTag(DESCRIPTION, f"**{status}**: `{error[:2000]}`\n\nThe run's log: `{LOG_FILE}` "
-                                                    f"(artifacts; also `{log.resolve()}`)."),
+                mlflow.entities.RunTag(DESCRIPTION, f"**{status}**: `{error[:2000]}`\n\nThe run's log: "
+                                                    f"`{RUN_LOG.name}` (artifacts; also `{run_log.resolve()}`)."),
             ])
-            if log.is_file():
-                self.client.log_artifact(run_id, str(log))
+            if run_log.is_file():
+                self.client.log_artifact(run_id, str(run_log))
             self._end(status)
         except Exception:  # a store that fails now must not hide the error that ended the sweep
             log.warning("the MLflow run %s could not be marked %s", run_id, status, exc_info=True)
@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     uri = args.uri or f"sqlite:///{Path(args.output_root).resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        sys.exit(f"no MLflow store at {uri}: run a sweep first (make run), or pass --output-root/--uri")
+        sys.exit(redact(f"no MLflow store at {uri}: run a sweep first (make run), or pass --output-root/--uri"))
     url = experiment_url(uri, args.experiment, f"http://{args.host}:{args.port}")
-    print(f"MLflow UI for {uri}: open {url} (Ctrl-C to stop)", flush=True)
+    print(redact(f"MLflow UI for {uri}: open {url} (Ctrl-C to stop)"), flush=True)
     # The server's background job runner (GenAI scorers, prompt optimisation) is not needed to browse runs.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, ui_command(uri, args.host, args.port))
@@ -384,7 +384,7 @@ class ParentRun:
         shared = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
         params = {**shared, "jobs": str(len(cfgs)), "jobs.labels": " | ".join(labels),
                   "jobs.swept": ", ".join(sorted({k for f in flat for k in f if k not in shared}))}
-        items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+        items = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit: 100 params
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
@@ -410,9 +410,9 @@ class ParentRun:
             self.client.log_artifact(self.run_id, str(path))
         if failed:
             description += "\n**Failed jobs**\n\n" + "\n".join(f"- `{line}`" for line in failed) + "\n"
-        self.client.set_tag(self.run_id, DESCRIPTION, description)
+        self.client.set_tag(self.run_id, DESCRIPTION, redact(description))
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
-        return {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id,
+        return {"uri": redact(self.uri), "run_id": self.run_id, "experiment_id": self.experiment_id,
                 "ui_path": f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{MODEL_TRAINING}"}
 
     def fail(self, status: str = "FAILED") -> None:

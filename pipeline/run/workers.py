@@ -16,6 +16,7 @@ import atexit
 import hashlib
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -37,7 +38,8 @@ from pipeline.engine.adapters import get_adapter
 from pipeline.engine.loading import load_model
 from pipeline.messages import error_line, first_line, notice_line
 from pipeline.organisms import resolve
-from pipeline.run.logs import LOG_FILE, actor_logging
+from pipeline.outputs.files import RunFolder
+from pipeline.run.logs import actor_logging
 from pipeline.run.scheduler import Room
 from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig
 from pipeline.store import file_entry
@@ -58,6 +60,24 @@ def start_ray(cfg: PatchsweepConfig) -> None:
     options = dict(namespace=cfg.ray.namespace, log_to_driver=cfg.ray.log_to_driver,
                    include_dashboard=False, configure_logging=True, logging_level="warning")
     address = cfg.ray.address
+    with _own_sigterm():
+        _init(cfg, address, options)
+    atexit.register(ray.shutdown)
+
+
+@contextmanager
+def _own_sigterm():
+    """ray.init installs its own SIGTERM handler in the driver (exit at once, with a traceback): the
+    command's (pipeline.sigterm: stop as Ctrl-C does) is put back."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread() and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(cfg: PatchsweepConfig, address: str, options: dict) -> None:
     if address == "local":
         # Ray binds every server (GCS, raylet, workers, agents) to the node's IP address, which it takes
         # to be the loopback address only when this flag is off; there is no public option. A private
@@ -76,7 +96,6 @@ def start_ray(cfg: PatchsweepConfig) -> None:
             except ConnectionError as err:
                 raise RayUnavailable(f"cannot join a Ray cluster at ray.address={address} ({first_line(err)}): "
                                      "start one (ray start --head), or use ray.address=local") from None
-    atexit.register(ray.shutdown)
 
 
 class RayUnavailable(RuntimeError):
@@ -301,7 +320,7 @@ class WorkerPool:
         check_room(self.cfg)
         self._options = dict(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
                              max_restarts=res.max_retries)
-        self._log_path = str(Path(self.cfg.output_dir).resolve() / LOG_FILE)
+        self._log_path = str(RunFolder(self.cfg.output_dir).run_log.resolve())
         if self.room is None:
             self._start(res.actors)
         else:
