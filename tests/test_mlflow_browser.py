@@ -151,7 +151,7 @@ def test_run_is_running_while_the_sweep_computes_then_shows_tables(ui, tiny_swee
     assert "position_from_end" in summary and "ci_high" in summary
     nodes = open_page(run_url.replace("?", "/artifacts/tables/circuit_nodes.json?"), ["L0.H3@end-1"],
                       ARTIFACTS / "mlflow-table-circuit-nodes.png", tmp_path)
-    assert "L0.H3@end-1" in nodes and "refusal_cosine" in nodes
+    assert "L0.H3@end-1" in nodes and "mean_difference_cosine" in nodes
 
 
 def test_run_page_shows_layer_metric_and_diagrams(ui, tiny_sweep, tmp_path):

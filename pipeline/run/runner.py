@@ -66,6 +66,7 @@ class Sweep:
     provenance: dict = field(default_factory=dict)
     pairs_report: dict = field(default_factory=dict)
     stats: dict[str, StageStats] = field(default_factory=dict)
+    labels_hash: str = ""  # content key of the pairs' category labels (set by the pairs stage)
     code_noticed: set[str] = field(default_factory=set)  # stage modules whose changed code the run has told of
 
     @property

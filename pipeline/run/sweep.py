@@ -33,7 +33,7 @@ from pipeline.run.workers import WorkerPool, start_ray, timed
 from pipeline.schema import PatchsweepConfig, config_hash
 from pipeline.stages import cache, circuit, direction, pairs, patch, summary
 from pipeline.stages.shards import PairShard, pairs_hash, plan_shards
-from pipeline.store import Manifest, file_entry, provenance, publish_bytes, read_table
+from pipeline.store import Manifest, content_key, file_entry, provenance, publish_bytes, read_table
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def begin(sweep: Sweep, overrides: list[str]) -> None:
 def stage_pairs(sweep: Sweep) -> pa.Table:
     """pairs.parquet, reused when finished under the same content key, else screened in batches."""
     cfg, out = sweep.cfg, sweep.folder.pairs
-    key = pairs.content_key_of(cfg.model.path, cfg.prompts, sweep.weights_hash)
+    key = pairs.content_key_of(cfg.model.path, cfg.prompts, sweep.weights_hash, sweep.model_info["tokenizer_hash"])
     if sweep.reusable("pairs", pairs.__name__, key, (out.name,)):
         sweep.stage("pairs").reused += 1
     else:
@@ -136,6 +136,7 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
     table = read_table(out)
     sweep.pairs_report = json.loads(provenance(table)["pairs_report"])
     sweep.provenance["pairs_hash"] = pairs_hash(table)
+    sweep.labels_hash = content_key(table.column("category").to_pylist())
     sweep.finished("pairs")
     return table
 
@@ -155,7 +156,7 @@ def stage_patch(sweep: Sweep, shards: list[PairShard]) -> list[Path]:
 
 def stage_summary(sweep: Sweep, effect_shards: list[Path]) -> None:
     """Effect shards -> effects.parquet, summary.parquet and sites.json."""
-    item = summary.plan(sweep.run_dir, effect_shards, sweep.cfg.summary, sweep.run, sweep.provenance)
+    item = summary.plan(sweep.run_dir, effect_shards, sweep.cfg.summary, sweep.labels_hash, sweep.run, sweep.provenance)
     sweep.run_once("summary", summary.run, item, summary.OUTPUTS)
     sweep.finished("patch")
     sweep.finished("summary")
@@ -169,7 +170,7 @@ def stage_circuit(sweep: Sweep):
     if not sweep.cfg.circuit.enabled:
         yield
         return
-    item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.provenance)
+    item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.labels_hash, sweep.provenance)
     stats = sweep.stage("circuit")  # listed after pairs, where it starts
     with circuit.follow_progress(sweep.run_dir):
         reusable = sweep.reusable("circuit", circuit.__name__, item.key, (CIRCUIT.name,))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import math
 import os
 import signal
@@ -165,13 +166,15 @@ class ModelWorker:
                                                     trust_remote_code=self.spec.trust_remote_code)
 
     def describe(self) -> dict:
-        """The model's shape and the hash of its weights as loaded (adapters merged, dtype applied)."""
+        """The model's shape, the hash of its weights as loaded (adapters merged, dtype applied) and the
+        hash of its tokenizer (vocabulary, special tokens, chat template)."""
         self._load()
         adapter = get_adapter(self.model)
         if self._weights_hash is None:
             self._weights_hash = weights_hash(self.model)
         return {"n_layers": adapter.n_layers, "n_heads": adapter.n_heads, "d_model": adapter.d_model,
-                "family": adapter.family, "weights_hash": self._weights_hash, "pid": os.getpid()}
+                "family": adapter.family, "weights_hash": self._weights_hash,
+                "tokenizer_hash": tokenizer_hash(self.tokenizer), "pid": os.getpid()}
 
     def ping(self) -> int:
         return os.getpid()
@@ -189,6 +192,18 @@ def weights_hash(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 over what turns a prompt into token ids: the tokenizer's own serialisation (vocabulary,
+    merges, normalisation), its special tokens and its chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else
+                   json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(tokenizer.chat_template or "").encode())
     return digest.hexdigest()
 
 

@@ -38,9 +38,10 @@ class CircuitItem:
     name = "circuit"
 
 
-def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, provenance: dict) -> CircuitItem:
-    key = content_key("circuit", code_identity(__name__), weights_hash, provenance["pairs_hash"], asdict(cfg.circuit),
-                      asdict(cfg.summary), cfg.patching.metric, cfg.prompts.max_new_tokens)
+def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, labels_hash: str, provenance: dict) -> CircuitItem:
+    """`labels_hash`: the pairs' category labels (the circuit's faithfulness per category)."""
+    key = content_key("circuit", code_identity(__name__), weights_hash, provenance["pairs_hash"], labels_hash,
+                      asdict(cfg.circuit), asdict(cfg.summary), cfg.patching.metric, cfg.prompts.max_new_tokens)
     return CircuitItem(str(run_dir), cfg.model.name, cfg.circuit, cfg.summary, cfg.patching.metric,
                        cfg.prompts.max_new_tokens, provenance, key)
 

@@ -198,11 +198,13 @@ def read_counts(path: str | Path) -> ScreenCounts:
 RunItems = Callable[[str, Path, Callable, list], "list[Path]"]
 
 
-def content_key_of(model_path: str, prompts: PromptsConfig, weights_hash: str) -> str:
-    """The key pairs.parquet is recorded under: the model as loaded and everything that chooses the pairs
-    (a user's prompt file by its content: an edited file gives new pairs, never the old ones)."""
+def content_key_of(model_path: str, prompts: PromptsConfig, weights_hash: str, tokenizer_hash: str) -> str:
+    """The key pairs.parquet is recorded under: the model as loaded, its tokenizer and chat template (an
+    edited template gives other token ids), and everything that chooses the pairs (a user's prompt file by
+    its content: an edited file gives new pairs, never the old ones)."""
     prompts_file = sha256_file(prompts.path) if prompts.path else None
-    return content_key("pairs", code_identity(__name__), weights_hash, model_path, asdict(prompts), prompts_file)
+    return content_key("pairs", code_identity(__name__), weights_hash, tokenizer_hash, model_path, asdict(prompts),
+                       prompts_file)
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ def run_in_process(model, tokenizer, model_path: str, prompts: PromptsConfig, fo
     def run_items(phase: str, phase_folder: Path, compute: Callable, items: list) -> list[Path]:
         return [path for item in items for path in compute(model, tokenizer, item)]
 
-    key = content_key_of(model_path, prompts, "in-process")
+    key = content_key_of(model_path, prompts, "in-process", "in-process")
     run_folder = RunFolder(folder)
     screened = screen_pairs(run_items, run_folder.pairs_batches, key, model_path, prompts, batch_size, {})
     path, report = collect(screened, prompts, run_folder.pairs, {}, {})

@@ -50,8 +50,12 @@ class SummaryItem:
     name = "summary"
 
 
-def plan(run_dir: Path, effect_shards: list[Path], options: SummaryConfig, run: dict, provenance: dict) -> SummaryItem:
-    key = content_key("summary", code_identity(__name__), [p.name for p in effect_shards], asdict(options))
+def plan(run_dir: Path, effect_shards: list[Path], options: SummaryConfig, labels_hash: str, run: dict,
+         provenance: dict) -> SummaryItem:
+    """`labels_hash`: the pairs' category labels, which sites.json breaks effects down by (relabelled pairs
+    give the same effect shards, not the same breakdown)."""
+    key = content_key("summary", code_identity(__name__), [p.name for p in effect_shards], labels_hash,
+                      asdict(options))
     return SummaryItem(tuple(str(p) for p in effect_shards), str(run_dir), options, run, provenance, key)
 
 
