@@ -6,6 +6,7 @@ same folder. Refusals of a config that `validate` makes are one table in tests/t
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import re
 import signal
@@ -229,7 +230,13 @@ def test_two_sweeps_into_one_folder(tmp_path):
 
 
 def shards(folder: Path) -> int:
-    return len(list(folder.glob("*.arrow"))) if folder.is_dir() else 0
+    """Shards the folder's manifest lists as finished: a worker publishes its file before the driver
+    records it, so a file on disk alone is not yet a result a re-run reuses."""
+    try:
+        listed = json.loads((folder / "_manifest.json").read_text())["files"]
+    except (OSError, ValueError):  # not yet written, or read while it is replaced
+        return 0
+    return sum(name.endswith(".arrow") for name in listed)
 
 
 def wait_for_shards(folder: Path, n: int, sweep: subprocess.Popen, deadline_s: float = 300) -> None:
