@@ -167,15 +167,12 @@ def test_ctrl_c_stops_every_job_and_the_same_command_resumes(tmp_path):
     assert status == 130, stopped[-3000:]
     assert seconds < 60 and "run the same command to resume" in stopped, stopped[-3000:]
     lines = stopped.splitlines()
-    silent = [name for name in ("refusal-tiny", "refusal-tiny-gpt2")  # each job by its label
-              if not any(line.startswith(f"patchsweep: {name}: ") for line in lines)]
+    for name in ("refusal-tiny", "refusal-tiny-gpt2"):  # each job by its label, with what it finished
+        assert any(line.startswith(f"patchsweep: {name}: interrupted: ") for line in lines), stopped[-3000:]
     resumed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     works = [line.split("Work: ")[1] for line in resumed.stdout.splitlines() if line.startswith("Work: ")]
     assert len(works) == 2
     reused = sum(int(part.split(" reused")[0].split("/")[1]) for work in works for part in work.split(", "))
     assert reused >= 4, resumed.stdout
-    if silent:  # the stop and the resume hold; the per-job line is an open defect, reported, not hidden
-        pytest.xfail(f"known defect: after Ctrl-C no line for {silent} (its job thread ended before the "
-                     "command's stop without its error recorded)")
     print(f"\nCtrl-C stopped both jobs in {seconds:.1f} s; the same command reused {reused} finished items")

@@ -16,7 +16,7 @@ Ctrl-C stops every job (each says what it finished; the same command resumes the
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.messages import INTERRUPTED, first_line, redact
@@ -46,6 +46,7 @@ class Job:
     tracking: dict | None = None
     error: BaseException | None = None  # what ended its sweep
     tracking_error: BaseException | None = None  # what stopped its MLflow logging once the results were on disk
+    ended: threading.Event = field(default_factory=threading.Event)  # set once outcome or error is recorded
 
 
 @dataclass(frozen=True)
@@ -116,20 +117,33 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison | None:
     for thread in threads:
         thread.start()
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.5)
+        wait_for(jobs)
     except KeyboardInterrupt:
         room.stop()  # each job stops at its next look at the room, saying what it finished
-        for thread in threads:
-            thread.join()
+        wait_for(jobs)
         if parent is not None:
             parent.fail("KILLED")
         return None
     return compare(jobs, parent, sweep_key)
 
 
+def wait_for(jobs: list[Job]) -> None:
+    """Until every job's thread has recorded its end. Not Thread.join: a join that Ctrl-C interrupts can
+    mark a thread ended that still runs (a CPython race in Thread._wait_for_tstate_lock), and the command
+    would then report before the job has recorded how it ended."""
+    for job in jobs:
+        while not job.ended.wait(0.5):
+            pass
+
+
 def _run_job(job: Job, sweep_key: str, room: Room | None, ends_parent: bool) -> None:
+    try:
+        _sweep_and_log(job, sweep_key, room, ends_parent)
+    finally:
+        job.ended.set()
+
+
+def _sweep_and_log(job: Job, sweep_key: str, room: Room | None, ends_parent: bool) -> None:
     live = None
     try:
         # The MLflow run starts with the sweep and ends with it, FAILED (or KILLED) when the sweep does.
