@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.store import read_table  # noqa: E402
 
-EFFECT_KEY = ["direction", "component", "layer", "head", "position", "pair_id"]
-SUMMARY_KEY = ["direction", "component", "layer", "head", "position_from_end"]
+EFFECT_KEY = ["direction", "component", "layer", "head", "position", "position_class", "pair_id"]
+SUMMARY_KEY = ["direction", "component", "layer", "head", "position_from_end", "position_class"]
 JSON_FILES = ("circuit.json", "sites.json")
 JSON_SKIPPED = ("seconds", "provenance.config_hash")
 TABLE_SKIPPED = ["run_id", "config_hash"]

@@ -47,6 +47,9 @@ class PromptsConfig:
 class PatchingConfig:
     components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head"])
     per_position: list[str] = field(default_factory=lambda: ["resid_pre"])  # the rest: all positions at once
+    # also patched at each position class at once (harmful tokens, rest of instruction, template end):
+    # the headline's effects
+    per_class: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out"])
     directions: list[str] = field(default_factory=lambda: ["denoise", "noise"])
     layers: list[int] | None = None  # None = every layer
     heads: list[int] | None = None  # None = every head
@@ -191,6 +194,8 @@ def config_hash(cfg: PatchsweepConfig | dict) -> str:
     plain = to_plain(cfg)
     science = {k: plain[k] for k in SCIENCE_KEYS}
     science["model"] = {k: v for k, v in science["model"].items() if k != "name"}
+    # Position-class patches add sites beside the others and move none of theirs (`per_class`)
+    science["patching"] = {k: v for k, v in science["patching"].items() if k != "per_class"}
     # config.yaml keeps the config with its credentials redacted: its hash is the one the run's own has
     return hashlib.sha256(redact(json.dumps(science, sort_keys=True)).encode()).hexdigest()[:16]
 

@@ -92,18 +92,19 @@ def _check_patching(cfg: PatchsweepConfig) -> None:
     patching = cfg.patching
     if not patching.components:
         raise ConfigError(f"patching.components is empty: choose some of {list(COMPONENTS)}")
-    for key, allowed in (("components", COMPONENTS), ("per_position", COMPONENTS), ("directions", DIRECTIONS)):
+    for key, allowed in (("components", COMPONENTS), ("per_position", COMPONENTS), ("per_class", COMPONENTS),
+                         ("directions", DIRECTIONS)):
         for value in getattr(patching, key):
             if value not in allowed:
-                raise ConfigError(f"unknown {key[:-1] if key != 'per_position' else 'component'} {value!r} in "
-                                  f"patching.{key}: choose from {list(allowed)}")
+                kind = "component" if key.startswith("per_") else key[:-1]
+                raise ConfigError(f"unknown {kind} {value!r} in patching.{key}: choose from {list(allowed)}")
     if not patching.directions:
         raise ConfigError(f"patching.directions is empty: choose some of {list(DIRECTIONS)}")
     if patching.metric not in METRICS:
         raise ConfigError(f"unknown metric {patching.metric!r} in patching.metric: choose from {list(METRICS)}")
     # A site named twice would be patched twice and counted twice in effects.parquet: each is kept once
     # (lists in their given order; layers and heads sorted), so [0, 0, 0] and [0] are one experiment.
-    for key in ("components", "per_position", "directions"):
+    for key in ("components", "per_position", "per_class", "directions"):
         setattr(patching, key, list(dict.fromkeys(getattr(patching, key))))
     for key in ("layers", "heads"):
         if getattr(patching, key) is not None:

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.hooks import COMPONENTS, rows_that_fit, run_with_cache
 from pipeline.engine.metrics import DIRECTIONS, Answers, normalised_effect
-from pipeline.engine.patching import Variants, patched_final_resid, sweep, variants_for
+from pipeline.engine.patching import Variants, group_position, patched_final_resid, sweep, variants_for
 from pipeline.engine.reference import reference_sweep
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they save
@@ -169,3 +169,71 @@ def test_pairs_of_unequal_length_aligned_from_the_end(model_type, clean_len, cor
         if unmatched.any():
             torch.testing.assert_close(fast.metric_patched[:, unmatched],
                                        fast.metric_base[:, None].expand(-1, int(unmatched.sum())), atol=0, rtol=0)
+
+
+def group_variants(adapter, seq_len, n_groups):
+    return Variants.concat([variants_for(adapter, c, seq_len, n_groups=n_groups) for c in COMPONENTS])
+
+
+def some_groups(n_pairs, seq_len, seed=5):
+    """Three position groups per pair, different in each pair: a random set, the last two tokens, and
+    an empty one (a group a pair lacks, which patches nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = torch.zeros(n_pairs, 3, seq_len, dtype=torch.bool)
+    groups[:, 0] = torch.rand(n_pairs, seq_len, generator=gen) < 0.5
+    groups[:, 1, -2:] = True
+    return groups
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_position_groups_packed_equal_reference(model_type):
+    """Patches at a set of positions per pair (a position class: the harmful tokens, the template's end)."""
+    model = tiny_model(model_type, n_layers=2)
+    clean, corrupted, answers = pairs(seq_len=6)
+    groups = some_groups(clean.shape[0], clean.shape[1])
+    variants = group_variants(get_adapter(model), clean.shape[1], groups.shape[1])
+    for direction in DIRECTIONS:
+        fast = sweep(model, clean, corrupted, answers, variants, direction, max_batch_rows=5, position_groups=groups)
+        ref = reference_sweep(model, clean, corrupted, answers, variants, direction, position_groups=groups)
+        assert (ref.metric_patched - ref.metric_base[:, None]).abs().max() > 0.01
+        torch.testing.assert_close(fast.metric_patched, ref.metric_patched, atol=1e-5, rtol=1e-5)
+        empty = group_position(2)
+        assert torch.equal(fast.metric_patched[:, variants.position == empty],
+                           fast.metric_base[:, None].expand(-1, int((variants.position == empty).sum())))
+
+
+def test_a_group_of_every_position_equals_the_all_positions_patch():
+    model = tiny_model("llama")
+    clean, corrupted, answers = pairs(seq_len=6)
+    adapter = get_adapter(model)
+    groups = torch.ones(clean.shape[0], 1, clean.shape[1], dtype=torch.bool)
+    grouped = sweep(model, clean, corrupted, answers, group_variants(adapter, 6, 1), position_groups=groups)
+    everywhere = sweep(model, clean, corrupted, answers,
+                       Variants.concat([variants_for(adapter, c, 6, per_position=False) for c in COMPONENTS]))
+    torch.testing.assert_close(grouped.metric_patched, everywhere.metric_patched, atol=1e-5, rtol=1e-5)
+    columns = grouped.to_columns([0, 1], "tiny", ("every",))
+    assert set(columns["position_class"].to_pylist()) == {"every"} and columns["position"].mask.all()
+
+
+@pytest.mark.parametrize("clean_len,corrupted_len", [(7, 5), (5, 7)])
+def test_position_groups_aligned_from_the_end(clean_len, corrupted_len):
+    model = tiny_model("llama", n_layers=2)
+    gen = torch.Generator().manual_seed(3)
+    suffix = torch.randint(1, VOCAB, (2, 3), generator=gen)
+    clean = torch.cat([torch.randint(1, VOCAB, (2, clean_len - 3), generator=gen), suffix], dim=1)
+    corrupted = torch.cat([torch.randint(1, VOCAB, (2, corrupted_len - 3), generator=gen), suffix], dim=1)
+    _, _, answers = pairs()
+    groups = some_groups(2, clean_len)
+    variants = group_variants(get_adapter(model), clean_len, 3)
+    for direction in DIRECTIONS:
+        fast = sweep(model, clean, corrupted, answers, variants, direction, align_end=True, position_groups=groups)
+        ref = reference_sweep(model, clean, corrupted, answers, variants, direction, align_end=True,
+                              position_groups=groups)
+        torch.testing.assert_close(fast.metric_patched, ref.metric_patched, atol=1e-5, rtol=1e-5)
+
+
+def test_group_variants_without_groups_are_refused():
+    model = tiny_model("llama")
+    clean, corrupted, answers = pairs(seq_len=6)
+    with pytest.raises(ValueError, match="no position_groups"):
+        sweep(model, clean, corrupted, answers, group_variants(get_adapter(model), 6, 2))

@@ -156,7 +156,7 @@ def test_mlflow_store_that_fails_after_compute(tmp_path):
                          f"tracking.uri=http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
-    assert "Layers that matter most" in ran.stdout and "Files: " in ran.stdout  # the summary, in full
+    assert "What matters most" in ran.stdout and "Files: " in ran.stdout  # the summary, in full
     check_refused("MLflow store failing once the results are in", ran, "MLflow store", "404",
                   f"patchsweep log {out.resolve()}", within=600, status=1, alone=False)
     assert (out / "_manifest.json").is_file()

@@ -90,7 +90,7 @@ def test_to_columns_are_the_effects_rows(tiny_sweep, tiny):
     assert ((frame["position"] - frame["seq_len"]).dropna() == frame["position_from_end"].dropna()).all()
     want = store.read_table(run_dir / "effects.parquet").drop_columns(["run_id", "config_hash"]).to_pandas()
     want = want[want["pair_id"].isin(batch["pair_id"]) & (want["direction"] == "noise")
-                & want["component"].isin(["resid_pre", "head"])]
+                & want["component"].isin(["resid_pre", "head"]) & want["position_class"].isna()]
     key = ["pair_id", "component", "layer", "head", "position"]
     got_sorted = frame.sort_values(key, na_position="first").reset_index(drop=True)
     want_sorted = want.sort_values(key, na_position="first").reset_index(drop=True)

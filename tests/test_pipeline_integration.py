@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_output_contract(run):
         if name not in ("activations", "run.log", "_manifest.json"):
             assert manifest.is_valid(name), name
     report = (run_dir / "report.md").read_text()
-    assert "## Layers that matter most" in report and "layers.png" in report
+    assert "## What matters most" in report and "layers.png" in report
 
 
 def test_pairs_and_provenance(run):
@@ -82,7 +83,7 @@ def test_sites_hold_the_strongest_sites_flips_and_categories(run):
         rows = effects
         for column, value in [("direction", site["direction"]), ("component", site["component"]),
                               ("layer", site["layer"]), ("head", site["head"]),
-                              ("position_from_end", site["position"])]:
+                              ("position_from_end", site["position"]), ("position_class", site["position_class"])]:
             rows = rows[rows[column].isna() if value is None else rows[column] == value]
         assert len(rows) > 0 and site["mean"] == pytest.approx(rows["effect"].mean(), abs=1e-6)
         base = rows["metric_corrupted"] if site["direction"] == "denoise" else rows["metric_clean"]
@@ -158,46 +159,52 @@ def test_activation_shards_are_memory_mapped_tensors(run, model):
 
 
 def test_effects_table(run, model):
+    from pipeline.analysis.positions import HEADLINE_CLASSES, headline_groups
     from pipeline.engine.hooks import COMPONENTS
     from pipeline.engine.metrics import Answers
-    from pipeline.engine.patching import Variants
+    from pipeline.engine.patching import Variants, group_position
     from pipeline.engine.reference import reference_sweep
 
     run_dir, cfg = run["outcome"].run_dir, run["cfg"]
     effects = store.read_table(run_dir / "effects.parquet")
     assert effects.schema.names == ["run_id", "config_hash", "model", "pair_id", "direction", "component", "layer",
-                                    "head", "position", "position_from_end", "seq_len", "metric_clean",
-                                    "metric_corrupted", "metric_patched", "effect"]
+                                    "head", "position", "position_from_end", "position_class", "seq_len",
+                                    "metric_clean", "metric_corrupted", "metric_patched", "effect"]
     frame = effects.to_pandas()
     assert str(frame["head"].dtype) == "Int32" and str(frame["position"].dtype) == "Int32"
     assert (frame["position_from_end"] == frame["position"] - frame["seq_len"]).dropna().all()
     assert frame["position_from_end"].isna().equals(frame["position"].isna())
-    key = ["pair_id", "direction", "component", "layer", "head", "position"]
+    key = ["pair_id", "direction", "component", "layer", "head", "position", "position_class"]
     assert not frame.duplicated(key).any()
     assert set(frame["component"]) == set(cfg.patching.components)
     assert set(frame["direction"]) == {"denoise", "noise"}
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     per_pair = frame.groupby("pair_id").size()
     seq_len = frame.groupby("pair_id")["seq_len"].first()
-    # resid_pre at every layer x position, attn_out/mlp_out per layer, heads per layer x head; two directions.
-    assert (per_pair == 2 * (n_layers * seq_len + 2 * n_layers + n_layers * n_heads)).all()
+    # resid_pre at every layer x position, attn_out/mlp_out per layer, heads per layer x head, and the three
+    # per_class components at each layer x position class; two directions.
+    n_classes = len(cfg.patching.per_class) * len(HEADLINE_CLASSES)
+    assert (per_pair == 2 * (n_layers * seq_len + 2 * n_layers + n_layers * n_heads + n_layers * n_classes)).all()
     assert frame.loc[frame["component"] != "head", "head"].isna().all()
     assert frame.loc[frame["component"] != "resid_pre", "position"].isna().all()
+    assert frame.loc[frame["position_class"].notna(), "position"].isna().all()
     assert np.isfinite(frame["effect"]).all()
 
     # Spot check against the engine's plain reference loop, one pair, a few variants.
     pairs = store.read_table(run_dir / "pairs.parquet")
     pair = pairs.slice(0, 1)
     pair_id = pair["pair_id"][0].as_py()
-    rows = frame[(frame["pair_id"] == pair_id) & (frame["direction"] == "denoise")].iloc[::37].head(6)
+    ours = frame[(frame["pair_id"] == pair_id) & (frame["direction"] == "denoise")]
+    rows = pd.concat([ours[ours["position_class"].isna()].iloc[::37].head(6), ours[ours["position_class"].notna()]])
+    grouped = rows["position_class"].map({name: group_position(k) for k, name in enumerate(HEADLINE_CLASSES)})
     variants = Variants(torch.tensor([COMPONENTS.index(c) for c in rows["component"]]),
                         torch.tensor(rows["layer"].to_numpy(dtype=np.int64)),
                         torch.tensor(rows["head"].fillna(-1).to_numpy(dtype=np.int64)),
-                        torch.tensor(rows["position"].fillna(-1).to_numpy(dtype=np.int64)))
+                        torch.tensor(grouped.fillna(rows["position"]).fillna(-1).to_numpy(dtype=np.int64)))
     answers = Answers(torch.tensor(pair["refusal_ids"].to_pylist()), torch.tensor(pair["compliance_ids"].to_pylist()))
     ref = reference_sweep(model, torch.tensor(pair["clean_ids"].to_pylist()),
                           torch.tensor(pair["corrupted_ids"].to_pylist()),
-                          answers, variants, "denoise", cfg.patching.metric)
+                          answers, variants, "denoise", cfg.patching.metric, position_groups=headline_groups(pair))
     np.testing.assert_allclose(rows["metric_patched"].to_numpy(), ref.metric_patched[0].numpy(), atol=1e-4)
 
 
@@ -218,9 +225,10 @@ def test_summary_has_bootstrap_intervals(run):
     whole = summary[summary["position_from_end"].isna()]
     assert (whole["n"] == n_pairs).all()  # per-layer / per-head sites are measured on every pair
     # A summary mean is the mean over pairs of that site's effects.
-    site = whole[(whole["component"] == "mlp_out") & (whole["direction"] == "noise")].iloc[0]
+    site = whole[(whole["component"] == "mlp_out") & (whole["direction"] == "noise")
+                 & whole["position_class"].isna()].iloc[0]
     rows = effects[(effects["component"] == "mlp_out") & (effects["direction"] == "noise")
-                   & (effects["layer"] == site["layer"])]
+                   & (effects["layer"] == site["layer"]) & effects["position_class"].isna()]
     assert site["mean"] == pytest.approx(rows["effect"].mean(), abs=1e-6)
     # Final-position resid_pre is present for every pair and labelled with its token.
     final = summary[(summary["component"] == "resid_pre") & (summary["position_from_end"] == -1)]
@@ -287,7 +295,7 @@ def test_command_line_reuses_the_finished_run(run):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "Layers that matter most" in out and "make ui" in out
+    assert "What matters most" in out and "make ui" in out
     assert "patch 0 computed" in out and "cache 0 computed" in out
     assert str(run["outcome"].run_dir) in out
 

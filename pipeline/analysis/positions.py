@@ -19,7 +19,10 @@ import torch
 from pipeline.analysis.pairs import padded
 from pipeline.engine.metrics import Answers
 
-CLASS_TITLES = {"harm": "harmful tokens", "after": "rest of instruction"}
+CLASS_TITLES = {"harm": "harmful tokens", "after": "rest of instruction", "end": "template end"}
+# The position classes the patch stage's headline patches, each as one multi-position patch: the harmful
+# tokens, the rest of the instruction after them, and the chat template's tokens after the instruction.
+HEADLINE_CLASSES = ("harm", "after", "end")
 
 
 def position_classes(pairs: pa.Table) -> tuple[list[str], list[str], list[list[int]]]:
@@ -58,6 +61,22 @@ def position_classes(pairs: pa.Table) -> tuple[list[str], list[str], list[list[i
         for c, counter in votes.items():
             labels[c] = counter.most_common(1)[0][0]
     return names, labels, maps
+
+
+def headline_groups(pairs: pa.Table) -> torch.Tensor:
+    """[P, 3, T] bool (T = the longest clean prompt): per pair, its clean positions in each of
+    HEADLINE_CLASSES. Positions before the first harmful token hold the same activations in both runs and
+    belong to none."""
+    seq_len = pairs.column("seq_len").to_pylist()
+    inst_end = pairs.column("instruction_end").to_pylist()
+    harmful = pairs.column("harmful_positions").to_pylist()
+    groups = torch.zeros(len(seq_len), len(HEADLINE_CLASSES), max(seq_len, default=0), dtype=torch.bool)
+    for row, (t, end, harm) in enumerate(zip(seq_len, inst_end, harmful)):
+        groups[row, 0, harm] = True
+        groups[row, 1, min(harm):end] = True
+        groups[row, 1, harm] = False
+        groups[row, 2, end:t] = True
+    return groups
 
 
 @dataclass

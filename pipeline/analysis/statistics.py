@@ -1,7 +1,8 @@
 """Statistics over pairs: per-site means with paired-bootstrap confidence intervals, layer curves,
 behaviour flips and per-category breakdowns.
 
-A site is (model, direction, component, layer, head, position). The summary has one row per site with
+A site is (model, direction, component, layer, head, position, position_class: a position class patched
+at once, see pipeline.analysis.positions). The summary has one row per site with
 the mean normalised effect over pairs, its percentile-bootstrap confidence interval (resampling pairs)
 and n. Below `MIN_PAIRS_FOR_INTERVAL` pairs a site gets no interval (null bounds): no interval method
 comes near its nominal coverage there. `COVERAGE` holds the method's simulated coverage by n, which
@@ -10,7 +11,8 @@ table). Positions in the summary are counted from the end of the prompt (-1 = th
 one before, ...; null = all positions at once), so that pairs of different lengths line up at the chat
 template, which ends every prompt; `token` names the token most pairs have there. The files keep both
 conventions (`position` from the start, `position_from_end`); the frames here name the one they use
-`position`, read in by `read_effects` and `read_summary`.
+`position`, read in by `read_effects` and `read_summary`. `replaces_input` marks the sites whose patch
+is complete by construction (`replaces_input`): rankings leave them out.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pyarrow as pa
 
 from pipeline.store import read_table
 
-KEY = ["model", "direction", "component", "layer", "head", "position"]
+KEY = ["model", "direction", "component", "layer", "head", "position", "position_class"]
 
 # Coverage of the summary's 95% percentile-bootstrap intervals (1000 resamples) by number of pairs n:
 # the share of simulated runs whose interval held the true mean, for normal, skewed (lognormal) and
@@ -93,7 +95,7 @@ def summarise(effects: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95, 
     pair_id and effect. `tokens` labels relative positions. Non-finite effects are left out of n. A site
     of fewer than `MIN_PAIRS_FOR_INTERVAL` pairs gets NaN bounds (and NaN std for a single pair).
     """
-    effects = effects[np.isfinite(effects["effect"])]
+    effects = _keyed(effects[np.isfinite(effects["effect"])])
     wide = effects.pivot_table(index=KEY, columns="pair_id", values="effect", aggfunc="first", dropna=False)
     wide = wide.dropna(how="all")
     rng = np.random.default_rng(seed)
@@ -119,13 +121,32 @@ def summarise(effects: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95, 
     summary = pd.concat(parts).reset_index().sort_values(KEY, na_position="first").reset_index(drop=True)
     tokens = tokens or {}
     summary["token"] = [tokens.get(int(p)) if pd.notna(p) else None for p in summary["position"]]
+    summary["replaces_input"] = replaces_input(summary)
     return summary
+
+
+def _keyed(effects: pd.DataFrame) -> pd.DataFrame:
+    """Effects with every KEY column: a frame of single positions and whole layers only (a user's, or an
+    effects file without position classes) gets a null position_class."""
+    return effects if "position_class" in effects else effects.assign(position_class=None)
+
+
+def replaces_input(sites: pd.DataFrame) -> pd.Series:
+    """Sites whose patch replaces the model's input, so that its effect is complete by construction and
+    says nothing about where the model computes refusal: the whole residual stream (resid_pre at every
+    position, at any layer), and a layer-0 output or residual at every position or at the harmful tokens
+    (every token where the two prompts differ)."""
+    everywhere = sites["position"].isna() & sites["position_class"].isna()
+    whole_layer = sites["component"].isin(["resid_pre", "attn_out", "mlp_out"])
+    at_input = (sites["layer"] == 0) & whole_layer & (everywhere | (sites["position_class"] == "harm"))
+    return (((sites["component"] == "resid_pre") & everywhere) | at_input).fillna(False).astype(bool)
 
 
 def layer_curves(summary: pd.DataFrame) -> dict[tuple[str, str], list[LayerPoint]]:
     """(direction, component) -> per layer, the strongest site at that layer."""
     curves = {}
-    for (direction, component), group in summary.groupby(["direction", "component"], sort=True):
+    per_site = summary[summary["position_class"].isna()]  # positions one at a time or all at once
+    for (direction, component), group in per_site.groupby(["direction", "component"], sort=True):
         best = group.loc[group.groupby("layer")["mean"].idxmax()].sort_values("layer")
         curves[(direction, component)] = [
             LayerPoint(int(r.layer), float(r.mean), float(r.ci_low), float(r.ci_high), int(r.n),
@@ -172,6 +193,7 @@ def flip_fractions(effects) -> pd.DataFrame:
     """Per site (KEY columns), the fraction of pairs whose behaviour the patch flips: the patched
     metric's sign differs from the base run's (denoise: the harmless run now refuses; noise: the
     harmful run now complies)."""
+    effects = _keyed(effects)
     base = np.where(effects["direction"] == "denoise", effects["metric_corrupted"], effects["metric_clean"])
     flipped = (effects["metric_patched"].to_numpy() > 0) != (base > 0)
     frame = effects[KEY].copy()
@@ -182,6 +204,7 @@ def flip_fractions(effects) -> pd.DataFrame:
 def category_means(effects, pairs: pa.Table) -> pd.DataFrame:
     """Per site and prompt category: mean normalised effect and n."""
     category = dict(zip(pairs.column("pair_id").to_pylist(), pairs.column("category").to_pylist()))
+    effects = _keyed(effects)
     frame = effects[KEY + ["effect"]].copy()
     frame["category"] = effects["pair_id"].map(category)
     grouped = frame.groupby(KEY + ["category"], dropna=False, sort=True)["effect"]
@@ -191,10 +214,12 @@ def category_means(effects, pairs: pa.Table) -> pd.DataFrame:
 def site_breakdown(effects: pd.DataFrame, pairs: pa.Table, top_k: int) -> list[dict]:
     """The strongest sites per direction (`read_effects`' frame) with their flip fraction and per-category
     mean effects."""
+    effects = _keyed(effects)
     means = effects.groupby(KEY, dropna=False, sort=True)["effect"].mean().rename("mean").reset_index()
     flips = flip_fractions(effects)
     cats = category_means(effects, pairs)
     table = means.merge(flips, on=KEY)
+    table = table[~replaces_input(table).to_numpy()]
     out = []
     for _, rows in table.groupby("direction"):
         for r in rows.sort_values("mean", ascending=False).head(top_k).itertuples():

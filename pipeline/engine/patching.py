@@ -1,7 +1,9 @@
 """Exact activation patching, packed: many patch variants per forward pass.
 
-Each batch row is one (pair, variant); a variant is (component, layer, head, position). The three
-ideas that make it fast, each exact:
+Each batch row is one (pair, variant); a variant is (component, layer, head, position). A position is
+one token, every token (ALL), or one of the caller's position groups (`group_position(k)`): a set of
+positions per pair, such as the harmful tokens of each pair, patched together. The three ideas that make
+it fast, each exact:
 
 1. Packing: all rows of a batch are patched by one vectorised `torch.where` per hook point, so there
    is no Python loop, hook registration or device sync per patch.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -41,6 +44,16 @@ from .metrics import DIRECTIONS, METRICS, Answers, DirectedMetrics, kl_to_source
 ALL = -1  # head or position: the variant covers all heads / all positions
 
 
+def group_position(k: int) -> int:
+    """The position code of position group k (the sweep's `position_groups[:, k]`): -2, -3, ..."""
+    return -2 - k
+
+
+def group_index(position: torch.Tensor) -> torch.Tensor:
+    """Position codes -> the position group each one names (-1 where it names none)."""
+    return torch.where(position <= -2, -2 - position, -1)
+
+
 @dataclass
 class Variants(Rows):
     """Patch variants as parallel int64 tensors (CPU); component indexes COMPONENTS."""
@@ -61,8 +74,10 @@ def variants_for(
     per_position: bool = True,
     layers: list[int] | None = None,
     heads: list[int] | None = None,
+    n_groups: int = 0,
 ) -> Variants:
-    """Every (layer[, head][, position]) variant of one component, layer-major."""
+    """Every (layer[, head][, position]) variant of one component, layer-major: every position on its own
+    (`per_position`), all at once, or with `n_groups`, each of that many position groups."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose from {list(COMPONENTS)}")
     layers = list(range(adapter.n_layers)) if layers is None else layers
@@ -76,15 +91,25 @@ def variants_for(
                 raise ValueError(f"head {head} out of range: the model has heads 0..{adapter.n_heads - 1}")
     else:
         heads = [ALL]
-    positions = list(range(seq_len)) if per_position else [ALL]
+    if n_groups:
+        positions = [group_position(k) for k in range(n_groups)]
+    else:
+        positions = list(range(seq_len)) if per_position else [ALL]
     grid = torch.cartesian_prod(torch.tensor(layers), torch.tensor(heads), torch.tensor(positions)).reshape(-1, 3)
     code = torch.full((len(grid),), COMPONENTS.index(component), dtype=torch.long)
     return Variants(code, grid[:, 0].long(), grid[:, 1].long(), grid[:, 2].long())
 
 
-def _position_mask(position: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[R] positions (ALL = every position) -> [R, T] bool."""
-    return (position[:, None] == ALL) | (position[:, None] == torch.arange(seq_len))
+def _position_mask(position: torch.Tensor, seq_len: int, groups: torch.Tensor | None = None,
+                   pair_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """[R] positions (ALL = every position, a group code = that group's positions in the row's pair
+    `pair_idx`, from `groups` [P, K, T]) -> [R, T] bool."""
+    mask = (position[:, None] == ALL) | (position[:, None] == torch.arange(seq_len))
+    group = group_index(position)
+    if groups is not None and bool((group >= 0).any()):
+        in_group = groups[pair_idx.cpu(), group.clamp(min=0)]  # [R, T]
+        mask |= in_group & (group >= 0)[:, None]
+    return mask
 
 
 def _where(mask: torch.Tensor, source: torch.Tensor):
@@ -106,7 +131,7 @@ def _heads_where(mask: torch.Tensor, source: torch.Tensor, n_heads: int):
 
 def _is_local(variants: Variants) -> torch.Tensor:
     """Single-position patches of a layer's attention, heads or MLP: they change one position of one layer."""
-    return (variants.component != COMPONENTS.index("resid_pre")) & (variants.position != ALL)
+    return (variants.component != COMPONENTS.index("resid_pre")) & (variants.position >= 0)
 
 
 @torch.no_grad()
@@ -120,8 +145,10 @@ def patched_final_resid(
     variants: Variants,
     prefix: PrefixReuse | None = None,
     first: int | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final residuals [R, d] of base rows `pair_idx` with `variants` (all at `layer`) patched from source.
+    """Final residuals [R, d] of base rows `pair_idx` with `variants` (all at `layer`) patched from source
+    (a variant's position group: its positions in `groups` [P, K, T] for the row's pair).
 
     Causal attention: a patch at position p leaves positions < p unchanged at every layer, so with a
     `prefix` (reuse of the base run's cached keys/values; None computes every position) only positions
@@ -137,7 +164,7 @@ def patched_final_resid(
         return _patched_final_resid_local(model, adapter, base, source, layer, rows, variants, prefix)
     first = prefix.start(max(int(variants.position.min()), 0) if first is None else first)
     layer_inputs = prefix.layer_inputs(rows, first, layer)
-    pos_mask = _position_mask(variants.position, seq_len)[:, first:]  # [R, T - first], built on CPU
+    pos_mask = _position_mask(variants.position, seq_len, groups, pair_idx)[:, first:]  # [R, T - first], on CPU
     resid = base.acts["resid_pre"][rows, layer, first:]
     handles = []
     with installed(handles):
@@ -202,16 +229,18 @@ class SweepResult(DirectedMetrics):
     def effects(self) -> torch.Tensor:
         return normalised_effect(self.metric_patched, self.metric_base[:, None], self.metric_source[:, None])
 
-    def to_columns(self, pair_ids, model: str) -> dict[str, np.ndarray]:
+    def to_columns(self, pair_ids, model: str, group_names: tuple[str, ...] = ()) -> dict[str, np.ndarray | pa.Array]:
         """Long format, one row per (pair, variant): the columns of effects.parquet but the run's own
         (run_id, config_hash). `head`, `position` and `position_from_end` are masked arrays, masked = null
-        (all heads / all positions); `pyarrow.table(columns)` turns the mask into nulls."""
+        (all heads / all positions / a position group); `pyarrow.table(columns)` turns the mask into nulls.
+        `position_class` names a position group's variants (`group_names[k]`), None elsewhere."""
         n_pairs, n_variants = self.metric_patched.shape
         pair_ids = np.asarray(pair_ids)
         tile = lambda t: np.tile(t.numpy(), n_pairs)  # noqa: E731
         rep = lambda t: np.repeat(t.float().cpu().numpy(), n_variants)  # noqa: E731
-        nullable = lambda values: np.ma.masked_array(values.astype(np.int32), mask=values == ALL)  # noqa: E731
+        nullable = lambda values: np.ma.masked_array(values.astype(np.int32), mask=values < 0)  # noqa: E731
         position = tile(self.variants.position)
+        group = tile(group_index(self.variants.position))
         return {
             "model": np.full(n_pairs * n_variants, model),
             "pair_id": np.repeat(pair_ids, n_variants).astype(np.int32),
@@ -220,7 +249,8 @@ class SweepResult(DirectedMetrics):
             "layer": tile(self.variants.layer).astype(np.int32),
             "head": nullable(tile(self.variants.head)),
             "position": nullable(position),
-            "position_from_end": np.ma.masked_array((position - self.seq_len).astype(np.int32), mask=position == ALL),
+            "position_from_end": np.ma.masked_array((position - self.seq_len).astype(np.int32), mask=position < 0),
+            "position_class": pa.array([group_names[g] if g >= 0 else None for g in group], pa.string()),
             "seq_len": np.full(n_pairs * n_variants, self.seq_len, dtype=np.int32),
             "metric_clean": rep(self.metric_clean),
             "metric_corrupted": rep(self.metric_corrupted),
@@ -272,14 +302,18 @@ def sweep(
     reuse_prefix: bool = True,
     batch_tokens: int | None = None,
     align_end: bool = False,
+    position_groups: torch.Tensor | None = None,
 ) -> SweepResult:
     """Patch every variant into every pair, packed; exact (equal to `reference.reference_sweep` to float tolerance).
 
     With `align_end`, clean and corrupted prompts may differ in length: they are aligned from the end
     (clean position p pairs with corrupted position p - offset, offset = clean length - corrupted length),
     variant positions are clean positions, and a patch at a position without a counterpart changes nothing.
+    `position_groups` [P, K, T] bool (clean positions) are the position groups that variants at
+    `group_position(k)` patch, each pair its own.
     """
     check_sweep_inputs(clean_ids, corrupted_ids, answers, direction, metric, align_end)
+    check_position_groups(position_groups, variants, clean_ids)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     clean_ids, corrupted_ids = clean_ids.to(device), corrupted_ids.to(device)
@@ -298,12 +332,15 @@ def sweep(
     if offset:  # work in the base run's positions, with the source's activations aligned to them
         shift = source_ids.shape[1] - seq_len  # base position q <-> source position q + shift
         base_shift = offset if direction == "denoise" else 0  # clean position p -> base position p - base_shift
+        single = variants.position >= 0  # ALL and position groups keep their codes
         position = variants.position - base_shift
-        unmatched = (variants.position != ALL) & ((position < max(0, -shift))
-                                                  | (position >= min(seq_len, source_ids.shape[1] - shift)))
-        position = torch.where(variants.position == ALL, ALL, torch.where(unmatched, 0, position))
+        unmatched = single & ((position < max(0, -shift)) | (position >= min(seq_len, source_ids.shape[1] - shift)))
+        position = torch.where(single, torch.where(unmatched, 0, position), variants.position)
         variants = Variants(variants.component, variants.layer, variants.head, position)
         source = _aligned_to_base(source, base, shift)
+        if position_groups is not None:  # clean positions -> base positions; those without one drop out
+            position_groups = _shifted(position_groups.bool(), base_shift, seq_len)
+    groups = None if position_groups is None else position_groups.bool().cpu()  # [P, K, T] base positions
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len)
 
     metric_clean, metric_corrupted = (metric_of(clean.final_resid, all_pairs),
@@ -333,6 +370,12 @@ def sweep(
         # first differing token (before it the patch writes the values already there)
         begin = torch.where(position == ALL, differ_from, position)
         changes = torch.where(position == ALL, differ_from < seq_len, position >= differ_from)
+        grouped = group_index(position) >= 0
+        if bool(grouped.any()):  # from the group's first position in the pair; an empty group changes nothing
+            members = groups[pair_rows[grouped], group_index(position[grouped])]  # [G, T]
+            first_member = torch.where(members, torch.arange(seq_len), seq_len).min(dim=1).values
+            begin[grouped] = first_member
+            changes[grouped] = (members & (torch.arange(seq_len) >= differ_from[grouped, None])).any(dim=1)
         if offset:  # positions with no counterpart in the other run change nothing
             changes &= ~unmatched[variant_rows]
         variant_rows, pair_rows, begin = variant_rows[changes], pair_rows[changes], begin[changes]
@@ -347,7 +390,7 @@ def sweep(
                 stop = min(stop, local_from)
             pair_idx, variant_idx = pair_rows[start:stop], variant_rows[start:stop]
             final = patched_final_resid(model, adapter, base, source, layer, pair_idx, variants.select(variant_idx),
-                                        prefix, first=int(begin[start]))
+                                        prefix, first=int(begin[start]), groups=groups)
             patched[pair_idx.to(device), variant_idx.to(device)] = metric_of(final, pair_idx)
             start = stop
     return SweepResult(
@@ -359,6 +402,30 @@ def sweep(
         metric_patched=patched.cpu(),
         seq_len=clean_ids.shape[1],
     )
+
+
+def check_position_groups(position_groups: torch.Tensor | None, variants: Variants, clean_ids: torch.Tensor) -> None:
+    """Variants that name position groups need `position_groups` [P, K, T] with a group for each."""
+    named = group_index(variants.position)
+    if not bool((named >= 0).any()):
+        return
+    if position_groups is None:
+        raise ValueError("variants patch position groups (group_position) but no position_groups were given")
+    n_pairs, seq_len = clean_ids.shape
+    if position_groups.dim() != 3 or position_groups.shape[0] != n_pairs or position_groups.shape[2] != seq_len:
+        raise ValueError(f"position_groups {tuple(position_groups.shape)} must be [pairs {n_pairs}, groups, "
+                         f"clean positions {seq_len}]")
+    if int(named.max()) >= position_groups.shape[1]:
+        raise ValueError(f"a variant names position group {int(named.max())}; only {position_groups.shape[1]} given")
+
+
+def _shifted(groups: torch.Tensor, shift: int, length: int) -> torch.Tensor:
+    """[P, K, T] positions p -> [P, K, length] positions p - shift (those out of range dropped)."""
+    out = torch.zeros(*groups.shape[:2], length, dtype=torch.bool)
+    lo, hi = max(0, shift), min(groups.shape[2], length + shift)
+    if hi > lo:
+        out[:, :, lo - shift : hi - shift] = groups[:, :, lo:hi]
+    return out
 
 
 def _aligned_to_base(source: RunCache, base: RunCache, shift: int) -> RunCache:

@@ -27,7 +27,7 @@ from .adapters import Adapter, get_adapter
 from .circuits import EMBED, HEAD, MLP, OUTPUT, Nodes, is_path
 from .hooks import COMPONENTS, capture, edit_activation, installed, run_with_cache
 from .metrics import Answers, answer_metric, kl_to_source, measure
-from .patching import ALL, SweepResult, Variants, check_sweep_inputs
+from .patching import ALL, SweepResult, Variants, check_position_groups, check_sweep_inputs
 
 
 def _activations(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -53,10 +53,12 @@ def _metric(metric: str, logits: torch.Tensor, answers: Answers, source_logits: 
 @torch.no_grad()
 def reference_sweep(model: nn.Module, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor, answers: Answers,
                     variants: Variants, direction: str = "denoise", metric: str = "logit_diff",
-                    align_end: bool = False) -> SweepResult:
+                    align_end: bool = False, position_groups: torch.Tensor | None = None) -> SweepResult:
     """`patching.sweep` the plain way: per pair and variant, one full forward of the base prompt with one
-    hook setting the patched activation to the source run's."""
+    hook setting the patched activation to the source run's (at a position group's positions, one by one
+    in a list)."""
     check_sweep_inputs(clean_ids, corrupted_ids, answers, direction, metric, align_end)
+    check_position_groups(position_groups, variants, clean_ids)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     n_pairs = clean_ids.shape[0]
@@ -76,8 +78,13 @@ def reference_sweep(model: nn.Module, clean_ids: torch.Tensor, corrupted_ids: to
             component = COMPONENTS[int(variants.component[v])]
             layer, head, position = int(variants.layer[v]), int(variants.head[v]), int(variants.position[v])
             source = source_acts[component][layer]
-            base_slice, source_slice = _aligned_slices(position, base_shift, source_shift,
-                                                       base_ids.shape[1], source_ids.shape[1])
+            if position <= -2:
+                members = position_groups[p, -2 - position].nonzero().squeeze(1).tolist()
+                base_slice, source_slice = _aligned_lists(members, base_shift, source_shift,
+                                                          base_ids.shape[1], source_ids.shape[1])
+            else:
+                base_slice, source_slice = _aligned_slices(position, base_shift, source_shift,
+                                                           base_ids.shape[1], source_ids.shape[1])
             hook = _sweep_hook(adapter, component, layer, head, base_slice, source_slice, source)
             patched[p, v] = _metric(metric, _final_logits(model, base_ids, [hook]), answer, source_logits)[0]
     return SweepResult(direction=direction, metric=metric, metric_clean=metric_clean, metric_corrupted=metric_corrupted,
@@ -94,6 +101,12 @@ def _aligned_slices(position, base_shift, source_shift, base_len, source_len) ->
     if not (0 <= qb < base_len and 0 <= qs < source_len):
         return slice(0, 0), slice(0, 0)
     return slice(qb, qb + 1), slice(qs, qs + 1)
+
+
+def _aligned_lists(positions: list[int], base_shift, source_shift, base_len, source_len) -> tuple[list, list]:
+    """Base and source positions of a group's clean positions, those with a counterpart in both runs."""
+    kept = [p for p in positions if 0 <= p - base_shift < base_len and 0 <= p - source_shift < source_len]
+    return [p - base_shift for p in kept], [p - source_shift for p in kept]
 
 
 def _sweep_hook(adapter: Adapter, component, layer, head, base_slice, source_slice, source):

@@ -1,8 +1,11 @@
 """Heatmaps of the summary (layers.png).
 
-One row of panels per direction; per component present: each component patched per position as layer x
-position (positions counted from the end, labelled with their tokens); attn_out and mlp_out over all
-positions side by side as layer x {attn_out, mlp_out}; heads over all positions as layer x head.
+One row of panels per direction: first the position classes (each component patched at the harmful
+tokens, the rest of the instruction and the template's end at once) as layer x (component, class); then
+per component present: each component patched per position as layer x position (positions counted from
+the end, labelled with their tokens); attn_out and mlp_out over all positions side by side as layer x
+{attn_out, mlp_out}; heads over all positions as layer x head. Patches that replace the input
+(statistics.replaces_input) are drawn grey: their effect is complete by construction.
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.analysis.positions import CLASS_TITLES, HEADLINE_CLASSES  # noqa: E402
+from pipeline.engine.hooks import COMPONENTS  # noqa: E402
 from pipeline.store import publish_file  # noqa: E402
+
+CMAP = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")  # grey: a site replacing the input, or not patched
 
 
 def _grid(rows: pd.DataFrame, column: str, n_layers: int) -> tuple[np.ndarray, list]:
@@ -31,7 +38,18 @@ def _panels(summary: pd.DataFrame, direction: str) -> list[tuple[str, np.ndarray
     """(title, [layers, columns] grid, column labels, x-axis name) for each panel of one direction."""
     rows = summary[summary["direction"] == direction]
     n_layers = int(summary["layer"].max()) + 1
+    rows = rows.assign(mean=rows["mean"].where(~rows["replaces_input"].astype(bool)))  # NaN: drawn grey
     panels, whole = [], {}
+    classes = rows[rows["position_class"].notna()]
+    if not classes.empty:
+        order = {c: i for i, c in enumerate(HEADLINE_CLASSES)}
+        keys = sorted({(r.component, r.position_class) for r in classes.itertuples()},
+                      key=lambda key: (COMPONENTS.index(key[0]), order[key[1]]))
+        grid = np.full((n_layers, len(keys)), np.nan)
+        for r in classes.itertuples():
+            grid[int(r.layer), keys.index((r.component, r.position_class))] = r.mean
+        panels.append(("position classes", grid, [f"{c} @ {CLASS_TITLES[k]}" for c, k in keys], ""))
+    rows = rows[rows["position_class"].isna()]
     for component in ("resid_pre", "attn_out", "mlp_out"):
         part = rows[rows["component"] == component]
         if part["position"].notna().any():
@@ -74,7 +92,7 @@ def layers_png(summary: pd.DataFrame, path: Path, title: str) -> Path:
                 ax.axis("off")
                 continue
             name, grid, labels, xlabel = panels[direction][col]
-            image = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
+            image = ax.imshow(grid, origin="lower", aspect="auto", cmap=CMAP, vmin=-1, vmax=1,
                               interpolation="nearest")
             ax.set_title(f"{direction}: {name}", fontsize=9)
             ax.set_xticks(range(len(labels)))

@@ -1,7 +1,9 @@
 """report.md (what a person reads first) and the summary the command prints.
 
-Both say: how many pairs the behaviour screen kept, the layers that matter most (attention and MLP
-outputs per layer) with their 95% bootstrap confidence intervals, where the residual stream carries the
+Both say: how many pairs the behaviour screen kept, the effects that matter most (each layer's residual,
+attention and MLP output patched at a position class: the harmful tokens, the rest of the instruction,
+the template's end; patches that replace the input, complete by construction, left out) with their 95%
+bootstrap confidence intervals, where the residual stream carries the
 effect layer by layer, the circuit and its faithfulness, the refusal direction (when selected), where the
 files are and how to open the UI.
 """
@@ -14,6 +16,7 @@ import pandas as pd
 
 from pipeline.analysis.circuit.result import Circuit, Knockout
 from pipeline.analysis.directions import SUMMARY_KEY
+from pipeline.analysis.positions import CLASS_TITLES, HEADLINE_CLASSES
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
 from pipeline.messages import redact
 from pipeline.outputs.files import (
@@ -46,11 +49,27 @@ def _site(point_or_row) -> str:
     return ", ".join(parts)
 
 
-def top_layers(summary: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The layers that matter most: per direction, the k strongest per-layer contributions (attention
-    and MLP outputs, heads when swept) over all positions, strongest first."""
-    rows = summary[summary["component"].isin(["head", "attn_out", "mlp_out"]) & summary["position"].isna()]
+def headline(summary: pd.DataFrame, k: int) -> pd.DataFrame:
+    """What the run leads with: per direction, the k strongest contributions of a layer's attention or MLP
+    output (or a head) patched at a position class, or in a run without them (patching.per_class) over all
+    positions; patches that replace the input (statistics.replaces_input) left out. Strongest first. The
+    residual stream at the classes is a state, not a contribution: `residual_by_class` reads it."""
+    informative = summary[~summary["replaces_input"].astype(bool)]
+    rows = informative[informative["position_class"].notna() & (informative["component"] != "resid_pre")]
+    if rows.empty:
+        rows = informative[informative["component"].isin(["head", "attn_out", "mlp_out"])
+                           & informative["position"].isna()]
     return rows.sort_values("mean", ascending=False).groupby("direction", sort=True).head(k)
+
+
+def _where(row) -> str:
+    """A headline row's site: `L14 attn_out @ harmful tokens`, `L3H2` (a head over all positions)."""
+    name = f"L{row.layer}H{int(row.head)}" if not pd.isna(row.head) else f"L{row.layer} {row.component}"
+    return name + (f" @ {CLASS_TITLES[row.position_class]}" if isinstance(row.position_class, str) else "")
+
+
+LEFT_OUT = ("patches that replace the input (the whole residual stream, or layer 0 at every token where the "
+            "prompts differ) left out: their effect is complete by construction")
 
 
 def residual_stream(curves: dict[tuple[str, str], list[LayerPoint]]) -> dict[str, list[list[LayerPoint]]]:
@@ -68,6 +87,29 @@ def residual_stream(curves: dict[tuple[str, str], list[LayerPoint]]) -> dict[str
             else:
                 groups.append([point])
     return runs
+
+
+def residual_by_class(summary: pd.DataFrame, threshold: float = 0.5) -> dict[str, str]:
+    """Per direction, where resid_pre patched at a position class carries the effect (mean >= threshold),
+    as the layers of each class: the harmful tokens early, the template's end late, where the model moves
+    the decision from the request to the reply."""
+    rows = summary[(summary["component"] == "resid_pre") & summary["position_class"].notna()
+                   & ~summary["replaces_input"].astype(bool)]
+    out = {}
+    for direction, part in rows.groupby("direction", sort=True):
+        texts = []
+        for name in HEADLINE_CLASSES:
+            at = part[part["position_class"] == name].sort_values("layer")
+            if at.empty:
+                continue
+            carried = at[at["mean"] >= threshold]["layer"].tolist()
+            best = at.loc[at["mean"].idxmax()]
+            span = (f"layers {carried[0]}-{carried[-1]}" if len(carried) > 1 else f"layer {carried[0]}" if carried
+                    else f"below {threshold} at every layer")
+            texts.append(f"{CLASS_TITLES[name]}: {span} (peak {best['mean']:+.2f} at layer {int(best['layer'])})")
+        if texts:
+            out[direction] = f"effect >= {threshold} at " + "; ".join(texts)
+    return out
 
 
 def _run_text(run: list[LayerPoint]) -> str:
@@ -274,25 +316,33 @@ def write_report(path: Path, cfg: PatchsweepConfig, model_info: dict, pairs_repo
         "",
         interval_line(summary, cfg.summary.ci),
         "",
-        "## Layers that matter most",
+        "## What matters most",
         "",
     ]
     for direction, meaning in DIRECTION_MEANING.items():
         if direction in cfg.patching.directions:
             lines.append(f"- `{direction}`: {meaning}")
-    strongest = top_layers(summary, k)
+    strongest = headline(summary, k)
     if not strongest.empty:
-        lines += ["", "Attention and MLP outputs (and heads, when swept) patched at all positions, strongest first:",
-                  "", "| direction | component | layer | head | effect [95% CI] | n |", "|---|---|---|---|---|---|"]
+        by_class = strongest["position_class"].notna().any()
+        lines += ["", ("Each layer's residual, attention and MLP output patched at one position class at once (the "
+                       "harmful tokens, the rest of the instruction, the template's end)" if by_class else
+                       "Attention and MLP outputs (and heads, when swept) patched at all positions")
+                  + f", strongest first; {LEFT_OUT}:", "",
+                  "| direction | component | layer | head | positions | effect [95% CI] | n |",
+                  "|---|---|---|---|---|---|---|"]
         for r in strongest.itertuples():
             head = "" if pd.isna(r.head) else int(r.head)
-            lines.append(f"| {r.direction} | {r.component} | {r.layer} | {head} "
+            where = CLASS_TITLES[r.position_class] if isinstance(r.position_class, str) else "all"
+            lines.append(f"| {r.direction} | {r.component} | {r.layer} | {head} | {where} "
                          f"| {_ci(r.mean, r.ci_low, r.ci_high)} | {r.n} |")
-    runs = residual_stream(curves)
-    if runs:
+    runs, by_class = residual_stream(curves), residual_by_class(summary)
+    if runs or by_class:
         lines += ["", "## The residual stream", "",
-                  "Where resid_pre carries the effect, layer by layer: the position whose patch moves the metric most "
-                  "(full curves: MLflow metrics with step = layer; heatmaps below).", ""]
+                  "Where resid_pre carries the effect, layer by layer: at each position class, and the position whose "
+                  "patch moves the metric most (full curves: MLflow metrics with step = layer; heatmaps below).", ""]
+        for direction, text in by_class.items():
+            lines.append(f"- `{direction}` by position class: {text}")
         for direction, groups in runs.items():
             lines.append(f"- `{direction}`: " + "; ".join(_run_text(run) for run in groups))
     lines += ["", "## Circuit", ""] + _circuit_lines(circuit)
@@ -324,14 +374,19 @@ def console_summary(cfg: PatchsweepConfig, run_dir: Path, pairs_report: dict, st
                     summary: pd.DataFrame, circuit: Circuit | None, tracking: dict | None) -> str:
     k = cfg.summary.top_k
     lines = [f"patchsweep {cfg.name}: {cfg.model.name}", "  " + _pairs_line(pairs_report)]
-    strongest = top_layers(summary, k)
+    strongest = headline(summary, k)
     if not strongest.empty:
-        lines.append("Layers that matter most (attention / MLP outputs per layer; "
-                     f"effect [{100 * cfg.summary.ci:.0f}% CI]):")
+        what = ("per layer and position class" if strongest["position_class"].notna().any()
+                else "attention / MLP outputs per layer")
+        lines.append(f"What matters most ({what}; effect [{100 * cfg.summary.ci:.0f}% CI]; input-replacing "
+                     "patches left out):")
         lines.append(f"  {interval_line(summary, cfg.summary.ci)}")
         for r in strongest.itertuples():
-            name = f"L{r.layer}H{int(r.head)}" if not pd.isna(r.head) else f"L{r.layer} {r.component}"
-            lines.append(f"  {r.direction:<8} {name:<14} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
+            lines.append(f"  {r.direction:<8} {_where(r):<36} {_ci(r.mean, r.ci_low, r.ci_high)}  n={r.n}")
+    by_class = residual_by_class(summary)
+    if by_class:
+        lines.append("Residual stream by position class (resid_pre patched at each class at once):")
+        lines += [f"  {direction:<8} {text}" for direction, text in by_class.items()]
     runs = residual_stream(curves)
     if runs:
         lines.append("Residual stream (resid_pre: the strongest position, layer by layer):")

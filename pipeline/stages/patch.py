@@ -2,7 +2,9 @@
 
 An effect shard is a long table, one row per (pair, variant), in EFFECT_SHARD_SCHEMA: model, pair_id,
 direction, component, layer, head (null unless a head), position (0-based from the start) and
-position_from_end (-1 = the final token; both null = all positions at once), seq_len, metric_clean,
+position_from_end (-1 = the final token; both null = all positions at once, or a position class),
+position_class (one of positions.HEADLINE_CLASSES, patched at once: the harmful tokens, the rest of the
+instruction, the template's end; null otherwise), seq_len, metric_clean,
 metric_corrupted, metric_patched and effect = (patched - base) / (source - base). The summary stage
 concatenates the shards into effects.parquet, with the run's own columns (run_id, config_hash) first.
 """
@@ -14,18 +16,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.analysis.pairs import pair_batch
+from pipeline.analysis.positions import HEADLINE_CLASSES, headline_groups
 from pipeline.engine.adapters import get_adapter
 from pipeline.engine.patching import sweep, variants_for
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import PatchingConfig
 from pipeline.stages.shards import PairShard, bucket_shards
-from pipeline.store import code_identity, content_key, write_table
+from pipeline.store import code_identity, content_key, read_table, write_table
 
 EFFECT_SHARD_SCHEMA = pa.schema([
     ("model", pa.string()), ("pair_id", pa.int32()), ("direction", pa.string()), ("component", pa.string()),
     ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("position_from_end", pa.int32()),
-    ("seq_len", pa.int32()), ("metric_clean", pa.float32()), ("metric_corrupted", pa.float32()),
-    ("metric_patched", pa.float32()), ("effect", pa.float32()),
+    ("position_class", pa.string()), ("seq_len", pa.int32()), ("metric_clean", pa.float32()),
+    ("metric_corrupted", pa.float32()), ("metric_patched", pa.float32()), ("effect", pa.float32()),
 ])
 
 
@@ -39,6 +42,7 @@ class Patches:
     per_position: bool  # every position on its own, or all at once
     layers: list[int] | None  # None = every layer
     heads: list[int] | None  # None = every head (only for component "head")
+    by_class: bool = False  # each of positions.HEADLINE_CLASSES at once instead (per_position is then False)
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,16 @@ def plan(run_dir: Path, shards: list[PairShard], patching: PatchingConfig, shard
     for bucket in bucket_shards(shards, shard_size):
         for component in patching.components:
             for direction in patching.directions:
-                patches = Patches(component, direction, patching.metric, component in patching.per_position,
-                                  patching.layers, patching.heads if component == "head" else None)
-                key = content_key("patch", code, weights_hash, [shard.key for shard in bucket], asdict(patches))
-                items.append(PatchItem(str(RunFolder(run_dir).pairs), tuple(shard.rows for shard in bucket), patches,
-                                       model, patching.batch_size,
-                                       str(RunFolder(run_dir).effect_shards / f"{key}.arrow"),
-                                       provenance))
+                heads = patching.heads if component == "head" else None
+                ways = [Patches(component, direction, patching.metric, component in patching.per_position,
+                                patching.layers, heads)]
+                if component in patching.per_class:
+                    ways.append(Patches(component, direction, patching.metric, False, patching.layers, heads, True))
+                for patches in ways:
+                    key = content_key("patch", code, weights_hash, [shard.key for shard in bucket], asdict(patches))
+                    items.append(PatchItem(str(RunFolder(run_dir).pairs), tuple(shard.rows for shard in bucket),
+                                           patches, model, patching.batch_size,
+                                           str(RunFolder(run_dir).effect_shards / f"{key}.arrow"), provenance))
     return items
 
 
@@ -83,10 +90,15 @@ def run(model, tokenizer, item: PatchItem) -> list[Path]:
     for rows in item.shards:
         batch = pair_batch(item.pairs, list(rows))
         seq_len = batch["clean_ids"].shape[1]
+        groups = (headline_groups(read_table(item.pairs).take(pa.array(rows, pa.int64())))  # [P, 3, T]
+                  if patches.by_class else None)
         variants = variants_for(adapter, patches.component, seq_len, per_position=patches.per_position,
-                                layers=patches.layers, heads=patches.heads)
+                                layers=patches.layers, heads=patches.heads,
+                                n_groups=len(HEADLINE_CLASSES) if patches.by_class else 0)
         result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
                        direction=patches.direction, metric=patches.metric, max_batch_rows=item.batch_size,
-                       align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1])
-        tables.append(pa.table(result.to_columns(batch["pair_id"], item.model), schema=EFFECT_SHARD_SCHEMA))
+                       align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1],
+                       position_groups=groups)
+        columns = result.to_columns(batch["pair_id"], item.model, HEADLINE_CLASSES)
+        tables.append(pa.table(columns, schema=EFFECT_SHARD_SCHEMA))
     return [write_table(item.out, pa.concat_tables(tables), item.provenance)]

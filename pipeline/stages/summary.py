@@ -20,17 +20,18 @@ OUTPUTS = (EFFECTS.name, SUMMARY.name, SITES.name)
 SUMMARY_SCHEMA = pa.schema([
     ("model", pa.string()), ("direction", pa.string()), ("component", pa.string()),
     ("layer", pa.int32()), ("head", pa.int32()), ("position", pa.int32()), ("position_from_end", pa.int32()),
-    ("token", pa.string()), ("mean", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    ("std", pa.float64()), ("n", pa.int32()),
+    ("position_class", pa.string()), ("token", pa.string()), ("mean", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("std", pa.float64()), ("n", pa.int32()), ("replaces_input", pa.bool_()),
 ])
 
 
 def summary_table(summary: pd.DataFrame, seq_lens: set[int]) -> pa.Table:
     """The analysis frame (positions counted from the end) -> SUMMARY_SCHEMA. A site's position from the
     start exists only where every pair has the same length; elsewhere it is null while position_from_end
-    is set (both null: all positions at once)."""
+    is set (both null: all positions at once, or the position class named)."""
     frame = summary.rename(columns={"position": "position_from_end"})
     frame["position"] = frame["position_from_end"] + next(iter(seq_lens)) if len(seq_lens) == 1 else pd.NA
+    frame["position_class"] = frame["position_class"].astype(object).where(frame["position_class"].notna(), None)
     frame = frame[SUMMARY_SCHEMA.names].astype({"head": "Int32", "position": "Int32", "position_from_end": "Int32",
                                                 "layer": "int32"})
     return pa.Table.from_pandas(frame, schema=SUMMARY_SCHEMA, preserve_index=False).replace_schema_metadata(None)
