@@ -336,27 +336,37 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
+def within_target(f, target: float):
+    """The pruning objective: CMD = |1 - f| <= 1 - target, f within [target, 2 - target]. A circuit above
+    the full model by more than the target allows keeps nodes that work against refusal out of balance with
+    the rest, so it is not the minimal explanation either."""
+    return np.abs(1 - np.asarray(f)) <= 1 - target
+
+
 def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
           rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6,
           chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
-    """Drop nodes while f stays at the target, in rounds. A round orders the circuit's nodes by f without
-    each of them (the given `rankings`, one per round, a node one lacks counting as removable; after them,
-    with `measure`, f without each measured on the circuit) and removes the most of the least harmful
-    together that keeps f >= target (k on a geometric grid from the top down to the first k that keeps it,
-    then narrowed up to the next k that does not, `chunk` circuits per pass).
+    """Drop nodes while the circuit stays within the target from both sides (`within_target`), in rounds.
+    A round orders the circuit's nodes by how far from 1 f without each of them is (the given `rankings`,
+    one per round, a node one lacks counting as removable; after them, with `measure`, f without each
+    measured on the circuit) and removes the most of the least harmful together that stays within the
+    target (k on a geometric grid from the top down to the first k that does, then narrowed up to the
+    next k that does not, `chunk` circuits per pass). Removing a node that holds refusal back raises f, so
+    an overshooting circuit ranks such nodes last and keeps shrinking by the nodes that bring f back to 1.
     Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
     measured rankings, {size: f} of every circuit measured)."""
     kept, removed, measured, curve = list(circuit), [], [], {}
     measured_for = None  # the circuit the last measured ranking belongs to
     for round_ in range(max_rounds if measure else len(rankings)):
         if round_ < len(rankings):
-            f_without = np.array([rankings[round_].get(i, np.inf) for i in kept])
+            f_without = np.array([rankings[round_].get(i, np.nan) for i in kept])
         else:
             f_without = evaluator.faithfulness_without_each(nodes, kept)
             measured.append(dict(zip(kept, f_without.tolist())))
             measured_for = kept
-        order = np.argsort(-f_without, kind="stable")
-        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        distance = np.where(np.isnan(f_without), -np.inf, np.abs(1 - f_without))  # nan: not ranked, removable
+        order = np.argsort(distance, kind="stable")
+        most = min(int((distance <= 1 - target).sum()), len(kept) - 1)
         if most == 0:
             break
         trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
@@ -368,23 +378,26 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
                 f_trial.update(zip(ks, evaluator.faithfulness(nodes, subset_masks(len(nodes),
                                                                                      [trial(k) for k in ks])).tolist()))
 
+        def passes(k):
+            return bool(within_target(f_trial[k], target))
+
         # From the most removed down: a minimal circuit keeps few of the candidates, so the answer lies
         # near the top of the grid, and the first passing chunk bounds it.
         grid = [k for k in reversed(_geometric_sizes(most)) if k > 0]
         for begin in range(0, len(grid), chunk):
             measure_trials(grid[begin:begin + chunk])
-            if any(f_trial[k] >= target for k in grid[begin:begin + chunk]):
+            if any(passes(k) for k in grid[begin:begin + chunk]):
                 break
         curve.update({len(kept) - k: f for k, f in f_trial.items()})
-        passing = [k for k in f_trial if f_trial[k] >= target]
+        passing = [k for k in f_trial if passes(k)]
         if not passing:
             break
         lo = max(passing)
-        hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [most + 1])
-        while hi - lo > 1:  # lo keeps the target; hi (or beyond `most`) does not
+        hi = min([k for k in f_trial if k > lo and not passes(k)] + [most + 1])
+        while hi - lo > 1:  # lo stays within the target; hi (or beyond `most`) does not
             measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
-            lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
-            hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+            lo = max(k for k in f_trial if passes(k) and k < hi)
+            hi = min([k for k in f_trial if k > lo and not passes(k)] + [hi])
             curve.update({len(kept) - k: f for k, f in f_trial.items()})
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
