@@ -41,6 +41,10 @@ class PromptsConfig:
     refusal_tokens: list[Any] | None = None  # answer tokens (ids or vocabulary strings) overriding
     compliance_tokens: list[Any] | None = None  # the ones derived from the model's own replies
     answer_top_k: int = 1  # derived answer tokens: the k most common first tokens of each kind of reply
+    # Transfer pairs, on which the circuit's faithfulness is measured again: a pair file like `path`, or None =
+    # the model's own (pipeline.analysis.pairs.transfer_source); at most `transfer_pairs` of them, 0 = none.
+    transfer: str | None = None
+    transfer_pairs: int = 24
 
 
 @dataclass

@@ -249,6 +249,7 @@ def _check_ray(cfg: PatchsweepConfig) -> None:
 
 def _check_prompts(cfg: PatchsweepConfig) -> None:
     prompts = cfg.prompts
+    _check_transfer(prompts)
     if prompts.align not in ("none", "end"):
         raise ConfigError(f"unknown alignment {prompts.align!r} in prompts.align: choose none or end")
     path = prompts.path
@@ -262,16 +263,28 @@ def _check_prompts(cfg: PatchsweepConfig) -> None:
                               f"generator for {cfg.model.path} can supply: set prompts.n_pairs={supply} or "
                               "less, or give your own pairs (prompts.path)")
         return
+    _check_pair_file("prompts.path", path)
+
+
+def _check_transfer(prompts) -> None:
+    if prompts.transfer_pairs < 0:
+        raise ConfigError(f"prompts.transfer_pairs={prompts.transfer_pairs} is negative: set it to 0 (no transfer "
+                          "pairs) or more")
+    if prompts.transfer:
+        _check_pair_file("prompts.transfer", prompts.transfer)
+
+
+def _check_pair_file(key: str, path: str) -> None:
     if Path(path).is_dir():
-        raise ConfigError(f"prompts file {path!r} is a folder: set prompts.path to a JSONL, CSV or Parquet file")
+        raise ConfigError(f"prompts file {path!r} is a folder: set {key} to a JSONL, CSV or Parquet file")
     if not Path(path).exists():
-        raise ConfigError(f"prompts file {path!r} does not exist: set prompts.path to a JSONL, CSV or Parquet file")
+        raise ConfigError(f"prompts file {path!r} does not exist: set {key} to a JSONL, CSV or Parquet file")
     if not Path(path).is_file():
-        raise ConfigError(f"prompts file {path!r} is not a regular file (a pipe or device): set prompts.path to a "
+        raise ConfigError(f"prompts file {path!r} is not a regular file (a pipe or device): set {key} to a "
                           "JSONL, CSV or Parquet file")
     if Path(path).suffix.lower() not in FILE_FORMATS:
         raise ConfigError(f"prompts file {path!r} has the extension {Path(path).suffix!r}, not one of "
-                          f"{', '.join(FILE_FORMATS)} (JSONL, CSV or Parquet): fix prompts.path")
+                          f"{', '.join(FILE_FORMATS)} (JSONL, CSV or Parquet): fix {key}")
 
 
 def _generator_supply(cfg: PatchsweepConfig) -> int:
