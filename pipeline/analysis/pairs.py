@@ -25,8 +25,9 @@ Output: a pyarrow Table, one row per pair that passed the screen (the pairs.parq
 | clean_generation, corrupted_generation | the short greedy replies (null when generation is off) |
 
 The transfer pairs (transfer_pairs.parquet: `transfer_source`, another source than the study's, sharing no
-prompt with it) have the same columns, screened under the study's answer tokens; only the circuit step
-reads them, to measure the circuit's faithfulness on pairs its search never saw.
+prompt with it) have the same columns, screened under the study's answer tokens, their pair ids numbered
+after the study's; only the circuit step reads them, to measure the circuit's faithfulness on pairs its
+search never saw.
 
 All positions are 0-based clean-sequence positions. `pair_batch` reads rows of that table back as the
 engine's tensors. No Ray, MLflow or Hydra here: plain functions.

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -160,7 +160,9 @@ def tokenize_transfer(model, tokenizer, item: TransferTokensItem) -> list[Path]:
     tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, source.pairs, "end"))
     equal = [t for t in tokenized if t.align_offset == 0]
     study = read_tokens(item.study_tokens, 0, read_table(item.study_tokens).num_rows)
-    kept = sharing_no_prompt_with(equal, study)
+    # Numbered after the study's pairs: a pair id names one pair of the run.
+    first = max(t.pair_id for t in study) + 1
+    kept = [replace(t, pair_id=first + t.pair_id) for t in sharing_no_prompt_with(equal, study)]
     report = {"source": source.name, "n_pairs": len(source.pairs), "n_duplicates": n_duplicates,
               "n_unequal_length": len(tokenized) - len(equal), "n_shared_with_study": len(equal) - len(kept)}
     return [write_table(item.out, tokens_table(kept), {**item.provenance, "n_duplicates": str(n_duplicates),
