@@ -124,23 +124,29 @@ def other_split(split: str) -> str:
     return "train" if split == "heldout" else "heldout"
 
 
+def has_transfer_source(model: str, path: str | Path | None = None) -> bool:
+    """Whether `transfer_source` has pairs for the model: other models have no independent pairs of their own."""
+    return bool(path) or model in GRAMMAR_ORGANISMS or model == "smollm2-refusal"
+
+
 def transfer_source(model: str, *, path: str | Path | None = None, n: int = 24, seed: int = 0,
-                    split: str = "heldout") -> TransferSource | None:
+                    split: str = "heldout") -> TransferSource:
     """At most `n` transfer pairs: the user's file (prompts.transfer) if given, else refusal-tiny's grammar
     in the other split (`other_split`) for the organisms trained on it, else smollm2-refusal's own transfer
-    pool; None for other models (no independent pairs to measure on)."""
+    pool (`has_transfer_source` says which models have one)."""
+    if not has_transfer_source(model, path):
+        raise ValueError(f"{model} has no transfer pairs of its own: set prompts.transfer to a pair file, or "
+                         "prompts.transfer_pairs=0")
     if path:
         return TransferSource(file_pairs(path)[:n], f"file {Path(path).name}")
     if model in GRAMMAR_ORGANISMS:
         return TransferSource(grammar_pairs(n, seed, other_split(split)),
                               f"refusal-tiny grammar, {other_split(split)} split")
-    if model == "smollm2-refusal":
-        from pipeline.organisms.smollm2_refusal.study import transfer_pool
+    from pipeline.organisms.smollm2_refusal.study import transfer_pool
 
-        pool = [InstructionPair(p["clean"], p["corrupted"], p["category"]) for p in transfer_pool()]
-        random.Random(seed).shuffle(pool)
-        return TransferSource(pool[:n], "smollm2-refusal transfer pool")
-    return None
+    pool = [InstructionPair(p["clean"], p["corrupted"], p["category"]) for p in transfer_pool()]
+    random.Random(seed).shuffle(pool)
+    return TransferSource(pool[:n], "smollm2-refusal transfer pool")
 
 
 # --- tokens and spans --------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from pipeline.analysis.pairs import (
     TokenizedPair,
     answers_from_replies,
     check_answer_source,
+    has_transfer_source,
     pair_replies,
     pairs_report,
     screen_batch,
@@ -53,7 +54,6 @@ from pipeline.analysis.pairs import (
     unique_pairs,
     with_report,
 )
-from pipeline.organisms import GRAMMAR_ORGANISMS
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import PromptsConfig, ResourcesConfig
 from pipeline.store import (
@@ -69,8 +69,6 @@ from pipeline.store import (
 )
 
 IDS = pa.list_(pa.int32())
-# The models with transfer pairs of their own (pipeline.analysis.pairs.transfer_source).
-TRANSFER_MODELS = (*GRAMMAR_ORGANISMS, "smollm2-refusal")
 
 
 @dataclass(frozen=True)
@@ -171,7 +169,7 @@ def tokenize_transfer(model, tokenizer, item: TransferTokensItem) -> list[Path]:
 
 def has_transfer(model_path: str, prompts: PromptsConfig) -> bool:
     """Whether the run has transfer pairs (pipeline.analysis.pairs.transfer_source)."""
-    return prompts.transfer_pairs > 0 and (bool(prompts.transfer) or model_path in TRANSFER_MODELS)
+    return prompts.transfer_pairs > 0 and has_transfer_source(model_path, prompts.transfer)
 
 
 def tokens_table(tokenized: list[TokenizedPair]) -> pa.Table:
