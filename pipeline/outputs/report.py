@@ -155,7 +155,7 @@ def _circuit_lines(circuit: Circuit | None) -> list[str]:
 def _transfer_lines(transfer: TransferFaithfulness | None) -> list[str]:
     """The circuit on the transfer pairs (circuit.json's transfer)."""
     if transfer is None:
-        return ["no transfer pairs (this model has none of its own: prompts.transfer names a pair file)"]
+        return ["no transfer pairs in this run (prompts.transfer names a pair file to measure the circuit on)"]
     if transfer.faithfulness is None:
         return [f"transfer ({transfer.source}): no pair survived the screen"]
     low, high = transfer.faithfulness_ci
