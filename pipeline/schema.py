@@ -195,6 +195,8 @@ def config_hash(cfg: PatchsweepConfig | dict) -> str:
     plain = to_plain(cfg)
     science = {k: plain[k] for k in SCIENCE_KEYS}
     science["model"] = {k: v for k, v in science["model"].items() if k != "name"}
+    # The transfer pairs feed the circuit step alone, whose keys (circuit.*) do not name the experiment either.
+    science["prompts"] = {k: v for k, v in science["prompts"].items() if k not in ("transfer", "transfer_pairs")}
     # config.yaml keeps the config with its credentials redacted: its hash is the one the run's own has
     return hashlib.sha256(redact(json.dumps(science, sort_keys=True)).encode()).hexdigest()[:16]
 

@@ -396,28 +396,31 @@ def _check_model(cfg: PatchsweepConfig) -> tuple[str, int | None]:
 
 
 def _check_pairs_file(cfg: PatchsweepConfig, folder: str, max_positions: int | None) -> None:
-    """The user's pairs file reads, every pair has equal token counts under the model's tokenizer and
-    chat template (unless prompts.align=end), and fits in the model's positions with the screen's
-    replies: the tokenizer alone, no weights."""
-    if cfg.prompts.path is None:
+    """The user's pairs file (and transfer pairs file) reads, every pair has equal token counts under the
+    model's tokenizer and chat template (unless prompts.align=end; transfer pairs of unequal length are
+    left out, not refused), and fits in the model's positions with the screen's replies: the tokenizer
+    alone, no weights."""
+    files = [(path, align) for path, align in ((cfg.prompts.path, cfg.prompts.align), (cfg.prompts.transfer, "end"))
+             if path is not None]
+    if not files:
         return
-    try:
-        pairs = file_pairs(cfg.prompts.path)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
-        tokenizer.model_max_length = sys.maxsize  # lengths are checked below, naming the pair, not warned about
-        tokenized = tokenize_pairs(tokenizer, pairs, cfg.prompts.align)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if max_positions is None:
-        return
-    reply = cfg.prompts.max_new_tokens if cfg.prompts.generate else 0
-    for pair in tokenized:
-        length = max(len(pair.clean_ids), len(pair.corrupted_ids))
-        if length + reply > max_positions:
-            raise ConfigError(f"pair {pair.pair_id} of {cfg.prompts.path} is {length} tokens under the chat "
-                              f"template; with the screen's {reply}-token replies (prompts.max_new_tokens) that is "
-                              f"more than the {max_positions} positions {cfg.model.path} has: shorten or drop "
-                              "that pair")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.model_max_length = sys.maxsize  # lengths are checked below, naming the pair, not warned about
+    for path, align in files:
+        try:
+            tokenized = tokenize_pairs(tokenizer, file_pairs(path), align)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if max_positions is None:
+            continue
+        reply = cfg.prompts.max_new_tokens if cfg.prompts.generate else 0
+        for pair in tokenized:
+            length = max(len(pair.clean_ids), len(pair.corrupted_ids))
+            if length + reply > max_positions:
+                raise ConfigError(f"pair {pair.pair_id} of {path} is {length} tokens under the chat template; "
+                                  f"with the screen's {reply}-token replies (prompts.max_new_tokens) that is more "
+                                  f"than the {max_positions} positions {cfg.model.path} has: shorten or drop that "
+                                  "pair")
 
 
 def _model_shape(folder: str, cfg: PatchsweepConfig) -> tuple[int, int, int | None]:
