@@ -17,6 +17,8 @@ m averaged over pairs.
    CMD = |1 - f| <= 1 - target, f in [target, 2 - target] (`within_target`). A circuit above the full
    model by more than that is no more an explanation of it than one below: the search does not stop at
    one, so a circuit that overshoots keeps shrinking (optionally on a sample of the pairs: `search_pairs`).
+   The first round's order is the one-sided rule's (the scores' estimates are at most 1); where no circuit
+   the search measures overshoots, it removes what a rule keeping f >= target alone would.
 4. `measure_faithfulness`: f with a bootstrap interval over pairs (all, and those the search did not
    see), per category, and the fraction of pairs whose refusal the circuit alone keeps; `measure_transfer`:
    f with its interval on the transfer pairs (another source, never searched on); `controls`: the
