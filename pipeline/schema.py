@@ -41,6 +41,10 @@ class PromptsConfig:
     refusal_tokens: list[Any] | None = None  # answer tokens (ids or vocabulary strings) overriding
     compliance_tokens: list[Any] | None = None  # the ones derived from the model's own replies
     answer_top_k: int = 1  # derived answer tokens: the k most common first tokens of each kind of reply
+    # Transfer pairs, on which the circuit's faithfulness is measured again: a pair file like `path`, or None =
+    # the model's own (pipeline.analysis.pairs.transfer_source); at most `transfer_pairs` of them, 0 = none.
+    transfer: str | None = None
+    transfer_pairs: int = 24
 
 
 @dataclass
@@ -194,8 +198,10 @@ def config_hash(cfg: PatchsweepConfig | dict) -> str:
     plain = to_plain(cfg)
     science = {k: plain[k] for k in SCIENCE_KEYS}
     science["model"] = {k: v for k, v in science["model"].items() if k != "name"}
-    # Position-class patches add sites beside the others and move none of theirs (`per_class`)
+    # Position-class patches add sites beside the others and move none of theirs (`per_class`); the transfer
+    # pairs feed the circuit step alone, whose keys (circuit.*) do not name the experiment either.
     science["patching"] = {k: v for k, v in science["patching"].items() if k != "per_class"}
+    science["prompts"] = {k: v for k, v in science["prompts"].items() if k not in ("transfer", "transfer_pairs")}
     # config.yaml keeps the config with its credentials redacted: its hash is the one the run's own has
     return hashlib.sha256(redact(json.dumps(science, sort_keys=True)).encode()).hexdigest()[:16]
 

@@ -250,6 +250,7 @@ def _check_ray(cfg: PatchsweepConfig) -> None:
 
 def _check_prompts(cfg: PatchsweepConfig) -> None:
     prompts = cfg.prompts
+    _check_transfer(prompts)
     if prompts.align not in ("none", "end"):
         raise ConfigError(f"unknown alignment {prompts.align!r} in prompts.align: choose none or end")
     path = prompts.path
@@ -263,16 +264,28 @@ def _check_prompts(cfg: PatchsweepConfig) -> None:
                               f"generator for {cfg.model.path} can supply: set prompts.n_pairs={supply} or "
                               "less, or give your own pairs (prompts.path)")
         return
+    _check_pair_file("prompts.path", path)
+
+
+def _check_transfer(prompts) -> None:
+    if prompts.transfer_pairs < 0:
+        raise ConfigError(f"prompts.transfer_pairs={prompts.transfer_pairs} is negative: set it to 0 (no transfer "
+                          "pairs) or more")
+    if prompts.transfer:
+        _check_pair_file("prompts.transfer", prompts.transfer)
+
+
+def _check_pair_file(key: str, path: str) -> None:
     if Path(path).is_dir():
-        raise ConfigError(f"prompts file {path!r} is a folder: set prompts.path to a JSONL, CSV or Parquet file")
+        raise ConfigError(f"prompts file {path!r} is a folder: set {key} to a JSONL, CSV or Parquet file")
     if not Path(path).exists():
-        raise ConfigError(f"prompts file {path!r} does not exist: set prompts.path to a JSONL, CSV or Parquet file")
+        raise ConfigError(f"prompts file {path!r} does not exist: set {key} to a JSONL, CSV or Parquet file")
     if not Path(path).is_file():
-        raise ConfigError(f"prompts file {path!r} is not a regular file (a pipe or device): set prompts.path to a "
+        raise ConfigError(f"prompts file {path!r} is not a regular file (a pipe or device): set {key} to a "
                           "JSONL, CSV or Parquet file")
     if Path(path).suffix.lower() not in FILE_FORMATS:
         raise ConfigError(f"prompts file {path!r} has the extension {Path(path).suffix!r}, not one of "
-                          f"{', '.join(FILE_FORMATS)} (JSONL, CSV or Parquet): fix prompts.path")
+                          f"{', '.join(FILE_FORMATS)} (JSONL, CSV or Parquet): fix {key}")
 
 
 def _generator_supply(cfg: PatchsweepConfig) -> int:
@@ -384,28 +397,31 @@ def _check_model(cfg: PatchsweepConfig) -> tuple[str, int | None]:
 
 
 def _check_pairs_file(cfg: PatchsweepConfig, folder: str, max_positions: int | None) -> None:
-    """The user's pairs file reads, every pair has equal token counts under the model's tokenizer and
-    chat template (unless prompts.align=end), and fits in the model's positions with the screen's
-    replies: the tokenizer alone, no weights."""
-    if cfg.prompts.path is None:
+    """The user's pairs file (and transfer pairs file) reads, every pair has equal token counts under the
+    model's tokenizer and chat template (unless prompts.align=end; transfer pairs of unequal length are
+    left out, not refused), and fits in the model's positions with the screen's replies: the tokenizer
+    alone, no weights."""
+    files = [(path, align) for path, align in ((cfg.prompts.path, cfg.prompts.align), (cfg.prompts.transfer, "end"))
+             if path is not None]
+    if not files:
         return
-    try:
-        pairs = file_pairs(cfg.prompts.path)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
-        tokenizer.model_max_length = sys.maxsize  # lengths are checked below, naming the pair, not warned about
-        tokenized = tokenize_pairs(tokenizer, pairs, cfg.prompts.align)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if max_positions is None:
-        return
-    reply = cfg.prompts.max_new_tokens if cfg.prompts.generate else 0
-    for pair in tokenized:
-        length = max(len(pair.clean_ids), len(pair.corrupted_ids))
-        if length + reply > max_positions:
-            raise ConfigError(f"pair {pair.pair_id} of {cfg.prompts.path} is {length} tokens under the chat "
-                              f"template; with the screen's {reply}-token replies (prompts.max_new_tokens) that is "
-                              f"more than the {max_positions} positions {cfg.model.path} has: shorten or drop "
-                              "that pair")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.model_max_length = sys.maxsize  # lengths are checked below, naming the pair, not warned about
+    for path, align in files:
+        try:
+            tokenized = tokenize_pairs(tokenizer, file_pairs(path), align)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if max_positions is None:
+            continue
+        reply = cfg.prompts.max_new_tokens if cfg.prompts.generate else 0
+        for pair in tokenized:
+            length = max(len(pair.clean_ids), len(pair.corrupted_ids))
+            if length + reply > max_positions:
+                raise ConfigError(f"pair {pair.pair_id} of {path} is {length} tokens under the chat template; "
+                                  f"with the screen's {reply}-token replies (prompts.max_new_tokens) that is more "
+                                  f"than the {max_positions} positions {cfg.model.path} has: shorten or drop that "
+                                  "pair")
 
 
 def _model_shape(folder: str, cfg: PatchsweepConfig) -> tuple[int, int, int | None]:

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import ARCHITECTURES, random_pairs
 from conftest import random_model as tiny_model
+from pipeline.analysis.circuit.evaluator import subset_masks
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
@@ -290,6 +291,47 @@ def test_pruning_from_every_node_keeps_what_the_target_needs():
     assert sorted(kept) == [3, 7, 11, 50] and len(f_without) == 0 and measured == []
 
 
+def test_an_overshooting_circuit_keeps_shrinking_until_it_is_within_the_target():
+    """Node 2 holds refusal back: the circuit {0, 1, 3} overshoots (f = 1.5). Removing node 3 would raise f
+    further (1.3, above 2 - target): it ranks last, and node 1 goes (f = 0.9, CMD within 0.25). A one-sided
+    rule ranks node 3 first and stops at {0, 1} (f = 1.3), whose every removal falls below the target."""
+    from pipeline.analysis.circuit.method import prune, within_target
+
+    weights = [0.7, 0.6, -0.5, 0.2] + [0.0] * 6
+    evaluator = AdditiveFaithfulness(weights)
+    nodes = Nodes(*[torch.zeros(10, dtype=torch.long)] * 4)
+    kept, removed, f_without, measured, curve = prune(evaluator, nodes, [0, 1, 3], 0.75, [])
+    assert sorted(kept) == [0, 3] and removed == [1]
+    assert float(evaluator.faithfulness(nodes, subset_masks(10, [kept]))[0]) == pytest.approx(0.9)
+    assert measured[0] == pytest.approx({0: 0.8, 1: 0.9, 3: 1.3})
+    assert curve[1] == pytest.approx(0.2) and curve[2] == pytest.approx(0.9)  # k = 2 tried first, then k = 1
+    assert within_target(0.9, 0.75) and not within_target(1.3, 0.75) and not within_target(0.7, 0.75)
+
+
+def test_the_search_on_refusal_tiny_passes_overshooting_circuits_by(tiny):
+    """On refusal-tiny at target 0.9993 (CMD <= 0.0007) pruning measures circuits above the full model by
+    more than the bound, each smaller than the one it keeps and each at the target from below: a one-sided
+    rule could stop at one of them. The search does not: the circuit it keeps is within the bound."""
+    from conftest import screened_pairs
+    from pipeline.analysis.circuit.method import prepare, score_nodes, search_circuit, within_target
+    from pipeline.analysis.circuit.progress import Progress
+    from pipeline.analysis.pairs import source_pairs
+    from pipeline.schema import CircuitConfig, SummaryConfig
+
+    model, tokenizer = tiny
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=24, seed=0), generate=False,
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+    options, target = CircuitConfig(), 0.9993
+    setup = prepare(model, table, options, "logit_diff")
+    scores = score_nodes(model, setup, options, SummaryConfig(n_bootstrap=50), "logit_diff",
+                         np.random.default_rng(0), Progress())
+    search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), target)
+    overshooting = {size: f for size, f in search.curve.items() if f > 2 - target}
+    assert any(size < len(search.circuit) for size in overshooting)
+    assert bool(within_target(search.f, target)) and search.curve[len(search.circuit)] == pytest.approx(search.f)
+    assert len(search.circuit) < 0.5 * len(setup.nodes)
+
+
 @pytest.fixture(scope="module")
 def tiny_circuit(tiny, tmp_path_factory):
     """The whole circuit step on refusal-tiny (screened pairs, first-token answers), rendered."""
@@ -348,6 +390,51 @@ def test_refusal_tiny_circuit_is_small_faithful_and_beats_random(tiny_circuit):
     ids = {n["id"] for n in circuit["nodes"]}
     assert all(e["from"] in ids | {"EMB@harm"} and e["to"] in ids | {"logits"} for e in circuit["edges"])
     assert any(e["to"] == "logits" and e["drawn"] for e in circuit["edges"])
+
+
+def test_transfer_faithfulness_is_the_circuit_on_the_transfer_pairs(tiny, tmp_path):
+    """The circuit found on refusal-tiny's study pairs, measured on its transfer pairs (the grammar's other
+    split): circuit.json's transfer faithfulness equals the hook-per-node reference on those pairs (each
+    length group's full, empty and circuit runs), its classes named as the study's."""
+    from pipeline.analysis.circuit.method import TransferPairs, find_circuit
+    from pipeline.analysis.circuit.result import circuit_from_json
+    from pipeline.analysis.pairs import padded
+    from pipeline.analysis.positions import position_classes
+    from pipeline.outputs.files import RunFolder
+    from pipeline.schema import CircuitConfig, PromptsConfig, SummaryConfig
+    from pipeline.stages.pairs import run_in_process
+    from pipeline.store import read_table
+
+    model, tokenizer = tiny
+    study, _ = run_in_process(model, tokenizer, "refusal-tiny", PromptsConfig(n_pairs=24), tmp_path)
+    transfer = read_table(RunFolder(tmp_path).transfer_pairs)
+    result = find_circuit(model, study, CircuitConfig(n_random=2, n_resamples=2, edges=False),
+                          SummaryConfig(n_bootstrap=200), "logit_diff", "refusal-tiny",
+                          transfer=TransferPairs(transfer, "the grammar's other split"))
+    written = result.to_json()["transfer"]
+    assert written["source"] == "the grammar's other split" and written["n_pairs"] == transfer.num_rows >= 16
+    names, nodes = result.setup.names, result.setup.nodes
+    own, _, maps = position_classes(transfer)
+    masks = torch.zeros(3, len(nodes), dtype=torch.bool)
+    masks[0], masks[2, result.search.circuit] = True, True  # full, empty, the circuit
+    metrics = []
+    for length in sorted(set(transfer.column("seq_len").to_pylist())):
+        rows = [i for i, t in enumerate(transfer.column("seq_len").to_pylist()) if t == length]
+        part = transfer.take(pa.array(rows))
+        classes = torch.tensor([[names.index(own[c]) if c >= 0 and own[c] in names else -1 for c in maps[i]]
+                                for i in rows])
+        answers = Answers(padded(part.column("refusal_ids").to_pylist()),
+                          padded(part.column("compliance_ids").to_pylist()))
+        metrics.append(reference_circuit_metrics(model, torch.tensor(part.column("clean_ids").to_pylist()),
+                                                 torch.tensor(part.column("corrupted_ids").to_pylist()), answers,
+                                                 classes, nodes, masks))
+    full, empty, circuit = torch.cat(metrics, dim=1)
+    expected = float((circuit - empty).mean() / (full - empty).mean())
+    assert written["faithfulness"] == pytest.approx(expected, abs=1e-4)
+    assert written["faithfulness_ci"][0] <= written["faithfulness"] <= written["faithfulness_ci"][1]
+    assert written["cmd"] == pytest.approx(abs(1 - expected), abs=1e-4)
+    typed = circuit_from_json(json.loads(json.dumps(result.to_json())))
+    assert typed.transfer.faithfulness == written["faithfulness"] and typed.cmd == abs(1 - typed.faithfulness)
 
 
 def test_circuit_json_reads_back_typed(tiny_circuit):

@@ -1,6 +1,7 @@
 """Content keys cover every input that changes a result, through the real command: relabelled pairs give
 sites.json's breakdown by the new labels (the effect shards are reused: the token ids did not change), and
-an edited chat template gives new pairs rather than the old token ids."""
+an edited chat template gives new pairs rather than the old token ids, and an edited transfer pair file gives
+new transfer pairs and a new circuit.json (the study's pairs and effect shards reused)."""
 import json
 import shutil
 import subprocess
@@ -15,8 +16,8 @@ from pipeline.organisms import resolve
 pytestmark = pytest.mark.slow  # four refusal-tiny sweeps through the real command
 
 
-def _sweep(*overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pipeline", "experiment=refusal_tiny", "circuit.enabled=false",
+def _sweep(*overrides: str, circuit: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pipeline", "experiment=refusal_tiny", f"circuit.enabled={str(circuit).lower()}",
                "tracking.enabled=false", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,3 +57,23 @@ def test_an_edited_chat_template_gives_new_pairs(tmp_path):
     config_path.write_text(json.dumps(config))
     _sweep(*overrides)
     assert json.loads((run_dir / "_manifest.json").read_text())["files"]["pairs.parquet"]["key"] != first
+
+
+def test_an_edited_transfer_file_gives_new_transfer_pairs_and_a_new_circuit(tmp_path):
+    transfer, run_dir = tmp_path / "transfer.jsonl", tmp_path / "run"
+    rows = [{"clean": p.clean, "corrupted": p.corrupted, "category": p.category}
+            for p in grammar_pairs(20, seed=4, split="train")]
+    write_jsonl(transfer, rows)
+    overrides = (f"prompts.transfer={transfer}", f"output_dir={run_dir}", "circuit.n_resamples=2",
+                 "circuit.n_random=2")
+    _sweep(*overrides, circuit=True)
+    keys = lambda: {n: e.get("key") for n, e in json.loads((run_dir / "_manifest.json").read_text())["files"].items()}  # noqa: E731
+    first, shards = keys(), sorted(p.name for p in (run_dir / "effects").glob("*.arrow"))
+    assert json.loads((run_dir / "circuit.json").read_text())["transfer"]["source"] == "file transfer.jsonl"
+    write_jsonl(transfer, rows[:16])
+    _sweep(*overrides, circuit=True)
+    second = keys()
+    assert second["transfer_pairs.parquet"] != first["transfer_pairs.parquet"]
+    assert second["circuit.json"] != first["circuit.json"]
+    assert json.loads((run_dir / "circuit.json").read_text())["transfer"]["n_pairs"] <= 16
+    assert sorted(p.name for p in (run_dir / "effects").glob("*.arrow")) == shards  # the study's: reused

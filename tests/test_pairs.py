@@ -204,3 +204,58 @@ def test_bad_pair_files_fail_with_the_fix(tmp_path):
 def _touch(path, text):
     path.write_text(text)
     return path
+
+
+def _study_and_transfer(tiny, folder, **prompts):
+    """The pairs stage in this process on refusal-tiny's own pairs: (pairs.parquet's table, the transfer
+    pairs' table or None)."""
+    from pipeline.outputs.files import RunFolder
+    from pipeline.schema import PromptsConfig
+    from pipeline.stages.pairs import run_in_process
+    from pipeline.store import read_table
+
+    model, tokenizer = tiny
+    table, _ = run_in_process(model, tokenizer, "refusal-tiny", PromptsConfig(n_pairs=24, **prompts), folder)
+    transfer = RunFolder(folder).transfer_pairs
+    return table, read_table(transfer) if transfer.exists() else None
+
+
+def test_transfer_pairs_come_from_another_source_and_leave_the_study_as_it_is(tiny, tmp_path):
+    """refusal-tiny's transfer pairs: the grammar's other split, screened under the study's answer tokens,
+    sharing no prompt with the study's pairs and numbered after them; the study's pairs are the same
+    (answer tokens included: they come from the study's replies alone) with transfer pairs or without."""
+    from pipeline.store import provenance
+
+    study, transfer = _study_and_transfer(tiny, tmp_path / "with")
+    alone, none = _study_and_transfer(tiny, tmp_path / "without", transfer_pairs=0)
+    assert none is None and study.equals(alone)
+    assert transfer.column_names == study.column_names and transfer.num_rows >= 16
+    report = json.loads(provenance(transfer)["transfer_report"])
+    assert report["source"] == "refusal-tiny grammar, train split" and report["n_pairs"] == 24
+    assert report["n_kept"] == transfer.num_rows and report["n_shared_with_study"] == 0
+    prompts = lambda table: set(table.column("clean").to_pylist() + table.column("corrupted").to_pylist())  # noqa: E731
+    assert not prompts(study) & prompts(transfer)
+    assert min(transfer.column("pair_id").to_pylist()) > max(study.column("pair_id").to_pylist())
+    for column in ("refusal_ids", "compliance_ids"):
+        assert set(map(tuple, transfer.column(column).to_pylist())) == set(map(tuple, study.column(column).to_pylist()))
+
+
+def test_a_transfer_file_loses_the_pairs_the_study_has(tiny, tmp_path):
+    """prompts.transfer: the user's file; a pair sharing a prompt with the study's and a pair of unequal
+    token length are left out, and the report says so."""
+    from pipeline.store import provenance
+
+    study, _ = _study_and_transfer(tiny, tmp_path / "study")
+    shared = {"clean": study.column("clean")[0].as_py(), "corrupted": "how do I make a cake ?"}
+    others = [{"clean": p.clean, "corrupted": p.corrupted, "category": p.category}
+              for p in grammar_pairs(6, seed=5, split="train")]
+    unequal = {"clean": "how do I make a bomb ?", "corrupted": "how do I make a birthday cake ?"}
+    path = tmp_path / "transfer.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [shared, unequal, *others]))
+    again, transfer = _study_and_transfer(tiny, tmp_path / "run", transfer=str(path))
+    assert again.equals(study)
+    report = json.loads(provenance(transfer)["transfer_report"])
+    assert report | {"n_kept": None} == {"source": "file transfer.jsonl", "n_pairs": 8, "n_duplicates": 0,
+                                         "n_unequal_length": 1, "n_shared_with_study": 1, "n_screened": 6,
+                                         "n_kept": None}
+    assert set(transfer.column("clean").to_pylist()) <= {r["clean"] for r in others}

@@ -85,8 +85,9 @@ def test_batched_stage_gives_the_all_at_once_table_and_report(batched, pairs_fil
             np.testing.assert_allclose(got[column], want[column], rtol=1e-5)
         else:
             assert got[column] == want[column], column
-    # The tokenized set, three batches each replied to and screened, the answer tokens once.
-    assert counts == {"computed": 1 + 3 + 1 + 3, "reused": 0}
+    # The tokenized set, three batches each replied to and screened, the answer tokens once; then the 24
+    # transfer pairs (refusal-tiny's grammar, the other split): tokenized, two batches replied to and screened.
+    assert counts == {"computed": 1 + 3 + 1 + 3 + (1 + 2 + 2), "reused": 0}
 
 
 @pytest.mark.slow
@@ -101,7 +102,7 @@ def test_a_resumed_stage_reuses_the_batches_it_finished(ray_session, batched, pa
     os.truncate(replies[0], replies[0].stat().st_size // 2)
     screened[1].unlink()
     again, again_report, counts = run_pairs(ray_session, run_dir, f"prompts.path={pairs_file}")
-    assert counts == {"computed": 2, "reused": 1 + 2 + 1 + 2}
+    assert counts == {"computed": 2, "reused": 1 + 2 + 1 + 2 + (1 + 2 + 2)}
     assert again.equals(table) and again_report == report
     # Finished, it is reused whole.
     assert run_pairs(ray_session, run_dir, f"prompts.path={pairs_file}")[2] == {"computed": 0, "reused": 1}

@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO, TINY_SWEEP, compose, write_jsonl
 from pipeline import store
+from pipeline.outputs.report import console_summary
 from pipeline.run.sweep import run_sweep
 
 CONTRACT = ["config.yaml", "overrides.yaml", "pairs.parquet", "activations", "effects.parquet", "summary.parquet",
@@ -343,6 +344,28 @@ def test_work_survives_an_actor_death(ray_session, tmp_path):
             pool.map(exit_once, [{"name": "die", "marker": str(tmp_path / "b")}])
     finally:
         pool.close()
+
+
+def test_the_sweep_patches_the_study_pairs_and_the_circuit_measures_the_transfer_pairs(run):
+    """The cache, patch and summary stages read pairs.parquet alone: every effect belongs to a study pair
+    and none to a transfer pair (their ids are numbered after the study's); the circuit is measured on
+    every transfer pair, and report.md and the console's circuit line say so beside the faithfulness."""
+    run_dir = run["outcome"].run_dir
+    study = set(store.read_table(run_dir / "pairs.parquet").column("pair_id").to_pylist())
+    transfer = store.read_table(run_dir / "transfer_pairs.parquet")
+    effects = set(store.read_table(run_dir / "effects.parquet").column("pair_id").to_pylist())
+    assert effects == study and not effects & set(transfer.column("pair_id").to_pylist())
+    circuit = json.loads((run_dir / "circuit.json").read_text())
+    assert circuit["transfer"]["n_pairs"] == transfer.num_rows >= 16
+    assert circuit["transfer"]["source"] == "refusal-tiny grammar, train split"
+    assert circuit["cmd"] == abs(1 - circuit["faithfulness"]) <= 1 - circuit["method"]["target"]
+    line = (f"transfer (refusal-tiny grammar, train split, {transfer.num_rows} pairs the search never saw): "
+            f"faithfulness {circuit['transfer']['faithfulness']:.3f}")
+    outcome = run["outcome"]
+    console = console_summary(run["cfg"], run_dir, outcome.pairs_report, outcome.stats, outcome.curves,
+                              outcome.summary, outcome.circuit, None)
+    assert line in run["report"] and line in console
+    assert f"(CMD {circuit['cmd']:.3f}, bound 0.200)" in run["report"]
 
 
 def test_numbers_match_the_stored_digest(run):

@@ -24,6 +24,11 @@ Output: a pyarrow Table, one row per pair that passed the screen (the pairs.parq
 | metric_clean, metric_corrupted | refusal_logodds (log P(refusal tokens) - log P(compliance tokens)) at the final position; with one token each, the logit difference |
 | clean_generation, corrupted_generation | the short greedy replies (null when generation is off) |
 
+The transfer pairs (transfer_pairs.parquet: `transfer_source`, another source than the study's, sharing no
+prompt with it) have the same columns, screened under the study's answer tokens, their pair ids numbered
+after the study's; only the circuit step reads them, to measure the circuit's faithfulness on pairs its
+search never saw.
+
 All positions are 0-based clean-sequence positions. `pair_batch` reads rows of that table back as the
 engine's tensors. No Ray, MLflow or Hydra here: plain functions.
 """  # noqa: E501 (a markdown table's rows cannot wrap)
@@ -107,6 +112,43 @@ def source_pairs(model: str, tokenizer, *, path: str | Path | None = None, n: in
     return library_pairs(tokenizer, n, seed)
 
 
+@dataclass(frozen=True)
+class TransferSource:
+    """Pairs from another source than the study's, on which the circuit's faithfulness is measured again."""
+    pairs: list[InstructionPair]
+    name: str  # where they come from, in words
+
+
+def other_split(split: str) -> str:
+    """The grammar split the transfer pairs come from: combinations the study's pairs never use."""
+    return "train" if split == "heldout" else "heldout"
+
+
+def has_transfer_source(model: str, path: str | Path | None = None) -> bool:
+    """Whether `transfer_source` has pairs for the model: other models have no independent pairs of their own."""
+    return bool(path) or model in GRAMMAR_ORGANISMS or model == "smollm2-refusal"
+
+
+def transfer_source(model: str, *, path: str | Path | None = None, n: int = 24, seed: int = 0,
+                    split: str = "heldout") -> TransferSource:
+    """At most `n` transfer pairs: the user's file (prompts.transfer) if given, else refusal-tiny's grammar
+    in the other split (`other_split`) for the organisms trained on it, else smollm2-refusal's own transfer
+    pool (`has_transfer_source` says which models have one)."""
+    if not has_transfer_source(model, path):
+        raise ValueError(f"{model} has no transfer pairs of its own: set prompts.transfer to a pair file, or "
+                         "prompts.transfer_pairs=0")
+    if path:
+        return TransferSource(file_pairs(path)[:n], f"file {Path(path).name}")
+    if model in GRAMMAR_ORGANISMS:
+        return TransferSource(grammar_pairs(n, seed, other_split(split)),
+                              f"refusal-tiny grammar, {other_split(split)} split")
+    from pipeline.organisms.smollm2_refusal.study import transfer_pool
+
+    pool = [InstructionPair(p["clean"], p["corrupted"], p["category"]) for p in transfer_pool()]
+    random.Random(seed).shuffle(pool)
+    return TransferSource(pool[:n], "smollm2-refusal transfer pool")
+
+
 # --- tokens and spans --------------------------------------------------------------------------------
 
 @dataclass
@@ -188,6 +230,13 @@ def unique_pairs(tokenized: Sequence[TokenizedPair]) -> tuple[list[TokenizedPair
             seen.add(key)
             unique.append(pair)
     return unique, len(tokenized) - len(unique)
+
+
+def sharing_no_prompt_with(tokenized: Sequence[TokenizedPair], others: Sequence[TokenizedPair]) -> list[TokenizedPair]:
+    """The pairs none of whose prompts (clean or corrupted token ids) is a prompt of `others`: transfer pairs
+    that share nothing with the study's."""
+    seen = {tuple(ids) for t in others for ids in (t.clean_ids, t.corrupted_ids)}
+    return [t for t in tokenized if tuple(t.clean_ids) not in seen and tuple(t.corrupted_ids) not in seen]
 
 
 def _differing_positions(clean: list[int], corrupted: list[int]) -> list[int]:

@@ -20,6 +20,9 @@ class OutputFile:
 CONFIG = OutputFile("config.yaml", "the resolved config")
 OVERRIDES = OutputFile("overrides.yaml", "the command-line overrides the config was composed with")
 PAIRS = OutputFile("pairs.parquet", "the screened prompt pairs: texts, token ids, answer tokens, spans")
+TRANSFER_PAIRS = OutputFile("transfer_pairs.parquet", "the transfer pairs: from another source than pairs.parquet's, "
+                            "sharing no prompt with them, screened alike; the circuit's faithfulness is measured "
+                            "on them too")
 PAIRS_BATCHES = OutputFile("pairs/", "the pairs stage's batch files: the tokenized pairs, greedy replies, answer "
                            "tokens, screened rows", artifact=False)
 ACTIVATIONS = OutputFile("activations/", "cached residual streams, one row per (pair, prompt, layer, position), "
@@ -43,8 +46,8 @@ REPORT = OutputFile("report.md", "this report: what a person reads first")
 RUN_LOG = OutputFile("run.log", "what the driver and the model actors logged, run after run", checked=False)
 RUN_MANIFEST = OutputFile(MANIFEST, "every file above with its sha256, written last")
 
-OUTPUT_FILES = (CONFIG, OVERRIDES, PAIRS, PAIRS_BATCHES, ACTIVATIONS, EFFECT_SHARDS, EFFECTS, SUMMARY, SITES,
-                LAYERS_PNG, CIRCUIT, CIRCUIT_SVG, CIRCUIT_PNG, CIRCUIT_NODES_SVG, CIRCUIT_NODES_PNG, CIRCUIT_DOT,
+OUTPUT_FILES = (CONFIG, OVERRIDES, PAIRS, TRANSFER_PAIRS, PAIRS_BATCHES, ACTIVATIONS, EFFECT_SHARDS, EFFECTS, SUMMARY,
+                SITES, LAYERS_PNG, CIRCUIT, CIRCUIT_SVG, CIRCUIT_PNG, CIRCUIT_NODES_SVG, CIRCUIT_NODES_PNG, CIRCUIT_DOT,
                 DIRECTION, REPORT, RUN_LOG, RUN_MANIFEST)
 ARTIFACTS = tuple(f.name for f in OUTPUT_FILES if f.artifact)
 # Files listed in the run folder's own manifest (the shard folders keep manifests of their own).
@@ -69,6 +72,7 @@ class RunFolder:
     config = property(lambda self: self / CONFIG)
     overrides = property(lambda self: self / OVERRIDES)
     pairs = property(lambda self: self / PAIRS)
+    transfer_pairs = property(lambda self: self / TRANSFER_PAIRS)
     pairs_batches = property(lambda self: self / PAIRS_BATCHES)
     activations = property(lambda self: self / ACTIVATIONS)
     effect_shards = property(lambda self: self / EFFECT_SHARDS)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.analysis.circuit.result import Circuit, Knockout
+from pipeline.analysis.circuit.result import Circuit, Knockout, TransferFaithfulness
 from pipeline.analysis.directions import SUMMARY_KEY
 from pipeline.analysis.positions import CLASS_TITLES, HEADLINE_CLASSES
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
@@ -183,13 +183,26 @@ def _circuit_lines(circuit: Circuit | None) -> list[str]:
     control, stability = circuit.random_control, circuit.stability
     return [f"{len(nodes)} nodes ({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}), "
             f"{len(circuit.edges)} edges",
-            f"faithfulness {circuit.faithfulness:.3f} [{low:.3f}, {high:.3f}] with {100 * circuit.fraction:.1f}% "
-            f"of {circuit.candidates} candidate nodes, on {circuit.n_pairs} pairs",
+            f"faithfulness {circuit.faithfulness:.3f} [{low:.3f}, {high:.3f}] (CMD {circuit.cmd:.3f}, bound "
+            f"{1 - circuit.method['target']:.3f}) with {100 * circuit.fraction:.1f}% of {circuit.candidates} "
+            f"candidate nodes, on {circuit.n_pairs} pairs",
+            *_transfer_lines(circuit.transfer),
             f"stability: core {stability.core_size} / {len(nodes)} nodes (in >= "
             f"{100 * stability.core_threshold:.0f}% of {stability.n_resamples} bootstrap resamples of the pairs; "
             f"their circuits have {stability.size_median:.0f} nodes, median)",
             f"random circuits of the same size: faithfulness {control.mean:.3f} on average (n={control.n})"
             ] + _knockout_lines(circuit.knockout)
+
+
+def _transfer_lines(transfer: TransferFaithfulness | None) -> list[str]:
+    """The circuit on the transfer pairs (circuit.json's transfer)."""
+    if transfer is None:
+        return ["no transfer pairs in this run (prompts.transfer names a pair file to measure the circuit on)"]
+    if transfer.faithfulness is None:
+        return [f"transfer ({transfer.source}): no pair survived the screen"]
+    low, high = transfer.faithfulness_ci
+    return [f"transfer ({transfer.source}, {transfer.n_pairs} pairs the search never saw): faithfulness "
+            f"{transfer.faithfulness:.3f} [{low:.3f}, {high:.3f}] (CMD {transfer.cmd:.3f})"]
 
 
 def _knockout_lines(knockout: Knockout | None) -> list[str]:

@@ -67,6 +67,7 @@ class Sweep:
     pairs_report: dict = field(default_factory=dict)
     stats: dict[str, StageStats] = field(default_factory=dict)
     labels_hash: str = ""  # content key of the pairs' category labels (set by the pairs stage)
+    transfer_hash: str | None = None  # the transfer pairs' content (set by the pairs stage; None: none)
     code_noticed: set[str] = field(default_factory=set)  # stage modules whose changed code the run has told of
 
     @property

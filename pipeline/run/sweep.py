@@ -123,7 +123,8 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
     """pairs.parquet, reused when finished under the same content key, else screened in batches."""
     cfg, out = sweep.cfg, sweep.folder.pairs
     key = pairs.content_key_of(cfg.model.path, cfg.prompts, sweep.weights_hash, sweep.model_info["tokenizer_hash"])
-    if sweep.reusable("pairs", pairs.__name__, key, (out.name,)):
+    transfer = sweep.folder.transfer_pairs if pairs.has_transfer(cfg.model.path, cfg.prompts) else None
+    if sweep.reusable("pairs", pairs.__name__, key, (out.name,) + ((transfer.name,) if transfer else ())):
         sweep.stage("pairs").reused += 1
     else:
         screened = pairs.screen_pairs(
@@ -133,6 +134,10 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
         with timed(sweep.stage("pairs")):
             path, _ = pairs.collect(screened, cfg.prompts, out, sweep.run, sweep.provenance)
             sweep.record(file_entry(path), key, pairs.__name__)
+            if transfer:
+                sweep.record(file_entry(pairs.collect_transfer(screened, transfer, sweep.provenance)), key,
+                             pairs.__name__)
+    sweep.transfer_hash = pairs_hash(read_table(transfer)) if transfer else None
     table = read_table(out)
     sweep.pairs_report = json.loads(provenance(table)["pairs_report"])
     sweep.provenance["pairs_hash"] = pairs_hash(table)
@@ -170,7 +175,8 @@ def stage_circuit(sweep: Sweep):
     if not sweep.cfg.circuit.enabled:
         yield
         return
-    item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.labels_hash, sweep.provenance)
+    item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.labels_hash, sweep.transfer_hash,
+                        sweep.provenance)
     stats = sweep.stage("circuit")  # listed after pairs, where it starts
     with circuit.follow_progress(sweep.run_dir):
         reusable = sweep.reusable("circuit", circuit.__name__, item.key, (CIRCUIT.name,))

@@ -1,5 +1,6 @@
 """The circuit search on the screened pairs (pipeline.analysis.circuit) -> circuit.json, with the
-circuit's knock-out by generation (pipeline.analysis.knockout).
+circuit's faithfulness on the transfer pairs (transfer_pairs.parquet, where the run has them) and its
+knock-out by generation (pipeline.analysis.knockout).
 
 The search runs on a model actor; it writes where it is (phase, steps done, time left) to its progress file in
 the run folder, and `follow_progress` draws that on the driver while the item runs."""
@@ -14,12 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.analysis.circuit.method import find_circuit
+from pipeline.analysis.circuit.method import TransferPairs, find_circuit
 from pipeline.analysis.circuit.progress import Progress
 from pipeline.analysis.knockout import knockout_by_generation
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import CircuitConfig, PatchsweepConfig, SummaryConfig
-from pipeline.store import code_identity, content_key, publish_json, read_table
+from pipeline.store import code_identity, content_key, provenance, publish_json, read_schema, read_table
 
 
 @dataclass(frozen=True)
@@ -33,24 +34,31 @@ class CircuitItem:
     metric: str
     max_new_tokens: int  # the screen's reply length: the knock-out's too
     provenance: dict
-    key: str  # content key of circuit.json: the weights, the pairs and every option above
+    transfer: str | None  # transfer_pairs.parquet; None: the run has no transfer pairs
+    key: str  # content key of circuit.json: the weights, the pairs, the transfer pairs and every option above
 
     name = "circuit"
 
 
-def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, labels_hash: str, provenance: dict) -> CircuitItem:
-    """`labels_hash`: the pairs' category labels (the circuit's faithfulness per category)."""
+def plan(run_dir: Path, cfg: PatchsweepConfig, weights_hash: str, labels_hash: str, transfer_hash: str | None,
+         provenance: dict) -> CircuitItem:
+    """`labels_hash`: the pairs' category labels (the circuit's faithfulness per category); `transfer_hash`:
+    the transfer pairs' content (None: the run has none)."""
     key = content_key("circuit", code_identity(__name__), weights_hash, provenance["pairs_hash"], labels_hash,
-                      asdict(cfg.circuit), asdict(cfg.summary), cfg.patching.metric, cfg.prompts.max_new_tokens)
+                      transfer_hash, asdict(cfg.circuit), asdict(cfg.summary), cfg.patching.metric,
+                      cfg.prompts.max_new_tokens)
+    transfer = None if transfer_hash is None else str(RunFolder(run_dir).transfer_pairs)
     return CircuitItem(str(run_dir), cfg.model.name, cfg.circuit, cfg.summary, cfg.patching.metric,
-                       cfg.prompts.max_new_tokens, provenance, key)
+                       cfg.prompts.max_new_tokens, provenance, transfer, key)
 
 
 def run(model, tokenizer, item: CircuitItem) -> list[Path]:
     folder = RunFolder(item.run_dir)
     progress = Progress(lambda state: publish_json(folder.circuit_progress, state))
+    transfer = None if item.transfer is None else TransferPairs(
+        read_table(item.transfer), json.loads(provenance(read_schema(item.transfer))["transfer_report"])["source"])
     result = find_circuit(model, read_table(folder.pairs), item.circuit, item.summary, item.metric,
-                          item.model, progress)
+                          item.model, progress, transfer)
     # The harmful prompts' replies as they are: the behaviour screen's, when it generated them (as long).
     screened = result.setup.pairs.column("clean_generation")
     knockout = knockout_by_generation(model, tokenizer, result.setup.groups, result.setup.nodes, result.search.circuit,

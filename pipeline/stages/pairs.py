@@ -17,12 +17,20 @@ and a resumed run reuses every batch it finished:
 `screen_pairs` runs the phases in order through whoever runs items (the sweep's actors, or this process:
 `run_in_process`, for a notebook or a test); `collect` puts the screened batches together into
 pairs.parquet with its report.
+
+The transfer pairs (pipeline.analysis.pairs.transfer_source: another source than the study's) go through
+the same phases under pairs/transfer/, after the study's: `tokenize_transfer` (TransferTokensItem) keeps
+those of equal token length that share no prompt with the study's pairs, and their batches are screened
+under the study's answer tokens (derived from the study's replies alone, so the study's pairs and
+everything computed from them are the same with or without transfer pairs); `collect_transfer` writes
+them to transfer_pairs.parquet. Only the circuit step reads that file: the cache, patch and summary
+stages see the study's pairs alone.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,11 +43,14 @@ from pipeline.analysis.pairs import (
     TokenizedPair,
     answers_from_replies,
     check_answer_source,
+    has_transfer_source,
     pair_replies,
     pairs_report,
     screen_batch,
+    sharing_no_prompt_with,
     source_pairs,
     tokenize_pairs,
+    transfer_source,
     unique_pairs,
     with_report,
 )
@@ -70,6 +81,19 @@ class TokensItem:
     provenance: dict
 
     name = "pairs"
+
+
+@dataclass(frozen=True)
+class TransferTokensItem:
+    """The transfer pairs, tokenized; those sharing a prompt with the study's (its tokens file) left out."""
+
+    model_path: str
+    prompts: PromptsConfig
+    study_tokens: str
+    out: str
+    provenance: dict
+
+    name = "transfer pairs"
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,29 @@ def tokenize(model, tokenizer, item: TokensItem) -> list[Path]:
     return [write_table(item.out, tokens_table(tokenized), {**item.provenance, "n_duplicates": str(n_duplicates)})]
 
 
+def tokenize_transfer(model, tokenizer, item: TransferTokensItem) -> list[Path]:
+    """Circuits patch position by position, so pairs of unequal token length are left out here (aligned
+    from the end only to be counted); so is every pair sharing a prompt with the study's."""
+    prompts = item.prompts
+    source = transfer_source(item.model_path, path=prompts.transfer, n=prompts.transfer_pairs, seed=prompts.seed,
+                             split=prompts.split)
+    tokenized, n_duplicates = unique_pairs(tokenize_pairs(tokenizer, source.pairs, "end"))
+    equal = [t for t in tokenized if t.align_offset == 0]
+    study = read_tokens(item.study_tokens, 0, read_table(item.study_tokens).num_rows)
+    # Numbered after the study's pairs: a pair id names one pair of the run.
+    first = max(t.pair_id for t in study) + 1
+    kept = [replace(t, pair_id=first + t.pair_id) for t in sharing_no_prompt_with(equal, study)]
+    report = {"source": source.name, "n_pairs": len(source.pairs), "n_duplicates": n_duplicates,
+              "n_unequal_length": len(tokenized) - len(equal), "n_shared_with_study": len(equal) - len(kept)}
+    return [write_table(item.out, tokens_table(kept), {**item.provenance, "n_duplicates": str(n_duplicates),
+                                                       "transfer_report": json.dumps(report)})]
+
+
+def has_transfer(model_path: str, prompts: PromptsConfig) -> bool:
+    """Whether the run has transfer pairs (pipeline.analysis.pairs.transfer_source)."""
+    return prompts.transfer_pairs > 0 and has_transfer_source(model_path, prompts.transfer)
+
+
 def tokens_table(tokenized: list[TokenizedPair]) -> pa.Table:
     return pa.table({
         "pair_id": pa.array([t.pair_id for t in tokenized], pa.int32()),
@@ -138,6 +185,11 @@ def tokens_table(tokenized: list[TokenizedPair]) -> pa.Table:
         "instruction_end": pa.array([t.instruction_end for t in tokenized], pa.int32()),
         "harmful_positions": pa.array([t.harmful_positions for t in tokenized], IDS),
     })
+
+
+def transfer_report(tokens_path: str | Path) -> dict:
+    """A transfer tokens file's report: the source, how many pairs it gave and how many were left out."""
+    return json.loads(provenance(read_schema(tokens_path))["transfer_report"])
 
 
 def read_tokens(path: str | Path, start: int, stop: int) -> list[TokenizedPair]:
@@ -199,12 +251,14 @@ RunItems = Callable[[str, Path, Callable, list], "list[Path]"]
 
 
 def content_key_of(model_path: str, prompts: PromptsConfig, weights_hash: str, tokenizer_hash: str) -> str:
-    """The key pairs.parquet is recorded under: the model as loaded, its tokenizer and chat template (an
-    edited template gives other token ids), and everything that chooses the pairs (a user's prompt file by
-    its content: an edited file gives new pairs, never the old ones)."""
+    """The key pairs.parquet and transfer_pairs.parquet are recorded under: the model as loaded, its tokenizer
+    and chat template (an edited template gives other token ids), and everything that chooses the pairs
+    and the transfer pairs (a user's prompt files by their content: an edited file gives new pairs, never
+    the old ones)."""
     prompts_file = sha256_file(prompts.path) if prompts.path else None
+    transfer_file = sha256_file(prompts.transfer) if prompts.transfer else None
     return content_key("pairs", code_identity(__name__), weights_hash, tokenizer_hash, model_path, asdict(prompts),
-                       prompts_file)
+                       prompts_file, transfer_file)
 
 
 @dataclass(frozen=True)
@@ -214,29 +268,58 @@ class Screened:
     tokens: Path
     answers: Path
     batches: list[Path]  # each batch's screened pairs, in pair order
+    transfer: Screened | None = None  # the transfer pairs' (under the same answers); None: the run has none
 
 
 def screen_pairs(run_items: RunItems, folder: Path, key: str, model_path: str, prompts: PromptsConfig,
                  batch_size: int, provenance: dict) -> Screened:
     """The phases in order under `folder` (the run folder's pairs/), every file named by a content key
     derived from `key`: the set tokenized once, then batches of `batch_size` pairs replied to, the answer
-    tokens derived once from every batch's replies, and the batches screened."""
+    tokens derived once from every batch's replies, and the batches screened; then the transfer pairs'
+    tokens, replies and screen (under pairs/transfer/) where the run has them."""
     [tokens] = run_items("pairs", folder / "tokens", tokenize, [
         TokensItem(model_path, prompts, str(folder / "tokens" / f"{key}.arrow"), provenance)])
-    n = read_table(tokens).num_rows
-    batches = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    replies = run_items("replies", folder / "replies", reply, [
-        RepliesItem(str(tokens), start, stop, prompts.max_new_tokens, str(
-            folder / "replies" / f"{content_key('replies', key, start, stop)}.arrow"), provenance)
-        for start, stop in batches] if prompts.generate else [])
+    replies = reply_batches(run_items, folder, key, Path(tokens), prompts, batch_size, provenance)
     answers_key = content_key("answers", key, [path.name for path in replies])
     [answers] = run_items("answers", folder / "answers", derive_answers, [
         AnswersItem(tuple(str(path) for path in replies), prompts, str(folder / "answers" / f"{answers_key}.json"))])
-    screened = run_items("screen", folder / "screen", screen, [
+    screened = screen_batches(run_items, folder, answers_key, Path(tokens), replies, Path(answers), batch_size,
+                              provenance)
+    transfer = None
+    if has_transfer(model_path, prompts):
+        transfer_folder, transfer_key = folder / "transfer", content_key("transfer", key)
+        [transfer_tokens] = run_items("pairs", transfer_folder / "tokens", tokenize_transfer, [
+            TransferTokensItem(model_path, prompts, str(tokens),
+                               str(transfer_folder / "tokens" / f"{transfer_key}.arrow"), provenance)])
+        transfer_replies = reply_batches(run_items, transfer_folder, transfer_key, Path(transfer_tokens), prompts,
+                                         batch_size, provenance)
+        transfer = Screened(Path(transfer_tokens), Path(answers), screen_batches(
+            run_items, transfer_folder, content_key("transfer", answers_key), Path(transfer_tokens),
+            transfer_replies, Path(answers), batch_size, provenance))
+    return Screened(Path(tokens), Path(answers), screened, transfer)
+
+
+def _batches(tokens: Path, batch_size: int) -> list[tuple[int, int]]:
+    n = read_table(tokens).num_rows
+    return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def reply_batches(run_items: RunItems, folder: Path, key: str, tokens: Path, prompts: PromptsConfig,
+                  batch_size: int, provenance: dict) -> list[Path]:
+    """Each batch's greedy replies under folder/replies (none when generation is off)."""
+    return [Path(p) for p in run_items("replies", folder / "replies", reply, [
+        RepliesItem(str(tokens), start, stop, prompts.max_new_tokens, str(
+            folder / "replies" / f"{content_key('replies', key, start, stop)}.arrow"), provenance)
+        for start, stop in _batches(tokens, batch_size)] if prompts.generate else [])]
+
+
+def screen_batches(run_items: RunItems, folder: Path, key: str, tokens: Path, replies: list[Path], answers: Path,
+                   batch_size: int, provenance: dict) -> list[Path]:
+    """Each batch screened under the answer tokens, under folder/screen."""
+    return [Path(p) for p in run_items("screen", folder / "screen", screen, [
         ScreenItem(str(tokens), start, stop, str(replies[i]) if replies else None, str(answers), str(
-            folder / "screen" / f"{content_key('screen', answers_key, start, stop)}.arrow"), provenance)
-        for i, (start, stop) in enumerate(batches)])
-    return Screened(Path(tokens), Path(answers), list(screened))
+            folder / "screen" / f"{content_key('screen', key, start, stop)}.arrow"), provenance)
+        for i, (start, stop) in enumerate(_batches(tokens, batch_size))])]
 
 
 def collect(screened: Screened, prompts: PromptsConfig, out: Path, run: dict, provenance: dict) -> tuple[Path, dict]:
@@ -250,10 +333,24 @@ def collect(screened: Screened, prompts: PromptsConfig, out: Path, run: dict, pr
                        {**provenance, "pairs_report": json.dumps(report)}), report
 
 
+def collect_transfer(screened: Screened, out: Path, provenance: dict) -> Path | None:
+    """The transfer pairs' screened batches -> `out` (transfer_pairs.parquet) with their report (where they
+    came from, how many were left out and why, how many the screen kept); None where the run has none."""
+    transfer = screened.transfer
+    if transfer is None:
+        return None
+    counts = sum((read_counts(path) for path in transfer.batches), ScreenCounts())
+    report = transfer_report(transfer.tokens) | {"n_screened": counts.n_pairs, "n_kept": counts.n_kept}
+    tables = [read_table(path).replace_schema_metadata(None) for path in transfer.batches]
+    kept = pa.concat_tables(tables) if tables else read_schema(screened.batches[0]).empty_table()
+    return write_table(out, kept.replace_schema_metadata(None), {**provenance, "transfer_report": json.dumps(report)})
+
+
 def run_in_process(model, tokenizer, model_path: str, prompts: PromptsConfig, folder: Path,
                    batch_size: int = ResourcesConfig.pairs_shard_size) -> tuple[pa.Table, dict]:
     """The whole stage in this process (a notebook, a test), each item run as an actor runs it, into
-    `folder`: pairs.parquet's table (without the run's own columns) and its report."""
+    `folder`: pairs.parquet's table (without the run's own columns) and its report; the transfer pairs,
+    where the run has them, into `folder`'s transfer_pairs.parquet."""
     def run_items(phase: str, phase_folder: Path, compute: Callable, items: list) -> list[Path]:
         return [path for item in items for path in compute(model, tokenizer, item)]
 
@@ -261,4 +358,5 @@ def run_in_process(model, tokenizer, model_path: str, prompts: PromptsConfig, fo
     run_folder = RunFolder(folder)
     screened = screen_pairs(run_items, run_folder.pairs_batches, key, model_path, prompts, batch_size, {})
     path, report = collect(screened, prompts, run_folder.pairs, {}, {})
+    collect_transfer(screened, run_folder.transfer_pairs, {})
     return read_table(path), report

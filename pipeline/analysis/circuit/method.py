@@ -11,11 +11,17 @@ m averaged over pairs.
 1. `prepare`: the pairs of equal length, their position classes, every candidate node, the caches.
 2. `score_nodes`: attribution patching (noise direction) scores every node; exact single-node effects
    verify every node when cheap, else attribution's top-k plus a random sample of the rest.
-3. `search_circuit`: pruning from every node, in rounds, each ordering the nodes by the faithfulness
-   without each (first from the scores, then measured on the circuit) and removing the most of the least
-   harmful together that keeps f at the target (optionally on a sample of the pairs: `search_pairs`).
+3. `search_circuit`: pruning from every node, in rounds, each ordering the nodes by how far from 1 the
+   faithfulness without each is (first from the scores, then measured on the circuit) and removing the
+   most of the least harmful together that keeps the circuit within the target from both sides:
+   CMD = |1 - f| <= 1 - target, f in [target, 2 - target] (`within_target`). A circuit above the full
+   model by more than that is no more an explanation of it than one below: the search does not stop at
+   one, so a circuit that overshoots keeps shrinking (optionally on a sample of the pairs: `search_pairs`).
+   The first round's order is the one-sided rule's (the scores' estimates are at most 1); where no circuit
+   the search measures overshoots, it removes what a rule keeping f >= target alone would.
 4. `measure_faithfulness`: f with a bootstrap interval over pairs (all, and those the search did not
-   see), per category, and the fraction of pairs whose refusal the circuit alone keeps; `controls`: the
+   see), per category, and the fraction of pairs whose refusal the circuit alone keeps; `measure_transfer`:
+   f with its interval on the transfer pairs (another source, never searched on); `controls`: the
    faithfulness curve at MIB's circuit sizes (CPR: area under f, nodes ranked by signed score; CMD: area
    between f and 1, ranked by |score|) and random circuits of the same size.
 5. `stability`: the search re-run on bootstrap resamples of the pairs -> each node's inclusion frequency.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +58,7 @@ from pipeline.analysis.circuit.result import (
     Setup,
     Stability,
     Supernodes,
+    Transfer,
     node_id,
     supernode_id,
 )
@@ -69,11 +77,21 @@ PHASES = ("caches", "scores", "pruning", "faithfulness, curves, controls", "stab
           "mean difference")
 
 
+@dataclass(frozen=True)
+class TransferPairs:
+    """Screened pairs from another source than the search's (transfer_pairs.parquet), to measure the
+    circuit on."""
+    pairs: pa.Table
+    source: str  # where they come from, in words
+
+
 # ---- the method ------------------------------------------------------------------------------------
 
 def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: SummaryConfig, metric: str,
-                 model_name: str | None = None, progress: Progress | None = None) -> CircuitResult:
-    """pairs.parquet (screened pairs) -> the minimal circuit and the evidence for it."""
+                 model_name: str | None = None, progress: Progress | None = None,
+                 transfer: TransferPairs | None = None) -> CircuitResult:
+    """pairs.parquet (screened pairs) -> the minimal circuit and the evidence for it; its faithfulness on
+    the `transfer` pairs too when given."""
     check_metric(metric)
     if not 0 < options.target <= 1:
         raise ValueError(f"circuit.target={options.target} must be in (0, 1]")
@@ -89,6 +107,8 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
     with progress.phase("faithfulness, curves, controls"):
         faith = measure_faithfulness(setup, search.circuit, summary, rng)
         checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
+        moved = None if transfer is None else measure_transfer(model, setup, search.circuit, transfer, options,
+                                                                 summary, metric, progress)
     with progress.phase("stability", options.n_resamples, "resamples"):
         resamples = stability(setup, scores, search, options, progress)
     with progress.phase("supernodes and edges"):
@@ -98,8 +118,8 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
         readout = mean_difference_directions(model, setup, search.circuit, options, metric)
     forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows
                                                    if setup.search is not setup.evaluator else 0)
-    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, checks, resamples,
-                         groups, links, readout, forward_rows, progress.seconds)
+    return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, moved, checks,
+                         resamples, groups, links, readout, forward_rows, progress.seconds)
 
 
 # ---- the phases ----------------------------------------------------------------------------------------
@@ -185,6 +205,33 @@ def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfi
                     "ci": list(bootstrap_ratio_ci(numerator, denominator, summary.n_bootstrap, summary.ci, rng))}
     return Faithfulness(f, f_ci, metric_circuit, metric_none, per_category,
                         float((metric_circuit > 0).float().mean()), held_out)
+
+
+def measure_transfer(model, setup: Setup, circuit: list[int], transfer: TransferPairs, options: CircuitConfig,
+                     summary: SummaryConfig, metric: str, progress: Progress | None = None) -> Transfer:
+    """f of the circuit on the transfer pairs (screened like the study's, under its answer tokens), with its
+    bootstrap interval over those pairs: the same evaluator on their own caches, the pairs grouped by
+    length as the search's are, their positions in the study's classes. Its own random stream: the other
+    phases' draws stay."""
+    if not transfer.pairs.num_rows:
+        return Transfer(transfer.source, 0, None, None, None)
+    pairs, _ = select_pairs(transfer.pairs, options.max_pairs, options.seed)
+    evaluator = Evaluator(model, group_pairs(pairs, study_classes(setup.names, pairs)), len(setup.names), metric,
+                          options.max_batch_rows, progress)
+    [metric_circuit] = evaluator.metrics(setup.nodes, subset_masks(len(setup.nodes), [circuit]))
+    full, empty = evaluator.metric_full, evaluator.metric_empty
+    f = float(faithfulness(metric_circuit[None], full, empty)[0])
+    ci = bootstrap_ratio_ci(metric_circuit.numpy() - empty.numpy(), full.numpy() - empty.numpy(), summary.n_bootstrap,
+                            summary.ci, np.random.default_rng([options.seed, 3]))
+    return Transfer(transfer.source, evaluator.n_pairs, f, tuple(ci), float((metric_circuit > 0).float().mean()))
+
+
+def study_classes(names: list[str], pairs: pa.Table) -> list[list[int]]:
+    """Each pair's position classes numbered as the study's `names` are. A class the study's pairs lack has
+    no candidate node: its positions count as no class (outside every circuit)."""
+    own, _, maps = position_classes(pairs)
+    number = [names.index(name) if name in names else -1 for name in own]
+    return [[number[c] if c >= 0 else -1 for c in classes] for classes in maps]
 
 
 def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np.random.Generator) -> Controls:
@@ -336,27 +383,37 @@ def _geometric_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
+def within_target(f, target: float):
+    """The pruning objective: CMD = |1 - f| <= 1 - target, f within [target, 2 - target]. A circuit above
+    the full model by more than the target allows keeps nodes that work against refusal out of balance with
+    the rest, so it is not the minimal explanation either."""
+    return np.abs(1 - np.asarray(f)) <= 1 - target
+
+
 def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
           rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6,
           chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
-    """Drop nodes while f stays at the target, in rounds. A round orders the circuit's nodes by f without
-    each of them (the given `rankings`, one per round, a node one lacks counting as removable; after them,
-    with `measure`, f without each measured on the circuit) and removes the most of the least harmful
-    together that keeps f >= target (k on a geometric grid from the top down to the first k that keeps it,
-    then narrowed up to the next k that does not, `chunk` circuits per pass).
+    """Drop nodes while the circuit stays within the target from both sides (`within_target`), in rounds.
+    A round orders the circuit's nodes by how far from 1 f without each of them is (the given `rankings`,
+    one per round, a node one lacks counting as removable; after them, with `measure`, f without each
+    measured on the circuit) and removes the most of the least harmful together that stays within the
+    target (k on a geometric grid from the top down to the first k that does, then narrowed up to the
+    next k that does not, `chunk` circuits per pass). Removing a node that holds refusal back raises f, so
+    an overshooting circuit ranks such nodes last and keeps shrinking by the nodes that bring f back to 1.
     Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
     measured rankings, {size: f} of every circuit measured)."""
     kept, removed, measured, curve = list(circuit), [], [], {}
     measured_for = None  # the circuit the last measured ranking belongs to
     for round_ in range(max_rounds if measure else len(rankings)):
         if round_ < len(rankings):
-            f_without = np.array([rankings[round_].get(i, np.inf) for i in kept])
+            f_without = np.array([rankings[round_].get(i, np.nan) for i in kept])
         else:
             f_without = evaluator.faithfulness_without_each(nodes, kept)
             measured.append(dict(zip(kept, f_without.tolist())))
             measured_for = kept
-        order = np.argsort(-f_without, kind="stable")
-        most = min(int((f_without >= target).sum()), len(kept) - 1)
+        distance = np.where(np.isnan(f_without), -np.inf, np.abs(1 - f_without))  # nan: not ranked, removable
+        order = np.argsort(distance, kind="stable")
+        most = min(int((distance <= 1 - target).sum()), len(kept) - 1)
         if most == 0:
             break
         trial = lambda k: [kept[i] for i in sorted(order[k:])]  # noqa: E731
@@ -368,23 +425,26 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
                 f_trial.update(zip(ks, evaluator.faithfulness(nodes, subset_masks(len(nodes),
                                                                                      [trial(k) for k in ks])).tolist()))
 
+        def passes(k):
+            return bool(within_target(f_trial[k], target))
+
         # From the most removed down: a minimal circuit keeps few of the candidates, so the answer lies
         # near the top of the grid, and the first passing chunk bounds it.
         grid = [k for k in reversed(_geometric_sizes(most)) if k > 0]
         for begin in range(0, len(grid), chunk):
             measure_trials(grid[begin:begin + chunk])
-            if any(f_trial[k] >= target for k in grid[begin:begin + chunk]):
+            if any(passes(k) for k in grid[begin:begin + chunk]):
                 break
         curve.update({len(kept) - k: f for k, f in f_trial.items()})
-        passing = [k for k in f_trial if f_trial[k] >= target]
+        passing = [k for k in f_trial if passes(k)]
         if not passing:
             break
         lo = max(passing)
-        hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [most + 1])
-        while hi - lo > 1:  # lo keeps the target; hi (or beyond `most`) does not
+        hi = min([k for k in f_trial if k > lo and not passes(k)] + [most + 1])
+        while hi - lo > 1:  # lo stays within the target; hi (or beyond `most`) does not
             measure_trials(sorted({int(x) for x in np.linspace(lo, hi, chunk + 2)[1:-1]} - {lo, hi}))
-            lo = max(k for k in f_trial if f_trial[k] >= target and k < hi)
-            hi = min([k for k in f_trial if k > lo and f_trial[k] < target] + [hi])
+            lo = max(k for k in f_trial if passes(k) and k < hi)
+            hi = min([k for k in f_trial if k > lo and not passes(k)] + [hi])
             curve.update({len(kept) - k: f for k, f in f_trial.items()})
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)

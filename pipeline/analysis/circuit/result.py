@@ -91,6 +91,16 @@ class Faithfulness:
 
 
 @dataclass
+class Transfer:
+    """The circuit on the transfer pairs: another source than the pairs it was searched on."""
+    source: str  # where the pairs come from, in words
+    n_pairs: int  # screened, of equal token length (0: none survived; the values are then None)
+    value: float | None
+    ci: tuple[float, float] | None
+    refusal_kept: float | None  # fraction of the pairs whose refusal the circuit alone keeps
+
+
+@dataclass
 class Controls:
     mib: dict  # faithfulness at MIB's circuit sizes, CPR and CMD
     random: np.ndarray  # [n_random] faithfulness of random circuits of the circuit's size
@@ -141,6 +151,7 @@ class CircuitResult:
     scores: NodeScores
     search: Search
     faithfulness: Faithfulness
+    transfer: Transfer | None  # None: the run has no transfer pairs
     controls: Controls
     stability: Stability
     supernodes: Supernodes
@@ -176,10 +187,10 @@ class CircuitResult:
             "method": {
                 "nodes": "attention heads and MLPs at position classes",
                 "intervention": "every node outside the circuit takes its activation from the harmless twin",
-                "search": "pruning from every node, in rounds: the nodes ordered by the faithfulness without each "
-                          "(first round: 1 - |its single-node effect|, exact where verified, else attribution's; later "
-                          "rounds: measured on the circuit), the most of the least harmful removed together that keeps "
-                          "the target",
+                "search": "pruning from every node, in rounds: the nodes ordered by how far from 1 the "
+                          "faithfulness without each is (first round: 1 - |its single-node effect|, exact where "
+                          "verified, else attribution's; later rounds: measured on the circuit), the most of the "
+                          "least harmful removed together that keeps CMD = |1 - faithfulness| <= 1 - target",
                 "metric": self.metric, "target": options.target, "seed": options.seed,
                 "n_bootstrap": self.summary.n_bootstrap, "ci": self.summary.ci,
             },
@@ -189,10 +200,11 @@ class CircuitResult:
             "n_layers": setup.n_layers, "n_heads": setup.n_heads,
             "candidates": n_nodes, "size": len(circuit), "fraction": len(circuit) / n_nodes,
             "max_fraction": options.max_fraction, "within_max_fraction": len(circuit) <= options.max_fraction * n_nodes,
-            "faithfulness": faith.value, "faithfulness_ci": list(faith.ci),
-            "target_reached": faith.value >= options.target,
+            "faithfulness": faith.value, "faithfulness_ci": list(faith.ci), "cmd": abs(1 - faith.value),
+            "target_reached": abs(1 - faith.value) <= 1 - options.target,
             "faithfulness_held_out": faith.held_out,
             "refusal_kept": faith.refusal_kept,
+            "transfer": transfer_json(self.transfer),
             "baselines": {"metric_full": float(full.mean()), "metric_empty": float(empty.mean()),
                           "metric_empty_measured": float(faith.metric_none.mean()),
                           "metric_circuit": float(faith.metric_circuit.mean())},
@@ -216,6 +228,15 @@ class CircuitResult:
             "forward_rows": self.forward_rows,
             "seconds": self.seconds,
         }
+
+
+def transfer_json(transfer: Transfer | None) -> dict | None:
+    if transfer is None:
+        return None
+    f = transfer.value
+    return {"source": transfer.source, "n_pairs": transfer.n_pairs, "faithfulness": f,
+            "faithfulness_ci": None if transfer.ci is None else list(transfer.ci),
+            "cmd": None if f is None else abs(1 - f), "refusal_kept": transfer.refusal_kept}
 
 
 def supernodes_json(groups: Supernodes, circuit: list[int], nodes: Nodes, names: list[str], labels: list[str],
@@ -361,6 +382,17 @@ class StabilitySummary:
 
 
 @dataclass(frozen=True)
+class TransferFaithfulness:
+    """circuit.json's transfer: the circuit's faithfulness on pairs from another source (see Transfer)."""
+    source: str
+    n_pairs: int
+    faithfulness: float | None  # None: no transfer pair survived the screen
+    faithfulness_ci: tuple[float, float] | None
+    cmd: float | None  # |1 - faithfulness|
+    refusal_kept: float | None
+
+
+@dataclass(frozen=True)
 class RandomControl:
     n: int
     size: int
@@ -414,9 +446,11 @@ class Circuit:
     within_max_fraction: bool
     faithfulness: float
     faithfulness_ci: tuple[float, float]
-    target_reached: bool
+    cmd: float  # |1 - faithfulness|: the search keeps it <= 1 - target
+    target_reached: bool  # cmd <= 1 - target
     faithfulness_held_out: dict | None  # n, faithfulness, ci on the pairs the search did not see
     refusal_kept: float
+    transfer: TransferFaithfulness | None  # None: the run has no transfer pairs
     baselines: dict
     random_control: RandomControl
     per_category: dict
@@ -447,10 +481,13 @@ def circuit_from_json(data: dict) -> Circuit:
     stability = data["stability"]
     direction = data["mean_difference"]
     knockout = data.get("knockout_generation")
+    transfer = data["transfer"]
     return Circuit(
         **{name: data[name] for name in _PLAIN},
         positions=tuple(Position(p["name"], p["label"]) for p in data["positions"]),
         faithfulness_ci=tuple(data["faithfulness_ci"]),
+        transfer=None if transfer is None else TransferFaithfulness(**(transfer | {"faithfulness_ci": None if transfer[
+            "faithfulness_ci"] is None else tuple(transfer["faithfulness_ci"])})),
         random_control=RandomControl(**data["random_control"]),
         stability=StabilitySummary(
             **{k: stability[k] for k in ("n_resamples", "core_threshold", "core_size", "size_median", "method")},
@@ -471,9 +508,9 @@ def circuit_from_json(data: dict) -> Circuit:
 
 
 _PLAIN = ("model", "method", "n_pairs", "n_pairs_dropped_unequal_length", "n_search_pairs", "n_layers", "n_heads",
-          "candidates", "size", "fraction", "max_fraction", "within_max_fraction", "faithfulness", "target_reached",
-          "faithfulness_held_out", "refusal_kept", "baselines", "per_category", "edges_note", "pruning_curve", "mib",
-          "attribution", "scores", "forward_rows", "seconds")
+          "candidates", "size", "fraction", "max_fraction", "within_max_fraction", "faithfulness", "cmd",
+          "target_reached", "faithfulness_held_out", "refusal_kept", "baselines", "per_category", "edges_note",
+          "pruning_curve", "mib", "attribution", "scores", "forward_rows", "seconds")
 
 
 def _edges(rows: list[dict]) -> tuple[Edge, ...]:
