@@ -262,6 +262,12 @@ def file_entry(path: str | Path) -> dict:
 
 # ---- manifests -----------------------------------------------------------------------------------
 
+def _well_formed(entry) -> bool:
+    """A manifest entry that records a file: an object with a sha256 of 64 hex digits."""
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    return isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+
+
 class Manifest:
     """What a stage has produced in one folder: file name -> {sha256, key, code, rows, ...}.
 
@@ -280,14 +286,29 @@ class Manifest:
         self.files: dict[str, dict] = {}
         self.code: dict[str, dict[str, str]] = {}  # code identity -> code_files of the module it was taken from
         self.complete = False  # true once the stage finished: the final write lists exactly its files
+        self.malformed: list[str] = []  # entries that vouch for nothing (no sha256, not a record): dropped
         if self.path.exists():
             try:
                 saved = json.loads(self.path.read_text())
-                self.files = dict(saved.get("files", {}))
-                self.code = dict(saved.get("code", {}))
-                self.complete = bool(saved.get("complete", False))
-            except (json.JSONDecodeError, OSError):
-                self.files = {}  # an unreadable manifest vouches for nothing: shards get recomputed
+                if not isinstance(saved, dict):
+                    raise ValueError("not an object")
+                files = saved.get("files", {})
+                files = files if isinstance(files, dict) else {}
+                self.files = {name: entry for name, entry in files.items() if _well_formed(entry)}
+                self.malformed = sorted(set(files) - set(self.files))
+                code = saved.get("code", {})
+                self.code = dict(code) if isinstance(code, dict) else {}
+                self.complete = saved.get("complete") is True
+            except (ValueError, OSError, UnicodeDecodeError):
+                # an unreadable manifest vouches for nothing: shards get recomputed
+                self.files, self.code, self.complete = {}, {}, False
+
+    def refuse_malformed(self) -> None:
+        """One line where entries of the manifest are not records of a file (no valid sha256): a reader of a
+        finished folder must not trust it; a re-run recomputes those files."""
+        if self.malformed:
+            raise ValueError(f"{self.path} has entries without a valid sha256 ({', '.join(self.malformed[:5])}): "
+                             "they vouch for nothing; run the sweep again (the same command) to recompute them")
 
     def is_valid(self, name: str, key: str | None = None) -> bool:
         """True if `name` is listed (under content key `key`, when given) and its bytes still hash to the

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sqlite3
 import sys
 import tempfile
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -299,21 +301,60 @@ def _generator_supply(cfg: PatchsweepConfig) -> int:
 
 
 def validate_tracking(cfg: PatchsweepConfig) -> None:
-    """The MLflow store can be written (SQLite) or answers (a server), when tracking is on."""
+    """The MLflow store can be written (SQLite: a new file, or one that is an MLflow store) or answers (a
+    server), when tracking is on; a scheme MLflow cannot keep runs in is refused."""
     if not cfg.tracking.enabled:
         return
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    scheme = urlsplit(uri).scheme.split("+")[0].lower()
+    fix = "set tracking.uri=sqlite:///<path>/mlflow.db or a server URI (http://host:port), or tracking.enabled=false"
+    if scheme == "sqlite":
+        db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if db in ("", ":memory:") or db.startswith("file::memory:"):
+            raise ConfigError(f"MLflow store {uri} is an in-memory database, gone when the command ends: {fix}")
+        db = Path(db)
         problem = _unwritable(db.parent) or (db.exists() and not os.access(db, os.W_OK) and f"{db} is read-only")
         if problem:
-            raise ConfigError(f"MLflow store {uri} cannot be written ({problem}): set tracking.uri to a writable "
-                              "sqlite:///<path>/mlflow.db or a server URI, or tracking.enabled=false")
-    elif uri.startswith(("http://", "https://")):
+            raise ConfigError(f"MLflow store {uri} cannot be written ({problem}): {fix}")
+        problem = _not_an_mlflow_store(db)
+        if problem:
+            raise ConfigError(f"MLflow store {uri} cannot be used ({problem}): {fix}")
+    elif scheme in ("http", "https"):
         _check_server(uri)
     elif uri.startswith(("file:", "/", ".")) or "://" not in uri:
         raise ConfigError(f"MLflow store {uri!r} is a plain folder store, which MLflow 3 no longer accepts: "
                           "set tracking.uri=sqlite:///<path>/mlflow.db or a server URI (http://host:port)")
+    elif scheme not in DATABASE_SCHEMES:
+        raise ConfigError(f"MLflow store {uri} has a scheme MLflow cannot keep runs in ({scheme}://): {fix}")
+
+
+# Database stores MLflow's SQLAlchemy backend accepts besides SQLite (their drivers are the user's to install).
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}
+
+
+def _not_an_mlflow_store(db: Path) -> str | None:
+    """Why an existing file cannot be an MLflow SQLite store (None: it is one, or it is new or empty,
+    where MLflow creates its tables). Read-only: the file is not changed."""
+    if not db.exists():
+        return None
+    if not db.is_file():
+        return f"{db} is not a file"
+    with open(db, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if not header:
+        return None
+    if header != SQLITE_HEADER:
+        return f"{db} is not an SQLite database"
+    try:
+        with closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as err:
+        return f"{db} is not a readable SQLite database: {err}"
+    if tables and not MLFLOW_TABLES <= tables:
+        return f"{db} is an SQLite database but not an MLflow store (its tables: {', '.join(sorted(tables)[:5])})"
+    return None
 
 
 SERVER_PROBE_S = 10.0

@@ -36,6 +36,7 @@ class Run:
         self.path = Path(path)
         self.folder = RunFolder(self.path)
         manifest = Manifest(self.path, "run")
+        manifest.refuse_malformed()
         if not manifest.complete:
             raise ValueError(f"{self.path} holds no finished run ({MANIFEST} missing or incomplete): "
                              "give a run folder, e.g. outputs/<experiment>/<model>-<prompts>")

@@ -101,6 +101,7 @@ def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
     logs): its manifest must be complete and every file it lists intact. Stage times are not kept in
     the folder's files (report.md lists them), so the outcome has none."""
     manifest = Manifest(run_dir, "run")
+    manifest.refuse_malformed()
     if not manifest.complete:
         raise ValueError(f"{run_dir} is not a finished sweep's folder (no complete {MANIFEST} there): run the sweep "
                          "to its end first (the same command resumes it)")

@@ -46,7 +46,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.messages import redact  # noqa: E402
+from pipeline.messages import first_line, redact  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS, RUN_LOG, RunFolder  # noqa: E402
 from pipeline.run.runner import SweepOutcome  # noqa: E402
 from pipeline.run.sweep import Interrupted  # noqa: E402
@@ -95,6 +95,30 @@ def _parent_run(client, experiment_id: str, cfg: PatchsweepConfig, sweep_key: st
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"{cfg.name} sweep", tags={SWEEP_TAG: sweep_key})
     return run.info.run_id
+
+
+def store_failure(uri: str, err: BaseException) -> str:
+    """What a failed MLflow store did, in words for one line: an SQLite store whose file went away or whose
+    disk is full is named so (MLflow's own message is about SQL flushes), anything else by its first line."""
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    text = str(err)
+    if db is not None and ("readonly database" in text or "no such table" in text) and _store_replaced(db):
+        return f"its database file {db} was removed or replaced while the sweep ran"
+    if "database or disk is full" in text or "No space left on device" in text:
+        return f"the disk holding {db or uri} is full"
+    if "readonly database" in text:
+        return f"{db or uri} cannot be written"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("(raised as")]
+    return lines[0] if lines else first_line(err)
+
+
+def _store_replaced(db: Path) -> bool:
+    """The SQLite file is gone, or is not a store MLflow made (a new empty file, created on reconnecting)."""
+    try:
+        return not db.is_file() or db.stat().st_size == 0 or "experiments" not in db.read_bytes()[:1 << 20].decode(
+            "latin-1")
+    except OSError:
+        return True
 
 
 def lineage_tags(provenance: dict) -> dict[str, str]:
