@@ -1,0 +1,116 @@
+"""Nothing silently wrong, the guards around the run folder and the MLflow store: a manifest entry that
+vouches for nothing, a store that is not one (or goes away mid-sweep), two first runs on one new store,
+files the project did not write, outputs of steps a resume does not run, shards that no longer belong,
+and a direction read by `patchsweep screen` only once checked. Each case ends in one line (exit 2 before
+compute, 1 after it with the results kept), through the real command where Ray is needed."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose
+from test_fail_fast import CHEAP, Ran, check_refused, command, patchsweep, wait_for_shards
+
+# ---- a manifest entry without its sha256 ---------------------------------------------------------------
+
+
+def test_manifest_entry_without_sha256_is_not_finished(tmp_path):
+    from pipeline.store import Manifest, publish_bytes, sha256_file
+
+    publish_bytes(tmp_path / "a.arrow", b"a")
+    publish_bytes(tmp_path / "b.arrow", b"b")
+    (tmp_path / "_manifest.json").write_text(json.dumps({
+        "stage": "cache", "complete": True,
+        "files": {"a.arrow": {"key": "k"}, "b.arrow": {"sha256": sha256_file(tmp_path / "b.arrow")},
+                  "c.arrow": "not a record", "d.arrow": {"sha256": None}}}))
+    manifest = Manifest(tmp_path, "cache")
+    assert not manifest.is_valid("a.arrow") and manifest.is_valid("b.arrow")  # a: recomputed, never a traceback
+    assert manifest.malformed == ["a.arrow", "c.arrow", "d.arrow"]
+    for broken in ("[1, 2]", '{"files": [1]}', '{"files": {"a.arrow": 3}, "complete": "yes"}'):
+        (tmp_path / "_manifest.json").write_text(broken)
+        manifest = Manifest(tmp_path, "cache")
+        assert not manifest.is_valid("a.arrow") and not manifest.complete
+
+
+def test_load_run_refuses_a_manifest_entry_without_sha256(tmp_path):
+    import pipeline
+    from pipeline.run.folder import finished_run
+
+    (tmp_path / "_manifest.json").write_text(json.dumps({"stage": "run", "complete": True,
+                                                         "files": {"summary.parquet": {"rows": 3}}}))
+    for read in (pipeline.load_run, finished_run):
+        with pytest.raises(ValueError) as refused:
+            read(tmp_path)
+        message = str(refused.value)
+        assert "\n" not in message and "summary.parquet" in message and "without a valid sha256" in message
+
+
+# ---- MLflow stores that are not one ------------------------------------------------------------------
+
+def tracking_cfg(tmp_path, uri: str):
+    from pipeline.validation import typed
+
+    return typed(compose("experiment=refusal_tiny", f"output_root={tmp_path}", "tracking.enabled=true",
+                         f"tracking.uri={uri}"))
+
+
+def test_stores_mlflow_cannot_use_are_refused_before_compute(tmp_path):
+    from pipeline.validation import ConfigError, validate_tracking
+
+    (tmp_path / "text.db").write_text("not a database at all\n")
+    with sqlite3.connect(tmp_path / "other.db") as other:
+        other.execute("CREATE TABLE songs (title TEXT)")
+    with sqlite3.connect(tmp_path / "blank.db"):
+        pass  # an SQLite file with no tables yet: MLflow makes its own
+    (tmp_path / "empty.db").touch()
+    cases = {
+        "ftp://example.org/mlflow": "scheme MLflow cannot keep runs in (ftp://)",
+        "sqlite://": "in-memory database",
+        "sqlite:///:memory:": "in-memory database",
+        f"sqlite:///{tmp_path / 'text.db'}": "is not an SQLite database",
+        f"sqlite:///{tmp_path / 'other.db'}": "is an SQLite database but not an MLflow store (its tables: songs)",
+    }
+    for uri, fragment in cases.items():
+        with pytest.raises(ConfigError) as refused:
+            validate_tracking(tracking_cfg(tmp_path, uri))
+        line = str(refused.value)
+        assert fragment in line and "tracking.uri" in line and "\n" not in line, line
+    for fine in ("blank.db", "empty.db", "new.db"):
+        validate_tracking(tracking_cfg(tmp_path, f"sqlite:///{tmp_path / fine}"))
+    assert (tmp_path / "text.db").read_text() == "not a database at all\n"  # read, never changed
+
+
+def test_unsupported_store_through_the_real_command(tmp_path):
+    ran = patchsweep(*CHEAP, f"output_root={tmp_path}", f"output_dir={tmp_path / 'out'}", "tracking.enabled=true",
+                     "tracking.uri=ftp://127.0.0.1/mlflow", timeout=300)
+    check_refused("ftp:// store", ran, "ftp://", "tracking.uri", within=120)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_store_removed_while_the_sweep_runs(tmp_path):
+    """The SQLite file deleted mid-sweep: the results are kept, one line names the file and `patchsweep log`
+    (exit 1), no traceback; `patchsweep log` then logs the folder into a new store."""
+    out, db = tmp_path / "out", tmp_path / "store" / "mlflow.db"
+    args = [*CHEAP, f"output_root={tmp_path}", f"output_dir={out}", "tracking.enabled=true",
+            f"tracking.uri=sqlite:///{db}", "resources.shard_size=1"]
+    with open(tmp_path / "sweep.log", "w+") as log:
+        sweep = subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+        wait_for_shards(out / "activations", 1, sweep)
+        assert db.is_file()
+        db.unlink()
+        stdout, _ = sweep.communicate(timeout=600)
+        log.seek(0)
+        ran = Ran(sweep.returncode, stdout, log.read(), 0.0)
+    assert "Files: " in ran.stdout, ran.stderr[-3000:]
+    check_refused("MLflow store removed mid-sweep", ran, f"its database file {db} was removed",
+                  f"patchsweep log {out.resolve()}", within=1, status=1, alone=False)
+    assert (out / "_manifest.json").is_file()
+    logged = patchsweep("log", str(out), f"tracking.uri=sqlite:///{tmp_path / 'later.db'}")
+    assert logged.status == 0, logged.stderr[-3000:]
