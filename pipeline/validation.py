@@ -34,7 +34,8 @@ from pipeline.messages import first_line
 from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
-from pipeline.outputs.files import RunFolder
+from pipeline.outputs.files import MARKER, RunFolder
+from pipeline.run.folder import foreign_files
 from pipeline.run.workers import RayUnavailable, check_room
 from pipeline.schema import PatchsweepConfig, config_hash, from_plain, tracking_uri
 
@@ -396,6 +397,11 @@ def _check_output_dir(cfg: PatchsweepConfig) -> None:
     problem = _unwritable(out)
     if problem:
         raise ConfigError(f"output folder {out} cannot be written ({problem}): set output_dir to a writable folder")
+    foreign = foreign_files(out)
+    if foreign:
+        raise ConfigError(f"output folder {out} holds {', '.join(foreign)}, which patchsweep did not write (no "
+                          f"{MARKER} there) and a sweep would overwrite: set output_dir=<a new folder>, or move "
+                          "those files")
     saved = RunFolder(out).config
     # A folder holds results once its pairs are published; a config.yaml alone (a sweep that stopped before
     # computing anything) marks nothing worth protecting.

@@ -6,16 +6,15 @@ compute, 1 after it with the results kept), through the real command where Ray i
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from test_fail_fast import CHEAP, Ran, check_refused, command, patchsweep, wait_for_shards
 
 from conftest import REPO, compose
-from test_fail_fast import CHEAP, Ran, check_refused, command, patchsweep, wait_for_shards
 
 # ---- a manifest entry without its sha256 ---------------------------------------------------------------
 
@@ -114,3 +113,27 @@ def test_store_removed_while_the_sweep_runs(tmp_path):
     assert (out / "_manifest.json").is_file()
     logged = patchsweep("log", str(out), f"tracking.uri=sqlite:///{tmp_path / 'later.db'}")
     assert logged.status == 0, logged.stderr[-3000:]
+
+
+# ---- two first runs on one new store -------------------------------------------------------------------
+
+OPEN_STORE = """
+import sys
+from mlflow import MlflowClient
+from pipeline.run.tracking import open_experiment
+print(open_experiment(MlflowClient(sys.argv[1]), sys.argv[1], "patchsweep"), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_first_runs_on_a_new_store_do_not_race(tmp_path):
+    """Two processes open one new SQLite store at once (MLflow creates its schema, then the experiment):
+    both succeed and find the same experiment."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    opened = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for _ in range(2)]
+    results = [process.communicate(timeout=300) for process in opened]
+    assert [process.returncode for process in opened] == [0, 0], [err[-3000:] for _, err in results]
+    ids = {out.strip() for out, _ in results}
+    assert len(ids) == 1 and ids != {""}, results

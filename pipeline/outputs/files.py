@@ -52,6 +52,10 @@ OUTPUT_FILES = (CONFIG, OVERRIDES, PAIRS, TRANSFER_PAIRS, PAIRS_BATCHES, ACTIVAT
 ARTIFACTS = tuple(f.name for f in OUTPUT_FILES if f.artifact)
 # Files listed in the run folder's own manifest (the shard folders keep manifests of their own).
 MANIFESTED = tuple(f.name for f in OUTPUT_FILES if f.artifact and f.checked and f.name != MANIFEST)
+# The project's own mark on a run folder, written before anything else with the run's identity (config
+# hash, experiment, model): only a folder that has it (or a manifest patchsweep wrote) is taken for a run's,
+# so files of the names above that the project did not write are never overwritten (pipeline.run.folder).
+MARKER = ".patchsweep-run"
 # Working files a sweep keeps in the folder while it runs (never results).
 LOCK = ".patchsweep.lock"  # the sweep that holds the folder (pipeline.run.folder.folder_lock)
 CIRCUIT_PROGRESS = "circuit.progress.json"  # where the circuit step is, drawn on the driver
@@ -85,5 +89,6 @@ class RunFolder:
     report = property(lambda self: self / REPORT)
     run_log = property(lambda self: self / RUN_LOG)
     manifest = property(lambda self: self / RUN_MANIFEST)
+    marker = property(lambda self: self.root / MARKER)
     lock = property(lambda self: self.root / LOCK)
     circuit_progress = property(lambda self: self.root / CIRCUIT_PROGRESS)

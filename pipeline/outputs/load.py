@@ -87,9 +87,12 @@ class Run:
         return self.folder.report.read_text()
 
     def activations(self) -> ds.Dataset:
-        """Every activation shard as one dataset: one row per (pair, prompt, layer, position), the residual
-        a [d_model] tensor (`pipeline.store.tensor_numpy(column)` makes it numpy)."""
-        return ds.dataset(self.folder.activations, format="ipc")
+        """Every activation shard of this run as one dataset: one row per (pair, prompt, layer, position), the
+        residual a [d_model] tensor (`pipeline.store.tensor_numpy(column)` makes it numpy). The shards are
+        those the cache stage's manifest lists: a shard of earlier pairs left in the folder is never read."""
+        listed = Manifest(self.folder.activations, "cache")
+        listed.refuse_malformed()
+        return ds.dataset([str(self.folder.activations / name) for name in sorted(listed.files)], format="ipc")
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, run_id={self.run_id!r})"

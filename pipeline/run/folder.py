@@ -1,6 +1,8 @@
-"""The run folder on the driver's side: one sweep at a time holds it (`folder_lock`), the config that marks
-it as one experiment's (`write_config`), the run columns of reused tables brought up to date
-(`stamp_run_tables`), and a finished sweep read back from it (`finished_run`, what `patchsweep log` logs).
+"""The run folder on the driver's side: one sweep at a time holds it (`folder_lock`), the project's marker
+and the config that mark it as one experiment's (`write_config`), files the project did not write found
+before any is overwritten (`foreign_files`), the run columns of reused tables brought up to date
+(`stamp_run_tables`), what a finished run no longer holds taken out (`drop_skipped_outputs`,
+`remove_stale_shards`), and a finished sweep read back from it (`finished_run`, what `patchsweep log` logs).
 """
 from __future__ import annotations
 
@@ -18,16 +20,36 @@ from omegaconf import OmegaConf
 from pipeline.analysis.circuit.result import read_circuit
 from pipeline.analysis.statistics import layer_curves, read_summary
 from pipeline.messages import redact
-from pipeline.outputs.files import CIRCUIT, EFFECTS, PAIRS, SUMMARY, RunFolder
+from pipeline.outputs.files import (
+    ACTIVATIONS,
+    CIRCUIT,
+    CIRCUIT_DOT,
+    CIRCUIT_NODES_PNG,
+    CIRCUIT_NODES_SVG,
+    CIRCUIT_PNG,
+    CIRCUIT_PROGRESS,
+    CIRCUIT_SVG,
+    DIRECTION,
+    EFFECT_SHARDS,
+    EFFECTS,
+    OUTPUT_FILES,
+    PAIRS,
+    PAIRS_BATCHES,
+    SUMMARY,
+    TRANSFER_PAIRS,
+    RunFolder,
+)
 from pipeline.run.runner import Sweep, SweepOutcome
 from pipeline.run.workers import notice
-from pipeline.schema import PatchsweepConfig, from_plain, to_plain
+from pipeline.schema import PatchsweepConfig, config_hash, from_plain, to_plain
 from pipeline.store import (
     MANIFEST,
+    PRODUCER,
     Manifest,
     file_entry,
     provenance,
     publish_bytes,
+    publish_json,
     read_schema,
     read_table,
     with_columns,
@@ -120,9 +142,75 @@ def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
 
 
 def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
-    """config.yaml, written before any result: it marks the folder as this experiment's (pipeline.validation).
-    Credentials in its URIs are redacted (`patchsweep log` then takes MLflow's from the environment)."""
-    publish_bytes(RunFolder(run_dir).config, redact(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)))).encode())
+    """The project's marker (first: the folder is this project's from then on), then config.yaml, before any
+    result: they mark the folder as this experiment's (pipeline.validation). Credentials in the config's
+    URIs are redacted (`patchsweep log` then takes MLflow's from the environment)."""
+    folder = RunFolder(run_dir)
+    publish_json(folder.marker, {"producer": PRODUCER, "config_hash": config_hash(cfg), "experiment": cfg.name,
+                                 "model": cfg.model.name})
+    publish_bytes(folder.config, redact(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg)))).encode())
+
+
+# Every name a sweep writes at the top of its folder.
+PROJECT_NAMES = tuple(f.name.rstrip("/") for f in OUTPUT_FILES) + (CIRCUIT_PROGRESS,)
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """Files in `run_dir` of names a sweep writes that the project did not write: none in a folder that
+    has the project's marker or a manifest patchsweep wrote (a run's from before the marker); else every
+    such name there."""
+    folder = RunFolder(run_dir)
+    if not run_dir.is_dir() or folder.marker.is_file() or _written_by_patchsweep(run_dir):
+        return []
+    return [name for name in PROJECT_NAMES if (run_dir / name).exists()]
+
+
+def _written_by_patchsweep(run_dir: Path) -> bool:
+    for manifest in [run_dir / MANIFEST, *run_dir.glob(f"*/{MANIFEST}"), *run_dir.glob(f"*/*/{MANIFEST}")]:
+        try:
+            if json.loads(manifest.read_text()).get("producer", "").startswith("patchsweep "):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def drop_skipped_outputs(sweep: Sweep) -> list[str]:
+    """Outputs of steps this run's config does not run (a resume with circuit.enabled=false keeps the last
+    run's circuit.json otherwise): the files are removed and dropped from the run's manifest, so the report,
+    `load_run` and MLflow never show them. Returns their names."""
+    cfg, manifest = sweep.cfg, sweep.manifest
+    skipped = []
+    if not cfg.circuit.enabled:
+        skipped += [CIRCUIT, CIRCUIT_SVG, CIRCUIT_PNG, CIRCUIT_NODES_SVG, CIRCUIT_NODES_PNG, CIRCUIT_DOT]
+    if not cfg.direction.enabled:
+        skipped.append(DIRECTION)
+    if sweep.transfer_hash is None:
+        skipped.append(TRANSFER_PAIRS)
+    dropped = [f.name for f in skipped if (sweep.run_dir / f.name).exists() or f.name in manifest.files]
+    for name in dropped:
+        (sweep.run_dir / name).unlink(missing_ok=True)
+        manifest.files.pop(name, None)
+    if dropped:
+        manifest.save()
+    return dropped
+
+
+def remove_stale_shards(run_dir: Path) -> int:
+    """Shards of a finished run that no longer belong to it (its pairs or options changed): every file in a
+    shard folder whose manifest is complete and does not list it is removed, so readers of the folder
+    (`load_run(...).activations()`, a glob) see this run's shards alone. Returns how many were removed."""
+    folder, removed = RunFolder(run_dir), 0
+    roots = (folder.root / ACTIVATIONS.name, folder.root / EFFECT_SHARDS.name, folder.root / PAIRS_BATCHES.name)
+    for manifest_path in [path for root in roots for path in root.rglob(MANIFEST)]:
+        manifest = Manifest(manifest_path.parent, "shards")
+        if not manifest.complete or manifest.malformed:
+            continue
+        for path in manifest.folder.iterdir():
+            if path.is_file() and path.name != MANIFEST and path.name not in manifest.files:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def stamp_run_tables(sweep: Sweep) -> None:

@@ -25,7 +25,7 @@ from pipeline.run.folder import FolderBusy
 from pipeline.run.runner import SweepOutcome
 from pipeline.run.scheduler import Room
 from pipeline.run.sweep import Interrupted, run_sweep
-from pipeline.run.tracking import LiveRun, ParentRun, store_failure
+from pipeline.run.tracking import LiveRun, ParentRun
 from pipeline.run.workers import RayUnavailable, WorkFailed, start_ray
 from pipeline.schema import PatchsweepConfig, tracking_uri
 from pipeline.store import publish_bytes
@@ -186,9 +186,8 @@ def job_end(job: Job) -> End | None:
     if isinstance(job.tracking_error, KeyboardInterrupt):
         return End(INTERRUPTED, f"interrupted while logging to MLflow: the results are complete in {folder}; {later}",
                    failed=False)
-    uri = tracking_uri(job.cfg)
-    return End(1, f"MLflow store {uri} failed ({store_failure(uri, job.tracking_error)}): the results are complete "
-                  f"in {folder}; {later}", failed=False)
+    return End(1, f"MLflow store {tracking_uri(job.cfg)} failed ({first_line(job.tracking_error)}): the results "
+                  f"are complete in {folder}; {later}", failed=False)
 
 
 def file_error(err: OSError, cfg: PatchsweepConfig | None) -> str:

@@ -25,7 +25,13 @@ from pipeline.outputs.diagram import render_circuit
 from pipeline.outputs.files import CIRCUIT, DIRECTION, MANIFESTED
 from pipeline.outputs.heatmaps import layers_png
 from pipeline.outputs.report import write_report
-from pipeline.run.folder import folder_lock, stamp_run_tables, write_config
+from pipeline.run.folder import (
+    drop_skipped_outputs,
+    folder_lock,
+    remove_stale_shards,
+    stamp_run_tables,
+    write_config,
+)
 from pipeline.run.logs import run_log
 from pipeline.run.runner import Sweep, SweepOutcome, Tracker
 from pipeline.run.scheduler import Room
@@ -84,10 +90,16 @@ def _run_stages(cfg: PatchsweepConfig, run_dir: Path, tracker: Tracker | None, o
             pool.close()
             with timed(sweep.stage("render")):
                 stamp_run_tables(sweep)
+                dropped = drop_skipped_outputs(sweep)
+                if dropped:
+                    log.info("removed the outputs of steps this config does not run: %s", ", ".join(dropped))
                 summary_frame, found_circuit = render(sweep)
             sweep.finished("render")
             sweep.manifest.provenance = sweep.provenance
             sweep.manifest.finish([name for name in MANIFESTED if name in sweep.manifest.files])
+            stale = remove_stale_shards(run_dir)
+            if stale:
+                log.info("removed %d shards that no longer belong to this run", stale)
             log.info("run %s finished", sweep.run["run_id"])
     except KeyboardInterrupt:
         finished = sum(stats.computed for stats in sweep.stats.values())

@@ -20,6 +20,7 @@ prints the address of the patchsweep experiment's runs, in MLflow's model-traini
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import threading
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,6 +45,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -54,8 +57,11 @@ from pipeline.run.workers import StageStats  # noqa: E402
 from pipeline.schema import PatchsweepConfig, flatten, to_plain, tracking_uri  # noqa: E402
 from pipeline.store import read_table  # noqa: E402
 
-# Its start and stop notices would land between the progress bars; warnings still show.
-logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+# Its start and stop notices would land between the progress bars, and a failing store would repeat its
+# failure every few seconds; the store's own errors, tracebacks and all, come back as the exceptions the
+# command reports in one line (`StoreFailed`).
+logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 log = logging.getLogger(__name__)
 
 SWEEP_TAG = "patchsweep.sweep"
@@ -69,13 +75,43 @@ MODEL_TRAINING = "workflowType=machine_learning"
 
 
 def _experiment_id(client, cfg: PatchsweepConfig) -> str:
-    name = cfg.tracking.experiment
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A training-style experiment: the UI opens on runs, metrics and artifacts (not GenAI traces).
-    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri(cfg)),
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    return open_experiment(client, tracking_uri(cfg), cfg.tracking.experiment)
+
+
+def open_experiment(client, uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created if it has none. Commands started together
+    on a new store must not race: an SQLite store is first opened (MLflow creates its schema then) under
+    an flock of its folder, and an experiment another process created meanwhile is read back."""
+    with _store_lock(uri):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            # A training-style experiment: the UI opens on runs, metrics and artifacts (not GenAI traces).
+            return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                            tags={"mlflow.experimentKind": "custom_model_development"})
+        except MlflowException as err:
+            found = client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if found is None:
+                raise
+            return found.experiment_id
+
+
+@contextmanager
+def _store_lock(uri: str):
+    """Hold the folder of an SQLite store (an flock, released when the process ends however it ends);
+    a server orders its own writes."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    folder = Path(uri[len("sqlite:///"):]).absolute().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def artifact_location(uri: str) -> str | None:
@@ -97,28 +133,30 @@ def _parent_run(client, experiment_id: str, cfg: PatchsweepConfig, sweep_key: st
     return run.info.run_id
 
 
-def store_failure(uri: str, err: BaseException) -> str:
-    """What a failed MLflow store did, in words for one line: an SQLite store whose file went away or whose
-    disk is full is named so (MLflow's own message is about SQL flushes), anything else by its first line."""
-    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+class StoreFailed(RuntimeError):
+    """The MLflow store failed once the results were on disk; the message says why in words."""
+
+
+def store_file(uri: str) -> tuple[int, int] | None:
+    """The identity (device, inode) of an SQLite store's file (None: not SQLite, or no file yet)."""
+    try:
+        found = os.stat(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if found else None
+
+
+def store_failure(uri: str, err: BaseException, opened: tuple[int, int] | None) -> str:
+    """What a failed MLflow store did, in words for one line: an SQLite store whose file (`opened`: its
+    identity when the run began) went away or was replaced, or whose disk is full, is named so (MLflow's
+    own message is about SQL flushes); anything else by its first line."""
     text = str(err)
-    if db is not None and ("readonly database" in text or "no such table" in text) and _store_replaced(db):
-        return f"its database file {db} was removed or replaced while the sweep ran"
+    if opened is not None and store_file(uri) != opened:
+        return f"its database file {uri[len('sqlite:///'):]} was removed or replaced while the sweep ran"
     if "database or disk is full" in text or "No space left on device" in text:
-        return f"the disk holding {db or uri} is full"
-    if "readonly database" in text:
-        return f"{db or uri} cannot be written"
+        return "the disk holding it is full"
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("(raised as")]
     return lines[0] if lines else first_line(err)
-
-
-def _store_replaced(db: Path) -> bool:
-    """The SQLite file is gone, or is not a store MLflow made (a new empty file, created on reconnecting)."""
-    try:
-        return not db.is_file() or db.stat().st_size == 0 or "experiments" not in db.read_bytes()[:1 << 20].decode(
-            "latin-1")
-    except OSError:
-        return True
 
 
 def lineage_tags(provenance: dict) -> dict[str, str]:
@@ -196,6 +234,7 @@ class LiveRun:
         self._ids: dict[str, str] = {}
         self._error: BaseException | None = None
         self._own_id = uuid.uuid4().hex  # the run's id should the store fail
+        self._store_file: tuple[int, int] | None = None  # the SQLite file the run was created in
         self._monitor: SystemMetricsMonitor | None = None
         self._thread = threading.Thread(target=self._create, args=(sweep_key, overrides), name="mlflow-run",
                                         daemon=True)
@@ -211,6 +250,7 @@ class LiveRun:
                                  f"(`time/...`) as the stages finish. Files: `{Path(cfg.output_dir).resolve()}`."}
             run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
             self._ids = {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id}
+            self._store_file = store_file(self.uri)
             params = flatten(to_plain(cfg))
             params["overrides"] = " ".join(overrides)
             items = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in params.items()]
@@ -251,7 +291,14 @@ class LiveRun:
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
     def finish(self, outcome: SweepOutcome) -> dict[str, str]:
-        """The results, then FINISHED; returns the ids, the store's URI and the run's path in the UI."""
+        """The results, then FINISHED; returns the ids, the store's URI and the run's path in the UI. A store
+        that fails raises `StoreFailed`, saying why in words."""
+        try:
+            return self._finish(outcome)
+        except Exception as err:
+            raise StoreFailed(store_failure(self.uri, err, self._store_file)) from err
+
+    def _finish(self, outcome: SweepOutcome) -> dict[str, str]:
         client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
