@@ -270,7 +270,10 @@ def screen_task(cfg: DictConfig) -> None:
         prompts = load_screen_prompts(plain.prompts.path)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         leave(2, str(err))
-    screened = run_screen(plain, prompts)
+    try:
+        screened = run_screen(plain, prompts)
+    except ConfigError as err:  # the intervention's direction was found on other weights
+        leave(2, str(err))
     print(f"screen of {plain.model.name} on {plain.prompts.path}:\n{screened.text}\n"
           f"per-prompt results: {screened.path.resolve()}", flush=True)
 

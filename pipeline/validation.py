@@ -35,7 +35,7 @@ from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
 from pipeline.outputs.files import MARKER, RunFolder
-from pipeline.run.folder import foreign_files
+from pipeline.run.folder import checked_direction, foreign_files
 from pipeline.run.workers import RayUnavailable, check_room
 from pipeline.schema import PatchsweepConfig, config_hash, from_plain, tracking_uri
 
@@ -197,6 +197,8 @@ def _check_intervention(cfg: PatchsweepConfig) -> None:
                               "folder with direction.arrow>")
         return
     try:
+        if RunFolder(intervention.run).direction.is_file():
+            checked_direction(Path(intervention.run))  # before its schema is read: a damaged file is refused
         summary = direction_summary(intervention.run)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None

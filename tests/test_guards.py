@@ -119,9 +119,8 @@ def test_store_removed_while_the_sweep_runs(tmp_path):
 
 OPEN_STORE = """
 import sys
-from mlflow import MlflowClient
-from pipeline.run.tracking import open_experiment
-print(open_experiment(MlflowClient(sys.argv[1]), sys.argv[1], "patchsweep"), flush=True)
+from pipeline.run.tracking import open_experiment, store_client
+print(open_experiment(store_client(sys.argv[1]), sys.argv[1], "patchsweep"), flush=True)
 """
 
 

@@ -141,6 +141,24 @@ def finished_run(run_dir: Path) -> tuple[PatchsweepConfig, SweepOutcome]:
                              layer_curves(summary), circuit)
 
 
+def checked_direction(run_dir: Path) -> str:
+    """direction.arrow of a finished run, checked against the run's manifest (sha256) before anything reads
+    it; returns the weights digest of the model it was found on ("" where the manifest records none). A
+    file the manifest does not list, or whose bytes differ, is refused in one line (ValueError)."""
+    manifest = Manifest(run_dir, "run")
+    manifest.refuse_malformed()
+    path = RunFolder(run_dir).direction
+    if DIRECTION.name not in manifest.files:
+        raise ValueError(f"{path} is not listed in {manifest.path} (its sweep did not finish, or did not write it): "
+                         "run that sweep to its end with direction.enabled=true, or set intervention.run to another "
+                         "run folder")
+    if not manifest.is_valid(DIRECTION.name):
+        raise ValueError(f"{path} does not match its sha256 in {manifest.path} (damaged or changed since its sweep): "
+                         "run that sweep again (the same command recomputes it), or set intervention.run to another "
+                         "run folder")
+    return str(manifest.provenance.get("weights_hash", ""))
+
+
 def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
     """The project's marker (first: the folder is this project's from then on), then config.yaml, before any
     result: they mark the folder as this experiment's (pipeline.validation). Credentials in the config's

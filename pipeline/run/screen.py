@@ -1,6 +1,7 @@
 """`patchsweep screen`: the behaviour screen alone, in the driver (no Ray: one model, one pass over a
 file of prompts). Greedy generation and the first-token metric on each prompt -> screen.arrow in
-output_dir; with intervention.run, under that run's refusal direction, with its cost on ordinary text."""
+output_dir; with intervention.run, under that run's refusal direction (read only once checked against the
+run's manifest and found on this model's weights), with its cost on ordinary text."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from pipeline.analysis.directions import format_intervention, intervention_cost,
 from pipeline.engine.loading import load_model
 from pipeline.messages import redact
 from pipeline.organisms import resolve
+from pipeline.run.folder import checked_direction
+from pipeline.run.workers import weights_hash
 from pipeline.schema import PatchsweepConfig
 from pipeline.store import write_table
+from pipeline.validation import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,20 @@ class Screened:
     text: str  # the summary in lines for a terminal
 
 
+def check_direction_model(run_dir: Path, model_path: str, model) -> None:
+    """The run's direction.arrow, checked against its manifest again (the file read next is the one
+    checked), was found on this model: its weights digest is the run's. A mismatch is a `ConfigError`."""
+    try:
+        expected = checked_direction(run_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    actual = weights_hash(model)
+    if expected and actual != expected:
+        raise ConfigError(f"the direction in {run_dir} was found on a model whose weights differ from "
+                          f"{redact(model_path)}'s (weights sha256 {expected[:12]}, this model {actual[:12]}): set "
+                          "intervention.run to a run of this model")
+
+
 def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
     """Screen `prompts` (prompt, harmful columns) with the model of the validated `cfg`."""
     torch.set_num_threads(cfg.resources.torch_threads)
@@ -33,6 +51,8 @@ def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
                                   device=cfg.resources.device,
                                   trust_remote_code=cfg.model.trust_remote_code)
     setting = cfg.intervention
+    if setting.run:
+        check_direction_model(Path(setting.run), cfg.model.path, model)
     intervention = load_intervention(setting.run, setting.mode, setting.scale) if setting.run else None
     result = screen(model, tokenizer, prompts, max_new_tokens=cfg.prompts.max_new_tokens,
                     refusal_tokens=cfg.prompts.refusal_tokens,

@@ -78,10 +78,18 @@ def _experiment_id(client, cfg: PatchsweepConfig) -> str:
     return open_experiment(client, tracking_uri(cfg), cfg.tracking.experiment)
 
 
+def store_client(uri: str) -> MlflowClient:
+    """A client of the store at `uri`, the store opened: a new SQLite store gets its schema from MLflow
+    then, under an flock of its folder, so commands started together on a new store do not race."""
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        return client
+
+
 def open_experiment(client, uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created if it has none. Commands started together
-    on a new store must not race: an SQLite store is first opened (MLflow creates its schema then) under
-    an flock of its folder, and an experiment another process created meanwhile is read back."""
+    """The id of experiment `name` in the store at `uri`, created if it has none (under the store's lock;
+    one another process created meanwhile, as a server may have, is read back)."""
     with _store_lock(uri):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
@@ -230,7 +238,7 @@ class LiveRun:
     def __init__(self, cfg: PatchsweepConfig, sweep_key: str, overrides: list[str], ends_parent: bool = True):
         self.cfg, self.uri = cfg, tracking_uri(cfg)
         self.ends_parent = ends_parent  # False in a --multirun: its ParentRun ends the parent after every job
-        self.client = MlflowClient(self.uri)
+        self.client: MlflowClient | None = None  # opened in the background (`store_client`)
         self._ids: dict[str, str] = {}
         self._error: BaseException | None = None
         self._own_id = uuid.uuid4().hex  # the run's id should the store fail
@@ -242,7 +250,8 @@ class LiveRun:
 
     def _create(self, sweep_key: str, overrides: list[str]) -> None:
         try:
-            client, cfg = self.client, self.cfg
+            self.client = client = store_client(self.uri)
+            cfg = self.cfg
             experiment_id = _experiment_id(client, cfg)
             parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
             tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **start_tags(cfg, overrides),
@@ -299,6 +308,7 @@ class LiveRun:
             raise StoreFailed(store_failure(self.uri, err, self._store_file)) from err
 
     def _finish(self, outcome: SweepOutcome) -> dict[str, str]:
+        self.ids  # a store that failed as the run began: its own error
         client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
@@ -448,7 +458,7 @@ class ParentRun:
 
     def __init__(self, cfgs: list[PatchsweepConfig], sweep_key: str, labels: list[str]):
         self.cfg, self.uri = cfgs[0], tracking_uri(cfgs[0])
-        self.client = MlflowClient(self.uri)
+        self.client = store_client(self.uri)
         self.experiment_id = _experiment_id(self.client, self.cfg)
         self.run_id = _parent_run(self.client, self.experiment_id, self.cfg, sweep_key)
         flat = [flatten(to_plain(cfg)) for cfg in cfgs]
