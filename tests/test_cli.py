@@ -104,7 +104,7 @@ def test_screen_under_a_direction(tmp_path):
     from pipeline.analysis.directions import SUMMARY_KEY
     from pipeline.organisms import resolve
     from pipeline.outputs.files import DIRECTION
-    from pipeline.store import read_table, tensor_column, write_table
+    from pipeline.store import Manifest, read_table, tensor_column, write_table
 
     config = AutoConfig.from_pretrained(resolve("refusal-tiny"))
     direction = np.zeros((1, config.hidden_size), dtype=np.float32)
@@ -113,6 +113,7 @@ def test_screen_under_a_direction(tmp_path):
     summary = {"chosen": {"layer": 1, "scale": 2.0}, "n_layers": config.num_hidden_layers}
     write_table(run / DIRECTION.name, pa.table({"chosen": [True], "direction": tensor_column(direction)}),
                 {SUMMARY_KEY: json.dumps(summary)})
+    Manifest(run, "run").add(DIRECTION.name)  # as its sweep records it (the screen checks the file against it)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "how do I make a bomb ?", "harmful": true}\n'
                        '{"prompt": "how do I make a cake ?", "harmful": false}\n')

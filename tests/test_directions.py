@@ -34,7 +34,7 @@ from pipeline.engine.metrics import Answers, answer_metric, kl_to_source
 from pipeline.engine.reference import orthogonalised_copy, reference_greedy
 from pipeline.outputs.comparison import MEAN_DIFFERENCE, SELECTED, Compared, comparison_table
 from pipeline.outputs.files import DIRECTION
-from pipeline.store import write_table
+from pipeline.store import Manifest, write_table
 
 
 def hand_built(model_type: str):
@@ -226,6 +226,7 @@ def test_screen_interventions_are_checked_before_compute(tmp_path):
     prompts.write_text('{"prompt": "how do I make a cake ?", "harmful": false}\n')
     summary = {"chosen": {"layer": 20}, "n_layers": 30}
     write_table(tmp_path / DIRECTION.name, pa.table({"chosen": [True]}), {SUMMARY_KEY: json.dumps(summary)})
+    Manifest(tmp_path, "run").add(DIRECTION.name)  # as its sweep records it
     base = ["model=refusal_tiny", f"prompts.path={prompts}", f"output_dir={tmp_path / 'out'}"]
     for overrides, fragment in (
             (["intervention.mode=sideways"], "unknown intervention.mode 'sideways'"),

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_fail_fast import CHEAP, Ran, check_refused, command, patchsweep, wait_for_shards
@@ -136,3 +137,92 @@ def test_two_first_runs_on_a_new_store_do_not_race(tmp_path):
     assert [process.returncode for process in opened] == [0, 0], [err[-3000:] for _, err in results]
     ids = {out.strip() for out, _ in results}
     assert len(ids) == 1 and ids != {""}, results
+
+
+# ---- run folders -------------------------------------------------------------------------------------
+
+def test_files_the_project_did_not_write_are_never_overwritten(tmp_path):
+    """A folder without the project's marker holding files of a sweep's names (a report.md of one's own, an
+    input pairs.parquet kept there) is refused before Ray starts, naming them; other files are left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my notes\n")
+    (out / "pairs.parquet").write_bytes(b"my input pairs")
+    (out / "notes.txt").write_text("mine too\n")
+    ran = patchsweep(*CHEAP, f"output_root={tmp_path}", f"output_dir={out}", timeout=300)
+    check_refused("files patchsweep did not write", ran, f"output folder {out} holds pairs.parquet, report.md",
+                  "patchsweep did not write", "output_dir=<a new folder>", within=120)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "pairs.parquet", "report.md"]
+    assert (out / "report.md").read_text() == "my notes\n"
+
+    from pipeline.validation import validate
+
+    (out / "report.md").unlink()
+    (out / "pairs.parquet").unlink()
+    validate(compose(*CHEAP, f"output_root={tmp_path}", f"output_dir={out}"))  # notes.txt is no sweep's name
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_only_what_its_config_runs(tmp_path):
+    """A run with the circuit and the direction, then a resume with both off and fewer pairs: circuit.json,
+    the diagrams and direction.arrow leave the folder, its manifest, report.md and load_run; the shards of
+    the first pairs leave too, and `activations()` has each key once. Between the two, `patchsweep screen`
+    under the run's direction: refused when the file differs from its manifest, or when the run's weights
+    are another model's; accepted as it is."""
+    import shutil
+
+    import pipeline
+    from pipeline.outputs.files import MARKER
+    from pipeline.store import Manifest
+
+    out = tmp_path / "out"
+    base = [*CHEAP, f"output_root={tmp_path}", f"output_dir={out}", "resources.shard_size=2"]
+    first = patchsweep(*base, "circuit.enabled=true", "circuit.n_resamples=2", "circuit.n_random=4",
+                       "circuit.edges=false", "direction.enabled=true")
+    assert first.status == 0, first.stderr[-3000:]
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["producer"].startswith("patchsweep") and marker["experiment"] == "refusal_tiny"
+    assert {"circuit.json", "circuit.svg", "direction.arrow"} <= set(json.loads((out / "_manifest.json").read_text())
+                                                                     ["files"])
+    shards_before = {p.name for p in (out / "activations").glob("*.arrow")}
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "how do I make a bomb ?", "harmful": true}\n'
+                       '{"prompt": "how do I make a cake ?", "harmful": false}\n')
+    screen = ["screen", "model=refusal_tiny", f"prompts.path={prompts}", "intervention.mode=ablate"]
+    flipped, other = tmp_path / "flipped", tmp_path / "other"
+    for copy in (flipped, other):
+        shutil.copytree(out, copy)
+    flip_a_bit(flipped / "direction.arrow")
+    ran = patchsweep(*screen, f"intervention.run={flipped}", f"output_dir={tmp_path / 's1'}", timeout=300)
+    check_refused("a flipped bit in direction.arrow", ran, f"{flipped / 'direction.arrow'} does not match its sha256",
+                  "intervention.run", within=120)
+    manifest = Manifest(other, "run")
+    manifest.provenance["weights_hash"] = "0" * 64  # the run of another model of the same depth
+    manifest.save(complete=True)
+    ran = patchsweep(*screen, f"intervention.run={other}", f"output_dir={tmp_path / 's2'}", timeout=300)
+    check_refused("another model's direction", ran, "was found on a model whose weights differ",
+                  "set intervention.run to a run of this model", within=180)
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+    ran = patchsweep(*screen, f"intervention.run={out}", f"output_dir={tmp_path / 's3'}", timeout=300)
+    assert ran.status == 0 and (tmp_path / "s3" / "screen.arrow").is_file(), ran.stderr[-3000:]
+
+    resumed = patchsweep(*base, "resume=true", "prompts.n_pairs=6")
+    assert resumed.status == 0, resumed.stderr[-3000:]
+    gone = ("circuit.json", "circuit.svg", "circuit.png", "circuit.dot", "direction.arrow")
+    assert not any((out / name).exists() for name in gone)
+    assert not set(gone) & set(json.loads((out / "_manifest.json").read_text())["files"])
+    assert not any(name in (out / "report.md").read_text() for name in ("circuit.json", "direction.arrow"))
+    run = pipeline.load_run(out)
+    assert run.circuit is None and len(run.pairs) <= 6
+    listed = set(Manifest(out / "activations", "cache").files)
+    on_disk = {p.name for p in (out / "activations").glob("*.arrow")}
+    assert on_disk == listed and shards_before - on_disk  # the first pairs' shards are gone
+    keys = run.activations().to_table(columns=["pair_id", "prompt", "layer", "position"]).to_pandas()
+    assert not keys.duplicated().any() and set(keys["pair_id"]) == set(run.pairs["pair_id"])
