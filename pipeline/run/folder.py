@@ -156,7 +156,7 @@ def checked_direction(run_dir: Path) -> str:
         raise ValueError(f"{path} does not match its sha256 in {manifest.path} (damaged or changed since its sweep): "
                          "run that sweep again (the same command recomputes it), or set intervention.run to another "
                          "run folder")
-    return str(manifest.provenance.get("weights_hash", ""))
+    return str(json.loads(manifest.path.read_text()).get("provenance", {}).get("weights_hash", ""))
 
 
 def write_config(run_dir: Path, cfg: PatchsweepConfig) -> None:
@@ -184,6 +184,7 @@ def foreign_files(run_dir: Path) -> list[str]:
 
 
 def _written_by_patchsweep(run_dir: Path) -> bool:
+    """A manifest of the run or of its stages' shard folders that patchsweep wrote is there."""
     for manifest in [run_dir / MANIFEST, *run_dir.glob(f"*/{MANIFEST}"), *run_dir.glob(f"*/*/{MANIFEST}")]:
         try:
             if json.loads(manifest.read_text()).get("producer", "").startswith("patchsweep "):

@@ -308,7 +308,7 @@ class LiveRun:
             raise StoreFailed(store_failure(self.uri, err, self._store_file)) from err
 
     def _finish(self, outcome: SweepOutcome) -> dict[str, str]:
-        self.ids  # a store that failed as the run began: its own error
+        ids = self.ids  # a store that failed as the run began raises its own error here
         client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
@@ -320,7 +320,6 @@ class LiveRun:
             if (folder.root / name).is_file():
                 client.log_artifact(run_id, str(folder.root / name))
         self._end("FINISHED", dataset=pairs_dataset(folder.pairs))
-        ids = self.ids
         return {**ids, "uri": redact(self.uri),
                 "ui_path": f"#/experiments/{ids['experiment_id']}/runs/{run_id}?{MODEL_TRAINING}"}
 
