@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, TINY_SWEEP, free_ports
 from pipeline import store
+from pipeline.run.tracking import DESCRIPTION_LIMIT, description
 
 CLEAN_ENV_DROPS = ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 
@@ -51,8 +52,11 @@ def test_live_run(tiny_sweep):
     assert run.info.start_time <= stamps["time/load_s"]
     assert stamps["time/render_s"] < client.get_metric_history(run.info.run_id, "denoise/resid_pre")[0].timestamp
     assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
-    # report.md is the run's description; the run folder's tables named this run.
-    assert run.data.tags["mlflow.note.content"] == tiny_sweep["report"]
+    # report.md is the run's description (its whole sections that fit MLflow's limit, without its images);
+    # the run folder's tables named this run.
+    shown = run.data.tags["mlflow.note.content"]
+    assert shown == description(tiny_sweep["report"]) and len(shown) <= DESCRIPTION_LIMIT
+    assert shown.startswith(tiny_sweep["report"].split("\n## ")[0]) and "![" not in shown
     assert tiny_sweep["tables_run_id"] == outcome.run_id == run.info.run_id
     # The summary and the circuit's nodes as MLflow tables (what the UI shows as tables).
     logged = {a["path"]: a["type"] for a in json.loads(run.data.tags["mlflow.loggedArtifacts"])}
@@ -157,3 +161,12 @@ def test_ui_server_runs_without_telemetry_unless_turned_back_on(tiny_sweep, tmp_
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_a_long_report_is_cut_at_a_section_within_mlflows_limit():
+    report = "# run\n\nintro\n![circuit](circuit.svg)\n" + "".join(f"\n## part {i}\n\n" + "x" * 900 for i in range(12))
+    shown = description(report)
+    assert len(shown) <= DESCRIPTION_LIMIT and "![" not in shown
+    assert shown.endswith("*The rest of the report: `report.md`, among the run's artifacts.*")
+    assert shown.count("## part") == 8 and "x" * 900 + "\n\n*The rest" in shown  # whole sections only
+    assert description("# short\n![a](a.png)\ntext") == "# short\ntext"

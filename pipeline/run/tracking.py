@@ -167,6 +167,21 @@ def store_failure(uri: str, err: BaseException, opened: tuple[int, int] | None) 
     return lines[0] if lines else first_line(err)
 
 
+DESCRIPTION_LIMIT = 8000  # MLflow keeps at most this many characters of a tag's value
+
+
+def description(report: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """report.md as the run page's description: without its images (their relative links point nowhere in
+    the UI; the figures are the run's artifacts), and where longer than MLflow keeps, its whole sections
+    that fit followed by a line naming the artifact that holds the rest."""
+    text = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
+    if len(text) <= limit:
+        return text
+    rest = "\n\n*The rest of the report: `report.md`, among the run's artifacts.*"
+    cut = text.rfind("\n## ", 0, limit - len(rest))
+    return text[:cut if cut > 0 else limit - len(rest)].rstrip() + rest
+
+
 def lineage_tags(provenance: dict) -> dict[str, str]:
     return {
         "model.weights_sha256": provenance["weights_hash"],
@@ -312,7 +327,7 @@ class LiveRun:
         client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
-        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: redact(folder.report.read_text())}
+        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: description(redact(folder.report.read_text()))}
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         for name, frame in tables(outcome).items():
             client.log_table(run_id, frame, TABLES[name])
