@@ -1,5 +1,5 @@
-"""The default experiment (`make run`): the circuit step runs, on at least 32 screened pairs that the
-instruction library supplies and smollm2-refusal gets right."""
+"""The default experiment (`make run`): the circuit step runs, on at least 32 screened pairs that
+smollm2-refusal's study pool (requests it never trained on) supplies and the model gets right."""
 import pytest
 
 from conftest import compose
@@ -14,8 +14,8 @@ def test_make_run_runs_the_circuit_step_on_every_kept_pair():
 
 
 @pytest.mark.slow
-def test_the_library_supplies_at_least_32_pairs_smollm2_refusal_gets_right():
-    """The preset's pairs (the instruction library, its seed), screened by the model's own greedy replies."""
+def test_the_study_pool_supplies_at_least_32_pairs_smollm2_refusal_gets_right():
+    """The preset's pairs (smollm2-refusal's study pool, its seed), screened by the model's own greedy replies."""
     from conftest import screened_pairs
     from pipeline.analysis.pairs import source_pairs
     from pipeline.engine.loading import load_model

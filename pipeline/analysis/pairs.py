@@ -57,9 +57,10 @@ from pipeline.analysis.behaviour import (
 )
 from pipeline.analysis.prompt_files import read_user_file
 from pipeline.engine.metrics import Answers, answer_metric
-from pipeline.organisms import GRAMMAR_ORGANISMS
-from pipeline.organisms.instructions import minimal_pairs
+from pipeline.organisms import GRAMMAR_ORGANISMS, STUDY_POOL_ORGANISMS
+from pipeline.organisms.instructions import chat_token_count, minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
+from pipeline.organisms.smollm2_refusal import study
 from pipeline.store import read_table
 
 Align = Literal["none", "end"]
@@ -90,6 +91,21 @@ def library_pairs(tokenizer, n: int, seed: int = 0,
     return pool[:n]
 
 
+def pool_pairs(tokenizer, pool: str, n: int | None = None, seed: int = 0) -> list[InstructionPair]:
+    """smollm2-refusal's pairs from one of its pools (`study` or `transfer`: requests it never trained on),
+    those of equal token count under `tokenizer`'s chat template, `n` of them (all: None) drawn with `seed`."""
+    pairs = [InstructionPair(p["clean"], p["corrupted"], p["category"]) for p in study.pool(pool)
+             if chat_token_count(tokenizer, p["clean"]) == chat_token_count(tokenizer, p["corrupted"])]
+    random.Random(seed).shuffle(pairs)
+    return pairs if n is None else pairs[:n]
+
+
+def transfer_pairs(tokenizer, n: int | None = None, seed: int = 0) -> list[InstructionPair]:
+    """smollm2-refusal's transfer pairs: requests for writing and code, another family of surface forms than
+    the study pairs, disjoint from them and from training."""
+    return pool_pairs(tokenizer, "transfer", n, seed)
+
+
 def file_pairs(path: str | Path) -> list[InstructionPair]:
     """The user's own pairs: JSONL, CSV or Parquet with text columns `clean`, `corrupted` and an
     optional `category`."""
@@ -104,11 +120,13 @@ def file_pairs(path: str | Path) -> list[InstructionPair]:
 def source_pairs(model: str, tokenizer, *, path: str | Path | None = None, n: int = 256, seed: int = 0,
                  split: str = "heldout") -> list[InstructionPair]:
     """The pairs for a run: the user's file if given, else refusal-tiny's grammar for the organisms trained
-    on it, else the instruction library."""
+    on it, smollm2-refusal's study pool for it, else the instruction library."""
     if path:
         return file_pairs(path)
     if model in GRAMMAR_ORGANISMS:
         return grammar_pairs(n, seed, split)
+    if model in STUDY_POOL_ORGANISMS:
+        return pool_pairs(tokenizer, "study", n, seed)
     return library_pairs(tokenizer, n, seed)
 
 

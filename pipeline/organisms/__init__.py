@@ -20,9 +20,12 @@ ORGANISMS: dict[str, Callable[[], Path]] = {
     "refusal-tiny-gpt2": partial(refusal_tiny.model_dir, "gpt2"),
     "refusal-tiny-neox": partial(refusal_tiny.model_dir, "gpt_neox"),
     "smollm2-refusal": smollm2_refusal.model_dir,
+    "smollm2-refusal-v1": partial(smollm2_refusal.model_dir, smollm2_refusal.ADAPTER_V1_DIR),
 }
 # Organisms trained on refusal-tiny's grammar: their prompt pairs come from it (held-out combinations).
 GRAMMAR_ORGANISMS = ("refusal-tiny", "refusal-tiny-gpt2", "refusal-tiny-neox")
+# Organisms whose pairs come from smollm2_refusal/study.py's study pool (requests they never trained on).
+STUDY_POOL_ORGANISMS = ("smollm2-refusal",)
 
 
 def resolve(name_or_path: str) -> str:
