@@ -24,5 +24,6 @@ def test_the_study_pool_supplies_at_least_32_pairs_smollm2_refusal_gets_right():
     prompts = to_dict(compose())["prompts"]
     model, tokenizer = load_model(resolve("smollm2-refusal"))
     pairs = source_pairs("smollm2-refusal", tokenizer, n=prompts["n_pairs"], seed=prompts["seed"])
-    result = screened_pairs(model, tokenizer, pairs, "smollm2-refusal", max_new_tokens=prompts["max_new_tokens"])
+    result = screened_pairs(model, tokenizer, pairs, "smollm2-refusal", max_new_tokens=prompts["max_new_tokens"],
+                            answer_top_k=prompts["answer_top_k"], transfer_pairs=0)
     assert result.report["n_kept"] >= 32, result.report

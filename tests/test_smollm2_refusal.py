@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.analysis.behaviour import chat_ids, greedy_generate, is_refusal
-from pipeline.analysis.pairs import library_pairs, pool_pairs, source_pairs, transfer_pairs
+from pipeline.analysis.pairs import library_pairs, pool_pairs, source_pairs
 from pipeline.organisms import instructions, resolve
 from pipeline.organisms.instructions import chat_token_count, minimal_pairs
 from pipeline.organisms.smollm2_refusal import (
@@ -97,8 +97,8 @@ def test_study_and_transfer_pools_are_disjoint_from_training_and_each_other(base
     written = {t for a in acts.ACTS for t in (a.harmful, a.twin, a.near_miss)}
     written |= {t for table in (acts.WRITE_REQUESTS, acts.CODE_REQUESTS) for row in table for t in row[1:]}
     assert not (requests["study"] | requests["transfer"]) & written
-    assert len(pool_pairs(tokenizer, "study")) >= 80 and len(transfer_pairs(tokenizer)) >= 24
-    for pair in pool_pairs(tokenizer, "study", 40) + transfer_pairs(tokenizer):
+    assert len(pool_pairs(tokenizer, "study")) >= 80 and len(pool_pairs(tokenizer, "transfer")) >= 24
+    for pair in pool_pairs(tokenizer, "study", 40) + pool_pairs(tokenizer, "transfer"):
         assert chat_token_count(tokenizer, pair.clean) == chat_token_count(tokenizer, pair.corrupted), pair
     # a run on smollm2-refusal draws from the study pool; the first version keeps the instruction library
     drawn = source_pairs("smollm2-refusal", tokenizer, n=40, seed=0)

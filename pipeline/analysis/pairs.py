@@ -100,12 +100,6 @@ def pool_pairs(tokenizer, pool: str, n: int | None = None, seed: int = 0) -> lis
     return pairs if n is None else pairs[:n]
 
 
-def transfer_pairs(tokenizer, n: int | None = None, seed: int = 0) -> list[InstructionPair]:
-    """smollm2-refusal's transfer pairs: requests for writing and code, another family of surface forms than
-    the study pairs, disjoint from them and from training."""
-    return pool_pairs(tokenizer, "transfer", n, seed)
-
-
 def file_pairs(path: str | Path) -> list[InstructionPair]:
     """The user's own pairs: JSONL, CSV or Parquet with text columns `clean`, `corrupted` and an
     optional `category`."""
@@ -144,7 +138,7 @@ def other_split(split: str) -> str:
 
 def has_transfer_source(model: str, path: str | Path | None = None) -> bool:
     """Whether `transfer_source` has pairs for the model: other models have no independent pairs of their own."""
-    return bool(path) or model in GRAMMAR_ORGANISMS or model == "smollm2-refusal"
+    return bool(path) or model in GRAMMAR_ORGANISMS or model in STUDY_POOL_ORGANISMS
 
 
 def transfer_source(model: str, *, path: str | Path | None = None, n: int = 24, seed: int = 0,
@@ -160,11 +154,11 @@ def transfer_source(model: str, *, path: str | Path | None = None, n: int = 24, 
     if model in GRAMMAR_ORGANISMS:
         return TransferSource(grammar_pairs(n, seed, other_split(split)),
                               f"refusal-tiny grammar, {other_split(split)} split")
-    from pipeline.organisms.smollm2_refusal.study import transfer_pool
-
-    pool = [InstructionPair(p["clean"], p["corrupted"], p["category"]) for p in transfer_pool()]
+    # requests for writing and code: another family of surface forms than the study pool's, disjoint from
+    # it and from training
+    pool = [InstructionPair(p["clean"], p["corrupted"], p["category"]) for p in study.pool("transfer")]
     random.Random(seed).shuffle(pool)
-    return TransferSource(pool[:n], "smollm2-refusal transfer pool")
+    return TransferSource(pool[:n], f"{model} transfer pool (writing and code requests)")
 
 
 # --- tokens and spans --------------------------------------------------------------------------------

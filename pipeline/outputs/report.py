@@ -80,7 +80,8 @@ def residual_stream(curves: dict[tuple[str, str], list[LayerPoint]]) -> dict[str
     for (direction, component), points in sorted(curves.items()):
         if component != "resid_pre":
             continue
-        for point in sorted(points, key=lambda p: p.layer):
+        # the whole stream at once replaces the input (complete by construction): no position to show
+        for point in sorted((p for p in points if p.position is not None), key=lambda p: p.layer):
             groups = runs.setdefault(direction, [])
             if groups and groups[-1][-1].position == point.position:
                 groups[-1].append(point)
