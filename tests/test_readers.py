@@ -69,9 +69,11 @@ def test_duckdb_reads_parquet_without_extensions(tree):
     assert counts == {run_id: store.read_table(d / "effects.parquet").num_rows for run_id, d in runs.items()}
     # A per-layer mean over pairs, in SQL, equals the summary's mean for that site.
     got = con.sql(f"""SELECT run_id, layer, avg(effect) AS mean FROM '{root}/*/*/effects.parquet'
-                      WHERE component = 'mlp_out' AND direction = 'noise' GROUP BY ALL ORDER BY run_id, layer""").df()
+                      WHERE component = 'mlp_out' AND direction = 'noise' AND position_class IS NULL
+                      GROUP BY ALL ORDER BY run_id, layer""").df()
     summary = per_run(runs, "summary.parquet")
-    want = (summary[(summary["component"] == "mlp_out") & (summary["direction"] == "noise")]
+    want = (summary[(summary["component"] == "mlp_out") & (summary["direction"] == "noise")
+                    & summary["position_class"].isna()]
             .sort_values(["run_id", "layer"]))
     np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-6)
     assert got["run_id"].tolist() == want["run_id"].tolist()

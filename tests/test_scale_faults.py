@@ -26,7 +26,7 @@ from pipeline import store
 
 pytestmark = pytest.mark.slow  # a three-node cluster and six sweeps: about 5 min on 2 busy cores
 
-KEY = ["model", "pair_id", "direction", "component", "layer", "head", "position"]
+KEY = ["model", "pair_id", "direction", "component", "layer", "head", "position", "position_class"]
 VALUES = ["metric_clean", "metric_corrupted", "metric_patched", "effect"]
 N_PAIRS = 12  # one pair per shard: many small work items, spread over the cluster's two workers
 
@@ -216,7 +216,7 @@ def undisturbed(setup):
 def test_two_models_on_a_three_node_cluster(setup, undisturbed):
     counts = work_counts(undisturbed["stdout"])
     assert len(counts) == 2  # one summary per model
-    n_items = N_PAIRS * 4 * 2  # pairs x components x directions
+    n_items = N_PAIRS * (4 + 3) * 2  # pairs x (components, and 3 of them at the position classes) x directions
     for model, count in zip(setup["models"], counts):
         assert count["cache"] == (N_PAIRS, 0) and count["patch"] == (n_items, 0)
         frame = effects(undisturbed["root"], model)
@@ -286,7 +286,7 @@ def resumed(setup):
 
 def test_driver_killed_then_resumed(setup, undisturbed, resumed):
     [count] = work_counts(resumed["stdout"])
-    n_items = N_PAIRS * 4 * 2
+    n_items = N_PAIRS * (4 + 3) * 2
     finished = resumed["finished"]
     assert 0 < finished["patch"] < n_items
     # Only the missing shards are computed; the summary says how many were reused.
