@@ -319,7 +319,7 @@ def test_damaged_shards_are_recomputed_never_read(setup, undisturbed, resumed):
     result = run(setup, resumed["root"], [resumed["model"]])
     [count] = work_counts(result.stdout)
     assert count["cache"] == (1, N_PAIRS - 1)
-    assert count["patch"] == (1, N_PAIRS * 8 - 1)
+    assert count["patch"] == (1, N_PAIRS * 14 - 1)  # (4 components + 3 at the position classes) x 2 directions
     assert store.read_table(shard).to_pandas().equals(original)
     assert_same_effects(effects(resumed["root"], resumed["model"]), effects(undisturbed["root"], resumed["model"]))
 
@@ -337,7 +337,7 @@ def test_edited_pairs_file_gives_new_pairs(setup, undisturbed, resumed):
         setup["pairs"].write_text(original)
     [count] = work_counts(result.stdout)
     assert count["pairs"][0] >= 1  # the pairs stage's items (tokens, replies, answer tokens, screen) rerun
-    assert count["cache"] == (0, N_PAIRS - 1) and count["patch"] == (0, (N_PAIRS - 1) * 8)
+    assert count["cache"] == (0, N_PAIRS - 1) and count["patch"] == (0, (N_PAIRS - 1) * 14)
     want = effects(undisturbed["root"], resumed["model"])
     want = want[want["pair_id"] != N_PAIRS - 1].reset_index(drop=True)
     assert_same_effects(effects(resumed["root"], resumed["model"]), want)
