@@ -90,7 +90,7 @@ def test_repeated_pairs_and_layers_count_once(tmp_path):
     effects = read_table(out / "effects.parquet").to_pandas()
     assert effects["pair_id"].nunique() == 4 and set(effects["layer"]) == {0}
     assert not effects.duplicated(subset=["pair_id", *KEY]).any()
-    assert len(effects) == 4 * (1 + 4)  # attn_out and 4 heads at layer 0, all positions
+    assert len(effects) == 4 * (1 + 4 + 3)  # attn_out and 4 heads at layer 0, all positions; attn_out at 3 classes
     summary = read_table(out / "summary.parquet")
     assert set(summary.column("n").to_pylist()) == {4}
     assert summary.column("ci_low").null_count == summary.num_rows  # no interval, not a made-up one
