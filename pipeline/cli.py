@@ -5,6 +5,7 @@
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
         [intervention.run=<run folder> intervention.mode=ablate|add [intervention.scale=<s>]]
     patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
+    patchsweep export <run folder> [--viewer <folder>]   its circuit for circuit-tracer's viewer and MIB
     patchsweep --version
 
 A sweep is a command of one job, a --multirun one of several: both take the same path
@@ -335,12 +336,45 @@ def log_command(args: list[str]) -> None:
                  f"  {ui_hint(cfg, tracking['ui_path'])}"), flush=True)
 
 
+# ---- export ------------------------------------------------------------------------------------
+
+EXPORT_USAGE = "patchsweep export <run folder> [--viewer <folder>]"
+EXPORT_HELP = f"""usage: {EXPORT_USAGE}
+
+Write a finished run's circuit for other tools, from its circuit.json, computing nothing: the run folder
+gets circuit_graph.json and graph-metadata.json (circuit-tracer's attribution graph: its local viewer
+serves the folder) and circuit_mib.json (MIB's node and edge importances). A circuit run writes them
+itself; this is for runs made before. --viewer <folder> also adds the graph, named after the run folder, to
+the graphs already in that folder: one viewer for several runs."""
+
+
+def export_command(args: list[str]) -> None:
+    """`patchsweep export`: see EXPORT_HELP."""
+    if args[:1] in (["--help"], ["-h"]):
+        print(EXPORT_HELP)
+        return
+    viewer = None
+    if len(args) == 3 and args[1] == "--viewer":
+        args, viewer = args[:1], args[2]
+    if len(args) != 1 or args[0].startswith("-"):
+        leave(2, f"patchsweep export takes a run folder: {EXPORT_USAGE}")
+    from pipeline.outputs.export import export_run
+
+    try:
+        files = export_run(args[0], viewer)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        leave(2, f"{first_line(err)}" if isinstance(err, FileNotFoundError) else
+              f"{args[0]}/circuit.json cannot be read ({first_line(err)}): run the sweep again to rewrite it")
+    print(f"circuit-tracer graph: {files.graph.resolve()} (index {files.index.resolve()})\n"
+          f"MIB importances: {files.mib.resolve()}", flush=True)
+
+
 def version_command(args: list[str]) -> None:
     print(f"patchsweep {__version__}")
 
 
 # The first argument names a command; anything else is a sweep's Hydra command line.
-COMMANDS = {"screen": screen_command, "log": log_command, "--version": version_command}
+COMMANDS = {"screen": screen_command, "log": log_command, "export": export_command, "--version": version_command}
 
 
 if __name__ == "__main__":

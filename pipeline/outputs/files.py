@@ -40,6 +40,11 @@ CIRCUIT_PNG = OutputFile("circuit.png", "the circuit diagram: supernodes and the
 CIRCUIT_NODES_SVG = OutputFile("circuit_nodes.svg", "the circuit diagram: every node")
 CIRCUIT_NODES_PNG = OutputFile("circuit_nodes.png", "the circuit diagram: every node")
 CIRCUIT_DOT = OutputFile("circuit.dot", "the circuit as Graphviz DOT (a cluster per supernode)")
+CIRCUIT_GRAPH = OutputFile("circuit_graph.json", "the circuit as circuit-tracer's attribution graph (its local viewer "
+                           "opens this folder; docs/export.md)")
+GRAPH_INDEX = OutputFile("graph-metadata.json", "circuit-tracer's index of the graphs in this folder")
+CIRCUIT_MIB = OutputFile("circuit_mib.json", "the node scores and the circuit as MIB's node and edge importances "
+                         "(a{layer}.h{head}, m{layer})")
 DIRECTION = OutputFile("direction.arrow", "the refusal direction: every candidate (layer x post-instruction position), "
                        "its scores, the chosen one (direction.enabled)")
 REPORT = OutputFile("report.md", "this report: what a person reads first")
@@ -48,7 +53,7 @@ RUN_MANIFEST = OutputFile(MANIFEST, "every file above with its sha256, written l
 
 OUTPUT_FILES = (CONFIG, OVERRIDES, PAIRS, TRANSFER_PAIRS, PAIRS_BATCHES, ACTIVATIONS, EFFECT_SHARDS, EFFECTS, SUMMARY,
                 SITES, LAYERS_PNG, CIRCUIT, CIRCUIT_SVG, CIRCUIT_PNG, CIRCUIT_NODES_SVG, CIRCUIT_NODES_PNG, CIRCUIT_DOT,
-                DIRECTION, REPORT, RUN_LOG, RUN_MANIFEST)
+                CIRCUIT_GRAPH, GRAPH_INDEX, CIRCUIT_MIB, DIRECTION, REPORT, RUN_LOG, RUN_MANIFEST)
 ARTIFACTS = tuple(f.name for f in OUTPUT_FILES if f.artifact)
 # Files listed in the run folder's own manifest (the shard folders keep manifests of their own).
 MANIFESTED = tuple(f.name for f in OUTPUT_FILES if f.artifact and f.checked and f.name != MANIFEST)

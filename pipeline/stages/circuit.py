@@ -1,4 +1,5 @@
-"""The circuit search on the screened pairs (pipeline.analysis.circuit) -> circuit.json, with the
+"""The circuit search on the screened pairs (pipeline.analysis.circuit) -> circuit.json (and its exports for
+circuit-tracer's viewer and MIB: pipeline.outputs.export), with the
 circuit's faithfulness on the transfer pairs (transfer_pairs.parquet, where the run has them) and its
 knock-out by generation (pipeline.analysis.knockout).
 
@@ -17,7 +18,9 @@ from tqdm import tqdm
 
 from pipeline.analysis.circuit.method import TransferPairs, find_circuit
 from pipeline.analysis.circuit.progress import Progress
+from pipeline.analysis.circuit.result import read_circuit
 from pipeline.analysis.knockout import knockout_by_generation
+from pipeline.outputs.export import write_exports
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import CircuitConfig, PatchsweepConfig, SummaryConfig
 from pipeline.store import code_identity, content_key, provenance, publish_json, read_schema, read_table
@@ -65,7 +68,8 @@ def run(model, tokenizer, item: CircuitItem) -> list[Path]:
                                       item.max_new_tokens, plain=None if screened.null_count else screened.to_pylist())
     circuit = result.to_json() | {"provenance": item.provenance, "knockout_generation": knockout}
     publish_json(folder.circuit, circuit)
-    return [folder.circuit]
+    # circuit-tracer's graph and MIB's importances (`patchsweep export` writes them for older runs).
+    return [folder.circuit, *write_exports(read_circuit(folder.circuit), folder.root).paths]
 
 
 @contextmanager
