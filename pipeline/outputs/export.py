@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 from pipeline.analysis.circuit.result import Circuit, CircuitNode, read_circuit
 from pipeline.outputs.files import CIRCUIT_GRAPH, CIRCUIT_MIB, GRAPH_INDEX, RunFolder
@@ -78,11 +79,10 @@ def graph_json(circuit: Circuit, slug: str = SLUG) -> dict:
     """The circuit as circuit-tracer's graph (its `Model`)."""
     last = len(circuit.positions) - 1
     contexts = {p.name: i for i, p in enumerate(circuit.positions)}
-    embeddings = sorted({e.sender for e in circuit.edges if e.sender.startswith(EMBEDDING)},
-                        key=lambda name: contexts[name[len(EMBEDDING):]])
-    nodes = [{"node_id": graph_node_id(circuit, name), "feature": contexts[name[len(EMBEDDING):]], "layer": "E",
-              "ctx_idx": contexts[name[len(EMBEDDING):]], "feature_type": "embedding",
-              "jsNodeId": f"E_0-{contexts[name[len(EMBEDDING):]]}"} for name in embeddings]
+    # An embedding node at every position, as circuit-tracer writes them: the viewer labels a position
+    # by its embedding node; only the differing tokens' have measured links.
+    nodes = [{"node_id": f"E_0_{ctx}", "feature": ctx, "layer": "E", "ctx_idx": ctx, "feature_type": "embedding",
+              "jsNodeId": f"E_0-{ctx}"} for ctx in range(len(circuit.positions))]
     nodes += [_circuit_node(circuit, node, contexts[node.position]) for node in circuit.nodes]
     # The viewer reads a logit's probability from its label, "(p=...)": the circuit has a logit difference
     # rather than a probability, so the label says which share of the refusal gap the circuit keeps.
@@ -97,7 +97,8 @@ def graph_json(circuit: Circuit, slug: str = SLUG) -> dict:
         source, target = graph_node_id(circuit, edge.sender), graph_node_id(circuit, edge.receiver)
         if source in known and target in known and source != target:
             links.append({"source": source, "target": target, "weight": edge.effect})
-    pinned = [n["node_id"] for n in nodes]
+    linked = {end for link in links for end in (link["source"], link["target"])}
+    pinned = [n["node_id"] for n in nodes if n["feature_type"] != "embedding" or n["node_id"] in linked]
     supernodes = [[group.id, *(graph_node_id(circuit, m) for m in group.members)] for group in circuit.supernodes]
     prompt = " | ".join(p.label for p in circuit.positions)
     return {
@@ -119,6 +120,12 @@ def graph_index(graphs: list[dict], index: dict | None = None) -> dict:
     slugs = {g["metadata"]["slug"] for g in graphs}
     kept = [g for g in (index or {}).get("graphs", []) if g["slug"] not in slugs]
     return {"graphs": kept + [g["metadata"] for g in graphs]}
+
+
+def viewer_query(graph: dict) -> str:
+    """The viewer page's query string that opens `graph` with its supernodes grouped: circuit-tracer's page
+    takes the subgraph's supernodes from its address and leaves qParams' unread."""
+    return urlencode({"slug": graph["metadata"]["slug"], "supernodes": json.dumps(graph["qParams"]["supernodes"])})
 
 
 # ---- MIB -----------------------------------------------------------------------------------------
