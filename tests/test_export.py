@@ -187,3 +187,92 @@ def test_circuit_tracers_viewer_draws_the_exported_graph(tiny_sweep, tmp_path):
     assert all(group.id in text for group in circuit.supernodes)
     assert 'Output "refusal"' in text and "Emb:" in text
     assert (ARTIFACTS / "circuit-tracer-viewer.png").stat().st_size > 10_000
+
+
+# ---- the diagram at 125+ nodes --------------------------------------------------------------------
+
+def deep_circuit(base: dict) -> dict:
+    """The session run's circuit.json with its nodes, supernodes and edges replaced by a circuit of 130
+    nodes over 30 layers (the default run's scale and more): heads and MLPs at the harmful tokens, the final
+    position and one between, grouped as the circuit step groups them, path effects of both signs."""
+    names = [p["name"] for p in base["positions"]]
+    harm, middle, final = names[0], names[1], names[-1]
+    cells = ([(harm, "mlp", layer, None) for layer in range(30)]
+             + [(harm, "head", layer, h) for layer in range(15) for h in (0, 4)]
+             + [(final, "head", layer, h) for layer in range(15, 30) for h in (1, 3, 7)]
+             + [(final, "mlp", layer, None) for layer in range(15, 30)]
+             + [(middle, "head", layer, 2) for layer in range(10, 20)])
+    nodes = []
+    for i, (position, component, layer, head) in enumerate(cells):
+        place = f"L{layer}.H{head}" if component == "head" else f"L{layer}.MLP"
+        nodes.append({"id": f"{place}@{position}", "component": component, "layer": layer, "head": head,
+                      "position": position, "token": position, "effect": 0.01 * (i % 7 - 2), "effect_ci": [0, 0],
+                      "attribution": 0.0, "in_circuit_effect": 0.02 * (i % 5 - 1),
+                      "mean_difference_projection": None, "mean_difference_cosine": None,
+                      "inclusion_frequency": 1.0 if i % 4 else 0.5, "core": bool(i % 4)})
+    groups = {}
+    for node in nodes:
+        half = "low" if node["layer"] < 15 else "high"
+        groups.setdefault((node["component"], node["position"], half), []).append(node)
+    supernodes = []
+    for (component, position, _), members in groups.items():
+        low, high = min(n["layer"] for n in members), max(n["layer"] for n in members)
+        kind = "heads" if component == "head" else "MLP"
+        supernodes.append({"id": f"L{low}-{high}.{kind}@{position}", "component": component, "position": position,
+                           "token": position, "layers": [low, high], "members": [n["id"] for n in members],
+                           "in_circuit_effect": 0.1 * (len(supernodes) % 4 - 1), "effect_sum": 0.1})
+    ids = [g["id"] for g in supernodes]
+    group_edges = [{"from": "EMB@" + harm, "to": ids[0], "effect": 0.9, "drawn": True}]
+    group_edges += [{"from": a, "to": b, "effect": (0.3 if i % 3 else -0.2) / (i + 1), "drawn": True}
+                    for i, (a, b) in enumerate(zip(ids, ids[1:]))]
+    group_edges += [{"from": ids[-1], "to": "logits", "effect": 0.6, "drawn": True}]
+    node_ids = [n["id"] for n in nodes]
+    edges = [{"from": node_ids[i], "to": node_ids[i + 37], "effect": 0.05 * (i % 5 - 1), "drawn": True}
+             for i in range(0, 90, 3)] + [{"from": node_ids[-1], "to": "logits", "effect": 0.4, "drawn": True}]
+    return base | {"n_layers": 30, "n_heads": 9, "size": len(nodes), "nodes": nodes, "supernodes": supernodes,
+                   "supernode_edges": group_edges, "edges": edges}
+
+
+def _texts(figure) -> list:
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    [ax] = [a for a in figure.axes if a.get_label() != "<colorbar>"]
+    return [(t, t.get_window_extent(renderer)) for t in ax.texts if t.get_visible()], ax
+
+
+def test_diagrams_stay_readable_at_130_nodes(tiny_sweep):
+    """A 130-node circuit over 30 layers: every supernode's label sits inside its box at >= 5 points,
+    no label covers another, edges are coloured by sign with the legend of their scale, the strongest
+    labelled, and the position columns without a node are left out."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch
+
+    from pipeline.analysis.circuit.result import circuit_from_json
+    from pipeline.outputs.diagram import LABEL_MIN, NEGATIVE, POSITIVE, draw, draw_groups
+
+    base = json.loads((tiny_sweep["outcome"].run_dir / "circuit.json").read_text())
+    circuit = circuit_from_json(deep_circuit(base))
+    used = {n.position for n in circuit.nodes} | {circuit.positions[-1].name}
+    for figure in (draw_groups(circuit), draw(circuit)):
+        texts, ax = _texts(figure)
+        assert len(ax.get_xticklabels()) == len([p for p in circuit.positions if p.name in used])
+        labels = [(t, box) for t, box in texts if (t.get_gid() or "").startswith("label:")]
+        assert min(t.get_fontsize() for t, _ in labels) >= LABEL_MIN
+        for i, (text, box) in enumerate(texts):
+            assert not any(box.overlaps(other) for _, other in texts[i + 1:]), text.get_text()
+        assert any(t.get_gid() == "edge-label" for t, _ in texts)
+        colours = {patch.get_edgecolor()[:3] for patch in ax.patches if isinstance(patch, FancyArrowPatch)}
+        assert {tuple(int(255 * c + 0.5) for c in colour) for colour in colours} == {
+            tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in (POSITIVE, NEGATIVE)}
+        [legend] = figure.legends
+        assert "carries refusal" in " ".join(t.get_text() for t in legend.get_texts())
+        if figure.axes[0].get_ylabel().startswith("layer (heads left"):
+            renderer = figure.canvas.get_renderer()
+            boxes = {p.get_gid()[len("box:"):]: p.get_window_extent(renderer) for p in ax.patches
+                     if (p.get_gid() or "").startswith("box:")}
+            assert len(labels) == len(boxes) == len(circuit.supernodes)
+            for text, extent in labels:
+                box = boxes[text.get_gid()[len("label:"):]]
+                assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1
+                assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1
+        plt.close(figure)
