@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO
 from pipeline.analysis.circuit.result import read_circuit
-from pipeline.outputs.export import SLUG, graph_json, mib_name, viewer_query
+from pipeline.outputs.export import SLUG, graph_json, mib_name, plain_token, viewer_query
 
 MIB_NODE = re.compile(r"^(input|logits|m\d+|a\d+\.h\d+)$")
 MIB_EDGE = re.compile(r"^(input|m\d+|a\d+\.h\d+)->(logits|m\d+|a\d+\.h\d+<[qkv]>)$")
@@ -43,7 +43,7 @@ def test_circuit_run_writes_a_graph_circuit_tracers_schema_accepts(tiny_sweep):
     graph = json.loads((run_dir / "circuit_graph.json").read_text())
     model = _graph_model().model_validate(graph)
     assert model.metadata.slug == SLUG
-    assert model.metadata.prompt_tokens == [p.label for p in circuit.positions]
+    assert model.metadata.prompt_tokens == [plain_token(p.label) for p in circuit.positions]
     by_id = {n.node_id: n for n in model.nodes}
     contexts = {p.name: i for i, p in enumerate(circuit.positions)}
     for node in circuit.nodes:

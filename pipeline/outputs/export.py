@@ -84,13 +84,12 @@ def graph_json(circuit: Circuit, slug: str = SLUG) -> dict:
     nodes = [{"node_id": f"E_0_{ctx}", "feature": ctx, "layer": "E", "ctx_idx": ctx, "feature_type": "embedding",
               "jsNodeId": f"E_0-{ctx}"} for ctx in range(len(circuit.positions))]
     nodes += [_circuit_node(circuit, node, contexts[node.position]) for node in circuit.nodes]
-    # The viewer reads a logit's probability from its label, "(p=...)": the circuit has a logit difference
-    # rather than a probability, so the label says which share of the refusal gap the circuit keeps.
+    # The viewer reads a logit's probability from its label's "(p=...)" and fails without one; the circuit's
+    # target is a logit difference, not a token's probability, so p=1 marks it as the one target.
     nodes.append({"node_id": graph_node_id(circuit, LOGITS), "feature": 0, "layer": str(circuit.n_layers + 1),
                   "ctx_idx": last, "feature_type": "logit", "token_prob": 1.0, "is_target_logit": True,
                   "jsNodeId": f"L_0-{last}",
-                  "clerp": f'Output "refusal" (p=1.000): refusal-logit difference, faithfulness '
-                           f"{circuit.faithfulness:.2f}"})
+                  "clerp": 'Output "refusal" (p=1.000): the refusal-logit difference'})
     known = {n["node_id"] for n in nodes}
     links = []
     for edge in circuit.edges:
@@ -100,10 +99,10 @@ def graph_json(circuit: Circuit, slug: str = SLUG) -> dict:
     linked = {end for link in links for end in (link["source"], link["target"])}
     pinned = [n["node_id"] for n in nodes if n["feature_type"] != "embedding" or n["node_id"] in linked]
     supernodes = [[group.id, *(graph_node_id(circuit, m) for m in group.members)] for group in circuit.supernodes]
-    prompt = " | ".join(p.label for p in circuit.positions)
+    prompt = " | ".join(plain_token(p.label) for p in circuit.positions)
     return {
         "metadata": {"slug": slug, "scan": circuit.model or "model", "transcoder_list": [],
-                     "prompt_tokens": [p.label for p in circuit.positions],
+                     "prompt_tokens": [plain_token(p.label) for p in circuit.positions],
                      "prompt": f"refusal circuit ({circuit.size} of {circuit.candidates} nodes, faithfulness "
                                f"{circuit.faithfulness:.2f}): {prompt}",
                      "node_threshold": None, "schema_version": 1},
@@ -112,6 +111,12 @@ def graph_json(circuit: Circuit, slug: str = SLUG) -> dict:
         "nodes": nodes,
         "links": links,
     }
+
+
+def plain_token(token: str) -> str:
+    """A token as text: byte-level BPE spells a newline "Ċ" and a leading space "Ġ" (the viewer shows a
+    newline as ⏎, as for circuit-tracer's own graphs)."""
+    return token.replace("Ċ", "\n").replace("Ġ", " ")
 
 
 def graph_index(graphs: list[dict], index: dict | None = None) -> dict:
