@@ -364,9 +364,11 @@ def export_command(args: list[str]) -> None:
 
     try:
         files = export_run(args[0], viewer)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        leave(2, f"{first_line(err)}" if isinstance(err, FileNotFoundError) else
-              f"{args[0]}/circuit.json cannot be read ({first_line(err)}): run the sweep again to rewrite it")
+    except FileNotFoundError as err:
+        leave(2, first_line(err))
+    except (KeyError, ValueError) as err:  # a circuit.json of an older layout, or damaged
+        why = f"no {err} field" if isinstance(err, KeyError) else first_line(err)
+        leave(2, f"{args[0]}/circuit.json cannot be read ({why}): run the sweep again to rewrite it")
     graph = json.loads(files.graph.read_text())
     print(f"circuit-tracer graph: {files.graph.resolve()} (index {files.index.resolve()})\n"
           f"MIB importances: {files.mib.resolve()}\n"

@@ -76,9 +76,10 @@ def test_mib_export_names_nodes_and_edges_as_mib_does(tiny_sweep):
     mib = json.loads((run_dir / "circuit_mib.json").read_text())
     assert mib["cfg"] == {"n_layers": circuit.n_layers, "n_heads": circuit.n_heads, "parallel_attn_mlp": False}
     assert all(MIB_NODE.match(name) for name in mib["nodes"])
-    components = {n for n in mib["nodes"] if n != "input"}
+    assert mib["nodes"]["input"]["in_graph"] and mib["nodes"]["logits"]["in_graph"]
+    components = {n for n in mib["nodes"] if n not in ("input", "logits")}
     assert len(components) == circuit.n_layers * (circuit.n_heads + 1)
-    assert {n for n, v in mib["nodes"].items() if v["in_graph"]} == {mib_name(circuit, n.id) for n in circuit.nodes}
+    assert {n for n in components if mib["nodes"][n]["in_graph"]} == {mib_name(circuit, n.id) for n in circuit.nodes}
     assert all(MIB_EDGE.match(name) for name in mib["edges"])
     for edge in circuit.edges:
         sender, receiver = mib_name(circuit, edge.sender), mib_name(circuit, edge.receiver)
@@ -92,8 +93,7 @@ def test_mib_export_names_nodes_and_edges_as_mib_does(tiny_sweep):
 
 def test_export_command_writes_an_older_runs_files(tiny_sweep, tmp_path):
     """`patchsweep export <run folder>` on a run with circuit.json alone writes the graph, its index and
-    the MIB file, and `--viewer <folder>` adds the graph under the run folder's name to that folder's index;
-    a folder without circuit.json is refused in one line, exit status 2."""
+    the MIB file, and `--viewer <folder>` adds the graph under the run folder's name to that folder's index."""
     older = tmp_path / "older-run"
     older.mkdir()
     (older / "circuit.json").write_bytes((tiny_sweep["outcome"].run_dir / "circuit.json").read_bytes())
@@ -108,10 +108,18 @@ def test_export_command_writes_an_older_runs_files(tiny_sweep, tmp_path):
     _graph_model().model_validate(json.loads((viewer / "older-run.json").read_text()))
     assert [g["slug"] for g in json.loads((viewer / "graph-metadata.json").read_text())["graphs"]] == ["older-run"]
     assert "index.html?slug=older-run&supernodes=" in result.stdout
-    refused = subprocess.run([sys.executable, "-m", "pipeline", "export", str(viewer)], capture_output=True,
-                             text=True, cwd=REPO, timeout=300)
-    assert refused.returncode == 2
-    assert refused.stderr.strip().count("\n") == 0 and "no circuit.json" in refused.stderr
+
+
+def test_export_command_refuses_a_folder_without_a_circuit(tmp_path, capsys):
+    """A folder without circuit.json: one line naming it, exit status 2; --help prints the usage."""
+    from pipeline.cli import export_command
+
+    with pytest.raises(SystemExit) as stopped:
+        export_command([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.strip().count("\n") == 0 and "no circuit.json" in err
+    export_command(["--help"])
+    assert capsys.readouterr().out.startswith("usage: patchsweep export <run folder>")
 
 
 # ---- circuit-tracer's viewer ----------------------------------------------------------------------

@@ -148,7 +148,8 @@ def mib_name(circuit: Circuit, node: str) -> str:
 
 def mib_json(circuit: Circuit) -> dict:
     """MIB's circuit file: every candidate node's score (its single-node effects summed over the position
-    classes) and whether the circuit holds it at any class; the path effects summed likewise per edge."""
+    classes) and whether the circuit holds it at any class; the path effects summed likewise per edge (an
+    edge not listed was not measured)."""
     scores = circuit.scores
     nodes: dict[str, dict] = {}
     for node, attribution, exact in zip(scores["id"], scores["attribution"], scores["exact"]):
@@ -157,6 +158,9 @@ def mib_json(circuit: Circuit) -> dict:
         entry["score"] += value or 0.0
     for node in circuit.nodes:
         nodes[mib_name(circuit, node.id)]["in_graph"] = True
+    # The model's input and output have no score of their own: they are in the circuit where an edge is.
+    ends = {mib_name(circuit, name) for e in circuit.edges for name in (e.sender, e.receiver)}
+    nodes |= {name: {"score": None, "in_graph": name in ends} for name in ("input", "logits")}
     edges: dict[str, dict] = {}
     for edge in circuit.edges:
         sender, receiver = mib_name(circuit, edge.sender), mib_name(circuit, edge.receiver)
