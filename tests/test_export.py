@@ -264,11 +264,11 @@ def test_diagrams_stay_readable_at_130_nodes(tiny_sweep):
     for figure in (draw_groups(circuit), draw(circuit)):
         texts, ax = _texts(figure)
         assert len(ax.get_xticklabels()) == len([p for p in circuit.positions if p.name in used])
-        labels = [(t, box) for t, box in texts if (t.get_gid() or "").startswith("label:")]
+        labels = [(t, box) for t, box in texts if t.get_label().startswith("label:")]
         assert min(t.get_fontsize() for t, _ in labels) >= LABEL_MIN
         for i, (text, box) in enumerate(texts):
             assert not any(box.overlaps(other) for _, other in texts[i + 1:]), text.get_text()
-        assert any(t.get_gid() == "edge-label" for t, _ in texts)
+        assert any(t.get_label() == "edge-label" for t, _ in texts)
         colours = {patch.get_edgecolor()[:3] for patch in ax.patches if isinstance(patch, FancyArrowPatch)}
         assert {tuple(int(255 * c + 0.5) for c in colour) for colour in colours} == {
             tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in (POSITIVE, NEGATIVE)}
@@ -276,11 +276,11 @@ def test_diagrams_stay_readable_at_130_nodes(tiny_sweep):
         assert "carries refusal" in " ".join(t.get_text() for t in legend.get_texts())
         if figure.axes[0].get_ylabel().startswith("layer (heads left"):
             renderer = figure.canvas.get_renderer()
-            boxes = {p.get_gid()[len("box:"):]: p.get_window_extent(renderer) for p in ax.patches
-                     if (p.get_gid() or "").startswith("box:")}
+            boxes = {p.get_label()[len("box:"):]: p.get_window_extent(renderer) for p in ax.patches
+                     if p.get_label().startswith("box:")}
             assert len(labels) == len(boxes) == len(circuit.supernodes)
             for text, extent in labels:
-                box = boxes[text.get_gid()[len("label:"):]]
+                box = boxes[text.get_label()[len("label:"):]]
                 assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1
                 assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1
         plt.close(figure)

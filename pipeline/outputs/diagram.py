@@ -145,7 +145,7 @@ def _write_edge_labels(ax, renderer, labels: list[EdgeLabel]) -> None:
         (x0, y0), (x1, y1) = label.start, label.end
         for along in (0.5, 0.38, 0.62, 0.26, 0.74):
             text = ax.text(x0 + along * (x1 - x0), y0 + along * (y1 - y0), label.text, color=label.colour,
-                           fontsize=6.5, ha="center", va="center", zorder=6, gid="edge-label",
+                           fontsize=6.5, ha="center", va="center", zorder=6, label="edge-label",
                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
                                  "alpha": 0.85})
             extent = text.get_window_extent(renderer)
@@ -166,14 +166,14 @@ def _edge_legend(fig, widest: float) -> None:
                title="path effect (share of the refusal gap along the path; the strongest are labelled)")
 
 
-def _fit_text(ax, renderer, centre: tuple[float, float], variants: list[str], box, colour: str, gid: str):
+def _fit_text(ax, renderer, centre: tuple[float, float], variants: list[str], box, colour: str, name: str):
     """Write in `box` (a window extent) the first of `variants` (fullest first), upright or turned, that fits
     at a comfortable size, else the one that fits largest (at least LABEL_MIN points)."""
     options = [(text, rotation) for text in variants for rotation in (0, 90)]
     sizes = {option: _fitting_size(ax, renderer, centre, *option, box) for option in options}
     text, rotation = next((o for o in options if sizes[o] >= LABEL_COMFORTABLE), max(options, key=sizes.get))
     return ax.text(*centre, text, rotation=rotation, fontsize=max(sizes[text, rotation], LABEL_MIN), ha="center",
-                   va="center", color=colour, zorder=5, gid=gid)
+                   va="center", color=colour, zorder=5, label=name)
 
 
 def _fitting_size(ax, renderer, centre: tuple[float, float], text: str, rotation: int, box) -> float:
@@ -223,7 +223,7 @@ def draw_groups(circuit: Circuit):
         patches[group.id] = ax.add_patch(FancyBboxPatch(
             (x - width / 2, low), width, high - low, boxstyle="round,pad=0.02,rounding_size=0.08",
             facecolor=cmap(norm(group.in_circuit_effect)), edgecolor="black", linewidth=1.4 if all_core else 0.9,
-            linestyle="-" if all_core else "--", zorder=2, gid=f"box:{group.id}"))
+            linestyle="-" if all_core else "--", zorder=2, label=f"box:{group.id}"))
         centres[group.id] = (x, (low + high) / 2)
     if any(e.sender == TOKENS for e in circuit.supernode_edges):
         centres[TOKENS] = _tokens_xy(circuit)
@@ -241,7 +241,7 @@ def draw_groups(circuit: Circuit):
         variants = [f"{group.id}\n{len(group.members)} {kind}, core {n_core}\n{effect}", f"{group.id}\n{effect}",
                     group.id]
         _fit_text(ax, renderer, centres[group.id], variants, patches[group.id].get_window_extent(renderer),
-                  _ink(cmap(norm(group.in_circuit_effect))), gid=f"label:{group.id}")
+                  _ink(cmap(norm(group.in_circuit_effect))), name=f"label:{group.id}")
     _write_edge_labels(ax, renderer, edge_labels)
     return fig
 
@@ -299,12 +299,12 @@ def draw(circuit: Circuit):
         y = members[0][1]
         if component == "mlp":
             ax.annotate(f"L{layer}.MLP", (members[0][0], y), xytext=(diameter / 2 + 3, 0), textcoords="offset points",
-                        ha="left", va="center", fontsize=font, zorder=5, gid=f"label:L{layer}.MLP@{position}")
+                        ha="left", va="center", fontsize=font, zorder=5, label=f"label:L{layer}.MLP@{position}")
         else:
             text = f"L{layer}.H" + ",".join(str(m[2]) for m in members)
             ax.annotate(text, (min(m[0] for m in members), y), xytext=(-diameter / 2 - 3, 0),
                         textcoords="offset points", ha="right", va="center", fontsize=font, zorder=5,
-                        gid=f"label:L{layer}.heads@{position}")
+                        label=f"label:L{layer}.heads@{position}")
     for name, point in xy.items():
         if name.startswith("EMB@"):
             _draw_tokens(ax, point)
