@@ -5,7 +5,9 @@
     patchsweep screen model=<name> prompts.path=<file with prompt, harmful columns>
         [intervention.run=<run folder> intervention.mode=ablate|add [intervention.scale=<s>]]
     patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
-    patchsweep --version
+    patchsweep export <run folder>                  the circuit as circuit-tracer's graph JSON and a MIB export
+    patchsweep compare <run folder> <run folder> [...]   runs against each other and their noise band
+    patchsweep --help | --version
 
 A sweep is a command of one job, a --multirun one of several: both take the same path
 (pipeline.run.multirun). Errors in the command line, the config or the input are printed as one line
@@ -18,12 +20,13 @@ status 2); a job of a --multirun that fails ends alone and is reported after the
 summary is printed with the `patchsweep log` command that logs them later (exit status 1).
 
 torch, Ray, MLflow and transformers are imported inside the commands that use them, not here: `--help`
-and tab completion (`--shell-completion`) answer without them.
+and tab completion (`--shell-completion`) answer without them, in well under 2 s.
 """
 from __future__ import annotations
 
 import logging.config
 import os
+import string
 import sys
 import time
 import uuid
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from pipeline import __version__, sigterm
@@ -105,6 +108,9 @@ def compose_and_call(task: Callable[[DictConfig], None], args: list[str]) -> Non
     sys.argv = [argv[0], *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors come here, not printed over several lines
     try:
+        if any(a in ("--help", "-h") for a in args):
+            print(help_page([a for a in args if not a.startswith("-")]))
+            return
         hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
     except HydraException as err:
         leave(2, compose_error(err, args))
@@ -114,6 +120,22 @@ def compose_and_call(task: Callable[[DictConfig], None], args: list[str]) -> Non
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
+
+
+def help_page(overrides: list[str]) -> str:
+    """`patchsweep --help`: conf/config.yaml's hydra.help.template, its config groups listed from conf/ and
+    the config as `overrides` compose it. Hydra's own --help composes the config again for every option of
+    every group (seconds, many more on a busy machine); this composes it once."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="patchsweep"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+    template = cfg.hydra.help.template
+    with open_dict(cfg):
+        del cfg["hydra"]
+    groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+    listed = "".join(f"{d.name}: {', '.join(sorted(f.stem for f in d.glob('*.yaml')))}\n" for d in groups)
+    return string.Template(template).safe_substitute(APP_CONFIG_GROUPS=listed, CONFIG=OmegaConf.to_yaml(cfg))
 
 
 def compose_error(err: HydraException, args: list[str]) -> str:

@@ -24,7 +24,6 @@ import fcntl
 import logging
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from pipeline import provenance  # noqa: E402
 from pipeline.messages import first_line, redact  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS, RUN_LOG, RunFolder  # noqa: E402
 from pipeline.run.runner import SweepOutcome  # noqa: E402
@@ -191,25 +191,19 @@ def lineage_tags(provenance: dict) -> dict[str, str]:
 
 
 def start_tags(cfg: PatchsweepConfig, overrides: list[str]) -> dict[str, str]:
-    """What is known when the run starts: code, model, output folder, command line."""
-    commit = git_commit()
+    """What is known when the run starts: code (the installed package's version and the commit it was built
+    from: pipeline.provenance), model, output folder, command line."""
+    commit = provenance.commit()
+    known = {"mlflow.source.git.commit": commit} if commit != provenance.NOT_RECORDED else {}
     return {
+        "patchsweep.version": provenance.version(),
         "git.commit": commit,
-        "mlflow.source.git.commit": commit,
+        **known,
         "model.id": redact(cfg.model.path),
         "versions": " ".join(f"{m.__name__}={m.__version__}" for m in (torch, transformers, ray, pa, mlflow)),
         "patchsweep.output_dir": str(Path(cfg.output_dir).resolve()),
         "patchsweep.overrides": redact(" ".join(overrides)),
     }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run_name(cfg: PatchsweepConfig) -> str:
