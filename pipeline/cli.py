@@ -125,11 +125,14 @@ def compose_and_call(task: Callable[[DictConfig], None], args: list[str]) -> Non
 def help_page(overrides: list[str]) -> str:
     """`patchsweep --help`: conf/config.yaml's hydra.help.template, its config groups listed from conf/ and
     the config as `overrides` compose it. Hydra's own --help composes the config again for every option of
-    every group (seconds, many more on a busy machine); this composes it once."""
+    every group (seconds, many more on a busy machine); this composes it once, a --multirun's swept keys at
+    their defaults."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    single = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="patchsweep"):
-        cfg = compose("config", overrides, return_hydra_config=True)
+        cfg = compose("config", single, return_hydra_config=True)
     template = cfg.hydra.help.template
     with open_dict(cfg):
         del cfg["hydra"]
@@ -362,7 +365,11 @@ def version_command(args: list[str]) -> None:
 
 
 # The first argument names a command; anything else is a sweep's Hydra command line.
-COMMANDS = {"screen": screen_command, "log": log_command, "--version": version_command}
+COMMANDS = {
+    "screen": screen_command,
+    "log": log_command,
+    "--version": version_command,
+}
 
 
 if __name__ == "__main__":

@@ -139,6 +139,45 @@ def test_the_wheel_carries_its_commit(tmp_path):
     assert zipfile.ZipFile(wheel).read("pipeline/_commit.txt").decode().strip() == head
 
 
+def test_progress_in_a_log_that_is_not_a_terminal():
+    """Where stderr is a file: a line when a stage ends, and progress between at most once per interval
+    (here an hour: none; at 0 s: every update); no bar, no carriage returns."""
+    import io
+
+    from pipeline.run.logs import PROGRESS_EVERY_S, StageLines, ThrottledLines, stage_progress
+
+    assert PROGRESS_EVERY_S == 30
+    log = io.StringIO()
+    with stage_progress(total=500, initial=100, desc="    patch", stream=log) as bar:
+        assert isinstance(bar, StageLines)
+        for _ in range(400):
+            bar.update()
+    assert log.getvalue().startswith("patch: 500/500 items done in ") and log.getvalue().count("\n") == 1
+    every = io.StringIO()
+    lines = ThrottledLines(every, every=0)
+    for i in range(3):
+        lines.progress(f"step {i}")
+    assert every.getvalue() == "step 0\nstep 1\nstep 2\n"
+
+
+@pytest.mark.slow
+def test_a_sweep_logged_to_a_file_has_a_line_per_stage(tmp_path):
+    """`patchsweep experiment=refusal_tiny 2> log`: the stages and the circuit's phases a line each, far
+    under 60 progress lines, and no carriage return (a bar redrawn in a file)."""
+    with open(tmp_path / "log", "w") as log:
+        command = [sys.executable, "-m", "pipeline", "experiment=refusal_tiny", f"output_root={tmp_path}",
+                   "tracking.enabled=false"]
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO, timeout=900)
+    text = (tmp_path / "log").read_text()
+    assert result.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    for stage in ("pairs", "cache", "patch", "summary"):
+        assert sum(line.startswith(f"{stage}: ") and " items done in " in line for line in lines) >= 1, text
+    assert any(line.startswith("  circuit 1/") for line in lines), text
+    assert len(lines) < 60, text
+
+
 def test_screen_under_a_direction(tmp_path):
     """`patchsweep screen ... intervention.run=<folder>`: the screen under the folder's direction (here one
     written by hand: a unit vector at layer 1) prints the intervention and its cost, and screen.arrow
