@@ -112,9 +112,8 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison | None:
     room = Room.of_cluster()
     tracked = [job for job in jobs if job.cfg.tracking.enabled]
     parent = ParentRun([job.cfg for job in tracked], sweep_key, [job.label for job in tracked]) if tracked else None
-    parent_id = parent.run_id if parent is not None else None
-    threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room, parent_id), name=f"patchsweep-job-{index}",
-                                daemon=True) for index, job in enumerate(jobs)]
+    threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room, parent_of(job, parent)),
+                                name=f"patchsweep-job-{index}", daemon=True) for index, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     try:
@@ -126,6 +125,15 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison | None:
             parent.fail("KILLED")
         return None
     return compare(jobs, parent, sweep_key)
+
+
+def parent_of(job: Job, parent: ParentRun | None) -> str | None:
+    """The id of the parent run a job's run goes under: none where the job logs to another store or
+    experiment than the parent's (a --multirun over tracking.*)."""
+    if parent is None:
+        return None
+    same = (tracking_uri(job.cfg), job.cfg.tracking.experiment) == (parent.uri, parent.cfg.tracking.experiment)
+    return parent.run_id if same else None
 
 
 def wait_for(jobs: list[Job]) -> None:
