@@ -1,6 +1,8 @@
 """patchsweep: activation-patching sweeps that localise refusal in transformers."""
 
-__version__ = "0.1.0"
+from pipeline.provenance import version as _version
+
+__version__ = _version()
 
 
 def load_run(path, verify: bool = True):
@@ -9,3 +11,11 @@ def load_run(path, verify: bool = True):
     from pipeline.outputs.load import load_run as load  # on use: `import pipeline` stays light
 
     return load(path, verify)
+
+
+def load_runs(root, verify: bool = True):
+    """Every finished run under an output root, --multirun jobs included and MLflow's copies of their
+    files left out, with their tables concatenated (pipeline.outputs.load.Runs)."""
+    from pipeline.outputs.load import load_runs as load
+
+    return load(root, verify)

@@ -30,9 +30,10 @@ OmegaConf.register_new_resolver("basename", lambda path, default: Path(str(path)
 
 def job_overrides() -> str:
     """In a --multirun job, "/" and the values the multirun sweeps over, as this job has them, e.g.
-    "/model.path=llama,patching.metric=kl-3f2a1c" (a path by its last part; the hash of the exact values keeps
-    jobs apart whose readable parts agree). The same command gives the same folders, so it resumes.
-    "" in a single run and outside Hydra's command line."""
+    "/model.path-llama,patching.metric-kl-3f2a1c" (a path by its last part; the hash of the exact values keeps
+    jobs apart whose readable parts agree). The same command gives the same folders, so it resumes. No "=":
+    DuckDB, pyarrow and polars would read a key=value folder as a Hive partition, a column that overwrites
+    the table's own (`model`). "" in a single run and outside Hydra's command line."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return ""
     parser = OverridesParser.create()
@@ -42,13 +43,13 @@ def job_overrides() -> str:
               for o in parser.parse_overrides(list(HydraConfig.get().overrides.task)) if o.key_or_group in swept]
     if not values:
         return ""
-    readable = ",".join(f"{key}={_folder_safe(Path(value).name or value)}" for key, value in sorted(values))
+    readable = ",".join(f"{key}-{_folder_safe(Path(value).name or value)}" for key, value in sorted(values))
     exact = hashlib.sha256(json.dumps(sorted(values)).encode()).hexdigest()[:6]
     return f"/{readable}-{exact}"
 
 
 def _folder_safe(text: str) -> str:
-    return re.sub(r"[^\w.=+-]", "_", text)[:60]
+    return re.sub(r"[^\w.+-]", "_", text)[:60]
 
 
 OmegaConf.register_new_resolver("job_overrides", job_overrides, replace=True)

@@ -69,8 +69,20 @@ def test_log_help_and_usage(monkeypatch, capsys):
 
 def test_help_lists_every_command():
     out = patchsweep("--help").stdout
-    for usage in ("patchsweep [--multirun]", "patchsweep screen model=", "patchsweep log <run folder>", "--version"):
+    for usage in ("patchsweep [--multirun]", "patchsweep screen model=", "patchsweep log <run folder>",
+                  "patchsweep export <run folder>", "patchsweep compare <run folder>", "--version"):
         assert usage in out, usage
+    # The groups as conf/ holds them, and the config as the overrides compose it.
+    assert "experiment: refusal_smol, refusal_tiny" in out and "name: refusal_smol" in out
+    assert "name: refusal_tiny" in patchsweep("experiment=refusal_tiny", "--help").stdout
+
+
+def test_help_with_a_misspelt_key_is_one_line():
+    result = patchsweep("modle=x", "--help")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "patchsweep: error: unknown key 'modle' on the command line: check its spelling (`patchsweep --help` lists "
+        "every key)"]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["screen", "--help"], ["--shell-completion", "query=bash"]])
@@ -89,6 +101,81 @@ def test_help_and_completion_import_no_heavy_library(args):
         assert "model=" in result.stdout.split()  # the completion Hydra offers for "mod"
     else:
         assert result.stdout.startswith("patchsweep: activation-patching sweeps")
+
+
+def test_provenance_is_the_package_own(tmp_path):
+    """The commit is this checkout's (read from .git's files), and a copy of the package lying inside some
+    other repository, as an installed one inside a user's project, records none rather than that one's."""
+    import shutil
+
+    from pipeline import provenance
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert provenance.commit() == provenance.checkout_commit(REPO) == head
+    assert pipeline.__version__ == provenance.version() != ""
+    user = tmp_path / "project"
+    subprocess.run(["git", "init", "-q", str(user)], check=True)
+    subprocess.run(["git", "-C", str(user), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
+                    "--allow-empty", "-m", "theirs"], check=True)
+    site = user / ".venv" / "site-packages"
+    shutil.copytree(REPO / "pipeline", site / "pipeline", ignore=shutil.ignore_patterns("organisms", "__pycache__"))
+    code = "from pipeline import provenance; print(provenance.commit())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=user, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.strip()
+    assert out == provenance.NOT_RECORDED
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_its_commit(tmp_path):
+    """setup.py writes the commit it builds from into the wheel (pipeline/_commit.txt)."""
+    import zipfile
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(clone)], check=True, timeout=300)
+    [wheel] = (tmp_path / "dist").glob("patchsweep-*.whl")
+    assert zipfile.ZipFile(wheel).read("pipeline/_commit.txt").decode().strip() == head
+
+
+def test_progress_in_a_log_that_is_not_a_terminal():
+    """Where stderr is a file: a line when a stage ends, and progress between at most once per interval
+    (here an hour: none; at 0 s: every update); no bar, no carriage returns."""
+    import io
+
+    from pipeline.run.logs import PROGRESS_EVERY_S, StageLines, ThrottledLines, stage_progress
+
+    assert PROGRESS_EVERY_S == 30
+    log = io.StringIO()
+    with stage_progress(total=500, initial=100, desc="    patch", stream=log) as bar:
+        assert isinstance(bar, StageLines)
+        for _ in range(400):
+            bar.update()
+    assert log.getvalue().startswith("patch: 500/500 items done in ") and log.getvalue().count("\n") == 1
+    every = io.StringIO()
+    lines = ThrottledLines(every, every=0)
+    for i in range(3):
+        lines.progress(f"step {i}")
+    assert every.getvalue() == "step 0\nstep 1\nstep 2\n"
+
+
+@pytest.mark.slow
+def test_a_sweep_logged_to_a_file_has_a_line_per_stage(tmp_path):
+    """`patchsweep experiment=refusal_tiny 2> log`: the stages and the circuit's phases a line each, far
+    under 60 progress lines, and no carriage return (a bar redrawn in a file)."""
+    with open(tmp_path / "log", "w") as log:
+        command = [sys.executable, "-m", "pipeline", "experiment=refusal_tiny", f"output_root={tmp_path}",
+                   "tracking.enabled=false"]
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO, timeout=900)
+    text = (tmp_path / "log").read_text()
+    assert result.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    for stage in ("pairs", "cache", "patch", "summary", "circuit"):
+        assert sum(line.startswith(f"{stage}: ") and " items done in " in line for line in lines) >= 1, text
+    assert sum(line.startswith("  circuit ") for line in lines) >= 3, text  # its phases (polled each second)
+    assert len(lines) < 60, text
 
 
 def test_screen_under_a_direction(tmp_path):

@@ -96,10 +96,10 @@ def test_ui_opens_on_the_experiments_runs_in_model_training_view(ui, tiny_sweep,
     offer Observability and Evaluation runs), without the telemetry notice of MLflow's home page."""
     experiment_id = tiny_sweep["tracking"]["experiment_id"]
     assert ui["printed"] == f"{ui['base']}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    parent = f"{tiny_sweep['cfg'].name} sweep"
-    dom = open_page(ui["printed"], [parent, "Model registry"], ARTIFACTS / "mlflow-ui-start.png", tmp_path)
+    run = tiny_sweep["cfg"].model.name  # a single sweep is one top-level run, named after its model
+    dom = open_page(ui["printed"], [run, "Model registry"], ARTIFACTS / "mlflow-ui-start.png", tmp_path)
     text = text_of(dom)
-    assert parent in text and "Model registry" in text and "Runs" in text
+    assert run in text and "Model registry" in text and "Runs" in text
     assert "Observability" not in text and "Evaluation runs" not in text
     assert "collects usage data" not in text
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, TINY_SWEEP, free_ports
 from pipeline import store
-from pipeline.run.tracking import DESCRIPTION_LIMIT, description
+from pipeline.run.tracking import DESCRIPTION_LIMIT, SWEEP_TAG, description, multirun_name
 
 CLEAN_ENV_DROPS = ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 
@@ -43,7 +43,9 @@ def test_live_run(tiny_sweep):
     client = MlflowClient(tracking["uri"])
     run = client.get_run(tracking["run_id"])
     assert run.info.status == "FINISHED"
-    assert client.get_run(tracking["parent_run_id"]).info.status == "FINISHED"
+    # A single sweep is one top-level run, the command's: no empty parent row above it.
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags[SWEEP_TAG] == "test-session"
+    assert "parent_run_id" not in tracking
     # Stage metrics were logged as each stage ended, not all at the end: their times increase.
     stamps = {key: client.get_metric_history(run.info.run_id, key)[0].timestamp
               for key in ("time/load_s", "time/pairs_s", "time/patch_s", "time/circuit_s", "time/render_s")}
@@ -52,18 +54,23 @@ def test_live_run(tiny_sweep):
     assert run.info.start_time <= stamps["time/load_s"]
     assert stamps["time/render_s"] < client.get_metric_history(run.info.run_id, "denoise/resid_pre")[0].timestamp
     assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
-    # report.md is the run's description (its whole sections that fit MLflow's limit, without its images);
-    # the run folder's tables named this run.
+    # report.md's headline is the run's description, within MLflow's limit, linking the whole report; the
+    # run folder's tables named this run.
     shown = run.data.tags["mlflow.note.content"]
-    assert shown == description(tiny_sweep["report"]) and len(shown) <= DESCRIPTION_LIMIT
-    assert shown.startswith(tiny_sweep["report"].split("\n## ")[0]) and "![" not in shown
+    page = f"#/experiments/{tracking['experiment_id']}/runs/{run.info.run_id}/artifacts/report.md?"
+    assert shown.startswith(tiny_sweep["report"].split("\n## ")[0].strip()) and "![" not in shown
+    assert f"[report.md]({page}" in shown and len(shown) <= DESCRIPTION_LIMIT
     assert tiny_sweep["tables_run_id"] == outcome.run_id == run.info.run_id
     # The summary and the circuit's nodes as MLflow tables (what the UI shows as tables).
     logged = {a["path"]: a["type"] for a in json.loads(run.data.tags["mlflow.loggedArtifacts"])}
     assert logged == {"tables/summary.json": "table", "tables/circuit_nodes.json": "table"}
     summary = client.load_table(tracking["experiment_id"], "tables/summary.json", run_ids=[run.info.run_id])
     on_disk = store.read_table(outcome.run_dir / "summary.parquet").to_pandas()
-    assert len(summary) == len(on_disk) and list(summary.columns) == list(on_disk.columns)
+    assert len(summary) == len(on_disk) and sorted(summary.columns) == sorted(on_disk.columns)
+    # The columns that tell the rows apart first; those of one value (the run id, config hash, model) last.
+    constant = [c for c in on_disk.columns if on_disk[c].astype(str).nunique(dropna=False) == 1]
+    assert {"run_id", "config_hash", "model"} <= set(constant) and list(summary.columns[-len(constant):]) == constant
+    assert list(summary.columns[:2]) == ["direction", "component"]
     np.testing.assert_allclose(summary["mean"], on_disk["mean"], atol=1e-9)  # JSON keeps 10 digits
     nodes = client.load_table(tracking["experiment_id"], "tables/circuit_nodes.json", run_ids=[run.info.run_id])
     assert sorted(nodes["id"]) == sorted(n.id for n in outcome.circuit.nodes)
@@ -98,9 +105,8 @@ def test_failed_sweep_ends_its_run_failed(tmp_path):
     assert list(workdir.iterdir()) == []  # no ./mlruns
     client = MlflowClient(f"sqlite:///{store_dir}/mlflow.db")
     [experiment] = [e for e in client.search_experiments() if e.name == "patchsweep"]
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    child = runs["refusal-tiny"]
-    assert child.info.status == "FAILED" and runs["refusal_tiny sweep"].info.status == "FAILED"
+    [child] = client.search_runs([experiment.experiment_id])  # the command's one run
+    assert child.info.run_name == "refusal-tiny" and child.info.status == "FAILED"
     assert child.data.tags["patchsweep.error"].startswith("ValueError: no pair survived")
     assert child.data.tags["mlflow.note.content"].startswith("**FAILED**")
     assert child.info.artifact_uri.startswith((store_dir / "mlartifacts").as_uri())
@@ -163,10 +169,21 @@ def test_ui_server_runs_without_telemetry_unless_turned_back_on(tiny_sweep, tmp_
         server.wait(timeout=60)
 
 
-def test_a_long_report_is_cut_at_a_section_within_mlflows_limit():
-    report = "# run\n\nintro\n![circuit](circuit.svg)\n" + "".join(f"\n## part {i}\n\n" + "x" * 900 for i in range(12))
-    shown = description(report)
-    assert len(shown) <= DESCRIPTION_LIMIT and "![" not in shown
-    assert shown.endswith("*The rest of the report: `report.md`, among the run's artifacts.*")
-    assert shown.count("## part") == 8 and "x" * 900 + "\n\n*The rest" in shown  # whole sections only
-    assert description("# short\n![a](a.png)\ntext") == "# short\ntext"
+def test_the_description_is_the_reports_headline_linking_the_report():
+    """The opening and the headline sections (without their subsections or images), then the link; a
+    section that would pass MLflow's limit is left to the report."""
+    report = ("# run\n\nintro\n![circuit](circuit.svg)\n\n## What matters most\n\n| top |\n\n## Files\n\nmany\n"
+              "\n## Circuit\n\n12 nodes\n\n### Stability\n\n" + "s" * 9000 + "\n")
+    link = "\n\n**The whole report:** [report.md](#/r) (among the run's artifacts)."
+    headline = "# run\n\nintro\n\n## What matters most\n\n| top |\n\n## Circuit\n\n12 nodes"
+    assert description(report, "#/r") == headline + link
+    long = "# run\n\n## What matters most\n\n" + "x" * 5000 + "\n\n## Circuit\n\n" + "y" * 5000
+    shown = description(long, "#/r")
+    assert len(shown) <= DESCRIPTION_LIMIT and "x" * 5000 in shown and "y" not in shown and shown.endswith(link)
+
+
+def test_a_multirun_parent_is_named_after_the_multirun():
+    assert multirun_name("refusal_tiny", ["refusal-tiny", "refusal-tiny-gpt2"]) == \
+        "refusal_tiny --multirun: refusal-tiny, refusal-tiny-gpt2"
+    long = multirun_name("x", [f"patching.metric=m{i}" for i in range(40)])
+    assert len(long) == 120 and long.endswith("... (40 jobs)")

@@ -26,7 +26,7 @@ NAMES = {"refusal_tiny": "refusal-tiny", "refusal_tiny_gpt2": "refusal-tiny-gpt2
 
 
 def job_folder(root: Path, name: str) -> Path:
-    [folder] = (root / "refusal_tiny" / f"{name}-generated").glob("model=*")
+    [folder] = (root / "refusal_tiny" / f"{name}-generated").glob("model-*")
     return folder
 
 
@@ -93,9 +93,9 @@ def test_multirun_over_a_non_model_key_completes_every_job(tmp_path):
                "circuit.enabled=false", "patching.metric=logit_diff,kl", f"output_root={tmp_path}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    folders = sorted(p.parent.name.split("-")[0] for p in (tmp_path / "refusal_tiny").rglob("_manifest.json")
+    folders = sorted(p.parent.name.rsplit("-", 1)[0] for p in (tmp_path / "refusal_tiny").rglob("_manifest.json")
                      if p.parent.parent.name.endswith("-generated"))
-    assert folders == ["patching.metric=kl", "patching.metric=logit_diff"]
+    assert folders == ["patching.metric-kl", "patching.metric-logit_diff"]
     _, parent, children = runs_of_command(tmp_path)
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert parent.data.params["jobs.labels"] == "patching.metric=logit_diff | patching.metric=kl"

@@ -1,6 +1,7 @@
-"""A finished run folder, loaded back for a notebook: `pipeline.load_run(path)`.
+"""Finished run folders, loaded back for a notebook: `pipeline.load_run(path)` one run,
+`pipeline.load_runs(root)` every run under an output root.
 
-    run = pipeline.load_run("outputs/refusal_tiny/refusal-tiny-generated")
+    run = pipeline.load_run("outputs/refusal_smol/smollm2-refusal-generated")
     run.summary                 # pandas: one row per site, mean effect and its interval
     run.effects, run.pairs      # pandas (nullable integers stay integers)
     run.circuit                 # circuit.json as a typed Circuit (None when the circuit step was off)
@@ -8,12 +9,22 @@
     run.config, run.overrides   # the resolved config and the command line it came from
     run.activations()           # a pyarrow dataset over every activation shard
 
+    runs = pipeline.load_runs("outputs")
+    runs.summary, runs.effects  # every run's rows in one pandas frame (their run_id, config_hash, model say whose)
+    runs.files("effects")       # the runs' effects.parquet paths, for DuckDB or polars (hive_partitioning off)
+
 The tables are the run folder's Parquet files (pipeline.outputs.files lists them) and are read on first
 use. By default every file the run's manifest lists is checked against its sha256 first, so a damaged
 or half-copied folder is refused rather than read.
+
+An output root holds run folders at <experiment>/<model>-<prompts>, a --multirun's jobs one level deeper,
+and the MLflow store's copies of their files (mlartifacts/ beside an SQLite store). A glob such as
+`outputs/**/effects.parquet` reads those copies too, every row twice; `*/*/` misses the --multirun jobs.
+`load_runs` takes the folders that carry a sweep's mark (.patchsweep-run), which MLflow's copies do not.
 """
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -23,10 +34,11 @@ import pyarrow.dataset as ds
 import yaml
 
 from pipeline.analysis.circuit.result import Circuit, read_circuit
-from pipeline.outputs.files import CIRCUIT, EFFECTS, PAIRS, SUMMARY, RunFolder
+from pipeline.outputs.files import CIRCUIT, EFFECTS, MARKER, OUTPUT_FILES, PAIRS, SUMMARY, RunFolder
 from pipeline.store import MANIFEST, Manifest, read_table
 
 TABLES = {Path(f.name).stem: f for f in (PAIRS, EFFECTS, SUMMARY)}
+SHARD_FOLDERS = {f.name.rstrip("/") for f in OUTPUT_FILES if f.name.endswith("/")}  # a run's own work files
 
 
 class Run:
@@ -100,3 +112,61 @@ class Run:
 
 def load_run(path: str | Path, verify: bool = True) -> Run:
     return Run(path, verify)
+
+
+class Runs:
+    """Every finished run under an output root (see the module docstring), in path order; `unfinished`
+    names the run folders left out because their sweep has not finished (running, failed, interrupted)."""
+
+    def __init__(self, root: str | Path, verify: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root} is not a folder: give an output root, e.g. outputs")
+        folders = run_folders(self.root)
+        finished = {f for f in folders if Manifest(f, "run").complete}
+        self.runs = [Run(f, verify) for f in folders if f in finished]
+        self.unfinished = [f for f in folders if f not in finished]
+        if not self.runs:
+            raise ValueError(f"{self.root} holds no finished run ({len(self.unfinished)} unfinished): give the "
+                             "output_root of finished sweeps, e.g. outputs")
+
+    def read(self, name: str) -> pa.Table:
+        """A table of every run as one pyarrow table: "pairs", "effects" or "summary"."""
+        return pa.concat_tables([run.read(name) for run in self.runs], promote_options="default")
+
+    def files(self, name: str) -> list[str]:
+        """The path of table `name` in each run: what DuckDB's or polars' read_parquet takes."""
+        if name not in TABLES:
+            raise ValueError(f"no table {name!r}: choose from {sorted(TABLES)}")
+        return [str(run.folder / TABLES[name]) for run in self.runs]
+
+    def _frame(self, name: str) -> pd.DataFrame:
+        return pd.concat([getattr(run, name) for run in self.runs], ignore_index=True)
+
+    pairs = cached_property(lambda self: self._frame("pairs"))
+    effects = cached_property(lambda self: self._frame("effects"))
+    summary = cached_property(lambda self: self._frame("summary"))
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __repr__(self) -> str:
+        return f"Runs({str(self.root)!r}: {len(self.runs)} finished, {len(self.unfinished)} unfinished)"
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The folders under `root` (itself included) that carry a sweep's mark, in path order; a run's own
+    shard folders are not searched."""
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        if MARKER in names:
+            found.append(Path(folder))
+            subfolders[:] = [d for d in subfolders if d not in SHARD_FOLDERS]
+    return sorted(found)
+
+
+def load_runs(root: str | Path, verify: bool = True) -> Runs:
+    return Runs(root, verify)

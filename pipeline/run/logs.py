@@ -6,15 +6,21 @@ the same file, which lies on storage every node shares. Records of patchsweep's 
 go in from INFO, everyone else's (torch, transformers, MLflow) from WARNING. The console shows warnings
 and errors only: the driver's through Hydra's job logging (conf/config.yaml), the actors' through Ray's
 log streaming (ray.log_to_driver).
+
+Progress goes to stderr: bars on a terminal; in a log that is not one (a Slurm .out file, `kubectl logs`,
+`make run > log 2>&1`), where a bar would add a line at every refresh, a line per stage and circuit phase
+and at most one progress line per PROGRESS_EVERY_S between (`stage_progress`, `ThrottledLines`).
 """
 from __future__ import annotations
 
 import logging
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from pipeline.messages import redact
@@ -22,6 +28,7 @@ from pipeline.outputs.files import RUN_LOG
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s (pid %(process)d): %(message)s"
 OWN = "pipeline"  # patchsweep's loggers: logging.getLogger(__name__) in its modules
+PROGRESS_EVERY_S = 30.0  # where the console is not a terminal: at most one progress line this often
 
 
 class Redacting(logging.Formatter):
@@ -101,3 +108,53 @@ def actor_logging(log_path: str | Path) -> None:
     logging.getLogger(OWN).setLevel(logging.INFO)
     # Loading a model draws a progress bar on stderr: not a warning, and it would reach the console.
     hf_logging.disable_progress_bar()
+
+
+def is_terminal(stream) -> bool:
+    return getattr(stream, "isatty", lambda: False)()
+
+
+class ThrottledLines:
+    """Progress lines for a stream that is not a terminal: `milestone` (a stage or a phase begun or done)
+    always printed, `progress` at most once per `every` seconds since the last line."""
+
+    def __init__(self, stream=None, every: float = PROGRESS_EVERY_S):
+        self.stream, self.every = stream or sys.stderr, every
+        self._last = time.monotonic()
+
+    def progress(self, line: str) -> None:
+        if time.monotonic() - self._last >= self.every:
+            self.milestone(line)
+
+    def milestone(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+        self._last = time.monotonic()
+
+
+class StageLines:
+    """A stage's work items as throttled lines, with the part of tqdm's interface `WorkerPool.map` uses
+    (a context, `update`): a progress line at most every PROGRESS_EVERY_S, one line when the stage ends."""
+
+    def __init__(self, total: int, initial: int, desc: str, stream=None):
+        self.total, self.n, self.desc = total, initial, desc.strip()
+        self.lines, self._began = ThrottledLines(stream), time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.lines.progress(f"{self.desc}: {self.n}/{self.total} items, {time.monotonic() - self._began:.0f}s")
+
+    def __enter__(self) -> StageLines:
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if kind is None:  # a stage that fails says so in the command's own line
+            self.lines.milestone(f"{self.desc}: {self.n}/{self.total} items done in "
+                                 f"{time.monotonic() - self._began:.0f}s")
+
+
+def stage_progress(total: int, initial: int, desc: str, stream=None) -> tqdm | StageLines:
+    """The progress of a stage's work items on stderr: a bar on a terminal, else `StageLines`."""
+    stream = stream or sys.stderr
+    if is_terminal(stream):
+        return tqdm(total=total, initial=initial, desc=desc, unit="item", dynamic_ncols=True, leave=True, file=stream)
+    return StageLines(total, initial, desc, stream)

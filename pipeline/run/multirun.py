@@ -104,16 +104,16 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison | None:
     for job, label in zip(jobs, job_labels(jobs)):
         job.label = label
     if len(jobs) == 1:
-        # In this thread, its pool alone on the cluster: Ctrl-C reaches the sweep where it is, and its
-        # MLflow run is the parent run's only child (it ends the parent).
-        _run_job(jobs[0], sweep_key, room=None, ends_parent=True)
+        # In this thread, its pool alone on the cluster: Ctrl-C reaches the sweep where it is; its MLflow
+        # run is the command's (no parent).
+        _run_job(jobs[0], sweep_key, room=None, parent_id=None)
         return None
     start_ray(jobs[0].cfg)  # every job has the first one's ray.* and resources.num_cpus (check_jobs)
     room = Room.of_cluster()
     tracked = [job for job in jobs if job.cfg.tracking.enabled]
     parent = ParentRun([job.cfg for job in tracked], sweep_key, [job.label for job in tracked]) if tracked else None
-    threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room, False), name=f"patchsweep-job-{index}",
-                                daemon=True) for index, job in enumerate(jobs)]
+    threads = [threading.Thread(target=_run_job, args=(job, sweep_key, room, parent_of(job, parent)),
+                                name=f"patchsweep-job-{index}", daemon=True) for index, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     try:
@@ -127,6 +127,15 @@ def run_jobs(jobs: list[Job], sweep_key: str) -> Comparison | None:
     return compare(jobs, parent, sweep_key)
 
 
+def parent_of(job: Job, parent: ParentRun | None) -> str | None:
+    """The id of the parent run a job's run goes under: none where the job logs to another store or
+    experiment than the parent's (a --multirun over tracking.*)."""
+    if parent is None:
+        return None
+    same = (tracking_uri(job.cfg), job.cfg.tracking.experiment) == (parent.uri, parent.cfg.tracking.experiment)
+    return parent.run_id if same else None
+
+
 def wait_for(jobs: list[Job]) -> None:
     """Until every job's thread has recorded its end. Not Thread.join: a join that Ctrl-C interrupts can
     mark a thread ended that still runs (a CPython race in Thread._wait_for_tstate_lock), and the command
@@ -136,19 +145,19 @@ def wait_for(jobs: list[Job]) -> None:
             pass
 
 
-def _run_job(job: Job, sweep_key: str, room: Room | None, ends_parent: bool) -> None:
+def _run_job(job: Job, sweep_key: str, room: Room | None, parent_id: str | None) -> None:
     try:
-        _sweep_and_log(job, sweep_key, room, ends_parent)
+        _sweep_and_log(job, sweep_key, room, parent_id)
     finally:
         job.ended.set()
 
 
-def _sweep_and_log(job: Job, sweep_key: str, room: Room | None, ends_parent: bool) -> None:
+def _sweep_and_log(job: Job, sweep_key: str, room: Room | None, parent_id: str | None) -> None:
     live = None
     try:
         # The MLflow run starts with the sweep and ends with it, FAILED (or KILLED) when the sweep does.
         if job.cfg.tracking.enabled:
-            live = LiveRun(job.cfg, sweep_key, job.overrides, ends_parent=ends_parent)
+            live = LiveRun(job.cfg, sweep_key, job.overrides, parent_id)
         job.outcome = run_sweep(job.cfg, live, job.overrides, room)
     except BaseException as err:  # the job's own end: reported by the command once every job is done
         job.error = err

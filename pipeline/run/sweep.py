@@ -32,7 +32,7 @@ from pipeline.run.folder import (
     stamp_run_tables,
     write_config,
 )
-from pipeline.run.logs import run_log
+from pipeline.run.logs import ThrottledLines, run_log
 from pipeline.run.runner import Sweep, SweepOutcome, Tracker
 from pipeline.run.scheduler import Room
 from pipeline.run.workers import WorkerPool, start_ray, timed
@@ -190,7 +190,7 @@ def stage_circuit(sweep: Sweep):
     item = circuit.plan(sweep.run_dir, sweep.cfg, sweep.weights_hash, sweep.labels_hash, sweep.transfer_hash,
                         sweep.provenance)
     stats = sweep.stage("circuit")  # listed after pairs, where it starts
-    with circuit.follow_progress(sweep.run_dir):
+    with circuit.follow_progress(sweep.run_dir, lines=ThrottledLines()):
         reusable = sweep.reusable("circuit", circuit.__name__, item.key, (CIRCUIT.name,))
         job = None if reusable else sweep.pool.start(circuit.run, item)
         if job is not None:

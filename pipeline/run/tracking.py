@@ -1,11 +1,13 @@
-"""MLflow: one parent run per command, one child run per model's sweep, live. Only the driver talks to MLflow.
+"""MLflow: a run per model's sweep, live; a --multirun's sweeps are the children of a parent run named after
+the multirun. Only the driver talks to MLflow.
 
-The child run is created when the sweep starts (RUNNING, with the config as params, system metrics
+A sweep's run is created when the sweep starts (RUNNING, with the config as params, system metrics
 sampled while it runs), gets each stage's time and work counts as the stage finishes, and ends FINISHED
 with the per-layer curves (metrics with step = layer, drawn by the UI as line charts), the summary and
-the circuit's nodes as tables the UI shows, report.md as its description, the run folder's files as
-artifacts, lineage tags (git commit, weights and pairs hashes, library versions) and the pairs as a
-dataset input; or FAILED (KILLED on Ctrl-C) with the error as its description and run.log beside it.
+the circuit's nodes as tables the UI shows (the columns that tell rows apart first), report.md's headline
+as its description with a link to the whole report, the run folder's files as artifacts, lineage tags
+(patchsweep's version and commit, weights and pairs hashes, library versions) and the pairs as a dataset
+input; or FAILED (KILLED on Ctrl-C) with the error as its description and run.log beside it.
 
 The default store is an SQLite file under the output root; `tracking.uri` points elsewhere (another
 SQLite file, or a team's server). An experiment patchsweep creates in an SQLite store keeps its artifacts
@@ -24,7 +26,6 @@ import fcntl
 import logging
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from pipeline import provenance  # noqa: E402
 from pipeline.messages import first_line, redact  # noqa: E402
 from pipeline.outputs.files import ARTIFACTS, RUN_LOG, RunFolder  # noqa: E402
 from pipeline.run.runner import SweepOutcome  # noqa: E402
@@ -130,17 +132,6 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def _parent_run(client, experiment_id: str, cfg: PatchsweepConfig, sweep_key: str) -> str:
-    """The command's parent run: found by its tag (a multirun's jobs share it) or created; running
-    while any of its children runs."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'", max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"{cfg.name} sweep", tags={SWEEP_TAG: sweep_key})
-    return run.info.run_id
-
-
 class StoreFailed(RuntimeError):
     """The MLflow store failed once the results were on disk; the message says why in words."""
 
@@ -168,18 +159,32 @@ def store_failure(uri: str, err: BaseException, opened: tuple[int, int] | None) 
 
 
 DESCRIPTION_LIMIT = 8000  # MLflow keeps at most this many characters of a tag's value
+# report.md's level-2 sections that the description shows (their subsections left to the report).
+HEADLINE_SECTIONS = ("What matters most", "Circuit")
 
 
-def description(report: str, limit: int = DESCRIPTION_LIMIT) -> str:
-    """report.md as the run page's description: without its images (their relative links point nowhere in
-    the UI; the figures are the run's artifacts), and where longer than MLflow keeps, its whole sections
-    that fit followed by a line naming the artifact that holds the rest."""
-    text = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
-    if len(text) <= limit:
-        return text
-    rest = "\n\n*The rest of the report: `report.md`, among the run's artifacts.*"
-    cut = text.rfind("\n## ", 0, limit - len(rest))
-    return text[:cut if cut > 0 else limit - len(rest)].rstrip() + rest
+def description(report: str, report_page: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The run page's description: report.md's opening (the run, the pairs kept) and its headline sections
+    without their subsections, then a link to the whole report (`report_page`: its address in the UI, an
+    artifact of the run). Images are left out: their relative links point nowhere in the UI, and the
+    figures are the run's artifacts. Sections that would pass MLflow's limit are left to the report."""
+    link = f"\n\n**The whole report:** [report.md]({report_page}) (among the run's artifacts)."
+    parts, shown = re.split(r"(?m)^(?=##+ )", report), []
+    for part in parts:
+        heading = part.splitlines()[0] if part.startswith("#") else ""
+        if part is parts[0] or (heading.startswith("## ") and heading[3:].strip() in HEADLINE_SECTIONS):
+            text = "\n".join(line for line in part.splitlines() if not line.startswith("![")).strip()
+            if sum(len(p) + 2 for p in shown) + len(text) + len(link) > limit:
+                break
+            shown.append(text)
+    return "\n\n".join(shown)[:limit - len(link)] + link
+
+
+def informative_first(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns whose values differ between rows first, those with one value for every row (the run id,
+    the model) last: the UI's table shows the first columns."""
+    constant = [c for c in frame.columns if frame[c].astype(str).nunique(dropna=False) <= 1]
+    return frame[[c for c in frame.columns if c not in constant] + constant]
 
 
 def lineage_tags(provenance: dict) -> dict[str, str]:
@@ -191,25 +196,19 @@ def lineage_tags(provenance: dict) -> dict[str, str]:
 
 
 def start_tags(cfg: PatchsweepConfig, overrides: list[str]) -> dict[str, str]:
-    """What is known when the run starts: code, model, output folder, command line."""
-    commit = git_commit()
+    """What is known when the run starts: code (the installed package's version and the commit it was built
+    from: pipeline.provenance), model, output folder, command line."""
+    commit = provenance.commit()
+    known = {"mlflow.source.git.commit": commit} if commit != provenance.NOT_RECORDED else {}
     return {
+        "patchsweep.version": provenance.version(),
         "git.commit": commit,
-        "mlflow.source.git.commit": commit,
+        **known,
         "model.id": redact(cfg.model.path),
         "versions": " ".join(f"{m.__name__}={m.__version__}" for m in (torch, transformers, ray, pa, mlflow)),
         "patchsweep.output_dir": str(Path(cfg.output_dir).resolve()),
         "patchsweep.overrides": redact(" ".join(overrides)),
     }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run_name(cfg: PatchsweepConfig) -> str:
@@ -242,7 +241,8 @@ def result_metrics(outcome: SweepOutcome) -> tuple[dict[str, list[tuple[int, flo
 
 
 class LiveRun:
-    """One model's sweep as an MLflow child run, from its start to its end.
+    """One model's sweep as an MLflow run, from its start to its end: the command's own run, or in a
+    --multirun a child of its parent run (`parent_id`, which the multirun's `ParentRun` ends).
 
     The run is created in the background (a new SQLite store takes MLflow seconds of schema migrations)
     while the sweep starts Ray and loads the model; `run_id` waits for it. A store that fails never stops
@@ -250,9 +250,8 @@ class LiveRun:
     are on disk (the command says how to log them later).
     """
 
-    def __init__(self, cfg: PatchsweepConfig, sweep_key: str, overrides: list[str], ends_parent: bool = True):
-        self.cfg, self.uri = cfg, tracking_uri(cfg)
-        self.ends_parent = ends_parent  # False in a --multirun: its ParentRun ends the parent after every job
+    def __init__(self, cfg: PatchsweepConfig, sweep_key: str, overrides: list[str], parent_id: str | None = None):
+        self.cfg, self.uri, self.parent_id = cfg, tracking_uri(cfg), parent_id
         self.client: MlflowClient | None = None  # opened in the background (`store_client`)
         self._ids: dict[str, str] = {}
         self._error: BaseException | None = None
@@ -268,12 +267,13 @@ class LiveRun:
             self.client = client = store_client(self.uri)
             cfg = self.cfg
             experiment_id = _experiment_id(client, cfg)
-            parent_id = _parent_run(client, experiment_id, cfg, sweep_key)
-            tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG + ".member": sweep_key, **start_tags(cfg, overrides),
+            command = ({SWEEP_TAG: sweep_key} if self.parent_id is None else
+                       {"mlflow.parentRunId": self.parent_id, SWEEP_TAG + ".member": sweep_key})
+            tags = {**command, **start_tags(cfg, overrides),
                     DESCRIPTION: f"Running since {time.strftime('%Y-%m-%d %H:%M:%S')}: stage times appear as metrics "
                                  f"(`time/...`) as the stages finish. Files: `{Path(cfg.output_dir).resolve()}`."}
             run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
-            self._ids = {"experiment_id": experiment_id, "parent_run_id": parent_id, "run_id": run_id}
+            self._ids = {"experiment_id": experiment_id, "run_id": run_id}
             self._store_file = store_file(self.uri)
             params = flatten(to_plain(cfg))
             params["overrides"] = " ".join(overrides)
@@ -327,7 +327,8 @@ class LiveRun:
         client, run_id, folder = self.client, self.run_id, RunFolder(outcome.run_dir)
         curves, scalars = result_metrics(outcome)
         self._log_metrics({**curves, **{key: [(0, value)] for key, value in scalars.items()}})
-        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: description(redact(folder.report.read_text()))}
+        page = f"#/experiments/{ids['experiment_id']}/runs/{run_id}/artifacts/{folder.report.name}?{MODEL_TRAINING}"
+        tags = lineage_tags(outcome.provenance) | {DESCRIPTION: description(redact(folder.report.read_text()), page)}
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         for name, frame in tables(outcome).items():
             client.log_table(run_id, frame, TABLES[name])
@@ -361,7 +362,7 @@ class LiveRun:
 
     def _end(self, status: str, dataset=None) -> None:
         """Stop the system metrics, log the dataset input (MLflow's public API logs datasets to the active
-        run: the run is resumed for it) and end the run and its parent with `status`."""
+        run: the run is resumed for it) and end the run with `status`."""
         if self._monitor is not None:
             self._monitor.finish()
         mlflow.set_tracking_uri(self.uri)
@@ -373,8 +374,6 @@ class LiveRun:
                     mlflow.log_input(dataset, context="pairs")
         finally:
             mlflow.end_run(status)
-            if self.ends_parent:
-                self.client.set_terminated(self.ids["parent_run_id"], status=status)
 
 
 def log_finished(cfg: PatchsweepConfig, outcome: SweepOutcome, sweep_key: str) -> dict[str, str]:
@@ -392,13 +391,14 @@ NODE_COLUMNS = ("id", "component", "layer", "head", "position", "token", "effect
 
 def tables(outcome: SweepOutcome) -> dict[str, pd.DataFrame]:
     """The MLflow tables of a finished run: the summary (every site's mean and interval) and the
-    circuit's nodes."""
+    circuit's nodes, the columns that tell rows apart first."""
     summary = read_table(RunFolder(outcome.run_dir).summary).to_pandas()
+    summary = informative_first(summary)
     out = {"summary": summary.astype(object).where(summary.notna(), None)}
     if outcome.circuit is not None:
         nodes = pd.DataFrame([asdict(node) for node in outcome.circuit.nodes])
         first = [c for c in NODE_COLUMNS if c in nodes.columns]
-        nodes = nodes[first + [c for c in nodes.columns if c not in first]]
+        nodes = informative_first(nodes[first + [c for c in nodes.columns if c not in first]])
         out["circuit_nodes"] = nodes.astype(object).where(nodes.notna(), None)
     return out
 
@@ -465,16 +465,17 @@ COMPARISON_TABLE = "tables/comparison.json"
 
 class ParentRun:
     """The parent run of a --multirun whose jobs run at once (pipeline.run.multirun): created before they
-    start (their child runs find it by its tag and leave ending it to this), with the params the jobs share
-    and what tells them apart. Once they end: the comparison (comparison.png, the table as an MLflow table
-    and as comparison.md; the table is also the run's description), each sweep's summary metrics, FINISHED
-    or FAILED when a job failed."""
+    start (their runs are its children; this ends it), named after the multirun (the experiment and its
+    jobs' labels), with the params the jobs share and what tells them apart. Once they end: the comparison
+    (comparison.png, the table as an MLflow table and as comparison.md; the table is also the run's
+    description), each sweep's summary metrics, FINISHED or FAILED when a job failed."""
 
     def __init__(self, cfgs: list[PatchsweepConfig], sweep_key: str, labels: list[str]):
         self.cfg, self.uri = cfgs[0], tracking_uri(cfgs[0])
         self.client = store_client(self.uri)
         self.experiment_id = _experiment_id(self.client, self.cfg)
-        self.run_id = _parent_run(self.client, self.experiment_id, self.cfg, sweep_key)
+        self.run_id = self.client.create_run(self.experiment_id, run_name=multirun_name(self.cfg.name, labels),
+                                             tags={SWEEP_TAG: sweep_key}).info.run_id
         flat = [flatten(to_plain(cfg)) for cfg in cfgs]
         shared = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
         params = {**shared, "jobs": str(len(cfgs)), "jobs.labels": " | ".join(labels),
@@ -512,6 +513,12 @@ class ParentRun:
 
     def fail(self, status: str = "FAILED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def multirun_name(experiment: str, labels: list[str], limit: int = 120) -> str:
+    """A --multirun's parent run name: "refusal_tiny --multirun: refusal-tiny, refusal-tiny-gpt2, ..."."""
+    name = f"{experiment} --multirun: {', '.join(labels)}"
+    return name if len(name) <= limit else name[:limit - len(f"... ({len(labels)} jobs)")] + f"... ({len(labels)} jobs)"
 
 
 def _metric_name(label: str) -> str:

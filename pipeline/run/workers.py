@@ -40,7 +40,7 @@ from pipeline.engine.loading import load_model
 from pipeline.messages import error_line, first_line, notice_line
 from pipeline.organisms import resolve
 from pipeline.outputs.files import RunFolder
-from pipeline.run.logs import actor_logging
+from pipeline.run.logs import actor_logging, stage_progress
 from pipeline.run.scheduler import Room
 from pipeline.schema import ModelConfig, PatchsweepConfig, ResourcesConfig
 from pipeline.store import file_entry
@@ -477,8 +477,7 @@ class WorkerPool:
         batch = _Batch(compute, items, stats or StageStats(compute.__name__), on_result)
         load = [0] * len(self.actors)  # items queued on each actor
         recovering: dict = {}  # ping ref -> actor index, for actors being restarted
-        with tqdm(total=len(items) + batch.stats.reused, initial=batch.stats.reused, desc=f"{batch.stats.stage:>9}",
-                  unit="item", dynamic_ncols=True, leave=True) as bar:
+        with stage_progress(len(items) + batch.stats.reused, batch.stats.reused, f"{batch.stats.stage:>9}") as bar:
             while batch.pending or batch.in_flight:
                 self._rebalance(min(self.cfg.resources.actors, len(batch.pending) + len(batch.in_flight)), load,
                                 recovering)

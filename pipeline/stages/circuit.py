@@ -73,11 +73,12 @@ def run(model, tokenizer, item: CircuitItem) -> list[Path]:
 
 
 @contextmanager
-def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
+def follow_progress(run_dir: Path, interval: float = 1.0, file=None, lines=None):
     """While the block runs, a progress bar of the circuit step: its phase, steps done of the phase's
     total (when known), rows computed and the time the phase has left. Where the stream is not a terminal
-    (a Slurm .out file, `kubectl logs`, a redirect) a bar would add a line at every refresh, so it gets one
-    line per phase instead. The progress file goes after."""
+    (a Slurm .out file, `kubectl logs`, a redirect) a bar would add a line at every refresh, so it gets a
+    line per phase, and through `lines` (the driver's pipeline.run.logs.ThrottledLines), when given, a
+    progress line at most every 30 s between. The progress file goes after."""
     path, stop = RunFolder(run_dir).circuit_progress, threading.Event()
     path.unlink(missing_ok=True)  # a previous run's
     stream = file or sys.stderr
@@ -92,11 +93,15 @@ def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
                 continue
             phase = f"  circuit {state['index']}/{state['phases']} {state['phase']}"
             if not terminal:
-                if shown != (state["index"], state["phase"]):
-                    shown = (state["index"], state["phase"])
-                    total = f" of {state['total']}" if state["total"] is not None else ""
-                    print(f"{phase}: {state['done']}{total} {state['unit']} done, {state['rows']} rows computed",
-                          file=stream, flush=True)
+                total = f" of {state['total']}" if state["total"] is not None else ""
+                line = f"{phase}: {state['done']}{total} {state['unit']} done, {state['rows']} rows computed"
+                if shown != (state["index"], state["phase"]) and lines is not None:
+                    lines.milestone(line)
+                elif shown != (state["index"], state["phase"]):
+                    print(line, file=stream, flush=True)
+                elif lines is not None:
+                    lines.progress(line)
+                shown = (state["index"], state["phase"])
                 continue
             if bar is None:
                 bar = tqdm(file=stream, dynamic_ncols=True, leave=False)
