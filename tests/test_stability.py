@@ -67,7 +67,7 @@ def test_resampled_jaccard_on_a_planted_circuit_matches_independent_searches():
     rng = np.random.default_rng(1)
     resampled = [planted_search(kinds, np.bincount(draw_pairs(rng, n_pairs, n_pairs), minlength=n_pairs))
                  for _ in range(60)]
-    reported = agreement_json(resampled, main, [], CoreFaithfulness([], None, None))
+    reported = agreement_json(resampled, main, [], CoreFaithfulness([], None, None), circuit_is_a_draw=False)
     between, truth = reported["jaccard"]["between_resamples"], mean_jaccard(independent)
     assert 0.6 < truth < 0.98  # the circuit does vary between searches
     assert abs(between["mean"] - truth) <= between["std"], (between, truth)
@@ -120,13 +120,14 @@ def test_refusal_tiny_reported_jaccard_matches_independent_searches(tiny_searche
     result, others = tiny_searches
     stability = result["stability"]
     assert stability["n_resamples"] == 4 and len(stability["circuits"]) == 4
-    assert stability["draw"].startswith("a bootstrap resample of the search's")
+    assert stability["draw"].startswith("a bootstrap resample of the search's") and not stability["circuit_is_a_draw"]
     independent = [[n["id"] for n in result["nodes"]], *others]
-    between = stability["jaccard"]["between_resamples"]
+    between = stability["jaccard"]["between_searches"]
+    assert between == stability["jaccard"]["between_resamples"]  # the circuit saw every pair: not one of the draws
     truth = [jaccard(a, b) for k, a in enumerate(independent) for b in independent[k + 1:]]
     assert abs(between["mean"] - np.mean(truth)) <= max(between["std"], np.std(truth), 0.05), (between, truth)
     supernodes = stability["supernodes"]
-    assert supernodes["jaccard"]["between_resamples"]["mean"] >= between["mean"]  # coarser keys agree more
+    assert supernodes["jaccard"]["between_searches"]["mean"] >= between["mean"]  # coarser keys agree more
 
 
 def test_stability_reports_circuits_frequencies_and_the_core_alone(tiny_searches):

@@ -241,15 +241,15 @@ def _supernode_lines(circuit: Circuit) -> list[str]:
 def _agreement_words(stability: StabilitySummary) -> str:
     words = []
     for level, found in (("node", stability.nodes), ("supernode", stability.supernodes)):
-        between = found.jaccard_between
+        between = found.jaccard_between_searches
         words.append(f"{level} Jaccard {between.mean:.2f} (sd {between.std:.2f})" if between else
-                     f"{level} Jaccard not measured (one resample)")
-    return "they agree at " + ", ".join(words)
+                     f"{level} Jaccard not measured (one search)")
+    return "independent searches agree at " + ", ".join(words)
 
 
 def _trust_words(stability: StabilitySummary, target: float) -> str:
     """Which level of the circuit the reader can trust, from the numbers (StabilitySummary.trusted_level)."""
-    bar = f"mean Jaccard between resamples >= {stability.stable_jaccard:.2f} and the core alone reaching {target:.2f}"
+    bar = f"mean Jaccard between searches >= {stability.stable_jaccard:.2f} and the core alone reaching {target:.2f}"
     if stability.trusted_level == "nodes":
         return f"trust the circuit node by node ({bar})"
     if stability.trusted_level == "supernodes":
@@ -262,11 +262,13 @@ def _stability_lines(circuit: Circuit) -> list[str]:
     the core alone, which level to trust; then the circuit's nodes by how often those searches keep them."""
     stability = circuit.stability
     target = circuit.method["target"]
+    with_circuit = ", and each with the circuit (drawn the same way)" if stability.circuit_is_a_draw else ""
     lines = ["", f"### Stability over {stability.n_resamples} searches on resampled pairs", "",
              f"How: {stability.method}; each resample's pairs are {stability.draw}. Core: the circuit's members "
              f"kept by >= {100 * stability.core_threshold:.0f}% of the resampled searches, measured alone on all "
-             f"{circuit.n_pairs} pairs.", "",
-             "| level | Jaccard between resamples | Jaccard to the circuit | size (median, range) | core "
+             f"{circuit.n_pairs} pairs. Jaccard between searches: every two resampled ones"
+             f"{with_circuit}.", "",
+             "| level | Jaccard between searches | Jaccard to the circuit | size (median, range) | core "
              "| core alone |",
              "|---|---|---|---|---|---|"]
     for level, found, size in (("nodes", stability.nodes, circuit.size),
@@ -277,7 +279,7 @@ def _stability_lines(circuit: Circuit) -> list[str]:
                  f"{found.core_faithfulness_ci[1]:.3f}] ({found.core_nodes} nodes)")
         size_range = "-" if found.size_range is None else f"{found.size_median:.0f} ({found.size_range[0]}-" \
                                                          f"{found.size_range[1]})"
-        lines.append(f"| {level} | {_spread(found.jaccard_between)} | {_spread(found.jaccard_to_circuit)} | "
+        lines.append(f"| {level} | {_spread(found.jaccard_between_searches)} | {_spread(found.jaccard_to_circuit)} | "
                      f"{size_range} | {len(found.core)} of {size} | {alone} |")
     lines += ["", f"Which level to trust: {_trust_words(stability, target)}.", "",
               "| node | token | inclusion frequency | single-node effect | in-circuit effect |",

@@ -271,7 +271,7 @@ def stability(model, setup: Setup, scores: NodeScores, search: Search, options: 
     draw = (f"a fresh draw of {n} of the {of} pairs (without replacement), as the search's own are drawn" if n < of
             else f"a bootstrap resample of the search's {n} pairs (drawn with replacement)")
     core_rng = np.random.default_rng([options.seed, 4])
-    return Stability(circuits, np.array(faith), draw, options.core_threshold,
+    return Stability(circuits, np.array(faith), draw, n < of, options.core_threshold,
                      core_alone(setup, core, summary, core_rng), core_alone(setup, supernode_core, summary, core_rng),
                      rows + setup.evaluator.forward_rows - shared_before, rows)
 

@@ -117,6 +117,7 @@ class Stability:
     circuits: list[list[int]]  # [B] each resample's circuit, node indices
     faithfulness: np.ndarray  # [B] each resample's circuit, on its own pairs
     draw: str  # how a resample's pairs are drawn, in words
+    circuit_is_a_draw: bool  # the circuit's own pairs are drawn as a resample's are: one more independent search
     threshold: float  # core nodes are found in at least this share of the resamples
     core: CoreFaithfulness  # the circuit's core nodes alone
     supernode_core: CoreFaithfulness  # the circuit's nodes whose supernode is core, alone
@@ -288,11 +289,14 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
     supernode_circuits = [sorted({supernode_key(nodes, i, names) for i in found}) for found in stable.circuits]
     main = [node_id(nodes, i, names) for i in circuit]
     main_supernodes = sorted({supernode_key(nodes, i, names) for i in circuit})
-    by_nodes = agreement_json(circuits, main, [node_id(nodes, i, names) for i in stable.core.nodes], stable.core)
+    by_nodes = agreement_json(circuits, main, [node_id(nodes, i, names) for i in stable.core.nodes], stable.core,
+                              stable.circuit_is_a_draw)
     by_supernodes = agreement_json(supernode_circuits, main_supernodes, sorted(
-        {supernode_key(nodes, i, names) for i in stable.supernode_core.nodes}), stable.supernode_core)
+        {supernode_key(nodes, i, names) for i in stable.supernode_core.nodes}), stable.supernode_core,
+        stable.circuit_is_a_draw)
     return {
         "n_resamples": len(circuits), "core_threshold": stable.threshold, "draw": stable.draw,
+        "circuit_is_a_draw": stable.circuit_is_a_draw,
         "circuits": circuits, "supernode_circuits": supernode_circuits,
         "faithfulness": stable.faithfulness.tolist(),
         **by_nodes,
@@ -306,18 +310,22 @@ def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: l
     }
 
 
-def agreement_json(circuits: list[list[str]], main: list[str], core: list[str], alone: CoreFaithfulness) -> dict:
-    """How resampled circuits (of node ids or supernode keys) agree: Jaccard between every two of them and
-    between each and the circuit, their sizes, each member's inclusion frequency; the circuit's `core`
-    members and the core's nodes measured `alone`."""
+def agreement_json(circuits: list[list[str]], main: list[str], core: list[str], alone: CoreFaithfulness,
+                   circuit_is_a_draw: bool) -> dict:
+    """How resampled circuits (of node ids or supernode keys) agree: Jaccard between every two of them,
+    between each and the circuit, and between every two independent searches (the resamples, and the
+    circuit too when `circuit_is_a_draw`); their sizes, each member's inclusion frequency; the circuit's
+    `core` members and the core's nodes measured `alone`."""
     between = [jaccard(a, b) for k, a in enumerate(circuits) for b in circuits[k + 1:]]
+    to_circuit = [jaccard(c, main) for c in circuits]
     sizes = np.array([len(c) for c in circuits])
     counts: dict[str, int] = {}
     for found in circuits:
         for key in found:
             counts[key] = counts.get(key, 0) + 1
     return {
-        "jaccard": {"between_resamples": spread(between), "to_circuit": spread([jaccard(c, main) for c in circuits])},
+        "jaccard": {"between_resamples": spread(between), "to_circuit": spread(to_circuit),
+                    "between_searches": spread(between + to_circuit if circuit_is_a_draw else between)},
         "sizes": sizes.tolist(), "size_median": float(np.median(sizes)) if len(sizes) else None,
         "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
         "inclusion_frequency": {key: n / len(circuits) for key, n in sorted(counts.items(), key=lambda kv: -kv[1])},
@@ -328,10 +336,10 @@ def agreement_json(circuits: list[list[str]], main: list[str], core: list[str], 
 
 
 def trusted_level(by_nodes: dict, by_supernodes: dict, target: float) -> str | None:
-    """The finest level whose resampled circuits agree (mean Jaccard between resamples >= STABLE_JACCARD)
-    and whose core alone reaches the target within its interval; None: neither."""
+    """The finest level whose independent searches agree (mean Jaccard >= STABLE_JACCARD) and whose core
+    alone reaches the target within its interval; None: neither."""
     for level, found in (("nodes", by_nodes), ("supernodes", by_supernodes)):
-        agree, ci = found["jaccard"]["between_resamples"], found["core_faithfulness"]["ci"]
+        agree, ci = found["jaccard"]["between_searches"], found["core_faithfulness"]["ci"]
         if agree is not None and agree["mean"] >= STABLE_JACCARD and ci is not None and ci[1] >= target:
             return level
     return None
@@ -466,6 +474,7 @@ class Agreement:
     stability.supernodes."""
     jaccard_between: Spread | None  # between every two resampled circuits (None: fewer than two)
     jaccard_to_circuit: Spread | None  # between each and the circuit
+    jaccard_between_searches: Spread | None  # between every two independent searches (see circuit_is_a_draw)
     sizes: tuple[int, ...]  # each resample's circuit size
     size_median: float | None
     size_range: tuple[int, int] | None
@@ -481,6 +490,7 @@ class StabilitySummary:
     n_resamples: int
     core_threshold: float
     draw: str  # how a resample's pairs are drawn
+    circuit_is_a_draw: bool  # the circuit's pairs are drawn as a resample's: it counts among the independent searches
     circuits: tuple[tuple[str, ...], ...]  # each resample's circuit, node ids
     supernode_circuits: tuple[tuple[str, ...], ...]  # the same as supernode keys (layer x kind x position class)
     supernode_circuit: tuple[str, ...]  # the circuit's own supernode keys
@@ -489,7 +499,7 @@ class StabilitySummary:
     supernodes: Agreement
     frequent_outside: tuple[tuple[str, float], ...]  # (node id, frequency) in >= half the resamples, not in the circuit
     trusted_level: str | None  # "nodes", "supernodes" or None: see stable_jaccard
-    stable_jaccard: float  # trusted: a level's mean Jaccard between resamples reaches this, its core the target
+    stable_jaccard: float  # trusted: a level's mean Jaccard between searches reaches this, its core the target
     forward_rows: int
     method: str
 
@@ -631,7 +641,8 @@ _PLAIN = ("model", "method", "n_pairs", "n_pairs_dropped_unequal_length", "n_sea
 
 def stability_from_json(data: dict) -> StabilitySummary:
     return StabilitySummary(
-        **{k: data[k] for k in ("n_resamples", "core_threshold", "draw", "trusted_level", "stable_jaccard",
+        **{k: data[k] for k in ("n_resamples", "core_threshold", "draw", "circuit_is_a_draw", "trusted_level",
+                                "stable_jaccard",
                                 "forward_rows", "method")},
         circuits=tuple(map(tuple, data["circuits"])), supernode_circuits=tuple(map(tuple, data["supernode_circuits"])),
         supernode_circuit=tuple(data["supernodes"]["circuit"]),
@@ -645,6 +656,7 @@ def _agreement(data: dict) -> Agreement:
 
     alone = data["core_faithfulness"]
     return Agreement(spread(data["jaccard"]["between_resamples"]), spread(data["jaccard"]["to_circuit"]),
+                     spread(data["jaccard"]["between_searches"]),
                      tuple(data["sizes"]), data["size_median"],
                      None if data["size_range"] is None else tuple(data["size_range"]),
                      dict(data["inclusion_frequency"]), tuple(data["core"]), alone["value"],
