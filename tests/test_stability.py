@@ -158,3 +158,25 @@ def test_stability_reports_circuits_frequencies_and_the_core_alone(tiny_searches
     assert read.circuits == tuple(map(tuple, circuits)) and read.core == tuple(stability["core"])
     assert read.nodes.jaccard_between.mean == stability["jaccard"]["between_resamples"]["mean"]
     assert read.supernodes.core == tuple(stability["supernodes"]["core"])
+
+
+def test_where_the_search_sees_a_sample_each_resample_searches_a_fresh_sample(tiny):
+    """The default run's case (circuit.search_pairs below the pairs): each resample is a search on another
+    sample of that size, as another circuit.seed would draw, so the circuit counts among the independent
+    searches the Jaccard is taken over."""
+    from conftest import screened_pairs
+    from pipeline.analysis.circuit.method import find_circuit
+    from pipeline.analysis.pairs import source_pairs
+    from pipeline.schema import CircuitConfig, SummaryConfig
+
+    model, tokenizer = tiny
+    table = screened_pairs(model, tokenizer, source_pairs("refusal-tiny", tokenizer, n=16, seed=3), generate=False,
+                           refusal_tokens=["I"], compliance_tokens=["Sure"]).table
+    options = CircuitConfig(search_pairs=6, n_resamples=2, n_random=2, edges=False)
+    stability = find_circuit(model, table, options, SummaryConfig(n_bootstrap=50), "logit_diff",
+                             "refusal-tiny").to_json()["stability"]
+    assert stability["draw"].startswith("a fresh draw of 6 of the") and stability["circuit_is_a_draw"]
+    jaccard = stability["jaccard"]
+    assert jaccard["between_resamples"]["n"] == 1 and jaccard["to_circuit"]["n"] == 2
+    assert jaccard["between_searches"]["n"] == 3  # the circuit and the two resamples, every two of them
+    assert stability["forward_rows"] > 0 and min(stability["faithfulness"]) >= 0.8
