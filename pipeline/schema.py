@@ -83,7 +83,7 @@ class CircuitConfig:
     search_pairs: int | None = None
     n_random: int = 32  # random circuits of the same size (the control)
     prune_rounds: int = 6  # pruning rounds (each after the first measures the circuit without each node)
-    n_resamples: int = 20  # bootstrap resamples of the pairs the search is re-run on (node stability)
+    n_resamples: int = 8  # resamples of the search's pairs, the whole search re-run on each (stability)
     core_threshold: float = 0.8  # core nodes: found in at least this share of the resamples
     verify_top: int = 64  # attribution's strongest nodes verified exactly ...
     verify_random: int = 32  # ... plus this many random others

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.analysis.circuit.result import Circuit, Knockout, TransferFaithfulness
+from pipeline.analysis.circuit.result import Circuit, Knockout, Spread, StabilitySummary, TransferFaithfulness
 from pipeline.analysis.directions import SUMMARY_KEY
 from pipeline.analysis.positions import CLASS_TITLES, HEADLINE_CLASSES
 from pipeline.analysis.statistics import MIN_PAIRS_FOR_INTERVAL, LayerPoint, interval_coverage
@@ -188,9 +188,8 @@ def _circuit_lines(circuit: Circuit | None) -> list[str]:
             f"{1 - circuit.method['target']:.3f}) with {100 * circuit.fraction:.1f}% of {circuit.candidates} "
             f"candidate nodes, on {circuit.n_pairs} pairs",
             *_transfer_lines(circuit.transfer),
-            f"stability: core {stability.core_size} / {len(nodes)} nodes (in >= "
-            f"{100 * stability.core_threshold:.0f}% of {stability.n_resamples} bootstrap resamples of the pairs; "
-            f"their circuits have {stability.size_median:.0f} nodes, median)",
+            f"stability over {stability.n_resamples} searches on resampled pairs: {_agreement_words(stability)}; "
+            f"{_trust_words(stability, circuit.method['target'])}",
             f"random circuits of the same size: faithfulness {control.mean:.3f} on average (n={control.n})"
             ] + _knockout_lines(circuit.knockout)
 
@@ -239,15 +238,52 @@ def _supernode_lines(circuit: Circuit) -> list[str]:
     return lines
 
 
+def _agreement_words(stability: StabilitySummary) -> str:
+    words = []
+    for level, found in (("node", stability.nodes), ("supernode", stability.supernodes)):
+        between = found.jaccard_between_searches
+        words.append(f"{level} Jaccard {between.mean:.2f} (sd {between.std:.2f})" if between else
+                     f"{level} Jaccard not measured (one search)")
+    return "independent searches agree at " + ", ".join(words)
+
+
+def _trust_words(stability: StabilitySummary, target: float) -> str:
+    """Which level of the circuit the reader can trust, from the numbers (StabilitySummary.trusted_level)."""
+    bar = f"mean Jaccard between searches >= {stability.stable_jaccard:.2f} and the core alone reaching {target:.2f}"
+    if stability.trusted_level == "nodes":
+        return f"trust the circuit node by node ({bar})"
+    if stability.trusted_level == "supernodes":
+        return f"trust it by supernode (layer x kind x position class: {bar}), not node by node"
+    return f"trust neither its nodes nor its supernodes as such (neither reaches {bar})"
+
+
 def _stability_lines(circuit: Circuit) -> list[str]:
-    """report.md's table of the circuit's nodes by how often resampled searches keep them."""
+    """report.md's stability section: how far searches on resampled pairs agree, by node and by supernode,
+    the core alone, which level to trust; then the circuit's nodes by how often those searches keep them."""
     stability = circuit.stability
-    lines = ["", f"### Stability over {stability.n_resamples} bootstrap resamples of the pairs", "",
-             f"How: {stability.method}. Core nodes (in >= "
-             f"{100 * stability.core_threshold:.0f}% of the resamples): {stability.core_size} of "
-             f"{len(circuit.nodes)}. Resampled circuits: {stability.size_median:.0f} nodes (median, range "
-             f"{stability.size_range[0]}-{stability.size_range[1]}).", "",
-             "| node | token | inclusion frequency | single-node effect | in-circuit effect |", "|---|---|---|---|---|"]
+    target = circuit.method["target"]
+    with_circuit = ", and each with the circuit (drawn the same way)" if stability.circuit_is_a_draw else ""
+    lines = ["", f"### Stability over {stability.n_resamples} searches on resampled pairs", "",
+             f"How: {stability.method}; each resample's pairs are {stability.draw}. Core: the circuit's members "
+             f"kept by >= {100 * stability.core_threshold:.0f}% of the resampled searches, measured alone on all "
+             f"{circuit.n_pairs} pairs. Jaccard between searches: every two resampled ones"
+             f"{with_circuit}.", "",
+             "| level | Jaccard between searches | Jaccard to the circuit | size (median, range) | core "
+             "| core alone |",
+             "|---|---|---|---|---|---|"]
+    for level, found, size in (("nodes", stability.nodes, circuit.size),
+                               ("supernodes (layer x kind x position class)", stability.supernodes,
+                                len(stability.supernode_circuit))):
+        alone = ("-" if found.core_faithfulness is None else
+                 f"{found.core_faithfulness:.3f} [{found.core_faithfulness_ci[0]:.3f}, "
+                 f"{found.core_faithfulness_ci[1]:.3f}] ({found.core_nodes} nodes)")
+        size_range = "-" if found.size_range is None else f"{found.size_median:.0f} ({found.size_range[0]}-" \
+                                                         f"{found.size_range[1]})"
+        lines.append(f"| {level} | {_spread(found.jaccard_between_searches)} | {_spread(found.jaccard_to_circuit)} | "
+                     f"{size_range} | {len(found.core)} of {size} | {alone} |")
+    lines += ["", f"Which level to trust: {_trust_words(stability, target)}.", "",
+              "| node | token | inclusion frequency | single-node effect | in-circuit effect |",
+              "|---|---|---|---|---|"]
     for node in sorted(circuit.nodes, key=lambda n: -n.inclusion_frequency):
         effect = "" if node.effect is None else f"{node.effect:+.3f}"
         in_circuit = "" if node.in_circuit_effect is None else f"{node.in_circuit_effect:+.3f}"
@@ -257,6 +293,12 @@ def _stability_lines(circuit: Circuit) -> list[str]:
         lines += ["", "Found in at least half of the resamples but not in the circuit: " + ", ".join(
             f"{node_id} ({frequency:.2f})" for node_id, frequency in stability.frequent_outside)]
     return lines
+
+
+def _spread(spread: Spread | None) -> str:
+    if spread is None:
+        return "-"
+    return f"{spread.mean:.2f} (sd {spread.std:.2f}, {spread.min:.2f}-{spread.max:.2f})"
 
 
 def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 10) -> list[str]:

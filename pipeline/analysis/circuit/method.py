@@ -24,7 +24,9 @@ m averaged over pairs.
    f with its interval on the transfer pairs (another source, never searched on); `controls`: the
    faithfulness curve at MIB's circuit sizes (CPR: area under f, nodes ranked by signed score; CMD: area
    between f and 1, ranked by |score|) and random circuits of the same size.
-5. `stability`: the search re-run on bootstrap resamples of the pairs -> each node's inclusion frequency.
+5. `stability`: the whole search (scores, verified nodes, every round's order) re-run on resamples of
+   its pairs -> each resample's circuit, each node's inclusion frequency, the core alone on every pair;
+   circuit.json compares the circuits by node and by supernode (layer x kind x position class).
 6. `supernodes` and `edges`: the circuit grouped (one kind at one position over nearby layers); path
    patching between the groups and among the strongest nodes, from the harmful tokens' embeddings and to
    the logits.
@@ -50,6 +52,7 @@ from pipeline.analysis.circuit.progress import Progress
 from pipeline.analysis.circuit.result import (
     CircuitResult,
     Controls,
+    CoreFaithfulness,
     Edges,
     Faithfulness,
     MeanDifference,
@@ -61,6 +64,7 @@ from pipeline.analysis.circuit.result import (
     Transfer,
     node_id,
     supernode_id,
+    supernode_key,
 )
 from pipeline.analysis.positions import PairGroup, group_pairs, position_classes, select_pairs
 from pipeline.analysis.statistics import bootstrap_mean_ci, bootstrap_ratio_ci
@@ -103,21 +107,21 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
         scores = score_nodes(model, setup, options, summary, metric, rng, progress)
     with progress.phase("pruning"):
         search = search_circuit(setup.search, setup.nodes, scores.without_estimate(), options.target,
-                                rounds=options.prune_rounds)
+                                options.prune_rounds)
     with progress.phase("faithfulness, curves, controls"):
         faith = measure_faithfulness(setup, search.circuit, summary, rng)
         checks = controls(setup, scores, len(search.circuit), options.n_random, rng)
         moved = None if transfer is None else measure_transfer(model, setup, search.circuit, transfer, options,
                                                                  summary, metric, progress)
     with progress.phase("stability", options.n_resamples, "resamples"):
-        resamples = stability(setup, scores, search, options, progress)
+        resamples = stability(model, setup, scores, search, options, summary, metric, progress)
     with progress.phase("supernodes and edges"):
         groups = supernodes(setup, search, options.group_gap)
         links = edges(model, setup, search, groups, options, metric)
     with progress.phase("mean difference"):
         readout = mean_difference_directions(model, setup, search.circuit, options, metric)
-    forward_rows = setup.evaluator.forward_rows + (setup.search.forward_rows
-                                                   if setup.search is not setup.evaluator else 0)
+    forward_rows = setup.evaluator.forward_rows + resamples.own_rows + (
+        setup.search.forward_rows if setup.search is not setup.evaluator else 0)
     return CircuitResult(model_name, options, summary, metric, setup, scores, search, faith, moved, checks,
                          resamples, groups, links, readout, forward_rows, progress.seconds)
 
@@ -141,7 +145,7 @@ def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progres
         search = Evaluator(model, group_pairs(pairs.take(pa.array(searched)), [class_maps[i] for i in searched]),
                            len(names), metric, options.max_batch_rows, progress)
     return Setup(pairs, n_unequal, names, labels, groups, nodes, evaluator, adapter.n_layers, adapter.n_heads,
-                 search, searched)
+                 search, searched, class_maps)
 
 
 def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryConfig, metric: str,
@@ -163,19 +167,18 @@ def score_nodes(model, setup: Setup, options: CircuitConfig, summary: SummaryCon
 
 
 def search_circuit(evaluator: Evaluator | Resample, nodes: Nodes, estimate: dict[int, float], target: float,
-                   rankings: list[dict[int, float]] = (), measure: bool = True, rounds: int = 6) -> Search:
+                   rounds: int = 6) -> Search:
     """Pruning from every node: the first round ranks the nodes by `estimate` (f without each, from the
-    scores), later ones by the given `rankings`, then (with `measure`) by f without each measured on the
-    circuit of that round. Ordered by place."""
-    circuit, pruned, f_without, measured, curve = prune(evaluator, nodes, list(range(len(nodes))), target,
-                                                        [estimate, *rankings], measure, rounds)
+    scores), later ones by f without each measured on the circuit of that round. Ordered by place."""
+    circuit, pruned, f_without, _, curve = prune(evaluator, nodes, list(range(len(nodes))), target, [estimate],
+                                                 max_rounds=rounds)
     log.debug("circuit search: %d nodes kept", len(circuit))
     by_place = sorted(range(len(circuit)), key=lambda j: (int(nodes.layer[circuit[j]]), int(nodes.kind[circuit[j]]),
                                                           int(nodes.cls[circuit[j]]), int(nodes.head[circuit[j]])))
     f_without = f_without[by_place] if len(f_without) else f_without
     circuit = [circuit[j] for j in by_place]
     f = float(evaluator.faithfulness(nodes, subset_masks(len(nodes), [circuit]))[0])
-    return Search(circuit, pruned, f_without, curve, measured, f)
+    return Search(circuit, pruned, f_without, curve, f)
 
 
 def measure_faithfulness(setup: Setup, circuit: list[int], summary: SummaryConfig,
@@ -242,28 +245,116 @@ def controls(setup: Setup, scores: NodeScores, size: int, n_random: int, rng: np
     return Controls(mib, setup.evaluator.faithfulness(setup.nodes, subset_masks(n_nodes, random_sets)).numpy())
 
 
-def stability(setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
-              progress: Progress | None = None) -> Stability:
-    """The search on `options.n_resamples` bootstrap resamples of the pairs: each resample ranks the nodes
-    by its own mean scores in the first round and measures faithfulness on its own pairs (a circuit's
-    metric is computed on the pairs a resample drew, once per pair, and reused by later resamples); its
-    later rounds take the main search's measured rankings, round by round, as many rounds as the main
-    search pruned in. Its own random stream: the other phases' draws stay."""
+def stability(model, setup: Setup, scores: NodeScores, search: Search, options: CircuitConfig,
+              summary: SummaryConfig, metric: str, progress: Progress | None = None) -> Stability:
+    """The whole search re-run on `options.n_resamples` resamples of its pairs (`draw_pairs`), each on its
+    own (`search_resample`); then the circuit's core alone on every pair: its nodes kept by at least
+    `options.core_threshold` of the resamples, and its nodes whose supernode (`supernode_key`) is. Its own
+    random streams: the other phases' draws stay."""
     rng = np.random.default_rng([options.seed, 1])
-    n_pairs, n_nodes = setup.search.n_pairs, len(setup.nodes)
-    frequency, sizes, faith = np.zeros(n_nodes), [], []
+    cache = PairScores.of(model, setup, scores, metric)
+    circuits, faith, rows, shared_before = [], [], 0, setup.evaluator.forward_rows
     for _ in range(options.n_resamples):
-        weights = np.bincount(rng.integers(0, n_pairs, n_pairs), minlength=n_pairs)
-        view = Resample(setup.search, weights)
-        found = search_circuit(view, setup.nodes, scores.without_estimate(weights), options.target,
-                               search.rankings[:options.prune_rounds - 1], measure=False).circuit
-        frequency[found] += 1
-        sizes.append(len(found))
-        faith.append(float(view.faithfulness(setup.nodes, subset_masks(n_nodes, [found]))[0]))
+        drawn = draw_pairs(rng, setup.evaluator.n_pairs, setup.search.n_pairs)
+        found, f, own_rows = search_resample(model, setup, drawn, cache, options, metric, rng, progress)
+        circuits.append(found)
+        faith.append(f)
+        rows += own_rows
         if progress is not None:
             progress.advance(1, "resamples")
-    n = max(options.n_resamples, 1)
-    return Stability(frequency / n, np.array(sizes), np.array(faith), options.core_threshold)
+    keys = [supernode_key(setup.nodes, i, setup.names) for i in range(len(setup.nodes))]
+    node_share = lambda i: np.mean([i in found for found in circuits])  # noqa: E731
+    key_share = lambda i: np.mean([keys[i] in {keys[j] for j in found} for found in circuits])  # noqa: E731
+    core = [i for i in search.circuit if node_share(i) >= options.core_threshold]
+    supernode_core = [i for i in search.circuit if key_share(i) >= options.core_threshold]
+    n, of = setup.search.n_pairs, setup.evaluator.n_pairs
+    draw = (f"a fresh draw of {n} of the {of} pairs (without replacement), as the search's own are drawn" if n < of
+            else f"a bootstrap resample of the search's {n} pairs (drawn with replacement)")
+    core_rng = np.random.default_rng([options.seed, 4])
+    return Stability(circuits, np.array(faith), draw, n < of, options.core_threshold,
+                     core_alone(setup, core, summary, core_rng), core_alone(setup, supernode_core, summary, core_rng),
+                     rows + setup.evaluator.forward_rows - shared_before, rows)
+
+
+def draw_pairs(rng: np.random.Generator, n_pairs: int, n_search: int) -> np.ndarray:
+    """A resample's pairs (rows of the circuit step's pairs, repeated where drawn again). Where the search
+    sees a sample of the pairs, another sample of that size: what another circuit.seed gives the search.
+    Where it sees every pair, a bootstrap resample of them: what another draw of the prompts would."""
+    if n_search < n_pairs:
+        return np.sort(rng.choice(n_pairs, n_search, replace=False))
+    return np.sort(rng.integers(0, n_pairs, n_pairs))
+
+
+@dataclass
+class PairScores:
+    """Per-pair node scores over every pair of the circuit step, filled as resamples ask for them: a node's
+    attribution or exact effect on a pair does not depend on which other pairs a search sees."""
+    attribution: np.ndarray  # [N, P] for every pair
+    exact: np.ndarray  # [N, P]; nan where not computed yet
+
+    @staticmethod
+    def of(model, setup: Setup, scores: NodeScores, metric: str) -> PairScores:
+        n_pairs = setup.evaluator.n_pairs
+        if setup.search is setup.evaluator:
+            attribution = scores.attribution_pairs
+        else:
+            attribution = attribution_scores(model, setup.evaluator.groups, setup.nodes, len(setup.names), metric,
+                                             n_pairs).numpy()
+        exact = np.full((len(setup.nodes), n_pairs), np.nan)
+        exact[:, setup.searched] = scores.exact_pairs
+        return PairScores(attribution, exact)
+
+
+def search_resample(model, setup: Setup, drawn: np.ndarray, cache: PairScores, options: CircuitConfig, metric: str,
+                    rng: np.random.Generator, progress: Progress | None = None) -> tuple[list[int], float, int]:
+    """The search as the main one runs it, on the pairs `drawn` (each counted as often as drawn): its
+    own attribution means, its own verified nodes (attribution's top set there plus its own random sample),
+    its first round ordered by those scores and every later round by f without each measured on its own
+    pairs. Returns (its circuit, f of it on its pairs, rows computed on an evaluator of its own)."""
+    nodes, n_nodes = setup.nodes, len(setup.nodes)
+    evaluator, rows, counts = resample_evaluator(model, setup, drawn, options, metric, progress)
+    attribution_pairs = cache.attribution[:, rows]
+    attribution = (attribution_pairs * counts).sum(1) / counts.sum()
+    verified, top, sample = choose_verified(attribution, len(drawn), options, rng)
+    missing = [i for i in verified.tolist() if np.isnan(cache.exact[i, rows]).any()]
+    if missing:
+        cache.exact[np.ix_(missing, rows)] = single_node_effects(evaluator, nodes, missing).numpy()
+    exact_pairs = np.full((n_nodes, len(rows)), np.nan)
+    exact_pairs[verified] = cache.exact[np.ix_(verified, rows)]
+    scores = NodeScores(attribution, np.full(n_nodes, np.nan), np.full((n_nodes, 2), np.nan), top, sample,
+                        attribution_pairs, exact_pairs)
+    view = Resample(evaluator, counts)
+    circuit = prune(view, nodes, list(range(n_nodes)), options.target, [scores.without_estimate(counts)],
+                    max_rounds=options.prune_rounds, describe=False)[0]
+    f = float(view.faithfulness(nodes, subset_masks(n_nodes, [circuit]))[0])
+    return sorted(circuit), f, 0 if evaluator is setup.evaluator else evaluator.forward_rows
+
+
+def resample_evaluator(model, setup: Setup, drawn: np.ndarray, options: CircuitConfig, metric: str,
+                       progress: Progress | None = None) -> tuple[Evaluator, np.ndarray, np.ndarray]:
+    """(an evaluator holding the `drawn` pairs, its pairs as rows of the circuit step's, how often each was
+    drawn). Where the search sees every pair, the circuit step's own, whose circuit metrics per pair
+    resamples share; else one on the drawn pairs alone (f without each runs on every pair it holds)."""
+    n_pairs = setup.evaluator.n_pairs
+    if setup.search.n_pairs == n_pairs:
+        return setup.evaluator, np.arange(n_pairs), np.bincount(drawn, minlength=n_pairs)
+    rows, counts = np.unique(drawn, return_counts=True)
+    evaluator = Evaluator(model, group_pairs(setup.pairs.take(pa.array(rows)), [setup.class_maps[i] for i in rows]),
+                          len(setup.names), metric, options.max_batch_rows, progress)
+    return evaluator, rows, counts
+
+
+def core_alone(setup: Setup, core: list[int], summary: SummaryConfig, rng: np.random.Generator) -> CoreFaithfulness:
+    """f of the `core` nodes alone on every pair of the circuit step, with its bootstrap interval."""
+    if not core:
+        return CoreFaithfulness([], None, None)
+    evaluator = setup.evaluator
+    [metric] = evaluator.metrics(setup.nodes, subset_masks(len(setup.nodes), [core]))
+    full, empty = evaluator.metric_full, evaluator.metric_empty
+    f = float(faithfulness(metric[None], full, empty)[0])
+    ci = bootstrap_ratio_ci(metric.numpy() - empty.numpy(), full.numpy() - empty.numpy(), summary.n_bootstrap,
+                            summary.ci, rng)
+    return CoreFaithfulness(core, f, tuple(float(x) for x in ci))
 
 
 def supernodes(setup: Setup, search: Search, gap: int) -> Supernodes:
@@ -391,8 +482,8 @@ def within_target(f, target: float):
 
 
 def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], target: float,
-          rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6,
-          chunk: int = 4) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
+          rankings: list[dict[int, float]], measure: bool = True, max_rounds: int = 6, chunk: int = 4,
+          describe: bool = True) -> tuple[list[int], list[int], np.ndarray, list[dict[int, float]], dict[int, float]]:
     """Drop nodes while the circuit stays within the target from both sides (`within_target`), in rounds.
     A round orders the circuit's nodes by how far from 1 f without each of them is (the given `rankings`,
     one per round, a node one lacks counting as removable; after them, with `measure`, f without each
@@ -400,8 +491,8 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
     target (k on a geometric grid from the top down to the first k that does, then narrowed up to the
     next k that does not, `chunk` circuits per pass). Removing a node that holds refusal back raises f, so
     an overshooting circuit ranks such nodes last and keeps shrinking by the nodes that bring f back to 1.
-    Returns (kept, removed, f of the kept circuit without each node (with `measure`; else empty), the
-    measured rankings, {size: f} of every circuit measured)."""
+    Returns (kept, removed, f of the kept circuit without each node (with `measure` and `describe`; else
+    empty), the measured rankings, {size: f} of every circuit measured)."""
     kept, removed, measured, curve = list(circuit), [], [], {}
     measured_for = None  # the circuit the last measured ranking belongs to
     for round_ in range(max_rounds if measure else len(rankings)):
@@ -449,7 +540,7 @@ def prune(evaluator: Evaluator | Resample, nodes: Nodes, circuit: list[int], tar
         removed += [c for c in kept if c not in trial(lo)]
         kept = trial(lo)
         log.debug("circuit search: round %d kept %d nodes (f %.3f)", round_ + 1, len(kept), f_trial[lo])
-    if not measure:
+    if not (measure and describe):
         return kept, removed, np.zeros(0), measured, curve
     if measured_for != kept:
         f_without = evaluator.faithfulness_without_each(nodes, kept)

@@ -23,6 +23,9 @@ from pipeline.analysis.positions import PairGroup
 from pipeline.engine.circuits import EMBED, HEAD, KINDS, Nodes
 from pipeline.schema import CircuitConfig, SummaryConfig
 
+SUPERNODE_LEVEL = "layer x kind x position class"  # stability's supernodes (supernode_key)
+STABLE_JACCARD = 0.8  # a level is trusted when resampled circuits agree at least this much (mean Jaccard)
+
 # ---- each phase's result ---------------------------------------------------------------------------
 
 @dataclass
@@ -39,6 +42,7 @@ class Setup:
     n_heads: int
     search: Evaluator  # the search's pairs (the evaluator itself unless options.search_pairs leaves some out)
     searched: np.ndarray  # their rows in `pairs`
+    class_maps: list[list[int]]  # each pair's position class per token (-1: none), as `groups` hold them
 
 
 @dataclass
@@ -75,7 +79,6 @@ class Search:
     pruned: list[int]
     f_without: np.ndarray  # [len(circuit)] faithfulness of the circuit without each node (empty: not measured)
     curve: dict[int, float]  # faithfulness of every circuit size pruning measured
-    rankings: list[dict[int, float]]  # the rounds' f without each node, measured on the circuit of that round
     f: float  # the circuit's faithfulness on the search's pairs (f_without's reference)
 
 
@@ -108,11 +111,33 @@ class Controls:
 
 @dataclass
 class Stability:
-    """The search re-run on bootstrap resamples of the pairs."""
-    frequency: np.ndarray  # [N] share of the resamples whose circuit holds each node
-    sizes: np.ndarray  # [B] each resample's circuit size
-    faithfulness: np.ndarray  # [B] each resample's circuit, on its own resample
+    """The whole search re-run on resampled pairs (method.stability): each resample's circuit, and the
+    circuit's core (its nodes, or its supernodes, kept by at least `threshold` of the resamples) measured
+    alone on every pair."""
+    circuits: list[list[int]]  # [B] each resample's circuit, node indices
+    faithfulness: np.ndarray  # [B] each resample's circuit, on its own pairs
+    draw: str  # how a resample's pairs are drawn, in words
+    circuit_is_a_draw: bool  # the circuit's own pairs are drawn as a resample's are: one more independent search
     threshold: float  # core nodes are found in at least this share of the resamples
+    core: CoreFaithfulness  # the circuit's core nodes alone
+    supernode_core: CoreFaithfulness  # the circuit's nodes whose supernode is core, alone
+    forward_rows: int  # (circuit, pair) rows the resamples and the cores computed
+    own_rows: int  # of them, on evaluators of the resamples' own (the rest count in the step's evaluator's)
+
+    def frequency(self, n_nodes: int) -> np.ndarray:
+        """[N] share of the resamples whose circuit holds each node."""
+        counts = np.zeros(n_nodes)
+        for circuit in self.circuits:
+            counts[circuit] += 1
+        return counts / max(len(self.circuits), 1)
+
+
+@dataclass(frozen=True)
+class CoreFaithfulness:
+    """A core circuit alone, on every pair of the circuit step."""
+    nodes: list[int]
+    value: float | None  # None: an empty core
+    ci: tuple[float, float] | None
 
 
 @dataclass
@@ -165,6 +190,7 @@ class CircuitResult:
         setup, scores, search, faith, stable = self.setup, self.scores, self.search, self.faithfulness, self.stability
         nodes, names, evaluator = setup.nodes, setup.names, setup.evaluator
         circuit, n_nodes = search.circuit, len(setup.nodes)
+        frequency = stable.frequency(n_nodes)
         in_circuit = search.f - search.f_without
         full, empty = evaluator.metric_full.numpy(), evaluator.metric_empty.numpy()
         node_rows = []
@@ -177,8 +203,8 @@ class CircuitResult:
                 "attribution": _num(scores.attribution[i]), "in_circuit_effect": _num(in_circuit[j]),
                 "mean_difference_projection": _num(self.mean_difference.projections[j][0]),
                 "mean_difference_cosine": _num(self.mean_difference.projections[j][1]),
-                "inclusion_frequency": float(stable.frequency[i]),
-                "core": bool(stable.frequency[i] >= stable.threshold),
+                "inclusion_frequency": float(frequency[i]),
+                "core": i in stable.core.nodes,
             })
         random = self.controls.random
         options = self.options
@@ -211,7 +237,7 @@ class CircuitResult:
             "random_control": {"n": len(random), "size": len(circuit), "mean": float(random.mean()),
                                "std": float(random.std()), "max": float(random.max()) if len(random) else None},
             "per_category": faith.per_category,
-            "stability": stability_json(stable, circuit, nodes, names),
+            "stability": stability_json(stable, circuit, nodes, names, options.target),
             "nodes": node_rows,
             "pruned": [node_id(nodes, i, names) for i in search.pruned],
             "supernodes": supernodes_json(self.supernodes, circuit, nodes, names, setup.labels, scores, faith.value),
@@ -253,24 +279,83 @@ def supernodes_json(groups: Supernodes, circuit: list[int], nodes: Nodes, names:
     return rows
 
 
-def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: list[str]) -> dict:
-    """circuit.json's stability: the core, the resamples' sizes and faithfulness, frequent nodes outside."""
-    core = [i for i in circuit if stable.frequency[i] >= stable.threshold]
-    outside = [i for i in np.argsort(-stable.frequency, kind="stable") if i not in set(circuit)
-               and stable.frequency[i] >= 0.5]
-    sizes = stable.sizes
+def stability_json(stable: Stability, circuit: list[int], nodes: Nodes, names: list[str], target: float) -> dict:
+    """circuit.json's stability: each resample's circuit (as node ids and as supernode keys), how far they
+    agree with each other and with the circuit, each node's inclusion frequency, the core alone, and the
+    level (nodes or supernodes) a reader can trust."""
+    frequency = stable.frequency(len(nodes))
+    outside = [i for i in np.argsort(-frequency, kind="stable") if i not in set(circuit) and frequency[i] >= 0.5]
+    circuits = [[node_id(nodes, i, names) for i in found] for found in stable.circuits]
+    supernode_circuits = [sorted({supernode_key(nodes, i, names) for i in found}) for found in stable.circuits]
+    main = [node_id(nodes, i, names) for i in circuit]
+    main_supernodes = sorted({supernode_key(nodes, i, names) for i in circuit})
+    by_nodes = agreement_json(circuits, main, [node_id(nodes, i, names) for i in stable.core.nodes], stable.core,
+                              stable.circuit_is_a_draw)
+    by_supernodes = agreement_json(supernode_circuits, main_supernodes, sorted(
+        {supernode_key(nodes, i, names) for i in stable.supernode_core.nodes}), stable.supernode_core,
+        stable.circuit_is_a_draw)
     return {
-        "n_resamples": len(sizes), "core_threshold": stable.threshold,
-        "core": [node_id(nodes, i, names) for i in core], "core_size": len(core),
-        "size_median": float(np.median(sizes)) if len(sizes) else None,
-        "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
-        "sizes": sizes.tolist(), "faithfulness": stable.faithfulness.tolist(),
-        "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(stable.frequency[i])}
-                             for i in outside],
-        "method": "the search re-run on bootstrap resamples of the pairs: each resample ranks the nodes by its own "
-                  "mean scores in the first round and measures faithfulness on its own pairs; its later rounds take "
-                  "the main search's measured rankings, round by round",
+        "n_resamples": len(circuits), "core_threshold": stable.threshold, "draw": stable.draw,
+        "circuit_is_a_draw": stable.circuit_is_a_draw,
+        "circuits": circuits, "supernode_circuits": supernode_circuits,
+        "faithfulness": stable.faithfulness.tolist(),
+        **by_nodes,
+        "frequent_outside": [{"id": node_id(nodes, i, names), "frequency": float(frequency[i])} for i in outside],
+        "supernodes": {"level": SUPERNODE_LEVEL, "circuit": main_supernodes} | by_supernodes,
+        "trusted_level": trusted_level(by_nodes, by_supernodes, target),
+        "stable_jaccard": STABLE_JACCARD,
+        "forward_rows": stable.forward_rows,
+        "method": "the whole search re-run on each resample's pairs: its own attribution and verified nodes, its own "
+                  "first-round order from them, and every later pruning round's order measured on its own pairs",
     }
+
+
+def agreement_json(circuits: list[list[str]], main: list[str], core: list[str], alone: CoreFaithfulness,
+                   circuit_is_a_draw: bool) -> dict:
+    """How resampled circuits (of node ids or supernode keys) agree: Jaccard between every two of them,
+    between each and the circuit, and between every two independent searches (the resamples, and the
+    circuit too when `circuit_is_a_draw`); their sizes, each member's inclusion frequency; the circuit's
+    `core` members and the core's nodes measured `alone`."""
+    between = [jaccard(a, b) for k, a in enumerate(circuits) for b in circuits[k + 1:]]
+    to_circuit = [jaccard(c, main) for c in circuits]
+    sizes = np.array([len(c) for c in circuits])
+    counts: dict[str, int] = {}
+    for found in circuits:
+        for key in found:
+            counts[key] = counts.get(key, 0) + 1
+    return {
+        "jaccard": {"between_resamples": spread(between), "to_circuit": spread(to_circuit),
+                    "between_searches": spread(between + to_circuit if circuit_is_a_draw else between)},
+        "sizes": sizes.tolist(), "size_median": float(np.median(sizes)) if len(sizes) else None,
+        "size_range": [int(sizes.min()), int(sizes.max())] if len(sizes) else None,
+        "inclusion_frequency": {key: n / len(circuits) for key, n in sorted(counts.items(), key=lambda kv: -kv[1])},
+        "core": core, "core_size": len(core),
+        "core_faithfulness": {"value": alone.value, "ci": None if alone.ci is None else list(alone.ci),
+                              "nodes": len(alone.nodes)},
+    }
+
+
+def trusted_level(by_nodes: dict, by_supernodes: dict, target: float) -> str | None:
+    """The finest level whose independent searches agree (mean Jaccard >= STABLE_JACCARD) and whose core
+    alone reaches the target within its interval; None: neither."""
+    for level, found in (("nodes", by_nodes), ("supernodes", by_supernodes)):
+        agree, ci = found["jaccard"]["between_searches"], found["core_faithfulness"]["ci"]
+        if agree is not None and agree["mean"] >= STABLE_JACCARD and ci is not None and ci[1] >= target:
+            return level
+    return None
+
+
+def spread(values: list[float]) -> dict | None:
+    """mean, std, min, max of Jaccard values (None: fewer than one)."""
+    if not values:
+        return None
+    x = np.asarray(values, dtype=float)
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max()), "n": len(x)}
+
+
+def jaccard(a, b) -> float:
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def agreement(attribution: np.ndarray, exact: np.ndarray, top: np.ndarray, sample: np.ndarray, n_nodes: int,
@@ -304,6 +389,13 @@ def supernode_id(nodes: Nodes, members: list[int], names: list[str]) -> str:
     low, high = min(int(nodes.layer[i]) for i in members), max(int(nodes.layer[i]) for i in members)
     layers = f"L{low}" if low == high else f"L{low}-{high}"
     return f"{layers}.{'heads' if kind == HEAD else 'MLP'}@{names[cls]}"
+
+
+def supernode_key(nodes: Nodes, i: int, names: list[str]) -> str:
+    """The supernode a node belongs to when circuits are compared: its layer, kind and position class
+    ("L3.heads@final"; an MLP is its own: "L2.MLP@harm"). A fixed key, unlike `Supernodes`' groups, which
+    span nearby layers as one circuit's members fall."""
+    return supernode_id(nodes, [i], names)
 
 
 def node_id(nodes: Nodes, i: int, names: list[str]) -> str:
@@ -368,17 +460,56 @@ class Supernode:
 
 
 @dataclass(frozen=True)
+class Spread:
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int  # values (circuit pairs)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Resampled circuits at one level (node ids, or supernode keys): circuit.json's stability, or its
+    stability.supernodes."""
+    jaccard_between: Spread | None  # between every two resampled circuits (None: fewer than two)
+    jaccard_to_circuit: Spread | None  # between each and the circuit
+    jaccard_between_searches: Spread | None  # between every two independent searches (see circuit_is_a_draw)
+    sizes: tuple[int, ...]  # each resample's circuit size
+    size_median: float | None
+    size_range: tuple[int, int] | None
+    inclusion_frequency: dict[str, float]  # share of the resamples holding each member (those found at all)
+    core: tuple[str, ...]  # the circuit's members in at least core_threshold of the resamples
+    core_faithfulness: float | None  # the core's nodes alone, on every pair (None: an empty core)
+    core_faithfulness_ci: tuple[float, float] | None
+    core_nodes: int  # how many nodes that core circuit holds
+
+
+@dataclass(frozen=True)
 class StabilitySummary:
     n_resamples: int
     core_threshold: float
-    core: tuple[str, ...]  # node ids in at least core_threshold of the resamples
-    core_size: int
-    size_median: float | None
-    size_range: tuple[int, int] | None
-    sizes: tuple[int, ...]  # each resample's circuit size
-    faithfulness: tuple[float, ...]  # each resample's circuit, on its resample
+    draw: str  # how a resample's pairs are drawn
+    circuit_is_a_draw: bool  # the circuit's pairs are drawn as a resample's: it counts among the independent searches
+    circuits: tuple[tuple[str, ...], ...]  # each resample's circuit, node ids
+    supernode_circuits: tuple[tuple[str, ...], ...]  # the same as supernode keys (layer x kind x position class)
+    supernode_circuit: tuple[str, ...]  # the circuit's own supernode keys
+    faithfulness: tuple[float, ...]  # each resample's circuit, on its own pairs
+    nodes: Agreement
+    supernodes: Agreement
     frequent_outside: tuple[tuple[str, float], ...]  # (node id, frequency) in >= half the resamples, not in the circuit
+    trusted_level: str | None  # "nodes", "supernodes" or None: see stable_jaccard
+    stable_jaccard: float  # trusted: a level's mean Jaccard between searches reaches this, its core the target
+    forward_rows: int
     method: str
+
+    @property
+    def core(self) -> tuple[str, ...]:
+        return self.nodes.core
+
+    @property
+    def core_size(self) -> int:
+        return len(self.nodes.core)
 
 
 @dataclass(frozen=True)
@@ -489,12 +620,7 @@ def circuit_from_json(data: dict) -> Circuit:
         transfer=None if transfer is None else TransferFaithfulness(**(transfer | {"faithfulness_ci": None if transfer[
             "faithfulness_ci"] is None else tuple(transfer["faithfulness_ci"])})),
         random_control=RandomControl(**data["random_control"]),
-        stability=StabilitySummary(
-            **{k: stability[k] for k in ("n_resamples", "core_threshold", "core_size", "size_median", "method")},
-            core=tuple(stability["core"]), sizes=tuple(stability["sizes"]),
-            size_range=None if stability["size_range"] is None else tuple(stability["size_range"]),
-            faithfulness=tuple(stability["faithfulness"]),
-            frequent_outside=tuple((n["id"], n["frequency"]) for n in stability["frequent_outside"])),
+        stability=stability_from_json(stability),
         nodes=tuple(CircuitNode(**(n | {"effect_ci": tuple(n["effect_ci"])})) for n in data["nodes"]),
         pruned=tuple(data["pruned"]),
         supernodes=tuple(Supernode(**(g | {"layers": tuple(g["layers"]), "members": tuple(g["members"])}))
@@ -511,6 +637,30 @@ _PLAIN = ("model", "method", "n_pairs", "n_pairs_dropped_unequal_length", "n_sea
           "candidates", "size", "fraction", "max_fraction", "within_max_fraction", "faithfulness", "cmd",
           "target_reached", "faithfulness_held_out", "refusal_kept", "baselines", "per_category", "edges_note",
           "pruning_curve", "mib", "attribution", "scores", "forward_rows", "seconds")
+
+
+def stability_from_json(data: dict) -> StabilitySummary:
+    return StabilitySummary(
+        **{k: data[k] for k in ("n_resamples", "core_threshold", "draw", "circuit_is_a_draw", "trusted_level",
+                                "stable_jaccard",
+                                "forward_rows", "method")},
+        circuits=tuple(map(tuple, data["circuits"])), supernode_circuits=tuple(map(tuple, data["supernode_circuits"])),
+        supernode_circuit=tuple(data["supernodes"]["circuit"]),
+        faithfulness=tuple(data["faithfulness"]), nodes=_agreement(data), supernodes=_agreement(data["supernodes"]),
+        frequent_outside=tuple((n["id"], n["frequency"]) for n in data["frequent_outside"]))
+
+
+def _agreement(data: dict) -> Agreement:
+    def spread(x):
+        return None if x is None else Spread(**x)
+
+    alone = data["core_faithfulness"]
+    return Agreement(spread(data["jaccard"]["between_resamples"]), spread(data["jaccard"]["to_circuit"]),
+                     spread(data["jaccard"]["between_searches"]),
+                     tuple(data["sizes"]), data["size_median"],
+                     None if data["size_range"] is None else tuple(data["size_range"]),
+                     dict(data["inclusion_frequency"]), tuple(data["core"]), alone["value"],
+                     None if alone["ci"] is None else tuple(alone["ci"]), alone["nodes"])
 
 
 def _edges(rows: list[dict]) -> tuple[Edge, ...]:
