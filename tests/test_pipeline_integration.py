@@ -40,8 +40,6 @@ def test_output_contract(run):
     run_dir = run["outcome"].run_dir
     for name in CONTRACT:
         assert (run_dir / name).exists(), name
-    # The sweep itself (Ray already up) takes ~30 s here; the bound only catches a runaway on a busy CI box.
-    assert run["seconds"] < 180, f"refusal_tiny took {run['seconds']:.0f}s"
     manifest = store.Manifest(run_dir, "run")
     for name in CONTRACT:
         if name not in ("activations", "run.log", "_manifest.json"):
