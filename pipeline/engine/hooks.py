@@ -148,7 +148,24 @@ def run_with_cache(
         if any(k is None or k.shape[-2] != ids.shape[1] for k, _ in kv):
             kv = None
     acts = {c: torch.stack(run.acts[c], dim=1) for c in wanted}
-    return RunCache(acts=acts, final_resid=run.final, layer_inputs=record_layer_inputs(model, adapter, ids[:1]), kv=kv)
+    return RunCache(acts=acts, final_resid=run.final, layer_inputs=full_length_inputs(model, adapter, ids.shape[1]), kv=kv)
+
+
+@torch.no_grad()
+def run_with_cache_after(model: nn.Module, adapter: Adapter, ids: torch.Tensor, components, prefix: RunCache,
+                         first: int) -> RunCache:
+    """`run_with_cache` of `ids` [P, T] whose tokens before `first` are those of the run `prefix` (the same
+    rows and length, its keys/values and `components` cached): every activation before `first` is that
+    run's (causal attention), so only positions first..T-1 are computed, attending to its keys and values."""
+    wanted = set(components) | {"resid_pre"}
+    first = min(first, ids.shape[1] - 1)  # the final position is computed always: its residual is the result
+    if first == 0 or prefix.kv is None or not wanted <= set(prefix.acts):
+        return run_with_cache(model, adapter, ids, components)
+    cache = prefix_cache(model, prefix.kv, torch.arange(ids.shape[0]), first)
+    with capture(adapter, wanted) as run:
+        model.base_model(input_ids=ids[:, first:], cache=cache, use_cache=True)
+    acts = {c: torch.cat([prefix.acts[c][:, :, :first], torch.stack(run.acts[c], dim=1)], dim=2) for c in wanted}
+    return RunCache(acts=acts, final_resid=run.final, layer_inputs=prefix.layer_inputs)
 
 
 _CACHE = object()  # stands for "this row batch's KV cache" in recorded layer inputs
@@ -218,7 +235,8 @@ _RECORDED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionar
 
 
 def _recorded(model: nn.Module, seq_len: int) -> dict:
-    """Per model, sequence length, device and dtype: recorded layer inputs by the first position computed.
+    """Per model, sequence length, device and dtype: recorded layer inputs by the first position computed
+    ("all": the whole sequence; "layer": one token).
     They depend on positions only (rotary angles, causal masks), never on token values, so every run of
     the model shares them."""
     weight = next(model.parameters())
@@ -257,6 +275,16 @@ class PrefixReuse:
             recorded[first] = record_layer_inputs(self.model, self.adapter, ids, one_row)
         cache = prefix_cache(self.model, self.base.kv if kv is None else kv, rows, first, layer)
         return bind_cache(recorded[first], cache), cache
+
+
+def full_length_inputs(model: nn.Module, adapter: Adapter, seq_len: int) -> list[tuple[tuple, dict]]:
+    """The layer inputs of a whole sequence of `seq_len` tokens (recorded once per model and length)."""
+    recorded = _recorded(model, seq_len)
+    if "all" not in recorded:
+        weight = next(model.parameters())
+        recorded["all"] = record_layer_inputs(model, adapter, torch.zeros(1, seq_len, dtype=torch.long,
+                                                                          device=weight.device))
+    return recorded["all"]
 
 
 def one_token_inputs(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:

@@ -38,6 +38,7 @@ from .hooks import (
     rows_that_fit,
     run_layers,
     run_with_cache,
+    run_with_cache_after,
 )
 from .metrics import DIRECTIONS, METRICS, Answers, DirectedMetrics, kl_to_source, measure, normalised_effect
 
@@ -322,8 +323,12 @@ def sweep(
     local = _is_local(variants)
     offset = clean_ids.shape[1] - corrupted_ids.shape[1]
     base_components = components | ({"head"} if bool(local.any()) else set()) | (components if offset else set())
-    base = run_with_cache(model, adapter, base_ids, base_components, keep_kv=reuse_prefix)
-    source = run_with_cache(model, adapter, source_ids, components)
+    differ_at = (first_difference(clean_ids, corrupted_ids).cpu() if not offset
+                 else torch.zeros(clean_ids.shape[0], dtype=torch.long))
+    # The source run shares the base run's tokens up to the shard's first differing one: it computes the
+    # positions from there on only (the base run caches every component for it to copy the rest).
+    base = run_with_cache(model, adapter, base_ids, base_components | components, keep_kv=reuse_prefix)
+    source = run_with_cache_after(model, adapter, source_ids, components, base, int(differ_at.min()))
     clean, corrupted = (source, base) if direction == "denoise" else (base, source)
     metric_of = _Metric(metric, adapter, answers, source)
     all_pairs = torch.arange(clean_ids.shape[0])
@@ -345,7 +350,8 @@ def sweep(
 
     metric_clean, metric_corrupted = (metric_of(clean.final_resid, all_pairs),
                                       metric_of(corrupted.final_resid, all_pairs))
-    metric_base = metric_corrupted if direction == "denoise" else metric_clean
+    metric_base, metric_source = (metric_corrupted, metric_clean) if direction == "denoise" else (metric_clean,
+                                                                                              metric_corrupted)
 
     # Rows are (variant, pair), by layer, whole-layer kinds before local ones, then by the first position
     # they change: a batch then shares one layer (layer skip) and a narrow range of positions (prefix
@@ -357,9 +363,12 @@ def sweep(
     # base metric without a forward pass, and a whole-sequence patch need only be computed from there.
     # Chat templates put a long shared prefix first.
     token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
-    differ_at = (first_difference(clean_ids, corrupted_ids).cpu() if not offset
-                 else torch.zeros(n_pairs, dtype=torch.long))
     patched = metric_base[:, None].repeat(1, len(variants))
+    # The residual stream patched at every position is the source run's from that layer on: its metric is
+    # the source's, computed by no patch run. (Aligned from the end, positions without a counterpart keep
+    # the base's values, so there it is computed.)
+    replaces_input = (variants.component == COMPONENTS.index("resid_pre")) & (variants.position == ALL) & (offset == 0)
+    patched[:, replaces_input.to(device)] = metric_source[:, None]
     prefix = PrefixReuse(model, adapter, base, enabled=reuse_prefix)
     for layer in variants.layer.unique().tolist():
         at_layer = (variants.layer == layer).nonzero().squeeze(1)
@@ -378,6 +387,7 @@ def sweep(
             changes[grouped] = (members & (torch.arange(seq_len) >= differ_from[grouped, None])).any(dim=1)
         if offset:  # positions with no counterpart in the other run change nothing
             changes &= ~unmatched[variant_rows]
+        changes &= ~replaces_input[variant_rows]
         variant_rows, pair_rows, begin = variant_rows[changes], pair_rows[changes], begin[changes]
         order = torch.argsort(local[variant_rows].long() * (seq_len + 1) + begin, stable=True)
         variant_rows, pair_rows, begin = variant_rows[order], pair_rows[order], begin[order]
@@ -388,6 +398,8 @@ def sweep(
             stop = min(n_rows, start + min(batch_rows, max(1, token_budget // computed)))
             if start < local_from:
                 stop = min(stop, local_from)
+            if reuse_prefix:  # a row joins only if it wastes little: its positions before its own first change
+                stop = start + int((begin[start:stop] <= begin[start] + computed // 8).sum())
             pair_idx, variant_idx = pair_rows[start:stop], variant_rows[start:stop]
             final = patched_final_resid(model, adapter, base, source, layer, pair_idx, variants.select(variant_idx),
                                         prefix, first=int(begin[start]), groups=groups)
