@@ -134,8 +134,8 @@ def main():
                             "cpu_s": round(cpu, 1)}
     if len(results) == 2:
         old, new = results["baseline"], results["new"]
-        report["same_sites"] = old.drop_columns(["metric_patched", "effect", "metric_clean", "metric_corrupted"]).equals(
-            new.drop_columns(["metric_patched", "effect", "metric_clean", "metric_corrupted"]))
+        measured = ["metric_patched", "effect", "metric_clean", "metric_corrupted"]
+        report["same_sites"] = old.drop_columns(measured).equals(new.drop_columns(measured))
         difference = np.abs(old.column("metric_patched").to_numpy() - new.column("metric_patched").to_numpy())
         report["max_abs_difference"] = float(difference.max())
         report["wall_ratio"] = round(report["new"]["wall_s"] / report["baseline"]["wall_s"], 3)

@@ -148,7 +148,8 @@ def run_with_cache(
         if any(k is None or k.shape[-2] != ids.shape[1] for k, _ in kv):
             kv = None
     acts = {c: torch.stack(run.acts[c], dim=1) for c in wanted}
-    return RunCache(acts=acts, final_resid=run.final, layer_inputs=full_length_inputs(model, adapter, ids.shape[1]), kv=kv)
+    layer_inputs = full_length_inputs(model, adapter, ids.shape[1])
+    return RunCache(acts=acts, final_resid=run.final, layer_inputs=layer_inputs, kv=kv)
 
 
 @torch.no_grad()
@@ -207,6 +208,19 @@ def prefix_cache(model: nn.Module, kv, rows: torch.Tensor, prefix_len: int, firs
     return cache
 
 
+def prefix_cache_joining(model: nn.Module, kv, rows: torch.Tensor, joined: list[int], prefix_len: int,
+                         first_layer: int = 0):
+    """`prefix_cache` for rows that join a batch at different layers: layer l holds rows[:joined[l]]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(first_layer, len(kv)):
+        keys, values = kv[layer]
+        present = rows[:joined[layer]]
+        cache.layers[layer].update(keys[present, :, :prefix_len], values[present, :, :prefix_len])
+    return cache
+
+
 def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs,
                final_only: bool = True) -> torch.Tensor:
     """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d].
@@ -222,6 +236,22 @@ def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs,
                    adapter.mlp[last].register_forward_pre_hook(_final_position_only)]
     with installed(handles):
         for layer in range(start, adapter.n_layers):
+            args, kwargs = layer_inputs[layer]
+            resid = output_tensor(adapter.layers[layer](resid, *args, **kwargs))
+    return resid[:, -1]
+
+
+def run_layers_joining(adapter: Adapter, join: Callable[[int, torch.Tensor | None], torch.Tensor], start: int,
+                       layer_inputs) -> torch.Tensor:
+    """`run_layers` for rows that join the batch at different layers (one forward per layer for them all):
+    join(layer, resid) is the batch entering `layer`, the rows so far (None before the first) with those
+    joining there appended; layer_inputs hold each layer's batch. The final position's residual [R, d]."""
+    last = adapter.n_layers - 1
+    resid = None
+    with installed([adapter.out_proj[last].register_forward_pre_hook(_final_position_only),
+                    adapter.mlp[last].register_forward_pre_hook(_final_position_only)]):
+        for layer in range(start, adapter.n_layers):
+            resid = join(layer, resid)
             args, kwargs = layer_inputs[layer]
             resid = output_tensor(adapter.layers[layer](resid, *args, **kwargs))
     return resid[:, -1]
@@ -267,14 +297,24 @@ class PrefixReuse:
         keys and values of every position at layers >= layer."""
         if first == 0:
             return self.base.layer_inputs, None
+        cache = prefix_cache(self.model, self.base.kv if kv is None else kv, rows, first, layer)
+        return bind_cache(self._suffix_inputs(first), cache), cache
+
+    def layer_inputs_joining(self, rows: torch.Tensor, joined: list[int], first: int, layer: int):
+        """`layer_inputs` for rows that join the batch at different layers: layer l's batch is rows[:joined[l]]."""
+        if first == 0:
+            return self.base.layer_inputs
+        cache = prefix_cache_joining(self.model, self.base.kv, rows, joined, first, layer)
+        return bind_cache(self._suffix_inputs(first), cache)
+
+    def _suffix_inputs(self, first: int):
         recorded = _recorded(self.model, self.seq_len)
         if first not in recorded:
             one_row = prefix_cache(self.model, self.base.kv, torch.tensor([0]), first)
             # token ids give the suffix its length only
             ids = torch.zeros(1, self.seq_len - first, dtype=torch.long, device=self.base.final_resid.device)
             recorded[first] = record_layer_inputs(self.model, self.adapter, ids, one_row)
-        cache = prefix_cache(self.model, self.base.kv if kv is None else kv, rows, first, layer)
-        return bind_cache(recorded[first], cache), cache
+        return recorded[first]
 
 
 def full_length_inputs(model: nn.Module, adapter: Adapter, seq_len: int) -> list[tuple[tuple, dict]]:
