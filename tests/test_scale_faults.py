@@ -216,7 +216,7 @@ def undisturbed(setup):
 def test_two_models_on_a_three_node_cluster(setup, undisturbed):
     counts = work_counts(undisturbed["stdout"])
     assert len(counts) == 2  # one summary per model
-    n_items = N_PAIRS * (4 + 3) * 2  # pairs x (components, and 3 of them at the position classes) x directions
+    n_items = N_PAIRS * 4 * 2  # pairs x components (each with its position classes) x directions
     for model, count in zip(setup["models"], counts):
         assert count["cache"] == (N_PAIRS, 0) and count["patch"] == (n_items, 0)
         frame = effects(undisturbed["root"], model)
@@ -286,7 +286,7 @@ def resumed(setup):
 
 def test_driver_killed_then_resumed(setup, undisturbed, resumed):
     [count] = work_counts(resumed["stdout"])
-    n_items = N_PAIRS * (4 + 3) * 2
+    n_items = N_PAIRS * 4 * 2
     finished = resumed["finished"]
     assert 0 < finished["patch"] < n_items
     # Only the missing shards are computed; the summary says how many were reused.
@@ -319,7 +319,7 @@ def test_damaged_shards_are_recomputed_never_read(setup, undisturbed, resumed):
     result = run(setup, resumed["root"], [resumed["model"]])
     [count] = work_counts(result.stdout)
     assert count["cache"] == (1, N_PAIRS - 1)
-    assert count["patch"] == (1, N_PAIRS * 14 - 1)  # (4 components + 3 at the position classes) x 2 directions
+    assert count["patch"] == (1, N_PAIRS * 8 - 1)  # 4 components (each with its position classes) x 2 directions
     assert store.read_table(shard).to_pandas().equals(original)
     assert_same_effects(effects(resumed["root"], resumed["model"]), effects(undisturbed["root"], resumed["model"]))
 
@@ -337,7 +337,7 @@ def test_edited_pairs_file_gives_new_pairs(setup, undisturbed, resumed):
         setup["pairs"].write_text(original)
     [count] = work_counts(result.stdout)
     assert count["pairs"][0] >= 1  # the pairs stage's items (tokens, replies, answer tokens, screen) rerun
-    assert count["cache"] == (0, N_PAIRS - 1) and count["patch"] == (0, (N_PAIRS - 1) * 14)
+    assert count["cache"] == (0, N_PAIRS - 1) and count["patch"] == (0, (N_PAIRS - 1) * 8)
     want = effects(undisturbed["root"], resumed["model"])
     want = want[want["pair_id"] != N_PAIRS - 1].reset_index(drop=True)
     assert_same_effects(effects(resumed["root"], resumed["model"]), want)

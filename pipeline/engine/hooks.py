@@ -148,7 +148,25 @@ def run_with_cache(
         if any(k is None or k.shape[-2] != ids.shape[1] for k, _ in kv):
             kv = None
     acts = {c: torch.stack(run.acts[c], dim=1) for c in wanted}
-    return RunCache(acts=acts, final_resid=run.final, layer_inputs=record_layer_inputs(model, adapter, ids[:1]), kv=kv)
+    layer_inputs = full_length_inputs(model, adapter, ids.shape[1])
+    return RunCache(acts=acts, final_resid=run.final, layer_inputs=layer_inputs, kv=kv)
+
+
+@torch.no_grad()
+def run_with_cache_after(model: nn.Module, adapter: Adapter, ids: torch.Tensor, components, prefix: RunCache,
+                         first: int) -> RunCache:
+    """`run_with_cache` of `ids` [P, T] whose tokens before `first` are those of the run `prefix` (the same
+    rows and length, its keys/values and `components` cached): every activation before `first` is that
+    run's (causal attention), so only positions first..T-1 are computed, attending to its keys and values."""
+    wanted = set(components) | {"resid_pre"}
+    first = min(first, ids.shape[1] - 1)  # the final position is computed always: its residual is the result
+    if first == 0 or prefix.kv is None or not wanted <= set(prefix.acts):
+        return run_with_cache(model, adapter, ids, components)
+    cache = prefix_cache(model, prefix.kv, torch.arange(ids.shape[0]), first)
+    with capture(adapter, wanted) as run:
+        model.base_model(input_ids=ids[:, first:], cache=cache, use_cache=True)
+    acts = {c: torch.cat([prefix.acts[c][:, :, :first], torch.stack(run.acts[c], dim=1)], dim=2) for c in wanted}
+    return RunCache(acts=acts, final_resid=run.final, layer_inputs=prefix.layer_inputs)
 
 
 _CACHE = object()  # stands for "this row batch's KV cache" in recorded layer inputs
@@ -190,6 +208,19 @@ def prefix_cache(model: nn.Module, kv, rows: torch.Tensor, prefix_len: int, firs
     return cache
 
 
+def prefix_cache_joining(model: nn.Module, kv, rows: torch.Tensor, joined: list[int], prefix_len: int,
+                         first_layer: int = 0):
+    """`prefix_cache` for rows that join a batch at different layers: layer l holds rows[:joined[l]]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(first_layer, len(kv)):
+        keys, values = kv[layer]
+        present = rows[:joined[layer]]
+        cache.layers[layer].update(keys[present, :, :prefix_len], values[present, :, :prefix_len])
+    return cache
+
+
 def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs,
                final_only: bool = True) -> torch.Tensor:
     """Run decoder layers start..L-1 on residuals [R, T, d]; returns the final position's residual [R, d].
@@ -210,6 +241,22 @@ def run_layers(adapter: Adapter, resid: torch.Tensor, start: int, layer_inputs,
     return resid[:, -1]
 
 
+def run_layers_joining(adapter: Adapter, join: Callable[[int, torch.Tensor | None], torch.Tensor], start: int,
+                       layer_inputs) -> torch.Tensor:
+    """`run_layers` for rows that join the batch at different layers (one forward per layer for them all):
+    join(layer, resid) is the batch entering `layer`, the rows so far (None before the first) with those
+    joining there appended; layer_inputs hold each layer's batch. The final position's residual [R, d]."""
+    last = adapter.n_layers - 1
+    resid = None
+    with installed([adapter.out_proj[last].register_forward_pre_hook(_final_position_only),
+                    adapter.mlp[last].register_forward_pre_hook(_final_position_only)]):
+        for layer in range(start, adapter.n_layers):
+            resid = join(layer, resid)
+            args, kwargs = layer_inputs[layer]
+            resid = output_tensor(adapter.layers[layer](resid, *args, **kwargs))
+    return resid[:, -1]
+
+
 def _final_position_only(module, args):
     return (args[0][:, -1:],) + tuple(args[1:])
 
@@ -218,7 +265,8 @@ _RECORDED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionar
 
 
 def _recorded(model: nn.Module, seq_len: int) -> dict:
-    """Per model, sequence length, device and dtype: recorded layer inputs by the first position computed.
+    """Per model, sequence length, device and dtype: recorded layer inputs by the first position computed
+    ("all": the whole sequence; "layer": one token).
     They depend on positions only (rotary angles, causal masks), never on token values, so every run of
     the model shares them."""
     weight = next(model.parameters())
@@ -249,14 +297,34 @@ class PrefixReuse:
         keys and values of every position at layers >= layer."""
         if first == 0:
             return self.base.layer_inputs, None
+        cache = prefix_cache(self.model, self.base.kv if kv is None else kv, rows, first, layer)
+        return bind_cache(self._suffix_inputs(first), cache), cache
+
+    def layer_inputs_joining(self, rows: torch.Tensor, joined: list[int], first: int, layer: int):
+        """`layer_inputs` for rows that join the batch at different layers: layer l's batch is rows[:joined[l]]."""
+        if first == 0:
+            return self.base.layer_inputs
+        cache = prefix_cache_joining(self.model, self.base.kv, rows, joined, first, layer)
+        return bind_cache(self._suffix_inputs(first), cache)
+
+    def _suffix_inputs(self, first: int):
         recorded = _recorded(self.model, self.seq_len)
         if first not in recorded:
             one_row = prefix_cache(self.model, self.base.kv, torch.tensor([0]), first)
             # token ids give the suffix its length only
             ids = torch.zeros(1, self.seq_len - first, dtype=torch.long, device=self.base.final_resid.device)
             recorded[first] = record_layer_inputs(self.model, self.adapter, ids, one_row)
-        cache = prefix_cache(self.model, self.base.kv if kv is None else kv, rows, first, layer)
-        return bind_cache(recorded[first], cache), cache
+        return recorded[first]
+
+
+def full_length_inputs(model: nn.Module, adapter: Adapter, seq_len: int) -> list[tuple[tuple, dict]]:
+    """The layer inputs of a whole sequence of `seq_len` tokens (recorded once per model and length)."""
+    recorded = _recorded(model, seq_len)
+    if "all" not in recorded:
+        weight = next(model.parameters())
+        recorded["all"] = record_layer_inputs(model, adapter, torch.zeros(1, seq_len, dtype=torch.long,
+                                                                          device=weight.device))
+    return recorded["all"]
 
 
 def one_token_inputs(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:

@@ -2,15 +2,21 @@
 
 Each batch row is one (pair, variant); a variant is (component, layer, head, position). A position is
 one token, every token (ALL), or one of the caller's position groups (`group_position(k)`): a set of
-positions per pair, such as the harmful tokens of each pair, patched together. The three ideas that make
-it fast, each exact:
+positions per pair, such as the harmful tokens of each pair, patched together. The ideas that make it
+fast, each exact:
 
 1. Packing: all rows of a batch are patched by one vectorised `torch.where` per hook point, so there
    is no Python loop, hook registration or device sync per patch.
 2. Layer skip: a patch at layer l leaves layers < l unchanged, so a row starts from the base run's
-   cached residual entering layer l and only layers l..L-1 are computed.
-3. Answer-only unembedding: the metric needs the final position and a few answer tokens, so only
+   cached residual entering layer l and only layers l..L-1 are computed. Rows of every layer share a
+   batch: a row joins it at its own layer, so each layer runs once for them all.
+3. Prefix reuse: a patch changes nothing before its first patched position (nor before the pair's
+   first differing token), so a row computes the positions from there on only, attending to the base
+   run's cached keys and values; a batch holds rows that change from about the same position.
+4. Answer-only unembedding: the metric needs the final position and a few answer tokens, so only
    those rows of the unembedding are multiplied.
+5. Patches that replace the input (the residual stream at every position) take the source run's
+   metric without a patch run.
 
 `reference.reference_sweep` is the plain method (one full forward and one hook per patch) that the
 packed sweep must match to float tolerance.
@@ -37,7 +43,9 @@ from .hooks import (
     output_tensor,
     rows_that_fit,
     run_layers,
+    run_layers_joining,
     run_with_cache,
+    run_with_cache_after,
 )
 from .metrics import DIRECTIONS, METRICS, Answers, DirectedMetrics, kl_to_source, measure, normalised_effect
 
@@ -184,6 +192,79 @@ def patched_final_resid(
         return run_layers(adapter, resid, layer, layer_inputs)
 
 
+@torch.no_grad()
+def patched_final_resid_joining(
+    model: nn.Module,
+    adapter: Adapter,
+    base: RunCache,
+    source: RunCache,
+    pair_idx: torch.Tensor,
+    variants: Variants,
+    prefix: PrefixReuse,
+    first: int,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`patched_final_resid` of whole-layer patches at several layers in one batch, `variants` in layer
+    order: each layer runs once on the rows patched at it or before (layer skip: a row joins at its layer
+    from the base run's residual, patched there); positions first..T-1 only, attending to the base
+    run's cached prefix (no row changes anything before `first`)."""
+    device = base.final_resid.device
+    seq_len = base.acts["resid_pre"].shape[2]
+    rows = pair_idx.to(device)
+    first = prefix.start(first)
+    layer = variants.layer.tolist()
+    joined = torch.searchsorted(variants.layer, torch.arange(adapter.n_layers), right=True).tolist()  # per layer
+    start = layer[0]
+    layer_inputs = prefix.layer_inputs_joining(rows, joined, first, start)
+    pos_mask = _position_mask(variants.position, seq_len, groups, pair_idx)[:, first:]  # [R, T - first], on CPU
+    component = variants.component
+    resid_code = COMPONENTS.index("resid_pre")
+
+    def entering(at: int) -> tuple[int, int]:
+        return (joined[at - 1] if at > start else 0), joined[at]
+
+    def join(at: int, resid: torch.Tensor | None) -> torch.Tensor | None:
+        lo, hi = entering(at)
+        if hi == lo:
+            return resid
+        new = base.acts["resid_pre"][rows[lo:hi], at, first:]
+        mask = (pos_mask[lo:hi] & (component[lo:hi] == resid_code)[:, None])[..., None].to(device)
+        if bool(mask.any()):
+            new = torch.where(mask, source.acts["resid_pre"][rows[lo:hi], at, first:], new)
+        return new if resid is None else torch.cat([resid, new])
+
+    handles = []
+    with installed(handles):
+        for at in sorted(set(layer)):
+            lo, hi = entering(at)
+            for code, name in enumerate(COMPONENTS):
+                is_component = component[lo:hi] == code
+                if name == "resid_pre" or not bool(is_component.any()):
+                    continue
+                mask = pos_mask[lo:hi] & is_component[:, None]
+                src = source.acts[name][rows[lo:hi], at, first:]
+                if name == "head":
+                    heads = _head_mask(variants.select(torch.arange(lo, hi)), adapter.n_heads)
+                    mask = (mask[:, :, None] & heads[:, None, :])[..., None].to(device)
+                    edit = _heads_where(mask, src, adapter.n_heads)
+                else:
+                    edit = _where(mask[..., None].to(device), src)
+                handles.append(edit_activation(adapter, name, at, _on_rows(lo, edit)))
+        return run_layers_joining(adapter, join, start, layer_inputs)
+
+
+def _on_rows(lo: int, edit):
+    """An edit of the batch's rows from `lo` on (those joining at the edited layer); the rows before stay."""
+
+    def on_rows(live):
+        edited = edit(live[lo:])
+        if live.shape[1] == 1:  # the last layer's final position only: the edit broadcast it over the source's
+            edited = edited[:, -1:]
+        return torch.cat([live[:lo], edited]) if lo else edited
+
+    return on_rows
+
+
 def _head_mask(variants: Variants, n_heads: int) -> torch.Tensor:
     return (variants.head[:, None] == ALL) | (variants.head[:, None] == torch.arange(n_heads))  # [R, H]
 
@@ -218,6 +299,50 @@ def _patched_final_resid_local(model, adapter, base, source, layer, rows, varian
     resid = base.acts["resid_pre"][rows, layer + 1, first:].clone()
     resid[torch.arange(len(rows), device=device), position - first] = new
     return run_layers(adapter, resid, layer + 1, prefix.layer_inputs(rows, first, layer + 1))
+
+
+@dataclass
+class PatchRows(Rows):
+    """Rows of patch runs, one per (variant, pair) that changes anything, with the first position it changes."""
+
+    variant: torch.Tensor
+    pair: torch.Tensor
+    begin: torch.Tensor
+
+    def by_first(self, budget, seq_len: int, reuse_prefix: bool):
+        """Batches of rows in order of their first change, each of rows that change from about the same
+        position (a row computes its positions from the batch's first, wasting those before its own: at
+        most an eighth of the batch's), at most budget(first) rows."""
+        ordered = self.select(torch.argsort(self.begin, stable=True))
+        start = 0
+        while start < len(ordered):
+            first = int(ordered.begin[start])
+            stop = min(len(ordered), start + budget(first))
+            if reuse_prefix:
+                stop = start + int((ordered.begin[start:stop] <= first + (seq_len - first) // 8).sum())
+            yield ordered.select(torch.arange(start, stop))
+            start = stop
+
+
+def _changing_rows(variants: Variants, n_pairs: int, seq_len: int, differ_at: torch.Tensor, groups, unmatched):
+    """Every (variant, pair) row that changes anything, with the first position it changes: its patched
+    position, or for a whole-sequence patch its pair's first differing token (before it the patch writes
+    the values already there), or its group's first position in the pair (an empty group changes nothing).
+    `unmatched`: variants at positions without a counterpart in the other run (they change nothing)."""
+    variant_rows = torch.arange(len(variants)).repeat_interleave(n_pairs)
+    pair_rows = torch.arange(n_pairs).repeat(len(variants))
+    position, differ_from = variants.position[variant_rows], differ_at[pair_rows]
+    begin = torch.where(position == ALL, differ_from, position)
+    changes = torch.where(position == ALL, differ_from < seq_len, position >= differ_from)
+    grouped = group_index(position) >= 0
+    if bool(grouped.any()):
+        members = groups[pair_rows[grouped], group_index(position[grouped])]  # [G, T]
+        begin[grouped] = torch.where(members, torch.arange(seq_len), seq_len).min(dim=1).values
+        changes[grouped] = (members & (torch.arange(seq_len) >= differ_from[grouped, None])).any(dim=1)
+    if unmatched is not None:
+        changes &= ~unmatched[variant_rows]
+    keep = changes.nonzero().squeeze(1)
+    return PatchRows(variant_rows[keep], pair_rows[keep], begin[keep])
 
 
 @dataclass
@@ -321,9 +446,13 @@ def sweep(
     base_ids, source_ids = (corrupted_ids, clean_ids) if direction == "denoise" else (clean_ids, corrupted_ids)
     local = _is_local(variants)
     offset = clean_ids.shape[1] - corrupted_ids.shape[1]
-    base_components = components | ({"head"} if bool(local.any()) else set()) | (components if offset else set())
+    base_components = components | ({"head"} if bool(local.any()) else set())
+    differ_at = (first_difference(clean_ids, corrupted_ids).cpu() if not offset
+                 else torch.zeros(clean_ids.shape[0], dtype=torch.long))
+    # The source run shares the base run's tokens up to the shard's first differing one: it computes the
+    # positions from there on only (the base run caches every component for it to copy the rest).
     base = run_with_cache(model, adapter, base_ids, base_components, keep_kv=reuse_prefix)
-    source = run_with_cache(model, adapter, source_ids, components)
+    source = run_with_cache_after(model, adapter, source_ids, components, base, int(differ_at.min()))
     clean, corrupted = (source, base) if direction == "denoise" else (base, source)
     metric_of = _Metric(metric, adapter, answers, source)
     all_pairs = torch.arange(clean_ids.shape[0])
@@ -345,54 +474,43 @@ def sweep(
 
     metric_clean, metric_corrupted = (metric_of(clean.final_resid, all_pairs),
                                       metric_of(corrupted.final_resid, all_pairs))
-    metric_base = metric_corrupted if direction == "denoise" else metric_clean
+    metric_base, metric_source = (metric_corrupted, metric_clean) if direction == "denoise" else (metric_clean,
+                                                                                              metric_corrupted)
 
-    # Rows are (variant, pair), by layer, whole-layer kinds before local ones, then by the first position
-    # they change: a batch then shares one layer (layer skip) and a narrow range of positions (prefix
-    # reuse). A batch computes positions from its earliest changed one, so batches are cut at about
-    # `batch_tokens` computed tokens: big enough to keep the matrix units busy, small enough that few
-    # positions are recomputed.
-    # Before the first position where a pair's clean and corrupted tokens differ, every activation is
-    # the same in both runs (causal attention), so a patch there changes nothing: such rows take the
-    # base metric without a forward pass, and a whole-sequence patch need only be computed from there.
-    # Chat templates put a long shared prefix first.
+    # Rows are (variant, pair). Before the first position where a pair's clean and corrupted tokens
+    # differ, every activation is the same in both runs (causal attention), so a patch there changes
+    # nothing: such rows take the base metric without a forward pass, and a whole-sequence patch need only
+    # be computed from there (chat templates put a long shared prefix first). A batch computes positions
+    # from its earliest changed one, so batches are cut at about `batch_tokens` computed tokens: big enough
+    # to keep the matrix units busy, small enough that few positions are recomputed.
     token_budget = batch_tokens or (32768 if device.type == "cuda" else 2048)
-    differ_at = (first_difference(clean_ids, corrupted_ids).cpu() if not offset
-                 else torch.zeros(n_pairs, dtype=torch.long))
     patched = metric_base[:, None].repeat(1, len(variants))
+    # The residual stream patched at every position is the source run's from that layer on: its metric is
+    # the source's, computed by no patch run. (Aligned from the end, positions without a counterpart keep
+    # the base's values, so there it is computed.)
+    replaces_input = (variants.component == COMPONENTS.index("resid_pre")) & (variants.position == ALL) & (offset == 0)
+    patched[:, replaces_input.to(device)] = metric_source[:, None]
+    rows = _changing_rows(variants, n_pairs, seq_len, differ_at, groups, unmatched if offset else None)
+    rows = rows.select((~replaces_input[rows.variant]).nonzero().squeeze(1))
     prefix = PrefixReuse(model, adapter, base, enabled=reuse_prefix)
-    for layer in variants.layer.unique().tolist():
-        at_layer = (variants.layer == layer).nonzero().squeeze(1)
-        variant_rows = at_layer.repeat_interleave(n_pairs)
-        pair_rows = all_pairs.repeat(len(at_layer))
-        position, differ_from = variants.position[variant_rows], differ_at[pair_rows]
-        # the first position a row changes: its patched position, or for a whole-sequence patch its pair's
-        # first differing token (before it the patch writes the values already there)
-        begin = torch.where(position == ALL, differ_from, position)
-        changes = torch.where(position == ALL, differ_from < seq_len, position >= differ_from)
-        grouped = group_index(position) >= 0
-        if bool(grouped.any()):  # from the group's first position in the pair; an empty group changes nothing
-            members = groups[pair_rows[grouped], group_index(position[grouped])]  # [G, T]
-            first_member = torch.where(members, torch.arange(seq_len), seq_len).min(dim=1).values
-            begin[grouped] = first_member
-            changes[grouped] = (members & (torch.arange(seq_len) >= differ_from[grouped, None])).any(dim=1)
-        if offset:  # positions with no counterpart in the other run change nothing
-            changes &= ~unmatched[variant_rows]
-        variant_rows, pair_rows, begin = variant_rows[changes], pair_rows[changes], begin[changes]
-        order = torch.argsort(local[variant_rows].long() * (seq_len + 1) + begin, stable=True)
-        variant_rows, pair_rows, begin = variant_rows[order], pair_rows[order], begin[order]
-        n_rows, start = len(variant_rows), 0
-        local_from = int((~local[variant_rows]).sum())
-        while start < n_rows:
-            computed = seq_len - int(begin[start]) if reuse_prefix else seq_len
-            stop = min(n_rows, start + min(batch_rows, max(1, token_budget // computed)))
-            if start < local_from:
-                stop = min(stop, local_from)
-            pair_idx, variant_idx = pair_rows[start:stop], variant_rows[start:stop]
-            final = patched_final_resid(model, adapter, base, source, layer, pair_idx, variants.select(variant_idx),
-                                        prefix, first=int(begin[start]), groups=groups)
-            patched[pair_idx.to(device), variant_idx.to(device)] = metric_of(final, pair_idx)
-            start = stop
+    budget = lambda first: min(batch_rows, max(1, token_budget // (seq_len - prefix.start(first))))  # noqa: E731
+
+    # Single-position local patches, by layer: each runs one token at its layer.
+    is_local = local[rows.variant]
+    for layer in variants.layer[rows.variant[is_local]].unique().tolist():
+        at_layer = rows.select((is_local & (variants.layer[rows.variant] == layer)).nonzero().squeeze(1))
+        for batch in at_layer.by_first(budget, seq_len, reuse_prefix):
+            final = patched_final_resid(model, adapter, base, source, layer, batch.pair,
+                                        variants.select(batch.variant), prefix, groups=groups)
+            patched[batch.pair.to(device), batch.variant.to(device)] = metric_of(final, batch.pair)
+    # Whole-layer patches of every layer together: a batch of rows that change from about the same position
+    # on runs each layer once, a row joining it at its own layer from the base run's residual (the rows
+    # of all layers make one batch big enough for the matrix units where one layer's rows are few).
+    for batch in rows.select((~is_local).nonzero().squeeze(1)).by_first(budget, seq_len, reuse_prefix):
+        batch = batch.select(torch.argsort(variants.layer[batch.variant], stable=True))
+        final = patched_final_resid_joining(model, adapter, base, source, batch.pair, variants.select(batch.variant),
+                                            prefix, int(batch.begin.min()), groups)
+        patched[batch.pair.to(device), batch.variant.to(device)] = metric_of(final, batch.pair)
     return SweepResult(
         direction=direction,
         metric=metric,

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.analysis.pairs import pair_batch
 from pipeline.analysis.positions import HEADLINE_CLASSES, headline_groups
 from pipeline.engine.adapters import get_adapter
-from pipeline.engine.patching import sweep, variants_for
+from pipeline.engine.patching import Variants, sweep, variants_for
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import PatchingConfig
 from pipeline.stages.shards import PairShard, bucket_shards
@@ -42,7 +42,7 @@ class Patches:
     per_position: bool  # every position on its own, or all at once
     layers: list[int] | None  # None = every layer
     heads: list[int] | None  # None = every head (only for component "head")
-    by_class: bool = False  # each of positions.HEADLINE_CLASSES at once instead (per_position is then False)
+    by_class: bool = False  # also each of positions.HEADLINE_CLASSES at once
 
 
 @dataclass(frozen=True)
@@ -64,22 +64,20 @@ class PatchItem:
 
 def plan(run_dir: Path, shards: list[PairShard], patching: PatchingConfig, shard_size: int, model: str,
          weights_hash: str, provenance: dict) -> list[PatchItem]:
-    """An item per (bucket of at most shard_size pairs, component, direction), named by this stage's code
-    (the engine's included), the weights, the shards' content and the patches."""
+    """An item per (bucket of at most shard_size pairs, component, direction), its position classes with
+    it (one sweep shares the cached runs and batches), named by this stage's code (the engine's included),
+    the weights, the shards' content and the patches."""
     items, code = [], code_identity(__name__)
     for bucket in bucket_shards(shards, shard_size):
         for component in patching.components:
             for direction in patching.directions:
-                heads = patching.heads if component == "head" else None
-                ways = [Patches(component, direction, patching.metric, component in patching.per_position,
-                                patching.layers, heads)]
-                if component in patching.per_class:
-                    ways.append(Patches(component, direction, patching.metric, False, patching.layers, heads, True))
-                for patches in ways:
-                    key = content_key("patch", code, weights_hash, [shard.key for shard in bucket], asdict(patches))
-                    items.append(PatchItem(str(RunFolder(run_dir).pairs), tuple(shard.rows for shard in bucket),
-                                           patches, model, patching.batch_size,
-                                           str(RunFolder(run_dir).effect_shards / f"{key}.arrow"), provenance))
+                patches = Patches(component, direction, patching.metric, component in patching.per_position,
+                                  patching.layers, patching.heads if component == "head" else None,
+                                  component in patching.per_class)
+                key = content_key("patch", code, weights_hash, [shard.key for shard in bucket], asdict(patches))
+                items.append(PatchItem(str(RunFolder(run_dir).pairs), tuple(shard.rows for shard in bucket),
+                                       patches, model, patching.batch_size,
+                                       str(RunFolder(run_dir).effect_shards / f"{key}.arrow"), provenance))
     return items
 
 
@@ -93,8 +91,11 @@ def run(model, tokenizer, item: PatchItem) -> list[Path]:
         groups = (headline_groups(read_table(item.pairs).take(pa.array(rows, pa.int64())))  # [P, 3, T]
                   if patches.by_class else None)
         variants = variants_for(adapter, patches.component, seq_len, per_position=patches.per_position,
-                                layers=patches.layers, heads=patches.heads,
-                                n_groups=len(HEADLINE_CLASSES) if patches.by_class else 0)
+                                layers=patches.layers, heads=patches.heads)
+        if patches.by_class:
+            variants = Variants.concat([variants, variants_for(adapter, patches.component, seq_len,
+                                                               layers=patches.layers, heads=patches.heads,
+                                                               n_groups=len(HEADLINE_CLASSES))])
         result = sweep(model, batch["clean_ids"], batch["corrupted_ids"], batch["answers"], variants,
                        direction=patches.direction, metric=patches.metric, max_batch_rows=item.batch_size,
                        align_end=batch["clean_ids"].shape[1] != batch["corrupted_ids"].shape[1],
