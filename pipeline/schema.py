@@ -148,6 +148,17 @@ class TrackingConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`patchsweep compare RUN_A RUN_B ...` (pipeline.run.compare): its own keys, given as compare.<key>=<value>."""
+    output_dir: str | None = None  # None = <the reference run's output_root>/compare/<a>-vs-<b>
+    fail_on_drift: bool = False  # exit status 3 when the verdict is drift (else 0 either way)
+    level: float = 0.99  # share of the null draws a measure's band holds
+    n_draws: int = 200  # bootstrap draws per run for the effect-rank and direction bands
+    seed: int = 0
+    device: str = "cpu"  # torch device the runs' models are loaded on
+
+
+@dataclass
 class PatchsweepConfig:
     name: str = MISSING  # the experiment preset
     output_root: str = "outputs"
