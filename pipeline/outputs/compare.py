@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from pipeline.analysis.compare import Measure  # noqa: E402
 from pipeline.store import publish_bytes, publish_file, publish_json  # noqa: E402
@@ -84,21 +85,32 @@ def markdown(compared: Compared) -> str:
     return "\n".join(lines)
 
 
+def _scaled(m: Measure, limit: float = 4.0) -> float:
+    """The measure's place on its band scaled to [-1, 1] (outside beyond), clipped to +-limit."""
+    mid, half = (m.band.low + m.band.high) / 2, (m.band.high - m.band.low) / 2
+    if half <= 1e-12:
+        return 0.0 if abs(m.value - mid) <= 1e-9 else float(np.sign(m.value - mid) * limit)
+    return float(np.clip((m.value - mid) / half, -limit, limit))
+
+
 def figure(compared: Compared, path) -> None:
+    """Each deciding measure on its own band, scaled so that every band spans [-1, 1]: measures of
+    different units share one axis; the values are written beside."""
     panels = compared.comparisons
     rows = max(len(c.measures) for c in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.35 * rows + 1.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.4 * rows + 1.4), squeeze=False)
     for ax, c in zip(axes[0], panels):
-        for y, m in enumerate(c.measures):
-            if m.band is not None:
-                ax.plot([m.band.low, m.band.high], [y, y], color="0.7", linewidth=6, solid_capstyle="butt")
-            if m.value is not None:
-                ax.plot(m.value, y, "o", color="tab:red" if m.outside else "tab:blue")
-        ax.set_yticks(range(len(c.measures)), [m.name for m in c.measures], fontsize=8)
+        ax.axvspan(-1, 1, color="0.88")
+        shown = [m for m in c.measures if m.band is not None and m.value is not None]
+        for y, m in enumerate(shown):
+            ax.plot(_scaled(m), y, "o", color="tab:red" if m.outside else "tab:blue")
+            ax.text(4.3, y, f"{m.value:.3g} in [{m.band.low:.3g}, {m.band.high:.3g}]", va="center", fontsize=7)
+        ax.set_yticks(range(len(shown)), [m.name for m in shown], fontsize=8)
+        ax.set_xlim(-4.5, 9)
+        ax.set_xticks([-4, -1, 0, 1, 4], ["-4", "band", "", "band", "4"])
         ax.invert_yaxis()
-        ax.set_title(f"{c.run} vs {compared.reference.label}\n{c.verdict.line.split(' (')[0]}", fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("measure (dot) on its null band (grey); red: outside", fontsize=9)
+        ax.set_title(f"{c.run} vs {compared.reference.label}: {c.verdict.line.split(' (')[0]}", fontsize=9)
+    fig.suptitle("each measure (dot) on its null band (grey, scaled to [-1, 1]); red: outside", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
