@@ -157,6 +157,17 @@ class CompareConfig:
     seed: int = 0
     device: str = "cpu"  # torch device the runs' models are loaded on
 
+    def __post_init__(self):
+        """A wrong value is refused in one line before any run is read."""
+        checks = {"fail_on_drift": (isinstance(self.fail_on_drift, bool), "true or false"),
+                  "level": (isinstance(self.level, float | int) and 0 < self.level < 1, "a number in (0, 1)"),
+                  "n_draws": (isinstance(self.n_draws, int) and self.n_draws >= 10, "a whole number >= 10"),
+                  "seed": (isinstance(self.seed, int), "a whole number"),
+                  "output_dir": (self.output_dir is None or isinstance(self.output_dir, str), "a folder")}
+        for key, (ok, wanted) in checks.items():
+            if not ok:
+                raise ValueError(f"compare.{key}={getattr(self, key)!r}: give {wanted}")
+
 
 @dataclass
 class PatchsweepConfig:

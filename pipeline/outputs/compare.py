@@ -55,6 +55,9 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+TABLE_HEAD = ("| measure | value | null band | | |", "|---|---|---|---|---|")
+
+
 def _row(m: Measure) -> str:
     span = "no band" if m.band is None else f"[{_num(m.band.low)}, {_num(m.band.high)}]"
     mark = "**outside**" if m.outside else ("inside" if m.band is not None and m.value is not None else "-")
@@ -69,15 +72,13 @@ def markdown(compared: Compared) -> str:
              "the runs' own resamples (the central share of the draws given by compare.level).", ""]
     for c in compared.comparisons:
         run = next(r for r in compared.runs if r.label == c.run)
-        lines += [f"## {c.run} ({run.cfg.model.name})", "", "| measure | value | null band | | |", "|---|---|---|---|---|",
-                  *[_row(m) for m in c.measures], ""]
+        lines += [f"## {c.run} ({run.cfg.model.name})", "", *TABLE_HEAD, *[_row(m) for m in c.measures], ""]
         if not c.honest:
             lines += ["*The circuit bands are narrower than honest: a run stores no `stability.circuits` (its "
                       "independent re-searches), so they are drawn from the nodes' stored inclusion frequencies; "
                       "the faithfulness band is the runs' intervals over re-drawn pairs alone.*", ""]
         if c.reported:
-            lines += ["Reported, not deciding:", "", "| measure | value | null band | | |", "|---|---|---|---|---|",
-                      *[_row(m) for m in c.reported], ""]
+            lines += ["Reported, not deciding:", "", *TABLE_HEAD, *[_row(m) for m in c.reported], ""]
         if c.not_compared:
             lines += ["Not compared:", "", *[f"- {line}" for line in c.not_compared], ""]
         lines += [c.verdict.line, ""]

@@ -34,11 +34,9 @@ from pipeline.analysis.compare import (
 from pipeline.analysis.compare_model import RunModel
 from pipeline.analysis.directions import selection_summary
 from pipeline.analysis.statistics import read_effects
-from pipeline.engine.loading import load_model
-from pipeline.organisms import resolve
+from pipeline.messages import first_line
 from pipeline.outputs.files import RunFolder
 from pipeline.outputs.load import Run, load_run
-from pipeline.messages import first_line
 from pipeline.schema import CompareConfig, PatchsweepConfig, TrackingConfig, from_plain
 from pipeline.store import MANIFEST, Manifest, read_table, tensor_numpy
 
@@ -110,9 +108,9 @@ def read_runs(paths: list[Path]) -> list[ComparedRun]:
     reference = runs[0]
     for other in runs[1:]:
         if other.cfg.name != reference.cfg.name:
-            raise NotComparable(f"{other.path} is a run of experiment {other.cfg.name!r}, the reference {reference.path} "
-                                f"of {reference.cfg.name!r}: compare runs of one experiment (their prompts and "
-                                "circuit options differ otherwise)")
+            raise NotComparable(f"{other.path} is a run of experiment {other.cfg.name!r}, the reference "
+                                f"{reference.path} of {reference.cfg.name!r}: compare runs of one experiment (their "
+                                "prompts and circuit options differ otherwise)")
     return runs
 
 
@@ -144,12 +142,11 @@ def chosen_direction(path: Path) -> dict | None:
 def load_models(runs: list[ComparedRun], device: str) -> None:
     """Each run's model, loaded as its sweep's actors load it, with the run's circuit pairs; refused in one
     line when its weights are not those the run was computed on."""
-    from pipeline.run.workers import weights_hash
+    from pipeline.run.workers import load_configured, weights_hash
 
     for run in runs:
         spec = run.cfg.model
-        model, _ = load_model(resolve(spec.path), dtype=spec.dtype, device=device,
-                              trust_remote_code=spec.trust_remote_code)
+        model, _ = load_configured(spec, device)
         recorded = run.run.provenance.get("weights_hash")
         if recorded and weights_hash(model) != recorded:
             raise NotComparable(f"{run.path}: model {spec.path!r} has other weights now than the run was computed on: "
@@ -194,6 +191,9 @@ def compare_pair(a: ComparedRun, b: ComparedRun, options: CompareConfig) -> Comp
     draws = [f for e in own for f in e.faithfulness if f is not None]
     f_band = faithfulness_band(draws, [a.circuit.faithfulness_ci, b.circuit.faithfulness_ci], level,
                                bool(a.circuits and b.circuits))
+    for name, run in (("faithfulness_recomputed/a", a), ("faithfulness_recomputed/b", b)):  # the evaluator agrees
+        [f] = run.model.faithfulness([run.nodes]).faithfulness
+        reported.append(Measure(name, f, None, False, f"circuit.json: {run.circuit.faithfulness:.3f}"))
     for name, circuit, target in (("cross_faithfulness/a_on_b", a, b), ("cross_faithfulness/b_on_a", b, a)):
         evaluated = target.model.faithfulness([circuit.nodes])
         if evaluated.missing:
@@ -214,8 +214,8 @@ def compare_pair(a: ComparedRun, b: ComparedRun, options: CompareConfig) -> Comp
             cosine = float(da["vector"] @ db["vector"] / (np.linalg.norm(da["vector"]) * np.linalg.norm(db["vector"])))
             null = np.concatenate([r.model.direction_cosines(r.direction["layer"], r.direction["position_from_end"], n,
                                                              rng) for r in (a, b)])
-            measures.append(Measure("direction_cosine", cosine, band(null, level, "mean differences of two "
-                                                                     "independent bootstrap draws of each run's pairs")))
+            source = "mean differences of two independent bootstrap draws of each run's pairs"
+            measures.append(Measure("direction_cosine", cosine, band(null, level, source)))
         else:
             missing.append(f"direction_cosine: the models' widths differ ({len(da['vector'])}, {len(db['vector'])})")
         reported.append(Measure("direction_best_layer_shift", float(db["layer"] - da["layer"]), None, False,
@@ -284,7 +284,14 @@ def track(compared: Compared, cfg: PatchsweepConfig, files: dict[str, Path]) -> 
     import mlflow
 
     from pipeline.messages import redact
-    from pipeline.run.tracking import DESCRIPTION, MODEL_TRAINING, _metric_name, description, open_experiment, store_client
+    from pipeline.run.tracking import (
+        DESCRIPTION,
+        MODEL_TRAINING,
+        _metric_name,
+        description,
+        open_experiment,
+        store_client,
+    )
     from pipeline.schema import tracking_uri
 
     uri = tracking_uri(cfg)
@@ -305,7 +312,8 @@ def track(compared: Compared, cfg: PatchsweepConfig, files: dict[str, Path]) -> 
             if m.value is not None:
                 metrics[f"{prefix}/{m.name}"] = m.value
             if m.band is not None:
-                metrics[f"{prefix}/{m.name}_band_low"], metrics[f"{prefix}/{m.name}_band_high"] = m.band.low, m.band.high
+                metrics[f"{prefix}/{m.name}_band_low"] = m.band.low
+                metrics[f"{prefix}/{m.name}_band_high"] = m.band.high
     now = int(time.time() * 1000)
     items = [mlflow.entities.Metric(_metric_name(k), float(v), now, 0) for k, v in metrics.items()]
     for start in range(0, len(items), 1000):  # MLflow's batch limit: 1000 metrics
