@@ -54,8 +54,7 @@ class ComparedRun:
     run: Run
     cfg: PatchsweepConfig
     circuit: Circuit
-    circuits: list[list[str]] | None  # circuit.json stability.circuits: the independent re-searches' nodes
-    supernode_circuits: list[list[str]] | None  # stability.supernode_circuits
+    stability: dict  # circuit.json's stability as stored: older runs lack the keys the honest bands read
     direction: dict | None  # direction.arrow's summary with its chosen vector, None when it chose none
     model: RunModel | None = None
 
@@ -66,6 +65,28 @@ class ComparedRun:
     @property
     def nodes(self) -> list[str]:
         return [n.id for n in self.circuit.nodes]
+
+    @property
+    def circuits(self) -> list[list[str]] | None:
+        """The node ids of the circuits of the independent re-searches (None: an older run)."""
+        return self.stability.get("circuits")
+
+    @property
+    def supernode_circuits(self) -> list[list[str]] | None:
+        return self.stability.get("supernode_circuits")
+
+    @property
+    def supernodes(self) -> set[str]:
+        """The circuit's supernodes, keyed as supernode_circuits are where the run has them."""
+        keyed = self.stability.get("supernodes")
+        return set(keyed["circuit"]) if isinstance(keyed, dict) else {g.id for g in self.circuit.supernodes}
+
+    def null_circuits(self, rng: np.random.Generator) -> tuple[list[set[str]], list[int], bool]:
+        """(circuits, their sizes, honest): the re-searched circuits, else drawn from inclusion frequencies."""
+        frequency = {n.id: n.inclusion_frequency for n in self.circuit.nodes} | {
+            n["id"]: n["frequency"] for n in self.stability["frequent_outside"]}
+        null, honest = resampled_circuits(self.circuits, frequency, self.stability["n_resamples"], rng)
+        return null, list(self.stability.get("sizes") or [len(c) for c in null]), honest
 
 
 @dataclass
@@ -122,11 +143,16 @@ def read_run(path: Path) -> ComparedRun:
     except ValueError as err:
         raise NotComparable(str(err)) from None
     cfg = from_plain(run.config)
-    if run.circuit is None:
+    try:
+        circuit = run.circuit
+    except (KeyError, TypeError):
+        raise NotComparable(f"{path}: its circuit.json is of a format this version cannot read: run its sweep again "
+                            "(the same command recomputes the circuit step)") from None
+    if circuit is None:
         raise NotComparable(f"{path} has no circuit.json (its sweep ran with circuit.enabled=false): run it with "
                             "circuit.enabled=true (the same command resumes it)")
     stability = json.loads(run.folder.circuit.read_text())["stability"]
-    return ComparedRun(path, run, cfg, run.circuit, stability.get("circuits"), stability.get("supernode_circuits"),
+    return ComparedRun(path, run, cfg, circuit, stability,
                        chosen_direction(path))
 
 
@@ -161,24 +187,20 @@ def compare_pair(a: ComparedRun, b: ComparedRun, options: CompareConfig) -> Comp
     measures, reported, missing = [], [], []
 
     # circuits: nodes, supernodes, size
-    frequency = lambda r: {x.id: x.inclusion_frequency for x in r.circuit.nodes} | dict(  # noqa: E731
-        r.circuit.stability.frequent_outside)
-    null_a, honest_a = resampled_circuits(a.circuits, frequency(a), a.circuit.stability.n_resamples, rng)
-    null_b, honest_b = resampled_circuits(b.circuits, frequency(b), b.circuit.stability.n_resamples, rng)
+    null_a, sizes_a, honest_a = a.null_circuits(rng)
+    null_b, sizes_b, honest_b = b.null_circuits(rng)
     honest = honest_a and honest_b
     source = ("pairs of circuits from independent re-searches" if honest else
               "circuits drawn from the nodes' stored inclusion frequencies")
     measures.append(jaccard_measure("node_jaccard", set(a.nodes), set(b.nodes), null_a, null_b, level, honest, source))
-    supers = lambda r: {g.id for g in r.circuit.supernodes}  # noqa: E731
     if a.supernode_circuits and b.supernode_circuits:
-        measures.append(jaccard_measure("supernode_jaccard", supers(a), supers(b),
+        measures.append(jaccard_measure("supernode_jaccard", a.supernodes, b.supernodes,
                                         [set(c) for c in a.supernode_circuits], [set(c) for c in b.supernode_circuits],
                                         level, True, "pairs of supernode circuits from independent re-searches"))
     else:
-        reported.append(Measure("supernode_jaccard", _jaccard(supers(a), supers(b)), None, False,
+        reported.append(Measure("supernode_jaccard", _jaccard(a.supernodes, b.supernodes), None, False,
                                 "no band: a run stores no stability.supernode_circuits"))
-    sizes = lambda r, null: list(r.circuit.stability.sizes) or [len(c) for c in null]  # noqa: E731
-    measures.append(size_measure(a.circuit.size, b.circuit.size, sizes(a, null_a), sizes(b, null_b), level, honest))
+    measures.append(size_measure(a.circuit.size, b.circuit.size, sizes_a, sizes_b, level, honest))
 
     # effect ranks per component and layer
     wide_a, wide_b = site_matrix(read_effects(a.run.folder.effects)), site_matrix(read_effects(b.run.folder.effects))
