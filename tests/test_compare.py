@@ -1,8 +1,10 @@
 """`patchsweep compare` through the real command on refusal-tiny runs: two runs differing only in their
 prompt sample are within noise, refusal-tiny against its GPT-2 sibling drifts, and folders that are not
-finished runs are refused in one line. The reference runs are the session's --multirun (tiny_multirun)."""
+finished runs are refused in one line. The reference runs are the session's --multirun (tiny_multirun) and,
+for the refusals, its sweep (tiny_sweep)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -37,6 +39,7 @@ def other_seed(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_another_prompt_sample_is_within_noise(tiny_multirun, other_seed):
     reference = multirun_folder(tiny_multirun["root"], "refusal-tiny")
     result = patchsweep("compare", other_seed, reference, "compare.n_draws=100")
@@ -68,6 +71,7 @@ def test_another_prompt_sample_is_within_noise(tiny_multirun, other_seed):
     assert run.data.metrics["compare/node_jaccard"] == measures["node_jaccard"]["value"]
 
 
+@pytest.mark.slow
 def test_the_gpt2_sibling_drifts(tiny_multirun, tmp_path):
     root = tiny_multirun["root"]
     reference, sibling = multirun_folder(root, "refusal-tiny"), multirun_folder(root, "refusal-tiny-gpt2")
@@ -81,16 +85,25 @@ def test_the_gpt2_sibling_drifts(tiny_multirun, tmp_path):
     assert outside and set(last[len("verdict: drift ("):].split(" outside")[0].split(", ")) == outside
 
 
-def test_unfinished_damaged_or_foreign_folders_are_refused_in_one_line(tiny_multirun, tmp_path):
-    reference = multirun_folder(tiny_multirun["root"], "refusal-tiny")
+def test_unfinished_or_damaged_folders_are_refused_in_one_line(tiny_sweep, tmp_path):
+    reference = tiny_sweep["outcome"].run_dir
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text("name: refusal_tiny\n")
     damaged = tmp_path / "damaged"
     shutil.copytree(reference, damaged, ignore=shutil.ignore_patterns("activations", "effects", "pairs"))
     (damaged / "circuit.json").write_text((damaged / "circuit.json").read_text().replace('"size"', '"size" ', 1))
+    # Another experiment's run: its config names another (its manifest re-signed, so only the name differs).
+    foreign = tmp_path / "foreign"
+    shutil.copytree(damaged, foreign)
+    shutil.copy(reference / "circuit.json", foreign / "circuit.json")
+    config = foreign / "config.yaml"
+    config.write_text(config.read_text().replace("name: refusal_tiny\n", "name: refusal_smol\n", 1))
+    manifest = json.loads((foreign / "_manifest.json").read_text())
+    manifest["files"]["config.yaml"]["sha256"] = hashlib.sha256(config.read_bytes()).hexdigest()
+    (foreign / "_manifest.json").write_text(json.dumps(manifest))
     for folder, words in ((unfinished, "holds no finished run"), (damaged, "circuit.json no longer match"),
-                          (tmp_path / "missing", "is not a folder")):
+                          (tmp_path / "missing", "is not a folder"), (foreign, "compare runs of one experiment")):
         result = patchsweep("compare", reference, folder, "tracking.enabled=false")
         assert result.returncode == 2, result.stderr[-2000:]
         [line] = result.stderr.strip().splitlines()
@@ -98,5 +111,7 @@ def test_unfinished_damaged_or_foreign_folders_are_refused_in_one_line(tiny_mult
     result = patchsweep("compare", reference, reference, "compare.level=2x")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     # A scheduled sweep's first night: nothing before it to compare with.
-    result = patchsweep("compare", "--newest", tmp_path)
+    nightly = tmp_path / "nightly"
+    shutil.copytree(damaged, nightly / "2026-12-07", ignore=shutil.ignore_patterns("circuit.json"))
+    result = patchsweep("compare", "--newest", nightly)
     assert result.returncode == 0 and result.stdout.startswith("nothing to compare")
