@@ -25,7 +25,7 @@ def patchsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def multirun_folder(root: Path, model: str) -> Path:
-    [folder] = (root / "refusal_tiny" / f"{model}-generated").glob("model=*")
+    [folder] = (root / "refusal_tiny" / f"{model}-generated").glob("model[-=]*")  # the job's folder: key and value
     return folder
 
 
