@@ -6,7 +6,7 @@
         [intervention.run=<run folder> intervention.mode=ablate|add [intervention.scale=<s>]]
     patchsweep log <run folder> [tracking.<key>=<value> ...]   log a finished sweep's folder to MLflow
     patchsweep export <run folder> [--viewer <folder>]   its circuit for circuit-tracer's viewer and MIB
-    patchsweep compare <run folder> <run folder> [...]   runs against each other and their noise band
+    patchsweep compare RUN_A RUN_B [...] [compare.<key>=<value> ...]   runs against a noise band
     patchsweep --help | --version
 
 A sweep is a command of one job, a --multirun one of several: both take the same path
@@ -400,6 +400,66 @@ def export_command(args: list[str]) -> None:
           f"http://127.0.0.1:<port>/index.html?{viewer_query(graph)}", flush=True)
 
 
+# ---- compare -------------------------------------------------------------------------------------------
+
+COMPARE_USAGE = ("patchsweep compare RUN_A RUN_B [RUN_C ...] | --newest FOLDER  [compare.<key>=<value> ...] "
+                 "[tracking.<key>=<value> ...]")
+COMPARE_HELP = f"""usage: {COMPARE_USAGE}
+
+Compare finished runs with the first (the reference): circuit overlap, effect ranks, each circuit's
+faithfulness on the other run's model and pairs, refusal rates, the refusal direction, each against the null
+band of the runs' own resamples; one line `verdict: drift` or `verdict: within noise`. Writes compare.json,
+compare.md and compare.png (compare.output_dir, default <output_root>/compare/<a>-vs-<b>) and an MLflow run
+in the reference's store. --newest FOLDER compares the newest finished run in FOLDER with the one before it
+(a scheduled sweep's dated folders). Exit status 0 either way (1: the MLflow store failed; 2: refused);
+with compare.fail_on_drift=true, 3 on drift.
+Keys: compare.output_dir, compare.fail_on_drift, compare.level, compare.n_draws, compare.seed, compare.device."""
+
+
+def compare_command(args: list[str]) -> None:
+    """`patchsweep compare`: see COMPARE_HELP (pipeline.run.compare)."""
+    if not args or args[:1] in (["--help"], ["-h"]):
+        print(COMPARE_HELP)
+        return
+    import yaml
+
+    from pipeline.schema import CompareConfig, from_plain
+
+    # A --multirun's run folders have "=" in their names: an override is known by its key.
+    overrides = [a for a in args if a.startswith(("compare.", "tracking.")) and "=" in a]
+    folders = [Path(a) for a in args if a not in overrides and a != "--newest"]
+    try:
+        options = from_plain({o.split("=")[0][len("compare."):]: yaml.safe_load(o.split("=", 1)[1])
+                              for o in overrides if o.startswith("compare.")}, CompareConfig)
+    except ValueError as err:
+        leave(2, str(err).replace("config key '", "key 'compare."))
+    from pipeline.run.compare import FAIL_ON_DRIFT_STATUS, NotComparable, compare_runs, newest_two
+
+    if "--newest" in args:
+        if len(folders) != 1 or not folders[0].is_dir():
+            leave(2, f"--newest takes one folder of run folders: {COMPARE_USAGE}")
+        folders = newest_two(folders[0])
+        if len(folders) < 2:
+            print(f"nothing to compare: fewer than two finished runs in {args[args.index('--newest') + 1]}", flush=True)
+            return
+    try:
+        compared = compare_runs(folders, options, [o for o in overrides if o.startswith("tracking.")])
+    except NotComparable as err:
+        leave(2, str(err))
+    print(f"compare: {compared.folder.resolve()} (compare.md, compare.json, compare.png), {compared.seconds:.1f} s",
+          flush=True)
+    if compared.tracking:
+        print(redact(f"MLflow: {compared.tracking['uri']}  run {compared.tracking['run_id']}"), flush=True)
+    if compared.tracking_error:
+        say([error_line(f"MLflow store failed logging the comparison ({compared.tracking_error}): it is in "
+                        f"{compared.folder.resolve()}")])
+    print(compared.verdict.line, flush=True)
+    if compared.verdict.drift and options.fail_on_drift:
+        sys.exit(FAIL_ON_DRIFT_STATUS)
+    if compared.tracking_error:
+        sys.exit(1)
+
+
 def version_command(args: list[str]) -> None:
     print(f"patchsweep {__version__}")
 
@@ -409,6 +469,7 @@ COMMANDS = {
     "screen": screen_command,
     "log": log_command,
     "export": export_command,
+    "compare": compare_command,
     "--version": version_command,
 }
 

@@ -148,6 +148,28 @@ class TrackingConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`patchsweep compare RUN_A RUN_B ...` (pipeline.run.compare): its own keys, given as compare.<key>=<value>."""
+    output_dir: str | None = None  # None = <the reference run's output_root>/compare/<a>-vs-<b>
+    fail_on_drift: bool = False  # exit status 3 when the verdict is drift (else 0 either way)
+    level: float = 0.99  # share of the null draws a measure's band holds
+    n_draws: int = 200  # bootstrap draws per run for the effect-rank and direction bands
+    seed: int = 0
+    device: str = "cpu"  # torch device the runs' models are loaded on
+
+    def __post_init__(self):
+        """A wrong value is refused in one line before any run is read."""
+        checks = {"fail_on_drift": (isinstance(self.fail_on_drift, bool), "true or false"),
+                  "level": (isinstance(self.level, float | int) and 0 < self.level < 1, "a number in (0, 1)"),
+                  "n_draws": (isinstance(self.n_draws, int) and self.n_draws >= 10, "a whole number >= 10"),
+                  "seed": (isinstance(self.seed, int), "a whole number"),
+                  "output_dir": (self.output_dir is None or isinstance(self.output_dir, str), "a folder")}
+        for key, (ok, wanted) in checks.items():
+            if not ok:
+                raise ValueError(f"compare.{key}={getattr(self, key)!r}: give {wanted}")
+
+
+@dataclass
 class PatchsweepConfig:
     name: str = MISSING  # the experiment preset
     output_root: str = "outputs"

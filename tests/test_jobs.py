@@ -59,10 +59,16 @@ def test_rayjob_manifest():
     check_rayjob_spec(job["spec"])
 
 
+NIGHTLY_COMPARE = " && python -m pipeline compare --newest /data/patchsweep/nightly"
+
+
 def cron_spec(spec: dict) -> dict:
-    """A scheduled run's spec, minus the dated output folder it adds to the entrypoint."""
+    """A scheduled run's spec, minus the dated output folder it adds to the entrypoint and the compare with
+    the night before that follows the sweep (in the folder holding the dated ones)."""
     entry = spec["entrypoint"]
     assert "'output_dir=/data/patchsweep/nightly/${now:%Y-%m-%d}'" in entry
+    assert entry.endswith(NIGHTLY_COMPARE)
+    entry = entry.removesuffix(NIGHTLY_COMPARE)
     return {**spec, "entrypoint": entry.replace(" 'output_dir=/data/patchsweep/nightly/${now:%Y-%m-%d}'", "")}
 
 
@@ -125,6 +131,7 @@ def test_slurm_script():
     assert "RAY_AUTH_MODE=token" in text
     assert re.search(r'-m pipeline "ray\.address=\$address"', text)
     assert "stop_ray" in text and "trap stop_ray EXIT" in text
+    assert re.search(r'-m pipeline compare --newest "\$PATCHSWEEP_COMPARE_IN"', text)
 
 
 def test_runtime_env():

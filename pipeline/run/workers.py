@@ -161,9 +161,7 @@ class ModelWorker:
 
     def _load(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer = load_model(resolve(self.spec.path), dtype=self.spec.dtype,
-                                                    device=self.device,
-                                                    trust_remote_code=self.spec.trust_remote_code)
+            self.model, self.tokenizer = load_configured(self.spec, self.device)
 
     def describe(self) -> dict:
         """The model's shape, the hash of its weights as loaded (adapters merged, dtype applied) and the
@@ -184,6 +182,11 @@ class ModelWorker:
         the driver records in its manifest."""
         self._load()
         return [file_entry(path) for path in compute(self.model, self.tokenizer, item)]
+
+
+def load_configured(spec: ModelConfig, device: str):
+    """(model, tokenizer) as a run's config names them: what every model actor loads, and `patchsweep compare`."""
+    return load_model(resolve(spec.path), dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
 
 
 def weights_hash(model) -> str:
