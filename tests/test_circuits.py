@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import ARCHITECTURES, random_pairs
 from conftest import random_model as tiny_model
-from pipeline.analysis.circuit.evaluator import subset_masks
+from pipeline.analysis.circuit.evaluator import Evaluator, subset_masks
+from pipeline.analysis.positions import PairGroup
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
@@ -700,3 +701,24 @@ def test_pairs_of_different_lengths_in_one_batch_match_the_reference(model_type)
     without[torch.arange(len(members)), members] = False
     torch.testing.assert_close(runner.without_each(nodes, circuit),
                                reference_by_pair(model, unpadded, answers, nodes, without), atol=2e-5, rtol=1e-5)
+
+
+def test_the_evaluator_runs_length_groups_as_one_padded_batch():
+    """The circuit step's length groups (unpadded, pairs out of order) become one left-padded batch whose
+    metrics come back in the step's pair order: the runner's on the same padded pairs."""
+    model = tiny_model("llama")
+    clean, corrupted, answers, classes, lengths, unpadded = mixed_length_pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    groups = []
+    for n in (9, 7, 11):
+        rows = (lengths == n).nonzero().squeeze(1)
+        groups.append(PairGroup(rows, torch.cat([unpadded[p][0] for p in rows]),
+                                torch.cat([unpadded[p][1] for p in rows]), answers.index(rows),
+                                torch.cat([unpadded[p][2] for p in rows])))
+    evaluator = Evaluator(model, groups, 4, "logit_diff", max_batch_rows=7)
+    assert len(evaluator.runners) == 1
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=7, lengths=lengths)
+    torch.testing.assert_close(evaluator.single_node_metrics(nodes), runner.single_node_metrics(nodes),
+                               atol=1e-5, rtol=1e-5)
+    masks = torch.rand(3, len(nodes), generator=torch.Generator().manual_seed(3)) < 0.5
+    torch.testing.assert_close(evaluator.metrics(nodes, masks), runner.metrics(nodes, masks), atol=1e-5, rtol=1e-5)
