@@ -132,6 +132,7 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
 
 
 SMALL_BATCH_SLACK = 16  # positions per layer a batch may compute for rows that do not change them
+FIRST_SLACK = 2  # positions a circuit row may compute before its pair's first difference (batches stay large)
 
 
 def _computed_only(module: nn.Module, computed: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None,
@@ -202,6 +203,9 @@ class CircuitRunner:
                                        for layer, proj in enumerate(self.adapter.out_proj)], dim=1)
         self.n_pairs, seq_len = base_ids.shape
         self.first = _shared_first(self.prefix, base_ids, source_ids)
+        # Each pair's own first differing position: rows of pairs that part later can start later.
+        self.pair_first = (first_difference(base_ids, source_ids).cpu().clamp(self.first, seq_len - 1)
+                           if self.prefix.enabled else torch.zeros(self.n_pairs, dtype=torch.long))
         classes = position_classes.clone()
         classes[classes < 0] = n_classes
         if int(classes.max()) > n_classes:
@@ -269,13 +273,15 @@ class CircuitRunner:
 
     @torch.no_grad()
     def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
-                     from_base: torch.Tensor, record: bool = False):
+                     from_base: torch.Tensor, record: bool = False, first: int | None = None):
         """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables, computed from layer
         `start` (rows `from_base` start from the base run's residual there, the others from the source
-        run's plus the embedding difference). With `record`, also what a run relative to this one reuses:
-        the residual entering every layer [R, L, T', d] and every layer's keys and values (positions
-        before `first` are the base run's; layers below `start` too, when they keep everything)."""
-        adapter, first = self.adapter, self.first
+        run's plus the embedding difference) and position `first` (default: the first that differs in any
+        pair; a later one when these pairs all part after it). With `record`, also what a run relative to
+        this one reuses: the residual entering every layer [R, L, T', d] and every layer's keys and values
+        (positions before `first` are the base run's; layers below `start` too, when they keep everything)."""
+        adapter = self.adapter
+        first = self.first if first is None else first
         rows = pair_idx.to(self.base.final_resid.device)
         layer_inputs, cache = self.prefix.with_cache(pair_idx, first, start)  # before the hooks: it may run the model
         base_resid = self.base.acts["resid_pre"]
@@ -314,17 +320,26 @@ class CircuitRunner:
         n_circuits, n_pairs = masks.shape[0], len(pairs)
         keep_head, keep_mlp = _dense_keep(nodes, masks, self.adapter.n_layers, self.n_classes, self.adapter.n_heads)
         start_layer, from_base = self._start_layers(keep_head, keep_mlp)
-        # Circuits in order of their start layer, so a batch's rows share (nearly) one start layer.
-        order = torch.argsort(start_layer, stable=True)
-        out = torch.empty(n_circuits, n_pairs, dtype=self.metric_full.dtype)
+        # Rows (circuit, pair) in order of the pair's first differing position, then the circuit's start layer:
+        # a batch starts at its first row's position and holds rows that part at most FIRST_SLACK later.
         n_rows = n_circuits * n_pairs
-        for begin in range(0, n_rows, self.batch_rows):
-            flat = torch.arange(begin, min(begin + self.batch_rows, n_rows))
-            circuit, column = order[flat // n_pairs], flat % n_pairs
+        circuit_of = torch.arange(n_circuits).repeat_interleave(n_pairs)
+        column_of = torch.arange(n_pairs).repeat(n_circuits)
+        pair_first = self.pair_first[pairs][column_of]
+        order = torch.argsort(pair_first * (self.adapter.n_layers + 1) + start_layer[circuit_of], stable=True)
+        sorted_first = pair_first[order]
+        out = torch.empty(n_circuits, n_pairs, dtype=self.metric_full.dtype)
+        begin = 0
+        while begin < n_rows:
+            first = int(sorted_first[begin])
+            stop = min(begin + self.batch_rows, int(torch.searchsorted(sorted_first, first + FIRST_SLACK, right=True)))
+            flat = order[begin:stop]
+            circuit, column = circuit_of[flat], column_of[flat]
             pair = pairs[column]
             final = self._final_resid(pair, keep_head[circuit], keep_mlp[circuit], int(start_layer[circuit].min()),
-                                      from_base[circuit])
+                                      from_base[circuit], first=first)
             out[circuit, column] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
+            begin = stop
         return out
 
     @torch.no_grad()
