@@ -156,7 +156,8 @@ def verify(args) -> None:
 
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")
-    evaluator, nodes, n_classes = setup.evaluator, setup.nodes, len(setup.names)
+    evaluator, n_classes = setup.evaluator, len(setup.names)
+    nodes = setup.nodes.select(torch.arange(0, len(setup.nodes), args.node_stride))
     Baseline = baseline_runner(args.baseline)
     baseline_runners = [Baseline(model, g.clean, g.corrupted, g.answers, g.classes, n_classes, "logit_diff")
                         for g in setup.groups]
@@ -175,7 +176,8 @@ def verify(args) -> None:
     cells_before, cells_single = token_layers(by_length, nodes, setup.n_layers)
     paths = {"before": (before, before_s, before_cpu), "per_length": (per_length, per_length_s, per_length_cpu),
              "one_batch": (one_batch, one_batch_s, one_batch_cpu)}
-    report = {"organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes), "rows": n_rows,
+    report = {"organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes),
+              "node_stride": args.node_stride, "rows": n_rows,
               "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
               "length_groups": [len(g.rows) for g in setup.groups],
               "token_layers_before": cells_before, "token_layers_single_node": cells_single,
@@ -209,6 +211,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/circuit-bench")
     parser.add_argument("--verbose", action="store_true", help="log the search's steps")
     parser.add_argument("--baseline", default="4dbdef3", help="verify: the git revision of the path before")
+    parser.add_argument("--node-stride", type=int, default=1, help="verify: every n-th candidate node only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
