@@ -126,7 +126,7 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
 
 def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progress: Progress | None = None) -> Setup:
     """The pairs (equal-length, at most options.max_pairs), their classes, every candidate node, and the
-    evaluator holding each length group's clean and corrupted caches."""
+    evaluator holding every pair's clean and corrupted caches (one left-padded batch)."""
     pairs, n_unequal = select_pairs(pairs, options.max_pairs, options.seed)
     names, labels, class_maps = position_classes(pairs)
     groups = group_pairs(pairs, class_maps)
