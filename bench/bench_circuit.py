@@ -142,11 +142,13 @@ def gather(groups, parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def timed(compute):
-    """(result, wall seconds, CPU seconds of this process)."""
+def timed(name: str, compute):
+    """(result, wall seconds, CPU seconds of this process), the times also printed to stderr as they come."""
     clock, cpu = time.perf_counter(), time.process_time()
     out = compute()
-    return out, time.perf_counter() - clock, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - clock, time.process_time() - cpu
+    print(json.dumps({"path": name, "s": round(wall, 1), "cpu_s": round(cpu, 1)}), file=sys.stderr, flush=True)
+    return out, wall, cpu
 
 
 def verify(args) -> None:
@@ -165,12 +167,12 @@ def verify(args) -> None:
                  for g in setup.groups]
     n_rows = len(nodes) * evaluator.n_pairs
     load_before = os.getloadavg()
-    one_batch, one_batch_s, one_batch_cpu = timed(lambda: evaluator.single_node_metrics(nodes))
+    one_batch, one_batch_s, one_batch_cpu = timed("one_batch", lambda: evaluator.single_node_metrics(nodes))
     per_length, per_length_s, per_length_cpu = timed(
-        lambda: gather(setup.groups, [runner.single_node_metrics(nodes) for runner in by_length]))
+        "per_length", lambda: gather(setup.groups, [runner.single_node_metrics(nodes) for runner in by_length]))
     every_node_but_one = ~torch.eye(len(nodes), dtype=torch.bool)
-    before, before_s, before_cpu = timed(
-        lambda: gather(setup.groups, [runner.metrics(nodes, every_node_but_one) for runner in baseline_runners]))
+    before, before_s, before_cpu = timed("before", lambda: gather(
+        setup.groups, [runner.metrics(nodes, every_node_but_one) for runner in baseline_runners]))
     load_after = os.getloadavg()
     effects_before = evaluator.effects(before)
     cells_before, cells_single = token_layers(by_length, nodes, setup.n_layers)
