@@ -159,7 +159,8 @@ def verify(args) -> None:
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")
     evaluator, n_classes = setup.evaluator, len(setup.names)
-    nodes = setup.nodes.select(torch.arange(0, len(setup.nodes), args.node_stride))
+    chosen = torch.arange(0, len(setup.nodes), args.node_stride)
+    nodes = setup.nodes.select(chosen)
     Baseline = baseline_runner(args.baseline)
     baseline_runners = [Baseline(model, g.clean, g.corrupted, g.answers, g.classes, n_classes, "logit_diff")
                         for g in setup.groups]
@@ -170,9 +171,10 @@ def verify(args) -> None:
     one_batch, one_batch_s, one_batch_cpu = timed("one_batch", lambda: evaluator.single_node_metrics(nodes))
     per_length, per_length_s, per_length_cpu = timed(
         "per_length", lambda: gather(setup.groups, [runner.single_node_metrics(nodes) for runner in by_length]))
-    every_node_but_one = ~torch.eye(len(nodes), dtype=torch.bool)
+    every_node_but_one = torch.ones(len(chosen), len(setup.nodes), dtype=torch.bool)  # of every candidate
+    every_node_but_one[torch.arange(len(chosen)), chosen] = False
     before, before_s, before_cpu = timed("before", lambda: gather(
-        setup.groups, [runner.metrics(nodes, every_node_but_one) for runner in baseline_runners]))
+        setup.groups, [runner.metrics(setup.nodes, every_node_but_one) for runner in baseline_runners]))
     load_after = os.getloadavg()
     effects_before = evaluator.effects(before)
     cells_before, cells_single = token_layers(by_length, nodes, setup.n_layers)
