@@ -7,14 +7,15 @@
 candidates, faithfulness with its interval, stability over resampled pairs, the random control,
 attribution agreement, the refusal direction, and the time each part took.
 
-`verify`: exact single-node verification of every candidate node on every pair, two ways side by side
+`verify`: exact single-node verification of every candidate node on every pair, three ways side by side
 in one process on the same pairs: the circuit step's path before single-node verification (one masked
 circuit per node, every node kept but one, through `CircuitRunner.metrics` of pipeline/engine/circuits.py
-as of commit --baseline, loaded from git) and today's `CircuitRunner.single_node_metrics`. Prints both
-wall and CPU times (this process's, less moved by other jobs), rows (node x pair) per second, the ratios
-and the largest difference, the (position, layer) cells each path computes (`token_layers`: how much of
-the ratio is work left out, how much is work done faster), with the load average before and after (the
-machine is shared: ratios within one run are what counts).
+as of commit --baseline, loaded from git, one runner per token length), `CircuitRunner.single_node_metrics`
+with one runner per token length, and the evaluator's (every pair in one left-padded batch). Prints wall
+and CPU times (this process's, less moved by other jobs), rows (node x pair) per second, the ratios to the
+path before and the largest differences, the (position, layer) cells each path computes (`token_layers`:
+how much of the ratio is work left out, how much is work done faster) and the cells per CPU-second, with
+the load average before and after (the machine is shared: ratios within one run are what counts).
 """
 from __future__ import annotations
 
@@ -112,14 +113,14 @@ def baseline_runner(revision: str):
     return module.CircuitRunner
 
 
-def token_layers(evaluator, nodes, n_layers: int) -> tuple[int, int]:
-    """(before, single-node): the (position, layer) cells each path computes for every (node, pair) row,
-    counting the last layer as the final position alone (both paths run its MLP and output projection
-    there only). Before: from the node's layer at every position from the first differing token; single
-    node: from the node's layer at the positions from its class's first one, and nothing for a pair
-    without a position of the node's class."""
+def token_layers(runners, nodes, n_layers: int) -> tuple[int, int]:
+    """(before, single-node): the (position, layer) cells each path computes for every (node, pair) row of
+    per-length `runners`, counting the last layer as the final position alone (both paths run its MLP and
+    output projection there only). Before: from the node's layer at every position from the first differing
+    token; single node: from the node's layer at the positions from its class's first one, and nothing for
+    a pair without a position of the node's class."""
     before = single = 0
-    for runner in evaluator.runners:
+    for runner in runners:
         classes = runner.classes  # [P, T'] from the first differing token
         n_pairs, width = classes.shape
         for i in range(len(nodes)):
@@ -133,44 +134,70 @@ def token_layers(evaluator, nodes, n_layers: int) -> tuple[int, int]:
     return before, single
 
 
+def gather(groups, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per length group [C, group's pairs] -> [C, P] in the circuit step's pair order."""
+    out = torch.empty(parts[0].shape[0], sum(len(g.rows) for g in groups))
+    for group, part in zip(groups, parts):
+        out[:, group.rows] = part
+    return out
+
+
+def timed(name: str, compute):
+    """(result, wall seconds, CPU seconds of this process), the times also printed to stderr as they come."""
+    clock, cpu = time.perf_counter(), time.process_time()
+    out = compute()
+    wall, cpu = time.perf_counter() - clock, time.process_time() - cpu
+    print(json.dumps({"path": name, "s": round(wall, 1), "cpu_s": round(cpu, 1)}), file=sys.stderr, flush=True)
+    return out, wall, cpu
+
+
 def verify(args) -> None:
     from pipeline.analysis.circuit.method import prepare
+    from pipeline.engine.circuits import CircuitRunner
     from pipeline.schema import CircuitConfig
 
     model, pairs = screened_pairs(args.organism, args.n_pairs, args.seed, args.pairs)
     setup = prepare(model, pairs, CircuitConfig(max_pairs=args.max_pairs, seed=args.seed), "logit_diff")
-    evaluator, nodes = setup.evaluator, setup.nodes
+    evaluator, n_classes = setup.evaluator, len(setup.names)
+    chosen = torch.arange(0, len(setup.nodes), args.node_stride)
+    nodes = setup.nodes.select(chosen)
     Baseline = baseline_runner(args.baseline)
-    baseline_runners = [Baseline(model, g.clean, g.corrupted, g.answers, g.classes, len(setup.names), "logit_diff")
+    baseline_runners = [Baseline(model, g.clean, g.corrupted, g.answers, g.classes, n_classes, "logit_diff")
                         for g in setup.groups]
+    by_length = [CircuitRunner(model, g.clean, g.corrupted, g.answers, g.classes, n_classes, "logit_diff")
+                 for g in setup.groups]
     n_rows = len(nodes) * evaluator.n_pairs
     load_before = os.getloadavg()
-    clock, cpu = time.perf_counter(), time.process_time()
-    fast = evaluator.single_node_metrics(nodes)
-    fast_s, fast_cpu = time.perf_counter() - clock, time.process_time() - cpu
-    clock, cpu = time.perf_counter(), time.process_time()
-    every_node_but_one = ~torch.eye(len(nodes), dtype=torch.bool)
-    before = evaluator._gather([runner.metrics(nodes, every_node_but_one) for runner in baseline_runners])
-    before_s, before_cpu = time.perf_counter() - clock, time.process_time() - cpu
+    one_batch, one_batch_s, one_batch_cpu = timed("one_batch", lambda: evaluator.single_node_metrics(nodes))
+    per_length, per_length_s, per_length_cpu = timed(
+        "per_length", lambda: gather(setup.groups, [runner.single_node_metrics(nodes) for runner in by_length]))
+    every_node_but_one = torch.ones(len(chosen), len(setup.nodes), dtype=torch.bool)  # of every candidate
+    every_node_but_one[torch.arange(len(chosen)), chosen] = False
+    before, before_s, before_cpu = timed("before", lambda: gather(
+        setup.groups, [runner.metrics(setup.nodes, every_node_but_one) for runner in baseline_runners]))
     load_after = os.getloadavg()
-    effects_fast, effects_before = evaluator.effects(fast), evaluator.effects(before)
-    cells_before, cells_single = token_layers(evaluator, nodes, setup.n_layers)
-    print(json.dumps({
-        "organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes), "rows": n_rows,
-        "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
-        "before_s": round(before_s, 1), "before_rows_per_s": round(n_rows / before_s, 1),
-        "single_node_s": round(fast_s, 1), "single_node_rows_per_s": round(n_rows / fast_s, 1),
-        "ratio": round(before_s / fast_s, 2),
-        "before_cpu_s": round(before_cpu, 1), "single_node_cpu_s": round(fast_cpu, 1),
-        "ratio_cpu": round(before_cpu / fast_cpu, 2),
-        "length_groups": [len(g.rows) for g in setup.groups],
-        "token_layers_before": cells_before, "token_layers_single_node": cells_single,
-        "token_layer_ratio": round(cells_before / cells_single, 2),
-        "max_abs_diff_metric": float((fast - before).abs().max()),
-        "max_abs_diff_effect": float((effects_fast - effects_before).abs().max()),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-    }, indent=2))
+    effects_before = evaluator.effects(before)
+    cells_before, cells_single = token_layers(by_length, nodes, setup.n_layers)
+    paths = {"before": (before, before_s, before_cpu), "per_length": (per_length, per_length_s, per_length_cpu),
+             "one_batch": (one_batch, one_batch_s, one_batch_cpu)}
+    report = {"organism": args.organism, "pairs": evaluator.n_pairs, "nodes": len(nodes),
+              "node_stride": args.node_stride, "rows": n_rows,
+              "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
+              "length_groups": [len(g.rows) for g in setup.groups],
+              "token_layers_before": cells_before, "token_layers_single_node": cells_single,
+              "token_layer_ratio": round(cells_before / cells_single, 2)}
+    for name, (metric, wall, cpu) in paths.items():
+        cells = cells_before if name == "before" else cells_single
+        report[name] = {"s": round(wall, 1), "cpu_s": round(cpu, 1), "rows_per_s": round(n_rows / wall, 1),
+                        "token_layers_per_cpu_s": round(cells / cpu), "ratio": round(before_s / wall, 2),
+                        "ratio_cpu": round(before_cpu / cpu, 2),
+                        "max_abs_diff_metric": float((metric - before).abs().max()),
+                        "max_abs_diff_effect": float((evaluator.effects(metric) - effects_before).abs().max())}
+    report["one_batch_vs_per_length"] = round(per_length_s / one_batch_s, 2)
+    report["one_batch_vs_per_length_cpu"] = round(per_length_cpu / one_batch_cpu, 2)
+    report["load_average_before"] = [round(x, 2) for x in load_before]
+    report["load_average_after"] = [round(x, 2) for x in load_after]
+    print(json.dumps(report, indent=2))
 
 
 def main() -> None:
@@ -188,6 +215,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/circuit-bench")
     parser.add_argument("--verbose", action="store_true", help="log the search's steps")
     parser.add_argument("--baseline", default="4dbdef3", help="verify: the git revision of the path before")
+    parser.add_argument("--node-stride", type=int, default=1, help="verify: every n-th candidate node only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")

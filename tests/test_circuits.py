@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import ARCHITECTURES, random_pairs
 from conftest import random_model as tiny_model
-from pipeline.analysis.circuit.evaluator import subset_masks
+from pipeline.analysis.circuit.evaluator import Evaluator, subset_masks
+from pipeline.analysis.positions import PairGroup
 from pipeline.engine.adapters import UnsupportedArchitecture, get_adapter
 from pipeline.engine.circuits import CircuitRunner, Nodes, _dense_keep, faithfulness, path_patch
 from pipeline.engine.directions import ablate_direction_metrics, add_direction_metrics
@@ -601,3 +602,80 @@ def test_search_on_some_pairs_measures_faithfulness_on_all_and_on_the_rest(tiny)
     assert circuit["n_search_pairs"] == 8 and held_out["n"] == circuit["n_pairs"] - 8
     assert held_out["ci"][0] <= held_out["faithfulness"] <= held_out["ci"][1]
     assert circuit["faithfulness"] >= 0.8 and held_out["faithfulness"] >= 0.7
+
+
+def mixed_length_pairs(lengths=(7, 9, 7, 11, 9), seed=5):
+    """Pairs of different token lengths, left-padded to the longest ([P, T], pad token 0, pads of class -1),
+    each pair's own prompts of the list `unpadded`. Pair p differs at two positions whose distance from the end
+    varies; classes: the first difference 0, the positions after it up to end-3 1, end-2 2, the final token 3."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len, unpadded = max(lengths), []
+    clean = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    corrupted, classes = clean.clone(), torch.full((len(lengths), seq_len), -1)
+    for p, n in enumerate(lengths):
+        ids = torch.randint(1, 50, (n,), generator=gen)
+        other = ids.clone()
+        at = 1 + p % (n - 4)
+        other[at], other[n - 3] = torch.randint(1, 50, (2,), generator=gen)
+        pad = seq_len - n
+        clean[p, pad:], corrupted[p, pad:] = ids, other
+        classes[p, pad + at], classes[p, pad + at + 1:seq_len - 2] = 0, 1
+        classes[p, -2], classes[p, -1] = 2, 3
+        unpadded.append((ids[None], other[None], classes[p:p + 1, pad:]))
+    answers = Answers(torch.tensor([[3, -1], [4, 5], [9, -1], [7, -1], [2, 11]]),
+                      torch.tensor([[6, 7], [8, -1], [2, -1], [5, 1], [12, -1]]))
+    return clean, corrupted, answers, classes, torch.tensor(lengths), unpadded
+
+
+def reference_by_pair(model, unpadded, answers, nodes, masks):
+    """`reference_circuit_metrics` of each pair alone, unpadded: [C, P]."""
+    return torch.cat([reference_circuit_metrics(model, ids, other, answers.index(torch.tensor([p])), cls, nodes, masks)
+                      for p, (ids, other, cls) in enumerate(unpadded)], dim=1)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_pairs_of_different_lengths_in_one_batch_match_the_reference(model_type):
+    """Left-padded pairs of three lengths in one runner (per-row attention masks and positions, each row's
+    metric at the final position) equal the plain reference on each pair alone, unpadded: circuits packed
+    across batches, every node alone patched, and a circuit without each member (rows from its recorded run
+    and its keys and values)."""
+    model = tiny_model(model_type)
+    clean, corrupted, answers, classes, lengths, unpadded = mixed_length_pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=4, lengths=lengths)
+    assert runner.first == 4  # the shared prefix: pads and the tokens before the first difference
+    masks = torch.rand(5, len(nodes), generator=torch.Generator().manual_seed(2)) < 0.5
+    masks[0], masks[1], masks[2, :20], masks[3, :20] = True, False, True, False
+    torch.testing.assert_close(runner.metrics(nodes, masks), reference_by_pair(model, unpadded, answers, nodes, masks),
+                               atol=2e-5, rtol=1e-5)
+    every_node_but_one = ~torch.eye(len(nodes), dtype=torch.bool)
+    torch.testing.assert_close(runner.single_node_metrics(nodes),
+                               reference_by_pair(model, unpadded, answers, nodes, every_node_but_one),
+                               atol=2e-5, rtol=1e-5)
+    circuit = masks[2]
+    members = circuit.nonzero().squeeze(1)
+    without = circuit.expand(len(members), -1).clone()
+    without[torch.arange(len(members)), members] = False
+    torch.testing.assert_close(runner.without_each(nodes, circuit),
+                               reference_by_pair(model, unpadded, answers, nodes, without), atol=2e-5, rtol=1e-5)
+
+
+def test_the_evaluator_runs_length_groups_as_one_padded_batch():
+    """The circuit step's length groups (unpadded, pairs out of order) become one left-padded batch whose
+    metrics come back in the step's pair order: the runner's on the same padded pairs."""
+    model = tiny_model("llama")
+    clean, corrupted, answers, classes, lengths, unpadded = mixed_length_pairs()
+    nodes = Nodes.grid(get_adapter(model), [0, 1, 2, 3])
+    groups = []
+    for n in (9, 7, 11):
+        rows = (lengths == n).nonzero().squeeze(1)
+        groups.append(PairGroup(rows, torch.cat([unpadded[p][0] for p in rows]),
+                                torch.cat([unpadded[p][1] for p in rows]), answers.index(rows),
+                                torch.cat([unpadded[p][2] for p in rows])))
+    evaluator = Evaluator(model, groups, 4, "logit_diff", max_batch_rows=7)
+    assert len(evaluator.runners) == 1
+    runner = CircuitRunner(model, clean, corrupted, answers, classes, 4, max_batch_rows=7, lengths=lengths)
+    torch.testing.assert_close(evaluator.single_node_metrics(nodes), runner.single_node_metrics(nodes),
+                               atol=1e-5, rtol=1e-5)
+    masks = torch.rand(3, len(nodes), generator=torch.Generator().manual_seed(3)) < 0.5
+    torch.testing.assert_close(evaluator.metrics(nodes, masks), runner.metrics(nodes, masks), atol=1e-5, rtol=1e-5)

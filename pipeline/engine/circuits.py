@@ -21,6 +21,8 @@ How it stays fast, each step exact:
 - Layer skip: when every node below layer l is kept, the residual entering l is the base run's; when
   every node below l is patched, it is the source run's plus the difference of the token embeddings
   (every sublayer output below l is the source's, the embeddings are the base's). Rows start at l.
+- Mixed lengths: pairs of different token lengths share a batch left-padded, each row with its own
+  attention mask and positions (padding.py), so batches stay large when every length has few pairs.
 - Path patching adds a sender's output difference straight into one receiver's input norm, so its
   first pass is a single layer, and the second starts at the receiver's layer from the cached residual.
 
@@ -49,6 +51,7 @@ from .hooks import (
     run_with_cache,
 )
 from .metrics import Answers, check_metric, measure
+from .padding import Padding, RowPrefixReuse, run_padded_with_cache
 
 HEAD, MLP, EMBED = 0, 1, 2
 KINDS = ("head", "mlp", "embed")  # embed: the token embeddings at a class, an input (path-patching sender only)
@@ -129,6 +132,7 @@ def _mix(keep: torch.Tensor, live: torch.Tensor, source: torch.Tensor) -> torch.
 
 
 SMALL_BATCH_SLACK = 16  # positions per layer a batch may compute for rows that do not change them
+FIRST_SLACK = 2  # positions a circuit row may compute before its pair's first difference (batches stay large)
 
 
 def _computed_only(module: nn.Module, computed: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None,
@@ -151,31 +155,57 @@ def _computed_only(module: nn.Module, computed: torch.Tensor, source: torch.Tens
     return [module.register_forward_pre_hook(pack), module.register_forward_hook(scatter)]
 
 
+def _check_padding(lengths: torch.Tensor, position_classes: torch.Tensor) -> Padding | None:
+    """The left padding `lengths` [P] describe (None when every row is full length)."""
+    n_pairs, seq_len = position_classes.shape
+    if lengths.shape != (n_pairs,) or int(lengths.min()) < 1 or int(lengths.max()) > seq_len:
+        raise ValueError(f"lengths must give each of the {n_pairs} pairs its token count, 1..{seq_len}")
+    padding = Padding(lengths.cpu().long())
+    if bool((padding.lengths == seq_len).all()):
+        return None
+    if padding.seq_len != seq_len:
+        raise ValueError(f"the longest pair has {padding.seq_len} tokens but the batch {seq_len}: pad to the longest")
+    if bool((position_classes.cpu()[~padding.real()] >= 0).any()):
+        raise ValueError("a pad position has a position class: pads (left of each row's tokens) take class -1")
+    return padding
+
+
 class CircuitRunner:
-    """Evaluates many circuits on one group of pairs of equal length, packed.
+    """Evaluates many circuits on one batch of pairs, packed.
 
     `metrics(nodes, masks)` -> [C, P]: the metric of every pair with circuit c (row c of masks [C, N],
     bool or float in [0, 1]) kept and every other node patched from the source run (`pairs`: of some).
+    Pairs of different token lengths come left-padded to the longest ([P, T], pads of class -1) with
+    `lengths` [P] their own token counts.
     """
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, base_ids: torch.Tensor, source_ids: torch.Tensor, answers: Answers,
                  position_classes: torch.Tensor, n_classes: int, metric: str = "logit_diff",
-                 max_batch_rows: int | None = None):
+                 max_batch_rows: int | None = None, lengths: torch.Tensor | None = None):
         check_metric(metric)
         _check_shapes(base_ids, source_ids, answers, position_classes)
+        padding = None if lengths is None else _check_padding(lengths, position_classes)
         self.model, self.adapter = model, get_adapter(model)
         self.answers, self.metric, self.n_classes = answers, metric, n_classes
         device = next(model.parameters()).device
         base_ids, source_ids = base_ids.to(device), source_ids.to(device)
-        self.base = run_with_cache(model, self.adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
-        self.source = run_with_cache(model, self.adapter, source_ids, ("head", "mlp_out"))
+        if padding is None:
+            self.base = run_with_cache(model, self.adapter, base_ids, ("head", "mlp_out"), keep_kv=True)
+            self.source = run_with_cache(model, self.adapter, source_ids, ("head", "mlp_out"))
+            self.prefix = PrefixReuse(model, self.adapter, self.base)
+        else:
+            self.base = run_padded_with_cache(model, self.adapter, base_ids, padding, ("head", "mlp_out"), keep_kv=True)
+            self.source = run_padded_with_cache(model, self.adapter, source_ids, padding, ("head", "mlp_out"))
+            self.prefix = RowPrefixReuse(model, self.adapter, self.base, padding)
         # What the attention output projection makes of the source run's heads: [P, L, T, d]
         self.source_out = torch.stack([proj(self.source.acts["head"][:, layer].contiguous())
                                        for layer, proj in enumerate(self.adapter.out_proj)], dim=1)
         self.n_pairs, seq_len = base_ids.shape
-        self.prefix = PrefixReuse(model, self.adapter, self.base)
         self.first = _shared_first(self.prefix, base_ids, source_ids)
+        # Each pair's own first differing position: rows of pairs that part later can start later.
+        self.pair_first = (first_difference(base_ids, source_ids).cpu().clamp(self.first, seq_len - 1)
+                           if self.prefix.enabled else torch.zeros(self.n_pairs, dtype=torch.long))
         classes = position_classes.clone()
         classes[classes < 0] = n_classes
         if int(classes.max()) > n_classes:
@@ -243,13 +273,15 @@ class CircuitRunner:
 
     @torch.no_grad()
     def _final_resid(self, pair_idx: torch.Tensor, keep_head: torch.Tensor, keep_mlp: torch.Tensor, start: int,
-                     from_base: torch.Tensor, record: bool = False):
+                     from_base: torch.Tensor, record: bool = False, first: int | None = None):
         """Final residuals [R, d] of base rows `pair_idx` with per-row keep tables, computed from layer
         `start` (rows `from_base` start from the base run's residual there, the others from the source
-        run's plus the embedding difference). With `record`, also what a run relative to this one reuses:
-        the residual entering every layer [R, L, T', d] and every layer's keys and values (positions
-        before `first` are the base run's; layers below `start` too, when they keep everything)."""
-        adapter, first = self.adapter, self.first
+        run's plus the embedding difference) and position `first` (default: the first that differs in any
+        pair; a later one when these pairs all part after it). With `record`, also what a run relative to
+        this one reuses: the residual entering every layer [R, L, T', d] and every layer's keys and values
+        (positions before `first` are the base run's; layers below `start` too, when they keep everything)."""
+        adapter = self.adapter
+        first = self.first if first is None else first
         rows = pair_idx.to(self.base.final_resid.device)
         layer_inputs, cache = self.prefix.with_cache(pair_idx, first, start)  # before the hooks: it may run the model
         base_resid = self.base.acts["resid_pre"]
@@ -288,17 +320,26 @@ class CircuitRunner:
         n_circuits, n_pairs = masks.shape[0], len(pairs)
         keep_head, keep_mlp = _dense_keep(nodes, masks, self.adapter.n_layers, self.n_classes, self.adapter.n_heads)
         start_layer, from_base = self._start_layers(keep_head, keep_mlp)
-        # Circuits in order of their start layer, so a batch's rows share (nearly) one start layer.
-        order = torch.argsort(start_layer, stable=True)
-        out = torch.empty(n_circuits, n_pairs, dtype=self.metric_full.dtype)
+        # Rows (circuit, pair) in order of the pair's first differing position, then the circuit's start layer:
+        # a batch starts at its first row's position and holds rows that part at most FIRST_SLACK later.
         n_rows = n_circuits * n_pairs
-        for begin in range(0, n_rows, self.batch_rows):
-            flat = torch.arange(begin, min(begin + self.batch_rows, n_rows))
-            circuit, column = order[flat // n_pairs], flat % n_pairs
+        circuit_of = torch.arange(n_circuits).repeat_interleave(n_pairs)
+        column_of = torch.arange(n_pairs).repeat(n_circuits)
+        pair_first = self.pair_first[pairs][column_of]
+        order = torch.argsort(pair_first * (self.adapter.n_layers + 1) + start_layer[circuit_of], stable=True)
+        sorted_first = pair_first[order]
+        out = torch.empty(n_circuits, n_pairs, dtype=self.metric_full.dtype)
+        begin = 0
+        while begin < n_rows:
+            first = int(sorted_first[begin])
+            stop = min(begin + self.batch_rows, int(torch.searchsorted(sorted_first, first + FIRST_SLACK, right=True)))
+            flat = order[begin:stop]
+            circuit, column = circuit_of[flat], column_of[flat]
             pair = pairs[column]
             final = self._final_resid(pair, keep_head[circuit], keep_mlp[circuit], int(start_layer[circuit].min()),
-                                      from_base[circuit])
+                                      from_base[circuit], first=first)
             out[circuit, column] = measure(self.adapter, self.metric, self.answers, final, pair).cpu()
+            begin = stop
         return out
 
     @torch.no_grad()

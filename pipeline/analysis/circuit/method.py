@@ -130,7 +130,7 @@ def find_circuit(model, pairs: pa.Table, options: CircuitConfig, summary: Summar
 
 def prepare(model, pairs: pa.Table, options: CircuitConfig, metric: str, progress: Progress | None = None) -> Setup:
     """The pairs (equal-length, at most options.max_pairs), their classes, every candidate node, and the
-    evaluator holding each length group's clean and corrupted caches."""
+    evaluator holding every pair's clean and corrupted caches (one left-padded batch)."""
     pairs, n_unequal = select_pairs(pairs, options.max_pairs, options.seed)
     names, labels, class_maps = position_classes(pairs)
     groups = group_pairs(pairs, class_maps)
@@ -624,16 +624,17 @@ def mean_difference_by_layer(model, evaluator: Evaluator, metric: str, max_layer
     live = [layer for layer in range(n_layers) if norms[layer] > 1e-6 * float(norms.max())]
     tested = live[::max(1, math.ceil(len(live) / max_layers))]
     addition = torch.empty(len(tested), evaluator.n_pairs)
-    for group, runner in zip(evaluator.groups, evaluator.runners):
+    full, empty = evaluator.metric_full, evaluator.metric_empty
+    for group in evaluator.groups:
         added = add_direction_metrics(model, group.corrupted, group.answers, directions[tested], tested, metric,
                                       max_batch_rows)
-        addition[:, group.rows] = (added - runner.metric_empty) / (runner.metric_full - runner.metric_empty)
+        addition[:, group.rows] = (added - empty[group.rows]) / (full[group.rows] - empty[group.rows])
     ablated_layers = [tested[i] for i in addition.mean(1).argsort(descending=True)[:n_ablations].tolist()]
     ablation = torch.empty(len(ablated_layers), evaluator.n_pairs)
-    for group, runner in zip(evaluator.groups, evaluator.runners):
+    for group in evaluator.groups:
         ablated = ablate_direction_metrics(model, group.clean, group.answers, directions[ablated_layers], metric,
                                            max_batch_rows)
-        ablation[:, group.rows] = (ablated - runner.metric_full) / (runner.metric_empty - runner.metric_full)
+        ablation[:, group.rows] = (ablated - full[group.rows]) / (empty[group.rows] - full[group.rows])
     score = ablation.mean(1) + addition[[tested.index(layer) for layer in ablated_layers]].mean(1)
     best = ablated_layers[int(score.argmax())]
     per_layer = []
@@ -653,7 +654,7 @@ def node_projections(model, evaluator: Evaluator, nodes: Nodes, direction: torch
     adapter = get_adapter(model)
     unit = direction / direction.norm()
     total = torch.zeros(len(nodes), adapter.d_model)
-    for group, runner in zip(evaluator.groups, evaluator.runners):
+    for group, runner in zip(evaluator.batches, evaluator.runners):  # pads: class -1, no node
         classes = group.classes.to(runner.base.final_resid.device)
         with torch.no_grad():
             diff = (node_writes(adapter, runner.base, nodes, classes)
