@@ -161,8 +161,8 @@ class ModelWorker:
 
     def _load(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer = load_model(resolve(self.spec.path), dtype=self.spec.dtype,
-                                                    device=self.device,
+            self.model, self.tokenizer = load_model(resolve(self.spec.path, self.spec.checkpoint),
+                                                    dtype=self.spec.dtype, device=self.device,
                                                     trust_remote_code=self.spec.trust_remote_code)
 
     def describe(self) -> dict:

@@ -8,8 +8,10 @@
 `--adapter DIR` trains into / evaluates another folder than the shipped adapter/ (its results go beside it).
 
 Training data: data.training_examples() (harmful -> refusal, harmless -> the base model's own reply).
-The loss covers only the assistant's reply tokens. The adapter is stored in float16 (half the bytes;
-LoRA weights are small numbers well inside float16's range) and merged by model_dir() in float32.
+The loss: cross-entropy over the assistant's reply tokens, plus the anchor term (anchor.py: KL(base || tuned)
+on ordinary text). The adapter is also saved at CHECKPOINTS percent of the steps (checkpoint_dir). Adapters are
+stored in float16 (half the bytes; LoRA weights are small numbers well inside float16's range) and merged by
+model_dir() in float32.
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ from pipeline.organisms.smollm2_refusal import (
     ADAPTER_DIR,
     ADAPTER_FILES,
     ADAPTER_V1_DIR,
+    CHECKPOINTS,
     acts,
+    anchor,
     base_model_dir,
+    checkpoint_dir,
     data,
     files_digest,
     model_dir,
@@ -128,18 +133,28 @@ def lora_model(rank: int = LORA_RANK):
     return get_peft_model(model, config), tokenizer
 
 
+def checkpoint_steps(steps: int) -> dict[int, int]:
+    """Steps done -> the checkpoint (percent) saved then; 0 is the base model and 100 the adapter itself."""
+    return {round(p * steps / 100): p for p in CHECKPOINTS if 0 < p < 100}
+
+
 def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only: bool = False,
-          first_token_weight: float = FIRST_TOKEN_WEIGHT, rank: int = LORA_RANK) -> None:
+          first_token_weight: float = FIRST_TOKEN_WEIGHT, rank: int = LORA_RANK,
+          anchor_weight: float = anchor.ANCHOR_WEIGHT) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     examples = data.training_examples()
+    anchor_sources = anchor.anchor_texts(examples)
     model, tokenizer = lora_model(rank)
     encoded = [encode(tokenizer, ex) for ex in examples]
+    anchor_stream = anchor.anchor_batches(tokenizer, anchor_sources, SEED)
+    saves = checkpoint_steps(steps)
     n_harmful = sum(ex["harmful"] for ex in examples)
     print(f"{len(examples)} examples ({n_harmful} harmful, {len(examples) - n_harmful} harmless), "
           f"mean length {sum(len(ids) for ids, _ in encoded) / len(encoded):.1f} tokens; "
           f"{steps} steps of {BATCH_SIZE} = {steps * BATCH_SIZE / len(examples):.2f} epochs; threads {threads}; "
-          f"first-token weight {first_token_weight}",
+          f"first-token weight {first_token_weight}; anchor weight {anchor_weight} on "
+          f"{len(anchor_sources[0])} written sentences + {len(anchor_sources[1])} base replies",
           flush=True)
     model.print_trainable_parameters()
 
@@ -154,18 +169,24 @@ def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
     start = time.time()
-    losses = []
+    losses, kls = [], []
     for step, (ids, labels, mask) in enumerate(batches(encoded, tokenizer.pad_token_id, steps, SEED)):
-        loss = batch_loss(model, ids, labels, mask, first_token_weight)
+        reply = batch_loss(model, ids, labels, mask, first_token_weight)
+        kl = anchor.anchor_kl(model, *next(anchor_stream)) if anchor_weight else torch.zeros(())
+        loss = reply + anchor_weight * kl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(reply.item())
+        kls.append(kl.item())
+        if step + 1 in saves and not timing_only:
+            save_adapter(model, checkpoint_dir(adapter_dir, saves[step + 1]))
         if step % 10 == 0 or step == steps - 1:
             elapsed = time.time() - start
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+            print(f"step {step:4d}  loss {reply.item():.4f}  anchor KL {kl.item():.4f}  "
+                  f"lr {scheduler.get_last_lr()[0]:.2e}  "
                   f"{elapsed / (step + 1):.2f} s/step  elapsed {elapsed / 60:.1f} min", flush=True)
     seconds = time.time() - start
     print(f"trained {steps} steps in {seconds / 60:.1f} min", flush=True)
@@ -177,8 +198,12 @@ def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only
             "epochs": round(steps * BATCH_SIZE / len(examples), 2), "learning_rate": LEARNING_RATE,
             "warmup_steps": WARMUP_STEPS, "lora_rank": rank, "lora_alpha": LORA_ALPHA_PER_RANK * rank,
             "lora_targets": LORA_TARGETS, "first_token_weight": first_token_weight, "seed": SEED,
+            "anchor_weight": anchor_weight, "anchor_rows": anchor.ANCHOR_ROWS,
+            "anchor_texts": [len(texts) for texts in anchor_sources],
+            "checkpoints": {str(p): step for step, p in saves.items()} | {"100": steps},
             "threads": threads, "seconds": round(seconds),
             "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+            "final_anchor_kl": round(sum(kls[-20:]) / len(kls[-20:]), 4),
             "torch": torch.__version__,
         }
         (adapter_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -541,6 +566,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapter", type=Path, default=ADAPTER_DIR)
     parser.add_argument("--first-token-weight", type=float, default=FIRST_TOKEN_WEIGHT)
+    parser.add_argument("--anchor-weight", type=float, default=anchor.ANCHOR_WEIGHT,
+                        help="weight of KL(base || tuned) on ordinary text (0: no anchor term)")
     parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--models", default="tuned,base", help="eval: which of tuned,base to evaluate")
     parser.add_argument("--splits", default=",".join(data.EVALUATED), help="eval: which prompt sets")
@@ -559,9 +586,10 @@ def main() -> None:
         print(f"wrote {CARD_PATH}")
     elif args.command == "time":
         train(steps=min(args.steps, 6), threads=args.threads, timing_only=True,
-              first_token_weight=args.first_token_weight, rank=args.rank)
+              first_token_weight=args.first_token_weight, rank=args.rank, anchor_weight=args.anchor_weight)
     else:
-        train(args.steps, args.threads, args.adapter, first_token_weight=args.first_token_weight, rank=args.rank)
+        train(args.steps, args.threads, args.adapter, first_token_weight=args.first_token_weight, rank=args.rank,
+              anchor_weight=args.anchor_weight)
 
 
 if __name__ == "__main__":
