@@ -1,5 +1,5 @@
 """smollm2-refusal: loads like a hub model, refuses held-out harmful prompts, answers harmless ones; its study
-and transfer pair pools are disjoint from its training data and from each other; the first version stays
+and transfer pair pools are disjoint from its training data and from each other; the earlier versions stay
 loadable; the instruction library gives equal-length minimal pairs under its tokenizer; the anchor term's text is
 disjoint from the cross-entropy evaluation's and its KL is the one to the adapter-less model; `model.checkpoint`
 resolves to the tune's checkpoints and an unknown one is refused before compute.
@@ -20,6 +20,7 @@ from pipeline.organisms import checkpoint_problem, instructions, resolve
 from pipeline.organisms.instructions import chat_token_count, minimal_pairs
 from pipeline.organisms.smollm2_refusal import (
     ADAPTER_V1_DIR,
+    ADAPTER_V2_DIR,
     acts,
     base_model_dir,
     data,
@@ -109,10 +110,11 @@ def test_study_and_transfer_pools_are_disjoint_from_training_and_each_other(base
     assert source_pairs("smollm2-refusal-v1", tokenizer, n=8) == library_pairs(tokenizer, 8)
 
 
-def test_the_first_version_stays_loadable():
-    folder = Path(resolve("smollm2-refusal-v1"))
-    assert folder == model_dir(ADAPTER_V1_DIR) != model_dir()
-    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+def test_the_earlier_versions_stay_loadable():
+    for name, adapter in (("smollm2-refusal-v1", ADAPTER_V1_DIR), ("smollm2-refusal-v2", ADAPTER_V2_DIR)):
+        folder = Path(resolve(name))
+        assert folder == model_dir(adapter) != model_dir()
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_loads_like_a_hub_model(tuned):
@@ -219,7 +221,10 @@ def test_shipped_evaluation_and_card_describe_the_shipped_adapter():
             assert tuned[f"{name}/harmful"]["rate"] > base[f"{name}/harmful"]["rate"] + 0.4
     v1_same = json.loads(train.V1_SAME_PROMPTS_PATH.read_text())
     assert v1_same["adapter_digest"] == v1["adapter_digest"]
-    card = train.model_card(results, training, v1, training_v1, v1_same)
+    v2_same = json.loads(train.V2_SAME_PROMPTS_PATH.read_text())
+    assert v2_same["adapter_digest"] == train.adapter_digest(ADAPTER_V2_DIR)
+    training_v2 = json.loads((ADAPTER_V2_DIR / "training.json").read_text())
+    card = train.model_card(results, training, v1, training_v1, v1_same, v2_same, training_v2)
     assert train.CARD_PATH.read_text() == card, "re-run `... train card`"
 
 
@@ -301,7 +306,7 @@ def test_anchor_kl_is_the_kl_to_the_model_with_its_adapter_disabled():
     want = (want[0].sum() + want[1, :3].sum()) / 9  # row 1 predicts real tokens at its first 3 positions only
     kl = anchor_kl(tuned, ids, mask)
     torch.testing.assert_close(kl, want)
-    assert float(kl) > 1e-3
+    assert kl.item() > 1e-3
     kl.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
 
@@ -332,6 +337,26 @@ def test_checkpoints_are_saved_in_the_adapter_folder(tmp_path):
     assert shipped_checkpoints(tmp_path) == (0, 25, 100)
     with pytest.raises(ValueError, match=r"^unknown checkpoint 0: use one of 0, 10, 25, 50, 100"):
         checkpoint_dir(tmp_path, 0)  # the base model has no adapter folder
+
+
+def test_the_shipped_adapter_has_every_checkpoint():
+    """Checkpoints 10, 25 and 50 are the tune's adapter at those steps: float16 LoRA weights of the final's names and
+    shapes, configured alike, each different from the final."""
+    from safetensors.torch import load_file
+
+    from pipeline.organisms.smollm2_refusal import ADAPTER_DIR, CHECKPOINTS, checkpoint_dir
+
+    assert shipped_checkpoints() == CHECKPOINTS
+    training = json.loads((ADAPTER_DIR / "training.json").read_text())
+    assert training["checkpoints"] == {"10": 56, "25": 140, "50": 280, "100": training["steps"]}
+    final = load_file(ADAPTER_DIR / "adapter_model.safetensors")
+    config = json.loads((ADAPTER_DIR / "adapter_config.json").read_text())
+    for percent in (10, 25, 50):
+        weights = load_file(checkpoint_dir(ADAPTER_DIR, percent) / "adapter_model.safetensors")
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in final.items()}
+        assert all(v.dtype == torch.float16 for v in weights.values())
+        assert json.loads((checkpoint_dir(ADAPTER_DIR, percent) / "adapter_config.json").read_text()) == config
+        assert any(not torch.equal(weights[k], final[k]) for k in final)
 
 
 def test_an_unknown_checkpoint_is_refused_before_compute(tmp_path):

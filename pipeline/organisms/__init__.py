@@ -21,6 +21,7 @@ ORGANISMS: dict[str, Callable[[], Path]] = {
     "refusal-tiny-neox": partial(refusal_tiny.model_dir, "gpt_neox"),
     "smollm2-refusal": smollm2_refusal.model_dir,
     "smollm2-refusal-v1": partial(smollm2_refusal.model_dir, smollm2_refusal.ADAPTER_V1_DIR),
+    "smollm2-refusal-v2": partial(smollm2_refusal.model_dir, smollm2_refusal.ADAPTER_V2_DIR),
 }
 # Organisms trained on refusal-tiny's grammar: their prompt pairs come from it (held-out combinations).
 GRAMMAR_ORGANISMS = ("refusal-tiny", "refusal-tiny-gpt2", "refusal-tiny-neox")

