@@ -24,6 +24,7 @@ MISSING = "???"  # OmegaConf's mark of a value that must be given
 class ModelConfig:
     name: str = MISSING  # label in tables, folder names and MLflow, e.g. "refusal-tiny"
     path: str = MISSING  # a shipped organism name, a local Hugging Face folder, or a hub id
+    checkpoint: int | None = None  # an organism's adapter at this percent of its tune (0 = base); None = final
     dtype: str = "float32"
     trust_remote_code: bool = False
 
@@ -219,7 +220,9 @@ def config_hash(cfg: PatchsweepConfig | dict) -> str:
     """The hash of the science keys (the model's label aside): runs that may share an output folder."""
     plain = to_plain(cfg)
     science = {k: plain[k] for k in SCIENCE_KEYS}
-    science["model"] = {k: v for k, v in science["model"].items() if k != "name"}
+    # the final model (checkpoint None) keeps the hash runs had before checkpoints could be named
+    science["model"] = {k: v for k, v in science["model"].items()
+                        if k != "name" and not (k == "checkpoint" and v is None)}
     # Position-class patches add sites beside the others and move none of theirs (`per_class`); the transfer
     # pairs feed the circuit step alone, whose keys (circuit.*) do not name the experiment either.
     science["patching"] = {k: v for k, v in science["patching"].items() if k != "per_class"}

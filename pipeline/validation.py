@@ -31,7 +31,7 @@ from pipeline.engine.hooks import COMPONENTS
 from pipeline.engine.loading import DTYPES
 from pipeline.engine.metrics import ANSWER_METRICS, DIRECTIONS, METRICS
 from pipeline.messages import first_line
-from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, resolve
+from pipeline.organisms import GRAMMAR_ORGANISMS, ORGANISMS, checkpoint_problem, resolve
 from pipeline.organisms.instructions import minimal_pairs
 from pipeline.organisms.refusal_tiny import grammar
 from pipeline.outputs.files import MARKER, RunFolder
@@ -202,7 +202,7 @@ def _check_intervention(cfg: PatchsweepConfig) -> None:
         summary = direction_summary(intervention.run)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    n_layers = _model_shape(resolve(cfg.model.path), cfg)[0]
+    n_layers = _model_shape(resolve(cfg.model.path, cfg.model.checkpoint), cfg)[0]
     if summary["n_layers"] != n_layers:
         raise ConfigError(f"the direction in {intervention.run} was found on a model with {summary['n_layers']} "
                           f"layers, but {cfg.model.path} has {n_layers}: set intervention.run to a run of "
@@ -423,8 +423,12 @@ def _check_model(cfg: PatchsweepConfig) -> tuple[str, int | None]:
     """The model exists and the layers/heads asked for are in range; returns its folder or hub id and its
     maximum positions (None when its config names none)."""
     path = cfg.model.path
+    problem = checkpoint_problem(path, cfg.model.checkpoint)
+    if problem:
+        raise ConfigError(problem)
     if path in ORGANISMS:
-        folder = resolve(path)  # a shipped organism: its folder (built on first use is set-up, not compute)
+        # a shipped organism: its folder (built on first use is set-up, not compute)
+        folder = resolve(path, cfg.model.checkpoint)
     elif Path(path).expanduser().exists():
         folder = str(Path(path).expanduser())
         if not (Path(folder) / "config.json").is_file():

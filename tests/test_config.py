@@ -21,8 +21,8 @@ from pipeline.validation import ConfigError, validate
 def test_default_is_refusal_smol_on_smollm2():
     cfg = to_dict(compose())
     assert cfg["name"] == "refusal_smol"
-    assert cfg["model"] == {"name": "smollm2-refusal", "path": "smollm2-refusal", "dtype": "float32",
-                            "trust_remote_code": False}
+    assert cfg["model"] == {"name": "smollm2-refusal", "path": "smollm2-refusal", "checkpoint": None,
+                            "dtype": "float32", "trust_remote_code": False}
     assert cfg["patching"]["components"] == ["resid_pre", "attn_out", "mlp_out"]  # heads: the circuit step
     assert cfg["resources"]["gpus_per_actor"] == 0 and cfg["resources"]["device"] == "cpu"
     assert cfg["ray"]["address"] == "local"
@@ -53,7 +53,7 @@ def test_documented_overrides(tmp_path):
 def test_any_hub_model_or_folder():
     cfg = to_dict(compose("model=hf", "model.path=Qwen/Qwen2.5-0.5B-Instruct"))
     assert cfg["model"] == {"name": "Qwen2.5-0.5B-Instruct", "path": "Qwen/Qwen2.5-0.5B-Instruct",
-                            "dtype": "float32", "trust_remote_code": False}
+                            "checkpoint": None, "dtype": "float32", "trust_remote_code": False}
 
 
 def test_default_tracking_store_is_sqlite_under_output_root(tmp_path):

@@ -1,6 +1,8 @@
 """smollm2-refusal: loads like a hub model, refuses held-out harmful prompts, answers harmless ones; its study
-and transfer pair pools are disjoint from its training data and from each other; the first version stays
-loadable; the instruction library gives equal-length minimal pairs under its tokenizer.
+and transfer pair pools are disjoint from its training data and from each other; the earlier versions stay
+loadable; the instruction library gives equal-length minimal pairs under its tokenizer; the anchor term's text is
+disjoint from the cross-entropy evaluation's and its KL is the one to the adapter-less model; `model.checkpoint`
+resolves to the tune's checkpoints and an unknown one is refused before compute.
 
 The first model_dir() call builds the cache (GGUF dequantise + adapter merge, about a minute on 2 cores).
 """
@@ -14,15 +16,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.analysis.behaviour import chat_ids, greedy_generate, is_refusal
 from pipeline.analysis.pairs import library_pairs, pool_pairs, source_pairs
-from pipeline.organisms import instructions, resolve
+from pipeline.organisms import checkpoint_problem, instructions, resolve
 from pipeline.organisms.instructions import chat_token_count, minimal_pairs
 from pipeline.organisms.smollm2_refusal import (
     ADAPTER_V1_DIR,
+    ADAPTER_V2_DIR,
     acts,
     base_model_dir,
     data,
     files_digest,
     model_dir,
+    shipped_checkpoints,
     study,
 )
 
@@ -106,10 +110,11 @@ def test_study_and_transfer_pools_are_disjoint_from_training_and_each_other(base
     assert source_pairs("smollm2-refusal-v1", tokenizer, n=8) == library_pairs(tokenizer, 8)
 
 
-def test_the_first_version_stays_loadable():
-    folder = Path(resolve("smollm2-refusal-v1"))
-    assert folder == model_dir(ADAPTER_V1_DIR) != model_dir()
-    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+def test_the_earlier_versions_stay_loadable():
+    for name, adapter in (("smollm2-refusal-v1", ADAPTER_V1_DIR), ("smollm2-refusal-v2", ADAPTER_V2_DIR)):
+        folder = Path(resolve(name))
+        assert folder == model_dir(adapter) != model_dir()
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_loads_like_a_hub_model(tuned):
@@ -216,7 +221,10 @@ def test_shipped_evaluation_and_card_describe_the_shipped_adapter():
             assert tuned[f"{name}/harmful"]["rate"] > base[f"{name}/harmful"]["rate"] + 0.4
     v1_same = json.loads(train.V1_SAME_PROMPTS_PATH.read_text())
     assert v1_same["adapter_digest"] == v1["adapter_digest"]
-    card = train.model_card(results, training, v1, training_v1, v1_same)
+    v2_same = json.loads(train.V2_SAME_PROMPTS_PATH.read_text())
+    assert v2_same["adapter_digest"] == train.adapter_digest(ADAPTER_V2_DIR)
+    training_v2 = json.loads((ADAPTER_V2_DIR / "training.json").read_text())
+    card = train.model_card(results, training, v1, training_v1, v1_same, v2_same, training_v2)
     assert train.CARD_PATH.read_text() == card, "re-run `... train card`"
 
 
@@ -256,3 +264,116 @@ def test_batch_loss_scores_the_replies_as_the_full_logits_do():
     with torch.no_grad():
         full = reply_loss(tiny(input_ids=ids, attention_mask=mask).logits, labels, 4.0)
         torch.testing.assert_close(batch_loss(tiny, ids, labels, mask, 4.0), full)
+
+
+def test_anchor_text_is_disjoint_from_the_cross_entropy_evaluation():
+    from pipeline.analysis.directions import general_sentences
+    from pipeline.organisms.smollm2_refusal import anchor
+
+    written, replies = anchor.anchor_texts(data.training_examples())  # raises on an overlap
+    assert len(written) >= 100 and len(replies) > 1000
+    evaluated = general_sentences()
+    # the check catches a sentence of the evaluation, and a run of its words inside another sentence
+    copied, quoted = evaluated[3], "Then " + evaluated[7][0].lower() + evaluated[7][1:]
+    assert anchor.shared_runs([copied, written[0], quoted], evaluated) == [copied, quoted]
+
+
+def test_anchor_kl_is_the_kl_to_the_model_with_its_adapter_disabled():
+    """KL(base || tuned) per scored anchor token, the base read through the same PeftModel with the LoRA off:
+    zero at the LoRA's initialisation, the KL to a separately loaded base model once the LoRA moves, padding
+    unscored, and its gradient reaches the LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.organisms.smollm2_refusal.anchor import anchor_kl
+
+    folder = resolve("refusal-tiny")
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"]))
+    torch.manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    assert anchor_kl(tuned, ids, mask).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+        want = torch.nn.functional.kl_div(
+            torch.log_softmax(tuned(input_ids=ids, attention_mask=mask).logits[:, :-1], -1),
+            torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits[:, :-1], -1),
+            log_target=True, reduction="none").sum(-1)  # [2, 6]
+    want = (want[0].sum() + want[1, :3].sum()) / 9  # row 1 predicts real tokens at its first 3 positions only
+    kl = anchor_kl(tuned, ids, mask)
+    torch.testing.assert_close(kl, want)
+    assert kl.item() > 1e-3
+    kl.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_checkpoints_resolve_and_an_unknown_one_is_named():
+    shipped = ", ".join(map(str, shipped_checkpoints()))
+    assert resolve("smollm2-refusal", 0) == str(base_model_dir())
+    assert resolve("smollm2-refusal", 100) == resolve("smollm2-refusal") == str(model_dir())
+    with pytest.raises(ValueError, match=rf"^unknown model.checkpoint=33 for smollm2-refusal: use one of {shipped} "
+                                         r"\(percent"):
+        resolve("smollm2-refusal", 33)
+    assert "has no checkpoints" in checkpoint_problem("smollm2-refusal-v1", 25)
+    assert checkpoint_problem("smollm2-refusal", None) is checkpoint_problem("refusal-tiny", None) is None
+
+
+def test_checkpoints_are_saved_in_the_adapter_folder(tmp_path):
+    """train saves checkpoints 10, 25 and 50 at those fractions of its steps, each an adapter in
+    <adapter>/checkpoints/<percent>/; a checkpoint counts as shipped when its files are there."""
+    from pipeline.organisms.smollm2_refusal import ADAPTER_FILES, checkpoint_dir
+    from pipeline.organisms.smollm2_refusal.train import checkpoint_steps
+
+    assert checkpoint_steps(560) == {56: 10, 140: 25, 280: 50}
+    for percent in (100, 25):
+        checkpoint_dir(tmp_path, percent).mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            (checkpoint_dir(tmp_path, percent) / name).write_text("{}")
+    assert checkpoint_dir(tmp_path, 25) == tmp_path / "checkpoints" / "25" and checkpoint_dir(tmp_path, 100) == tmp_path
+    assert shipped_checkpoints(tmp_path) == (0, 25, 100)
+    with pytest.raises(ValueError, match=r"^unknown checkpoint 0: use one of 0, 10, 25, 50, 100"):
+        checkpoint_dir(tmp_path, 0)  # the base model has no adapter folder
+
+
+def test_the_shipped_adapter_has_every_checkpoint():
+    """Checkpoints 10, 25 and 50 are the tune's adapter at those steps: float16 LoRA weights of the final's names and
+    shapes, configured alike, each different from the final."""
+    from safetensors.torch import load_file
+
+    from pipeline.organisms.smollm2_refusal import ADAPTER_DIR, CHECKPOINTS, checkpoint_dir
+
+    assert shipped_checkpoints() == CHECKPOINTS
+    training = json.loads((ADAPTER_DIR / "training.json").read_text())
+    assert training["checkpoints"] == {"10": 56, "25": 140, "50": 280, "100": training["steps"]}
+    final = load_file(ADAPTER_DIR / "adapter_model.safetensors")
+    config = json.loads((ADAPTER_DIR / "adapter_config.json").read_text())
+    for percent in (10, 25, 50):
+        weights = load_file(checkpoint_dir(ADAPTER_DIR, percent) / "adapter_model.safetensors")
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in final.items()}
+        assert all(v.dtype == torch.float16 for v in weights.values())
+        assert json.loads((checkpoint_dir(ADAPTER_DIR, percent) / "adapter_config.json").read_text()) == config
+        assert any(not torch.equal(weights[k], final[k]) for k in final)
+
+
+def test_an_unknown_checkpoint_is_refused_before_compute(tmp_path):
+    from conftest import compose
+    from pipeline.config import to_dict
+    from pipeline.schema import config_hash
+    from pipeline.validation import ConfigError, validate
+
+    where = [f"output_root={tmp_path / 'root'}", f"output_dir={tmp_path / 'out'}", "tracking.enabled=false"]
+    for overrides, fragment in ((["model=smollm2_refusal", "model.checkpoint=33"], "unknown model.checkpoint=33"),
+                                (["experiment=refusal_tiny", "model.checkpoint=25"], "has no checkpoints")):
+        with pytest.raises(ConfigError) as err:
+            validate(compose(*overrides, *where))
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "root").exists()
+    # the final model keeps the config hash runs had before the key existed; a checkpoint is another experiment
+    final = to_dict(compose("model=smollm2_refusal", *where))
+    without_key = {**final, "model": {k: v for k, v in final["model"].items() if k != "checkpoint"}}
+    at_25 = to_dict(compose("model=smollm2_refusal", "model.checkpoint=25", *where))
+    assert config_hash(final) == config_hash(without_key) != config_hash(at_25)

@@ -47,7 +47,7 @@ def check_direction_model(run_dir: Path, model_path: str, model) -> None:
 def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
     """Screen `prompts` (prompt, harmful columns) with the model of the validated `cfg`."""
     torch.set_num_threads(cfg.resources.torch_threads)
-    model, tokenizer = load_model(resolve(cfg.model.path), dtype=cfg.model.dtype,
+    model, tokenizer = load_model(resolve(cfg.model.path, cfg.model.checkpoint), dtype=cfg.model.dtype,
                                   device=cfg.resources.device,
                                   trust_remote_code=cfg.model.trust_remote_code)
     setting = cfg.intervention

@@ -186,7 +186,8 @@ class ModelWorker:
 
 def load_configured(spec: ModelConfig, device: str):
     """(model, tokenizer) as a run's config names them: what every model actor loads, and `patchsweep compare`."""
-    return load_model(resolve(spec.path), dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
+    return load_model(resolve(spec.path, spec.checkpoint), dtype=spec.dtype, device=device,
+                      trust_remote_code=spec.trust_remote_code)
 
 
 def weights_hash(model) -> str:

