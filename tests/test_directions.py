@@ -377,3 +377,26 @@ def test_screen_interventions_are_checked_before_compute(tmp_path):
             ([f"intervention.run={tmp_path}"], "found on a model with 30 layers, but refusal-tiny has 4")):
         with pytest.raises(ConfigError, match=fragment):
             validate_screen(compose(*base, *overrides))
+
+
+def test_the_stage_reads_the_means_from_the_cache_stage(tiny_sweep, tiny):
+    """The direction stage's residuals for the means come from the sweep's activation shards: the same as a
+    forward pass over those prompts, in the order of the pair ids asked for; a pair the shards lack gives
+    None (the selection then runs the forward passes itself)."""
+    from pipeline.analysis.directions import post_instruction_count, post_instruction_residuals
+    from pipeline.stages.direction import cached_residuals
+    from pipeline.store import read_table
+
+    model, _ = tiny
+    run_dir = tiny_sweep["outcome"].run_dir
+    pairs = read_table(run_dir / "pairs.parquet")
+    shards = tuple(str(p) for p in sorted((run_dir / "activations").glob("*.arrow")))
+    n_post = post_instruction_count(pairs)
+    rows = [3, 0, 5]
+    pair_ids = pairs.column("pair_id").take(rows).to_pylist()
+    harmful, harmless = cached_residuals(shards, pair_ids, n_post)
+    for side, cached in (("clean_ids", harmful), ("corrupted_ids", harmless)):
+        ids = [pairs.column(side)[r].as_py() for r in rows]
+        direct = torch.cat([post_instruction_residuals(model, [x], n_post) for x in ids])
+        torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)
+    assert cached_residuals(shards, [*pair_ids, 10_000], n_post) is None

@@ -168,7 +168,8 @@ def select_directions(model, tokenizer, pairs: pa.Table, options: DirectionConfi
                       progress: Callable[[int, int], None] | None = None) -> DirectionSelection:
     """Both roles on pairs.parquet's rows (see the module's docstring). `mean_residuals`: the mean half's
     (harmful, harmless) residuals [P, L, I, d] at the post-instruction positions when the sweep already
-    computed them (the cache stage's); `progress(done, total)` counts the candidates scored."""
+    computed them (the cache stage's); `progress(done, total)` counts the steps: each candidate ranked by its
+    first-order estimate, each of the shortlist run exactly, then each role chosen."""
     adapter = get_adapter(model)
     split = split_pairs(pairs.num_rows, options.seed)
     n_post = post_instruction_count(pairs)
@@ -186,19 +187,22 @@ def select_directions(model, tokenizer, pairs: pa.Table, options: DirectionConfi
         seconds[name], began = round(time.perf_counter() - began, 2), time.perf_counter()
 
     lap("means")
+    report(0, n_scored + 2 * options.n_verified + 2)
     first = _first_order(model, pairs, candidates, harmful, harmless, options.max_batch_rows)
     lap("first_order")
-    report(0, n_scored)
     shortlist = _shortlist(first, options.n_verified)
+    total = n_scored + len(shortlist) + 2  # each ranked, each of the shortlist run exactly, the two roles
+    report(n_scored, total)
     exact = _exact_scores(model, pairs, candidates, shortlist, harmful, harmless, options.max_batch_rows)
     lap("exact")
-    report(len(shortlist), n_scored)
+    report(n_scored + len(shortlist), total)
     windows = general_text_windows(tokenizer, options.budget_windows)
     ablation = _ablation_role(model, pairs, candidates, exact, harmful, harmless, options)
     lap("ablation_subspace")
+    report(total - 1, total)
     addition = _addition_role(model, pairs, candidates, exact, harmless, windows, options)
     lap("addition_scale")
-    report(n_scored, n_scored)
+    report(total, total)
     selection = _selection(pairs, adapter.n_layers, n_post, split, candidates, first, exact, ablation, addition,
                            options, tokens=pairs.column("clean_tokens")[0].as_py()[-n_post:]
                            if "clean_tokens" in pairs.column_names else [None] * n_post)

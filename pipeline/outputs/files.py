@@ -41,7 +41,7 @@ CIRCUIT_NODES_SVG = OutputFile("circuit_nodes.svg", "the circuit diagram: every 
 CIRCUIT_NODES_PNG = OutputFile("circuit_nodes.png", "the circuit diagram: every node")
 CIRCUIT_DOT = OutputFile("circuit.dot", "the circuit as Graphviz DOT (a cluster per supernode)")
 DIRECTION = OutputFile("direction.arrow", "the refusal direction: every candidate (layer x post-instruction position), "
-                       "its scores, the chosen one (direction.enabled)")
+                       "its scores, the ablation and addition directions, the addition's scale (direction.enabled)")
 REPORT = OutputFile("report.md", "this report: what a person reads first")
 RUN_LOG = OutputFile("run.log", "what the driver and the model actors logged, run after run", checked=False)
 RUN_MANIFEST = OutputFile(MANIFEST, "every file above with its sha256, written last")
@@ -59,6 +59,7 @@ MARKER = ".patchsweep-run"
 # Working files a sweep keeps in the folder while it runs (never results).
 LOCK = ".patchsweep.lock"  # the sweep that holds the folder (pipeline.run.folder.folder_lock)
 CIRCUIT_PROGRESS = "circuit.progress.json"  # where the circuit step is, drawn on the driver
+DIRECTION_PROGRESS = "direction.progress.json"  # the direction stage's candidates scored, drawn on the driver
 
 
 @dataclass(frozen=True)
@@ -92,3 +93,4 @@ class RunFolder:
     marker = property(lambda self: self.root / MARKER)
     lock = property(lambda self: self.root / LOCK)
     circuit_progress = property(lambda self: self.root / CIRCUIT_PROGRESS)
+    direction_progress = property(lambda self: self.root / DIRECTION_PROGRESS)

@@ -210,7 +210,8 @@ def stage_direction(sweep: Sweep, activations: list[Path]) -> None:
     if not sweep.cfg.direction.enabled:
         return
     item = direction.plan(sweep.run_dir, sweep.cfg.direction, sweep.weights_hash, sweep.provenance, activations)
-    sweep.run_once("direction", direction.run, item, (DIRECTION.name,))
+    with direction.follow_progress(sweep.run_dir):
+        sweep.run_once("direction", direction.run, item, (DIRECTION.name,))
     sweep.finished("direction")
 
 

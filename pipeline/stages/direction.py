@@ -8,14 +8,17 @@ pair), so the stage runs only the scoring passes."""
 from __future__ import annotations
 
 import json
-import logging
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from tqdm import tqdm
 
 from pipeline.analysis.directions import (
     ROLES,
@@ -31,9 +34,7 @@ from pipeline.analysis.directions import (
 from pipeline.outputs.files import RunFolder
 from pipeline.schema import DirectionConfig
 from pipeline.stages.cache import residuals
-from pipeline.store import code_identity, content_key, read_table, write_table
-
-log = logging.getLogger(__name__)
+from pipeline.store import code_identity, content_key, publish_json, read_table, write_table
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,13 @@ def plan(run_dir: Path, options: DirectionConfig, weights_hash: str, provenance:
 
 def run(model, tokenizer, item: DirectionItem) -> list[Path]:
     began = time.perf_counter()
+    progress_file = RunFolder(Path(item.out).parent).direction_progress
     pairs = read_table(item.pairs)
     split = split_pairs(pairs.num_rows, item.options.seed)
     mean_ids = pairs.column("pair_id").take(split.mean_rows).to_pylist()
     cached = cached_residuals(item.activations, mean_ids, post_instruction_count(pairs))
-    selection = select_directions(model, tokenizer, pairs, item.options, cached, _log_progress)
+    selection = select_directions(model, tokenizer, pairs, item.options, cached,
+                                  lambda done, total: publish_json(progress_file, {"done": done, "total": total}))
     summary = selection.summary
     scoring = pc.is_in(pairs.column("pair_id"), value_set=pc.cast(summary["score_pair_ids"], "int32"))
     harmless = pairs.filter(scoring).column("corrupted").to_pylist()
@@ -78,8 +81,43 @@ def run(model, tokenizer, item: DirectionItem) -> list[Path]:
     return [write_table(item.out, selection.table, {**item.provenance, SUMMARY_KEY: json.dumps(summary)})]
 
 
-def _log_progress(done: int, total: int) -> None:
-    log.info("direction: %d of %d candidates scored", done, total)
+@contextmanager
+def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
+    """While the block runs, a bar of the candidates the stage has scored (ranked by first order, then run
+    exactly), from the progress file the stage's actor writes; one line per change where the stream is not
+    a terminal. The progress file goes after."""
+    path, stop = RunFolder(run_dir).direction_progress, threading.Event()
+    path.unlink(missing_ok=True)  # a previous run's
+    stream = file or sys.stderr
+    terminal = getattr(stream, "isatty", lambda: False)()
+
+    def draw() -> None:
+        bar, shown = None, None
+        while not stop.wait(interval):
+            try:
+                state = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if (state["done"], state["total"]) == shown:
+                continue
+            shown = (state["done"], state["total"])
+            if not terminal:
+                print(f"  direction: {state['done']} of {state['total']} candidate steps done", file=stream, flush=True)
+                continue
+            bar = bar or tqdm(desc="  direction", unit="candidates", file=stream, dynamic_ncols=True, leave=False)
+            bar.total, bar.n = state["total"], state["done"]
+            bar.refresh()
+        if bar is not None:
+            bar.close()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
 
 
 def cached_residuals(shards: tuple[str, ...], pair_ids: list[int], n_post: int
