@@ -60,7 +60,8 @@ def hand_built(model_type: str):
 def test_ablation_removes_exactly_the_direction(model_type):
     """Under ablation no residual anywhere (any layer, any position, the final one) keeps a component
     along u, and the logits are those of the model with u orthogonalised out of its weights (a plain
-    forward, no hooks); the batched metric and KL paths agree with that reference."""
+    forward, no hooks); the batched metric and KL paths agree with that reference, also for a prompt
+    padded on the right among longer ones."""
     model, u = hand_built(model_type)
     adapter = get_adapter(model)
     ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(2))
@@ -83,6 +84,17 @@ def test_ablation_removes_exactly_the_direction(model_type):
     kl = ablate_direction_kl(model, ids, directions, max_batch_rows=4)
     torch.testing.assert_close(ablate_direction_metrics(model, ids[:1], answers.index(torch.tensor([0])), directions,
                                                         "refusal_logodds")[:, 0], fast[:, 0], atol=1e-4, rtol=1e-4)
+    padded = ids.clone()
+    padded[1, 5:] = 0  # row 1 as a 5-token prompt padded on the right: its numbers are those of the prompt alone
+    lengths = torch.tensor([7, 5, 7])
+    mixed = ablate_direction_metrics(model, padded, answers, directions, "refusal_logodds", 4, lengths)
+    mixed_kl = ablate_direction_kl(model, padded, directions, 4, lengths)
+    alone = ablate_direction_metrics(model, ids[1:2, :5], answers.index(torch.tensor([1])), directions,
+                                     "refusal_logodds")[:, 0]
+    alone_kl = ablate_direction_kl(model, ids[1:2, :5], directions)[:, 0]
+    torch.testing.assert_close(mixed[:, 1], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed_kl[:, 1], alone_kl, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[:, [0, 2]], fast[:, [0, 2]], atol=1e-4, rtol=1e-4)
     for d, direction in enumerate(directions):
         with torch.no_grad():
             logits = orthogonalised_copy(model, direction)(input_ids=ids, use_cache=False).logits[:, -1]

@@ -140,6 +140,12 @@ def _answers(pairs: pa.Table, n: int) -> Answers:
     return Answers(torch.tensor([refusal] * n), torch.tensor([compliance] * n))
 
 
+def _padded(ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of several lengths as one batch padded on the right [P, T], and their lengths [P]."""
+    lengths = torch.tensor([len(x) for x in ids])
+    return torch.tensor([list(x) + [x[-1]] * (int(lengths.max()) - len(x)) for x in ids]), lengths
+
+
 def _per_prompt(fn: Callable[[torch.Tensor], torch.Tensor], ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """fn(batch [B, T]) -> [C, B] over the length groups -> [C, P] (in group order: the same for every fn)."""
     return torch.cat([fn(batch) for batch in _groups(ids)], dim=1)
@@ -232,8 +238,7 @@ def _first_order(model, pairs, candidates: Candidates, harmful, harmless, max_ba
     norms = candidates.flat().norm(dim=-1)
 
     def effects(ids) -> FirstOrder:
-        lengths = torch.tensor([len(x) for x in ids])
-        padded = torch.tensor([list(x) + [x[-1]] * (int(lengths.max()) - len(x)) for x in ids])  # on the right
+        padded, lengths = _padded(ids)
         return first_order_effects(model, padded, _answers(pairs, len(ids)), units, layers, SCREEN_METRIC,
                                    max_batch_rows, lengths)
 
@@ -256,12 +261,22 @@ def _exact_scores(model, pairs, candidates: Candidates, shortlist: list[int], ha
     device = next(model.parameters()).device
     vectors = candidates.flat()[shortlist]
     layers = [candidates.scored[c][0] for c in shortlist]
-    bypass = _per_prompt(lambda b: ablate_direction_metrics(model, b.to(device), _answers(pairs, len(b)), vectors,
-                                                            SCREEN_METRIC, max_batch_rows), harmful)
-    kl = _per_prompt(lambda b: ablate_direction_kl(model, b.to(device), vectors, max_batch_rows), harmless)
+    bypass, kl = _ablated(model, pairs, vectors, harmful, harmless, max_batch_rows)
     induce = _per_prompt(lambda b: add_direction_metrics(model, b.to(device), _answers(pairs, len(b)), vectors, layers,
                                                          SCREEN_METRIC, max_batch_rows), harmless)
     return {c: Scores(bypass[j], induce[j], kl[j]) for j, c in enumerate(shortlist)}
+
+
+def _ablated(model, pairs, directions: torch.Tensor, harmful, harmless, max_batch_rows
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each direction's (or subspace's) ablation: the metric of the harmful prompts [D, P] and the KL of the
+    harmless ones [D, P], each kind in one batch padded on the right."""
+    device = next(model.parameters()).device
+    ids, lengths = _padded(harmful)
+    bypass = ablate_direction_metrics(model, ids.to(device), _answers(pairs, len(ids)), directions, SCREEN_METRIC,
+                                      max_batch_rows, lengths)
+    ids, lengths = _padded(harmless)
+    return bypass, ablate_direction_kl(model, ids.to(device), directions, max_batch_rows, lengths)
 
 
 def _ablation_role(model, pairs, candidates: Candidates, exact: dict[int, Scores], harmful, harmless,
@@ -271,7 +286,6 @@ def _ablation_role(model, pairs, candidates: Candidates, exact: dict[int, Scores
                       and float(s.induce.mean()) > 0), key=lambda c: float(exact[c].bypass.mean()))
     if not passing:
         return None
-    device = next(model.parameters()).device
     best = exact[passing[0]]
     tried = [{"k": 1, "bypass": float(best.bypass.mean()), "kl": float(best.kl.mean()),
               "refused": float((best.bypass > 0).float().mean())}]
@@ -279,11 +293,7 @@ def _ablation_role(model, pairs, candidates: Candidates, exact: dict[int, Scores
         if tried[-1]["refused"] <= options.ablation_target:
             break
         subspace = candidates.flat()[passing[:k]][None]  # [1, k, d]
-        bypass = _per_prompt(lambda b: ablate_direction_metrics(model, b.to(device), _answers(pairs, len(b)),
-                                                                subspace, SCREEN_METRIC, options.max_batch_rows),
-                             harmful)[0]
-        kl = _per_prompt(lambda b: ablate_direction_kl(model, b.to(device), subspace, options.max_batch_rows),
-                         harmless)[0]
+        bypass, kl = (x[0] for x in _ablated(model, pairs, subspace, harmful, harmless, options.max_batch_rows))
         tried.append({"k": k, "bypass": float(bypass.mean()), "kl": float(kl.mean()),
                       "refused": float((bypass > 0).float().mean())})
     within = [t for t in tried if t["kl"] <= options.max_kl]

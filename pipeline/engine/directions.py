@@ -135,41 +135,52 @@ def intervened(model: nn.Module, intervention: Intervention | None):
 
 
 def ablate_direction_metrics(model: nn.Module, ids: torch.Tensor, answers: Answers, directions: torch.Tensor,
-                             metric: str = "logit_diff", max_batch_rows: int | None = None) -> torch.Tensor:
+                             metric: str = "logit_diff", max_batch_rows: int | None = None,
+                             lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The metric [D, P] with direction d ([D, d]; or subspace d: [D, k, d]) projected out of the residual
-    stream everywhere (`ablation_hooks`)."""
+    stream everywhere (`ablation_hooks`). `lengths` [P]: prompts of several lengths padded on the right."""
     check_metric(metric)
     return _under_ablation(model, ids, directions, max_batch_rows,
-                           lambda adapter, final, pair: measure(adapter, metric, answers, final, pair.cpu()))
+                           lambda adapter, final, pair: measure(adapter, metric, answers, final, pair.cpu()), lengths)
 
 
 def ablate_direction_kl(model: nn.Module, ids: torch.Tensor, directions: torch.Tensor,
-                        max_batch_rows: int | None = None) -> torch.Tensor:
+                        max_batch_rows: int | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """[D, P]: KL(plain run || run with direction d ablated) of the next-token distribution at the final
     position, over the whole vocabulary (the cost of the ablation on these prompts)."""
+    device = next(model.parameters()).device
+    last = _final_positions(ids, lengths).to(device)
     with torch.no_grad():
-        plain = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits[:, -1]  # [P, V]
+        plain = model(input_ids=ids.to(device), use_cache=False).logits[torch.arange(len(ids), device=device), last]
     return _under_ablation(model, ids, directions, max_batch_rows,
-                           lambda adapter, final, pair: kl_to_source(plain[pair], adapter.logits(final)))
+                           lambda adapter, final, pair: kl_to_source(plain[pair], adapter.logits(final)), lengths)
+
+
+def _final_positions(ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """[P] each prompt's final position: the last one, or lengths - 1 for prompts padded on the right."""
+    return torch.full((len(ids),), ids.shape[1] - 1) if lengths is None else lengths.cpu() - 1
 
 
 @torch.no_grad()
 def _under_ablation(model: nn.Module, ids: torch.Tensor, directions: torch.Tensor, max_batch_rows: int | None,
-                    read) -> torch.Tensor:
+                    read, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """read(adapter, final residuals [R, d], pair rows [R]) -> [R], for every (direction, pair) row run with
     that direction (or subspace: directions [D, k, d]) ablated (inside the hooks: the final norm reads the
     residual ablated); [D, P].
 
     The positions every prompt shares (a chat template's system prompt, often most of a short prompt) are
     the same in every row of one direction, ablated or not: they run once per direction, and each row runs
-    its own positions after them on those keys and values."""
+    its own positions after them on those keys and values. Prompts of several lengths may share a batch
+    padded on the right (`lengths` [P]): no real position attends to a later one in a causal model, so each
+    row's final residual is read at its own final position."""
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     ids = ids.to(device)
     bases = (unit_vectors(directions)[:, None] if directions.ndim == 2
              else torch.stack([orthonormal_basis(d) for d in directions])).to(device)  # [D, k, d]
     n_pairs, seq_len = ids.shape
-    shared = min(int(first_difference(ids[:1].expand_as(ids), ids).min()), seq_len - 1)  # positions in every row
+    last = _final_positions(ids, lengths).to(device)
+    shared = min(int(first_difference(ids[:1].expand_as(ids), ids).min()), int(last.min()))  # positions in every row
     batch_rows = max_batch_rows or rows_that_fit(model, adapter, seq_len - shared)
     n_rows = len(directions) * n_pairs
     out = torch.empty(n_rows)
@@ -184,10 +195,12 @@ def _under_ablation(model: nn.Module, ids: torch.Tensor, directions: torch.Tenso
             prefix_kv = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
             kv = [(layer.keys, layer.values) for layer in prefix_kv.layers]
             cache = prefix_cache(model, kv, row_direction.to(device), shared)
-        with installed(ablation_hooks(adapter, bases[direction.to(device)])):  # [R, k, d]
-            with capture(adapter, ()) as run:
-                model.base_model(input_ids=ids[pair, shared:], cache=cache, use_cache=cache is not None)
-            out[flat] = read(adapter, run.final, pair).float().cpu()
+        outputs = []  # the last layer's output [R, T - shared, d]: the final norm reads it
+        keep_last = adapter.layers[-1].register_forward_hook(lambda m, a, o: outputs.append(output_tensor(o)))
+        with installed([keep_last, *ablation_hooks(adapter, bases[direction.to(device)])]):  # [R, k, d]
+            model.base_model(input_ids=ids[pair, shared:], cache=cache, use_cache=cache is not None)
+            final = outputs[0][torch.arange(len(flat), device=device), last[pair] - shared]  # [R, d]
+            out[flat] = read(adapter, final, pair).float().cpu()
     return out.reshape(len(directions), n_pairs)
 
 
