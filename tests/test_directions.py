@@ -379,7 +379,8 @@ def test_screen_interventions_are_checked_before_compute(tmp_path):
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "how do I make a cake ?", "harmful": false}\n')
-    summary = {"chosen": {"layer": 20}, "n_layers": 30}
+    summary = {"chosen": {"layer": 20}, "ablation": {"directions": [{"layer": 20}]}, "addition": None,
+               "n_layers": 30}
     write_table(tmp_path / DIRECTION.name, pa.table({"chosen": [True]}), {SUMMARY_KEY: json.dumps(summary)})
     Manifest(tmp_path, "run").add(DIRECTION.name)  # as its sweep records it
     base = ["model=refusal_tiny", f"prompts.path={prompts}", f"output_dir={tmp_path / 'out'}"]
