@@ -102,9 +102,15 @@ class CircuitConfig:
 
 @dataclass
 class DirectionConfig:
-    """The refusal direction as Arditi et al. select it (pipeline.analysis.directions) -> direction.arrow."""
-    enabled: bool = False  # opt-in: it scores every layer x post-instruction position (minutes on a CPU)
-    max_kl: float = 0.1  # candidates whose ablation moves harmless prompts' next-token distribution more are out
+    """The refusal direction in two roles, after Arditi et al. (pipeline.analysis.directions) -> direction.arrow."""
+    enabled: bool = False  # the default experiment turns it on; off, a sweep writes no direction.arrow
+    max_kl: float = 1.0  # ablation's budget: KL(plain || ablated) of harmless prompts' next token, nats
+    max_ce_change: float = 0.5  # addition's budget: cross-entropy change on the general text sample, nats/token
+    induce_target: float = 0.9  # addition's scale: the smallest reaching this share of harmless prompts refused
+    ablation_target: float = 0.1  # a subspace when one direction leaves more of the harmful prompts refusing
+    max_subspace: int = 3  # directions in the ablation subspace at most
+    n_verified: int = 6  # candidates per role scored exactly, the best by their first-order estimates
+    budget_windows: int = 16  # 64-token windows of the general text that measure addition's budget
     max_layer_fraction: float = 0.8  # candidates at layers >= this fraction of the depth are out (not scored)
     seed: int = 0  # the split of the pairs into the half that gives the means and the half that scores them
     max_batch_rows: int | None = None  # rows per forward; None = from free memory
@@ -114,8 +120,9 @@ class DirectionConfig:
 class InterventionConfig:
     """`patchsweep screen` under the run's refusal direction: intervention.run=<a run folder with direction.arrow>."""
     run: str | None = None  # None = the plain screen
-    mode: str = "ablate"  # "ablate": projected out everywhere; "add": added at its layer, every position
-    scale: float | None = None  # addition's multiple of the unit direction; None = the run's (see analysis.directions)
+    mode: str = "ablate"  # "ablate": the ablation subspace projected out everywhere; "add": the addition direction
+    scale: float | None = None  # addition's multiple of the unit direction; None = the run's recorded scale
+    max_new_tokens: int = 24  # reply length judged under the intervention: long enough to see compliance
 
 
 @dataclass

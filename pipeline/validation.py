@@ -183,6 +183,13 @@ def _check_direction(cfg: PatchsweepConfig) -> None:
     if direction.max_batch_rows is not None and direction.max_batch_rows < 1:
         raise ConfigError(f"direction.max_batch_rows={direction.max_batch_rows} must be positive (or null: "
                           "chosen from free memory)")
+    for name in ("induce_target", "ablation_target"):
+        if not 0 <= getattr(direction, name) <= 1:
+            raise ConfigError(f"direction.{name}={getattr(direction, name)} must be a share of prompts in [0, 1] "
+                              "(e.g. 0.9 and 0.1)")
+    for name in ("max_subspace", "n_verified", "budget_windows"):
+        if getattr(direction, name) < 1:
+            raise ConfigError(f"direction.{name}={getattr(direction, name)} must be at least 1")
 
 
 def _check_intervention(cfg: PatchsweepConfig) -> None:
@@ -199,7 +206,7 @@ def _check_intervention(cfg: PatchsweepConfig) -> None:
     try:
         if RunFolder(intervention.run).direction.is_file():
             checked_direction(Path(intervention.run))  # before its schema is read: a damaged file is refused
-        summary = direction_summary(intervention.run)
+        summary = direction_summary(intervention.run, intervention.mode)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     n_layers = _model_shape(resolve(cfg.model.path, cfg.model.checkpoint), cfg)[0]

@@ -197,8 +197,10 @@ def test_screen_under_a_direction(tmp_path):
     direction = np.zeros((1, config.hidden_size), dtype=np.float32)
     direction[0, 0] = 1.0
     run = tmp_path / "run"
-    summary = {"chosen": {"layer": 1, "scale": 2.0}, "n_layers": config.num_hidden_layers}
-    write_table(run / DIRECTION.name, pa.table({"chosen": [True], "direction": tensor_column(direction)}),
+    summary = {"chosen": {"layer": 1}, "ablation": {"directions": [{"layer": 1}]},
+               "addition": {"layer": 1, "scale": 2.0}, "n_layers": config.num_hidden_layers}
+    write_table(run / DIRECTION.name, pa.table({"chosen": [True], "ablation_rank": pa.array([0], pa.int32()),
+                                                "addition": [True], "direction": tensor_column(direction)}),
                 {SUMMARY_KEY: json.dumps(summary)})
     Manifest(run, "run").add(DIRECTION.name)  # as its sweep records it (the screen checks the file against it)
     prompts = tmp_path / "prompts.jsonl"

@@ -236,7 +236,7 @@ class ScreenResult(NamedTuple):
     summary: dict     # rates by generation and by metric, their agreement, the answer tokens
 
 
-def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 8, batch_size: int = 64,
+def screen(model, tokenizer, table: pa.Table, *, max_new_tokens: int = 24, batch_size: int = 64,
            refusal_tokens: Sequence[int | str] | None = None,
            compliance_tokens: Sequence[int | str] | None = None, answer_top_k: int = 1,
            intervention: Intervention | None = None) -> ScreenResult:

@@ -46,7 +46,7 @@ GRAPH_INDEX = OutputFile("graph-metadata.json", "circuit-tracer's index of the g
 CIRCUIT_MIB = OutputFile("circuit_mib.json", "the node scores and the circuit as MIB's node and edge importances "
                          "(a{layer}.h{head}, m{layer})")
 DIRECTION = OutputFile("direction.arrow", "the refusal direction: every candidate (layer x post-instruction position), "
-                       "its scores, the chosen one (direction.enabled)")
+                       "its scores, the ablation and addition directions, the addition's scale (direction.enabled)")
 REPORT = OutputFile("report.md", "this report: what a person reads first")
 RUN_LOG = OutputFile("run.log", "what the driver and the model actors logged, run after run", checked=False)
 RUN_MANIFEST = OutputFile(MANIFEST, "every file above with its sha256, written last")
@@ -64,6 +64,7 @@ MARKER = ".patchsweep-run"
 # Working files a sweep keeps in the folder while it runs (never results).
 LOCK = ".patchsweep.lock"  # the sweep that holds the folder (pipeline.run.folder.folder_lock)
 CIRCUIT_PROGRESS = "circuit.progress.json"  # where the circuit step is, drawn on the driver
+DIRECTION_PROGRESS = "direction.progress.json"  # the direction stage's candidates scored, drawn on the driver
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,4 @@ class RunFolder:
     marker = property(lambda self: self.root / MARKER)
     lock = property(lambda self: self.root / LOCK)
     circuit_progress = property(lambda self: self.root / CIRCUIT_PROGRESS)
+    direction_progress = property(lambda self: self.root / DIRECTION_PROGRESS)

@@ -316,39 +316,80 @@ def _direction_lines(run_dir: Path, circuit: Circuit | None, rows_shown: int = 1
     table = read_table(path)
     summary = json.loads(provenance(table)[SUMMARY_KEY])
     first, last = summary["scored_layers"]
+    paper = summary["paper_kl_filter"]
     lines = ["", "## Refusal direction", "",
              f"Difference-of-means candidates at each of {summary['n_layers']} layers x "
-             f"{summary['n_post_instruction']} post-instruction positions (Arditi et al. 2024), means from "
-             f"{len(summary['mean_pair_ids'])} pairs, scored on the other {len(summary['score_pair_ids'])} with "
-             f"`{summary['metric']}` (> 0 = refuses): bypass = harmful "
-             "prompts with it ablated everywhere, induce = harmless prompts with it added at its layer, KL = harmless "
-             f"prompts' next-token distribution under ablation. Scored layers {first}..{last} (the last "
-             f"{100 * (1 - summary['max_layer_fraction']):.0f}% left out); filters KL <= {summary['max_kl']}, "
-             f"induce > 0: {summary['n_passing']} of {summary['n_scored']} pass. Unintervened: harmful "
-             f"{summary['plain_harmful_score']:+.2f}, harmless {summary['plain_harmless_score']:+.2f}.", ""]
-    chosen = summary["chosen"]
-    if chosen is None:
-        lines.append("No candidate passes the filters: the run has no refusal direction to intervene with "
-                     "(loosen direction.max_kl to choose among them; every candidate's scores are in direction.arrow).")
-    else:
-        lines.append(f"Chosen: layer {chosen['layer']}, position {chosen['position_from_end']} {chosen['token']!r}: "
-                     f"bypass {chosen['bypass_score']:+.2f}, induce {chosen['induce_score']:+.2f}, "
-                     f"KL {chosen['kl']:.3f}; addition scale {chosen['scale']:.2f} (mean projection harmful "
-                     f"{chosen['harmful_projection']:+.2f} minus harmless {chosen['harmless_projection']:+.2f}).")
-        for mode, cost in summary.get("cost", {}).items():
-            lines.append(f"- {mode}: KL on the {cost['n_harmless']} scoring harmless prompts "
-                         f"{cost['kl_harmless']:.3f}; "
-                         f"cross-entropy on the general text {cost['ce_plain']:.3f} -> {cost['ce_intervened']:.3f} "
-                         f"({cost['ce_change']:+.3f} nats/token, {cost['n_tokens']} tokens)")
-    scored = sorted((r for r in table.drop(["direction"]).to_pylist() if r["bypass_score"] is not None),
-                    key=lambda r: r["bypass_score"])[:rows_shown]
-    lines += ["", f"The {len(scored)} candidates with the lowest bypass score (all in direction.arrow):", "",
-              "| layer | position | token | bypass | induce | KL | filtered |", "|---|---|---|---|---|---|---|"]
-    for r in scored:
-        mark = " (chosen)" if r["chosen"] else ""
+             f"{summary['n_post_instruction']} post-instruction positions (after Arditi et al. 2024), means from "
+             f"{len(summary['mean_pair_ids'])} pairs, scored on the other {len(summary['score_pair_ids'])} (the "
+             f"selection prompts) with `{summary['metric']}` (> 0 = refuses). Scored layers {first}..{last}; all "
+             f"{summary['n_scored']} ranked by first-order estimates, the best {summary['n_verified']} of the two "
+             "roles run exactly: bypass = harmful prompts with it ablated everywhere, induce = harmless prompts with "
+             "it added at its layer, KL = harmless prompts' next-token distribution under ablation. Unintervened: "
+             f"harmful {summary['plain_harmful_score']:+.2f}, harmless {summary['plain_harmless_score']:+.2f}. "
+             f"The paper's filter KL <= {paper['max_kl']}: {paper['n_passing']} of the {paper['n_verified']} verified "
+             f"candidates pass (smallest KL {_number(paper['smallest_kl'], '.3f')}); this run's budgets: KL <= "
+             f"{summary['max_kl']} for ablation, cross-entropy change <= {summary['max_ce_change']} nats/token on "
+             f"{summary['budget_tokens']} tokens of general text for addition.", ""]
+    lines += _role_lines(summary)
+    for mode, cost in summary.get("cost", {}).items():
+        lines.append(f"- cost of `intervention.mode={mode}`: KL on the {cost['n_harmless']} selection harmless prompts "
+                     f"{cost['kl_harmless']:.3f}; cross-entropy on the general text {cost['ce_plain']:.3f} -> "
+                     f"{cost['ce_intervened']:.3f} ({cost['ce_change']:+.3f} nats/token, {cost['n_tokens']} tokens)")
+    for condition, replies in summary.get("examples", {}).items():
+        lines += ["", f"Replies, {condition}:", ""]
+        lines += [f"- {prompt!r} -> {reply!r}" for prompt, reply in replies]
+    verified = sorted((r for r in table.drop(["direction"]).to_pylist() if r["bypass_score"] is not None),
+                      key=lambda r: r["bypass_score"])[:rows_shown]
+    lines += ["", f"The {len(verified)} verified candidates with the lowest bypass score (all in direction.arrow):", "",
+              "| layer | position | token | bypass | induce | KL | ablation role | addition role |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in verified:
+        role = "passes" if not r["filtered"] else r["filtered"]
+        if r["ablation_rank"] is not None:
+            role += f" (direction {r['ablation_rank'] + 1} of the ablation)"
         token = str(r["token"]).replace("|", "\\|")  # chat tokens such as <|im_end|> hold the table's separator
         lines.append(f"| {r['layer']} | {r['position_from_end']} | `{token}` | {r['bypass_score']:+.2f} | "
-                     f"{r['induce_score']:+.2f} | {r['kl']:.3f} | {r['filtered'] or 'passes'}{mark} |")
+                     f"{r['induce_score']:+.2f} | {r['kl']:.3f} | {role} | {'chosen' if r['addition'] else ''} |")
+    return lines
+
+
+def _number(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _role_lines(summary: dict) -> list[str]:
+    """Which candidate does which job, at what scale and cost."""
+    def where(d: dict) -> str:
+        return f"layer {d['layer']}, position {d['position_from_end']} {d['token']!r}"
+
+    ablation, addition = summary["ablation"], summary["addition"]
+    lines = []
+    if ablation is None:
+        lines.append(f"Ablation: no verified candidate is within KL <= {summary['max_kl']} and induces refusal "
+                     "(loosen direction.max_kl; every candidate's scores are in direction.arrow).")
+    else:
+        d = ablation["directions"][0]
+        span = (f"a subspace of k = {ablation['k']} directions ({'; '.join(where(x) for x in ablation['directions'])})"
+                if ablation["k"] > 1 else f"one direction, {where(d)}")
+        tried = ", ".join(f"k={t['k']}: {100 * t['refused']:.0f}% refused, KL {t['kl']:.2f}" for t in ablation["tried"])
+        lines.append(f"Ablation: {span}: bypass {ablation['bypass_score']:+.2f}, KL {ablation['kl']:.3f}, "
+                     f"{100 * ablation['refused']:.0f}% of the selection harmful prompts still refuse by the metric "
+                     f"(target <= {100 * ablation['target']:.0f}%{'' if ablation['target_met'] else ', not met'}; "
+                     f"tried {tried}). Its induce score {d['induce_score']:+.2f}.")
+    if addition is None:
+        lines.append(f"Addition: no verified candidate induces refusal within {summary['max_ce_change']} nats/token "
+                     "of cross-entropy change (loosen direction.max_ce_change).")
+    else:
+        lines.append(f"Addition: {where(addition)}: induce {addition['induce_score']:+.2f} at its norm, bypass "
+                     f"{_number(addition['bypass_score'], '+.2f')}; scale {addition['scale']:.2f} "
+                     f"({addition['multiple']} x its norm, the smallest on the grid making >= "
+                     f"{100 * addition['target']:.0f}% of the selection harmless prompts refuse by the metric: "
+                     f"{100 * addition['induced']:.0f}%"
+                     f"{'' if addition['target_met'] else ', target not met'}), cross-entropy change "
+                     f"{addition['ce_change']:+.3f} nats/token on the budget's text.")
+    if ablation is not None and addition is not None:
+        lines.append("One candidate serves both roles." if summary["same_candidate"] else
+                     f"Two candidates: cosine {summary['cosine']:+.3f} between the ablation and addition directions.")
     return lines
 
 

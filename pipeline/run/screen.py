@@ -1,6 +1,7 @@
 """`patchsweep screen`: the behaviour screen alone, in the driver (no Ray: one model, one pass over a
-file of prompts). Greedy generation and the first-token metric on each prompt -> screen.arrow in
-output_dir; with intervention.run, under that run's refusal direction (read only once checked against the
+file of prompts). Greedy replies (intervention.max_new_tokens long: enough to see whether a reply
+complies) and the first-token metric on each prompt -> screen.arrow in output_dir; with intervention.run,
+under that run's ablation subspace or addition direction (read only once checked against the
 run's manifest and found on this model's weights), with its cost on ordinary text."""
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def run_screen(cfg: PatchsweepConfig, prompts: pa.Table) -> Screened:
     if setting.run:
         check_direction_model(Path(setting.run), cfg.model.path, model)
     intervention = load_intervention(setting.run, setting.mode, setting.scale) if setting.run else None
-    result = screen(model, tokenizer, prompts, max_new_tokens=cfg.prompts.max_new_tokens,
+    result = screen(model, tokenizer, prompts, max_new_tokens=setting.max_new_tokens,
                     refusal_tokens=cfg.prompts.refusal_tokens,
                     compliance_tokens=cfg.prompts.compliance_tokens,
                     answer_top_k=cfg.prompts.answer_top_k, intervention=intervention)

@@ -82,11 +82,11 @@ def _run_stages(cfg: PatchsweepConfig, run_dir: Path, tracker: Tracker | None, o
             table = stage_pairs(sweep)
             shards = plan_shards(table, cfg.resources.shard_size)
             with stage_circuit(sweep):  # it needs only the pairs: it runs beside these stages where it can
-                stage_cache(sweep, shards)
+                activations = stage_cache(sweep, shards)
                 effect_shards = stage_patch(sweep, shards)
                 pool.keep(1)  # the summary is one work item
                 stage_summary(sweep, effect_shards)
-            stage_direction(sweep)
+            stage_direction(sweep, activations)
             pool.close()
             with timed(sweep.stage("render")):
                 stamp_run_tables(sweep)
@@ -158,10 +158,11 @@ def stage_pairs(sweep: Sweep) -> pa.Table:
     return table
 
 
-def stage_cache(sweep: Sweep, shards: list[PairShard]) -> None:
+def stage_cache(sweep: Sweep, shards: list[PairShard]) -> list[Path]:
     items = cache.plan(sweep.run_dir, shards, sweep.weights_hash, sweep.provenance)
-    sweep.run_sharded("cache", sweep.folder.activations, cache.run, items)
+    paths = sweep.run_sharded("cache", sweep.folder.activations, cache.run, items)
     sweep.finished("cache")
+    return paths
 
 
 def stage_patch(sweep: Sweep, shards: list[PairShard]) -> list[Path]:
@@ -204,12 +205,13 @@ def stage_circuit(sweep: Sweep):
     sweep.finished("circuit")
 
 
-def stage_direction(sweep: Sweep) -> None:
-    """The refusal direction on a model actor (opt-in: direction.enabled)."""
+def stage_direction(sweep: Sweep, activations: list[Path]) -> None:
+    """The refusal direction on a model actor (direction.enabled), its means from the cache stage's shards."""
     if not sweep.cfg.direction.enabled:
         return
-    item = direction.plan(sweep.run_dir, sweep.cfg.direction, sweep.weights_hash, sweep.provenance)
-    sweep.run_once("direction", direction.run, item, (DIRECTION.name,))
+    item = direction.plan(sweep.run_dir, sweep.cfg.direction, sweep.weights_hash, sweep.provenance, activations)
+    with direction.follow_progress(sweep.run_dir):
+        sweep.run_once("direction", direction.run, item, (DIRECTION.name,))
     sweep.finished("direction")
 
 
