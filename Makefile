@@ -42,7 +42,7 @@ $(VIEWER_LIBS)/.installed:
 
 test: $(STAMP) chromium viewer-libs
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -x --timeout=1200
+	$(PY) -m pytest -q -x --timeout=1200 --durations=25
 
 # The edit-test loop: everything but the slow and browser tests (one refusal-tiny sweep, shared by the
 # tests that read its run folder, and the engine's equivalence tests stay in it).
