@@ -425,7 +425,7 @@ def compare_command(args: list[str]) -> None:
 
     from pipeline.schema import CompareConfig, from_plain
 
-    # A --multirun's run folders have "=" in their names: an override is known by its key.
+    # An override is known by its key: a run folder may hold "=" (folders of older --multirun jobs).
     overrides = [a for a in args if a.startswith(("compare.", "tracking.")) and "=" in a]
     folders = [Path(a) for a in args if a not in overrides and a != "--newest"]
     try:
