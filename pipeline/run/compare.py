@@ -342,7 +342,8 @@ def track(compared: Compared, cfg: PatchsweepConfig, files: dict[str, Path]) -> 
         client.log_batch(run.info.run_id, metrics=items[start:start + 1000])
     for path in files.values():
         client.log_artifact(run.info.run_id, str(path))
-    client.set_tag(run.info.run_id, DESCRIPTION, redact(description(files["compare.md"].read_text())))
+    page = f"#/experiments/{experiment_id}/runs/{run.info.run_id}/artifacts/compare.md?{MODEL_TRAINING}"
+    client.set_tag(run.info.run_id, DESCRIPTION, redact(description(files["compare.md"].read_text(), page)))
     client.set_terminated(run.info.run_id, status="FINISHED")
     return {"uri": redact(uri), "run_id": run.info.run_id,
             "ui_path": f"#/experiments/{experiment_id}/runs/{run.info.run_id}?{MODEL_TRAINING}"}

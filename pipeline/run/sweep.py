@@ -210,7 +210,7 @@ def stage_direction(sweep: Sweep, activations: list[Path]) -> None:
     if not sweep.cfg.direction.enabled:
         return
     item = direction.plan(sweep.run_dir, sweep.cfg.direction, sweep.weights_hash, sweep.provenance, activations)
-    with direction.follow_progress(sweep.run_dir):
+    with direction.follow_progress(sweep.run_dir, lines=ThrottledLines()):
         sweep.run_once("direction", direction.run, item, (DIRECTION.name,))
     sweep.finished("direction")
 

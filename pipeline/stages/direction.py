@@ -82,10 +82,11 @@ def run(model, tokenizer, item: DirectionItem) -> list[Path]:
 
 
 @contextmanager
-def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
+def follow_progress(run_dir: Path, interval: float = 1.0, file=None, lines=None):
     """While the block runs, a bar of the candidates the stage has scored (ranked by first order, then run
-    exactly), from the progress file the stage's actor writes; one line per change where the stream is not
-    a terminal. The progress file goes after."""
+    exactly), from the progress file the stage's actor writes. Where the stream is not a terminal, a line per
+    change, or through `lines` (the driver's pipeline.run.logs.ThrottledLines), when given, at most one every
+    30 s. The progress file goes after."""
     path, stop = RunFolder(run_dir).direction_progress, threading.Event()
     path.unlink(missing_ok=True)  # a previous run's
     stream = file or sys.stderr
@@ -102,7 +103,11 @@ def follow_progress(run_dir: Path, interval: float = 1.0, file=None):
                 continue
             shown = (state["done"], state["total"])
             if not terminal:
-                print(f"  direction: {state['done']} of {state['total']} candidate steps done", file=stream, flush=True)
+                line = f"  direction: {state['done']} of {state['total']} candidate steps done"
+                if lines is not None:
+                    lines.progress(line)
+                else:
+                    print(line, file=stream, flush=True)
                 continue
             bar = bar or tqdm(desc="  direction", unit="candidates", file=stream, dynamic_ncols=True, leave=False)
             bar.total, bar.n = state["total"], state["done"]
