@@ -254,5 +254,6 @@ def test_multirun_jobs_get_folders_of_their_own(tmp_path):
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
         assert result.returncode == 0, (attempt, result.stderr[-3000:])
     folders = sorted(p.parent.name for p in (tmp_path / "refusal_tiny").rglob("config.yaml"))
-    assert [f.split("-")[0] for f in folders] == ["patching.metric=logit_diff", "patching.metric=refusal_logodds"]
+    # key-value, not key=value: Hive-style readers would turn a key=value folder into a column
+    assert [f.rsplit("-", 1)[0] for f in folders] == ["patching.metric-logit_diff", "patching.metric-refusal_logodds"]
     assert result.stdout.count("patch 0 computed") == 2  # the second command recomputed nothing

@@ -150,7 +150,7 @@ def command(setup, output_root: Path, models: list[str]) -> list[str]:
 def run_dir(output_root: Path, model: str) -> Path:
     """The model's run folder; a --multirun job's is inside it, named by the model path it sweeps."""
     folder = output_root / "refusal_tiny" / f"{Path(model).name}-pairs"
-    jobs = sorted(folder.glob(f"model.path={Path(model).name}-*"))
+    jobs = sorted(folder.glob(f"model.path-{Path(model).name}-*"))
     return jobs[0] if jobs else folder
 
 
