@@ -56,7 +56,7 @@ def test_organism_runtime_imports_no_training_code():
     root = str(ORGANISMS_DIR.parent.parent)
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                             env={**os.environ, "PYTHONPATH": root}).stdout.split()
-    assert set(loaded) == {"pipeline", "pipeline.organisms", "pipeline.organisms.instructions",
+    assert set(loaded) == {"pipeline", "pipeline.provenance", "pipeline.organisms", "pipeline.organisms.instructions",
                            "pipeline.organisms.refusal_tiny", "pipeline.organisms.refusal_tiny.grammar",
                            "pipeline.organisms.smollm2_refusal"}, loaded
 
